@@ -1,0 +1,101 @@
+"""The one interface every routing policy implements.
+
+The balancer calls a policy with one `RoutingRequest` (what it knows of the request: tokens,
+block hashes, how many leading blocks each replica holds, predicted output length) and the
+`ReplicaView`s of the replicas it may use (already filtered: healthy, not draining, breaker
+closed — a policy never sees an unusable replica and is never called with none). The policy
+returns a `Decision`: the replica and, for `explain`, each replica's score breakdown.
+
+Policies are pure with respect to I/O: no sockets, no global metrics, no clocks of their own
+(`RoutingRequest.now` is the time). State they keep (a radix tree of routed prompts, a ring, a
+cursor) lives on the instance and is updated through `on_routed` / `on_complete` /
+`on_replica_removed`. The balancer never branches on a policy's name: the factory in
+`balancer.policies` maps a config to an object, and that's all.
+
+Tie-breaks that need randomness draw from `RoutingRequest.rng_seed` (derived from the request's
+content), so two balancer processes that saw the same events and loads make the same decision.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLoad:
+    """What a replica last reported about itself (kvfleet load reports, or /load, or metrics)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    queued_prefill_tokens: int = 0  # prompt tokens admitted but not yet computed
+    running_decode_tokens: int = 0  # KV tokens held by running requests
+    free_blocks: int = 0
+    total_blocks: int = 0
+    kv_usage: float = 0.0  # 0..1
+    age_s: float = float("inf")  # seconds since the report; inf = never reported
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """One usable replica as a policy sees it."""
+
+    replica_id: str
+    inflight_requests: int = 0  # requests this balancer sent that have not finished
+    inflight_tokens: int = 0  # their prompt + predicted output tokens
+    sent_since_report: int = 0  # requests this balancer sent after the replica's last load report
+    sent_tokens_since_report: int = 0  # and their uncached prompt tokens
+    load: ReplicaLoad = field(default_factory=ReplicaLoad)
+    cached_blocks: int = 0  # blocks the prefix index holds for this replica
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingRequest:
+    request_id: str
+    prompt_text: str  # rendered prompt (chat template applied); for text-based policies
+    prompt_tokens: int
+    block_hashes: tuple[int, ...]  # chained hashes of the prompt's full blocks
+    block_size: int
+    matched_blocks: Mapping[str, int]  # replica id -> leading blocks of block_hashes it holds
+    max_tokens: int | None = None
+    predicted_output_tokens: float | None = None
+    first_user_message: str | None = None  # chat: first user message text (KubeAI's CHWBL key)
+    now: float = 0.0
+    rng_seed: int = 0  # for deterministic tie-breaks
+
+    def rng(self) -> random.Random:
+        return random.Random(self.rng_seed)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    replica_id: str
+    reason: str = ""
+    scores: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # replica -> name -> value
+
+
+class Policy(ABC):
+    """Base class of all routing policies. Subclasses set `name` and implement `select`."""
+
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def select(self, request: RoutingRequest, replicas: Sequence[ReplicaView]) -> Decision:
+        """Pick one of `replicas` (non-empty, all usable). Must not mutate policy state:
+        `explain` calls it without sending anything. State changes go in `on_routed`."""
+
+    def on_routed(self, request: RoutingRequest, decision: Decision) -> None:
+        """The request was sent to decision.replica_id."""
+
+    def on_complete(self, request: RoutingRequest, replica_id: str, ok: bool) -> None:
+        """The request finished (ok) or failed on replica_id."""
+
+    def on_replica_removed(self, replica_id: str) -> None:
+        """Forget anything kept about a replica that left the fleet."""
+
+    def describe(self) -> dict[str, Any]:
+        """The policy's settings, for the admin API and logs."""
+        return {"name": self.name}

@@ -1,0 +1,455 @@
+"""The exact prefix index: which replica holds which KV block, fed by the replicas' KV events.
+
+Keys are *our* block hashes (protocol.hashing, design §3), recomputed from each event's
+`token_ids`: the chain parent is our hash of the event's engine parent, or the root for a chain
+start. Engine hashes are opaque ids, used only to find that parent and to apply removals. For a
+kvfleet replica our hash equals the engine hash; for vLLM (sha256-based) it does not; nothing
+here assumes either.
+
+    tables[medium]  : our_hash -> bitmask of replica slots holding it      (one dict per medium)
+    replica.media[m]: engine_hash -> our_hash, for the blocks it holds      (one dict per replica)
+
+`match(chain)` walks the chain once, AND-ing masks; a replica's bit drops out at its first
+missing block, and the walk stops when no bit is left. Memory per held block is one entry in
+the replica's engine map plus (shared among replicas holding the same block) one table entry.
+
+Invariants (`check_integrity`):
+- bit s is set in tables[m][h] iff replica with slot s maps at least one engine hash to h in m;
+  `multi[m][h]` counts the extra engine hashes of one replica that map to the same h (e.g. a
+  vLLM block salted with extra_keys we cannot see), so a removal clears the bit only when the
+  last one goes;
+- no table entry has an empty mask; a replica holds at most `max_blocks_per_replica` blocks.
+
+Parent resolution for BlockStored, in order: the replica's engine map (any medium); a small
+FIFO of recently removed blocks ("ghosts": the engine->our mapping is a function of content, so
+it stays valid after removal, and vLLM may name a parent that was just evicted); and, when the
+engine parent is an int, a *verified* identity: if H(parent, first block's tokens) equals the
+event's first engine hash, the engine uses our hash function and our parent is that int (a
+false match has probability 2**-64). Otherwise the event is skipped, counted in
+`stats.unknown_parent`, and the replica is flagged for resync (`pop_resync_reason`).
+
+Capacity policy: a real engine can never hold more blocks than its pool, so a replica whose
+index entries reach `max_blocks_per_replica` has missed removals (or the bound is set below the
+engine's pool size): further stores for it are dropped, counted in `stats.over_capacity`, and the
+replica is flagged for resync. Set the bound at or above the largest pool (GPU + offload tiers).
+
+Not thread-safe: use it from the balancer's event loop only.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KVEvent
+from protocol.hashing import root_hash
+
+DEFAULT_MEDIUM = "GPU"  # a publisher that sends no medium (vLLM < 0.10) meant the GPU
+_U64 = (1 << 64) - 1
+_LITTLE = sys.byteorder == "little"
+_digest = xxhash.xxh3_64_intdigest
+
+
+def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int) -> list[int]:
+    """protocol.hashing.hash_blocks for exactly len(token_ids)//block_size blocks, without the
+    numpy conversion (which costs ~4 µs per call: most events carry 1-32 blocks).
+
+    Same function: xxh3_64(parent as 8 bytes LE ‖ tokens as uint32 LE) per block, chained
+    (design §3); tests check equality with hash_blocks. Raises OverflowError for a token id
+    outside uint32.
+    """
+    data = array("I", token_ids)
+    if data.itemsize != 4:  # pragma: no cover - every mainstream platform has 4-byte "I"
+        data = array("L", token_ids)
+    if not _LITTLE:  # pragma: no cover
+        data.byteswap()
+    raw = data.tobytes()
+    step = 4 * block_size
+    h = parent & _U64
+    out = []
+    append = out.append
+    for off in range(0, (len(raw) // step) * step, step):
+        h = _digest(h.to_bytes(8, "little") + raw[off : off + step])
+        append(h)
+    return out
+
+
+@dataclass(slots=True)
+class IndexStats:
+    """Counters for metrics (cumulative, all replicas)."""
+
+    blocks_stored: int = 0
+    blocks_removed: int = 0
+    duplicate_stores: int = 0  # a block stored again while held (at-least-once delivery)
+    unknown_removals: int = 0  # removal of a block not held (never stored, or skipped)
+    unknown_parent: int = 0  # BlockStored events skipped: parent not resolvable
+    identity_parents: int = 0  # parents resolved by the verified-identity rule
+    ghost_parents: int = 0  # parents resolved from recently removed blocks
+    skipped_events: int = 0  # other block size, non-full-attention group, bad token_ids
+    over_capacity: int = 0  # blocks dropped by the per-replica bound
+    clears: int = 0  # AllBlocksCleared / clear_replica
+
+
+class _Medium:
+    __slots__ = ("emap", "multi")
+
+    def __init__(self) -> None:
+        self.emap: dict[EngineHash, int] = {}
+        self.multi: dict[int, int] = {}
+
+
+class _Replica:
+    __slots__ = ("replica_id", "slot", "bit", "media", "num_blocks", "ghosts", "ghost_order", "resync_reason")
+
+    def __init__(self, replica_id: str, slot: int) -> None:
+        self.replica_id = replica_id
+        self.slot = slot
+        self.bit = 1 << slot
+        self.media: dict[str, _Medium] = {}
+        self.num_blocks = 0
+        self.ghosts: dict[EngineHash, int] = {}
+        self.ghost_order: deque[EngineHash] = deque()
+        self.resync_reason: str | None = None
+
+
+class PrefixIndex:
+    def __init__(
+        self,
+        block_size: int,
+        model: str,
+        salt: str | None = None,
+        *,
+        max_blocks_per_replica: int = 4_000_000,
+        ghost_capacity: int = 4096,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if max_blocks_per_replica <= 0 or ghost_capacity < 0:
+            raise ValueError("max_blocks_per_replica must be positive and ghost_capacity >= 0")
+        self.block_size = block_size
+        self.model = model
+        self.max_blocks_per_replica = max_blocks_per_replica
+        self.ghost_capacity = ghost_capacity
+        self.root = root_hash(model, salt)
+        # Events with a LoRA adapter are indexed under root_hash(model, lora_name): a request
+        # for that adapter looks up prompt_hashes(tokens, bs, model, salt=lora_name).
+        self._roots: dict[str | None, int] = {None: self.root}
+        self._tables: dict[str, dict[int, int]] = {DEFAULT_MEDIUM: {}}
+        self._replicas: dict[str, _Replica] = {}
+        self._owners: list[str | None] = []  # slot -> replica id
+        self.stats = IndexStats()
+
+    # --- replicas -----------------------------------------------------------------------------
+
+    def replicas(self) -> list[str]:
+        return list(self._replicas)
+
+    def num_blocks(self, replica_id: str) -> int:
+        r = self._replicas.get(replica_id)
+        return 0 if r is None else r.num_blocks
+
+    def add_replica(self, replica_id: str) -> None:
+        self._replica(replica_id)
+
+    def remove_replica(self, replica_id: str) -> None:
+        """Forget the replica and free its slot. Unknown ids: no-op."""
+        r = self._replicas.get(replica_id)
+        if r is None:
+            return
+        self._clear(r)
+        del self._replicas[replica_id]
+        self._owners[r.slot] = None
+
+    def clear_replica(self, replica_id: str) -> None:
+        """Drop every block the replica holds (it stays registered)."""
+        r = self._replicas.get(replica_id)
+        if r is not None:
+            self._clear(r)
+            self.stats.clears += 1
+
+    def pop_resync_reason(self, replica_id: str) -> str | None:
+        """Why the index thinks it lost track of the replica since the last call, or None."""
+        r = self._replicas.get(replica_id)
+        if r is None:
+            return None
+        reason, r.resync_reason = r.resync_reason, None
+        return reason
+
+    def _replica(self, replica_id: str) -> _Replica:
+        r = self._replicas.get(replica_id)
+        if r is None:
+            try:
+                slot = self._owners.index(None)  # lowest free slot keeps the masks small
+                self._owners[slot] = replica_id
+            except ValueError:
+                slot = len(self._owners)
+                self._owners.append(replica_id)
+            r = self._replicas[replica_id] = _Replica(replica_id, slot)
+        return r
+
+    # --- events -------------------------------------------------------------------------------
+
+    def apply(self, replica_id: str, event: KVEvent) -> None:
+        r = self._replica(replica_id)
+        kind = type(event)
+        if kind is BlockStored:
+            self._store(r, event)  # type: ignore[arg-type]
+        elif kind is BlockRemoved:
+            self._remove(r, event)  # type: ignore[arg-type]
+        elif kind is AllBlocksCleared:
+            self._clear(r)
+            self.stats.clears += 1
+        else:
+            raise TypeError(f"not a KV event: {event!r}")
+
+    def apply_many(self, replica_id: str, events: Iterable[KVEvent]) -> None:
+        for event in events:
+            self.apply(replica_id, event)
+
+    def load_snapshot(self, replica_id: str, events: Iterable[BlockStored]) -> None:
+        """Replace the replica's entries with a snapshot, in whatever order its events come.
+
+        Events whose parent is not known yet are retried after the others, until no pass makes
+        progress; what is left then counts as unknown_parent.
+        """
+        r = self._replica(replica_id)
+        self._clear(r)
+        pending = list(events)
+        while pending:
+            deferred = [ev for ev in pending if not self._store(r, ev, defer=True)]
+            if len(deferred) == len(pending):
+                for ev in deferred:
+                    self._store(r, ev)
+                break
+            pending = deferred
+
+    def _parent(self, r: _Replica, ev: BlockStored) -> int | None:
+        parent = ev.parent_block_hash
+        if parent is None:
+            root = self._roots.get(ev.lora_name)
+            if root is None:
+                root = self._roots[ev.lora_name] = root_hash(self.model, ev.lora_name)
+            return root
+        for m in r.media.values():
+            ours = m.emap.get(parent)
+            if ours is not None:
+                return ours
+        ours = r.ghosts.get(parent)
+        if ours is not None:
+            self.stats.ghost_parents += 1
+            return ours
+        if type(parent) is int and 0 <= parent <= _U64 and ev.block_hashes:
+            try:
+                first = _digest(parent.to_bytes(8, "little") + _token_bytes(ev.token_ids[: self.block_size]))
+            except OverflowError:
+                return None
+            if first == ev.block_hashes[0]:
+                self.stats.identity_parents += 1
+                return parent
+        return None
+
+    def _store(self, r: _Replica, ev: BlockStored, defer: bool = False) -> bool:
+        """Index the event's blocks. False only when `defer` and the parent is unknown."""
+        bs = self.block_size
+        n = len(ev.block_hashes)
+        if n == 0:
+            return True
+        if (
+            ev.block_size != bs
+            or len(ev.token_ids) != n * bs
+            or ev.kv_cache_spec_kind not in (None, "full_attention")
+        ):
+            self.stats.skipped_events += 1
+            return True
+        parent = self._parent(r, ev)
+        if parent is None:
+            if defer:
+                return False
+            self.stats.unknown_parent += 1
+            r.resync_reason = r.resync_reason or "unknown_parent"
+            return True
+        try:
+            ours = chain_hashes(ev.token_ids, bs, parent)
+        except OverflowError:
+            self.stats.skipped_events += 1
+            return True
+        medium = ev.medium or DEFAULT_MEDIUM
+        m = r.media.get(medium)
+        if m is None:
+            m = r.media[medium] = _Medium()
+        table = self._tables.get(medium)
+        if table is None:
+            table = self._tables[medium] = {}
+        emap = m.emap
+        bit = r.bit
+        room = self.max_blocks_per_replica - r.num_blocks
+        stored = 0
+        for eh, oh in zip(ev.block_hashes, ours):
+            held = emap.get(eh)
+            if held is not None:
+                if held == oh:
+                    self.stats.duplicate_stores += 1
+                    continue
+                self._drop(r, m, table, eh)  # same engine id, other content: the newer wins
+                room += 1
+            if stored >= room:
+                self.stats.over_capacity += 1
+                r.resync_reason = r.resync_reason or "over_capacity"
+                continue
+            emap[oh if eh == oh else eh] = oh  # share one int object when the ids coincide
+            mask = table.get(oh, 0)
+            if mask & bit:
+                m.multi[oh] = m.multi.get(oh, 1) + 1
+            else:
+                table[oh] = mask | bit
+            stored += 1
+        r.num_blocks += stored
+        self.stats.blocks_stored += stored
+        return True
+
+    def _drop(self, r: _Replica, m: _Medium, table: dict[int, int], eh: EngineHash) -> bool:
+        oh = m.emap.pop(eh, None)
+        if oh is None:
+            return False
+        r.num_blocks -= 1
+        if self.ghost_capacity:
+            if eh not in r.ghosts:
+                r.ghost_order.append(eh)
+                if len(r.ghost_order) > self.ghost_capacity:
+                    r.ghosts.pop(r.ghost_order.popleft(), None)
+            r.ghosts[eh] = oh
+        multi = m.multi
+        if multi:
+            c = multi.get(oh)
+            if c is not None:
+                if c > 2:
+                    multi[oh] = c - 1
+                else:
+                    del multi[oh]
+                return True
+        mask = table[oh] & ~r.bit
+        if mask:
+            table[oh] = mask
+        else:
+            del table[oh]
+        return True
+
+    def _remove(self, r: _Replica, ev: BlockRemoved) -> None:
+        medium = ev.medium or DEFAULT_MEDIUM
+        m = r.media.get(medium)
+        if m is None:
+            self.stats.unknown_removals += len(ev.block_hashes)
+            return
+        table = self._tables[medium]
+        removed = 0
+        for eh in ev.block_hashes:
+            if self._drop(r, m, table, eh):
+                removed += 1
+        self.stats.blocks_removed += removed
+        self.stats.unknown_removals += len(ev.block_hashes) - removed
+
+    def _clear(self, r: _Replica) -> None:
+        keep = ~r.bit
+        for medium, m in r.media.items():
+            table = self._tables[medium]
+            for oh in m.emap.values():
+                mask = table.get(oh)
+                if mask is None:
+                    continue  # already cleared through another engine id
+                mask &= keep
+                if mask:
+                    table[oh] = mask
+                else:
+                    del table[oh]
+        r.media.clear()
+        r.num_blocks = 0
+        r.ghosts.clear()
+        r.ghost_order.clear()
+
+    # --- lookups ------------------------------------------------------------------------------
+
+    def match(self, hashes: Sequence[int], medium: str = DEFAULT_MEDIUM) -> dict[str, int]:
+        """For each replica holding the chain's first block: how many leading blocks it holds.
+
+        One pass over `hashes` (our chain hashes, e.g. protocol.hashing.prompt_hashes), which
+        stops as soon as no replica is left. Replicas holding no leading block are absent.
+        """
+        table = self._tables.get(medium)
+        if not table or not hashes:
+            return {}
+        get = table.get
+        active = get(hashes[0], 0)
+        if not active:
+            return {}
+        out: dict[str, int] = {}
+        owners = self._owners
+        i = 0
+        for h in hashes:
+            m = get(h, 0)
+            lost = active & ~m
+            if lost:
+                active &= m
+                while lost:
+                    low = lost & -lost
+                    out[owners[low.bit_length() - 1]] = i  # type: ignore[index]
+                    lost ^= low
+                if not active:
+                    return out
+            i += 1
+        while active:
+            low = active & -active
+            out[owners[low.bit_length() - 1]] = i  # type: ignore[index]
+            active ^= low
+        return out
+
+    def replica_block_hashes(self, replica_id: str, medium: str = DEFAULT_MEDIUM) -> set[int]:
+        """Our hashes of every block the replica holds in `medium` (a copy; for tests)."""
+        r = self._replicas.get(replica_id)
+        if r is None or medium not in r.media:
+            return set()
+        return set(r.media[medium].emap.values())
+
+    def num_entries(self, medium: str = DEFAULT_MEDIUM) -> int:
+        """Distinct blocks indexed in `medium`, over all replicas."""
+        return len(self._tables.get(medium, ()))
+
+    def check_integrity(self) -> None:
+        """Raise RuntimeError naming the first broken invariant (module docstring)."""
+        expected: dict[str, dict[int, int]] = {medium: {} for medium in self._tables}
+        for replica_id, r in self._replicas.items():
+            if self._owners[r.slot] != replica_id:
+                raise RuntimeError(f"replica {replica_id!r}: slot {r.slot} owned by {self._owners[r.slot]!r}")
+            total = 0
+            for medium, m in r.media.items():
+                counts: dict[int, int] = {}
+                for oh in m.emap.values():
+                    counts[oh] = counts.get(oh, 0) + 1
+                for oh, c in counts.items():
+                    if m.multi.get(oh, 1) != c:
+                        raise RuntimeError(f"replica {replica_id!r}: {c} engine ids map to {oh:#x}, multi says {m.multi.get(oh, 1)}")
+                    exp = expected.setdefault(medium, {})
+                    exp[oh] = exp.get(oh, 0) | r.bit
+                if set(m.multi) - set(counts):
+                    raise RuntimeError(f"replica {replica_id!r}: multi counts for blocks it does not hold")
+                total += len(m.emap)
+            if total != r.num_blocks:
+                raise RuntimeError(f"replica {replica_id!r}: num_blocks {r.num_blocks} but holds {total}")
+            if total > self.max_blocks_per_replica:
+                raise RuntimeError(f"replica {replica_id!r}: {total} blocks over the bound")
+        for medium, table in self._tables.items():
+            exp = expected.get(medium, {})
+            if table != exp:
+                bad = next(h for h in set(table) | set(exp) if table.get(h) != exp.get(h))
+                raise RuntimeError(f"{medium} table: {bad:#x} has mask {table.get(bad)!r}, expected {exp.get(bad)!r}")
+
+
+def _token_bytes(tokens: Sequence[int]) -> bytes:
+    data = array("I", tokens)
+    if not _LITTLE:  # pragma: no cover
+        data.byteswap()
+    return data.tobytes()

@@ -1,0 +1,46 @@
+"""`kvfleet`: one entry point, one sub-command per job.
+
+Each sub-command lives in its own module with `add_arguments(parser)` and `run(args) -> int`,
+so `kvfleet --help` stays a short menu and `kvfleet CMD --help` says everything about CMD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "replica": ("kvfleet.cmd_replica", "serve a model with the paged-attention engine (OpenAI-compatible HTTP)"),
+    "demo": ("kvfleet.cmd_demo", "start a tiny replica, stream a completion from it, and stop it"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvfleet",
+        description="KV-cache-aware load balancing for LLM inference fleets. "
+        "Run `kvfleet COMMAND --help` for the options of a command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=mod.__doc__,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Serve a Llama-style model with kvfleet's paged-attention engine.
+
+The replica speaks vLLM's HTTP API (/v1/completions, /v1/chat/completions, /health, /metrics,
+...). With no --weights it builds the named preset from --seed, so every replica started with
+the same preset and seed is identical. Example:
+
+    kvfleet replica --port 8001 --model tiny --num-blocks 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from replica.config import EngineConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one)")
+    p.add_argument("--model", default=d.model, help="model preset: tiny, small, llama3-8b")
+    p.add_argument("--served-model-name", default=None, help="name clients send as `model` (default: --model)")
+    p.add_argument("--weights", default=None, help="local safetensors file with Llama tensor names (default: seeded init)")
+    p.add_argument("--model-config", dest="model_config_path", default=None, help="HF config.json that goes with --weights")
+    p.add_argument("--tokenizer", default=None, help="path to a HF tokenizer.json (default: built-in byte tokenizer)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for weight init and default sampling")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from --kv-cache-memory)")
+    p.add_argument("--kv-cache-memory", type=int, default=d.kv_cache_memory_bytes, help="KV cache budget in bytes when --num-blocks is not given")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="most requests in one running batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="token budget per step (prefill chunk size)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="largest request body accepted (413 above)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        weights=args.weights,
+        model_config_path=args.model_config_path,
+        tokenizer=args.tokenizer,
+        seed=args.seed,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        device=args.device,
+        threads=args.threads,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = engine_config(args)
+    except ValueError as e:
+        print(f"kvfleet replica: {e}", file=sys.stderr)
+        return 2
+    from replica.app import run_replica
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(run_replica(cfg, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
+                                   max_body_bytes=args.max_body_bytes))

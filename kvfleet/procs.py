@@ -1,0 +1,54 @@
+"""Start kvfleet processes as real subprocesses and wait until they serve (used by the demo,
+`fleet up` and the tests)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+_READY = re.compile(r"listening on (http://\S+)")
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen
+    url: str
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait, SIGKILL if it will not go. Returns the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        return self.popen.wait()
+
+
+def start(args: list[str], timeout: float = 120.0, env: dict[str, str] | None = None) -> Proc:
+    """Run `python -m kvfleet.cli ARGS` and return once it prints its listening URL."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "kvfleet.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=None,
+        text=True,
+        env=full_env,
+    )
+    deadline = time.monotonic() + timeout
+    assert popen.stdout is not None
+    while time.monotonic() < deadline:
+        line = popen.stdout.readline()
+        if not line:
+            code = popen.wait()
+            raise RuntimeError(f"`kvfleet {' '.join(args)}` exited with code {code} before it was ready; see its log above")
+        m = _READY.search(line)
+        if m:
+            return Proc(popen, m.group(1))
+    popen.kill()
+    raise RuntimeError(f"`kvfleet {' '.join(args)}` was not ready within {timeout:.0f} s")

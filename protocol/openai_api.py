@@ -1,0 +1,215 @@
+"""OpenAI-compatible request parsing and error bodies, shared by replica and balancer.
+
+Torch-free. Every problem with what a client sent becomes an `APIError` with a 4xx status and
+a message that says what to change; handlers turn it into the OpenAI error shape
+`{"error": {"message", "type", "param", "code"}}` (type and code as vLLM's server sets them:
+the error class name and the HTTP status).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
+          408: "RequestTimeout", 413: "PayloadTooLarge", 429: "RateLimitError", 500: "InternalServerError",
+          502: "BadGateway", 503: "ServiceUnavailable", 504: "GatewayTimeout"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param)
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPES.get(status, "Error"), "param": param, "code": status}}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated completions or chat-completions body."""
+
+    kind: str  # "completion" | "chat"
+    model: str | None
+    prompt: str | None = None  # text prompt (completions)
+    prompt_token_ids: tuple[int, ...] | None = None  # token prompt (completions)
+    messages: tuple[dict[str, Any], ...] | None = None  # chat
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stream: bool = False
+    include_usage: bool = False
+    cache_salt: str | None = None
+    user: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_INT_LIMIT = 2**31 - 1
+
+
+def _get_bool(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise APIError(400, f"'{name}' must be a boolean, got {type(v).__name__}", name)
+    return v
+
+
+def _get_int(body: dict, name: str, default: int | None, lo: int | None = None, hi: int = _INT_LIMIT) -> int | None:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise APIError(400, f"'{name}' must be an integer, got {type(v).__name__}", name)
+    if lo is not None and v < lo:
+        raise APIError(400, f"'{name}' must be at least {lo}, got {v}", name)
+    if v > hi:
+        raise APIError(400, f"'{name}' must be at most {hi}, got {v}", name)
+    return v
+
+
+def _get_float(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise APIError(400, f"'{name}' must be a number, got {type(v).__name__}", name)
+    v = float(v)
+    if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
+        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise APIError(400, f"'{name}' must be in {bound}, got {v}", name)
+    return v
+
+
+def _get_stop(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise APIError(400, "'stop' must be a string or a list of strings", "stop")
+    if len(v) > 16:
+        raise APIError(400, "'stop' takes at most 16 strings", "stop")
+    if any(s == "" for s in v):
+        raise APIError(400, "'stop' strings must not be empty", "stop")
+    return tuple(v)
+
+
+def _common(body: Any, kind: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "'model' must be a string", "model")
+    n = _get_int(body, "n", 1, lo=1)
+    if n != 1:
+        raise APIError(400, "only n=1 is supported; send separate requests for more samples", "n")
+    if body.get("best_of") not in (None, 1):
+        raise APIError(400, "best_of is not supported", "best_of")
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
+        raise APIError(400, "logprobs are not supported by this server", "logprobs")
+    max_tokens = _get_int(body, "max_tokens", None, lo=1)
+    if kind == "chat":
+        mct = _get_int(body, "max_completion_tokens", None, lo=1)
+        max_tokens = mct if mct is not None else max_tokens
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise APIError(400, "'stream_options' must be an object", "stream_options")
+    stream = _get_bool(body, "stream", False)
+    include_usage = bool(stream_options and _get_bool(stream_options, "include_usage", False))
+    stop_token_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_token_ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in stop_token_ids
+    ):
+        raise APIError(400, "'stop_token_ids' must be a list of non-negative integers", "stop_token_ids")
+    min_tokens = _get_int(body, "min_tokens", 0, lo=0)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise APIError(400, f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens})", "min_tokens")
+    top_k = _get_int(body, "top_k", 0, lo=-1)
+    salt = body.get("cache_salt")
+    if salt is not None and not isinstance(salt, str):
+        raise APIError(400, "'cache_salt' must be a string", "cache_salt")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise APIError(400, "'user' must be a string", "user")
+    return dict(
+        kind=kind,
+        model=model,
+        max_tokens=max_tokens,
+        temperature=_get_float(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_get_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=top_k,
+        seed=_get_int(body, "seed", None, lo=-(2**63), hi=2**63 - 1),
+        stop=_get_stop(body),
+        stop_token_ids=tuple(stop_token_ids),
+        ignore_eos=_get_bool(body, "ignore_eos", False),
+        min_tokens=min_tokens,
+        stream=stream,
+        include_usage=include_usage,
+        cache_salt=salt,
+        user=user,
+    )
+
+
+def parse_completion(body: Any) -> GenerationRequest:
+    fields = _common(body, "completion")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "'prompt' must not be empty", "prompt")
+        return GenerationRequest(prompt=prompt, **fields)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if any(t < 0 or t >= 2**32 for t in prompt):
+            raise APIError(400, "token ids in 'prompt' must be non-negative integers", "prompt")
+        return GenerationRequest(prompt_token_ids=tuple(prompt), **fields)
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise APIError(400, "batched prompts are not supported; send one request per prompt", "prompt")
+    if prompt is None:
+        raise APIError(400, "'prompt' is required", "prompt")
+    raise APIError(400, "'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
+
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def parse_chat(body: Any) -> GenerationRequest:
+    fields = _common(body, "chat")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object", "messages")
+        if m.get("role") not in _ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {sorted(_ROLES)}", "messages")
+        content = m.get("content")
+        if content is None and m.get("role") == "assistant":
+            continue
+        if isinstance(content, str):
+            continue
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+        ):
+            continue
+        raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
+    return GenerationRequest(messages=tuple(messages), **fields)

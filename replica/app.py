@@ -1,0 +1,37 @@
+"""Assembles a replica process: engine, service, metrics, KV-event publisher, HTTP server."""
+
+from __future__ import annotations
+
+import sys
+
+from replica.config import EngineConfig
+from replica.engine import build_engine
+from replica.metrics import ReplicaMetrics
+from replica.server import ServerConfig, create_app, serve
+from replica.service import EngineService
+
+
+async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: float = 30.0,
+                      max_body_bytes: int = 16 * 1024 * 1024) -> int:
+    engine = build_engine(cfg)
+    sched = engine.scheduler
+    server_cfg = ServerConfig(
+        host=host,
+        port=port,
+        drain_timeout_s=drain_timeout_s,
+        max_body_bytes=max_body_bytes,
+        model_name=cfg.model_name,
+        max_model_len=sched.config.max_model_len,
+        vocab_size=engine.executor.model.config.vocab_size,
+    )
+    service = EngineService(engine, ReplicaMetrics(cfg.model_name), replica_id=f"{host}:{port}")
+    app = create_app(service, server_cfg)
+
+    def ready(runner) -> None:
+        addrs = [f"http://{a[0]}:{a[1]}" for a in runner.addresses]
+        print(f"kvfleet replica ready: model={cfg.model_name} blocks={engine.kv.num_blocks} "
+              f"block_size={cfg.block_size} listening on {' '.join(addrs)}", flush=True)
+
+    await serve(app, server_cfg, ready)
+    print("kvfleet replica stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,210 @@
+"""The engine: one step = the scheduler plans, the executor runs, the scheduler post-processes.
+
+    add_request ──▶ Scheduler.waiting
+    step():  Scheduler.schedule() ─▶ executor.execute() ─▶ Scheduler.update_from_output()
+             ─▶ detokenize, stop strings ─▶ [RequestOutput]
+
+The executor is the torch `ModelRunner` here; the simulator plugs in one that only advances a
+clock. The engine is synchronous and single-threaded; the server runs `step()` on a worker
+thread and hands requests in between steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from protocol.hashing import root_hash
+from protocol.tokenizer import IncrementalDetokenizer
+from replica.kv_cache_manager import KVCacheManager
+from replica.request import Request, RequestStatus, SamplingParams
+from replica.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+
+class Executor(Protocol):
+    def execute(self, out: SchedulerOutput) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    text: str  # text delta since the previous output (stop strings held back and cut)
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None  # the stop string or token that ended it
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One executed step, for load reports and step-time fitting."""
+
+    start: float
+    duration: float
+    prefill_tokens: int
+    decode_tokens: int
+    num_seqs: int
+    context_tokens: int  # KV tokens attended to by the batch
+
+
+class _TextState:
+    """Incremental text of one request with stop strings held back until they cannot match."""
+
+    __slots__ = ("detok", "text", "emitted", "stop", "hold")
+
+    def __init__(self, detok: IncrementalDetokenizer, stop: tuple[str, ...]) -> None:
+        self.detok = detok
+        self.text = ""
+        self.emitted = 0
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def push(self, token_id: int, final: bool) -> tuple[str, str | None]:
+        """Add a token; returns (text delta to emit, stop string hit or None)."""
+        self.text += self.detok.add((token_id,))
+        if self.stop:
+            search_from = max(0, self.emitted - self.hold)
+            hit_at, hit = -1, None
+            for s in self.stop:
+                j = self.text.find(s, search_from)
+                if j >= 0 and (hit_at < 0 or j < hit_at):
+                    hit_at, hit = j, s
+            if hit is not None:
+                self.text = self.text[:hit_at]
+                return self._flush(), hit
+        if final:
+            self.text += self.detok.flush()
+            return self._flush(), None
+        upto = len(self.text) - self.hold
+        if upto <= self.emitted:
+            return "", None
+        delta = self.text[self.emitted : upto]
+        self.emitted = upto
+        return delta, None
+
+    def _flush(self) -> str:
+        delta = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return delta
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        executor: Executor,
+        tokenizer,
+        clock: Callable[[], float] = time.monotonic,
+        step_history: int = 64,
+    ) -> None:
+        self.scheduler = scheduler
+        self.kv: KVCacheManager = scheduler.kv
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self._text: dict[str, _TextState] = {}
+        self.steps: deque[StepRecord] = deque(maxlen=step_history)
+        self.num_steps = 0
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        req = Request(request_id, prompt_token_ids, params, self.clock(), self.tokenizer.eos_token_id)
+        self.scheduler.add_request(req)
+        self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids), params.stop)
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        self._text.pop(request_id, None)
+        return self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---------------------------------------------------------------- the step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler
+        out = sched.schedule()
+        if out.empty:
+            return []
+        start = self.clock()
+        context = sum(s.request.num_computed_tokens + s.num_new_tokens for s in out.scheduled)
+        sampled = self.executor.execute(out)
+        touched = sched.update_from_output(out, sampled)
+        end = self.clock()
+        self.steps.append(
+            StepRecord(start, end - start, out.num_prefill_tokens, out.num_decode_tokens, len(out.scheduled), context)
+        )
+        self.num_steps += 1
+        return [self._output(req) for req in touched]
+
+    def _output(self, req: Request) -> RequestOutput:
+        token = req.token_ids[-1]
+        state = self._text[req.request_id]
+        finished = req.status.finished
+        delta, stop_hit = state.push(token, finished)
+        stop_reason: str | int | None = None
+        if stop_hit is not None and not finished:
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            finished = True
+            stop_reason = stop_hit
+        elif stop_hit is not None:
+            req.status = RequestStatus.FINISHED_STOPPED
+            stop_reason = stop_hit
+        elif req.status == RequestStatus.FINISHED_STOPPED and token != req.eos_token_id:
+            stop_reason = token
+        if finished:
+            del self._text[req.request_id]
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=(token,),
+            text=delta,
+            finished=finished,
+            finish_reason=req.status.value if finished else None,
+            stop_reason=stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            num_output_tokens=req.num_output_tokens,
+        )
+
+
+def build_engine(config, clock: Callable[[], float] = time.monotonic) -> LLMEngine:
+    """A torch engine from an `EngineConfig` (imports torch; the balancer never calls this)."""
+    import torch
+
+    from protocol.tokenizer import load_tokenizer
+    from replica.kv_cache import allocate_kv_caches, num_blocks_for_budget
+    from replica.model_config import ModelConfig
+    from replica.runner import ModelRunner
+    from replica.weights import build_model
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.model_config_path:
+        mcfg = ModelConfig.from_hf_config(config.model_config_path)
+    else:
+        mcfg = ModelConfig.from_preset(config.model)
+    tokenizer = load_tokenizer(config.tokenizer)
+    model = build_model(mcfg, seed=config.seed, weights_path=config.weights, device=config.device)
+    num_blocks = config.num_blocks or num_blocks_for_budget(mcfg, config.block_size, config.kv_cache_memory_bytes)
+    max_model_len = config.max_model_len or mcfg.max_position_embeddings
+    if max_model_len > mcfg.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {mcfg.max_position_embeddings}"
+        )
+    kv = KVCacheManager(
+        num_blocks,
+        config.block_size,
+        root_hash(config.model_name, config.cache_salt),
+        enable_caching=config.enable_prefix_caching,
+    )
+    caches = allocate_kv_caches(mcfg, num_blocks, config.block_size, config.device)
+    sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+    scheduler = Scheduler(sched_cfg, kv, clock)
+    runner = ModelRunner(model, caches, kv, seed=config.seed, device=config.device)
+    return LLMEngine(scheduler, runner, tokenizer, clock)

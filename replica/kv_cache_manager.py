@@ -1,0 +1,242 @@
+"""Per-request KV block bookkeeping on top of the `BlockPool` (after vLLM v1's `kv_cache_manager.py`).
+
+The scheduler speaks in token counts; this module turns them into block ids. Per step, for a
+request being admitted:
+
+    hit = mgr.get_computed_blocks(req_id, tokens)           # read-only: longest cached prefix
+    ok  = mgr.allocate_slots(req_id, tokens, hit.num_tokens, n, hit)   # touch hit, pop new blocks
+    ...                                                      # model runner fills the slots
+    mgr.allocate_slots(req_id, tokens, num_computed, 1)      # each decode step
+    mgr.free(req_id)                                         # finished or preempted
+
+A request's blocks, in token order (block_size 4; `tokens` grows append-only during decode):
+
+    tokens   | t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9 .  .  |
+    blocks   |  block 5    |  block 2    |  block 9    |
+    hashes   |  h0         |  h1         |  (partial: not hashed yet)
+              └ hit (shared, ref_cnt 2) ┘└ new, cached when full ┘
+
+Invariants (checked by `check_integrity`):
+- Each block's ref_cnt equals the number of live requests whose block list holds it; no request
+  holds a block twice.
+- A request's hash list is its chain `h_i = hash_block(h_{i-1}, tokens[i*bs:(i+1)*bs])` from
+  `hash_root`, extended only when a new full block appears (never recomputed per step).
+- Every block of a request that carries a hash carries the request's own hash for its position.
+
+Blocks become cached as soon as they are full within the tokens a step allocates for (vLLM v1
+caches at allocation time: the KV is written in the same forward pass that may first read it).
+Freeing is tail first, so a request's private tail is evicted before the prefix it shares.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from protocol.events import BlockStored, KVEvent
+from protocol.hashing import hash_blocks
+from replica.block_pool import BlockPool, KVCacheBlock
+
+
+class ComputedBlocks(NamedTuple):
+    """The cached prefix found for a request: its blocks (not yet referenced) and token count."""
+
+    blocks: list[KVCacheBlock]
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class _RequestState:
+    blocks: list[KVCacheBlock] = field(default_factory=list)
+    # Chain hashes of the request's full blocks seen so far (index i <-> tokens[i*bs:(i+1)*bs]).
+    hashes: list[int] = field(default_factory=list)
+    # Leading blocks already offered to the pool's hash map (hits count as offered).
+    num_cached: int = 0
+
+
+class KVCacheManager:
+    """Maps requests to blocks of one `BlockPool`, with prefix caching from `hash_root`."""
+
+    __slots__ = ("pool", "hash_root", "enable_caching", "_requests")
+
+    def __init__(self, num_blocks: int, block_size: int, hash_root: int, enable_caching: bool = True) -> None:
+        self.pool = BlockPool(num_blocks, block_size, enable_caching)
+        self.hash_root = hash_root
+        self.enable_caching = enable_caching
+        self._requests: dict[str, _RequestState] = {}
+
+    # --- properties -------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.pool.block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    # --- the scheduler's calls --------------------------------------------------------------
+
+    def get_computed_blocks(self, req_id: str, token_ids: Sequence[int]) -> ComputedBlocks:
+        """The longest cached prefix of `token_ids`, in whole blocks.
+
+        Each hit is confirmed by token ids and parent hash. At least one token is always left to
+        compute (the last position's logits must come out of the model), so a prompt that is an
+        exact multiple of block_size hits at most all but its last block. Does not change ref
+        counts, the free list or events; remembers the request's block hashes.
+        """
+        if not self.enable_caching:
+            return ComputedBlocks([], 0)
+        bs = self.block_size
+        state = self._requests.setdefault(req_id, _RequestState())
+        hashes = self._extend_hashes(state, token_ids, len(token_ids) // bs)
+        max_hit = max(len(token_ids) - 1, 0) // bs
+        blocks: list[KVCacheBlock] = []
+        parent: int | None = None
+        for i in range(max_hit):
+            block = self.pool.get_cached_block(hashes[i], token_ids[i * bs : (i + 1) * bs], parent_hash=parent)
+            if block is None:
+                break
+            blocks.append(block)
+            parent = hashes[i]
+        return ComputedBlocks(blocks, len(blocks) * bs)
+
+    def allocate_slots(
+        self,
+        req_id: str,
+        token_ids: Sequence[int],
+        num_computed_tokens: int,
+        num_new_tokens: int,
+        new_computed: ComputedBlocks | None = None,
+    ) -> bool:
+        """Make `req_id` own blocks for its first `num_computed_tokens + num_new_tokens` tokens.
+
+        On the request's first call `new_computed` (from `get_computed_blocks`, with
+        `num_computed_tokens == new_computed.num_tokens`) is referenced first. Returns False and
+        changes nothing if too few blocks are free; a free cached block counts as free, except
+        the ones in `new_computed`, which this call revives rather than evicts. Then every block
+        that is full within those tokens is registered in the prefix cache (BlockStored events).
+        `token_ids` must hold at least that many tokens. Raises ValueError on misuse.
+        """
+        bs = self.block_size
+        total = num_computed_tokens + num_new_tokens
+        if num_computed_tokens < 0 or num_new_tokens < 0:
+            raise ValueError(f"negative token count: computed={num_computed_tokens} new={num_new_tokens}")
+        if len(token_ids) < total:
+            raise ValueError(f"token_ids holds {len(token_ids)} tokens, allocating for {total}")
+        state = self._requests.get(req_id)
+        if state is None:
+            state = _RequestState()  # registered below, once the call succeeds
+
+        hit: list[KVCacheBlock] = []
+        if new_computed is not None and new_computed.blocks:
+            if state.blocks:
+                raise ValueError(f"request {req_id!r} already holds blocks; new_computed is for its first call")
+            if num_computed_tokens != new_computed.num_tokens:
+                raise ValueError(f"num_computed_tokens={num_computed_tokens} != new_computed.num_tokens={new_computed.num_tokens}")
+            hit = new_computed.blocks
+            # A hit evicted since get_computed_blocks would hand over someone else's KV.
+            if len(state.hashes) < len(hit) or any(b.block_hash != h for b, h in zip(hit, state.hashes)):
+                raise ValueError(f"request {req_id!r}: stale ComputedBlocks (a hit block was evicted or reused)")
+        num_held = len(state.blocks) + len(hit)
+        if num_computed_tokens > num_held * bs:
+            raise ValueError(f"request {req_id!r}: {num_computed_tokens} computed tokens but only {num_held} blocks")
+
+        num_needed = -(-total // bs) - num_held
+        if num_needed > 0:
+            # Free hits are about to be revived, so they cannot be evicted to make room.
+            num_free_hits = sum(1 for b in hit if b.ref_cnt == 0)
+            if num_needed > self.pool.num_free_blocks - num_free_hits:
+                return False
+        self._requests[req_id] = state
+        if hit:
+            self.pool.touch(hit)
+            state.blocks.extend(hit)
+            state.num_cached = len(hit)
+        if num_needed > 0:
+            state.blocks.extend(self.pool.get_new_blocks(num_needed))
+
+        num_full = total // bs
+        if self.enable_caching and num_full > state.num_cached:
+            start = state.num_cached
+            hashes = self._extend_hashes(state, token_ids, num_full)
+            self.pool.cache_full_blocks(
+                state.blocks[start:num_full],
+                hashes[start:num_full],
+                token_ids[start * bs : num_full * bs],
+                hashes[start - 1] if start else None,
+            )
+            state.num_cached = num_full
+        return True
+
+    def free(self, req_id: str) -> None:
+        """Release the request's blocks, tail first, and forget the request. Unknown ids: no-op."""
+        state = self._requests.pop(req_id, None)
+        if state is not None:
+            self.pool.free_blocks(reversed(state.blocks))
+
+    def block_ids(self, req_id: str) -> list[int]:
+        """The request's block ids in token order ([] for a request holding none)."""
+        state = self._requests.get(req_id)
+        return [] if state is None else [b.block_id for b in state.blocks]
+
+    def block_hashes(self, req_id: str) -> list[int]:
+        """The chain hashes computed so far for the request's full blocks (a copy)."""
+        state = self._requests.get(req_id)
+        return [] if state is None else list(state.hashes)
+
+    # --- cache-wide -------------------------------------------------------------------------
+
+    def take_events(self) -> list[KVEvent]:
+        return self.pool.take_events()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop the whole prefix cache; False (nothing changed) while any request holds blocks."""
+        return self.pool.reset_prefix_cache()
+
+    def snapshot_events(self) -> list[BlockStored]:
+        return self.pool.snapshot_events()
+
+    def check_integrity(self) -> None:
+        """Pool invariants plus: ref_cnt == number of requests holding the block, hashes agree."""
+        self.pool.check_integrity()
+        holders: Counter[int] = Counter()
+        for req_id, state in self._requests.items():
+            ids = [b.block_id for b in state.blocks]
+            if len(set(ids)) != len(ids):
+                raise RuntimeError(f"request {req_id!r} holds a block twice: {ids}")
+            holders.update(ids)
+            if state.num_cached > len(state.blocks) or state.num_cached > len(state.hashes):
+                raise RuntimeError(
+                    f"request {req_id!r}: num_cached={state.num_cached} beyond {len(state.blocks)} blocks / {len(state.hashes)} hashes"
+                )
+            for i, block in enumerate(state.blocks):
+                if block.block_hash is not None and (i >= len(state.hashes) or block.block_hash != state.hashes[i]):
+                    raise RuntimeError(f"request {req_id!r}: block {block.block_id} at position {i} carries a foreign hash")
+        for block in self.pool.blocks:
+            if block.ref_cnt != holders[block.block_id]:
+                raise RuntimeError(
+                    f"block {block.block_id}: ref_cnt {block.ref_cnt} but held by {holders[block.block_id]} request(s)"
+                )
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _extend_hashes(self, state: _RequestState, token_ids: Sequence[int], num_blocks: int) -> list[int]:
+        """Hash only the full blocks not hashed yet, chaining from the last known hash."""
+        hashes = state.hashes
+        have = len(hashes)
+        if have < num_blocks:
+            bs = self.block_size
+            parent = hashes[-1] if have else self.hash_root
+            hashes.extend(hash_blocks(token_ids[have * bs : num_blocks * bs], bs, parent))
+        return hashes

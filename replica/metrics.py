@@ -1,0 +1,46 @@
+"""Replica metrics under vLLM's names, so existing vLLM dashboards and routers read them.
+
+Names, labels (`model_name`, `engine`) and histogram buckets follow vLLM v1
+(`vllm/v1/metrics/loggers.py`, PrometheusStatLogger). Each server owns its registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Bucket boundaries as in vLLM v1's PrometheusStatLogger.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+class ReplicaMetrics:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        labels = ("model_name", "engine")
+        lv = (model_name, "0")
+        r = self.registry
+        self.num_running = Gauge("vllm:num_requests_running", "Requests in the running batch.", labels, registry=r).labels(*lv)
+        self.num_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", labels, registry=r).labels(*lv)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full.", labels, registry=r).labels(*lv)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels, registry=r).labels(*lv)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels, registry=r).labels(*lv)
+        self.preemptions = Counter("vllm:num_preemptions", "Requests preempted (recomputed later).", labels, registry=r).labels(*lv)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of admitted requests.", labels, registry=r).labels(*lv)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", labels, registry=r).labels(*lv)
+        self._success = Counter("vllm:request_success", "Finished requests by reason.", labels + ("finished_reason",), registry=r)
+        self._lv = lv
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels, buckets=TTFT_BUCKETS, registry=r).labels(*lv)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between generated tokens.", labels, buckets=ITL_BUCKETS, registry=r).labels(*lv)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", labels, buckets=REQUEST_LATENCY_BUCKETS, registry=r).labels(*lv)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time from arrival to first scheduling.", labels, buckets=REQUEST_LATENCY_BUCKETS, registry=r).labels(*lv)
+        self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Prompt length per request.", labels, buckets=TOKEN_BUCKETS, registry=r).labels(*lv)
+        self.request_generation_tokens = Histogram("vllm:request_generation_tokens", "Generated tokens per request.", labels, buckets=TOKEN_BUCKETS, registry=r).labels(*lv)
+        self.iteration_tokens = Histogram("vllm:iteration_tokens_total", "Tokens processed per engine step.", labels, buckets=TOKEN_BUCKETS, registry=r).labels(*lv)
+
+    def success(self, finished_reason: str) -> None:
+        self._success.labels(*self._lv, finished_reason).inc()

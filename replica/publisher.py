@@ -1,0 +1,383 @@
+"""The replica's KV event publisher: vLLM 0.33's ZMQ PUB + ROUTER protocol, plus kvfleet's load
+reports and cache snapshots (protocol/events.py and protocol/load.py describe the frames).
+
+Like vLLM's `ZmqEventPublisher` (vllm/distributed/kv_events.py), one thread owns the sockets and
+is fed by a queue, so the engine never blocks on the network. Unlike it, the thread sleeps in a
+poll on the ROUTER socket and a wake-up pipe instead of a 100 ms queue timeout, so replay and
+snapshot requests are answered at once.
+
+How the engine calls it, between steps, on its own thread:
+
+    publisher.publish(kv.take_events())            # one batch per step; [] publishes nothing
+    if publisher.snapshot_requested():             # a subscriber joined late or lost track
+        publisher.publish_snapshot(kv.snapshot_events())
+    publisher.publish_load(report)                 # every ~100 ms-1 s
+    ...
+    publisher.close()                              # on shutdown
+
+Ordering: everything goes through one FIFO queue. A snapshot therefore covers exactly the KV
+batches queued before it (it carries the seq of the last one), provided the engine drains
+`take_events()` into `publish()` before taking the snapshot, as above. The engine should check
+`snapshot_requested()` even while idle (at least every ~100 ms), or a requester waits for its
+timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from itertools import islice
+from typing import Any
+
+import zmq
+
+from protocol.events import (
+    BlockStored,
+    EventBatch,
+    KVEvent,
+    encode_batch,
+    encode_replay_reply,
+    encode_seq,
+    replay_end_frames,
+)
+from protocol.load import (
+    DEFAULT_LOAD_TOPIC,
+    DEFAULT_SNAPSHOT_TOPIC,
+    SNAPSHOT_REQUEST,
+    LoadReport,
+    Snapshot,
+    encode_extras_message,
+    encode_load,
+    encode_snapshot,
+)
+
+log = logging.getLogger(__name__)
+
+_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherConfig:
+    """Defaults are vLLM's `KVEventsConfig` (vllm/config/kv_events.py) where vLLM has the knob."""
+
+    endpoint: str = "tcp://*:5557"
+    replay_endpoint: str | None = None  # vLLM's examples use "tcp://*:5558"
+    topic: bytes = b""
+    buffer_steps: int = 10_000  # batches kept for replay
+    hwm: int = 100_000  # PUB send high-water mark (messages)
+    max_queue_size: int = 100_000  # publish() blocks when this many items wait for the thread
+    data_parallel_rank: int = 0  # written into every batch, as vLLM's publisher does
+    load_topic: bytes = DEFAULT_LOAD_TOPIC
+    snapshot_topic: bytes = DEFAULT_SNAPSHOT_TOPIC
+    # None: vLLM's heuristic (bind when the endpoint has a wildcard or is ipc/inproc, else
+    # connect to e.g. a proxy). True/False force it; tests bind "tcp://127.0.0.1:0".
+    bind: bool | None = None
+    # Testing only: batches with these seqs are kept for replay but never sent on PUB, which
+    # simulates a lost message.
+    drop_seqs: frozenset[int] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        for name in ("endpoint", "replay_endpoint"):
+            value = getattr(self, name)
+            if value is not None and not value.startswith(_SCHEMES):
+                raise ValueError(f"{name} must start with one of {_SCHEMES}, got {value!r}")
+        for name in ("topic", "load_topic", "snapshot_topic"):
+            if not isinstance(getattr(self, name), bytes):
+                raise ValueError(f"{name} must be bytes")
+        if not self.load_topic or not self.snapshot_topic:
+            raise ValueError("load_topic and snapshot_topic must be non-empty")
+        if len({self.topic, self.load_topic, self.snapshot_topic}) != 3:
+            raise ValueError("topic, load_topic and snapshot_topic must differ")
+        if self.topic and (self.load_topic.startswith(self.topic) or self.snapshot_topic.startswith(self.topic)):
+            # A reader subscribed to the KV topic would receive them (ZMQ matches prefixes).
+            raise ValueError("load_topic and snapshot_topic must not start with the KV topic")
+        if self.buffer_steps < 1:
+            raise ValueError(f"buffer_steps must be >= 1, got {self.buffer_steps}")
+        if self.hwm < 0 or self.max_queue_size < 1:
+            raise ValueError("hwm must be >= 0 and max_queue_size >= 1")
+        if self.data_parallel_rank < 0:
+            raise ValueError("data_parallel_rank must be >= 0")
+
+    def binds(self) -> bool:
+        if self.bind is not None:
+            return self.bind
+        e = self.endpoint
+        return "*" in e or "::" in e or e.startswith(("ipc://", "inproc://"))
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherEndpoints:
+    """The addresses actually bound (port 0 resolved, from ZMQ_LAST_ENDPOINT)."""
+
+    endpoint: str
+    replay_endpoint: str | None
+
+
+_STOP = object()
+
+
+class KVEventPublisher:
+    """Publishes KV event batches, load reports and snapshots; see the module docstring."""
+
+    def __init__(self, config: PublisherConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self._ctx = context or zmq.Context.instance()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.max_queue_size)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        # Random per process: a subscriber that sees it change knows the replica restarted.
+        self.epoch = int.from_bytes(os.urandom(8), "big") >> 1
+        self._snapshot_wanted = threading.Event()
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._endpoints: PublisherEndpoints | None = None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        # Read by tests/metrics; written only by the thread.
+        self.last_seq: int | None = None
+        self.snapshots_sent = 0
+        self.replays_served = 0
+        self._thread = threading.Thread(target=self._run, name="kvfleet-kv-publisher", daemon=False)
+        self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            self._close_pipe()
+            raise self._start_error
+
+    # --- API (any thread) -----------------------------------------------------------------
+
+    @property
+    def endpoints(self) -> PublisherEndpoints:
+        assert self._endpoints is not None
+        return self._endpoints
+
+    def publish(self, events: list[KVEvent]) -> None:
+        """Queue one batch (seq = previous + 1, from 0). An empty list publishes nothing."""
+        if events:
+            self._put(("kv", time.time(), tuple(events)))
+
+    def publish_load(self, report: LoadReport) -> None:
+        self._put(("load", report))
+
+    def snapshot_requested(self) -> bool:
+        """True while a subscriber waits for a snapshot that nobody has queued yet."""
+        return self._snapshot_wanted.is_set()
+
+    def publish_snapshot(self, events: list[BlockStored]) -> None:
+        """Queue the whole cache (parents before children) for every pending requester."""
+        self._snapshot_wanted.clear()
+        self._put(("snapshot", time.time(), tuple(events)))
+
+    def sources_info(self) -> dict[str, Any]:
+        """The body for `GET /kv_event_sources`.
+
+        vLLM answers `{"sources": [{data_parallel_rank, endpoint, replay_endpoint, topic}]}`
+        with the endpoints resolved at bind time (vllm/entrypoints/serve/kv_events/
+        api_router.py; some versions send the bare list). The extra keys are kvfleet's and
+        are ignored by vLLM-ecosystem readers.
+        """
+        ep = self.endpoints
+        return {
+            "sources": [
+                {
+                    "data_parallel_rank": self.config.data_parallel_rank,
+                    "endpoint": ep.endpoint,
+                    "replay_endpoint": ep.replay_endpoint,
+                    "topic": self.config.topic.decode("utf-8", "replace"),
+                    "format": "vllm-0.33",
+                    "buffer_steps": self.config.buffer_steps,
+                    "load_topic": self.config.load_topic.decode("utf-8", "replace"),
+                    "snapshot_topic": self.config.snapshot_topic.decode("utf-8", "replace"),
+                    "snapshots": ep.replay_endpoint is not None,
+                }
+            ]
+        }
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued, then stop the thread and close the sockets (linger 0). Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(_STOP)
+        self._wake()
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # a stuck send; the thread closes the sockets when it ends
+            log.warning("KV event publisher thread did not stop within %.1fs", timeout)
+        else:
+            self._close_pipe()
+
+    def __enter__(self) -> KVEventPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _put(self, item: Any) -> None:
+        if self._closed:
+            raise RuntimeError("publisher is closed")
+        self._queue.put(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: a wake-up is pending anyway
+        except OSError:
+            pass  # closed during shutdown
+
+    def _close_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        cfg = self.config
+        pub = router = None
+        try:
+            pub = self._ctx.socket(zmq.PUB)
+            pub.linger = 0
+            pub.sndhwm = cfg.hwm
+            if cfg.binds():
+                pub.bind(cfg.endpoint)
+                endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            else:
+                pub.connect(cfg.endpoint)
+                endpoint = cfg.endpoint
+            replay_endpoint = None
+            if cfg.replay_endpoint is not None:
+                router = self._ctx.socket(zmq.ROUTER)
+                router.linger = 0
+                # A ROUTER silently drops what exceeds its HWM: room for a whole replay.
+                router.sndhwm = max(1000, cfg.buffer_steps + 16)
+                router.bind(cfg.replay_endpoint)
+                replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._endpoints = PublisherEndpoints(endpoint, replay_endpoint)
+        except BaseException as e:  # noqa: BLE001 - handed to the constructor
+            self._start_error = e
+            for sock in (pub, router):
+                if sock is not None:
+                    sock.close(linger=0)
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._serve(pub, router)
+        finally:
+            pub.close(linger=0)
+            if router is not None:
+                router.close(linger=0)
+
+    def _serve(self, pub: zmq.Socket, router: zmq.Socket | None) -> None:
+        state = _ThreadState(self.config)
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        if router is not None:
+            poller.register(router, zmq.POLLIN)
+        main = threading.main_thread()
+        while True:
+            ready = dict(poller.poll(200))
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            if router is not None and router in ready:
+                self._serve_router(router, state)
+            if self._drain_queue(pub, router, state):
+                return
+            if not main.is_alive():
+                # Interpreter shutdown without close(): flush and let it exit (non-daemon thread).
+                self._drain_queue(pub, router, state)
+                return
+
+    def _drain_queue(self, pub: zmq.Socket, router: zmq.Socket | None, state: _ThreadState) -> bool:
+        """Handle every queued item; True once the stop marker was reached."""
+        cfg = self.config
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is _STOP:
+                return True
+            try:
+                kind = item[0]
+                if kind == "kv":
+                    seq = state.kv_seq
+                    state.kv_seq += 1
+                    payload = encode_batch(EventBatch(item[1], item[2], cfg.data_parallel_rank))
+                    if seq not in cfg.drop_seqs:
+                        pub.send_multipart([cfg.topic, encode_seq(seq), payload])
+                    state.buffer.append((seq, payload))
+                    self.last_seq = seq
+                elif kind == "load":
+                    report: LoadReport = item[1]
+                    payload = encode_load(_with_epoch(report, self.epoch))
+                    pub.send_multipart(encode_extras_message(cfg.load_topic, state.load_seq, payload))
+                    state.load_seq += 1
+                elif kind == "snapshot":
+                    self._send_snapshot(router, state, item[1], item[2])
+            except Exception:  # one bad item must not kill the publisher
+                log.exception("KV event publisher: failed to send a %s message", item[0])
+
+    def _send_snapshot(self, router: zmq.Socket | None, state: _ThreadState, ts: float, events: tuple) -> None:
+        if router is None or not state.snapshot_waiters:
+            return  # nobody asked (or asked and was already served): drop it
+        kv_seq = state.kv_seq - 1 if state.kv_seq else None
+        payload = encode_snapshot(Snapshot(ts=ts, kv_seq=kv_seq, events=events, epoch=self.epoch))
+        frames = [b"", self.config.snapshot_topic, encode_seq(state.snapshot_seq), payload]
+        state.snapshot_seq += 1
+        for identity in state.snapshot_waiters:
+            router.send_multipart([identity, *frames])
+        state.snapshot_waiters.clear()
+        self.snapshots_sent += 1
+        self._snapshot_wanted.clear()
+
+    def _serve_router(self, router: zmq.Socket, state: _ThreadState) -> None:
+        while True:
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 3 or frames[1] != b"":
+                log.warning("KV event publisher: ignoring a malformed replay request (%d frames)", len(frames))
+                continue
+            identity, _, body = frames
+            if body == SNAPSHOT_REQUEST:
+                if identity not in state.snapshot_waiters:
+                    state.snapshot_waiters.append(identity)
+                self._snapshot_wanted.set()
+                continue
+            start = int.from_bytes(body, "big")  # vLLM reads any length the same way
+            self.replays_served += 1
+            buf = state.buffer
+            skip = max(0, start - buf[0][0]) if buf else 0  # seqs in the buffer are contiguous
+            for seq, payload in islice(buf, skip, None):
+                router.send_multipart([identity, *encode_replay_reply(self.config.topic, seq, payload)])
+            router.send_multipart([identity, *replay_end_frames()])
+
+
+class _ThreadState:
+    """Counters and buffers touched only by the publisher thread."""
+
+    __slots__ = ("kv_seq", "load_seq", "snapshot_seq", "buffer", "snapshot_waiters")
+
+    def __init__(self, config: PublisherConfig) -> None:
+        self.kv_seq = 0  # next KV seq to assign
+        self.load_seq = 0
+        self.snapshot_seq = 0
+        self.buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
+        self.snapshot_waiters: list[bytes] = []
+
+
+def _with_epoch(report: LoadReport, epoch: int) -> LoadReport:
+    return report if report.epoch == epoch else replace(report, epoch=epoch)

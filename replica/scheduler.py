@@ -1,0 +1,233 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+One `schedule()` call plans one engine step under two budgets: `max_num_batched_tokens` new
+tokens and `max_num_seqs` running requests. Order of service (as in vLLM v1):
+
+1. Running requests, oldest first: each gets the tokens it still has to compute (one, in
+   decode), cut to the remaining token budget (a long prefill continues in chunks).
+   When the KV cache has no room, the *newest* running request is preempted: its blocks are
+   freed, its progress reset, and it goes back to the front of the waiting queue to be
+   recomputed later (its cached blocks may still be hit then).
+2. Waiting requests, first come first served, while budgets allow and no request was
+   preempted in this step: their cached prefix is looked up and only the rest is scheduled.
+
+The scheduler speaks only in token counts and takes its clock as a parameter, so the same
+code runs on wall time in a replica and on a virtual clock in the simulator.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from replica.kv_cache_manager import KVCacheManager
+from replica.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be at least 1")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+
+
+class ScheduledRequest(NamedTuple):
+    request: Request
+    num_new_tokens: int  # tokens computed in this step, starting at request.num_computed_tokens
+    sample: bool  # this chunk reaches the request's last known token: sample the next one
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    preempted: list[Request]
+    num_prefill_tokens: int  # tokens of chunks that do not sample (or of first-token chunks)
+    num_decode_tokens: int  # single-token steps of requests already past their prompt
+
+    @property
+    def total_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.kv = kv
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions_total = 0
+        self.prefix_queries_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hit_tokens = 0  # of which found cached
+
+    # ---------------------------------------------------------------- queue management
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.num_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {request.num_tokens} tokens; the model's context is {self.config.max_model_len}"
+            )
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Remove a request (aborted, or stopped by a stop string) and free its blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
+        self.kv.free(request_id)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens not yet computed, over waiting and running requests."""
+        total = 0
+        for req in self.waiting:
+            total += req.num_tokens - req.num_computed_tokens
+        for req in self.running:
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                total += req.num_prompt_tokens - req.num_computed_tokens
+        return total
+
+    def running_decode_tokens(self) -> int:
+        """KV tokens held by running requests (the context every decode step attends to)."""
+        return sum(req.num_computed_tokens for req in self.running)
+
+    # ---------------------------------------------------------------- planning
+    def _preempt_newest(self) -> Request:
+        victim = self.running.pop()
+        self.kv.free(victim.request_id)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(victim)
+        return victim
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        prefill = decode = 0
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            allocated = False
+            while True:
+                if self.kv.allocate_slots(req.request_id, req.token_ids, req.num_computed_tokens, num_new):
+                    allocated = True
+                    break
+                victim = self._preempt_newest()
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if not allocated:
+                break
+            sample = req.num_computed_tokens + num_new == req.num_tokens
+            scheduled.append(ScheduledRequest(req, num_new, sample))
+            if num_new == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
+                decode += 1
+            else:
+                prefill += num_new
+            budget -= num_new
+            i += 1
+
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[0]
+                computed = self.kv.get_computed_blocks(req.request_id, req.token_ids)
+                num_new = min(req.num_tokens - computed.num_tokens, budget)
+                if not self.kv.allocate_slots(
+                    req.request_id, req.token_ids, computed.num_tokens, num_new, computed
+                ):
+                    break
+                self.waiting.popleft()
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = computed.num_tokens
+                    self.prefix_queries_tokens += req.num_prompt_tokens
+                    self.prefix_hit_tokens += computed.num_tokens
+                req.num_computed_tokens = computed.num_tokens
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                sample = req.num_computed_tokens + num_new == req.num_tokens
+                scheduled.append(ScheduledRequest(req, num_new, sample))
+                prefill += num_new
+                budget -= num_new
+
+        return SchedulerOutput(scheduled, preempted, prefill, decode)
+
+    # ---------------------------------------------------------------- post-processing
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance progress, append sampled tokens, finish requests that hit EOS or a limit.
+
+        Returns the requests that received a new token (finished ones included, with their
+        final status set and their blocks freed).
+        """
+        now = self.clock()
+        touched: list[Request] = []
+        any_finished = False
+        for req, num_new, sample in output.scheduled:
+            req.num_computed_tokens += num_new
+            if not sample:
+                continue
+            token = sampled[req.request_id]
+            req.token_ids.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            status = self._check_stop(req, token)
+            if status is not None:
+                # Released here; dropped from `running` in one pass below (no O(n) remove).
+                del self.requests[req.request_id]
+                req.status = status
+                self.kv.free(req.request_id)
+                any_finished = True
+            touched.append(req)
+        if any_finished:
+            self.running = [r for r in self.running if not r.status.finished]
+        return touched
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.params
+        n_out = req.num_output_tokens
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token == req.eos_token_id:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if n_out >= params.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,340 @@
+"""The replica's OpenAI-compatible HTTP server (vLLM-shaped, design §5).
+
+Routes: POST /v1/completions, POST /v1/chat/completions (SSE streaming or not), GET /v1/models,
+GET /health, POST /tokenize, POST /detokenize, GET /load, GET /kv_event_sources, GET /metrics,
+GET /version. SIGTERM drains: new requests get 503, in-flight ones finish (up to a timeout),
+then the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from protocol.openai_api import APIError, GenerationRequest, error_body, parse_chat, parse_completion
+from protocol.tokenizer import apply_chat_template
+from replica.engine import RequestOutput
+from replica.request import SamplingParams
+from replica.service import EngineService
+
+SERVICE = web.AppKey("service", EngineService)
+SETTINGS = web.AppKey("settings", "ServerConfig")
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 16 * 1024 * 1024
+    drain_timeout_s: float = 30.0
+    model_name: str = "tiny"
+    max_model_len: int = 4096
+    vocab_size: int = 512
+    kv_event_sources: tuple[tuple[str, Any], ...] = ()  # what GET /kv_event_sources reports
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be at least 1024")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be non-negative")
+
+
+def _error(err: APIError) -> web.Response:
+    return web.json_response(err.body(), status=err.status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except APIError as e:
+        return _error(e)
+    except web.HTTPRequestEntityTooLarge as e:
+        return web.json_response(error_body(413, f"request body too large: {e.text}; send a smaller body"), status=413)
+    except web.HTTPException as e:
+        if e.status >= 400 and e.content_type != "application/json":
+            return web.json_response(error_body(e.status, e.reason or "error"), status=e.status)
+        raise
+
+
+async def _read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid UTF-8") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+class _Handlers:
+    def __init__(self, service: EngineService, cfg: ServerConfig) -> None:
+        self.service = service
+        self.cfg = cfg
+        self.tokenizer = service.engine.tokenizer
+
+    # ------------------------------------------------------------- helpers
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.cfg.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.cfg.model_name}`.", "model")
+
+    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+        if req.kind == "chat":
+            try:
+                text = apply_chat_template(list(req.messages))
+            except ValueError as e:
+                raise APIError(400, str(e), "messages") from None
+            return self.tokenizer.encode(text)
+        if req.prompt_token_ids is not None:
+            bad = [t for t in req.prompt_token_ids if t >= self.cfg.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is out of the vocabulary (size {self.cfg.vocab_size})", "prompt")
+            return list(req.prompt_token_ids)
+        return self.tokenizer.encode(req.prompt)
+
+    def _params(self, req: GenerationRequest, num_prompt: int) -> SamplingParams:
+        limit = self.cfg.max_model_len
+        if num_prompt >= limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, your prompt has {num_prompt} "
+                f"tokens; shorten the prompt.",
+                "prompt" if req.kind == "completion" else "messages",
+            )
+        max_tokens = req.max_tokens if req.max_tokens is not None else limit - num_prompt
+        if num_prompt + max_tokens > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for the completion); "
+                f"reduce the prompt or max_tokens.",
+                "max_tokens",
+            )
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                seed=req.seed,
+                stop=req.stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                min_tokens=req.min_tokens,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    # ------------------------------------------------------------- generation
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_completion(await _read_json(request)))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_chat(await _read_json(request)))
+
+    async def _generate(self, request: web.Request, req: GenerationRequest) -> web.StreamResponse:
+        self._check_model(req.model)
+        if self.service.draining:
+            raise APIError(503, "this replica is draining (shutting down); send the request to another replica")
+        if not self.service.healthy:
+            raise APIError(503, "the engine is not running; check the replica's log")
+        prompt_ids = self._prompt_ids(req)
+        params = self._params(req, len(prompt_ids))
+        prefix = "chatcmpl" if req.kind == "chat" else "cmpl"
+        base = request.headers.get("X-Request-Id") or f"{prefix}-{uuid.uuid4().hex}"
+        rid = self.service.unique_id(base)
+        headers = {"X-Request-Id": base}
+        outputs = self.service.generate(rid, prompt_ids, params)
+        if req.stream:
+            return await self._stream(request, req, rid, outputs, headers)
+        return await self._complete(req, rid, outputs, headers)
+
+    def _usage(self, last: RequestOutput | None, num_prompt: int) -> dict[str, Any]:
+        completion = last.num_output_tokens if last else 0
+        cached = last.num_cached_tokens if last else 0
+        return {
+            "prompt_tokens": num_prompt,
+            "completion_tokens": completion,
+            "total_tokens": num_prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    async def _complete(self, req, rid, outputs: AsyncIterator[RequestOutput], headers) -> web.Response:
+        text: list[str] = []
+        last = None
+        async for out in outputs:
+            text.append(out.text)
+            last = out
+        created = int(time.time())
+        body_text = "".join(text)
+        finish = last.finish_reason if last else "abort"
+        stop_reason = last.stop_reason if last else None
+        if req.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": body_text}, "logprobs": None,
+                      "finish_reason": finish, "stop_reason": stop_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": body_text, "logprobs": None, "finish_reason": finish,
+                      "stop_reason": stop_reason}
+            obj = "text_completion"
+        body = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": [choice],
+                "usage": self._usage(last, last.num_prompt_tokens if last else 0)}
+        return web.json_response(body, headers=headers)
+
+    async def _stream(self, request, req, rid, outputs: AsyncIterator[RequestOutput], headers) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=200, headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        created = int(time.time())
+        chat = req.kind == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        model = self.cfg.model_name
+
+        def chunk(choice: dict | None, usage: dict | None = None) -> bytes:
+            body = {"id": rid, "object": obj, "created": created, "model": model,
+                    "choices": [choice] if choice is not None else []}
+            if usage is not None:
+                body["usage"] = usage
+            return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+        last = None
+        try:
+            if chat:
+                await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                        "finish_reason": None}))
+            async for out in outputs:
+                last = out
+                if not out.text and not out.finished:
+                    continue
+                if chat:
+                    delta = {"content": out.text} if out.text else {}
+                    choice = {"index": 0, "delta": delta, "logprobs": None,
+                              "finish_reason": out.finish_reason if out.finished else None}
+                else:
+                    choice = {"index": 0, "text": out.text, "logprobs": None,
+                              "finish_reason": out.finish_reason if out.finished else None}
+                if out.finished:
+                    choice["stop_reason"] = out.stop_reason
+                await resp.write(chunk(choice))
+            if req.include_usage:
+                await resp.write(chunk(None, self._usage(last, last.num_prompt_tokens if last else 0)))
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            await outputs.aclose()  # aborts the request in the engine
+            raise
+        except RuntimeError as e:  # the engine failed mid-stream: say so in-band, then end
+            err = error_body(500, f"the engine failed while generating: {e}")
+            await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+        await resp.write_eof()
+        return resp
+
+    # ------------------------------------------------------------- other routes
+    async def models(self, request: web.Request) -> web.Response:
+        m = self.cfg.model_name
+        return web.json_response({"object": "list", "data": [
+            {"id": m, "object": "model", "created": int(time.time()), "owned_by": "kvfleet", "root": m,
+             "parent": None, "max_model_len": self.cfg.max_model_len}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.service.draining:
+            return web.json_response(error_body(503, "draining"), status=503)
+        if not self.service.healthy:
+            return web.json_response(error_body(503, "engine not running"), status=503)
+        return web.Response(status=200)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        self._check_model(body.get("model"))
+        if "messages" in body:
+            req = parse_chat({**body, "max_tokens": None, "stream": False})
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise APIError(400, "'prompt' must be a string (or send 'messages')", "prompt")
+            req = GenerationRequest(kind="completion", model=None, prompt=prompt)
+        tokens = self._prompt_ids(req) if (req.prompt or req.messages) else []
+        return web.json_response({"count": len(tokens), "max_model_len": self.cfg.max_model_len, "tokens": tokens})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < self.cfg.vocab_size for t in tokens):
+            raise APIError(400, "'tokens' must be a list of token ids within the vocabulary", "tokens")
+        return web.json_response({"prompt": self.tokenizer.decode(tokens)})
+
+    async def load(self, request: web.Request) -> web.Response:
+        return web.json_response(self.service.load())
+
+    async def kv_event_sources(self, request: web.Request) -> web.Response:
+        return web.json_response(dict(self.cfg.kv_event_sources))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.service.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": VERSION})
+
+
+def create_app(service: EngineService, cfg: ServerConfig) -> web.Application:
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors])
+    app[SERVICE] = service
+    h = _Handlers(service, cfg)
+    app.router.add_post("/v1/completions", h.completions)
+    app.router.add_post("/v1/chat/completions", h.chat)
+    app.router.add_get("/v1/models", h.models)
+    app.router.add_get("/health", h.health)
+    app.router.add_post("/tokenize", h.tokenize)
+    app.router.add_post("/detokenize", h.detokenize)
+    app.router.add_get("/load", h.load)
+    app.router.add_get("/kv_event_sources", h.kv_event_sources)
+    app.router.add_get("/metrics", h.metrics)
+    app.router.add_get("/version", h.version)
+
+    async def lifecycle(app: web.Application):
+        await service.start()
+        yield
+        await service.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def serve(app: web.Application, cfg: ServerConfig, ready=None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: refuse new work, let in-flight requests finish."""
+    service = app[SERVICE]
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.drain_timeout_s)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(runner)
+    try:
+        await stop.wait()
+        service.draining = True
+        deadline = loop.time() + cfg.drain_timeout_s
+        while service.num_inflight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()

@@ -1,0 +1,173 @@
+"""The replica as a real subprocess on loopback, driven by the official `openai` client and by
+raw HTTP for malformed input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from kvfleet import procs
+
+pytestmark = pytest.mark.slow
+
+REPLICA_ARGS = ["replica", "--port", "0", "--model", "tiny", "--num-blocks", "512", "--threads", "1",
+                "--max-model-len", "2048"]
+
+
+@pytest.fixture(scope="module")
+def replica():
+    proc = procs.start(REPLICA_ARGS)
+    yield proc
+    assert proc.stop() == 0
+
+
+def post(url: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def healthy(url: str) -> bool:
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
+        return r.status == 200
+
+
+def client(replica) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{replica.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_client_completions_and_chat(replica):
+    c = client(replica)
+    r = c.completions.create(model="tiny", prompt="Hello, world", max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == len("Hello, world".encode()) + 1  # + BOS
+    assert r.usage.completion_tokens >= 1
+    again = c.completions.create(model="tiny", prompt="Hello, world", max_tokens=8, temperature=0)
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+
+    chunks = list(c.completions.create(model="tiny", prompt="Hello, world", max_tokens=8, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi"}]
+    chat = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    stream = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert text == chat.choices[0].message.content
+    assert stream[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+
+def test_prompt_as_token_ids_and_cached_tokens(replica):
+    c = client(replica)
+    prompt = list(range(1, 200))
+    first = c.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    second = c.completions.create(model="tiny", prompt=prompt + [7, 8, 9], max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens == 199
+    assert second.usage.prompt_tokens_details.cached_tokens >= 192
+
+
+def test_twenty_concurrent_streams(replica):
+    async def one(c, i):
+        text = ""
+        finish = None
+        stream = await c.completions.create(model="tiny", prompt=f"request {i}: ", max_tokens=16, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+        async for ch in stream:
+            text += ch.choices[0].text
+            finish = ch.choices[0].finish_reason or finish
+        return finish
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=f"{replica.url}/v1", api_key="unused", max_retries=0)
+        return await asyncio.gather(*(one(c, i) for i in range(20)))
+
+    assert asyncio.run(main()) == ["length"] * 20
+    assert healthy(replica.url)
+
+
+@pytest.mark.parametrize(
+    "path, body, status",
+    [
+        ("/v1/completions", b"{not json", 400),
+        ("/v1/completions", b"\xff\xfe\x00", 400),
+        ("/v1/completions", b"[1, 2]", 400),
+        ("/v1/completions", json.dumps({"model": "tiny", "prompt": 42}).encode(), 400),
+        ("/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "ten"}).encode(), 400),
+        ("/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": -1}).encode(), 400),
+        ("/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "temperature": 9}).encode(), 400),
+        ("/v1/completions", json.dumps({"model": "tiny", "prompt": "x" * 3000}).encode(), 400),
+        ("/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 5000}).encode(), 400),
+        ("/v1/completions", json.dumps({"model": "tiny", "prompt": [1, 2, 99999]}).encode(), 400),
+        ("/v1/completions", json.dumps({"model": "nope", "prompt": "x"}).encode(), 404),
+        ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": "hi"}).encode(), 400),
+        ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": [{"role": "bot", "content": "x"}]}).encode(), 400),
+        ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": [{"role": "user", "content": 5}]}).encode(), 400),
+    ],
+)
+def test_bad_input_gets_4xx_error_body(replica, path, body, status):
+    code, err = post(replica.url + path, body)
+    assert code == status
+    assert set(err["error"]) >= {"message", "type", "param", "code"} and err["error"]["message"]
+    assert healthy(replica.url)
+
+
+def test_openai_client_sees_errors(replica):
+    c = client(replica)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="other", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="tiny", prompt="x", max_tokens=-3)
+
+
+def test_auxiliary_routes(replica):
+    code, tok = post(f"{replica.url}/tokenize", json.dumps({"model": "tiny", "prompt": "abc"}).encode())
+    assert code == 200 and tok["count"] == 4 and tok["max_model_len"] == 2048
+    with urllib.request.urlopen(f"{replica.url}/v1/models") as r:
+        assert json.loads(r.read())["data"][0]["id"] == "tiny"
+    with urllib.request.urlopen(f"{replica.url}/load") as r:
+        load = json.loads(r.read())
+        assert load["total_blocks"] == 512 and load["block_size"] == 16
+    with urllib.request.urlopen(f"{replica.url}/metrics") as r:
+        text = r.read().decode()
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                 "vllm:time_to_first_token_seconds_bucket"):
+        assert name in text
+
+
+def test_sigterm_during_stream_lets_it_finish():
+    proc = procs.start(REPLICA_ARGS)
+    body = json.dumps({"model": "tiny", "prompt": "drain me", "max_tokens": 200, "temperature": 0,
+                       "ignore_eos": True, "stream": True}).encode()
+    req = urllib.request.Request(f"{proc.url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    lines = []
+    first = threading.Event()
+
+    def reader():
+        with urllib.request.urlopen(req, timeout=120) as r:
+            for raw in r:
+                if raw.strip():
+                    lines.append(raw.decode().strip())
+                    first.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert first.wait(60)
+    proc.popen.send_signal(signal.SIGTERM)
+    t.join(120)
+    assert proc.popen.wait(60) == 0
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][6:])
+    assert last["choices"][0]["finish_reason"] == "length"
