@@ -78,7 +78,8 @@ class AttentionMetadata:
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
         """Metadata from python lists: each sequence's block ids, KV length after the step,
-        and number of new tokens. Slots of the new tokens are derived from the block tables."""
+        and number of new tokens. Slots of the new tokens are derived from the block tables.
+        A python loop over tokens: for tests and simple callers, not a runner's hot path."""
         if not (len(block_tables) == len(seq_lens) == len(query_lens)):
             raise ValueError("block_tables, seq_lens and query_lens must have one entry per sequence")
         slots: list[int] = []
@@ -125,8 +126,10 @@ def _gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> tor
 
     cache: [N, bs, Hkv, D]; block_ids: [..., nblk] -> [..., length, Hkv, D]
     """
-    gathered = cache[block_ids.long()]  # [..., nblk, bs, Hkv, D]
-    flat = gathered.flatten(-4, -3)  # [..., nblk * bs, Hkv, D]
+    n, bs, hkv, d = cache.shape
+    # index_select on whole flattened blocks: several times faster on CPU than advanced indexing.
+    rows = cache.view(n, bs * hkv * d).index_select(0, block_ids.reshape(-1))  # [... * nblk, bs*Hkv*D]
+    flat = rows.view(*block_ids.shape[:-1], block_ids.shape[-1] * bs, hkv, d)  # [..., nblk * bs, Hkv, D]
     return flat[..., :length, :, :]
 
 

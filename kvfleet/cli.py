@@ -13,8 +13,13 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "replica": ("kvfleet.cmd_replica", "serve a model with the paged-attention engine (OpenAI-compatible HTTP)"),
+    "balancer": ("kvfleet.cmd_balancer", "run the KV-cache-aware balancer in front of replicas (OpenAI-compatible HTTP)"),
     "demo": ("kvfleet.cmd_demo", "start a tiny replica, stream a completion from it, and stop it"),
 }
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples in a command's description as written, and shows defaults."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=mod.__doc__,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_Formatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

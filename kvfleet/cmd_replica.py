@@ -36,6 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    p.add_argument("--kv-events-endpoint", default=None,
+                   help="publish KV-cache events (vLLM format) on this ZMQ PUB address, e.g. tcp://*:5557 "
+                        "(port 0 picks a free one; the ready line prints the bound address)")
+    p.add_argument("--kv-events-replay-endpoint", default=None,
+                   help="serve replay and snapshots on this ZMQ ROUTER address, e.g. tcp://*:5558")
+    p.add_argument("--kv-events-topic", default="", help="topic of KV-event messages (vLLM default: empty)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="largest request body accepted (413 above)")
 
 
@@ -73,5 +79,16 @@ def run(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
+    publisher_cfg = None
+    if args.kv_events_endpoint:
+        from replica.publisher import PublisherConfig
+
+        try:
+            publisher_cfg = PublisherConfig(endpoint=args.kv_events_endpoint,
+                                            replay_endpoint=args.kv_events_replay_endpoint,
+                                            topic=args.kv_events_topic.encode(), bind=True)
+        except ValueError as e:
+            print(f"kvfleet replica: {e}", file=sys.stderr)
+            return 2
     return asyncio.run(run_replica(cfg, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
-                                   max_body_bytes=args.max_body_bytes))
+                                   max_body_bytes=args.max_body_bytes, publisher_cfg=publisher_cfg))

@@ -12,12 +12,23 @@ import time
 from dataclasses import dataclass
 
 _READY = re.compile(r"listening on (http://\S+)")
+_EVENTS = re.compile(r"kv-events=(\S+)")
+_REPLAY = re.compile(r"kv-replay=(\S+)")
 
 
 @dataclass
 class Proc:
     popen: subprocess.Popen
     url: str
+    events: str | None = None  # bound KV-event PUB endpoint, when the process publishes
+    replay: str | None = None
+
+    @property
+    def replica_arg(self) -> str:
+        """`URL[=EVENTS[,REPLAY]]` as `kvfleet balancer --replica` takes it."""
+        if not self.events:
+            return self.url
+        return f"{self.url}={self.events}" + (f",{self.replay}" if self.replay else "")
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, wait, SIGKILL if it will not go. Returns the exit code."""
@@ -32,7 +43,9 @@ class Proc:
 
 def start(args: list[str], timeout: float = 120.0, env: dict[str, str] | None = None) -> Proc:
     """Run `python -m kvfleet.cli ARGS` and return once it prints its listening URL."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin-wait starve each other when several
+    # replicas share a few cores (measured: up to 60x slower steps on 2 cores).
+    full_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen(
         [sys.executable, "-m", "kvfleet.cli", *args],
         stdout=subprocess.PIPE,
@@ -49,6 +62,7 @@ def start(args: list[str], timeout: float = 120.0, env: dict[str, str] | None = 
             raise RuntimeError(f"`kvfleet {' '.join(args)}` exited with code {code} before it was ready; see its log above")
         m = _READY.search(line)
         if m:
-            return Proc(popen, m.group(1))
+            ev, rp = _EVENTS.search(line), _REPLAY.search(line)
+            return Proc(popen, m.group(1), ev.group(1) if ev else None, rp.group(1) if rp else None)
     popen.kill()
     raise RuntimeError(f"`kvfleet {' '.join(args)}` was not ready within {timeout:.0f} s")

@@ -54,6 +54,7 @@ class GenerationRequest:
     include_usage: bool = False
     cache_salt: str | None = None
     user: str | None = None
+    return_token_ids: bool = False  # vLLM's extension: token ids in every choice
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,6 +167,7 @@ def _common(body: Any, kind: str) -> dict[str, Any]:
         include_usage=include_usage,
         cache_salt=salt,
         user=user,
+        return_token_ids=_get_bool(body, "return_token_ids", False),
     )
 
 

@@ -178,6 +178,8 @@ class IncrementalDetokenizer:
     `flush()`. Each step decodes only the tokens since the last released delta plus a little
     context (vLLM's prefix_offset / read_offset scheme), so the cost per token is O(1).
 
+    `prompt_ids` only gives context (the last few prompt tokens); it never adds to the output,
+    so a character left open at the end of the prompt is not completed by the output's bytes.
     The concatenation of all deltas and the final flush equals `tokenizer.decode(output ids)`
     for the tokenizers here (byte-level BPE and the byte tokenizer); a U+FFFD that is in the
     text itself is released at the next token or at flush.
@@ -186,6 +188,10 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
         self._tok = tokenizer
         context = list(prompt_ids[-_CONTEXT_TOKENS:]) if prompt_ids else []
+        # Context that ends inside a character would merge with the output's first bytes and
+        # break "deltas add up to decode(output ids)": such a prompt gets no context.
+        if context and tokenizer.decode(context).endswith("\ufffd"):
+            context = []
         self._ids: list[int] = context
         self._num_context = len(context)
         self._prefix_offset = 0  # start of the window decoded for context

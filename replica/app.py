@@ -7,13 +7,15 @@ import sys
 from replica.config import EngineConfig
 from replica.engine import build_engine
 from replica.metrics import ReplicaMetrics
+from replica.publisher import KVEventPublisher, PublisherConfig
 from replica.server import ServerConfig, create_app, serve
 from replica.service import EngineService
 
 
 async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: float = 30.0,
-                      max_body_bytes: int = 16 * 1024 * 1024) -> int:
+                      max_body_bytes: int = 16 * 1024 * 1024, publisher_cfg: PublisherConfig | None = None) -> int:
     engine = build_engine(cfg)
+    publisher = KVEventPublisher(publisher_cfg) if publisher_cfg is not None else None
     sched = engine.scheduler
     server_cfg = ServerConfig(
         host=host,
@@ -24,13 +26,18 @@ async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: 
         max_model_len=sched.config.max_model_len,
         vocab_size=engine.executor.model.config.vocab_size,
     )
-    service = EngineService(engine, ReplicaMetrics(cfg.model_name), replica_id=f"{host}:{port}")
+    service = EngineService(engine, ReplicaMetrics(cfg.model_name), publisher=publisher, replica_id=f"{host}:{port}")
     app = create_app(service, server_cfg)
 
     def ready(runner) -> None:
         addrs = [f"http://{a[0]}:{a[1]}" for a in runner.addresses]
+        service.replica_id = addrs[0] if addrs else service.replica_id
+        events = ""
+        if publisher is not None:
+            ep = publisher.endpoints
+            events = f" kv-events={ep.endpoint}" + (f" kv-replay={ep.replay_endpoint}" if ep.replay_endpoint else "")
         print(f"kvfleet replica ready: model={cfg.model_name} blocks={engine.kv.num_blocks} "
-              f"block_size={cfg.block_size} listening on {' '.join(addrs)}", flush=True)
+              f"block_size={cfg.block_size}{events} listening on {' '.join(addrs)}", flush=True)
 
     await serve(app, server_cfg, ready)
     print("kvfleet replica stopped", file=sys.stderr, flush=True)

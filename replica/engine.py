@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from protocol.hashing import root_hash
+from protocol.load import StepSample
 from protocol.tokenizer import IncrementalDetokenizer
 from replica.kv_cache_manager import KVCacheManager
 from replica.request import Request, RequestStatus, SamplingParams
@@ -39,18 +40,6 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class StepRecord:
-    """One executed step, for load reports and step-time fitting."""
-
-    start: float
-    duration: float
-    prefill_tokens: int
-    decode_tokens: int
-    num_seqs: int
-    context_tokens: int  # KV tokens attended to by the batch
 
 
 class _TextState:
@@ -109,7 +98,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.clock = clock
         self._text: dict[str, _TextState] = {}
-        self.steps: deque[StepRecord] = deque(maxlen=step_history)
+        self.steps: deque[StepSample] = deque(maxlen=step_history)
         self.num_steps = 0
 
     # ---------------------------------------------------------------- requests
@@ -138,7 +127,7 @@ class LLMEngine:
         touched = sched.update_from_output(out, sampled)
         end = self.clock()
         self.steps.append(
-            StepRecord(start, end - start, out.num_prefill_tokens, out.num_decode_tokens, len(out.scheduled), context)
+            StepSample(start, end - start, out.num_prefill_tokens, out.num_decode_tokens, len(out.scheduled), context)
         )
         self.num_steps += 1
         return [self._output(req) for req in touched]

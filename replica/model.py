@@ -169,6 +169,9 @@ def _dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
 
 
 class LlamaForCausalLM(nn.Module):
+    """Build it with `replica.weights.build_model`, which materialises the weights (seeded
+    random or loaded) in the config's dtype and keeps the RoPE frequencies in float32."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

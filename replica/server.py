@@ -9,6 +9,7 @@ then the process exits.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import time
@@ -40,7 +41,6 @@ class ServerConfig:
     model_name: str = "tiny"
     max_model_len: int = 4096
     vocab_size: int = 512
-    kv_event_sources: tuple[tuple[str, Any], ...] = ()  # what GET /kv_event_sources reports
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -173,9 +173,11 @@ class _Handlers:
 
     async def _complete(self, req, rid, outputs: AsyncIterator[RequestOutput], headers) -> web.Response:
         text: list[str] = []
+        token_ids: list[int] = []
         last = None
         async for out in outputs:
             text.append(out.text)
+            token_ids.extend(out.new_token_ids)
             last = out
         created = int(time.time())
         body_text = "".join(text)
@@ -189,6 +191,8 @@ class _Handlers:
             choice = {"index": 0, "text": body_text, "logprobs": None, "finish_reason": finish,
                       "stop_reason": stop_reason}
             obj = "text_completion"
+        if req.return_token_ids:
+            choice["token_ids"] = token_ids
         body = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": [choice],
                 "usage": self._usage(last, last.num_prompt_tokens if last else 0)}
         return web.json_response(body, headers=headers)
@@ -217,7 +221,7 @@ class _Handlers:
                                         "finish_reason": None}))
             async for out in outputs:
                 last = out
-                if not out.text and not out.finished:
+                if not out.text and not out.finished and not req.return_token_ids:
                     continue
                 if chat:
                     delta = {"content": out.text} if out.text else {}
@@ -228,6 +232,8 @@ class _Handlers:
                               "finish_reason": out.finish_reason if out.finished else None}
                 if out.finished:
                     choice["stop_reason"] = out.stop_reason
+                if req.return_token_ids:
+                    choice["token_ids"] = list(out.new_token_ids)
                 await resp.write(chunk(choice))
             if req.include_usage:
                 await resp.write(chunk(None, self._usage(last, last.num_prompt_tokens if last else 0)))
@@ -278,10 +284,13 @@ class _Handlers:
         return web.json_response({"prompt": self.tokenizer.decode(tokens)})
 
     async def load(self, request: web.Request) -> web.Response:
-        return web.json_response(self.service.load())
+        body = dataclasses.asdict(self.service.load())
+        body["draining"] = self.service.draining
+        return web.json_response(body)
 
     async def kv_event_sources(self, request: web.Request) -> web.Response:
-        return web.json_response(dict(self.cfg.kv_event_sources))
+        pub = self.service.publisher
+        return web.json_response(pub.sources_info() if pub is not None else {"sources": []})
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.service.metrics.registry)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from protocol.load import LoadReport
 from replica.engine import LLMEngine, RequestOutput
 from replica.metrics import ReplicaMetrics
 from replica.request import SamplingParams
@@ -216,27 +217,24 @@ class EngineService:
             m.iteration_tokens.observe(last.prefill_tokens + last.decode_tokens)
 
     # ---------------------------------------------------------------- load
-    def load(self) -> dict[str, Any]:
+    def load(self) -> LoadReport:
+        """The replica's load now (requests still in the inbox count as waiting)."""
         sched = self.engine.scheduler
         kv = self.engine.kv
-        return {
-            "replica_id": self.replica_id,
-            "ts": time.time(),
-            "num_running": sched.num_running,
-            "num_waiting": sched.num_waiting + sum(1 for op, _ in self._inbox if op == "add"),
-            "queued_prefill_tokens": sched.queued_prefill_tokens(),
-            "running_decode_tokens": sched.running_decode_tokens(),
-            "free_blocks": kv.num_free_blocks,
-            "total_blocks": kv.num_blocks,
-            "block_size": kv.block_size,
-            "kv_usage": kv.usage,
-            "num_preemptions_total": sched.num_preemptions_total,
-            "draining": self.draining,
-            "steps": [
-                [s.duration, s.prefill_tokens, s.decode_tokens, s.num_seqs, s.context_tokens]
-                for s in list(self.engine.steps)[-16:]
-            ],
-        }
+        return LoadReport(
+            replica_id=self.replica_id,
+            ts=time.time(),
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting + sum(1 for op, _ in self._inbox if op == "add"),
+            queued_prefill_tokens=sched.queued_prefill_tokens(),
+            running_decode_tokens=sched.running_decode_tokens(),
+            free_blocks=kv.num_free_blocks,
+            total_blocks=kv.num_blocks,
+            block_size=kv.block_size,
+            kv_usage=min(1.0, max(0.0, kv.usage)),
+            num_preemptions_total=sched.num_preemptions_total,
+            steps=tuple(list(self.engine.steps)[-16:]),
+        )
 
     def _maybe_report_load(self, force: bool) -> None:
         if self.publisher is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -119,21 +120,19 @@ def init_weights(model: LlamaForCausalLM, seed: int) -> None:
         targets[name].copy_(tensor)
 
 
-@torch.no_grad()
-def load_hf_state_dict(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Copy HF-named tensors into `model`. Every expected tensor must be present with its exact
-    shape; anything else is an error (a tied model ignores a stored `lm_head.weight`)."""
+def _check_names(model: LlamaForCausalLM, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise ValueError naming every missing, unexpected and misshaped tensor."""
     targets = _targets(model)
     ignorable = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     # Rotary caches some exporters write are derived, never loaded.
     unexpected = sorted(
-        k for k in tensors if k not in targets and k not in ignorable and not k.endswith("rotary_emb.inv_freq")
+        k for k in shapes if k not in targets and k not in ignorable and not k.endswith("rotary_emb.inv_freq")
     )
-    missing = sorted(k for k in targets if k not in tensors)
+    missing = sorted(k for k in targets if k not in shapes)
     misshaped = sorted(
-        f"{k}: expected {tuple(t.shape)}, got {tuple(tensors[k].shape)}"
+        f"{k}: expected {tuple(t.shape)}, got {shapes[k]}"
         for k, t in targets.items()
-        if k in tensors and tuple(tensors[k].shape) != tuple(t.shape)
+        if k in shapes and shapes[k] != tuple(t.shape)
     )
     problems = []
     if missing:
@@ -144,23 +143,40 @@ def load_hf_state_dict(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor]
         problems.append(f"misshaped tensors: {'; '.join(misshaped)}")
     if problems:
         raise ValueError(f"{source} does not match the model config: " + " | ".join(problems))
-    for name, target in targets.items():
+
+
+@torch.no_grad()
+def load_hf_state_dict(model: LlamaForCausalLM, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Copy HF-named tensors into `model`. Every expected tensor must be present with its exact
+    shape; anything else is an error (a tied model ignores a stored `lm_head.weight`)."""
+    _check_names(model, {k: tuple(v.shape) for k, v in tensors.items()}, source)
+    for name, target in _targets(model).items():
         target.copy_(tensors[name])
 
 
+@torch.no_grad()
 def load_safetensors(model: LlamaForCausalLM, path: str | Path) -> None:
     """Load HF-named weights from one .safetensors file, or from every *.safetensors file in a
-    directory (sharded checkpoints)."""
-    from safetensors.torch import load_file
+    directory (sharded checkpoints). All names and shapes are checked before anything is
+    copied; tensors are then read one at a time, so host memory holds one tensor, not the
+    whole checkpoint."""
+    from safetensors import safe_open
 
     p = Path(path)
     files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {p}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f), device="cpu"))
-    load_hf_state_dict(model, tensors, source=str(p))
+    with ExitStack() as stack:
+        owner = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            handle = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            for name in handle.keys():
+                owner[name] = handle
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+        _check_names(model, shapes, str(p))
+        for name, target in _targets(model).items():
+            target.copy_(owner[name].get_tensor(name))
 
 
 def hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:

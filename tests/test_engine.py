@@ -14,7 +14,7 @@ from replica.request import SamplingParams
 
 
 def make_engine(**kw) -> LLMEngine:
-    base = dict(model="tiny", num_blocks=256, max_num_seqs=16, max_num_batched_tokens=64, threads=2)
+    base = dict(model="tiny", num_blocks=256, max_num_seqs=16, max_num_batched_tokens=64, threads=1)
     base.update(kw)
     return build_engine(EngineConfig(**base))
 

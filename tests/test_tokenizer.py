@@ -59,6 +59,22 @@ def test_incremental_detokenizer_holds_back_partial_emoji():
     assert detok.text == "a🦙b" and detok.token_ids == ids
 
 
+def test_incremental_detokenizer_output_ignores_a_character_the_prompt_left_open():
+    """Deltas always add up to decode(output ids), even when the prompt ends mid-character."""
+    tok = ByteTokenizer()
+    llama = list("🦙".encode())
+    output = llama[2:] + [0x21]
+    detok = IncrementalDetokenizer(tok, prompt_ids=tok.encode("hi ") + llama[:2])
+    assert "".join(_feed_one_by_one(detok, output)) == tok.decode(output) == "\ufffd\ufffd!"
+
+
+@given(st.binary(max_size=12), st.binary(max_size=12))
+def test_incremental_detokenizer_adds_up_to_decode_of_any_bytes(prompt, output):
+    tok = ByteTokenizer()
+    detok = IncrementalDetokenizer(tok, prompt_ids=list(prompt))
+    assert "".join(_feed_one_by_one(detok, list(output))) == tok.decode(list(output))
+
+
 def test_incremental_detokenizer_update_and_flush_of_incomplete_tail():
     tok = ByteTokenizer()
     detok = IncrementalDetokenizer(tok)

@@ -31,14 +31,13 @@ def next_in_turn(cursor: str | None, replica_ids: Sequence[str]) -> str:
 
     `cursor` need not be among `replica_ids` (that replica is skipped). Pure.
     """
-    ordered = sorted(replica_ids, key=natural_key)
-    if cursor is None:
-        return ordered[0]
-    after = natural_key(cursor)
-    for rid in ordered:
-        if natural_key(rid) > after:
-            return rid
-    return ordered[0]
+    keyed = sorted((natural_key(rid), rid) for rid in replica_ids)
+    if cursor is not None:
+        after = natural_key(cursor)
+        for key, rid in keyed:
+            if key > after:
+                return rid
+    return keyed[0][1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +56,7 @@ class RoundRobinPolicy(Policy):
     def select(self, request: RoutingRequest, replicas: Sequence[ReplicaView]) -> Decision:
         ids = [r.replica_id for r in replicas]
         chosen = next_in_turn(self._cursor, ids)
-        order = sorted(ids, key=natural_key)
+        order = [rid for _, rid in sorted((natural_key(rid), rid) for rid in ids)]
         start = order.index(chosen)
         # turns_away: 0 for the chosen replica, 1 for the one after it, ...
         scores = {rid: {"turns_away": float((i - start) % len(order))} for i, rid in enumerate(order)}

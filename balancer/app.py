@@ -1,0 +1,194 @@
+"""Assembles the balancer: registry, index, subscribers, policy, router, proxy, watchers, routes.
+
+`Balancer` owns the runtime state; `create_app` wires it into aiohttp with one cleanup context
+that starts every long-lived task (health polls, DNS, KV-event subscribers, stats export) and
+cancels and awaits them on shutdown, with one `ClientSession` for the app's lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+
+from balancer.approx_index import ApproxIndex
+from balancer.config import BalancerConfig, ReplicaSpec
+from balancer.health import DnsWatcher, HealthChecker
+from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
+from balancer.metrics import BalancerMetrics
+from balancer.policies import make_policy
+from balancer.policies.base import ReplicaLoad
+from balancer.prefix_index import PrefixIndex
+from balancer.proxy import Proxy
+from balancer.registry import Registry
+from balancer.router import Router
+from protocol.load import LoadReport
+from protocol.openai_api import APIError, error_body
+from protocol.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+BALANCER = web.AppKey("balancer", "Balancer")
+
+
+class Balancer:
+    def __init__(self, cfg: BalancerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.metrics = BalancerMetrics()
+        self.registry = Registry(cfg.breaker, cfg.health, clock)
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
+        self.model: str | None = cfg.model
+        self.subscribers: dict[str, ReplicaEventSubscriber] = {}
+        self.index: PrefixIndex | None = None
+        self.approx = ApproxIndex(capacity_per_replica=cfg.approx_capacity_blocks, ttl_s=cfg.approx_ttl_s, clock=clock)
+        self.router: Router | None = None
+        self.proxy: Proxy | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopping: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "balancer not started"
+        return self._session
+
+    async def start(self) -> None:
+        r = self.cfg.retry
+        timeout = aiohttp.ClientTimeout(total=None, connect=r.connect_timeout_s, sock_read=r.read_timeout_s)
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30), auto_decompress=False)
+        if self.model is None:
+            self.model = await self._discover_model()
+        self.index = PrefixIndex(self.cfg.block_size, self.model)
+        self.router = Router(self.model, self.cfg.block_size, self.tokenizer, self.index, self.approx, self.policy,
+                             self.registry, has_events=self.subscribers.__contains__, clock=self.clock)
+        self.proxy = Proxy(self.registry, self.router, self.metrics, self.session, self.cfg.retry, self.policy.name,
+                           lambda: self.model)
+        for spec in self.cfg.replicas:
+            self.add_replica(spec)
+        checker = HealthChecker(self.registry, self.session, self.metrics, self.subscribers.__contains__,
+                                self.cfg.load_poll_s)
+        self._tasks.append(asyncio.create_task(checker.run(), name="health"))
+        for dns in self.cfg.dns:
+            watcher = DnsWatcher(dns, self.registry, self.add_replica, self.remove_replica)
+            self._tasks.append(asyncio.create_task(watcher.run(), name=f"dns:{dns.name}"))
+        self._tasks.append(asyncio.create_task(self._export_stats(), name="stats"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        await asyncio.gather(*(s.stop() for s in self.subscribers.values()), *self._stopping,
+                             return_exceptions=True)
+        self.subscribers.clear()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _discover_model(self, attempts: int = 20) -> str:
+        for _ in range(attempts):
+            for spec in self.cfg.replicas:
+                try:
+                    async with self.session().get(spec.url + "/v1/models",
+                                                  timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                        data = await resp.json()
+                        return data["data"][0]["id"]
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError):
+                    continue
+            await asyncio.sleep(0.5)
+        raise RuntimeError("could not learn the model name from any replica's /v1/models; pass --model NAME")
+
+    # ------------------------------------------------------------------ membership
+    def add_replica(self, spec: ReplicaSpec) -> None:
+        self.registry.add(spec)
+        self.metrics.healthy.labels(spec.replica_id).set(1)
+        if spec.events:
+            sub = ReplicaEventSubscriber(
+                SubscriberConfig(replica_id=spec.replica_id, endpoint=spec.events, replay_endpoint=spec.replay,
+                                 topic=spec.topic.encode()),
+                self.index,
+                on_load=lambda report, rid=spec.replica_id: self._on_load(rid, report),
+            )
+            self.subscribers[spec.replica_id] = sub
+            sub.start()
+
+    def remove_replica(self, replica_id: str) -> bool:
+        if self.registry.remove(replica_id) is None:
+            return False
+        sub = self.subscribers.pop(replica_id, None)
+        if sub is not None:
+            task = asyncio.create_task(sub.stop())
+            self._stopping.append(task)
+            task.add_done_callback(self._stopping.remove)
+        self.index.remove_replica(replica_id)
+        self.approx.remove_replica(replica_id)
+        self.policy.on_replica_removed(replica_id)
+        self.metrics.forget_replica(replica_id)
+        return True
+
+    def _on_load(self, replica_id: str, report: LoadReport) -> None:
+        self.registry.on_load(
+            replica_id,
+            ReplicaLoad(num_running=report.num_running, num_waiting=report.num_waiting,
+                        queued_prefill_tokens=report.queued_prefill_tokens,
+                        running_decode_tokens=report.running_decode_tokens, free_blocks=report.free_blocks,
+                        total_blocks=report.total_blocks, kv_usage=report.kv_usage, age_s=0.0),
+        )
+
+    async def _export_stats(self) -> None:
+        exported: dict[tuple[str, str], int] = {}
+        events: dict[str, int] = {}
+        while True:
+            for rid, sub in list(self.subscribers.items()):
+                for reason, n in sub.stats.resyncs.items():
+                    key = (rid, reason)
+                    self.metrics.resyncs.labels(rid, reason).inc(n - exported.get(key, 0))
+                    exported[key] = n
+                self.metrics.kv_events.labels(rid).inc(sub.stats.events - events.get(rid, 0))
+                events[rid] = sub.stats.events
+                self.metrics.indexed_blocks.labels(rid).set(self.index.num_blocks(rid))
+            for r in self.registry:
+                self.metrics.breaker_state.labels(r.replica_id).set(r.breaker.value)
+            await asyncio.sleep(1.0)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except APIError as e:
+        return web.json_response(e.body(), status=e.status)
+    except web.HTTPRequestEntityTooLarge as e:
+        return web.json_response(error_body(413, f"request body too large ({e.text}); send a smaller body"),
+                                 status=413)
+    except web.HTTPException as e:
+        if e.status >= 400 and e.content_type != "application/json":
+            return web.json_response(error_body(e.status, e.reason or "error"), status=e.status)
+        raise
+
+
+def create_app(cfg: BalancerConfig, balancer: Balancer | None = None) -> web.Application:
+    from balancer import admin
+
+    b = balancer or Balancer(cfg)
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors])
+    app[BALANCER] = b
+    app.router.add_post("/v1/completions", lambda r: b.proxy.completions(r))
+    app.router.add_post("/v1/chat/completions", lambda r: b.proxy.chat(r))
+    admin.add_routes(app, b)
+
+    async def lifecycle(app: web.Application):
+        await b.start()
+        yield
+        await b.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,156 @@
+"""Balancer configuration: frozen dataclasses, from flags and/or a TOML or JSON file."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """One replica: its HTTP base URL and, optionally, its KV-event endpoints."""
+
+    url: str
+    events: str | None = None  # ZMQ PUB endpoint, e.g. tcp://10.0.0.5:5557
+    replay: str | None = None  # ZMQ ROUTER replay endpoint, e.g. tcp://10.0.0.5:5558
+    topic: str = ""  # KV-event topic (vLLM's default: empty)
+
+    def __post_init__(self) -> None:
+        u = urlparse(self.url)
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise ValueError(f"replica URL must look like http://host:port, got {self.url!r}")
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+        for name in ("events", "replay"):
+            v = getattr(self, name)
+            if v is not None and not v.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ValueError(f"{name} endpoint must be a ZMQ address like tcp://host:5557, got {v!r}")
+
+    @property
+    def replica_id(self) -> str:
+        return self.url
+
+    @classmethod
+    def parse(cls, text: str) -> "ReplicaSpec":
+        """`URL[=EVENTS[,REPLAY]]`, e.g. `http://h:8000=tcp://h:5557,tcp://h:5558`."""
+        url, _, ev = text.partition("=")
+        events, _, replay = ev.partition(",")
+        return cls(url=url, events=events or None, replay=replay or None)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval_s: float = 0.5  # active /health polling period
+    timeout_s: float = 1.0
+    unhealthy_after: int = 2  # consecutive failed polls
+    healthy_after: int = 1  # consecutive good polls to come back
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or self.timeout_s <= 0:
+            raise ValueError("health interval and timeout must be positive")
+        if self.unhealthy_after < 1 or self.healthy_after < 1:
+            raise ValueError("health thresholds must be at least 1")
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    failures_to_open: int = 3  # consecutive 5xx / timeouts (a refused connection opens at once)
+    open_s: float = 5.0  # then one trial request (half-open) may go
+
+    def __post_init__(self) -> None:
+        if self.failures_to_open < 1 or self.open_s <= 0:
+            raise ValueError("breaker needs failures_to_open >= 1 and open_s > 0")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    max_attempts: int = 3  # replicas tried for one request before the first byte
+    backoff_s: float = 0.02  # doubled per attempt
+    backoff_max_s: float = 0.5
+    failover: bool = True  # continue a stream on another replica when its replica is lost
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 300.0  # longest silence from a replica inside a response
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.backoff_s < 0 or self.backoff_max_s < 0:
+            raise ValueError("backoff must be non-negative")
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """A name (e.g. a Kubernetes headless service) whose addresses are the replicas."""
+
+    name: str  # host:port
+    interval_s: float = 5.0
+    events_port: int | None = None  # ZMQ PUB port on every address
+    replay_port: int | None = None
+
+    def __post_init__(self) -> None:
+        host, _, port = self.name.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"DNS name must be host:port, got {self.name!r}")
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    replicas: tuple[ReplicaSpec, ...] = ()
+    dns: tuple[DnsConfig, ...] = ()
+    policy: str = "precise_prefix"
+    policy_options: tuple[tuple[str, Any], ...] = ()
+    model: str | None = None  # served model name; None = ask the first replica
+    block_size: int = 16
+    tokenizer: str | None = None  # None/"byte" = built-in; else a local tokenizer.json
+    max_body_bytes: int = 16 * 1024 * 1024
+    health: HealthConfig = field(default_factory=HealthConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    approx_ttl_s: float = 300.0  # approximate index entries for replicas that publish no events
+    approx_capacity_blocks: int = 100_000
+    load_poll_s: float = 0.5  # GET /load for replicas without a load-report stream
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.block_size < 1:
+            raise ValueError("block_size must be positive")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be at least 1024")
+        ids = [r.replica_id for r in self.replicas]
+        if len(ids) != len(set(ids)):
+            raise ValueError("a replica URL is listed twice")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "BalancerConfig":
+        """Read a TOML (.toml) or JSON file; keys are this class's field names."""
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read config file {p}: {e}") from None
+        return cls.from_dict(raw, **overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], **overrides: Any) -> "BalancerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        kw: dict[str, Any] = dict(raw)
+        if "replicas" in kw:
+            kw["replicas"] = tuple(ReplicaSpec.parse(r) if isinstance(r, str) else ReplicaSpec(**r) for r in kw["replicas"])
+        if "dns" in kw:
+            kw["dns"] = tuple(DnsConfig(name=d) if isinstance(d, str) else DnsConfig(**d) for d in kw["dns"])
+        for name, sub in (("health", HealthConfig), ("breaker", BreakerConfig), ("retry", RetryConfig)):
+            if name in kw:
+                kw[name] = sub(**kw[name])
+        if "policy_options" in kw and isinstance(kw["policy_options"], dict):
+            kw["policy_options"] = tuple(sorted(kw["policy_options"].items()))
+        cfg = cls(**kw)
+        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None}) if overrides else cfg

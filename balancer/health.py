@@ -1,0 +1,116 @@
+"""Background watchers of the fleet: active health polls, /load polls, DNS re-resolution.
+
+Each is one cancellable asyncio task started and awaited by the app's cleanup context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+
+import aiohttp
+
+from balancer.config import DnsConfig, ReplicaSpec
+from balancer.metrics import BalancerMetrics
+from balancer.policies.base import ReplicaLoad
+from balancer.registry import Registry, ReplicaState
+
+log = logging.getLogger(__name__)
+
+
+def load_from_dict(d: dict) -> ReplicaLoad:
+    """A ReplicaLoad from a replica's `GET /load` body (or a decoded LoadReport's fields)."""
+    return ReplicaLoad(
+        num_running=int(d.get("num_running", 0)),
+        num_waiting=int(d.get("num_waiting", 0)),
+        queued_prefill_tokens=int(d.get("queued_prefill_tokens", 0)),
+        running_decode_tokens=int(d.get("running_decode_tokens", 0)),
+        free_blocks=int(d.get("free_blocks", 0)),
+        total_blocks=int(d.get("total_blocks", 0)),
+        kv_usage=float(d.get("kv_usage", 0.0)),
+        age_s=0.0,
+    )
+
+
+class HealthChecker:
+    def __init__(self, registry: Registry, session: Callable[[], aiohttp.ClientSession], metrics: BalancerMetrics,
+                 has_load_stream: Callable[[str], bool], load_poll_s: float) -> None:
+        self.registry = registry
+        self.session = session
+        self.metrics = metrics
+        self.has_load_stream = has_load_stream
+        self.load_poll_s = load_poll_s
+        self.cfg = registry.health_cfg
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_load = 0.0
+        while True:
+            replicas = list(self.registry)
+            poll_load = loop.time() >= next_load
+            if poll_load:
+                next_load = loop.time() + self.load_poll_s
+            await asyncio.gather(*(self._poll(r, poll_load) for r in replicas))
+            await asyncio.sleep(self.cfg.interval_s)
+
+    async def _poll(self, r: ReplicaState, poll_load: bool) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s)
+        ok = False
+        try:
+            async with self.session().get(r.url + "/health", timeout=timeout) as resp:
+                ok = resp.status == 200
+            if ok and poll_load and not self.has_load_stream(r.replica_id):
+                async with self.session().get(r.url + "/load", timeout=timeout) as resp:
+                    if resp.status == 200:
+                        self.registry.on_load(r.replica_id, load_from_dict(await resp.json()))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            pass
+        if self.registry.get(r.replica_id) is None:
+            return  # removed meanwhile
+        self.registry.record_poll(r, ok)
+        self.metrics.healthy.labels(r.replica_id).set(1 if r.healthy else 0)
+        self.metrics.breaker_state.labels(r.replica_id).set(r.breaker.value)
+
+
+class DnsWatcher:
+    """Keeps the registry equal to the addresses a name resolves to (a headless service)."""
+
+    def __init__(self, dns: DnsConfig, registry: Registry, add: Callable[[ReplicaSpec], None],
+                 remove: Callable[[str], None]) -> None:
+        self.dns = dns
+        self.registry = registry
+        self.add = add
+        self.remove = remove
+        self._mine: set[str] = set()
+
+    async def run(self) -> None:
+        host, _, port = self.dns.name.rpartition(":")
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+                addrs = sorted({info[4][0] for info in infos})
+            except OSError as e:
+                log.warning("cannot resolve %s: %s (keeping the current replicas)", self.dns.name, e)
+                addrs = None
+            if addrs is not None:
+                self._reconcile(addrs, int(port))
+            await asyncio.sleep(self.dns.interval_s)
+
+    def _reconcile(self, addrs: list[str], port: int) -> None:
+        want = {}
+        for a in addrs:
+            h = f"[{a}]" if ":" in a else a
+            events = f"tcp://{h}:{self.dns.events_port}" if self.dns.events_port else None
+            replay = f"tcp://{h}:{self.dns.replay_port}" if self.dns.replay_port else None
+            spec = ReplicaSpec(url=f"http://{h}:{port}", events=events, replay=replay)
+            want[spec.replica_id] = spec
+        for rid in self._mine - set(want):
+            self.remove(rid)
+            self._mine.discard(rid)
+        for rid, spec in want.items():
+            if rid not in self._mine and self.registry.get(rid) is None:
+                self.add(spec)
+                self._mine.add(rid)

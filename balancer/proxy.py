@@ -1,0 +1,388 @@
+"""Forwarding one request: choose, send, relay, retry before the first byte, fail over after.
+
+    parse + validate (same 4xx as a replica) ─▶ Router.prepare ─▶ loop:
+        Registry.usable ─▶ Router.decide ─▶ POST to the replica
+          refused / reset / 5xx before any byte ─▶ breaker, backoff, next replica
+          4xx ─▶ relayed as is (the client's fault, not the replica's)
+          200 ─▶ relay complete SSE events byte for byte (or the JSON body)
+                 stream broken mid-way ─▶ continue on another replica from prompt + tokens so far
+
+For streams the balancer asks the replica for `return_token_ids` (vLLM's extension) so that a
+continuation is built from exact token ids, which makes a greedy stream token-identical across
+a failover. A stop string that straddles the failover point is not detected (documented).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from balancer.metrics import BalancerMetrics
+from balancer.registry import Registry, ReplicaState
+from balancer.router import Prepared, Router
+from balancer.sse import DONE, event, read_progress, split_events
+from protocol.openai_api import APIError, GenerationRequest, error_body, parse_chat, parse_completion
+
+_RELAY_HEADERS = ("Content-Type", "Cache-Control")
+REPLICA_HEADER = "X-Kvfleet-Replica"
+
+
+class _UpstreamFailed(Exception):
+    def __init__(self, replica: ReplicaState, reason: str, refused: bool = False, status: int | None = None,
+                 body: bytes | None = None) -> None:
+        super().__init__(reason)
+        self.replica = replica
+        self.reason = reason
+        self.refused = refused
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class _Attempt:
+    replica: ReplicaState
+    tokens: int  # prompt + expected output, for in-flight token bookkeeping
+
+
+async def read_json(request: web.Request) -> object:
+    raw = await request.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid UTF-8") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+class Proxy:
+    def __init__(
+        self,
+        registry: Registry,
+        router: Router,
+        metrics: BalancerMetrics,
+        session: Callable[[], aiohttp.ClientSession],
+        retry,
+        policy_name: str,
+        model: Callable[[], str | None],
+    ) -> None:
+        self.registry = registry
+        self.router = router
+        self.metrics = metrics
+        self.session = session
+        self.retry = retry
+        self.policy_name = policy_name
+        self.model = model
+
+    # ------------------------------------------------------------------ entry points
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        return await self._handle(request, body, parse_completion(body), "/v1/completions")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        return await self._handle(request, body, parse_chat(body), "/v1/chat/completions")
+
+    def check_model(self, req: GenerationRequest) -> None:
+        served = self.model()
+        if req.model is not None and served is not None and req.model != served:
+            raise APIError(404, f"The model `{req.model}` does not exist. This server serves `{served}`.", "model")
+
+    # ------------------------------------------------------------------ the loop
+    async def _handle(self, request: web.Request, body: dict, req: GenerationRequest, path: str) -> web.StreamResponse:
+        arrival = time.perf_counter()
+        self.check_model(req)
+        t0 = time.perf_counter()
+        prepared = self.router.prepare(req)
+        request_id = request.headers.get("X-Request-Id") or f"kvf-{uuid.uuid4().hex}"
+        stream_failover = req.stream and self.retry.failover
+        if stream_failover and not req.return_token_ids:
+            body = {**body, "return_token_ids": True}
+        payload = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+
+        tried: set[str] = set()
+        last: _UpstreamFailed | None = None
+        for attempt in range(self.retry.max_attempts):
+            candidates = self.registry.usable(frozenset(tried))
+            if not candidates:
+                break
+            rr = self.router.routing_request(prepared, request_id)
+            decision = self.router.decide(rr, candidates)
+            if attempt == 0:
+                self.metrics.decision.observe(time.perf_counter() - t0)
+            replica = self.registry.get(decision.replica_id)
+            self.router.routed(rr, decision)
+            matched = rr.matched_blocks.get(replica.replica_id, 0) * rr.block_size
+            expected_out = req.max_tokens or 0
+            att = _Attempt(replica, len(prepared.token_ids) + expected_out)
+            self.registry.on_sent(replica, att.tokens, max(0, len(prepared.token_ids) - matched))
+            self.metrics.inflight.labels(replica.replica_id).set(replica.inflight_requests)
+            self.metrics.predicted_cached.labels(replica.replica_id).inc(matched)
+            self.metrics.prompt_tokens.labels(replica.replica_id).inc(len(prepared.token_ids))
+            ok = False
+            try:
+                resp = await self._send(request, replica, path, payload, headers, prepared, rr, arrival)
+                ok = True
+                return resp
+            except _UpstreamFailed as e:
+                last = e
+                tried.add(replica.replica_id)
+                self.registry.record_failure(replica, e.refused)
+                self.metrics.retries.labels(replica.replica_id).inc()
+                await asyncio.sleep(min(self.retry.backoff_s * (2**attempt), self.retry.backoff_max_s))
+            finally:
+                self.registry.on_done(replica, att.tokens)
+                self.router.policy.on_complete(rr, replica.replica_id, ok)
+                self.metrics.inflight.labels(replica.replica_id).set(replica.inflight_requests)
+        if last is None:
+            self.metrics.no_replica.inc()
+            raise APIError(503, "no healthy replica is available; check `GET /admin/replicas` and the replicas' health")
+        if last.status is not None and last.body is not None:
+            return web.Response(status=last.status, body=last.body, content_type="application/json",
+                                headers={REPLICA_HEADER: last.replica.replica_id})
+        raise APIError(502, f"every replica tried failed ({len(tried)} tried); last error from "
+                            f"{last.replica.replica_id}: {last.reason}")
+
+    async def _send(self, request: web.Request, replica: ReplicaState, path: str, payload: bytes, headers: dict,
+                    prepared: Prepared, rr, arrival: float) -> web.StreamResponse:
+        session = self.session()
+        try:
+            upstream = await session.post(replica.url + path, data=payload, headers=headers)
+        except aiohttp.ClientConnectorError as e:
+            raise _UpstreamFailed(replica, f"cannot connect: {e}", refused=True) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise _UpstreamFailed(replica, f"{type(e).__name__}: {e}") from None
+        try:
+            if upstream.status >= 500:
+                body = await _read_safely(upstream)
+                raise _UpstreamFailed(replica, f"HTTP {upstream.status}", status=upstream.status, body=body)
+            if upstream.status >= 400 or not prepared.request.stream:
+                try:
+                    body = await upstream.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    raise _UpstreamFailed(replica, f"response cut: {type(e).__name__}") from None
+                self._count(replica, upstream.status, arrival, body if upstream.status == 200 else None)
+                self.registry.record_success(replica)
+                out_headers = {h: upstream.headers[h] for h in _RELAY_HEADERS if h in upstream.headers}
+                out_headers[REPLICA_HEADER] = replica.replica_id
+                out_headers["X-Request-Id"] = headers["X-Request-Id"]
+                return web.Response(status=upstream.status, body=body, headers=out_headers)
+            return await self._relay_stream(request, replica, upstream, headers, prepared, rr, arrival)
+        finally:
+            upstream.release()
+
+    def _count(self, replica: ReplicaState, status: int, arrival: float, body: bytes | None) -> None:
+        now = time.perf_counter()
+        self.metrics.requests.labels(replica.replica_id, self.policy_name, f"{status // 100}xx").inc()
+        self.metrics.e2e.observe(now - arrival)
+        if body is not None:
+            self.metrics.ttft.observe(now - arrival)
+            try:
+                usage = json.loads(body).get("usage") or {}
+                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                self.metrics.reported_cached.labels(replica.replica_id).inc(cached)
+            except (ValueError, AttributeError):
+                pass
+
+    # ------------------------------------------------------------------ streaming
+    async def _relay_stream(self, request: web.Request, replica: ReplicaState, upstream: aiohttp.ClientResponse,
+                            headers: dict, prepared: Prepared, rr, arrival: float) -> web.StreamResponse:
+        pending = bytearray()
+        relayed = bytearray()
+        out: web.StreamResponse | None = None
+        try:
+            async for chunk in upstream.content.iter_any():
+                pending += chunk
+                complete = split_events(pending)
+                if not complete:
+                    continue
+                if out is None:
+                    out = await self._open_stream(request, replica, upstream, headers)
+                    self.metrics.ttft.observe(time.perf_counter() - arrival)
+                    self.registry.record_success(replica)
+                await out.write(complete)
+                relayed += complete
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            broken = f"{type(e).__name__}: {e}"
+        else:
+            broken = None if relayed.rstrip().endswith(DONE) else "stream ended without [DONE]"
+        if broken is not None and out is None:
+            raise _UpstreamFailed(replica, f"stream broke before the first event: {broken}")
+        if out is None:  # an empty but complete response: nothing to relay
+            out = await self._open_stream(request, replica, upstream, headers)
+        if broken is not None:
+            self.registry.record_failure(replica, refused=False)
+            await self._failover(out, replica, prepared, bytes(relayed), broken)
+        else:
+            self._note_usage(replica, relayed)
+        self.metrics.requests.labels(replica.replica_id, self.policy_name, "2xx").inc()
+        self.metrics.e2e.observe(time.perf_counter() - arrival)
+        await out.write_eof()
+        return out
+
+    async def _open_stream(self, request, replica, upstream, headers) -> web.StreamResponse:
+        out_headers = {h: upstream.headers[h] for h in _RELAY_HEADERS if h in upstream.headers}
+        out_headers[REPLICA_HEADER] = replica.replica_id
+        out_headers["X-Request-Id"] = headers["X-Request-Id"]
+        out = web.StreamResponse(status=upstream.status, headers=out_headers)
+        await out.prepare(request)
+        return out
+
+    def _note_usage(self, replica: ReplicaState, relayed: bytearray) -> None:
+        tail = relayed[-2048:]
+        at = tail.rfind(b'"usage"')
+        if at < 0:
+            return
+        start = tail.rfind(b"data: ", 0, at)
+        end = tail.find(b"\n\n", at)
+        try:
+            usage = json.loads(tail[start + 6 : end])["usage"]
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            self.metrics.reported_cached.labels(replica.replica_id).inc(cached)
+        except (ValueError, KeyError, TypeError):
+            pass
+
+    async def _failover(self, out: web.StreamResponse, lost: ReplicaState, prepared: Prepared, relayed: bytes,
+                        why: str) -> None:
+        """Continue a broken stream on other replicas; the client sees one stream."""
+        req = prepared.request
+        progress = read_progress(relayed)
+        tried = {lost.replica_id}
+        generated = list(progress.token_ids)
+        text_so_far = "".join(progress.text)
+        while not progress.finished:
+            if not progress.has_token_ids:
+                break  # the replica did not give token ids: an exact continuation is impossible
+            remaining = None if req.max_tokens is None else req.max_tokens - len(generated)
+            if remaining is not None and remaining <= 0:
+                break
+            candidates = self.registry.usable(frozenset(tried))
+            if not candidates:
+                break
+            cont = self._continuation(prepared, generated, remaining)
+            rr = self.router.routing_request(cont, progress.id or "failover")
+            decision = self.router.decide(rr, candidates)
+            replica = self.registry.get(decision.replica_id)
+            tried.add(replica.replica_id)
+            self.metrics.failovers.labels(lost.replica_id).inc()
+            body = self._continuation_body(req, cont, remaining)
+            try:
+                finished, new_ids = await self._relay_continuation(out, replica, body, req, progress, len(generated),
+                                                                   len(prepared.token_ids))
+            except _UpstreamFailed as e:
+                self.registry.record_failure(replica, e.refused)
+                why = e.reason
+                continue
+            generated.extend(new_ids)
+            if finished:
+                return
+            lost = replica
+        if progress.finished:  # the last chunk arrived, only [DONE] was lost
+            await out.write(b"data: [DONE]\n\n")
+            return
+        self.metrics.failover_errors.inc()
+        err = error_body(502, f"the replica serving this stream was lost ({why}) and no other replica could "
+                              f"continue it after {len(generated)} tokens ({len(text_so_far)} characters); "
+                              f"retry the request")
+        await out.write(event(err))
+
+    def _continuation(self, prepared: Prepared, generated: list[int], remaining: int | None) -> Prepared:
+        tokens = prepared.token_ids + tuple(generated)
+        req = GenerationRequest(kind="completion", model=prepared.request.model, prompt_token_ids=tokens,
+                                cache_salt=prepared.request.cache_salt)
+        return self.router.prepare(req)
+
+    def _continuation_body(self, req: GenerationRequest, cont: Prepared, remaining: int | None) -> dict:
+        body = {
+            "prompt": list(cont.token_ids), "stream": True, "return_token_ids": True,
+            "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "ignore_eos": req.ignore_eos,
+            "stop": list(req.stop), "stop_token_ids": list(req.stop_token_ids),
+            "stream_options": {"include_usage": req.include_usage},
+        }
+        if req.model is not None:
+            body["model"] = req.model
+        if remaining is not None:
+            body["max_tokens"] = remaining
+        if req.seed is not None:
+            body["seed"] = req.seed
+        if req.cache_salt is not None:
+            body["cache_salt"] = req.cache_salt
+        return body
+
+    async def _relay_continuation(self, out, replica: ReplicaState, body: dict, req: GenerationRequest, progress,
+                                  generated_before: int, prompt_tokens: int) -> tuple[bool, list[int]]:
+        """Relay a continuation's chunks re-shaped as the client's original stream."""
+        session = self.session()
+        new_ids: list[int] = []
+        self.registry.on_sent(replica, len(body["prompt"]), 0)
+        try:
+            async with session.post(replica.url + "/v1/completions", json=body) as upstream:
+                if upstream.status != 200:
+                    raise _UpstreamFailed(replica, f"HTTP {upstream.status}", refused=False)
+                pending = bytearray()
+                async for chunk in upstream.content.iter_any():
+                    pending += chunk
+                    complete = split_events(pending)
+                    for raw in complete.split(b"\n\n"):
+                        line = raw.strip()
+                        if not line.startswith(b"data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            await out.write(b"data: [DONE]\n\n")
+                            self.registry.record_success(replica)
+                            return True, new_ids
+                        await out.write(self._reshape(json.loads(data), req, progress, generated_before + len(new_ids),
+                                                      prompt_tokens, new_ids))
+        except aiohttp.ClientConnectorError as e:
+            raise _UpstreamFailed(replica, f"cannot connect: {e}", refused=True) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            if not new_ids:
+                raise _UpstreamFailed(replica, f"{type(e).__name__}: {e}") from None
+            return False, new_ids
+        finally:
+            self.registry.on_done(replica, len(body["prompt"]))
+        return False, new_ids
+
+    @staticmethod
+    def _reshape(chunk: dict, req: GenerationRequest, progress, generated: int, prompt_tokens: int,
+                 new_ids: list[int]) -> bytes:
+        base = {"id": progress.id, "object": progress.object, "created": progress.created, "model": chunk.get("model")}
+        choices = []
+        for c in chunk.get("choices") or []:
+            ids = c.get("token_ids") or []
+            new_ids.extend(ids)
+            if req.kind == "chat":
+                delta = {"content": c.get("text", "")} if c.get("text") else {}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": c.get("finish_reason")}
+            else:
+                choice = {"index": 0, "text": c.get("text", ""), "logprobs": None,
+                          "finish_reason": c.get("finish_reason")}
+            if c.get("finish_reason"):
+                choice["stop_reason"] = c.get("stop_reason")
+                progress.finished = True
+            choice["token_ids"] = ids
+            choices.append(choice)
+        base["choices"] = choices
+        usage = chunk.get("usage")
+        if usage:
+            done = generated + sum(len(c.get("token_ids") or []) for c in chunk.get("choices") or [])
+            base["usage"] = {**usage, "prompt_tokens": prompt_tokens, "completion_tokens": done,
+                             "total_tokens": prompt_tokens + done}
+        return event(base)
+
+
+async def _read_safely(resp: aiohttp.ClientResponse) -> bytes | None:
+    try:
+        return await resp.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None

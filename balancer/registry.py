@@ -1,0 +1,190 @@
+"""The replicas the balancer knows, with their runtime state (health, breaker, load, in-flight).
+
+Config (`ReplicaSpec`) is frozen; everything that changes at run time lives on `ReplicaState`.
+The registry answers one question on the hot path — which replicas may take a request now —
+and builds the `ReplicaView`s policies score.
+
+Circuit breaker per replica:
+
+    closed ──(refused connection, or N consecutive 5xx/timeouts)──▶ open
+    open ──(open_s elapsed)──▶ half-open: one trial request may go
+    half-open ──(success, or a good health poll)──▶ closed;  ──(failure)──▶ open
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
+from balancer.policies.base import ReplicaLoad, ReplicaView
+
+
+class Breaker(enum.Enum):
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+@dataclass
+class ReplicaState:
+    spec: ReplicaSpec
+    healthy: bool = True  # optimistic until the first poll says otherwise
+    draining: bool = False
+    breaker: Breaker = Breaker.CLOSED
+    breaker_opened_at: float = 0.0
+    consecutive_failures: int = 0  # passive (request) failures
+    poll_failures: int = 0  # consecutive failed health polls
+    poll_successes: int = 0
+    half_open_inflight: bool = False
+    inflight_requests: int = 0
+    inflight_tokens: int = 0
+    sent_since_report: int = 0
+    sent_tokens_since_report: int = 0
+    load: ReplicaLoad = ReplicaLoad()  # age_s = inf until the first report
+    load_at: float = float("-inf")  # clock time of the last load report
+    requests_total: int = 0
+    model: str | None = None  # what the replica says it serves
+
+    @property
+    def replica_id(self) -> str:
+        return self.spec.replica_id
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+
+class Registry:
+    def __init__(self, breaker: BreakerConfig, health: HealthConfig, clock: Callable[[], float]) -> None:
+        self.breaker_cfg = breaker
+        self.health_cfg = health
+        self.clock = clock
+        self._replicas: dict[str, ReplicaState] = {}
+        self.on_change: list[Callable[[str, str], None]] = []  # (replica_id, what) listeners
+
+    # ------------------------------------------------------------- membership
+    def __iter__(self) -> Iterator[ReplicaState]:
+        return iter(list(self._replicas.values()))
+
+    def __len__(self) -> int:
+        return len(self._replicas)
+
+    def get(self, replica_id: str) -> ReplicaState | None:
+        return self._replicas.get(replica_id)
+
+    def add(self, spec: ReplicaSpec) -> ReplicaState:
+        if spec.replica_id in self._replicas:
+            raise ValueError(f"replica {spec.replica_id} is already registered")
+        state = ReplicaState(spec)
+        self._replicas[spec.replica_id] = state
+        self._notify(spec.replica_id, "added")
+        return state
+
+    def remove(self, replica_id: str) -> ReplicaState | None:
+        state = self._replicas.pop(replica_id, None)
+        if state is not None:
+            self._notify(replica_id, "removed")
+        return state
+
+    def drain(self, replica_id: str) -> ReplicaState:
+        state = self._replicas[replica_id]
+        state.draining = True
+        self._notify(replica_id, "draining")
+        return state
+
+    def _notify(self, replica_id: str, what: str) -> None:
+        for fn in self.on_change:
+            fn(replica_id, what)
+
+    # ------------------------------------------------------------- who may take a request
+    def usable(self, exclude: frozenset[str] = frozenset()) -> list[ReplicaState]:
+        now = self.clock()
+        out = []
+        for r in self._replicas.values():
+            if r.replica_id in exclude or r.draining or not r.healthy:
+                continue
+            if r.breaker is Breaker.OPEN:
+                if now - r.breaker_opened_at < self.breaker_cfg.open_s:
+                    continue
+                r.breaker = Breaker.HALF_OPEN
+                r.half_open_inflight = False
+            if r.breaker is Breaker.HALF_OPEN and r.half_open_inflight:
+                continue
+            out.append(r)
+        return out
+
+    def view(self, r: ReplicaState, cached_blocks: int = 0) -> ReplicaView:
+        load = r.load
+        if load.age_s != float("inf"):
+            load = replace(load, age_s=self.clock() - r.load_at)
+        return ReplicaView(
+            replica_id=r.replica_id,
+            inflight_requests=r.inflight_requests,
+            inflight_tokens=r.inflight_tokens,
+            sent_since_report=r.sent_since_report,
+            sent_tokens_since_report=r.sent_tokens_since_report,
+            load=load,
+            cached_blocks=cached_blocks,
+        )
+
+    # ------------------------------------------------------------- bookkeeping
+    def on_sent(self, r: ReplicaState, tokens: int, uncached_tokens: int) -> None:
+        r.inflight_requests += 1
+        r.inflight_tokens += tokens
+        r.sent_since_report += 1
+        r.sent_tokens_since_report += uncached_tokens
+        r.requests_total += 1
+        if r.breaker is Breaker.HALF_OPEN:
+            r.half_open_inflight = True
+
+    def on_done(self, r: ReplicaState, tokens: int) -> None:
+        r.inflight_requests -= 1
+        r.inflight_tokens -= tokens
+
+    def on_load(self, replica_id: str, load: ReplicaLoad) -> None:
+        r = self._replicas.get(replica_id)
+        if r is None:
+            return
+        r.load = load
+        r.load_at = self.clock()
+        r.sent_since_report = 0
+        r.sent_tokens_since_report = 0
+
+    def record_success(self, r: ReplicaState) -> None:
+        r.consecutive_failures = 0
+        if r.breaker is not Breaker.CLOSED:
+            r.breaker = Breaker.CLOSED
+            r.half_open_inflight = False
+            self._notify(r.replica_id, "breaker_closed")
+
+    def record_failure(self, r: ReplicaState, refused: bool) -> None:
+        """A request to r failed: refused connection (opens at once) or 5xx / timeout / reset."""
+        r.consecutive_failures += 1
+        if refused or r.breaker is Breaker.HALF_OPEN or r.consecutive_failures >= self.breaker_cfg.failures_to_open:
+            if r.breaker is not Breaker.OPEN:
+                self._notify(r.replica_id, "breaker_open")
+            r.breaker = Breaker.OPEN
+            r.breaker_opened_at = self.clock()
+            r.half_open_inflight = False
+
+    def record_poll(self, r: ReplicaState, ok: bool) -> None:
+        """An active health poll's outcome, with thresholds in both directions."""
+        if ok:
+            r.poll_failures = 0
+            r.poll_successes += 1
+            if not r.healthy and r.poll_successes >= self.health_cfg.healthy_after:
+                r.healthy = True
+                self._notify(r.replica_id, "healthy")
+            if r.healthy and r.breaker is Breaker.OPEN:
+                # The replica answers again: let a trial request through now.
+                r.breaker = Breaker.HALF_OPEN
+                r.half_open_inflight = False
+        else:
+            r.poll_successes = 0
+            r.poll_failures += 1
+            if r.healthy and r.poll_failures >= self.health_cfg.unhealthy_after:
+                r.healthy = False
+                self._notify(r.replica_id, "unhealthy")
+

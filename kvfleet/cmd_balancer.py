@@ -1,0 +1,124 @@
+"""Run the KV-cache-aware balancer in front of a fleet of replicas.
+
+Replicas come from --replica flags (repeatable), a --config file (TOML or JSON with the same
+keys as the flags), --dns names re-resolved periodically (a Kubernetes headless service), and
+the admin API at run time. A replica may be a kvfleet replica, vLLM or SGLang: give its KV-event
+endpoints after `=` so the balancer knows exactly what it caches. Example:
+
+    kvfleet balancer --port 8080 --policy precise_prefix \\
+        --replica http://127.0.0.1:8001=tcp://127.0.0.1:5557,tcp://127.0.0.1:5558 \\
+        --replica http://127.0.0.1:8002
+
+Then point any OpenAI client at http://127.0.0.1:8080/v1. `GET /admin/replicas` shows the
+fleet; `POST /admin/explain` with a request body shows how it would be routed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+from balancer.config import BalancerConfig, DnsConfig, ReplicaSpec
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from balancer.policies import policy_names
+
+    d = BalancerConfig()
+    p.add_argument("--host", default=None, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=None, help=f"port (default {d.port}; 0 picks a free one)")
+    p.add_argument("--replica", action="append", default=[], metavar="URL[=EVENTS[,REPLAY]]",
+                   help="a replica, e.g. http://h:8000=tcp://h:5557,tcp://h:5558 (repeatable)")
+    p.add_argument("--dns", action="append", default=[], metavar="HOST:PORT",
+                   help="a name whose addresses are replicas, re-resolved every few seconds (repeatable)")
+    p.add_argument("--dns-events-port", type=int, default=None, help="KV-event PUB port on DNS-discovered replicas")
+    p.add_argument("--dns-replay-port", type=int, default=None, help="replay port on DNS-discovered replicas")
+    p.add_argument("--policy", default=None, choices=policy_names(), help=f"routing policy (default {d.policy})")
+    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy setting (JSON value), e.g. cache_threshold=0.5 (repeatable)")
+    p.add_argument("--model", default=None, help="served model name (default: asked from the replicas)")
+    p.add_argument("--block-size", type=int, default=None, help=f"KV block size of the replicas (default {d.block_size})")
+    p.add_argument("--tokenizer", default=None, help="a HF tokenizer.json (default: the built-in byte tokenizer)")
+    p.add_argument("--config", default=None, help="a TOML or JSON file with BalancerConfig keys; flags win")
+    p.add_argument("--no-failover", action="store_true", help="do not continue broken streams on another replica")
+
+
+def build_config(args: argparse.Namespace) -> BalancerConfig:
+    options = {}
+    for item in args.policy_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--policy-option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    overrides = dict(host=args.host, port=args.port, policy=args.policy, model=args.model,
+                     block_size=args.block_size, tokenizer=args.tokenizer)
+    replicas = tuple(ReplicaSpec.parse(r) for r in args.replica)
+    dns = tuple(DnsConfig(name=n, events_port=args.dns_events_port, replay_port=args.dns_replay_port) for n in args.dns)
+    base = BalancerConfig.from_file(args.config) if args.config else BalancerConfig()
+    from dataclasses import replace
+
+    cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    if replicas:
+        cfg = replace(cfg, replicas=cfg.replicas + replicas)
+    if dns:
+        cfg = replace(cfg, dns=cfg.dns + dns)
+    if options:
+        cfg = replace(cfg, policy_options=tuple(sorted({**dict(cfg.policy_options), **options}.items())))
+    if args.no_failover:
+        cfg = replace(cfg, retry=replace(cfg.retry, failover=False))
+    if not cfg.replicas and not cfg.dns:
+        raise ValueError("no replicas: give --replica URL (repeatable), --dns HOST:PORT or a --config file")
+    return cfg
+
+
+async def serve(cfg: BalancerConfig) -> int:
+    from aiohttp import web
+
+    from balancer.app import BALANCER, create_app
+
+    app = create_app(cfg)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    b = app[BALANCER]
+    addrs = [f"http://{a[0]}:{a[1]}" for a in runner.addresses]
+    print(f"kvfleet balancer ready: model={b.model} policy={b.policy.name} replicas={len(b.registry)} "
+          f"listening on {' '.join(addrs)}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = build_config(args)
+        from balancer.policies import make_policy
+
+        make_policy(cfg.policy, dict(cfg.policy_options))  # fail early on bad options
+    except ValueError as e:
+        print(f"kvfleet balancer: {e}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        return asyncio.run(serve(cfg))
+    except RuntimeError as e:
+        print(f"kvfleet balancer: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,302 @@
+"""PrefixIndex: re-hashing from token ids, engine-id bookkeeping, match semantics, bounds, and a
+property test against a brute-force model with an integrity check after every step."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balancer.prefix_index import PrefixIndex, chain_hashes
+from protocol.events import AllBlocksCleared, BlockRemoved, BlockStored
+from protocol.hashing import hash_blocks, prompt_hashes, root_hash
+
+BS = 4
+MODEL = "tiny-model"
+ROOT = root_hash(MODEL)
+
+
+def toks(n_blocks: int, start: int = 1) -> list[int]:
+    return list(range(start, start + n_blocks * BS))
+
+
+def vllm_id(*parts: object) -> int:
+    """An engine hash unlike ours (vLLM's is sha256-based), as a uint64."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
+
+
+def vllm_events(tokens: list[int], split: int) -> tuple[list[int], list[BlockStored]]:
+    """vLLM-style engine ids for a chain, stored as two events (the second names the first's tail)."""
+    n = len(tokens) // BS
+    ids = [vllm_id(tuple(tokens[: (i + 1) * BS])) for i in range(n)]
+    first = BlockStored(tuple(ids[:split]), None, tuple(tokens[: split * BS]), BS)
+    second = BlockStored(tuple(ids[split:]), ids[split - 1], tuple(tokens[split * BS : n * BS]), BS)
+    return ids, [first, second]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=80), st.integers(1, 16), st.integers(0, 2**64 - 1))
+def test_chain_hashes_is_protocol_hashing(tokens: list[int], bs: int, parent: int) -> None:
+    n = len(tokens) // bs
+    assert chain_hashes(tokens[: n * bs], bs, parent) == hash_blocks(tokens, bs, parent)
+
+
+def test_vllm_engine_ids_are_rehashed_to_our_chain() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(5)
+    ids, events = vllm_events(tokens, 2)
+    idx.apply_many("r0", events)
+    ours = prompt_hashes(tokens, BS, MODEL)
+    assert not set(ids) & set(ours)  # the engine ids are not ours...
+    assert idx.replica_block_hashes("r0") == set(ours)  # ...yet the index holds our chain
+    assert idx.match(ours) == {"r0": 5}
+    assert idx.match(prompt_hashes(tokens[:8] + [999] * 8, BS, MODEL)) == {"r0": 2}
+    idx.apply("r0", BlockRemoved((ids[4], ids[3])))
+    assert idx.match(ours) == {"r0": 3}
+    idx.check_integrity()
+
+
+def test_kvfleet_engine_ids_equal_ours() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(3)
+    ours = hash_blocks(tokens, BS, ROOT)
+    idx.apply("r0", BlockStored(tuple(ours[:2]), None, tuple(tokens[:8]), BS))
+    idx.apply("r0", BlockStored((ours[2],), ours[1], tuple(tokens[8:]), BS))
+    assert idx.match(ours) == {"r0": 3}
+    idx.apply("r0", BlockRemoved((ours[1],)))
+    assert idx.match(ours) == {"r0": 1}  # a missing middle block ends the prefix
+    idx.check_integrity()
+
+
+def test_bytes_engine_ids() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(2)
+    a, b = b"\xaa" * 32, b"\xbb" * 32
+    idx.apply("r0", BlockStored((a,), None, tuple(tokens[:4]), BS))
+    idx.apply("r0", BlockStored((b,), a, tuple(tokens[4:]), BS))
+    assert idx.match(prompt_hashes(tokens, BS, MODEL)) == {"r0": 2}
+    idx.apply("r0", BlockRemoved((b,)))
+    assert idx.match(prompt_hashes(tokens, BS, MODEL)) == {"r0": 1}
+
+
+def test_match_reports_each_replica_prefix_in_one_pass() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(6)
+    ours = hash_blocks(tokens, BS, ROOT)
+    for rid, n in (("a", 6), ("b", 2), ("c", 4)):
+        idx.apply(rid, BlockStored(tuple(ours[:n]), None, tuple(tokens[: n * BS]), BS))
+    idx.apply("d", BlockStored((ours[0] ^ 1,), None, tuple(toks(1, 500)), BS))  # unrelated
+    assert idx.match(ours) == {"a": 6, "b": 2, "c": 4}
+    assert idx.match(ours[:3]) == {"a": 3, "b": 2, "c": 3}
+    assert idx.match([]) == {}
+    assert idx.match(hash_blocks(toks(3, 900), BS, ROOT)) == {}
+    assert idx.match(ours, medium="CPU") == {}
+
+
+def test_unknown_parent_is_counted_and_flags_a_resync() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(3)
+    ids, _ = vllm_events(tokens, 1)
+    # The store of block 0 was missed; block 1 names it as parent.
+    idx.apply("r0", BlockStored((ids[1],), ids[0], tuple(tokens[4:8]), BS))
+    assert idx.replica_block_hashes("r0") == set()
+    assert idx.stats.unknown_parent == 1
+    assert idx.pop_resync_reason("r0") == "unknown_parent"
+    assert idx.pop_resync_reason("r0") is None
+
+
+def test_unknown_parent_resolved_by_verified_identity() -> None:
+    # A kvfleet replica uses our hash: a child of an unknown parent can be checked and kept.
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(3)
+    ours = hash_blocks(tokens, BS, ROOT)
+    idx.apply("r0", BlockStored((ours[1], ours[2]), ours[0], tuple(tokens[4:]), BS))
+    assert idx.replica_block_hashes("r0") == {ours[1], ours[2]}
+    assert idx.stats.identity_parents == 1 and idx.pop_resync_reason("r0") is None
+
+
+def test_parent_removed_just_before_its_child_is_stored() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(3)
+    ids, events = vllm_events(tokens, 2)
+    idx.apply("r0", events[0])
+    idx.apply("r0", BlockRemoved((ids[1],)))
+    idx.apply("r0", events[1])  # parent ids[1] was evicted a moment ago
+    ours = prompt_hashes(tokens, BS, MODEL)
+    assert idx.replica_block_hashes("r0") == {ours[0], ours[2]}
+    assert idx.stats.ghost_parents == 1 and idx.pop_resync_reason("r0") is None
+    idx.check_integrity()
+
+
+def test_two_engine_ids_for_one_block_need_two_removals() -> None:
+    # vLLM salts (extra_keys) change its hash but not the tokens: same block for us.
+    idx = PrefixIndex(BS, MODEL)
+    tokens = tuple(toks(1))
+    idx.apply("r0", BlockStored((111,), None, tokens, BS))
+    idx.apply("r0", BlockStored((222,), None, tokens, BS))
+    ours = prompt_hashes(tokens, BS, MODEL)
+    idx.check_integrity()
+    idx.apply("r0", BlockRemoved((111,)))
+    assert idx.match(ours) == {"r0": 1}
+    idx.apply("r0", BlockRemoved((222,)))
+    assert idx.match(ours) == {}
+    idx.check_integrity()
+
+
+def test_duplicates_and_unknown_removals_are_harmless() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(2)
+    ours = hash_blocks(tokens, BS, ROOT)
+    ev = BlockStored(tuple(ours), None, tuple(tokens), BS)
+    idx.apply("r0", ev)
+    idx.apply("r0", ev)
+    idx.apply("r0", BlockRemoved((12345,)))
+    assert idx.num_blocks("r0") == 2 and idx.stats.duplicate_stores == 2 and idx.stats.unknown_removals == 1
+    idx.check_integrity()
+
+
+def test_media_are_separate() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(2)
+    ours = hash_blocks(tokens, BS, ROOT)
+    idx.apply("r0", BlockStored(tuple(ours), None, tuple(tokens), BS, medium="CPU"))
+    idx.apply("r0", BlockStored(tuple(ours[:1]), None, tuple(tokens[:4]), BS, medium="GPU"))
+    assert idx.match(ours) == {"r0": 1} and idx.match(ours, medium="CPU") == {"r0": 2}
+    idx.apply("r0", BlockRemoved(tuple(ours), medium="CPU"))
+    assert idx.match(ours) == {"r0": 1} and idx.match(ours, medium="CPU") == {}
+    idx.check_integrity()
+
+
+def test_events_the_index_cannot_use_are_skipped_and_counted() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    idx.apply("r0", BlockStored((1,), None, tuple(toks(2)), 2 * BS, ))  # another block size
+    idx.apply("r0", BlockStored((2,), None, tuple(toks(1)), BS, kv_cache_spec_kind="sliding_window"))
+    idx.apply("r0", BlockStored((3,), None, (1, 2), BS))  # tokens missing
+    idx.apply("r0", BlockStored((4,), None, (1, 2, 3, 2**40), BS))  # not a uint32 token
+    assert idx.num_blocks("r0") == 0 and idx.stats.skipped_events == 4
+
+
+def test_lora_blocks_live_under_the_adapter_root() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(2)
+    adapter = hash_blocks(tokens, BS, root_hash(MODEL, "my-lora"))
+    idx.apply("r0", BlockStored((5, 6), None, tuple(tokens), BS, lora_name="my-lora"))
+    assert idx.match(prompt_hashes(tokens, BS, MODEL)) == {}
+    assert idx.match(prompt_hashes(tokens, BS, MODEL, salt="my-lora")) == {"r0": 2} and adapter[1] in idx.replica_block_hashes("r0")
+
+
+def test_clear_remove_and_slot_reuse() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(2)
+    ours = hash_blocks(tokens, BS, ROOT)
+    ev = BlockStored(tuple(ours), None, tuple(tokens), BS)
+    for rid in ("a", "b", "c"):
+        idx.apply(rid, ev)
+    idx.apply("b", AllBlocksCleared())
+    assert idx.match(ours) == {"a": 2, "c": 2}
+    idx.remove_replica("a")
+    idx.apply("d", ev)  # takes a's slot
+    assert idx.match(ours) == {"c": 2, "d": 2} and sorted(idx.replicas()) == ["b", "c", "d"]
+    idx.clear_replica("c")
+    assert idx.match(ours) == {"d": 2}
+    idx.check_integrity()
+
+
+def test_per_replica_bound_drops_and_flags() -> None:
+    idx = PrefixIndex(BS, MODEL, max_blocks_per_replica=3)
+    tokens = toks(5)
+    ours = hash_blocks(tokens, BS, ROOT)
+    idx.apply("r0", BlockStored(tuple(ours), None, tuple(tokens), BS))
+    assert idx.num_blocks("r0") == 3 and idx.stats.over_capacity == 2
+    assert idx.pop_resync_reason("r0") == "over_capacity"
+    assert idx.match(ours) == {"r0": 3}
+    idx.check_integrity()
+
+
+def test_snapshot_load_accepts_children_before_parents() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(4)
+    ids, (first, second) = vllm_events(tokens, 2)
+    idx.apply("r0", BlockStored((77,), None, tuple(toks(1, 300)), BS))  # replaced by the snapshot
+    idx.load_snapshot("r0", [second, first])
+    assert idx.replica_block_hashes("r0") == set(prompt_hashes(tokens, BS, MODEL))
+    assert idx.pop_resync_reason("r0") is None
+    idx.check_integrity()
+
+
+# --- property: random event streams against a brute-force model ---------------------------------
+
+PREFIXES = [toks(6, 1), toks(6, 1)[:8] + toks(4, 200), toks(6, 500)]
+
+
+@st.composite
+def ops(draw):
+    kind = draw(st.sampled_from(["store", "store", "store", "remove", "clear"]))
+    replica = draw(st.sampled_from(["a", "b", "c"]))
+    if kind == "store":
+        chain = draw(st.integers(0, len(PREFIXES) - 1))
+        start = draw(st.integers(0, 4))
+        n = draw(st.integers(1, 6 - start))
+        return ("store", replica, chain, start, n, draw(st.booleans()))
+    if kind == "remove":
+        return ("remove", replica, draw(st.integers(0, 2)), draw(st.integers(0, 5)))
+    return ("clear", replica)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(ops(), max_size=40))
+def test_random_streams_match_a_brute_force_model(stream) -> None:
+    """Engine ids are vLLM-like or ours (per op); the model holds replica -> set of our hashes."""
+    idx = PrefixIndex(BS, MODEL)
+    truth: dict[str, set[int]] = {r: set() for r in "abc"}
+    ours = [hash_blocks(p, BS, ROOT) for p in PREFIXES]
+    held_ids: dict[str, dict[int, int]] = {r: {} for r in "abc"}  # engine id -> our hash
+    for op in stream:
+        if op[0] == "store":
+            _, r, c, start, n, ident = op
+            eid = (lambda i: ours[c][i]) if ident else (lambda i, c=c: vllm_id(c, i))
+            parent_known = start == 0 or ours[c][start - 1] in truth[r]
+            if not parent_known and not ident:
+                continue  # a parent the engine never announced: not a valid stream
+            parent = None if start == 0 else (ours[c][start - 1] if ident else next(
+                (e for e, o in held_ids[r].items() if o == ours[c][start - 1]), None))
+            if start and parent is None:
+                continue
+            ev = BlockStored(tuple(eid(i) for i in range(start, start + n)), parent,
+                             tuple(PREFIXES[c][start * BS : (start + n) * BS]), BS)
+            idx.apply(r, ev)
+            for i in range(start, start + n):
+                held_ids[r][eid(i)] = ours[c][i]
+                truth[r].add(ours[c][i])
+        elif op[0] == "remove":
+            _, r, c, i = op
+            victims = [e for e, o in held_ids[r].items() if o == ours[c][i]]
+            idx.apply(r, BlockRemoved(tuple(victims)))
+            for e in victims:
+                del held_ids[r][e]
+            truth[r].discard(ours[c][i])
+        else:
+            idx.apply(op[1], AllBlocksCleared())
+            truth[op[1]].clear()
+            held_ids[op[1]].clear()
+        idx.check_integrity()
+        for r in "abc":
+            assert idx.replica_block_hashes(r) == truth[r]
+        for chain in ours:
+            expected = {}
+            for r in "abc":
+                k = 0
+                while k < len(chain) and chain[k] in truth[r]:
+                    k += 1
+                if k:
+                    expected[r] = k
+            assert idx.match(chain) == expected
+
+
+def test_bad_construction() -> None:
+    with pytest.raises(ValueError):
+        PrefixIndex(0, MODEL)
+    with pytest.raises(ValueError):
+        PrefixIndex(BS, MODEL, max_blocks_per_replica=0)
