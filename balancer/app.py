@@ -181,8 +181,15 @@ def create_app(cfg: BalancerConfig, balancer: Balancer | None = None) -> web.App
     b = balancer or Balancer(cfg)
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors])
     app[BALANCER] = b
-    app.router.add_post("/v1/completions", lambda r: b.proxy.completions(r))
-    app.router.add_post("/v1/chat/completions", lambda r: b.proxy.chat(r))
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await b.proxy.completions(request)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await b.proxy.chat(request)
+
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat)
     admin.add_routes(app, b)
 
     async def lifecycle(app: web.Application):

@@ -181,7 +181,6 @@ def test_index_equals_what_was_published_and_load_reports_arrive() -> None:
             await wait_for(lambda: h.loads, "a load report")
             assert h.loads[0].epoch == h.pub.epoch == sub.epoch and h.loads[0].num_running == 2
             s = sub.stats
-            assert s.batches == h.engine.batches - s.duplicates or s.batches <= h.engine.batches
             assert s.snapshots == 1 and s.resyncs == {"startup": 1}
             assert s.decode_errors == s.unknown_events == s.replay_failures == 0
             assert s.foreign_messages == 0 and h.index.stats.unknown_parent == 0
@@ -348,6 +347,8 @@ def test_snapshots_are_consistent_with_seq_under_concurrent_publishing() -> None
                                h.index.replica_block_hashes(sub.config.replica_id) == h.engine.truth(),
                                f"{sub.config.replica_id} converged ({sub.stats})")
             h.index.check_integrity()
+            # Each joined mid-stream: a snapshot, then live batches on top of it.
+            assert all(s.stats.snapshots >= 1 and s.stats.batches > 0 for s in subs)
         finally:
             for sub in subs:
                 await sub.stop()

@@ -1,0 +1,243 @@
+"""PrefixIndex benchmark (issue: KV-cache events over ZeroMQ).
+
+Targets: ingest >= 500k block events/s on one core; lookup p50 <= 100 us for an 8k-token prompt
+across 16 replicas with 1M indexed blocks (hashing excluded); <= 200 bytes per indexed block.
+
+1. Ingest: BlockStored/BlockRemoved events applied to the index, in block events per second,
+   for events of 1 block (decode-time stores) and 32 blocks (prefill chunks), with engine ids
+   that differ from ours (vLLM) or equal them (kvfleet); plus the subscriber's whole path per
+   batch (msgpack decode + apply).
+2. Lookup: `match` of 8k- and 32k-token prompts (512 / 2048 blocks of 16) against an index of
+   16 replicas holding 1M blocks in all; every probe is fully cached on 3 replicas and partly
+   on 3 more, so the walk covers the whole chain (the worst case: it stops only when no replica
+   is left). With hashing = `prompt_hashes(tokens)` + `match`.
+3. Memory: tracemalloc growth while building the 1M-block index, per held (replica, block).
+
+    .venv/bin/python bench/bench_prefix_index.py [--blocks 1000000] [--replicas 16] [--out results/bench_prefix_index.json]
+
+Torch-free: it imports only the balancer and protocol packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from balancer.prefix_index import PrefixIndex, chain_hashes  # noqa: E402
+from bench.common import table  # noqa: E402
+from protocol.events import BlockRemoved, BlockStored, EventBatch, decode_batch, encode_batch  # noqa: E402
+from protocol.hashing import prompt_hashes, root_hash  # noqa: E402
+
+BS = 16
+MODEL = "bench-model"
+ROOT = root_hash(MODEL)
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": sys.version.split()[0], "os": platform.platform()}
+
+
+def engine_ids(ours: list[int], kvfleet: bool, rng: random.Random) -> list[int]:
+    return list(ours) if kvfleet else [rng.getrandbits(64) for _ in ours]
+
+
+def make_chain_events(rng: random.Random, n_blocks: int, per_event: int, kvfleet: bool,
+                      parent_our: int = ROOT, parent_eng: int | None = None) -> tuple[list[BlockStored], list[int], list[int]]:
+    """One chain of n_blocks fresh blocks, as BlockStored events of per_event blocks each."""
+    tokens = [rng.randrange(1, 150_000) for _ in range(n_blocks * BS)]
+    ours = chain_hashes(tokens, BS, parent_our)
+    eng = engine_ids(ours, kvfleet, rng)
+    events = []
+    parent = parent_eng
+    for i in range(0, n_blocks, per_event):
+        j = min(i + per_event, n_blocks)
+        events.append(BlockStored(tuple(eng[i:j]), parent, tuple(tokens[i * BS : j * BS]), BS))
+        parent = eng[j - 1]
+    return events, eng, tokens
+
+
+def bench_ingest(per_event: int, kvfleet: bool, total_blocks: int = 400_000) -> tuple[float, float]:
+    """(store block events/s, remove block events/s)."""
+    rng = random.Random(per_event * 2 + kvfleet)
+    chains = []
+    n_chain = 256
+    for _ in range(total_blocks // n_chain):
+        events, eng, _ = make_chain_events(rng, n_chain, per_event, kvfleet)
+        chains.append((events, eng))
+    index = PrefixIndex(BS, MODEL)
+    replicas = [f"r{i}" for i in range(16)]
+    work = [(replicas[k % 16], ev) for k, (events, _) in enumerate(chains) for ev in events]
+    removals = [(replicas[k % 16], BlockRemoved(tuple(eng[i : i + per_event])))
+                for k, (_, eng) in enumerate(chains) for i in range(0, n_chain, per_event)]
+    gc.collect()
+    apply = index.apply
+    t0 = time.perf_counter()
+    for rid, ev in work:
+        apply(rid, ev)
+    t1 = time.perf_counter()
+    for rid, ev in removals:
+        apply(rid, ev)
+    t2 = time.perf_counter()
+    n = len(chains) * n_chain
+    assert index.stats.blocks_stored == n and index.stats.blocks_removed == n, index.stats
+    return n / (t1 - t0), n / (t2 - t1)
+
+
+def bench_wire_ingest(per_event: int, events_per_batch: int = 8, total_blocks: int = 200_000) -> float:
+    """Block events/s through decode_batch + apply (what the subscriber does per message)."""
+    rng = random.Random(5)
+    payloads = []
+    n = 0
+    while n < total_blocks:
+        events, _, _ = make_chain_events(rng, per_event * events_per_batch, per_event, kvfleet=False)
+        payloads.append(encode_batch(EventBatch(time.time(), tuple(events), 0)))
+        n += per_event * events_per_batch
+    index = PrefixIndex(BS, MODEL)
+    apply = index.apply
+    gc.collect()
+    t0 = time.perf_counter()
+    for k, payload in enumerate(payloads):
+        rid = f"r{k % 16}"
+        for ev in decode_batch(payload).events:
+            apply(rid, ev)
+    return n / (time.perf_counter() - t0)
+
+
+def build_fleet(total_blocks: int, replicas: int, kvfleet: bool, measure_memory: bool):
+    """An index where `replicas` replicas hold `total_blocks` blocks in all: 40 system prompts of
+    32 blocks held by every replica, the rest in per-replica chains of 128 blocks. Returns
+    (index, held, bytes per held block or None)."""
+    rng = random.Random(11)
+    index = PrefixIndex(BS, MODEL)
+    rids = [f"replica-{i}" for i in range(replicas)]
+    shared = [make_chain_events(rng, 32, 32, kvfleet) for _ in range(40)]
+    per_replica = (total_blocks - 40 * 32 * replicas) // replicas
+    chains_per_replica = per_replica // 128
+    # Build the events first so that only the index's own allocations are measured.
+    plan = []
+    for rid in rids:
+        for events, _, _ in shared:
+            plan.extend((rid, ev) for ev in events)
+        for _ in range(chains_per_replica):
+            events, _, _ = make_chain_events(rng, 128, 32, kvfleet)
+            plan.extend((rid, ev) for ev in events)
+    held = sum(len(ev.block_hashes) for _, ev in plan)
+    gc.collect()
+    if measure_memory:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+    for rid, ev in plan:
+        index.apply(rid, ev)
+    per_block = None
+    if measure_memory:
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        per_block = (after - before) / held
+    del plan
+    gc.collect()
+    return index, rids, held, per_block
+
+
+def make_probes(index: PrefixIndex, rids: list[str], n_tokens: int, count: int, rng: random.Random) -> list[list[int]]:
+    """Prompts of n_tokens, each held fully by 3 replicas and for its first half by 3 others."""
+    probes = []
+    for k in range(count):
+        tokens = [rng.randrange(1, 150_000) for _ in range(n_tokens)]
+        ours = chain_hashes(tokens, BS, ROOT)
+        n = len(ours)
+        for j in range(6):
+            rid = rids[(k * 6 + j) % len(rids)]
+            m = n if j < 3 else n // 2
+            index.apply(rid, BlockStored(tuple(ours[:m]), None, tuple(tokens[: m * BS]), BS))
+        probes.append(tokens)
+    return probes
+
+
+def bench_lookup(index: PrefixIndex, probes: list[list[int]], rounds: int, with_hashing: bool) -> tuple[float, float]:
+    chains = [prompt_hashes(t, BS, MODEL) for t in probes]
+    samples = []
+    match = index.match
+    for r in range(rounds):
+        for tokens, chain in zip(probes, chains):
+            t0 = time.perf_counter()
+            if with_hashing:
+                chain = prompt_hashes(tokens, BS, MODEL)
+            result = match(chain)
+            samples.append(time.perf_counter() - t0)
+        assert sum(1 for v in result.values() if v == len(chain)) == 3, result
+    samples.sort()
+    return statistics.median(samples) * 1e6, samples[int(0.99 * (len(samples) - 1))] * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--blocks", type=int, default=1_000_000)
+    ap.add_argument("--replicas", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    info = machine()
+    print("\n## PrefixIndex benchmark\n")
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    rows: list[list] = []
+
+    for per_event in (1, 32):
+        for kvfleet in (False, True):
+            store, remove = bench_ingest(per_event, kvfleet)
+            ids = "kvfleet (engine = ours)" if kvfleet else "vLLM (engine != ours)"
+            rows.append([f"ingest BlockStored, {per_event} blk/event, {ids}", f"{store / 1e3:,.0f}k block events/s"])
+            rows.append([f"ingest BlockRemoved, {per_event} blk/event, {ids}", f"{remove / 1e3:,.0f}k block events/s"])
+    for per_event in (1, 32):
+        rate = bench_wire_ingest(per_event)
+        rows.append([f"decode_batch + apply, {per_event} blk/event, 8 events/batch", f"{rate / 1e3:,.0f}k block events/s"])
+
+    mem: dict[str, float] = {}
+    for kvfleet in (False, True):
+        index, rids, held, per_block = build_fleet(args.blocks, args.replicas, kvfleet, measure_memory=True)
+        label = "kvfleet ids" if kvfleet else "vLLM ids"
+        mem[label] = per_block
+        rows.append([f"memory per held block, {label} ({held:,} held, {index.num_entries():,} distinct, {args.replicas} replicas)",
+                     f"{per_block:.0f} B"])
+        if kvfleet:
+            continue
+        rng = random.Random(3)
+        for n_tokens in (8192, 32768):
+            probes = make_probes(index, rids, n_tokens, 24, rng)
+            for with_hashing in (False, True):
+                p50, p99 = bench_lookup(index, probes, args.rounds, with_hashing)
+                what = "hash + match" if with_hashing else "match only"
+                rows.append([f"lookup {n_tokens // 1024}k tokens ({n_tokens // BS} blocks), {what}",
+                             f"p50 {p50:,.0f} us, p99 {p99:,.0f} us"])
+        del index
+        gc.collect()
+
+    print()
+    print(table(["measure", "result"], rows))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Helpers for tests that run a real fleet: replica subprocesses, an in-process balancer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import urllib.error
+import urllib.request
+
+from aiohttp import web
+
+from balancer.app import BALANCER, create_app
+from balancer.config import BalancerConfig, HealthConfig, ReplicaSpec
+from kvfleet import procs
+
+REPLICA_ARGS = ["replica", "--port", "0", "--model", "tiny", "--num-blocks", "512", "--threads", "1",
+                "--max-model-len", "2048", "--kv-events-endpoint", "tcp://127.0.0.1:0",
+                "--kv-events-replay-endpoint", "tcp://127.0.0.1:0"]
+
+
+def start_replicas(n: int, extra: list[str] | None = None) -> list[procs.Proc]:
+    started = []
+    try:
+        for _ in range(n):
+            started.append(procs.start(REPLICA_ARGS + (extra or [])))
+    except Exception:
+        for p in started:
+            p.stop()
+        raise
+    return started
+
+
+def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None,
+         timeout: float = 60) -> tuple[int, dict, bytes]:
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@contextlib.asynccontextmanager
+async def balancer(specs: list[str], **cfg):
+    """An in-process balancer on a free port; yields (base_url, Balancer)."""
+    health = cfg.pop("health", HealthConfig(interval_s=0.2, timeout_s=0.5))
+    config = BalancerConfig(port=0, replicas=tuple(ReplicaSpec.parse(s) for s in specs), model="tiny",
+                            health=health, **cfg)
+    app = create_app(config)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}", app[BALANCER]
+    finally:
+        await runner.cleanup()
