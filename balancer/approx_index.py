@@ -23,6 +23,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from balancer.prefix_index import match_chain
+
 
 class _Replica:
     __slots__ = ("slot", "bit", "lru", "last_now")
@@ -83,30 +85,7 @@ class ApproxIndex:
         self.expire(now)
         if not hashes:
             return {}
-        get = self._table.get
-        active = get(hashes[0], 0)
-        if not active:
-            return {}
-        out: dict[str, int] = {}
-        owners = self._owners
-        i = 0
-        for h in hashes:
-            m = get(h, 0)
-            lost = active & ~m
-            if lost:
-                active &= m
-                while lost:
-                    low = lost & -lost
-                    out[owners[low.bit_length() - 1]] = i  # type: ignore[index]
-                    lost ^= low
-                if not active:
-                    return out
-            i += 1
-        while active:
-            low = active & -active
-            out[owners[low.bit_length() - 1]] = i  # type: ignore[index]
-            active ^= low
-        return out
+        return match_chain(self._table.get, hashes, self._owners)
 
     def expire(self, now: float | None = None) -> None:
         """Forget every block not routed to within ttl_s of `now`."""

@@ -10,7 +10,7 @@ here assumes either.
     replica.media[m]: engine_hash -> our_hash, for the blocks it holds      (one dict per replica)
 
 `match(chain)` walks the chain once, AND-ing masks; a replica's bit drops out at its first
-missing block, and the walk stops when no bit is left. Memory per held block is one entry in
+missing block, and the walk stops when no bit is left (the loop runs in C: `match_chain`). Memory per held block is one entry in
 the replica's engine map plus (shared among replicas holding the same block) one table entry.
 
 Invariants (`check_integrity`):
@@ -38,11 +38,15 @@ Not thread-safe: use it from the balancer's event loop only.
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
+from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, repeat, takewhile
+from operator import and_, neg
 
 import xxhash
 
@@ -52,6 +56,7 @@ from protocol.hashing import root_hash
 DEFAULT_MEDIUM = "GPU"  # a publisher that sends no medium (vLLM < 0.10) meant the GPU
 _U64 = (1 << 64) - 1
 _LITTLE = sys.byteorder == "little"
+_FAST_TOKENS = _LITTLE and array("I").itemsize == 4  # array("I").tobytes() is uint32 LE as is
 _digest = xxhash.xxh3_64_intdigest
 
 
@@ -63,12 +68,7 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int) -> list
     (design §3); tests check equality with hash_blocks. Raises OverflowError for a token id
     outside uint32.
     """
-    data = array("I", token_ids)
-    if data.itemsize != 4:  # pragma: no cover - every mainstream platform has 4-byte "I"
-        data = array("L", token_ids)
-    if not _LITTLE:  # pragma: no cover
-        data.byteswap()
-    raw = data.tobytes()
+    raw = _token_bytes(token_ids)
     step = 4 * block_size
     h = parent & _U64
     out = []
@@ -195,7 +195,7 @@ class PrefixIndex:
     # --- events -------------------------------------------------------------------------------
 
     def apply(self, replica_id: str, event: KVEvent) -> None:
-        r = self._replica(replica_id)
+        r = self._replicas.get(replica_id) or self._replica(replica_id)
         kind = type(event)
         if kind is BlockStored:
             self._store(r, event)  # type: ignore[arg-type]
@@ -228,55 +228,59 @@ class PrefixIndex:
                 break
             pending = deferred
 
-    def _parent(self, r: _Replica, ev: BlockStored) -> int | None:
+    def _root(self, lora_name: str | None) -> int:
+        root = self._roots.get(lora_name)
+        if root is None:
+            root = self._roots[lora_name] = root_hash(self.model, lora_name)
+        return root
+
+    def _parent_fallback(self, r: _Replica, ev: BlockStored, first_block: bytes) -> int | None:
+        """A parent not held by the replica: a ghost, or a verified identity (module docstring)."""
         parent = ev.parent_block_hash
-        if parent is None:
-            root = self._roots.get(ev.lora_name)
-            if root is None:
-                root = self._roots[ev.lora_name] = root_hash(self.model, ev.lora_name)
-            return root
-        for m in r.media.values():
-            ours = m.emap.get(parent)
-            if ours is not None:
-                return ours
-        ours = r.ghosts.get(parent)
+        ours = r.ghosts.get(parent)  # type: ignore[arg-type]
         if ours is not None:
             self.stats.ghost_parents += 1
             return ours
-        if type(parent) is int and 0 <= parent <= _U64 and ev.block_hashes:
-            try:
-                first = _digest(parent.to_bytes(8, "little") + _token_bytes(ev.token_ids[: self.block_size]))
-            except OverflowError:
-                return None
-            if first == ev.block_hashes[0]:
+        if type(parent) is int and 0 <= parent <= _U64:
+            if _digest(parent.to_bytes(8, "little") + first_block) == ev.block_hashes[0]:
                 self.stats.identity_parents += 1
                 return parent
         return None
 
     def _store(self, r: _Replica, ev: BlockStored, defer: bool = False) -> bool:
         """Index the event's blocks. False only when `defer` and the parent is unknown."""
-        bs = self.block_size
-        n = len(ev.block_hashes)
+        engine_ids = ev.block_hashes
+        n = len(engine_ids)
         if n == 0:
             return True
-        if (
-            ev.block_size != bs
-            or len(ev.token_ids) != n * bs
-            or ev.kv_cache_spec_kind not in (None, "full_attention")
-        ):
+        bs = self.block_size
+        kind = ev.kv_cache_spec_kind
+        if ev.block_size != bs or len(ev.token_ids) != n * bs or (kind is not None and kind != "full_attention"):
             self.stats.skipped_events += 1
             return True
-        parent = self._parent(r, ev)
+        try:
+            raw = array("I", ev.token_ids).tobytes() if _FAST_TOKENS else _token_bytes(ev.token_ids)
+        except (OverflowError, TypeError):  # a token id outside uint32
+            self.stats.skipped_events += 1
+            return True
+        step = 4 * bs
+        parent = ev.parent_block_hash
+        if parent is None:
+            parent = self._root(ev.lora_name)
+        else:
+            engine_parent = parent
+            parent = None
+            for held in r.media.values():
+                parent = held.emap.get(engine_parent)
+                if parent is not None:
+                    break
+            if parent is None:
+                parent = self._parent_fallback(r, ev, raw[:step])
         if parent is None:
             if defer:
                 return False
             self.stats.unknown_parent += 1
             r.resync_reason = r.resync_reason or "unknown_parent"
-            return True
-        try:
-            ours = chain_hashes(ev.token_ids, bs, parent)
-        except OverflowError:
-            self.stats.skipped_events += 1
             return True
         medium = ev.medium or DEFAULT_MEDIUM
         m = r.media.get(medium)
@@ -289,7 +293,11 @@ class PrefixIndex:
         bit = r.bit
         room = self.max_blocks_per_replica - r.num_blocks
         stored = 0
-        for eh, oh in zip(ev.block_hashes, ours):
+        off = 0
+        for eh in engine_ids:
+            # Our chain, block by block (protocol.hashing's function, as in chain_hashes).
+            parent = oh = _digest(parent.to_bytes(8, "little") + raw[off : off + step])
+            off += step
             held = emap.get(eh)
             if held is not None:
                 if held == oh:
@@ -378,34 +386,12 @@ class PrefixIndex:
 
         One pass over `hashes` (our chain hashes, e.g. protocol.hashing.prompt_hashes), which
         stops as soon as no replica is left. Replicas holding no leading block are absent.
+        Does not modify the index.
         """
         table = self._tables.get(medium)
         if not table or not hashes:
             return {}
-        get = table.get
-        active = get(hashes[0], 0)
-        if not active:
-            return {}
-        out: dict[str, int] = {}
-        owners = self._owners
-        i = 0
-        for h in hashes:
-            m = get(h, 0)
-            lost = active & ~m
-            if lost:
-                active &= m
-                while lost:
-                    low = lost & -lost
-                    out[owners[low.bit_length() - 1]] = i  # type: ignore[index]
-                    lost ^= low
-                if not active:
-                    return out
-            i += 1
-        while active:
-            low = active & -active
-            out[owners[low.bit_length() - 1]] = i  # type: ignore[index]
-            active ^= low
-        return out
+        return match_chain(table.get, hashes, self._owners)
 
     def replica_block_hashes(self, replica_id: str, medium: str = DEFAULT_MEDIUM) -> set[int]:
         """Our hashes of every block the replica holds in `medium` (a copy; for tests)."""
@@ -448,8 +434,34 @@ class PrefixIndex:
                 raise RuntimeError(f"{medium} table: {bad:#x} has mask {table.get(bad)!r}, expected {exp.get(bad)!r}")
 
 
+def match_chain(get: Callable[[int, int], int], hashes: Sequence[int], owners: Sequence[str | None]) -> dict[str, int]:
+    """Leading blocks held per replica, from `get(hash, 0) -> slot bitmask`.
+
+    acc[i] = mask(h_0) & ... & mask(h_i): the replicas holding all of the first i+1 blocks. The
+    walk runs in C (map -> accumulate -> takewhile) and stops at the first empty acc. As sets of
+    bits the acc values only shrink, so as ints they never increase: the few points where they
+    drop (one per distinct prefix length) are found by bisection.
+    """
+    acc = list(takewhile(bool, accumulate(map(get, hashes, repeat(0)), and_)))
+    out: dict[str, int] = {}
+    n = len(acc)
+    j = 0
+    while j < n:
+        v = acc[j]
+        j = bisect_right(acc, -v, j, n, key=neg)  # first index whose acc is below v
+        lost = v & ~acc[j] if j < n else v
+        while lost:
+            low = lost & -lost
+            out[owners[low.bit_length() - 1]] = j  # type: ignore[index]
+            lost ^= low
+    return out
+
+
 def _token_bytes(tokens: Sequence[int]) -> bytes:
-    data = array("I", tokens)
-    if not _LITTLE:  # pragma: no cover
-        data.byteswap()
-    return data.tobytes()
+    """Tokens as uint32 little-endian bytes (OverflowError for an id outside uint32)."""
+    if _FAST_TOKENS:
+        return array("I", tokens).tobytes()
+    try:  # pragma: no cover - big-endian or exotic platforms
+        return struct.pack(f"<{len(tokens)}I", *tokens)
+    except struct.error as e:  # pragma: no cover
+        raise OverflowError(str(e)) from e

@@ -259,6 +259,9 @@ class Proxy:
         tried = {lost.replica_id}
         generated = list(progress.token_ids)
         text_so_far = "".join(progress.text)
+        # The client's text is re-derived from token ids from here on: the lost replica may
+        # have held back the first bytes of a character, which the new one never saw as text.
+        progress.text_state = _FailoverText(self.router.tokenizer, generated, len(text_so_far))
         while not progress.finished:
             if not progress.has_token_ids:
                 break  # the replica did not give token ids: an exact continuation is impossible
@@ -361,12 +364,12 @@ class Proxy:
         for c in chunk.get("choices") or []:
             ids = c.get("token_ids") or []
             new_ids.extend(ids)
+            text = progress.text_state.add(ids, final=bool(c.get("finish_reason")))
             if req.kind == "chat":
-                delta = {"content": c.get("text", "")} if c.get("text") else {}
+                delta = {"content": text} if text else {}
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": c.get("finish_reason")}
             else:
-                choice = {"index": 0, "text": c.get("text", ""), "logprobs": None,
-                          "finish_reason": c.get("finish_reason")}
+                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": c.get("finish_reason")}
             if c.get("finish_reason"):
                 choice["stop_reason"] = c.get("stop_reason")
                 progress.finished = True
@@ -379,6 +382,28 @@ class Proxy:
             base["usage"] = {**usage, "prompt_tokens": prompt_tokens, "completion_tokens": done,
                              "total_tokens": prompt_tokens + done}
         return event(base)
+
+
+class _FailoverText:
+    """Text deltas of a continued stream, from all token ids generated so far.
+
+    Decodes the whole generated sequence on every chunk (failover only, so the quadratic cost
+    is acceptable) and holds back a trailing incomplete character, as a replica does.
+    """
+
+    def __init__(self, tokenizer, generated: list[int], sent_chars: int) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(generated)
+        self.sent = sent_chars
+
+    def add(self, ids: list[int], final: bool) -> str:
+        self.ids.extend(ids)
+        full = self.tokenizer.decode(self.ids)
+        if not final and full.endswith("\ufffd"):
+            return ""
+        delta = full[self.sent:]
+        self.sent = max(self.sent, len(full))
+        return delta
 
 
 async def _read_safely(resp: aiohttp.ClientResponse) -> bytes | None:

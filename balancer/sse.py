@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 DONE = b"data: [DONE]"
 
@@ -23,6 +24,7 @@ class StreamProgress:
     has_token_ids: bool = True  # every chunk carried token_ids (else text-only continuation)
     finished: bool = False
     done: bool = False
+    text_state: Any = None  # set by the proxy on failover: turns token ids into text deltas
 
 
 def split_events(buf: bytearray) -> bytes:

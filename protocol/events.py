@@ -34,6 +34,7 @@ Replay (vLLM's ROUTER socket; a client must use DEALER, a REQ socket gets only t
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -224,15 +225,22 @@ def _hash(value: Any, what: str) -> EngineHash:
 def _hashes(value: Any) -> tuple[EngineHash, ...]:
     if not isinstance(value, (list, tuple)):
         raise EventDecodeError(f"block_hashes must be an array, got {type(value).__name__}")
-    if all(type(h) is int and h >= 0 for h in value):
+    try:
+        array("Q", value)  # C-speed check: every element an int in [0, 2**64)
         return tuple(value)
-    return tuple(_hash(h, "block_hashes") for h in value)
+    except (TypeError, OverflowError):
+        return tuple(_hash(h, "block_hashes") for h in value)
 
 
 def _tokens(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not all(type(t) is int for t in value):
-        raise EventDecodeError("token_ids must be an array of ints")
-    return tuple(value)
+    if isinstance(value, (list, tuple)):
+        try:
+            array("q", value)  # C-speed check: every element an int
+            if not any(type(t) is bool for t in value[:1]):
+                return tuple(value)
+        except (TypeError, OverflowError):
+            pass
+    raise EventDecodeError("token_ids must be an array of ints")
 
 
 def _opt(value: Any, kind: type, what: str) -> Any:

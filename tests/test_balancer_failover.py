@@ -1,0 +1,179 @@
+"""Failover, draining and agreement between balancers, with real replica subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import aiohttp
+import pytest
+
+from balancer.config import BalancerConfig
+from tests.fleet_utils import balancer, http, start_replicas
+
+pytestmark = pytest.mark.slow
+
+
+async def read_stream(resp: aiohttp.ClientResponse, on_chunk=None) -> tuple[list[int], str, str | None, dict | None]:
+    ids, text, finish, error = [], "", None, None
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            error = chunk["error"]
+            continue
+        for c in chunk["choices"]:
+            ids.extend(c.get("token_ids") or [])
+            text += c.get("text") or (c.get("delta") or {}).get("content") or ""
+            finish = c.get("finish_reason") or finish
+        if on_chunk:
+            await on_chunk(len(ids))
+    return ids, text, finish, error
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_midstream_failover_is_token_identical_for_greedy(kind):
+    reps = start_replicas(2)
+    try:
+        async def main():
+            if kind == "chat":
+                body = {"model": "tiny", "messages": [{"role": "user", "content": "Count for me"}]}
+                path = "/v1/chat/completions"
+            else:
+                body = {"model": "tiny", "prompt": "Count for me: "}
+                path = "/v1/completions"
+            body.update(max_tokens=120, temperature=0, ignore_eos=True)
+            loop = asyncio.get_running_loop()
+            async with balancer([r.replica_arg for r in reps], policy="round_robin") as (url, b):
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(url + path, json={**body, "stream": True}) as r:
+                        serving = r.headers["X-Kvfleet-Replica"]
+                        victim = next(p for p in reps if p.url == serving)
+                        killed = False
+
+                        async def on_chunk(n):
+                            nonlocal killed
+                            if n >= 30 and not killed:
+                                killed = True
+                                os.kill(victim.popen.pid, signal.SIGKILL)
+
+                        ids, text, finish, error = await read_stream(r, on_chunk)
+            assert killed and error is None and finish == "length"
+            # The reference: the same greedy request served start to end by the survivor
+            # (all replicas are built from the same seed, so any of them is the truth).
+            survivor = next(p for p in reps if p is not victim)
+            status, _, ref = await loop.run_in_executor(
+                None, lambda: http("POST", survivor.url + path, {**body, "return_token_ids": True}))
+            assert status == 200
+            ref_choice = json.loads(ref)["choices"][0]
+            assert ids == ref_choice["token_ids"]
+            ref_text = ref_choice.get("text", (ref_choice.get("message") or {}).get("content"))
+            assert text == ref_text, (repr(text), repr(ref_text))
+        asyncio.run(main())
+    finally:
+        for r in reps:
+            r.stop()
+
+
+def test_drain_and_remove_without_dropping_inflight():
+    reps = start_replicas(2)
+    try:
+        async def main():
+            async with balancer([r.replica_arg for r in reps], policy="round_robin") as (url, b):
+                async with aiohttp.ClientSession() as s:
+                    body = {"model": "tiny", "prompt": "a long answer please", "max_tokens": 150, "temperature": 0,
+                            "ignore_eos": True, "stream": True}
+                    async with s.post(url + "/v1/completions", json=body) as r:
+                        serving = r.headers["X-Kvfleet-Replica"]
+                        removal = asyncio.create_task(
+                            s.delete(url + "/admin/replicas", params={"replica": serving, "timeout": "60"}))
+                        await asyncio.sleep(0.2)
+                        assert b.registry.get(serving).draining
+                        async with s.post(url + "/v1/completions",
+                                          json={"model": "tiny", "prompt": "new", "max_tokens": 2}) as r2:
+                            assert r2.headers["X-Kvfleet-Replica"] != serving
+                        ids, text, finish, error = await read_stream(r)
+                        assert finish == "length" and error is None and len(ids) == 150
+                    resp = await removal
+                    assert resp.status == 200 and (await resp.json())["inflight_at_removal"] == 0
+                    assert b.registry.get(serving) is None
+                    async with s.get(url + "/admin/replicas") as r3:
+                        assert [x["id"] for x in (await r3.json())["replicas"]] == [
+                            p.url for p in reps if p.url != serving]
+        asyncio.run(main())
+    finally:
+        for r in reps:
+            r.stop()
+
+
+@pytest.mark.parametrize("policy", ["precise_prefix", "dynamo_kv", "llmd_scorer"])
+def test_two_balancers_agree(policy):
+    reps = start_replicas(3)
+    try:
+        async def main():
+            specs = [r.replica_arg for r in reps]
+            async with balancer(specs, policy=policy) as (url_a, a), balancer(specs, policy=policy) as (url_b, b):
+                async with aiohttp.ClientSession() as s:
+                    groups = ["Tenant alpha system prompt. " * 10, "Tenant beta instructions here. " * 10]
+                    for i in range(6):
+                        async with s.post(url_a + "/v1/completions",
+                                          json={"model": "tiny", "prompt": groups[i % 2] + f"q{i}", "max_tokens": 2}):
+                            pass
+                    await asyncio.sleep(1.0)  # same events and load reports reach both
+                    for i in range(8):
+                        body = {"model": "tiny", "prompt": groups[i % 2] + f"probe {i}", "max_tokens": 2}
+                        async with s.post(url_a + "/admin/explain", json=body) as ra, \
+                                s.post(url_b + "/admin/explain", json=body) as rb:
+                            ea, eb = await ra.json(), await rb.json()
+                        assert ea["matched_blocks"] == eb["matched_blocks"]
+                        assert ea["decision"] == eb["decision"], (ea, eb)
+        asyncio.run(main())
+    finally:
+        for r in reps:
+            r.stop()
+
+
+def test_config_file_and_validation(tmp_path):
+    f = tmp_path / "balancer.toml"
+    f.write_text('port = 9000\npolicy = "dynamo_kv"\nreplicas = ["http://h1:8000=tcp://h1:5557,tcp://h1:5558", '
+                 '{url = "http://h2:8000"}]\n[health]\ninterval_s = 2.0\n')
+    cfg = BalancerConfig.from_file(f)
+    assert cfg.port == 9000 and cfg.policy == "dynamo_kv" and cfg.health.interval_s == 2.0
+    assert cfg.replicas[0].events == "tcp://h1:5557" and cfg.replicas[0].replay == "tcp://h1:5558"
+    assert cfg.replicas[1].events is None
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"replicaz": []}))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        BalancerConfig.from_file(bad)
+    with pytest.raises(ValueError, match="http://host:port"):
+        BalancerConfig.from_dict({"replicas": ["localhost:8000"]})
+
+
+def test_dns_discovery_adds_and_admin_adds_replicas():
+    reps = start_replicas(1)
+    try:
+        port = reps[0].url.rsplit(":", 1)[1]
+
+        async def main():
+            from balancer.config import DnsConfig
+
+            async with balancer([], dns=(DnsConfig(name=f"localhost:{port}", interval_s=0.2),)) as (url, b):
+                for _ in range(50):
+                    if any(r.url.endswith(f":{port}") for r in b.registry):
+                        break
+                    await asyncio.sleep(0.1)
+                assert any(r.url == f"http://127.0.0.1:{port}" for r in b.registry)
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi",
+                                                                     "max_tokens": 2}) as r:
+                        assert r.status == 200
+                    async with s.post(url + "/admin/replicas", json={"url": "not a url"}) as r:
+                        assert r.status == 400 and "http://host:port" in (await r.json())["error"]["message"]
+        asyncio.run(main())
+    finally:
+        for r in reps:
+            r.stop()
