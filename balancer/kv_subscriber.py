@@ -17,7 +17,9 @@ Sync state, per replica:
               starts at the needed seq, apply it and the held batches in order ─▶ live; if it
               starts later (the buffer rolled past) or times out ─▶ resync
     snapshot  the publisher answers with its whole cache and the KV seq it covers: rebuild the
-              replica's entries, apply held batches past that seq (a hole left ─▶ replay) ─▶ live
+              replica's entries, apply held batches past that seq (a hole left ─▶ replay) ─▶ live;
+              no answer within snapshot_timeout_s ─▶ live, inexact (learning from live batches),
+              and ask again later with a doubling back-off (at most 60 s)
 
 A resync asks for a snapshot. A publisher without snapshots (vLLM answers the request with its
 replay end marker at once) is instead re-learned: drop the replica's entries and replay from seq
@@ -25,7 +27,11 @@ replay end marker at once) is instead re-learned: drop the replica's entries and
 first batch (vLLM keeps 10,000) and a useful subset after that. Without a replay endpoint the
 subscriber can only drop the replica's entries and learn from live traffic.
 
-The subscriber starts with a snapshot request too: it may have joined late. The index flags
+The subscriber starts with a snapshot request too: it may have joined late. `exact` says
+whether the index holds exactly the replica's cache (after a snapshot, or having seen every
+batch from seq 0); `in_sync` adds that no repair is in flight. A kvfleet replica restarted
+while idle is noticed at its next load report (new epoch), so replicas should send them
+periodically. The index flags
 a replica whose events it could not apply (unknown parent, over capacity); in an exact state
 that triggers a resync, at most once per `resync_interval_s`. Nothing is dropped silently:
 every path above increments a counter in `stats`.
@@ -37,8 +43,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -114,6 +121,7 @@ class SubscriberStats:
     unknown_events: int = 0  # events of an unknown type, skipped
     load_reports: int = 0
     foreign_messages: int = 0  # other topics / layouts on the same socket, skipped
+    stale_replies: int = 0  # replay/snapshot replies arriving when none was awaited
     held_overflows: int = 0  # live batches not held because max_held_batches was reached
 
 
@@ -153,6 +161,7 @@ class ReplicaEventSubscriber:
         self._deadline: float | None = None
         self._pending_resync: str | None = None
         self._next_resync_at = float("-inf")
+        self._snapshot_backoff = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -161,14 +170,17 @@ class ReplicaEventSubscriber:
             raise RuntimeError("subscriber already started")
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kv-events:{self.config.replica_id}")
 
-    async def stop(self) -> None:
-        """Cancel the task and wait for it; its sockets are closed when it returns. Idempotent."""
+    def stop(self) -> Coroutine[Any, Any, None]:
+        """Cancel the task now; await the result to wait until its sockets are closed.
+
+        The cancel is immediate (not when the returned coroutine first runs), so after
+        `sub.stop()` the subscriber can no longer touch the index, even if the caller only
+        schedules the wait (`asyncio.create_task(sub.stop())`). Idempotent.
+        """
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if task is not None:
+            task.cancel()
+        return _wait_cancelled(task)
 
     @property
     def in_sync(self) -> bool:
@@ -211,7 +223,9 @@ class ReplicaEventSubscriber:
             self._sub = None
 
     def _poll_timeout_ms(self) -> int | None:
-        due = [t for t in (self._deadline, self._next_resync_at if self._pending_resync else None) if t is not None]
+        due = [] if self._deadline is None else [self._deadline]
+        if self._pending_resync is not None and self._mode == "live":  # else it waits for live
+            due.append(self._next_resync_at)
         if not due:
             return None
         return max(0, int((min(due) - self.clock()) * 1000) + 1)
@@ -400,10 +414,13 @@ class ReplicaEventSubscriber:
                 # vLLM's ROUTER read our request as a replay past its buffer: no snapshots here.
                 self.snapshot_supported = False
                 self._learn_from_replay()
+            else:
+                self.stats.stale_replies += 1
             return
         if reply.topic == self.config.snapshot_topic:
             if self._mode != "snapshot":
-                return  # a snapshot we no longer wait for
+                self.stats.stale_replies += 1  # a snapshot we no longer wait for
+                return
             try:
                 snapshot = decode_snapshot(reply.payload)
             except EventDecodeError as e:
@@ -412,10 +429,13 @@ class ReplicaEventSubscriber:
                 self._learn_from_replay()
                 return
             self.snapshot_supported = True
+            self._snapshot_backoff = 0.0
             self._apply_snapshot(snapshot)
             return
         if self._mode == "replay" and (reply.topic is None or reply.topic == self.config.topic):
             self._replayed[reply.seq] = reply.payload
+        else:
+            self.stats.stale_replies += 1
 
     def _finish_replay(self) -> None:
         replayed = self._replayed
@@ -468,8 +488,15 @@ class ReplicaEventSubscriber:
             else:
                 self._resync("replay_timeout")
         elif mode == "snapshot":
+            # No answer (replica down or busy, or no snapshots and no ROUTER to say so): keep
+            # what the index has, learn from live traffic, and ask again later, backing off.
             self.stats.snapshot_timeouts += 1
-            self._learn_from_replay()
+            self.last_seq = None
+            self.exact = False
+            self._enter_live()
+            self._snapshot_backoff = min(max(self._snapshot_backoff * 2, self.config.snapshot_timeout_s), 60.0)
+            self._pending_resync = self._pending_resync or "snapshot_retry"
+            self._next_resync_at = self.clock() + self._snapshot_backoff
 
     # --- resync -------------------------------------------------------------------------------
 
@@ -482,7 +509,7 @@ class ReplicaEventSubscriber:
     def _resync(self, reason: str) -> None:
         self.stats.resyncs[reason] = self.stats.resyncs.get(reason, 0) + 1
         self._pending_resync = None
-        self._next_resync_at = self.clock() + self.config.resync_interval_s
+        self._next_resync_at = self.clock() + max(self.config.resync_interval_s, self._snapshot_backoff)
         if self.config.replay_endpoint is None:
             self.index.clear_replica(self.config.replica_id)
             self.last_seq = None
@@ -516,3 +543,9 @@ class ReplicaEventSubscriber:
         self._mode = "live"
         self._deadline = None
         self._resync(reason)
+
+
+async def _wait_cancelled(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

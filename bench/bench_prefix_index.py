@@ -8,9 +8,10 @@ across 16 replicas with 1M indexed blocks (hashing excluded); <= 200 bytes per i
    that differ from ours (vLLM) or equal them (kvfleet); plus the subscriber's whole path per
    batch (msgpack decode + apply).
 2. Lookup: `match` of 8k- and 32k-token prompts (512 / 2048 blocks of 16) against an index of
-   16 replicas holding 1M blocks in all; every probe is fully cached on 3 replicas and partly
-   on 3 more, so the walk covers the whole chain (the worst case: it stops only when no replica
-   is left). With hashing = `prompt_hashes(tokens)` + `match`.
+   16 replicas holding 1M blocks in all; every probe is cached whole on 2 replicas and half on
+   2 more, so the walk covers the whole chain (the worst case: it stops only when no replica is
+   left). "warm": the same prompt again and again; "cold": 100 (8k) or 24 (32k) prompts in
+   turn, far more than the CPU caches hold. With hashing = `prompt_hashes(tokens)` + `match`.
 3. Memory: tracemalloc growth while building the 1M-block index, per held (replica, block).
 
     .venv/bin/python bench/bench_prefix_index.py [--blocks 1000000] [--replicas 16] [--out results/bench_prefix_index.json]
@@ -122,24 +123,51 @@ def bench_wire_ingest(per_event: int, events_per_batch: int = 8, total_blocks: i
     return n / (time.perf_counter() - t0)
 
 
+PROBES = {8192: 100, 32768: 24}  # prompt length in tokens -> number of distinct probe prompts
+
+
+def probe_events(rng: random.Random, n_tokens: int, count: int, rids: list[str], kvfleet: bool):
+    """Probe prompts, each held whole by 2 replicas and its first half by 2 others, so that a
+    lookup walks the whole chain. Returns (prompts, [(replica, event)])."""
+    prompts, plan = [], []
+    for k in range(count):
+        tokens = [rng.randrange(1, 150_000) for _ in range(n_tokens)]
+        ours = chain_hashes(tokens, BS, ROOT)
+        n = len(ours)
+        for j in range(4):
+            rid = rids[(k * 4 + j) % len(rids)]
+            m = n if j < 2 else n // 2
+            eng = engine_ids(ours[:m], kvfleet, rng)
+            plan.append((rid, BlockStored(tuple(eng), None, tuple(tokens[: m * BS]), BS)))
+        prompts.append(tokens)
+    return prompts, plan
+
+
 def build_fleet(total_blocks: int, replicas: int, kvfleet: bool, measure_memory: bool):
-    """An index where `replicas` replicas hold `total_blocks` blocks in all: 40 system prompts of
-    32 blocks held by every replica, the rest in per-replica chains of 128 blocks. Returns
-    (index, held, bytes per held block or None)."""
+    """An index where `replicas` replicas hold `total_blocks` blocks in all: the probe prompts,
+    40 system prompts of 32 blocks held by every replica, and per-replica chains of 128 blocks.
+    Returns (index, probes by length, blocks held, bytes per held block or None)."""
     rng = random.Random(11)
     index = PrefixIndex(BS, MODEL)
     rids = [f"replica-{i}" for i in range(replicas)]
-    shared = [make_chain_events(rng, 32, 32, kvfleet) for _ in range(40)]
-    per_replica = (total_blocks - 40 * 32 * replicas) // replicas
-    chains_per_replica = per_replica // 128
-    # Build the events first so that only the index's own allocations are measured.
+    # Build every event first so that only the index's own allocations are measured.
     plan = []
+    probes = {}
+    for n_tokens, count in PROBES.items():
+        probes[n_tokens], events = probe_events(rng, n_tokens, count, rids, kvfleet)
+        plan.extend(events)
+    shared = [make_chain_events(rng, 32, 32, kvfleet) for _ in range(40)]
     for rid in rids:
         for events, _, _ in shared:
             plan.extend((rid, ev) for ev in events)
-        for _ in range(chains_per_replica):
-            events, _, _ = make_chain_events(rng, 128, 32, kvfleet)
-            plan.extend((rid, ev) for ev in events)
+    held = sum(len(ev.block_hashes) for _, ev in plan)
+    chains_per_replica = max(0, total_blocks - held) // (128 * replicas)
+    chains = [[(rid, ev) for ev in make_chain_events(rng, 128, 32, kvfleet)[0]]
+              for rid in rids for _ in range(chains_per_replica)]
+    rng.shuffle(chains)  # the replicas' streams interleave on a real balancer (chains stay in order)
+    for chain in chains:
+        plan.extend(chain)
+    del chains
     held = sum(len(ev.block_hashes) for _, ev in plan)
     gc.collect()
     # The engine ids are allocated with the events, outside the traced window: the index keeps
@@ -158,36 +186,26 @@ def build_fleet(total_blocks: int, replicas: int, kvfleet: bool, measure_memory:
         kept_ids = sum(sys.getsizeof(eh) for r in index._replicas.values() for m in r.media.values()
                        for eh, oh in m.emap.items() if eh is not oh)
         per_block = (after - before + kept_ids) / held
-    return index, rids, held, per_block
+    assert index.stats.unknown_parent == 0
+    return index, probes, held, per_block
 
 
-def make_probes(index: PrefixIndex, rids: list[str], n_tokens: int, count: int, rng: random.Random) -> list[list[int]]:
-    """Prompts of n_tokens, each held fully by 3 replicas and for its first half by 3 others."""
-    probes = []
-    for k in range(count):
-        tokens = [rng.randrange(1, 150_000) for _ in range(n_tokens)]
-        ours = chain_hashes(tokens, BS, ROOT)
-        n = len(ours)
-        for j in range(6):
-            rid = rids[(k * 6 + j) % len(rids)]
-            m = n if j < 3 else n // 2
-            index.apply(rid, BlockStored(tuple(ours[:m]), None, tuple(tokens[: m * BS]), BS))
-        probes.append(tokens)
-    return probes
-
-
-def bench_lookup(index: PrefixIndex, probes: list[list[int]], rounds: int, with_hashing: bool) -> tuple[float, float]:
-    chains = [prompt_hashes(t, BS, MODEL) for t in probes]
+def bench_lookup(index: PrefixIndex, probes: list[list[int]], rounds: int, with_hashing: bool,
+                 warm: bool) -> tuple[float, float]:
+    """p50/p99 in us. warm: one prompt looked up again and again (its blocks stay in the CPU
+    caches); cold: every prompt in turn (the working set is far larger than the caches)."""
+    order = [probes[0]] * (rounds * 10) if warm else probes * rounds
+    chains = {id(t): prompt_hashes(t, BS, MODEL) for t in probes}
     samples = []
     match = index.match
-    for r in range(rounds):
-        for tokens, chain in zip(probes, chains):
-            t0 = time.perf_counter()
-            if with_hashing:
-                chain = prompt_hashes(tokens, BS, MODEL)
-            result = match(chain)
-            samples.append(time.perf_counter() - t0)
-        assert sum(1 for v in result.values() if v == len(chain)) == 3, result
+    for tokens in order:
+        chain = chains[id(tokens)]
+        t0 = time.perf_counter()
+        if with_hashing:
+            chain = prompt_hashes(tokens, BS, MODEL)
+        result = match(chain)
+        samples.append(time.perf_counter() - t0)
+        assert sorted(result.values()) == [len(chain) // 2] * 2 + [len(chain)] * 2, result
     samples.sort()
     return statistics.median(samples) * 1e6, samples[int(0.99 * (len(samples) - 1))] * 1e6
 
@@ -196,7 +214,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", type=int, default=1_000_000)
     ap.add_argument("--replicas", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -215,24 +233,21 @@ def main() -> None:
         rate = bench_wire_ingest(per_event)
         rows.append([f"decode_batch + apply, {per_event} blk/event, 8 events/batch", f"{rate / 1e3:,.0f}k block events/s"])
 
-    mem: dict[str, float] = {}
     for kvfleet in (False, True):
-        index, rids, held, per_block = build_fleet(args.blocks, args.replicas, kvfleet, measure_memory=True)
+        index, probes, held, per_block = build_fleet(args.blocks, args.replicas, kvfleet, measure_memory=True)
         label = "kvfleet ids" if kvfleet else "vLLM ids"
-        mem[label] = per_block
-        rows.append([f"memory per held block, {label} ({held:,} held, {index.num_entries():,} distinct, {args.replicas} replicas)",
-                     f"{per_block:.0f} B"])
+        rows.append([f"memory per held block, {label} ({held:,} held, {index.num_entries():,} distinct, "
+                     f"{args.replicas} replicas)", f"{per_block:.0f} B"])
         if kvfleet:
             continue
-        rng = random.Random(3)
-        for n_tokens in (8192, 32768):
-            probes = make_probes(index, rids, n_tokens, 24, rng)
-            for with_hashing in (False, True):
-                p50, p99 = bench_lookup(index, probes, args.rounds, with_hashing)
-                what = "hash + match" if with_hashing else "match only"
-                rows.append([f"lookup {n_tokens // 1024}k tokens ({n_tokens // BS} blocks), {what}",
-                             f"p50 {p50:,.0f} us, p99 {p99:,.0f} us"])
-        del index
+        for n_tokens in PROBES:
+            for warm in (True, False):
+                for with_hashing in (False, True):
+                    p50, p99 = bench_lookup(index, probes[n_tokens], args.rounds, with_hashing, warm)
+                    what = "hash + match" if with_hashing else "match only"
+                    rows.append([f"lookup {n_tokens // 1024}k tokens ({n_tokens // BS} blocks), {what}, "
+                                 f"{'warm' if warm else 'cold'} caches", f"p50 {p50:,.0f} us, p99 {p99:,.0f} us"])
+        del index, probes
         gc.collect()
 
     print()

@@ -49,9 +49,11 @@ class Backend:
         self.default_chunks = default_chunks
         self.started = int(time.time())
         self.served = 0
+        self.connections = 0
         self.health = _response("200 OK", b'{"status":"ok"}')
         self.models = _response("200 OK", json.dumps(
-            {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "bench", "max_model_len": 1 << 20}]}
+            {"object": "list",
+             "data": [{"id": model, "object": "model", "owned_by": "bench", "max_model_len": 1 << 20}]}
         ).encode())
         self.load = _response("200 OK", json.dumps(
             {"num_running": 0, "num_waiting": 0, "queued_prefill_tokens": 0, "running_decode_tokens": 0,
@@ -90,6 +92,7 @@ class Conn(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.b.connections += 1
         self.can_write = asyncio.Event()
         self.can_write.set()
 
@@ -158,7 +161,8 @@ class Conn(asyncio.Protocol):
                 w(b.bad)
                 return
             if req.get("stream"):
-                n = req.get("max_tokens") or (req.get("sampling_params") or {}).get("max_new_tokens") or b.default_chunks
+                n = (req.get("max_tokens") or (req.get("sampling_params") or {}).get("max_new_tokens")
+                     or b.default_chunks)
                 self.streaming = True
                 asyncio.get_running_loop().create_task(self._stream(int(n)))
             else:
@@ -205,7 +209,8 @@ async def serve(host: str, port: int, model: str, chunks: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     server.close()
-    print(f"fake backend: served {backend.served} requests", file=sys.stderr, flush=True)
+    print(f"fake backend: served {backend.served} requests on {backend.connections} connections", file=sys.stderr,
+          flush=True)
 
 
 def main() -> int:

@@ -17,7 +17,15 @@ from replica.config import EngineConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from replica.step_model import PRESETS
+
     d = EngineConfig()
+    p.add_argument("--engine", choices=("torch", "sim"), default="torch",
+                   help="torch: run the model; sim: real scheduler and block pool, modelled step times, no torch")
+    p.add_argument("--preset", default="llama3-8b-h100", choices=sorted(PRESETS),
+                   help="with --engine sim: the GPU set-up whose step times and KV capacity to model")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="with --engine sim: run this many times faster than the modelled GPU")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one)")
     p.add_argument("--model", default=d.model, help="model preset: tiny, small, llama3-8b")
@@ -30,8 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from --kv-cache-memory)")
     p.add_argument("--kv-cache-memory", type=int, default=d.kv_cache_memory_bytes, help="KV cache budget in bytes when --num-blocks is not given")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="most requests in one running batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="token budget per step (prefill chunk size)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"most requests in one running batch (default {d.max_num_seqs}; sim: the preset's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"token budget per step, the prefill chunk size (default {d.max_num_batched_tokens}; sim: the preset's)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -46,6 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    d = EngineConfig()
+    seqs, tokens = d.max_num_seqs, d.max_num_batched_tokens
+    if args.engine == "sim":
+        from replica.step_model import get_preset
+
+        preset = get_preset(args.preset)
+        seqs, tokens = preset.max_num_seqs, preset.max_num_batched_tokens
     return EngineConfig(
         model=args.model,
         served_model_name=args.served_model_name,
@@ -57,8 +74,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_blocks=args.num_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory,
         enable_prefix_caching=not args.no_prefix_caching,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs or seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens or tokens,
         max_model_len=args.max_model_len,
         device=args.device,
         threads=args.threads,
@@ -91,4 +108,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"kvfleet replica: {e}", file=sys.stderr)
             return 2
     return asyncio.run(run_replica(cfg, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
-                                   max_body_bytes=args.max_body_bytes, publisher_cfg=publisher_cfg))
+                                   max_body_bytes=args.max_body_bytes, publisher_cfg=publisher_cfg,
+                                   sim_preset=args.preset if args.engine == "sim" else None,
+                                   time_scale=args.time_scale))

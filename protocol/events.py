@@ -236,8 +236,7 @@ def _tokens(value: Any) -> tuple[int, ...]:
     if isinstance(value, (list, tuple)):
         try:
             array("q", value)  # C-speed check: every element an int
-            if not any(type(t) is bool for t in value[:1]):
-                return tuple(value)
+            return tuple(value)
         except (TypeError, OverflowError):
             pass
     raise EventDecodeError("token_ids must be an array of ints")
@@ -254,17 +253,18 @@ def _block_stored(f: Callable[[str, Any], Any]) -> BlockStored:
     if type(block_size) is not int or block_size <= 0:
         raise EventDecodeError(f"BlockStored.block_size must be a positive int, got {block_size!r}")
     parent = f("parent_block_hash", None)
-    return BlockStored(
-        block_hashes=_hashes(f("block_hashes", None)),
-        parent_block_hash=None if parent is None else _hash(parent, "parent_block_hash"),
-        token_ids=_tokens(f("token_ids", None)),
-        block_size=block_size,
-        lora_id=_opt(f("lora_id", None), int, "lora_id"),
-        medium=_opt(f("medium", None), str, "medium"),
-        lora_name=_opt(f("lora_name", None), str, "lora_name"),
-        group_idx=_opt(f("group_idx", None), int, "group_idx"),
-        kv_cache_spec_kind=_opt(f("kv_cache_spec_kind", None), str, "kv_cache_spec_kind"),
-    )
+    if parent is not None:
+        parent = _hash(parent, "parent_block_hash")
+    lora_id, medium, lora_name = f("lora_id", None), f("medium", None), f("lora_name", None)
+    group_idx, kind = f("group_idx", None), f("kv_cache_spec_kind", None)
+    # The optional fields, checked inline (this runs once per event on the subscriber's path).
+    if not ((lora_id is None or type(lora_id) is int) and (medium is None or type(medium) is str)
+            and (lora_name is None or type(lora_name) is str) and (group_idx is None or type(group_idx) is int)
+            and (kind is None or type(kind) is str)):
+        _opt(lora_id, int, "lora_id"), _opt(medium, str, "medium"), _opt(lora_name, str, "lora_name")
+        _opt(group_idx, int, "group_idx"), _opt(kind, str, "kv_cache_spec_kind")
+    return BlockStored(_hashes(f("block_hashes", None)), parent, _tokens(f("token_ids", None)), block_size,
+                       lora_id, medium, lora_name, group_idx, kind)
 
 
 def _block_removed(f: Callable[[str, Any], Any]) -> BlockRemoved:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from replica.config import EngineConfig
-from replica.engine import build_engine
+from replica.engine import build_engine, build_sim_engine
 from replica.metrics import ReplicaMetrics
 from replica.publisher import KVEventPublisher, PublisherConfig
 from replica.server import ServerConfig, create_app, serve
@@ -13,8 +13,9 @@ from replica.service import EngineService
 
 
 async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: float = 30.0,
-                      max_body_bytes: int = 16 * 1024 * 1024, publisher_cfg: PublisherConfig | None = None) -> int:
-    engine = build_engine(cfg)
+                      max_body_bytes: int = 16 * 1024 * 1024, publisher_cfg: PublisherConfig | None = None,
+                      sim_preset: str | None = None, time_scale: float = 1.0) -> int:
+    engine = build_sim_engine(cfg, sim_preset, time_scale) if sim_preset else build_engine(cfg)
     publisher = KVEventPublisher(publisher_cfg) if publisher_cfg is not None else None
     sched = engine.scheduler
     server_cfg = ServerConfig(
@@ -24,7 +25,7 @@ async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: 
         max_body_bytes=max_body_bytes,
         model_name=cfg.model_name,
         max_model_len=sched.config.max_model_len,
-        vocab_size=engine.executor.model.config.vocab_size,
+        vocab_size=engine.tokenizer.vocab_size,
     )
     service = EngineService(engine, ReplicaMetrics(cfg.model_name), publisher=publisher, replica_id=f"{host}:{port}")
     app = create_app(service, server_cfg)
@@ -36,7 +37,8 @@ async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: 
         if publisher is not None:
             ep = publisher.endpoints
             events = f" kv-events={ep.endpoint}" + (f" kv-replay={ep.replay_endpoint}" if ep.replay_endpoint else "")
-        print(f"kvfleet replica ready: model={cfg.model_name} blocks={engine.kv.num_blocks} "
+        kind = f"sim:{sim_preset}" if sim_preset else "torch"
+        print(f"kvfleet replica ready: engine={kind} model={cfg.model_name} blocks={engine.kv.num_blocks} "
               f"block_size={cfg.block_size}{events} listening on {' '.join(addrs)}", flush=True)
 
     await serve(app, server_cfg, ready)

@@ -91,6 +91,7 @@ class LLMEngine:
         tokenizer,
         clock: Callable[[], float] = time.monotonic,
         step_history: int = 64,
+        detokenize: bool = True,
     ) -> None:
         self.scheduler = scheduler
         self.kv: KVCacheManager = scheduler.kv
@@ -100,12 +101,14 @@ class LLMEngine:
         self._text: dict[str, _TextState] = {}
         self.steps: deque[StepSample] = deque(maxlen=step_history)
         self.num_steps = 0
+        self.detokenize = detokenize  # False: outputs carry token ids only (the offline simulator)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         req = Request(request_id, prompt_token_ids, params, self.clock(), self.tokenizer.eos_token_id)
         self.scheduler.add_request(req)
-        self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids), params.stop)
+        if self.detokenize:
+            self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids), params.stop)
         return req
 
     def abort_request(self, request_id: str) -> bool:
@@ -134,9 +137,9 @@ class LLMEngine:
 
     def _output(self, req: Request) -> RequestOutput:
         token = req.token_ids[-1]
-        state = self._text[req.request_id]
         finished = req.status.finished
-        delta, stop_hit = state.push(token, finished)
+        state = self._text.get(req.request_id)
+        delta, stop_hit = state.push(token, finished) if state is not None else ("", None)
         stop_reason: str | int | None = None
         if stop_hit is not None and not finished:
             self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
@@ -148,7 +151,7 @@ class LLMEngine:
         elif req.status == RequestStatus.FINISHED_STOPPED and token != req.eos_token_id:
             stop_reason = token
         if finished:
-            del self._text[req.request_id]
+            self._text.pop(req.request_id, None)
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=(token,),
@@ -160,6 +163,24 @@ class LLMEngine:
             num_cached_tokens=max(req.num_cached_tokens, 0),
             num_output_tokens=req.num_output_tokens,
         )
+
+
+def build_sim_engine(config, preset_name: str, time_scale: float = 1.0,
+                     clock: Callable[[], float] = time.monotonic) -> LLMEngine:
+    """An engine with the simulated executor: real scheduler and block pool, modelled step
+    times (sleeping `duration / time_scale`), no torch."""
+    from protocol.tokenizer import ByteTokenizer
+    from replica.sim_executor import SimExecutor, sleeper
+    from replica.step_model import get_preset
+
+    preset = get_preset(preset_name)
+    num_blocks = config.num_blocks or preset.kv_blocks
+    kv = KVCacheManager(num_blocks, config.block_size, root_hash(config.model_name, config.cache_salt),
+                        enable_caching=config.enable_prefix_caching)
+    sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                config.max_model_len or 131_072)
+    scheduler = Scheduler(sched_cfg, kv, clock)
+    return LLMEngine(scheduler, SimExecutor(preset.model, sleeper(time_scale)), ByteTokenizer(), clock)
 
 
 def build_engine(config, clock: Callable[[], float] = time.monotonic) -> LLMEngine:

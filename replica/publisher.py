@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from collections import deque
@@ -128,8 +129,11 @@ class KVEventPublisher:
         self.config = config
         self._ctx = context or zmq.Context.instance()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.max_queue_size)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        # Wake-up channel for the thread's poll. Socket objects rather than raw pipe fds: a late
+        # write after close() fails on the closed object instead of hitting a reused fd.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._wake_r.setblocking(False)
         # Random per process: a subscriber that sees it change knows the replica restarted.
         self.epoch = int.from_bytes(os.urandom(8), "big") >> 1
         self._snapshot_wanted = threading.Event()
@@ -229,18 +233,15 @@ class KVEventPublisher:
 
     def _wake(self) -> None:
         try:
-            os.write(self._wake_w, b"\0")
+            self._wake_w.send(b"\0")
         except BlockingIOError:
-            pass  # the pipe is full: a wake-up is pending anyway
+            pass  # the buffer is full: a wake-up is pending anyway
         except OSError:
             pass  # closed during shutdown
 
     def _close_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _run(self) -> None:
         cfg = self.config
@@ -289,7 +290,10 @@ class KVEventPublisher:
         while True:
             ready = dict(poller.poll(200))
             if self._wake_r in ready:
-                os.read(self._wake_r, 4096)
+                try:
+                    self._wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
             if router is not None and router in ready:
                 self._serve_router(router, state)
             if self._drain_queue(pub, router, state):

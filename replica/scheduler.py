@@ -83,6 +83,12 @@ class Scheduler:
             raise ValueError(
                 f"prompt has {request.num_tokens} tokens; the model's context is {self.config.max_model_len}"
             )
+        needed = -(-(request.num_tokens + 1) // self.kv.block_size)
+        if needed > self.kv.num_blocks:
+            raise ValueError(
+                f"prompt has {request.num_tokens} tokens and needs {needed} KV blocks, but the cache has only "
+                f"{self.kv.num_blocks}; shorten the prompt or give the replica more KV blocks"
+            )
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
         self.requests[request.request_id] = request

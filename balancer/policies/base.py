@@ -81,6 +81,9 @@ class Policy(ABC):
     """Base class of all routing policies. Subclasses set `name` and implement `select`."""
 
     name: ClassVar[str] = ""
+    # True if the policy reads `prompt_text` / `first_user_message` (text-based peers); lets the
+    # simulator skip decoding prompts for the others.
+    needs_text: ClassVar[bool] = False
 
     @abstractmethod
     def select(self, request: RoutingRequest, replicas: Sequence[ReplicaView]) -> Decision:

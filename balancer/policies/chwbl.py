@@ -85,6 +85,7 @@ def load_ok(load: int, total: int, n: int, load_factor: float) -> bool:
 
 class ChwblPolicy(Policy):
     name: ClassVar[str] = "chwbl"
+    needs_text = True
     Config: ClassVar[type] = ChwblConfig
 
     def __init__(self, config: ChwblConfig | None = None) -> None:

@@ -252,6 +252,7 @@ class ApproxTree:
 
 class SglangCacheAwarePolicy(Policy):
     name: ClassVar[str] = "sglang_cache_aware"
+    needs_text = True
     Config: ClassVar[type] = SglangCacheAwareConfig
 
     def __init__(self, config: SglangCacheAwareConfig | None = None) -> None:

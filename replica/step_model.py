@@ -1,0 +1,166 @@
+"""How long an engine step takes, from what the step processes.
+
+    duration = base
+             + per_token          × new tokens (prefill chunks + decodes: the weight GEMMs)
+             + per_prefill_ctx    × Σ over prefill chunks of new_i × context_i (attention, quadratic)
+             + per_prefill_seq_ctx× Σ over prefill chunks of context_i (reading the cached prefix)
+             + per_decode_ctx     × Σ over decode sequences of context_i (reading their KV)
+
+This is the shape of Preble's fitted prefill model (design §8: 28.93 ms + 0.1822 ms/token +
+0.0040 ms/context + 2.55e-6 ms/(token·context), Llama-3-70B on H100, from Preble's
+`model_equations.py`) with a decode term added, as Vidur separates prefill and decode attention.
+Features come from a `SchedulerOutput`, so the simulator and calibration use the same code.
+
+Presets (seconds). Where a number is derived rather than measured, the derivation is given:
+effective HBM bandwidth 70 % of the H100 SXM's 3.35 TB/s, effective bf16 throughput 50 % of its
+989 TFLOP/s dense (NVIDIA H100 datasheet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+
+FEATURES = ("base", "per_token", "per_prefill_ctx", "per_prefill_seq_ctx", "per_decode_ctx")
+
+
+@dataclass(frozen=True, slots=True)
+class StepFeatures:
+    new_tokens: int
+    prefill_ctx_product: float  # Σ new_i × (cached_i + new_i / 2) over prefill chunks
+    prefill_seq_ctx: int  # Σ cached context of prefill chunks
+    decode_ctx: int  # Σ context of decode sequences
+    num_seqs: int
+
+    def vector(self) -> np.ndarray:
+        return np.array([1.0, self.new_tokens, self.prefill_ctx_product, self.prefill_seq_ctx, self.decode_ctx])
+
+
+def features_of(scheduled: Iterable, num_prompt_of=None) -> StepFeatures:
+    """Features of a step from `(request, num_new_tokens, sample)` triples (a SchedulerOutput's
+    `scheduled`). A chunk is a decode when it is one token past the request's prompt."""
+    new = prod = pctx = dctx = n = 0
+    for req, num_new, _ in scheduled:
+        ctx = req.num_computed_tokens
+        n += 1
+        new += num_new
+        if num_new == 1 and ctx >= req.num_prompt_tokens:
+            dctx += ctx
+        else:
+            prod += num_new * (ctx + num_new / 2)
+            pctx += ctx
+    return StepFeatures(new, prod, pctx, dctx, n)
+
+
+@dataclass(frozen=True)
+class StepTimeModel:
+    base: float  # seconds per step
+    per_token: float
+    per_prefill_ctx: float
+    per_prefill_seq_ctx: float
+    per_decode_ctx: float
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in FEATURES:
+            if getattr(self, name) < 0:
+                raise ValueError(f"step-time coefficient {name} must be non-negative")
+
+    def coefficients(self) -> np.ndarray:
+        return np.array([getattr(self, f) for f in FEATURES])
+
+    def duration(self, f: StepFeatures) -> float:
+        return float(self.coefficients() @ f.vector())
+
+    def prefill_time(self, new_tokens: int, cached: int = 0, chunk: int | None = None) -> float:
+        """Time to prefill `new_tokens` after `cached` ones on an idle replica, in chunks."""
+        chunk = chunk or new_tokens or 1
+        t, done = 0.0, 0
+        while done < new_tokens:
+            n = min(chunk, new_tokens - done)
+            ctx = cached + done
+            t += self.duration(StepFeatures(n, n * (ctx + n / 2), ctx, 0, 1))
+            done += n
+        return t
+
+    def decode_step_time(self, batch: int, mean_context: float) -> float:
+        return self.duration(StepFeatures(batch, 0.0, 0, int(batch * mean_context), batch))
+
+    @classmethod
+    def fit(cls, rows: Sequence[StepFeatures], durations: Sequence[float], source: str = "fitted") -> "StepTimeModel":
+        """Non-negative least squares over the features (active-set: drop negative terms, refit)."""
+        x = np.stack([r.vector() for r in rows])
+        y = np.asarray(durations, dtype=float)
+        active = list(range(x.shape[1]))
+        coef = np.zeros(x.shape[1])
+        while active:
+            sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+            if (sol >= 0).all():
+                coef[:] = 0
+                coef[active] = sol
+                break
+            active.pop(int(np.argmin(sol)))
+        return cls(*coef.tolist(), source=source)
+
+    def error(self, rows: Sequence[StepFeatures], durations: Sequence[float]) -> dict[str, float]:
+        pred = np.array([self.duration(r) for r in rows])
+        y = np.asarray(durations, dtype=float)
+        rel = np.abs(pred - y) / np.maximum(y, 1e-9)
+        return {"median_rel_error": float(np.median(rel)), "mean_rel_error": float(rel.mean()),
+                "p90_rel_error": float(np.quantile(rel, 0.9))}
+
+
+@dataclass(frozen=True)
+class SimPreset:
+    """A simulated GPU set-up: its step-time model and KV capacity."""
+
+    model: StepTimeModel
+    kv_blocks: int  # of 16 tokens
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    description: str = ""
+
+
+_HBM = 3.35e12 * 0.7  # bytes/s, effective (H100 SXM datasheet × 70 %)
+_FLOPS = 989e12 * 0.5  # bf16 dense, effective (datasheet × 50 %)
+
+PRESETS = MappingProxyType({
+    # Llama-3-70B on H100s: prefill terms are Preble's published fit (design §8; Preble
+    # `model_equations.py`, LP_Llama3_70B_H100): 28.93 ms + 0.1822 ms/token + 0.0040 ms per
+    # context token + 2.55e-6 ms per token×context. Decode attention reads 320 KiB of KV per
+    # context token (80 layers × 8 KV heads × 128 × 2 (K,V) × 2 bytes), assumed spread over
+    # 4 GPUs (TP4) at _HBM each. KV capacity under TP4: 4 × 80 GB × 0.9 − 140 GB weights
+    # ≈ 148 GB / 320 KiB ≈ 450k tokens.
+    "llama3-70b-h100": SimPreset(
+        StepTimeModel(28.93e-3, 0.1822e-3, 2.55e-9, 0.0040e-3, 327_680 / (4 * _HBM),
+                      source="Preble fit (prefill) + HBM roofline (decode), Llama-3-70B, 4×H100 TP4"),
+        kv_blocks=28_000, max_num_seqs=128, max_num_batched_tokens=4096,
+        description="Llama-3-70B bf16 on 4×H100 (TP4)"),
+    # Llama-3-8B on one H100, all terms derived: base = 16 GB of weights / _HBM (6.8 ms);
+    # per token = 2 × 8.0e9 FLOPs / _FLOPS; attention per (query, key) pair = 4 × 32 layers ×
+    # 4096 FLOPs / _FLOPS; decode reads 128 KiB of KV per context token (32 × 8 × 128 × 2 × 2 B)
+    # / _HBM; reading a cached prefix during prefill is folded into the quadratic term.
+    # KV capacity: 80 GB × 0.9 − 16 GB ≈ 56 GB / 128 KiB ≈ 430k tokens.
+    "llama3-8b-h100": SimPreset(
+        StepTimeModel(16e9 / _HBM, 2 * 8.0e9 / _FLOPS, 4 * 32 * 4096 / _FLOPS, 0.0, 131_072 / _HBM,
+                      source="HBM/FLOP roofline, Llama-3-8B, 1×H100"),
+        kv_blocks=27_000, max_num_seqs=256, max_num_batched_tokens=8192,
+        description="Llama-3-8B bf16 on 1×H100"),
+    # The tiny preset on this project's 2-core CPU machines, from `kvfleet calibrate`
+    # (see docs/benchmarks.md for the run); used to check the simulator against torch replicas.
+    "tiny-cpu": SimPreset(
+        StepTimeModel(4.0e-3, 0.09e-3, 1.0e-8, 0.0, 0.6e-6, source="kvfleet calibrate, tiny preset, 2-core CPU"),
+        kv_blocks=512, max_num_seqs=64, max_num_batched_tokens=2048,
+        description="the tiny torch preset on a 2-core CPU"),
+})
+
+
+def get_preset(name: str) -> SimPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown sim preset {name!r}; choose one of {sorted(PRESETS)}") from None
