@@ -39,9 +39,6 @@ Not thread-safe: use it from the balancer's event loop only.
 
 from __future__ import annotations
 
-import struct
-import sys
-from array import array
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -52,33 +49,12 @@ from operator import and_, neg
 import xxhash
 
 from protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KVEvent
-from protocol.hashing import root_hash
+from protocol.hashing import root_hash, token_bytes
 
 DEFAULT_MEDIUM = "GPU"  # a publisher that sends no medium (vLLM < 0.10) meant the GPU
 _U64 = (1 << 64) - 1
-_LITTLE = sys.byteorder == "little"
-_FAST_TOKENS = _LITTLE and array("I").itemsize == 4  # array("I").tobytes() is uint32 LE as is
 _digest = xxhash.xxh3_64_intdigest
 _MAX_INTERNED_MASKS = 65_536
-
-
-def chain_hashes(token_ids: Sequence[int], block_size: int, parent: int) -> list[int]:
-    """protocol.hashing.hash_blocks for exactly len(token_ids)//block_size blocks, without the
-    numpy conversion (which costs ~4 µs per call: most events carry 1-32 blocks).
-
-    Same function: xxh3_64(parent as 8 bytes LE ‖ tokens as uint32 LE) per block, chained
-    (design §3); tests check equality with hash_blocks. Raises OverflowError for a token id
-    outside uint32.
-    """
-    raw = _token_bytes(token_ids)
-    step = 4 * block_size
-    h = parent & _U64
-    out = []
-    append = out.append
-    for off in range(0, (len(raw) // step) * step, step):
-        h = _digest(h.to_bytes(8, "little") + raw[off : off + step])
-        append(h)
-    return out
 
 
 @dataclass(slots=True)
@@ -270,8 +246,8 @@ class PrefixIndex:
             self.stats.skipped_events += 1
             return True
         try:
-            raw = array("I", ev.token_ids).tobytes() if _FAST_TOKENS else _token_bytes(ev.token_ids)
-        except (OverflowError, TypeError):  # a token id outside uint32
+            raw = token_bytes(ev.token_ids)
+        except (ValueError, TypeError):  # a token id outside uint32
             self.stats.skipped_events += 1
             return True
         step = 4 * bs
@@ -307,7 +283,7 @@ class PrefixIndex:
         stored = 0
         off = 0
         for eh in engine_ids:
-            # Our chain, block by block (protocol.hashing's function, as in chain_hashes).
+            # Our chain, block by block (protocol.hashing's function, inlined over one token buffer).
             parent = oh = _digest(parent.to_bytes(8, "little") + raw[off : off + step])
             off += step
             held = emap.get(eh)
@@ -469,13 +445,3 @@ def match_chain(get: Callable[[int, int], int], hashes: Sequence[int], owners: S
             out[owners[low.bit_length() - 1]] = j  # type: ignore[index]
             lost ^= low
     return out
-
-
-def _token_bytes(tokens: Sequence[int]) -> bytes:
-    """Tokens as uint32 little-endian bytes (OverflowError for an id outside uint32)."""
-    if _FAST_TOKENS:
-        return array("I", tokens).tobytes()
-    try:  # pragma: no cover - big-endian or exotic platforms
-        return struct.pack(f"<{len(tokens)}I", *tokens)
-    except struct.error as e:  # pragma: no cover
-        raise OverflowError(str(e)) from e

@@ -569,7 +569,8 @@ def bench_routing(policies: list[str], total_blocks: int, replicas: int, probes_
     from balancer.config import BalancerConfig, ReplicaSpec
     from balancer.policies import make_policy
     from balancer.policies.base import ReplicaLoad
-    from balancer.prefix_index import PrefixIndex, chain_hashes
+    from balancer.prefix_index import PrefixIndex
+from protocol.hashing import hash_blocks
     from balancer.registry import Registry
     from balancer.router import Router
     from protocol.events import BlockStored
@@ -602,7 +603,7 @@ def bench_routing(policies: list[str], total_blocks: int, replicas: int, probes_
 
     def chain_events(n_blocks: int) -> list[BlockStored]:
         tokens = nrng.integers(1, 150_000, n_blocks * bs).tolist()
-        ours = chain_hashes(tokens, bs, index.root)
+        ours = hash_blocks(tokens, bs, index.root)
         evs, parent = [], None
         for i in range(0, n_blocks, 32):
             j = min(i + 32, n_blocks)
@@ -622,7 +623,7 @@ def bench_routing(policies: list[str], total_blocks: int, replicas: int, probes_
     texts = [_text(8191, 100 + k) for k in range(probes_n)]
     for k, text in enumerate(texts):  # each probe: fully on 3 replicas, its first half on 3 more
         tokens = tokenizer.encode(text)
-        ours = chain_hashes(tokens, bs, index.root)
+        ours = hash_blocks(tokens, bs, index.root)
         n = len(ours)
         for j in range(6):
             m = n if j < 3 else n // 2

@@ -35,7 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from balancer.prefix_index import PrefixIndex, chain_hashes  # noqa: E402
+from balancer.prefix_index import PrefixIndex
+from protocol.hashing import hash_blocks  # noqa: E402
 from bench.common import table  # noqa: E402
 from protocol.events import BlockRemoved, BlockStored, EventBatch, decode_batch, encode_batch  # noqa: E402
 from protocol.hashing import prompt_hashes, root_hash  # noqa: E402
@@ -65,7 +66,7 @@ def make_chain_events(rng: random.Random, n_blocks: int, per_event: int, kvfleet
                       parent_our: int = ROOT, parent_eng: int | None = None) -> tuple[list[BlockStored], list[int], list[int]]:
     """One chain of n_blocks fresh blocks, as BlockStored events of per_event blocks each."""
     tokens = [rng.randrange(1, 150_000) for _ in range(n_blocks * BS)]
-    ours = chain_hashes(tokens, BS, parent_our)
+    ours = hash_blocks(tokens, BS, parent_our)
     eng = engine_ids(ours, kvfleet, rng)
     events = []
     parent = parent_eng
@@ -132,7 +133,7 @@ def probe_events(rng: random.Random, n_tokens: int, count: int, rids: list[str],
     prompts, plan = [], []
     for k in range(count):
         tokens = [rng.randrange(1, 150_000) for _ in range(n_tokens)]
-        ours = chain_hashes(tokens, BS, ROOT)
+        ours = hash_blocks(tokens, BS, ROOT)
         n = len(ours)
         for j in range(4):
             rid = rids[(k * 4 + j) % len(rids)]

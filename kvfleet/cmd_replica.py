@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch: run the model; sim: real scheduler and block pool, modelled step times, no torch")
     p.add_argument("--preset", default="llama3-8b-h100", choices=sorted(PRESETS),
                    help="with --engine sim: the GPU set-up whose step times and KV capacity to model")
+    p.add_argument("--preset-file", default=None,
+                   help="with --engine sim: a step-time preset written by `kvfleet calibrate` (overrides --preset)")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="with --engine sim: run this many times faster than the modelled GPU")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
@@ -55,13 +57,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="largest request body accepted (413 above)")
 
 
+def sim_preset(args: argparse.Namespace):
+    from replica.step_model import get_preset
+
+    if args.preset_file:
+        from replica.calibrate import load_preset_file
+
+        return load_preset_file(args.preset_file)
+    return get_preset(args.preset)
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     d = EngineConfig()
     seqs, tokens = d.max_num_seqs, d.max_num_batched_tokens
     if args.engine == "sim":
-        from replica.step_model import get_preset
-
-        preset = get_preset(args.preset)
+        preset = sim_preset(args)
         seqs, tokens = preset.max_num_seqs, preset.max_num_batched_tokens
     return EngineConfig(
         model=args.model,
@@ -109,5 +119,5 @@ def run(args: argparse.Namespace) -> int:
             return 2
     return asyncio.run(run_replica(cfg, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
                                    max_body_bytes=args.max_body_bytes, publisher_cfg=publisher_cfg,
-                                   sim_preset=args.preset if args.engine == "sim" else None,
+                                   sim_preset=sim_preset(args) if args.engine == "sim" else None,
                                    time_scale=args.time_scale))

@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", help="trace format (auto-detected by default)")
     p.add_argument("--replicas", type=int, default=8, help="replicas in the fleet")
     p.add_argument("--preset", default="llama3-70b-h100", choices=sorted(PRESETS), help="GPU set-up to model")
+    p.add_argument("--preset-file", default=None, help="a step-time preset written by `kvfleet calibrate` (overrides --preset)")
     p.add_argument("--policies", default="round_robin,least_request,precise_prefix",
                    help=f"comma-separated policies; any of: {', '.join(policy_names())}")
     p.add_argument("--kv-blocks", type=int, default=None, help="KV blocks (16 tokens) per replica (default: the preset's)")
@@ -49,7 +50,13 @@ def run(args: argparse.Namespace) -> int:
         trace = load_trace(args.trace, args.format)
         if args.max_requests:
             trace = trace[: args.max_requests]
-        cfg = SimulateConfig(args.replicas, get_preset(args.preset), policies, args.kv_blocks, args.load, args.seed,
+        if args.preset_file:
+            from replica.calibrate import load_preset_file
+
+            preset = load_preset_file(args.preset_file)
+        else:
+            preset = get_preset(args.preset)
+        cfg = SimulateConfig(args.replicas, preset, policies, args.kv_blocks, args.load, args.seed,
                              args.slo_ttft, args.slo_tpot)
     except (OSError, ValueError) as e:
         print(f"kvfleet simulate: {e}", file=sys.stderr)

@@ -14,7 +14,7 @@ from replica.service import EngineService
 
 async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: float = 30.0,
                       max_body_bytes: int = 16 * 1024 * 1024, publisher_cfg: PublisherConfig | None = None,
-                      sim_preset: str | None = None, time_scale: float = 1.0) -> int:
+                      sim_preset=None, time_scale: float = 1.0) -> int:
     engine = build_sim_engine(cfg, sim_preset, time_scale) if sim_preset else build_engine(cfg)
     publisher = KVEventPublisher(publisher_cfg) if publisher_cfg is not None else None
     sched = engine.scheduler
@@ -37,7 +37,7 @@ async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: 
         if publisher is not None:
             ep = publisher.endpoints
             events = f" kv-events={ep.endpoint}" + (f" kv-replay={ep.replay_endpoint}" if ep.replay_endpoint else "")
-        kind = f"sim:{sim_preset}" if sim_preset else "torch"
+        kind = "sim" if sim_preset else "torch"
         print(f"kvfleet replica ready: engine={kind} model={cfg.model_name} blocks={engine.kv.num_blocks} "
               f"block_size={cfg.block_size}{events} listening on {' '.join(addrs)}", flush=True)
 

@@ -165,7 +165,7 @@ class LLMEngine:
         )
 
 
-def build_sim_engine(config, preset_name: str, time_scale: float = 1.0,
+def build_sim_engine(config, preset, time_scale: float = 1.0,
                      clock: Callable[[], float] = time.monotonic) -> LLMEngine:
     """An engine with the simulated executor: real scheduler and block pool, modelled step
     times (sleeping `duration / time_scale`), no torch."""
@@ -173,7 +173,8 @@ def build_sim_engine(config, preset_name: str, time_scale: float = 1.0,
     from replica.sim_executor import SimExecutor, sleeper
     from replica.step_model import get_preset
 
-    preset = get_preset(preset_name)
+    if isinstance(preset, str):
+        preset = get_preset(preset)
     num_blocks = config.num_blocks or preset.kv_blocks
     kv = KVCacheManager(num_blocks, config.block_size, root_hash(config.model_name, config.cache_salt),
                         enable_caching=config.enable_prefix_caching)

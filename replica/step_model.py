@@ -5,6 +5,7 @@
              + per_prefill_ctx    × Σ over prefill chunks of new_i × context_i (attention, quadratic)
              + per_prefill_seq_ctx× Σ over prefill chunks of context_i (reading the cached prefix)
              + per_decode_ctx     × Σ over decode sequences of context_i (reading their KV)
+             + per_seq            × sequences in the step (per-sequence overheads)
 
 This is the shape of Preble's fitted prefill model (design §8: 28.93 ms + 0.1822 ms/token +
 0.0040 ms/context + 2.55e-6 ms/(token·context), Llama-3-70B on H100, from Preble's
@@ -24,7 +25,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-FEATURES = ("base", "per_token", "per_prefill_ctx", "per_prefill_seq_ctx", "per_decode_ctx")
+FEATURES = ("base", "per_token", "per_prefill_ctx", "per_prefill_seq_ctx", "per_decode_ctx", "per_seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,8 @@ class StepFeatures:
     num_seqs: int
 
     def vector(self) -> np.ndarray:
-        return np.array([1.0, self.new_tokens, self.prefill_ctx_product, self.prefill_seq_ctx, self.decode_ctx])
+        return np.array([1.0, self.new_tokens, self.prefill_ctx_product, self.prefill_seq_ctx, self.decode_ctx,
+                         self.num_seqs])
 
 
 def features_of(scheduled: Iterable, num_prompt_of=None) -> StepFeatures:
@@ -62,6 +64,7 @@ class StepTimeModel:
     per_prefill_ctx: float
     per_prefill_seq_ctx: float
     per_decode_ctx: float
+    per_seq: float = 0.0  # per scheduled sequence (gathers, sampling, bookkeeping)
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -103,7 +106,7 @@ class StepTimeModel:
                 coef[active] = sol
                 break
             active.pop(int(np.argmin(sol)))
-        return cls(*coef.tolist(), source=source)
+        return cls(*coef.tolist(), source=source)  # in FEATURES order
 
     def error(self, rows: Sequence[StepFeatures], durations: Sequence[float]) -> dict[str, float]:
         pred = np.array([self.duration(r) for r in rows])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer.prefix_index import PrefixIndex, chain_hashes
+from balancer.prefix_index import PrefixIndex
 from protocol.events import AllBlocksCleared, BlockRemoved, BlockStored
 from protocol.hashing import hash_blocks, prompt_hashes, root_hash
 
@@ -38,9 +38,10 @@ def vllm_events(tokens: list[int], split: int) -> tuple[list[int], list[BlockSto
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 2**32 - 1), max_size=80), st.integers(1, 16), st.integers(0, 2**64 - 1))
-def test_chain_hashes_is_protocol_hashing(tokens: list[int], bs: int, parent: int) -> None:
-    n = len(tokens) // bs
-    assert chain_hashes(tokens[: n * bs], bs, parent) == hash_blocks(tokens, bs, parent)
+def test_hashing_list_and_array_paths_agree(tokens: list[int], bs: int, parent: int) -> None:
+    import numpy as np
+
+    assert hash_blocks(tokens, bs, parent) == hash_blocks(np.asarray(tokens, dtype=np.uint64), bs, parent)
 
 
 def test_vllm_engine_ids_are_rehashed_to_our_chain() -> None:
