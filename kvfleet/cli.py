@@ -14,6 +14,8 @@ import sys
 COMMANDS = {
     "replica": ("kvfleet.cmd_replica", "serve a model with the paged-attention engine (OpenAI-compatible HTTP)"),
     "balancer": ("kvfleet.cmd_balancer", "run the KV-cache-aware balancer in front of replicas (OpenAI-compatible HTTP)"),
+    "fleet": ("kvfleet.cmd_fleet", "start a local fleet of replicas and the balancer; Ctrl-C stops it"),
+    "loadgen": ("kvfleet.cmd_loadgen", "replay a trace or synthetic load against an OpenAI endpoint and report"),
     "calibrate": ("kvfleet.cmd_calibrate", "fit the simulator's step-time model to the torch engine on this machine"),
     "simulate": ("kvfleet.cmd_simulate", "simulate a fleet on a virtual clock with modelled GPU step times"),
     "demo": ("kvfleet.cmd_demo", "start a tiny replica, stream a completion from it, and stop it"),

@@ -296,6 +296,12 @@ class _Handlers:
         body = generate_latest(self.service.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        # vLLM serves the same route (POST /reset_prefix_cache) for benchmarks between runs.
+        if not await self.service.reset_prefix_cache():
+            raise APIError(400, "requests are running; reset the prefix cache when the replica is idle")
+        return web.Response(status=200)
+
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": VERSION})
 
@@ -314,6 +320,7 @@ def create_app(service: EngineService, cfg: ServerConfig) -> web.Application:
     app.router.add_get("/kv_event_sources", h.kv_event_sources)
     app.router.add_get("/metrics", h.metrics)
     app.router.add_get("/version", h.version)
+    app.router.add_post("/reset_prefix_cache", h.reset_prefix_cache)
 
     async def lifecycle(app: web.Application):
         await service.start()

@@ -122,6 +122,13 @@ class EngineService:
                 self._wake.set()
             self._streams.pop(request_id, None)
 
+    async def reset_prefix_cache(self) -> bool:
+        """Drop every cached block (between steps). False if blocks are in use by requests."""
+        fut = asyncio.get_running_loop().create_future()
+        self._inbox.append(("reset", fut))
+        self._wake.set()
+        return await fut
+
     # ---------------------------------------------------------------- the loop
     def _drain_inbox(self) -> None:
         inbox, self._inbox = self._inbox, []
@@ -135,8 +142,11 @@ class EngineService:
                     continue
                 self.metrics.prompt_tokens.inc(len(prompt_ids))
                 self.metrics.request_prompt_tokens.observe(len(prompt_ids))
-            else:
+            elif op == "abort":
                 self.engine.abort_request(arg)
+            else:  # "reset": arg is a future for the result
+                if not arg.done():
+                    arg.set_result(self.engine.kv.reset_prefix_cache())
 
     def _fail_stream(self, rid: str, err: BaseException) -> None:
         stream = self._streams.get(rid)

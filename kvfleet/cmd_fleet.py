@@ -1,0 +1,59 @@
+"""Start a local fleet — N replicas and the balancer in front — and keep it up until Ctrl-C,
+then stop every process cleanly. Example:
+
+    kvfleet fleet up --replicas 3 --engine torch --policy precise_prefix --port 8080
+    # then: any OpenAI client at http://127.0.0.1:8080/v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from balancer.policies import policy_names
+
+    p.add_argument("action", choices=["up"], help="`up`: start the fleet and wait for Ctrl-C")
+    p.add_argument("--replicas", type=int, default=2, help="number of replicas")
+    p.add_argument("--engine", choices=["torch", "sim"], default="torch", help="replica engine")
+    p.add_argument("--policy", default="precise_prefix", choices=policy_names(), help="balancer policy")
+    p.add_argument("--host", default="127.0.0.1", help="address every process listens on")
+    p.add_argument("--port", type=int, default=8080, help="balancer port")
+    p.add_argument("--replica-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for every replica, e.g. --replica-arg=--num-blocks=256 (repeatable)")
+    p.add_argument("--num-blocks", type=int, default=512, help="KV blocks per replica")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvfleet.fleet import FleetSpec, LocalFleet
+
+    replica_args = ["--num-blocks", str(args.num_blocks)]
+    if args.engine == "torch":
+        replica_args += ["--model", "tiny", "--threads", str(args.threads)]
+    replica_args += args.replica_arg
+    try:
+        spec = FleetSpec(replicas=args.replicas, engine=args.engine, policy=args.policy, host=args.host,
+                         balancer_port=args.port, replica_args=tuple(replica_args))
+    except ValueError as e:
+        print(f"kvfleet fleet: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        with LocalFleet(spec) as fleet:
+            print(f"fleet up: balancer {fleet.balancer.url} ({args.policy}) in front of "
+                  f"{len(fleet.replicas)} {args.engine} replicas", flush=True)
+            for r in fleet.replicas:
+                print(f"  replica {r.url}  kv-events {r.events}", flush=True)
+            print("Ctrl-C stops everything.", flush=True)
+            stop.wait()
+            print("stopping ...", flush=True)
+    except RuntimeError as e:
+        print(f"kvfleet fleet: {e}", file=sys.stderr)
+        return 1
+    return 0
