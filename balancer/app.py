@@ -135,6 +135,8 @@ class Balancer:
         return True
 
     def _on_load(self, replica_id: str, report: LoadReport) -> None:
+        if report.steps:
+            self.policy.observe_steps(replica_id, report.steps)
         self.registry.on_load(
             replica_id,
             ReplicaLoad(num_running=report.num_running, num_waiting=report.num_waiting,

@@ -187,6 +187,8 @@ class FleetSimulation:
                 for ev in rep.kv.take_events():
                     self.index.apply(self._url[rep.rid], ev)
                 self.registry.on_load(self._url[rep.rid], rep.load())
+                if rep.engine.steps:
+                    self.policy.observe_steps(self._url[rep.rid], (rep.engine.steps[-1],))
                 for out in outputs:
                     rec, rr, dec = live[out.request_id]
                     if rec.first_token is None:

@@ -21,6 +21,7 @@ from balancer.policies.least_request import LeastRequestPolicy
 from balancer.policies.llmd_scorer import LlmdScorerPolicy
 from balancer.policies.power_of_two import PowerOfTwoPolicy
 from balancer.policies.preble_e2 import PrebleE2Policy
+from balancer.policies.predictive import PredictivePolicy
 from balancer.policies.precise_prefix import PrecisePrefixPolicy
 from balancer.policies.random_policy import RandomPolicy
 from balancer.policies.round_robin import RoundRobinPolicy
@@ -40,6 +41,7 @@ POLICIES: Mapping[str, type[Policy]] = MappingProxyType(
             LlmdScorerPolicy,
             PrebleE2Policy,
             PrecisePrefixPolicy,
+            PredictivePolicy,
         )
     }
 )

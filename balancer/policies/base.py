@@ -96,6 +96,9 @@ class Policy(ABC):
     def on_complete(self, request: RoutingRequest, replica_id: str, ok: bool) -> None:
         """The request finished (ok) or failed on replica_id."""
 
+    def observe_steps(self, replica_id: str, steps) -> None:
+        """A replica reported its recent engine steps (`protocol.load.StepSample`s)."""
+
     def on_replica_removed(self, replica_id: str) -> None:
         """Forget anything kept about a replica that left the fleet."""
 

@@ -1,0 +1,158 @@
+"""PrefixHistory: predict from the output lengths of recent requests that shared the longest
+already-seen prefix.
+
+Requests that share a prefix (a system prompt, a few-shot template, a conversation so far) tend
+to produce similar output lengths (shared/traces/README.md). Block hashes are chained, so the
+hash of block d-1 names the whole first-d-blocks prefix: one integer per depth, no tree.
+
+    observe(f, y):  for d in depths (1, 2, 4, ..., and the full chain) present in f:
+                        table[f.block_hashes[d-1]].append(y)      (a ring of the last `ring`)
+                    tenant[f.tenant].append(y); model[f.model].append(y); global.add(y)
+    predict(f):     the deepest d whose key holds >= min_samples lengths -> their median;
+                    else the tenant's ring, else the model's, else the global window, else prior.
+
+Quantiles: from the answering ring when it holds >= quantile_samples lengths; otherwise the
+spread (p10/p50 and p90/p50 ratios) of the next shallower level that has enough, applied around
+the point estimate (a prefix seen once still gets an interval).
+
+Memory bound: `max_keys` prefix keys (LRU; each key = a ring of <= `ring` uint32, ~200 bytes in
+CPython with its OrderedDict slot: 65,536 keys ~ 15 MB), `max_groups` tenant/model keys with
+rings of `group_ring`, and the global window (2 × global_window numbers). Keys are touched on
+observe only, so a shared head (block 0 of a system prompt) stays while one-off tails age out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from predictors.base import Features, Prediction, Predictor, check_length, constant, quantile_sorted
+from predictors.window import LruTable, RecentRing, RollingWindow
+
+DEFAULT_DEPTHS = tuple(2**i for i in range(13))  # 1 .. 4096 blocks: a 64k-token prompt at 16 tokens/block
+
+
+@dataclass(frozen=True)
+class PrefixHistoryConfig:
+    depths: tuple[int, ...] = DEFAULT_DEPTHS  # prefix depths (blocks) keyed, besides the full chain
+    full_chain: bool = True  # also key the whole chain (exact repeats of a prompt)
+    max_keys: int = 65536  # prefix keys held (LRU)
+    ring: int = 16  # recent lengths kept per prefix key
+    min_samples: int = 1  # a prefix key answers once it holds this many lengths
+    quantile_samples: int = 8  # fewer than this: borrow the interval's spread from a shallower level
+    max_groups: int = 4096  # tenant and model keys held (LRU)
+    group_ring: int = 64  # recent lengths kept per tenant / model
+    global_window: int = 2048
+    prior_tokens: float = 128.0  # the answer before anything was observed
+
+    def __post_init__(self) -> None:
+        if not self.depths and not self.full_chain:
+            raise ValueError("give at least one depth or full_chain=True")
+        if any(d < 1 for d in self.depths) or list(self.depths) != sorted(set(self.depths)):
+            raise ValueError(f"depths must be distinct positive block counts in ascending order, got {self.depths}")
+        for name in ("max_keys", "ring", "min_samples", "quantile_samples", "max_groups", "group_ring", "global_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.min_samples > self.ring:
+            raise ValueError(f"min_samples ({self.min_samples}) cannot exceed ring ({self.ring})")
+        if not self.prior_tokens >= 0:
+            raise ValueError(f"prior_tokens must be >= 0, got {self.prior_tokens}")
+
+
+def prefix_depths(n_blocks: int, depths: tuple[int, ...], full_chain: bool) -> list[int]:
+    """The depths (ascending) keyed for a chain of n_blocks blocks."""
+    out = [d for d in depths if d <= n_blocks]
+    if full_chain and n_blocks and (not out or out[-1] != n_blocks):
+        out.append(n_blocks)
+    return out
+
+
+class PrefixHistory(Predictor):
+    name = "prefix_history"
+
+    def __init__(self, config: PrefixHistoryConfig | None = None) -> None:
+        self.config = config or PrefixHistoryConfig()
+        self._prefixes: LruTable[RecentRing] = LruTable(self.config.max_keys)
+        self._groups: LruTable[RecentRing] = LruTable(self.config.max_groups)
+        self._global = RollingWindow(self.config.global_window)
+
+    # -- reading
+
+    def _levels(self, f: Features) -> Iterator[tuple[str, list]]:
+        """The back-off levels that hold data, deepest first: (source, sorted lengths). Lazy:
+        most predictions read one or two levels."""
+        c = self.config
+        bh = f.block_hashes
+        for d in reversed(prefix_depths(len(bh), c.depths, c.full_chain)):
+            ring = self._prefixes.get(bh[d - 1])
+            if ring is not None and len(ring) >= c.min_samples:
+                yield f"prefix:{d}", ring.sorted()
+        for kind, value in (("tenant", f.tenant), ("model", f.model)):
+            if value is not None:
+                ring = self._groups.get((kind, value))
+                if ring is not None:
+                    yield kind, ring.sorted()
+        if len(self._global):
+            yield "global", self._global.sorted_values
+
+    def predict(self, features: Features) -> Prediction:
+        levels = self._levels(features)
+        first = next(levels, None)
+        if first is None:
+            return constant(self.config.prior_tokens, "prior", features.max_tokens)
+        source, xs = first
+        point = quantile_sorted(xs, 0.5)
+        spread = xs
+        if len(xs) < self.config.quantile_samples:
+            for _, ys in levels:  # the first shallower level with enough lengths, else the last one
+                spread = ys
+                if len(ys) >= self.config.quantile_samples:
+                    break
+        if spread is xs:
+            p10, p90 = quantile_sorted(xs, 0.1), quantile_sorted(xs, 0.9)
+        else:
+            mid = quantile_sorted(spread, 0.5)
+            lo, hi = quantile_sorted(spread, 0.1), quantile_sorted(spread, 0.9)
+            # the shallower level's spread as ratios around this point (lengths >= 0; +1 avoids 0/0)
+            p10 = min(point, (point + 1) * (lo + 1) / (mid + 1) - 1)
+            p90 = max(point, (point + 1) * (hi + 1) / (mid + 1) - 1)
+        return Prediction(point, max(0.0, p10), point, p90, source).capped(features.max_tokens)
+
+    def history_depth(self, features: Features) -> int:
+        """How many leading blocks of this request have a history (0 = none)."""
+        c = self.config
+        bh = features.block_hashes
+        for d in reversed(prefix_depths(len(bh), c.depths, c.full_chain)):
+            if self._prefixes.get(bh[d - 1]) is not None:
+                return d
+        return 0
+
+    # -- learning
+
+    def observe(self, features: Features, actual_output_tokens: int) -> None:
+        y = check_length(actual_output_tokens)
+        c = self.config
+        bh = features.block_hashes
+        for d in prefix_depths(len(bh), c.depths, c.full_chain):
+            self._prefixes.touch(bh[d - 1], RecentRing).add(y, c.ring)
+        for kind, value in (("tenant", features.tenant), ("model", features.model)):
+            if value is not None:
+                self._groups.touch((kind, value), RecentRing).add(y, c.group_ring)
+        self._global.add(y)
+
+    # -- memory
+
+    def memory_items(self) -> int:
+        """Keys plus stored lengths."""
+        return (len(self._prefixes) + sum(len(r) for r in self._prefixes.values())
+                + len(self._groups) + sum(len(r) for r in self._groups.values()) + 2 * len(self._global))
+
+    def max_memory_items(self) -> int:
+        c = self.config
+        return c.max_keys * (1 + c.ring) + c.max_groups * (1 + c.group_ring) + 2 * c.global_window
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {**super().describe(), "depths": list(c.depths), "full_chain": c.full_chain, "max_keys": c.max_keys,
+                "ring": c.ring, "prefix_keys": len(self._prefixes)}
