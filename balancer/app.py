@@ -109,7 +109,7 @@ class Balancer:
     # ------------------------------------------------------------------ membership
     def add_replica(self, spec: ReplicaSpec) -> None:
         self.registry.add(spec)
-        self.metrics.healthy.labels(spec.replica_id).set(1)
+        self.metrics.add_replica(spec.replica_id)
         if spec.events:
             sub = ReplicaEventSubscriber(
                 SubscriberConfig(replica_id=spec.replica_id, endpoint=spec.events, replay_endpoint=spec.replay,

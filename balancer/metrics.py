@@ -1,8 +1,18 @@
 """The balancer's Prometheus metrics, on the app's own registry.
 
-Names follow Prometheus conventions: `kvfleet_` prefix, base units in the name (`_seconds`,
-`_tokens`), `_total` on counters, label sets bounded by the fleet (replica, policy, status
-class, reason).
+Conventions (https://prometheus.io/docs/practices/naming/, checked by `promtool check metrics`
+in tests/test_observability_prometheus.py):
+- `kvfleet_` prefix; base units in the name (`_seconds`, `_tokens`); counters end in `_total`
+  (written out here, so the name in the code is the name in PromQL and the dashboards).
+- Label sets bounded by the fleet: `replica` (the replica's URL), `policy` (one per process),
+  `status` (a class: 2xx, 4xx, 5xx), `reason` (a fixed set of resync causes).
+- Every per-replica series is created when the replica joins (so a dashboard shows 0, not "no
+  data", for a replica that never failed) and removed when it leaves (`forget_replica`), so a
+  fleet whose replicas come and go does not grow the balancer's series without bound.
+
+What a fleet overview reads here: request rate (`kvfleet_requests_total`), TTFT and E2E
+histograms, routing decision latency, predicted vs reported cached tokens over prompt tokens,
+per-replica in-flight, health and circuit state, retries, failovers and KV-index resyncs.
 """
 
 from __future__ import annotations
@@ -12,41 +22,81 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                    40.0, 80.0, 160.0)
 DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3)
+NO_REPLICA = "none"  # the `replica` label of requests that no replica answered
 
 
 class BalancerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter("kvfleet_requests", "Requests answered, by serving replica, policy and status code class.",
-                                ("replica", "policy", "status"), registry=r)
-        self.ttft = Histogram("kvfleet_time_to_first_token_seconds", "Time from request arrival to the first byte relayed.",
+        self.requests = Counter(
+            "kvfleet_requests_total",
+            "Requests answered, by serving replica (`none` when no replica could answer), policy and status "
+            "code class.", ("replica", "policy", "status"), registry=r)
+        self.ttft = Histogram("kvfleet_time_to_first_token_seconds",
+                              "Time from request arrival to the first byte relayed to the client.",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("kvfleet_e2e_request_latency_seconds", "Time from request arrival to the end of the response.",
+        self.e2e = Histogram("kvfleet_e2e_request_latency_seconds",
+                             "Time from request arrival to the end of the response.",
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.decision = Histogram("kvfleet_routing_decision_seconds", "Time to tokenize, hash, look up and score one request.",
+        self.decision = Histogram("kvfleet_routing_decision_seconds",
+                                  "Time to tokenize, hash, look up and score one request.",
                                   buckets=DECISION_BUCKETS, registry=r)
-        self.predicted_cached = Counter("kvfleet_predicted_cached_tokens", "Prompt tokens the index said the chosen replica holds.",
+        self.predicted_cached = Counter("kvfleet_predicted_cached_tokens_total",
+                                        "Prompt tokens the prefix index said the chosen replica holds.",
                                         ("replica",), registry=r)
-        self.reported_cached = Counter("kvfleet_reported_cached_tokens", "Prompt tokens the replica reported as cached (usage).",
+        self.reported_cached = Counter("kvfleet_reported_cached_tokens_total",
+                                       "Prompt tokens the replica reported as cached (usage.prompt_tokens_details).",
                                        ("replica",), registry=r)
-        self.prompt_tokens = Counter("kvfleet_prompt_tokens", "Prompt tokens routed.", ("replica",), registry=r)
-        self.retries = Counter("kvfleet_retries", "Requests retried on another replica before the first byte.", ("replica",), registry=r)
-        self.failovers = Counter("kvfleet_failovers", "Streams continued on another replica after their replica was lost.",
+        self.prompt_tokens = Counter("kvfleet_prompt_tokens_total", "Prompt tokens routed to the replica.",
+                                     ("replica",), registry=r)
+        self.retries = Counter("kvfleet_retries_total",
+                               "Attempts that failed before the first byte, by the replica that failed (the request "
+                               "goes on to another replica while attempts are left).", ("replica",), registry=r)
+        self.failovers = Counter("kvfleet_failovers_total",
+                                 "Streams continued on another replica after this replica was lost mid-stream.",
                                  ("replica",), registry=r)
-        self.failover_errors = Counter("kvfleet_failover_errors", "Streams that ended with an error because no replica could continue them.",
+        self.failover_errors = Counter("kvfleet_failover_errors_total",
+                                       "Streams that ended with an error because no replica could continue them.",
                                        registry=r)
-        self.no_replica = Counter("kvfleet_no_replica", "Requests refused because no replica was usable.", registry=r)
-        self.breaker_state = Gauge("kvfleet_replica_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", ("replica",), registry=r)
-        self.healthy = Gauge("kvfleet_replica_healthy", "1 if the replica passes health checks.", ("replica",), registry=r)
-        self.inflight = Gauge("kvfleet_replica_inflight_requests", "Requests in flight at this balancer, per replica.", ("replica",), registry=r)
-        self.resyncs = Counter("kvfleet_kv_resyncs", "KV-index resynchronisations, by replica and reason.", ("replica", "reason"), registry=r)
-        self.kv_events = Counter("kvfleet_kv_events", "KV events applied to the prefix index.", ("replica",), registry=r)
-        self.indexed_blocks = Gauge("kvfleet_indexed_blocks", "Blocks the prefix index holds per replica.", ("replica",), registry=r)
+        self.no_replica = Counter("kvfleet_no_replica_total", "Requests refused (503) because no replica was usable.",
+                                  registry=r)
+        self.breaker_state = Gauge("kvfleet_replica_circuit_state",
+                                   "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ("replica",), registry=r)
+        self.healthy = Gauge("kvfleet_replica_healthy", "1 if the replica passes health checks, else 0.",
+                             ("replica",), registry=r)
+        self.inflight = Gauge("kvfleet_replica_inflight_requests", "Requests in flight at this balancer, per replica.",
+                              ("replica",), registry=r)
+        self.resyncs = Counter("kvfleet_kv_resyncs_total",
+                               "Prefix-index resynchronisations from a replica's KV-event snapshot, by reason.",
+                               ("replica", "reason"), registry=r)
+        self.kv_events = Counter("kvfleet_kv_events_total", "KV events applied to the prefix index.",
+                                 ("replica",), registry=r)
+        self.indexed_blocks = Gauge("kvfleet_indexed_blocks", "KV blocks the prefix index holds for the replica.",
+                                    ("replica",), registry=r)
+        self._per_replica = (self.predicted_cached, self.reported_cached, self.prompt_tokens, self.retries,
+                             self.failovers, self.breaker_state, self.healthy, self.inflight, self.kv_events,
+                             self.indexed_blocks)
+
+    def add_replica(self, replica_id: str, healthy: bool = True) -> None:
+        """Create the replica's series at zero, so that every panel has data from the start."""
+        for metric in self._per_replica:
+            metric.labels(replica_id)
+        self.healthy.labels(replica_id).set(1 if healthy else 0)
 
     def forget_replica(self, replica_id: str) -> None:
-        for metric in (self.breaker_state, self.healthy, self.inflight, self.indexed_blocks):
+        """Drop every series labelled with the replica (it left the fleet)."""
+        for metric in self._per_replica:
             try:
                 metric.remove(replica_id)
             except KeyError:
                 pass
+        for metric, names in ((self.requests, ("replica", "policy", "status")), (self.resyncs, ("replica", "reason"))):
+            for values in _children_of(metric, names, replica_id):
+                metric.remove(*values)
+
+
+def _children_of(metric, names: tuple[str, ...], replica_id: str) -> set[tuple[str, ...]]:
+    """Label values (in `names` order) of the children of `metric` that belong to `replica_id`."""
+    return {tuple(s.labels[n] for n in names)
+            for fam in metric.collect() for s in fam.samples if s.labels.get("replica") == replica_id}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from balancer.metrics import BalancerMetrics
+from balancer.metrics import NO_REPLICA, BalancerMetrics
 from balancer.registry import Registry, ReplicaState
 from balancer.router import Prepared, Router
 from balancer.sse import DONE, event, read_progress, split_events
@@ -32,6 +33,7 @@ from protocol.openai_api import APIError, GenerationRequest, error_body, parse_c
 
 _RELAY_HEADERS = ("Content-Type", "Cache-Control")
 REPLICA_HEADER = "X-Kvfleet-Replica"
+access_log = logging.getLogger("kvfleet.balancer.access")
 
 
 class _UpstreamFailed(Exception):
@@ -49,6 +51,19 @@ class _UpstreamFailed(Exception):
 class _Attempt:
     replica: ReplicaState
     tokens: int  # prompt + expected output, for in-flight token bookkeeping
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the access log line says about one request; filled in as the request goes."""
+
+    replica: str = NO_REPLICA
+    status: int = 0
+    ttft_s: float | None = None
+    attempts: int = 0
+    predicted_cached: int = 0
+    reported_cached: int | None = None
+    failovers: int = 0
 
 
 async def read_json(request: web.Request) -> object:
@@ -98,9 +113,40 @@ class Proxy:
     async def _handle(self, request: web.Request, body: dict, req: GenerationRequest, path: str) -> web.StreamResponse:
         arrival = time.perf_counter()
         self.check_model(req)
-        t0 = time.perf_counter()
-        prepared = self.router.prepare(req)
         request_id = request.headers.get("X-Request-Id") or f"kvf-{uuid.uuid4().hex}"
+        outcome = _Outcome()
+        prompt_tokens = 0
+        try:
+            t0 = time.perf_counter()
+            prepared = self.router.prepare(req)
+            prompt_tokens = len(prepared.token_ids)
+            return await self._route(request, body, req, path, prepared, request_id, arrival, t0, outcome)
+        except APIError as e:
+            outcome.status = e.status
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            outcome.status = outcome.status or 499  # the client went away (nginx's code for it)
+            raise
+        except Exception:
+            outcome.status = outcome.status or 500
+            raise
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                self._log_access(request_id, path, req, prompt_tokens, outcome, time.perf_counter() - arrival)
+
+    def _log_access(self, request_id: str, path: str, req: GenerationRequest, prompt_tokens: int, o: _Outcome,
+                    e2e_s: float) -> None:
+        ttft = "-" if o.ttft_s is None else f"{o.ttft_s:.4f}s"
+        access_log.info(
+            "%s %s replica=%s status=%d ttft=%s e2e=%.4fs attempts=%d", path, "stream" if req.stream else "unary",
+            o.replica, o.status, ttft, e2e_s, o.attempts,
+            extra={"request_id": request_id, "path": path, "stream": req.stream, "replica": o.replica,
+                   "policy": self.policy_name, "status": o.status, "ttft_s": o.ttft_s, "e2e_s": round(e2e_s, 6),
+                   "attempts": o.attempts, "prompt_tokens": prompt_tokens, "predicted_cached_tokens": o.predicted_cached,
+                   "reported_cached_tokens": o.reported_cached, "failovers": o.failovers})
+
+    async def _route(self, request: web.Request, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
+                     request_id: str, arrival: float, t0: float, outcome: _Outcome) -> web.StreamResponse:
         stream_failover = req.stream and self.retry.failover
         if stream_failover and not req.return_token_ids:
             body = {**body, "return_token_ids": True}
@@ -128,9 +174,10 @@ class Proxy:
             self.metrics.inflight.labels(replica.replica_id).set(replica.inflight_requests)
             self.metrics.predicted_cached.labels(replica.replica_id).inc(matched)
             self.metrics.prompt_tokens.labels(replica.replica_id).inc(len(prepared.token_ids))
+            outcome.replica, outcome.attempts, outcome.predicted_cached = replica.replica_id, attempt + 1, matched
             ok = False
             try:
-                resp = await self._send(request, replica, path, payload, headers, prepared, rr, arrival)
+                resp = await self._send(request, replica, path, payload, headers, prepared, rr, arrival, outcome)
                 ok = True
                 return resp
             except _UpstreamFailed as e:
@@ -145,15 +192,19 @@ class Proxy:
                 self.metrics.inflight.labels(replica.replica_id).set(replica.inflight_requests)
         if last is None:
             self.metrics.no_replica.inc()
+            self.metrics.requests.labels(NO_REPLICA, self.policy_name, "5xx").inc()
             raise APIError(503, "no healthy replica is available; check `GET /admin/replicas` and the replicas' health")
         if last.status is not None and last.body is not None:
+            self.metrics.requests.labels(last.replica.replica_id, self.policy_name, f"{last.status // 100}xx").inc()
+            outcome.status = last.status
             return web.Response(status=last.status, body=last.body, content_type="application/json",
                                 headers={REPLICA_HEADER: last.replica.replica_id})
+        self.metrics.requests.labels(last.replica.replica_id, self.policy_name, "5xx").inc()
         raise APIError(502, f"every replica tried failed ({len(tried)} tried); last error from "
                             f"{last.replica.replica_id}: {last.reason}")
 
     async def _send(self, request: web.Request, replica: ReplicaState, path: str, payload: bytes, headers: dict,
-                    prepared: Prepared, rr, arrival: float) -> web.StreamResponse:
+                    prepared: Prepared, rr, arrival: float, outcome: _Outcome) -> web.StreamResponse:
         session = self.session()
         try:
             upstream = await session.post(replica.url + path, data=payload, headers=headers)
@@ -170,32 +221,37 @@ class Proxy:
                     body = await upstream.read()
                 except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     raise _UpstreamFailed(replica, f"response cut: {type(e).__name__}") from None
-                self._count(replica, upstream.status, arrival, body if upstream.status == 200 else None)
+                self._count(replica, upstream.status, arrival, body if upstream.status == 200 else None, outcome)
                 self.registry.record_success(replica)
                 out_headers = {h: upstream.headers[h] for h in _RELAY_HEADERS if h in upstream.headers}
                 out_headers[REPLICA_HEADER] = replica.replica_id
                 out_headers["X-Request-Id"] = headers["X-Request-Id"]
                 return web.Response(status=upstream.status, body=body, headers=out_headers)
-            return await self._relay_stream(request, replica, upstream, headers, prepared, rr, arrival)
+            return await self._relay_stream(request, replica, upstream, headers, prepared, rr, arrival, outcome)
         finally:
             upstream.release()
 
-    def _count(self, replica: ReplicaState, status: int, arrival: float, body: bytes | None) -> None:
+    def _count(self, replica: ReplicaState, status: int, arrival: float, body: bytes | None,
+               outcome: _Outcome) -> None:
         now = time.perf_counter()
+        outcome.status = status
         self.metrics.requests.labels(replica.replica_id, self.policy_name, f"{status // 100}xx").inc()
         self.metrics.e2e.observe(now - arrival)
         if body is not None:
-            self.metrics.ttft.observe(now - arrival)
+            outcome.ttft_s = now - arrival
+            self.metrics.ttft.observe(outcome.ttft_s)
             try:
                 usage = json.loads(body).get("usage") or {}
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 self.metrics.reported_cached.labels(replica.replica_id).inc(cached)
+                outcome.reported_cached = cached
             except (ValueError, AttributeError):
                 pass
 
     # ------------------------------------------------------------------ streaming
     async def _relay_stream(self, request: web.Request, replica: ReplicaState, upstream: aiohttp.ClientResponse,
-                            headers: dict, prepared: Prepared, rr, arrival: float) -> web.StreamResponse:
+                            headers: dict, prepared: Prepared, rr, arrival: float,
+                            outcome: _Outcome) -> web.StreamResponse:
         pending = bytearray()
         relayed = bytearray()
         out: web.StreamResponse | None = None
@@ -207,7 +263,9 @@ class Proxy:
                     continue
                 if out is None:
                     out = await self._open_stream(request, replica, upstream, headers)
-                    self.metrics.ttft.observe(time.perf_counter() - arrival)
+                    outcome.status = upstream.status
+                    outcome.ttft_s = time.perf_counter() - arrival
+                    self.metrics.ttft.observe(outcome.ttft_s)
                     self.registry.record_success(replica)
                 await out.write(complete)
                 relayed += complete
@@ -219,11 +277,13 @@ class Proxy:
             raise _UpstreamFailed(replica, f"stream broke before the first event: {broken}")
         if out is None:  # an empty but complete response: nothing to relay
             out = await self._open_stream(request, replica, upstream, headers)
+            outcome.status = upstream.status
         if broken is not None:
             self.registry.record_failure(replica, refused=False)
-            await self._failover(out, replica, prepared, bytes(relayed), broken)
+            outcome.failovers = await self._failover(out, replica, prepared, bytes(relayed), broken,
+                                                     headers["X-Request-Id"])
         else:
-            self._note_usage(replica, relayed)
+            outcome.reported_cached = self._note_usage(replica, relayed)
         self.metrics.requests.labels(replica.replica_id, self.policy_name, "2xx").inc()
         self.metrics.e2e.observe(time.perf_counter() - arrival)
         await out.write_eof()
@@ -237,23 +297,26 @@ class Proxy:
         await out.prepare(request)
         return out
 
-    def _note_usage(self, replica: ReplicaState, relayed: bytearray) -> None:
+    def _note_usage(self, replica: ReplicaState, relayed: bytearray) -> int | None:
+        """Count the cached tokens the stream's usage chunk reports; returns them (None: no usage)."""
         tail = relayed[-2048:]
         at = tail.rfind(b'"usage"')
         if at < 0:
-            return
+            return None
         start = tail.rfind(b"data: ", 0, at)
         end = tail.find(b"\n\n", at)
         try:
             usage = json.loads(tail[start + 6 : end])["usage"]
             cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             self.metrics.reported_cached.labels(replica.replica_id).inc(cached)
+            return cached
         except (ValueError, KeyError, TypeError):
-            pass
+            return None
 
     async def _failover(self, out: web.StreamResponse, lost: ReplicaState, prepared: Prepared, relayed: bytes,
-                        why: str) -> None:
-        """Continue a broken stream on other replicas; the client sees one stream."""
+                        why: str, request_id: str) -> int:
+        """Continue a broken stream on other replicas; the client sees one stream. Returns the
+        number of continuations tried."""
         req = prepared.request
         progress = read_progress(relayed)
         tried = {lost.replica_id}
@@ -280,23 +343,24 @@ class Proxy:
             body = self._continuation_body(req, cont, remaining)
             try:
                 finished, new_ids = await self._relay_continuation(out, replica, body, req, progress, len(generated),
-                                                                   len(prepared.token_ids))
+                                                                   len(prepared.token_ids), request_id)
             except _UpstreamFailed as e:
                 self.registry.record_failure(replica, e.refused)
                 why = e.reason
                 continue
             generated.extend(new_ids)
             if finished:
-                return
+                return len(tried) - 1
             lost = replica
         if progress.finished:  # the last chunk arrived, only [DONE] was lost
             await out.write(b"data: [DONE]\n\n")
-            return
+            return len(tried) - 1
         self.metrics.failover_errors.inc()
         err = error_body(502, f"the replica serving this stream was lost ({why}) and no other replica could "
                               f"continue it after {len(generated)} tokens ({len(text_so_far)} characters); "
                               f"retry the request")
         await out.write(event(err))
+        return len(tried) - 1
 
     def _continuation(self, prepared: Prepared, generated: list[int], remaining: int | None) -> Prepared:
         tokens = prepared.token_ids + tuple(generated)
@@ -322,13 +386,15 @@ class Proxy:
         return body
 
     async def _relay_continuation(self, out, replica: ReplicaState, body: dict, req: GenerationRequest, progress,
-                                  generated_before: int, prompt_tokens: int) -> tuple[bool, list[int]]:
+                                  generated_before: int, prompt_tokens: int,
+                                  request_id: str) -> tuple[bool, list[int]]:
         """Relay a continuation's chunks re-shaped as the client's original stream."""
         session = self.session()
         new_ids: list[int] = []
         self.registry.on_sent(replica, len(body["prompt"]), 0)
         try:
-            async with session.post(replica.url + "/v1/completions", json=body) as upstream:
+            async with session.post(replica.url + "/v1/completions", json=body,
+                                    headers={"X-Request-Id": request_id}) as upstream:
                 if upstream.status != 200:
                     raise _UpstreamFailed(replica, f"HTTP {upstream.status}", refused=False)
                 pending = bytearray()

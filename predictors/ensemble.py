@@ -1,13 +1,20 @@
-"""Ensemble: the members' predictions, weighted by how well each did recently.
+"""Ensemble: the members' predictions, weighted by how well each did recently in this context.
 
 Each member m keeps an exponentially decayed mean absolute error e_m (half-life `half_life`
 observations) of the prediction it would have made for each observed request, taken just before
 that member learns from it. The ensemble predicts the weighted mean of the members' point
 estimates (and of each quantile), with weights w_m ∝ (e_m + eps)^-power: scale-free (only the
-ratio of errors matters), and with power 4 a member half as accurate gets 1/16 of the weight.
-Until a member has an error on record all weights are equal.
+ratio of errors matters); with power 4 a member half as accurate gets 1/16 of the weight.
 
-Memory bound: the members' bounds plus two numbers per member.
+Context: a member's accuracy depends on what its answer rests on (PrefixHistory with a prefix's
+own history is far better than PrefixHistory falling back to the global median), so errors are
+kept per context = the kinds of the members' sources (e.g. `prefix|regressor|global` vs
+`global|regressor|global`), and a context's weights are used once it holds `min_context_mass`
+(decayed) observations; before that, the weights over all requests. Until anything is observed
+all weights are equal.
+
+Memory bound: the members' bounds plus (members + 1) numbers for each of at most `max_contexts`
+contexts (LRU) and for the overall record.
 """
 
 from __future__ import annotations
@@ -18,13 +25,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from predictors.base import Features, Prediction, Predictor, check_length
+from predictors.window import LruTable
 
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    half_life: float = 200.0  # observations for a member's recorded error to lose half its weight
+    half_life: float = 200.0  # observations for a recorded error to lose half its weight
     power: float = 4.0  # w ∝ error^-power
     eps_tokens: float = 1.0  # added to errors so a member that is exactly right does not take everything
+    min_context_mass: float = 20.0  # decayed observations before a context's own weights are used
+    max_contexts: int = 64  # contexts held (LRU)
 
     def __post_init__(self) -> None:
         if not (self.half_life > 0 and math.isfinite(self.half_life)):
@@ -33,6 +43,14 @@ class EnsembleConfig:
             raise ValueError(f"power must be >= 0, got {self.power}")
         if not self.eps_tokens > 0:
             raise ValueError(f"eps_tokens must be positive, got {self.eps_tokens}")
+        if not self.min_context_mass >= 0:
+            raise ValueError(f"min_context_mass must be >= 0, got {self.min_context_mass}")
+        if self.max_contexts < 1:
+            raise ValueError(f"max_contexts must be at least 1, got {self.max_contexts}")
+
+
+def _kind(source: str) -> str:
+    return source.split(":", 1)[0]
 
 
 class Ensemble(Predictor):
@@ -44,21 +62,37 @@ class Ensemble(Predictor):
         self.config = config or EnsembleConfig()
         self.members = tuple(members)
         self._decay = 0.5 ** (1.0 / self.config.half_life)
-        self._err = [0.0] * len(self.members)  # decayed sum of |error|
-        self._mass = [0.0] * len(self.members)  # decayed count, so err / mass is a mean from the start
+        n = len(self.members)
+        # [decayed sum of |error| per member..., decayed count]: err / count is a mean from the start
+        self._overall = [0.0] * (n + 1)
+        self._contexts: LruTable[list[float]] = LruTable(self.config.max_contexts)
 
-    def weights(self) -> list[float]:
-        """The members' current weights (sum to 1)."""
+    def _weights(self, record: list[float]) -> list[float]:
         c = self.config
-        if not all(self._mass):
+        mass = record[-1]
+        if not mass:
             return [1.0 / len(self.members)] * len(self.members)
-        raw = [(e / m + c.eps_tokens) ** -c.power for e, m in zip(self._err, self._mass)]
+        raw = [(e / mass + c.eps_tokens) ** -c.power for e in record[:-1]]
         total = sum(raw)
         return [r / total for r in raw]
 
+    def weights(self, features: Features | None = None) -> list[float]:
+        """The members' weights (sum to 1) for this request's context, or overall."""
+        if features is not None:
+            record = self._contexts.get(self._context([m.predict(features) for m in self.members]))
+            if record is not None and record[-1] >= self.config.min_context_mass:
+                return self._weights(record)
+        return self._weights(self._overall)
+
+    @staticmethod
+    def _context(preds: Sequence[Prediction]) -> str:
+        return "|".join(_kind(p.source) for p in preds)
+
     def predict(self, features: Features) -> Prediction:
         preds = [m.predict(features) for m in self.members]
-        w = self.weights()
+        record = self._contexts.get(self._context(preds))
+        w = self._weights(record if record is not None and record[-1] >= self.config.min_context_mass
+                          else self._overall)
 
         def mix(attr: str) -> float:
             return sum(wi * getattr(p, attr) for wi, p in zip(w, preds))
@@ -69,17 +103,24 @@ class Ensemble(Predictor):
 
     def observe(self, features: Features, actual_output_tokens: int) -> None:
         y = check_length(actual_output_tokens)
+        preds = [m.predict(features) for m in self.members]  # what each would have said, before learning
         d = self._decay
-        for i, m in enumerate(self.members):
-            self._err[i] = d * self._err[i] + abs(m.predict(features).tokens - y)
-            self._mass[i] = d * self._mass[i] + 1.0
+        n = len(self.members)
+        record = self._contexts.touch(self._context(preds), lambda: [0.0] * (n + 1))
+        for rec in (record, self._overall):
+            for i, p in enumerate(preds):
+                rec[i] = d * rec[i] + abs(p.tokens - y)
+            rec[-1] = d * rec[-1] + 1.0
+        for m in self.members:
             m.observe(features, actual_output_tokens)
 
     def memory_items(self) -> int:
-        return sum(m.memory_items() for m in self.members) + 2 * len(self.members)
+        n = len(self.members) + 1
+        return sum(m.memory_items() for m in self.members) + n * (1 + len(self._contexts))
 
     def max_memory_items(self) -> int:
-        return sum(m.max_memory_items() for m in self.members) + 2 * len(self.members)
+        n = len(self.members) + 1
+        return sum(m.max_memory_items() for m in self.members) + n * (1 + self.config.max_contexts)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "half_life": self.config.half_life, "power": self.config.power,

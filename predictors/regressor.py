@@ -27,10 +27,10 @@ plus the global window (2 × global_window numbers). Fixed at construction.
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import xxhash
 
 from predictors.base import QUANTILES, Features, Prediction, Predictor, check_length
@@ -86,9 +86,11 @@ class OnlineRegressor(Predictor):
         c = self.config = config or OnlineRegressorConfig()
         self._shift = 64 - c.dim_bits
         dim = 1 << c.dim_bits
-        self._w = np.zeros((len(QUANTILES), dim))
-        self._g2 = np.zeros((len(QUANTILES), dim))
-        self._tau = np.array(QUANTILES)[:, None]  # (3, 1)
+        nq = len(QUANTILES)
+        # weights and AdaGrad sums, head-major per feature: [i * 3 + q]. Plain Python over the
+        # ~10-20 active features beats numpy's per-call overhead at this size.
+        self._w = array("d", bytes(8 * nq * dim))
+        self._g2 = array("d", bytes(8 * nq * dim))
         self._global = RollingWindow(c.global_window)
         self._zmax = math.log1p(c.max_output_tokens)
         # fixed indices of the categorical features
@@ -101,64 +103,83 @@ class OnlineRegressor(Predictor):
     def _index(self, key: str) -> int:
         return xxhash.xxh3_64_intdigest(key.encode()) >> self._shift
 
-    def _features(self, f: Features) -> tuple[np.ndarray, np.ndarray]:
-        """(indices, values) of f's feature vector: distinct indices, unit L2 norm."""
+    def _features(self, f: Features) -> tuple[dict[int, float], float]:
+        """f's feature vector as {index: count} (hash collisions add up) and 1 / its L2 norm."""
         c = self.config
-        idx = [self._bias, self._len[_bucket(f.prompt_tokens)],
-               self._mt_none if f.max_tokens is None else self._mt[_bucket(f.max_tokens)],
-               self._turn[min(f.turn, _MAX_TURN)]]
+        acc = {self._bias: 1.0}
+        for i in (self._len[_bucket(f.prompt_tokens)],
+                  self._mt_none if f.max_tokens is None else self._mt[_bucket(f.max_tokens)],
+                  self._turn[min(f.turn, _MAX_TURN)]):
+            acc[i] = acc.get(i, 0.0) + 1.0
         if f.tenant is not None:
-            idx.append(self._index(f"tenant:{f.tenant}"))
+            i = self._index(f"tenant:{f.tenant}")
+            acc[i] = acc.get(i, 0.0) + 1.0
         if f.model is not None:
-            idx.append(self._index(f"model:{f.model}"))
+            i = self._index(f"model:{f.model}")
+            acc[i] = acc.get(i, 0.0) + 1.0
         shift = self._shift
         bh = f.block_hashes
-        idx.extend(((bh[d - 1] * _MIX) & _U64) >> shift for d in prefix_depths(len(bh), c.depths, True))
-        idx.extend(((h * _MIX) & _U64) >> shift for h in f.text_ngrams)
-        acc: dict[int, float] = {}
-        for i in idx:  # hash collisions add up, so every index appears once
+        for d in prefix_depths(len(bh), c.depths, True):
+            i = ((bh[d - 1] * _MIX) & _U64) >> shift
             acc[i] = acc.get(i, 0.0) + 1.0
-        keys = np.fromiter(acc.keys(), dtype=np.intp, count=len(acc))
-        vals = np.fromiter(acc.values(), dtype=np.float64, count=len(acc))
-        return keys, vals / math.sqrt(float(vals @ vals))
+        for h in f.text_ngrams:
+            i = ((h * _MIX) & _U64) >> shift
+            acc[i] = acc.get(i, 0.0) + 1.0
+        return acc, 1.0 / math.sqrt(sum(v * v for v in acc.values()))
 
-    def _base(self) -> np.ndarray:
-        """log1p of the global window's p10 / p50 / p90 (the prior before any data)."""
-        if not len(self._global):
-            return np.full(len(QUANTILES), math.log1p(self.config.prior_tokens))
-        return np.log1p(np.array(self._global.quantiles()))
-
-    def _heads(self, keys: np.ndarray, vals: np.ndarray) -> np.ndarray:
-        """The three heads' predictions of z = log1p(tokens), unclipped."""
-        return self._base() + self._w[:, keys] @ vals
+    def _heads(self, x: dict[int, float], inv_norm: float) -> list[float]:
+        """The three heads' predictions of z = log1p(tokens), unclipped: base + w_q · x."""
+        w = self._w
+        s0 = s1 = s2 = 0.0
+        for i, v in x.items():
+            j = 3 * i
+            s0 += w[j] * v
+            s1 += w[j + 1] * v
+            s2 += w[j + 2] * v
+        if len(self._global):
+            base = [math.log1p(q) for q in self._global.quantiles()]
+        else:
+            base = [math.log1p(self.config.prior_tokens)] * 3
+        return [base[0] + s0 * inv_norm, base[1] + s1 * inv_norm, base[2] + s2 * inv_norm]
 
     def predict(self, features: Features) -> Prediction:
-        keys, vals = self._features(features)
-        z = np.sort(np.clip(self._heads(keys, vals), 0.0, self._zmax))
-        p10, p50, p90 = (float(v) for v in np.expm1(z))
+        x, inv_norm = self._features(features)
+        zmax = self._zmax
+        p10, p50, p90 = sorted(math.expm1(min(max(z, 0.0), zmax)) for z in self._heads(x, inv_norm))
         return Prediction(p50, p10, p50, p90, "regressor").capped(features.max_tokens)
 
     def observe(self, features: Features, actual_output_tokens: int) -> None:
         y = check_length(actual_output_tokens)
         c = self.config
-        keys, vals = self._features(features)
+        x, inv_norm = self._features(features)
         z = math.log1p(min(y, c.max_output_tokens))
-        r = z - self._heads(keys, vals)  # (3,)
-        # d(pinball)/d(prediction): -tau when under-predicting, 1 - tau when over
-        dpred = np.where(r > 0, -self._tau[:, 0], np.where(r < 0, 1.0 - self._tau[:, 0], 0.0))
-        grad = dpred[:, None] * vals[None, :]  # (3, k)
-        g2 = self._g2[:, keys] + grad * grad
-        self._g2[:, keys] = g2
-        steps = np.maximum(c.lr / np.sqrt(np.maximum(g2, 1e-12)), c.lr_floor)
-        delta = -steps * grad  # (3, k)
-        moved = np.abs(delta @ vals)  # how far each head's prediction for this request moves
-        scale = np.minimum(1.0, c.max_step / np.maximum(moved, 1e-12))
-        w = self._w[:, keys] + delta * scale[:, None]
-        self._w[:, keys] = np.clip(w, -c.weight_clip, c.weight_clip)
+        w, g2 = self._w, self._g2
+        lr, floor, clip, max_step = c.lr, c.lr_floor, c.weight_clip, c.max_step
+        items = [(3 * i, v * inv_norm) for i, v in x.items()]  # (slot of head 0, normalised value)
+        for q, (tau, zq) in enumerate(zip(QUANTILES, self._heads(x, inv_norm))):
+            # d(pinball)/d(prediction): -tau when under-predicting, 1 - tau when over
+            dpred = -tau if z > zq else (1.0 - tau if z < zq else 0.0)
+            if not dpred:
+                continue
+            deltas = []
+            moved = 0.0
+            for j0, xv in items:
+                j = j0 + q
+                g = dpred * xv
+                s = g2[j] + g * g
+                g2[j] = s
+                step = lr / math.sqrt(s)
+                d = -(step if step > floor else floor) * g
+                deltas.append((j, d))
+                moved += d * xv
+            scale = max_step / abs(moved) if abs(moved) > max_step else 1.0
+            for j, d in deltas:
+                nw = w[j] + d * scale
+                w[j] = clip if nw > clip else (-clip if nw < -clip else nw)
         self._global.add(y)
 
     def memory_items(self) -> int:
-        return self._w.size + self._g2.size + 2 * len(self._global)
+        return len(self._w) + len(self._g2) + 2 * len(self._global)
 
     def max_memory_items(self) -> int:
         return 2 * len(QUANTILES) * (1 << self.config.dim_bits) + 2 * self.config.global_window

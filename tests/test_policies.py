@@ -223,7 +223,7 @@ def test_factory_names_and_fresh_instances():
     assert policy_names() == tuple(POLICIES)
     assert set(policy_names()) == {
         "round_robin", "random", "least_request", "power_of_two", "chwbl",
-        "sglang_cache_aware", "dynamo_kv", "llmd_scorer", "preble_e2", "precise_prefix",
+        "sglang_cache_aware", "dynamo_kv", "llmd_scorer", "preble_e2", "precise_prefix", "predictive",
     }
     for name in policy_names():
         a, b = make_policy(name), make_policy(name)
