@@ -18,10 +18,21 @@ class ReplicaSpec:
     events: str | None = None  # ZMQ PUB endpoint, e.g. tcp://10.0.0.5:5557
     replay: str | None = None  # ZMQ ROUTER replay endpoint, e.g. tcp://10.0.0.5:5558
     topic: str = ""  # KV-event topic (vLLM's default: empty)
+    # The replica's CURVE public key (Z85 text, or a file written by `kvfleet keys`): the KV-event
+    # sockets then talk only to the holder of the matching secret key. None: the fleet default.
+    curve_server_key: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("url", "events", "replay", "topic", "curve_server_key"):
+            v = getattr(self, name)
+            if not isinstance(v, str) and not (v is None and name not in ("url", "topic")):
+                raise ValueError(f"replica {name} must be a string, got {type(v).__name__}")
         u = urlparse(self.url)
-        if u.scheme not in ("http", "https") or not u.netloc:
+        try:
+            u.port  # noqa: B018 - raises ValueError for a port outside 0..65535
+        except ValueError:
+            raise ValueError(f"replica URL has an invalid port: {self.url!r}") from None
+        if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"replica URL must look like http://host:port, got {self.url!r}")
         object.__setattr__(self, "url", self.url.rstrip("/"))
         for name in ("events", "replay"):

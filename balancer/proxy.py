@@ -29,7 +29,8 @@ from balancer.metrics import NO_REPLICA, BalancerMetrics
 from balancer.registry import Registry, ReplicaState
 from balancer.router import Prepared, Router
 from balancer.sse import DONE, event, read_progress, split_events
-from protocol.openai_api import APIError, GenerationRequest, error_body, parse_chat, parse_completion
+from protocol.openai_api import (APIError, GenerationRequest, decode_json_body, error_body, parse_chat,
+                                 parse_completion)
 
 _RELAY_HEADERS = ("Content-Type", "Cache-Control")
 REPLICA_HEADER = "X-Kvfleet-Replica"
@@ -67,13 +68,7 @@ class _Outcome:
 
 
 async def read_json(request: web.Request) -> object:
-    raw = await request.read()
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise APIError(400, "the request body is not valid UTF-8") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    return decode_json_body(await request.read())
 
 
 class Proxy:

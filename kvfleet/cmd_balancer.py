@@ -22,6 +22,7 @@ import signal
 import sys
 
 from balancer.config import BalancerConfig, DnsConfig, ReplicaSpec
+from kvfleet import logs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="a HF tokenizer.json (default: the built-in byte tokenizer)")
     p.add_argument("--config", default=None, help="a TOML or JSON file with BalancerConfig keys; flags win")
     p.add_argument("--no-failover", action="store_true", help="do not continue broken streams on another replica")
+    logs.add_arguments(p)
 
 
 def build_config(args: argparse.Namespace) -> BalancerConfig:
@@ -103,6 +105,7 @@ async def serve(cfg: BalancerConfig) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    logs.setup(args.log_format, args.log_level)
     try:
         cfg = build_config(args)
         from balancer.policies import make_policy

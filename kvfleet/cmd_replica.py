@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import sys
 
+from kvfleet import logs
 from replica.config import EngineConfig
 
 
@@ -55,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve replay and snapshots on this ZMQ ROUTER address, e.g. tcp://*:5558")
     p.add_argument("--kv-events-topic", default="", help="topic of KV-event messages (vLLM default: empty)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="largest request body accepted (413 above)")
+    logs.add_arguments(p)
 
 
 def sim_preset(args: argparse.Namespace):
@@ -93,6 +95,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    logs.setup(args.log_format, args.log_level)
     try:
         cfg = engine_config(args)
     except ValueError as e:

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", type=float, default=None,
                    help="scale the arrival rate to this utilisation of the fleet (e.g. 0.8); default: trace timestamps")
     p.add_argument("--max-requests", type=int, default=None, help="use only the first N requests")
+    p.add_argument("--predictor", default="ensemble",
+                   help="output-length predictor the policies see: a predictors name, none, or oracle (true lengths)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt materialisation")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds, for goodput")
     p.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT SLO in seconds, for goodput")
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             preset = get_preset(args.preset)
         cfg = SimulateConfig(args.replicas, preset, policies, args.kv_blocks, args.load, args.seed,
-                             args.slo_ttft, args.slo_tpot)
+                             args.slo_ttft, args.slo_tpot, predictor=args.predictor)
     except (OSError, ValueError) as e:
         print(f"kvfleet simulate: {e}", file=sys.stderr)
         return 2

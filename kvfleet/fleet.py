@@ -1,15 +1,23 @@
 """A local fleet for a user or a test: N replicas (torch or sim) publishing KV events, and a
-balancer in front, all real subprocesses on loopback. `LocalFleet` is a context manager; every
-process it started is stopped on exit, whatever happened."""
+balancer in front, all real subprocesses on loopback, and optionally a real Prometheus scraping
+them. `LocalFleet` is a context manager; every process it started is stopped on exit, whatever
+happened.
+
+Prometheus finds the fleet through file-based service discovery: the fleet rewrites the targets
+files (atomically) whenever a replica or the balancer comes or goes (kvfleet/prometheus.py).
+"""
 
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kvfleet import procs
+from kvfleet.prometheus import PrometheusConfig, PrometheusServer, write_targets
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,8 @@ class FleetSpec:
     replica_args: tuple[str, ...] = ("--model", "tiny", "--num-blocks", "512", "--threads", "1")
     balancer_args: tuple[str, ...] = ()
     events: bool = True
+    prometheus: PrometheusConfig | None = None  # also run a Prometheus scraping the fleet
+    targets_dir: str | None = None  # also keep file_sd targets here (for a Prometheus of your own)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -35,11 +45,17 @@ class LocalFleet:
     spec: FleetSpec
     replicas: list[procs.Proc] = field(default_factory=list)
     balancer: procs.Proc | None = None
+    prometheus: PrometheusServer | None = None
 
     def __enter__(self) -> "LocalFleet":
         try:
+            if self.spec.prometheus is not None:  # no binary: say so before starting anything
+                self.prometheus = PrometheusServer(self.spec.prometheus)
             self.start_replicas()
             self.start_balancer(self.spec.policy)
+            if self.prometheus is not None:
+                self.prometheus.start()
+                self.sync_targets()
         except BaseException:
             self.stop()
             raise
@@ -48,11 +64,16 @@ class LocalFleet:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start_replicas(self) -> None:
+    def _replica_args(self) -> list[str]:
         s = self.spec
         args = ["replica", "--host", s.host, "--port", "0", "--engine", s.engine, *s.replica_args]
         if s.events:
             args += ["--kv-events-endpoint", f"tcp://{s.host}:0", "--kv-events-replay-endpoint", f"tcp://{s.host}:0"]
+        return args
+
+    def start_replicas(self) -> None:
+        s = self.spec
+        args = self._replica_args()
         with ThreadPoolExecutor(max_workers=s.replicas) as pool:
             futures = [pool.submit(procs.start, args) for _ in range(s.replicas)]
             errors = []
@@ -61,6 +82,7 @@ class LocalFleet:
                     self.replicas.append(f.result())
                 except Exception as e:  # keep the ones that started, so stop() ends them
                     errors.append(e)
+        self.sync_targets()
         if errors:
             raise errors[0]
 
@@ -71,12 +93,50 @@ class LocalFleet:
         for r in self.replicas:
             args += ["--replica", r.replica_arg]
         self.balancer = procs.start(args)
+        self.sync_targets()
         return self.balancer
 
     def stop_balancer(self) -> None:
         if self.balancer is not None:
             self.balancer.stop()
             self.balancer = None
+            self.sync_targets()
+
+    def add_replica(self) -> procs.Proc:
+        """Start one more replica, register it with the balancer, and tell Prometheus."""
+        proc = procs.start(self._replica_args())
+        self.replicas.append(proc)
+        self.sync_targets()
+        if self.balancer is not None:
+            body = {"url": proc.url, "events": proc.events, "replay": proc.replay}
+            req = urllib.request.Request(self.balancer.url + "/admin/replicas", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            urllib.request.urlopen(req, timeout=30).read()
+        return proc
+
+    def remove_replica(self, proc: procs.Proc, drain_timeout_s: float = 30.0) -> None:
+        """Take a replica out of the balancer (draining its requests), stop it, and tell Prometheus.
+        Works on a replica that already died."""
+        if self.balancer is not None:
+            query = urllib.parse.urlencode({"replica": proc.url, "timeout": drain_timeout_s})
+            req = urllib.request.Request(f"{self.balancer.url}/admin/replicas?{query}", method="DELETE")
+            try:
+                urllib.request.urlopen(req, timeout=drain_timeout_s + 30).read()
+            except urllib.error.HTTPError as e:
+                if e.code != 404:  # 404: the balancer no longer knows it
+                    raise
+        proc.stop()
+        self.replicas.remove(proc)
+        self.sync_targets()
+
+    def sync_targets(self) -> None:
+        """Rewrite the file_sd targets (balancer, replicas) for Prometheus; atomic per file."""
+        balancers = [self.balancer.url] if self.balancer else []
+        replicas = [r.url for r in self.replicas]
+        if self.prometheus is not None and self.prometheus.dir is not None:
+            self.prometheus.set_targets(balancers, replicas)
+        if self.spec.targets_dir:
+            write_targets(self.spec.targets_dir, balancers, replicas)
 
     def reset_caches(self) -> None:
         """Empty every replica's prefix cache (between benchmark runs)."""
@@ -89,10 +149,14 @@ class LocalFleet:
         for r in self.replicas:
             r.stop()
         self.replicas.clear()
+        self.sync_targets()
+        if self.prometheus is not None:
+            self.prometheus.stop()
 
     def describe(self) -> dict:
         return {"balancer": self.balancer.url if self.balancer else None,
-                "replicas": [{"url": r.url, "events": r.events, "replay": r.replay} for r in self.replicas]}
+                "replicas": [{"url": r.url, "events": r.events, "replay": r.replay} for r in self.replicas],
+                "prometheus": self.prometheus.url if self.prometheus else None}
 
     def dumps(self) -> str:
         return json.dumps(self.describe(), indent=2)

@@ -157,7 +157,8 @@ def table(result: dict[str, Any]) -> str:
             lines += ["", "no request has prefix history (the trace has no hash ids, or none repeats)"]
             continue
         lines += ["", f"**{titles[s]}**, observation delay {result['delay']} requests", "",
-                  "| predictor | MAE | MAE / baseline | median rel. err | Kendall τ | log2-bucket acc | p10–p90 coverage"
+                  "| predictor | MAE | MAE / baseline | median rel. err | Kendall τ | log2-bucket acc "
+                  "| p10–p90 coverage"
                   + (" | predict µs | observe µs |" if s == "all" else " |"),
                   "|---|---|---|---|---|---|---" + ("|---|---|" if s == "all" else "|")]
         for name, r in result["predictors"].items():

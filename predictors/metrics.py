@@ -104,4 +104,5 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     if tot == xtie or tot == ytie:
         return math.nan
     concordant_minus_discordant = tot - xtie - ytie + both - 2 * dis
-    return float(concordant_minus_discordant / math.sqrt(tot - xtie) / math.sqrt(tot - ytie))
+    tau = concordant_minus_discordant / math.sqrt((tot - xtie) * (tot - ytie))
+    return float(min(1.0, max(-1.0, tau)))

@@ -27,22 +27,23 @@ Quantiles: from the answering ring when it holds >= quantile_samples lengths; ot
 spread (p10/p50 and p90/p50 ratios) of the next shallower level that has enough, applied around
 the point estimate (a prefix seen once still gets an interval).
 
-Memory bound: `max_keys` prefix keys (LRU; each key = a ring of <= `ring` uint32, ~200 bytes in
-CPython with its OrderedDict slot: 65,536 keys ~ 15 MB), `max_groups` tenant/model keys with
-rings of `group_ring`, the global window (2 × global_window numbers) and 3 numbers per evidence
-bucket. Keys are touched on observe only, so a shared head (block 0 of a system prompt) stays
-while one-off tails age out.
+Memory bound: `max_keys` prefix keys (LRU; each key = a ring of <= `ring` uint32: with its int
+key and OrderedDict slot ~260 bytes in CPython, so 32,768 full keys ~ 8 MiB, measured by
+bench/bench_predictors.py), `max_groups` tenant/model keys with rings of `group_ring`, the global
+window (2 × global_window numbers) and 3 numbers per evidence bucket. Keys are touched on observe
+only, so a shared head (block 0 of a system prompt) stays while one-off tails age out.
 """
 
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from predictors.base import Features, Prediction, Predictor, check_length, constant, quantile_sorted
-from predictors.window import LruTable, RecentRing, RollingWindow
+from predictors.window import LruTable, RollingWindow, new_ring, ring_add
 
 DEFAULT_DEPTHS = tuple(2**i for i in range(13))  # 1 .. 4096 blocks: a 64k-token prompt at 16 tokens/block
 
@@ -51,7 +52,7 @@ DEFAULT_DEPTHS = tuple(2**i for i in range(13))  # 1 .. 4096 blocks: a 64k-token
 class PrefixHistoryConfig:
     depths: tuple[int, ...] = DEFAULT_DEPTHS  # prefix depths (blocks) keyed, besides the full chain
     full_chain: bool = True  # also key the whole chain (exact repeats of a prompt)
-    max_keys: int = 65536  # prefix keys held (LRU)
+    max_keys: int = 32768  # prefix keys held (LRU); ~8 MiB with full rings
     ring: int = 16  # recent lengths kept per prefix key
     min_samples: int = 1  # a prefix key may answer once it holds this many lengths
     quantile_samples: int = 8  # fewer than this: borrow the interval's spread from a shallower level
@@ -101,8 +102,8 @@ class PrefixHistory(Predictor):
 
     def __init__(self, config: PrefixHistoryConfig | None = None) -> None:
         c = self.config = config or PrefixHistoryConfig()
-        self._prefixes: LruTable[RecentRing] = LruTable(c.max_keys)
-        self._groups: LruTable[RecentRing] = LruTable(c.max_groups)
+        self._prefixes: LruTable[array] = LruTable(c.max_keys)
+        self._groups: LruTable[array] = LruTable(c.max_groups)
         self._global = RollingWindow(c.global_window)
         # per evidence bucket: [decayed |error| of the prefix median, of the back-off, decayed count]
         self._gate = [[0.0, 0.0, 0.0] for _ in range(evidence_bucket(c.ring) + 1)]
@@ -117,7 +118,7 @@ class PrefixHistory(Predictor):
         for d in reversed(prefix_depths(len(bh), c.depths, c.full_chain)):
             ring = self._prefixes.get(bh[d - 1])
             if ring is not None and len(ring) >= c.min_samples:
-                yield d, ring.sorted()
+                yield d, sorted(ring)
 
     def _backoff_levels(self, f: Features) -> Iterator[tuple[str, list]]:
         """(source, sorted lengths) of the back-off: tenant, model, global."""
@@ -125,7 +126,7 @@ class PrefixHistory(Predictor):
             if value is not None:
                 ring = self._groups.get((kind, value))
                 if ring is not None and len(ring) >= self.config.min_group_samples:
-                    yield kind, ring.sorted()
+                    yield kind, sorted(ring)
         if len(self._global):
             yield "global", self._global.sorted_values
 
@@ -201,10 +202,10 @@ class PrefixHistory(Predictor):
             self._update_gate(features, y)
         bh = features.block_hashes
         for d in prefix_depths(len(bh), c.depths, c.full_chain):
-            self._prefixes.touch(bh[d - 1], RecentRing).add(y, c.ring)
+            ring_add(self._prefixes.touch(bh[d - 1], new_ring), y, c.ring)
         for kind, value in (("tenant", features.tenant), ("model", features.model)):
             if value is not None:
-                self._groups.touch((kind, value), RecentRing).add(y, c.group_ring)
+                ring_add(self._groups.touch((kind, value), new_ring), y, c.group_ring)
         self._global.add(y)
 
     # -- memory

@@ -144,9 +144,10 @@ class OnlineRegressor(Predictor):
 
     def predict(self, features: Features) -> Prediction:
         x, inv_norm = self._features(features)
-        zmax = self._zmax
-        p10, p50, p90 = sorted(math.expm1(min(max(z, 0.0), zmax)) for z in self._heads(x, inv_norm))
-        return Prediction(p50, p10, p50, p90, "regressor").capped(features.max_tokens)
+        zmax, top = self._zmax, float(self.config.max_output_tokens)
+        p10, p50, p90 = sorted(min(math.expm1(min(max(z, 0.0), zmax)), top) for z in self._heads(x, inv_norm))
+        source = "regressor" if len(self._global) else "prior"
+        return Prediction(p50, p10, p50, p90, source).capped(features.max_tokens)
 
     def observe(self, features: Features, actual_output_tokens: int) -> None:
         y = check_length(actual_output_tokens)

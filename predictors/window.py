@@ -5,8 +5,8 @@
   place and O(W) memmove to insert/remove (W = 2048: about a microsecond). Chosen over the P²
   estimator because it is exact, forgets old values (P² never does) and its bound is plain:
   2 × capacity numbers.
-- `RecentRing`: a tiny array('I') of the last `size` lengths of one key (16 → 64 bytes + header);
-  many thousands of them sit in an `LruTable`.
+- rings (`new_ring`, `ring_add`): a bare array('I') of the last `size` lengths of one key
+  (16 lengths: 64 bytes + the array's 64-byte header); many thousands sit in an `LruTable`.
 - `LruTable`: key -> value with at most `capacity` entries; `touch` marks a key recent, the least
   recently touched entry is dropped first. `get` does not reorder, so reading is side-effect free.
 """
@@ -67,24 +67,16 @@ class RollingWindow:
         return self._sorted
 
 
-class RecentRing:
-    """The last `size` lengths seen for one key (oldest first), as uint32."""
+def new_ring() -> array:
+    """An empty ring of recent lengths (uint32): 64 bytes + 4 per length, no per-value objects."""
+    return array("I")
 
-    __slots__ = ("_a",)
 
-    def __init__(self) -> None:
-        self._a = array("I")
-
-    def add(self, x: float, size: int) -> None:
-        self._a.append(min(int(x), _U32_MAX))
-        if len(self._a) > size:
-            del self._a[0]
-
-    def __len__(self) -> int:
-        return len(self._a)
-
-    def sorted(self) -> list[int]:
-        return sorted(self._a)
+def ring_add(ring: array, x: float, size: int) -> None:
+    """Append x to ring, keeping its last `size` values (oldest first)."""
+    ring.append(min(int(x), _U32_MAX))
+    if len(ring) > size:
+        del ring[0]
 
 
 class LruTable(Generic[V]):

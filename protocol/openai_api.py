@@ -8,7 +8,9 @@ the error class name and the HTTP status).
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,53 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": _TYPES.get(status, "Error"), "param": param, "code": status}}
+
+
+# A JSON escape of a UTF-16 surrogate. Pairs decode to one character; a lone one decodes to a str
+# that cannot be encoded as UTF-8 (a tokenizer or hash would raise on it), so it is refused here.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def decode_json_body(raw: bytes) -> Any:
+    """A request body as JSON, or an `APIError(400)` saying what is wrong with it.
+
+    Refuses, with a 400 rather than an exception from deep inside a handler: invalid UTF-8,
+    invalid JSON, nesting deeper than the decoder's recursion limit, integers longer than
+    Python's int-conversion limit (4,300 digits), and strings holding a lone UTF-16 surrogate
+    (`"\\ud800"`). NaN and Infinity literals decode (as Python's json does); the field validators
+    below refuse them where a number matters.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid UTF-8") from None
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and the int digit limit (a plain ValueError)
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if _SURROGATE_ESCAPE.search(raw) is not None and _has_lone_surrogate(body):
+        raise APIError(400, "the request body holds a lone UTF-16 surrogate escape (e.g. \\ud800), "
+                            "which is not a character; send valid Unicode")
+    return body
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]  # iterative: the decoder allows nesting deeper than a recursive walk would
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 @dataclass(frozen=True)

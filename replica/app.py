@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 
 from replica.config import EngineConfig
 from replica.engine import build_engine, build_sim_engine
@@ -42,5 +42,5 @@ async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: 
               f"block_size={cfg.block_size}{events} listening on {' '.join(addrs)}", flush=True)
 
     await serve(app, server_cfg, ready)
-    print("kvfleet replica stopped", file=sys.stderr, flush=True)
+    logging.getLogger("kvfleet.replica").info("kvfleet replica stopped")
     return 0

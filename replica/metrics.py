@@ -1,7 +1,13 @@
 """Replica metrics under vLLM's names, so existing vLLM dashboards and routers read them.
 
 Names, labels (`model_name`, `engine`) and histogram buckets follow vLLM v1
-(`vllm/v1/metrics/loggers.py`, PrometheusStatLogger). Each server owns its registry.
+(`vllm/v1/metrics/loggers.py`, PrometheusStatLogger). Each server owns its registry. Counters
+are written with their `_total` suffix, as PromQL and the dashboards name them.
+
+Two things `promtool check metrics` flags are vLLM's choices, kept for compatibility: the `:` in
+every name (Prometheus reserves colons for recording rules) and the `_total` on the histogram
+`vllm:iteration_tokens_total`. tests/test_observability_prometheus.py allows exactly these and
+nothing else.
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ class ReplicaMetrics:
         self.num_running = Gauge("vllm:num_requests_running", "Requests in the running batch.", labels, registry=r).labels(*lv)
         self.num_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", labels, registry=r).labels(*lv)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full.", labels, registry=r).labels(*lv)
-        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels, registry=r).labels(*lv)
-        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels, registry=r).labels(*lv)
-        self.preemptions = Counter("vllm:num_preemptions", "Requests preempted (recomputed later).", labels, registry=r).labels(*lv)
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of admitted requests.", labels, registry=r).labels(*lv)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", labels, registry=r).labels(*lv)
-        self._success = Counter("vllm:request_success", "Finished requests by reason.", labels + ("finished_reason",), registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.", labels, registry=r).labels(*lv)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", labels, registry=r).labels(*lv)
+        self.preemptions = Counter("vllm:num_preemptions_total", "Requests preempted (recomputed later).", labels, registry=r).labels(*lv)
+        self.prompt_tokens = Counter("vllm:prompt_tokens_total", "Prompt tokens of admitted requests.", labels, registry=r).labels(*lv)
+        self.generation_tokens = Counter("vllm:generation_tokens_total", "Generated tokens.", labels, registry=r).labels(*lv)
+        self._success = Counter("vllm:request_success_total", "Finished requests by reason.", labels + ("finished_reason",), registry=r)
         self._lv = lv
+        for reason in ("stop", "length", "abort"):  # as vLLM: every finish reason is a series from the start
+            self._success.labels(*lv, reason)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels, buckets=TTFT_BUCKETS, registry=r).labels(*lv)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between generated tokens.", labels, buckets=ITL_BUCKETS, registry=r).labels(*lv)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", labels, buckets=REQUEST_LATENCY_BUCKETS, registry=r).labels(*lv)

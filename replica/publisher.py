@@ -142,6 +142,12 @@ class KVEventPublisher:
         self._endpoints: PublisherEndpoints | None = None
         self._closed = False
         self._close_lock = threading.Lock()
+        # KV batches handed to publish() so far (written by the engine's thread): the seq of the
+        # last one is this - 1 (seqs count from 0), whether or not the thread has sent it yet.
+        self.kv_batches_queued = 0
+        # Testing only (fault injection): until this time.monotonic(), nothing goes out on PUB
+        # (KV batches are still numbered and kept for replay), as if the link were cut.
+        self.mute_until = 0.0
         # Read by tests/metrics; written only by the thread.
         self.last_seq: int | None = None
         self.snapshots_sent = 0
@@ -164,6 +170,7 @@ class KVEventPublisher:
     def publish(self, events: list[KVEvent]) -> None:
         """Queue one batch (seq = previous + 1, from 0). An empty list publishes nothing."""
         if events:
+            self.kv_batches_queued += 1
             self._put(("kv", time.time(), tuple(events)))
 
     def publish_load(self, report: LoadReport) -> None:
@@ -319,14 +326,15 @@ class KVEventPublisher:
                     seq = state.kv_seq
                     state.kv_seq += 1
                     payload = encode_batch(EventBatch(item[1], item[2], cfg.data_parallel_rank))
-                    if seq not in cfg.drop_seqs:
+                    if seq not in cfg.drop_seqs and time.monotonic() >= self.mute_until:
                         pub.send_multipart([cfg.topic, encode_seq(seq), payload])
                     state.buffer.append((seq, payload))
                     self.last_seq = seq
                 elif kind == "load":
                     report: LoadReport = item[1]
                     payload = encode_load(_with_epoch(report, self.epoch))
-                    pub.send_multipart(encode_extras_message(cfg.load_topic, state.load_seq, payload))
+                    if time.monotonic() >= self.mute_until:
+                        pub.send_multipart(encode_extras_message(cfg.load_topic, state.load_seq, payload))
                     state.load_seq += 1
                 elif kind == "snapshot":
                     self._send_snapshot(router, state, item[1], item[2])

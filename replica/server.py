@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import signal
 import time
 import uuid
@@ -21,12 +22,15 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from protocol.openai_api import APIError, GenerationRequest, error_body, parse_chat, parse_completion
+from protocol.openai_api import (APIError, GenerationRequest, decode_json_body, error_body, parse_chat,
+                                 parse_completion)
 from protocol.tokenizer import apply_chat_template
+from replica import auth, kv_state
 from replica.engine import RequestOutput
 from replica.request import SamplingParams
 from replica.service import EngineService
 
+access_log = logging.getLogger("kvfleet.replica.access")
 SERVICE = web.AppKey("service", EngineService)
 SETTINGS = web.AppKey("settings", "ServerConfig")
 VERSION = "0.1.0"
@@ -41,6 +45,7 @@ class ServerConfig:
     model_name: str = "tiny"
     max_model_len: int = 4096
     vocab_size: int = 512
+    api_keys: tuple[str, ...] = ()  # non-empty: clients must send one as a Bearer token (replica/auth.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -70,13 +75,7 @@ async def _errors(request: web.Request, handler):
 
 
 async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise APIError(400, "the request body is not valid UTF-8") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    return decode_json_body(await request.read())
 
 
 class _Handlers:
@@ -157,9 +156,14 @@ class _Handlers:
         rid = self.service.unique_id(base)
         headers = {"X-Request-Id": base}
         outputs = self.service.generate(rid, prompt_ids, params)
-        if req.stream:
-            return await self._stream(request, req, rid, outputs, headers)
-        return await self._complete(req, rid, outputs, headers)
+        seen = _Seen(time.perf_counter(), len(prompt_ids))
+        try:
+            if req.stream:
+                return await self._stream(request, req, rid, outputs, headers, seen)
+            return await self._complete(req, rid, outputs, headers, seen)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                _log_access(base, req, seen)
 
     def _usage(self, last: RequestOutput | None, num_prompt: int) -> dict[str, Any]:
         completion = last.num_output_tokens if last else 0
@@ -171,14 +175,14 @@ class _Handlers:
             "prompt_tokens_details": {"cached_tokens": cached},
         }
 
-    async def _complete(self, req, rid, outputs: AsyncIterator[RequestOutput], headers) -> web.Response:
+    async def _complete(self, req, rid, outputs: AsyncIterator[RequestOutput], headers, seen: "_Seen") -> web.Response:
         text: list[str] = []
         token_ids: list[int] = []
         last = None
         async for out in outputs:
             text.append(out.text)
             token_ids.extend(out.new_token_ids)
-            last = out
+            last = seen.last = out
         created = int(time.time())
         body_text = "".join(text)
         finish = last.finish_reason if last else "abort"
@@ -197,7 +201,8 @@ class _Handlers:
                 "usage": self._usage(last, last.num_prompt_tokens if last else 0)}
         return web.json_response(body, headers=headers)
 
-    async def _stream(self, request, req, rid, outputs: AsyncIterator[RequestOutput], headers) -> web.StreamResponse:
+    async def _stream(self, request, req, rid, outputs: AsyncIterator[RequestOutput], headers,
+                      seen: "_Seen") -> web.StreamResponse:
         resp = web.StreamResponse(
             status=200, headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -220,7 +225,7 @@ class _Handlers:
                 await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                         "finish_reason": None}))
             async for out in outputs:
-                last = out
+                last = seen.last = out
                 if not out.text and not out.finished and not req.return_token_ids:
                     continue
                 if chat:
@@ -242,6 +247,7 @@ class _Handlers:
             await outputs.aclose()  # aborts the request in the engine
             raise
         except RuntimeError as e:  # the engine failed mid-stream: say so in-band, then end
+            seen.status = 500
             err = error_body(500, f"the engine failed while generating: {e}")
             await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
         await resp.write_eof()
@@ -306,10 +312,36 @@ class _Handlers:
         return web.json_response({"version": VERSION})
 
 
+@dataclass(slots=True)
+class _Seen:
+    """What the access log line says about one request; the handler fills it in as it goes."""
+
+    start: float
+    prompt_tokens: int
+    last: RequestOutput | None = None
+    status: int = 200
+
+
+def _log_access(request_id: str, req: GenerationRequest, seen: _Seen) -> None:
+    """One line per request (never per token), keyed by the X-Request-Id the balancer sent."""
+    last = seen.last
+    finish = last.finish_reason if last is not None and last.finished else "abort"
+    cached = last.num_cached_tokens if last is not None else 0
+    output = last.num_output_tokens if last is not None else 0
+    e2e = time.perf_counter() - seen.start
+    access_log.info(
+        "%s %s prompt_tokens=%d cached_tokens=%d output_tokens=%d finish=%s e2e=%.4fs", req.kind,
+        "stream" if req.stream else "unary", seen.prompt_tokens, cached, output, finish, e2e,
+        extra={"request_id": request_id, "kind": req.kind, "stream": req.stream, "status": seen.status,
+               "prompt_tokens": seen.prompt_tokens, "cached_tokens": cached, "output_tokens": output,
+               "finish_reason": finish, "e2e_s": round(e2e, 6)})
+
+
 def create_app(service: EngineService, cfg: ServerConfig) -> web.Application:
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors])
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors, *auth.middlewares(cfg.api_keys)])
     app[SERVICE] = service
     h = _Handlers(service, cfg)
+    kv_state.add_routes(app, service)
     app.router.add_post("/v1/completions", h.completions)
     app.router.add_post("/v1/chat/completions", h.chat)
     app.router.add_get("/v1/models", h.models)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +129,14 @@ class EngineService:
         self._wake.set()
         return await fut
 
+    async def between_steps(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn()` on the loop thread between two engine steps (the block pool is still) and
+        return its result. For inspection only: `fn` must not change engine state."""
+        fut = asyncio.get_running_loop().create_future()
+        self._inbox.append(("call", (fn, fut)))
+        self._wake.set()
+        return await fut
+
     # ---------------------------------------------------------------- the loop
     def _drain_inbox(self) -> None:
         inbox, self._inbox = self._inbox, []
@@ -144,6 +152,13 @@ class EngineService:
                 self.metrics.request_prompt_tokens.observe(len(prompt_ids))
             elif op == "abort":
                 self.engine.abort_request(arg)
+            elif op == "call":
+                fn, fut = arg
+                if not fut.done():
+                    try:
+                        fut.set_result(fn())
+                    except Exception as e:  # noqa: BLE001 - handed to the caller
+                        fut.set_exception(e)
             else:  # "reset": arg is a future for the result
                 if not arg.done():
                     arg.set_result(self.engine.kv.reset_prefix_cache())

@@ -17,6 +17,7 @@ engine. Load reports and events reach the balancer instantly (a live fleet adds 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 from collections.abc import Callable, Sequence
@@ -64,6 +65,7 @@ class FleetConfig:
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     seed: int = 0
+    oracle_lengths: bool = False  # give policies the true output length instead of a prediction
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -213,12 +215,16 @@ class FleetSimulation:
     def _arrive(self, i: int, r: SimRequest, t: float):
         tokens = r.token_ids()
         hashes = hash_blocks(tokens, self.cfg.block_size, self.root)
-        req = GenerationRequest(kind="completion", model=MODEL, prompt_token_ids=None, max_tokens=r.output_length)
+        # Clients' max_tokens is unknown in traces: the router sees none, so predictions are
+        # honest (the engine still stops at the trace's output length).
+        req = GenerationRequest(kind="completion", model=MODEL, prompt_token_ids=None, max_tokens=None)
         prepared = Prepared(req, tuple(tokens), "", tuple(hashes), None, hashes[-1] if hashes else i)
         if self.policy.needs_text:
             prepared = Prepared(req, prepared.token_ids, ByteTokenizer().decode(tokens), prepared.block_hashes,
                                 prepared.first_user_message, prepared.rng_seed)
         rr = self.router.routing_request(prepared, str(i))
+        if self.cfg.oracle_lengths:
+            rr = dataclasses.replace(rr, predicted_output_tokens=float(r.output_length))
         decision = self.router.decide(rr, self.registry.usable())
         self.router.routed(rr, decision)
         url = decision.replica_id

@@ -34,6 +34,7 @@ class SimulateConfig:
     slo_tpot_s: float = 0.1
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    predictor: str = "ensemble"  # output-length predictor the router uses; "none", or "oracle" (true lengths)
 
     def __post_init__(self) -> None:
         if self.load is not None and not 0 < self.load <= 10:
@@ -52,20 +53,21 @@ def sim_requests(trace: Sequence[TraceRequest], seed: int = 0) -> list[SimReques
             for i, t in enumerate(trace)]
 
 
-def offered_load(reqs: Sequence[SimRequest], hits: Sequence[int], cfg: SimulateConfig) -> tuple[float, float]:
+def offered_load(reqs: Sequence[SimRequest], cfg: SimulateConfig) -> tuple[float, float]:
     """(utilisation of the fleet at the trace's own rate, mean service demand in seconds).
 
-    Demand of a request: prefill of the tokens an infinite cache would not hold, in chunks,
-    plus its decode steps amortised over a batch of min(32, max_num_seqs) sequences. A
-    heuristic capacity model (documented in the README); the same for every policy.
+    Demand of a request: prefill of its whole prompt (no cache: what a policy gains from
+    caching is headroom, not part of the offered load), in chunks, plus its decode steps
+    amortised over a batch of min(32, max_num_seqs) sequences. A heuristic capacity model,
+    the same for every policy.
     """
     p = cfg.preset
     model = p.model
     chunk = cfg.max_num_batched_tokens or p.max_num_batched_tokens
     batch = min(32, cfg.max_num_seqs or p.max_num_seqs)
     demand = []
-    for r, hit in zip(reqs, hits):
-        cached = min(hit, r.input_length - 1)
+    for r in reqs:
+        cached = 0
         decode = r.output_length * model.decode_step_time(batch, r.input_length + r.output_length / 2) / batch
         demand.append(model.prefill_time(r.input_length - cached, cached, chunk) + decode)
     span = max(reqs[-1].arrival_s - reqs[0].arrival_s, 1e-9)
@@ -114,22 +116,30 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
     p = cfg.preset
     chunk = cfg.max_num_batched_tokens or p.max_num_batched_tokens
     bounds: Bounds = compute_bounds(chains, [r.input_length for r in reqs], bs, p.model, chunk)
-    util, demand = offered_load(reqs, bounds.hit_tokens, cfg)
+    util, demand = offered_load(reqs, cfg)
     factor = 1.0
     if cfg.load is not None:
         factor = util / cfg.load
         reqs = rescale(reqs, factor)
     out = {"config": {"replicas": cfg.replicas, "preset": p.description, "kv_blocks": cfg.kv_blocks or p.kv_blocks,
                       "load": cfg.load, "trace_utilisation": util, "time_factor": factor,
-                      "mean_demand_s": demand, "requests": len(reqs), "seed": cfg.seed},
+                      "mean_demand_s": demand, "requests": len(reqs), "seed": cfg.seed,
+                      "predictor": cfg.predictor},
            "bounds": {"infinite_cache_hit_rate": bounds.infinite_cache_hit_rate,
                       "ideal_mean_ttft_s": bounds.ideal_ttft_mean, "ideal_median_ttft_s": bounds.ideal_ttft_p50,
                       "ideal_p99_ttft_s": bounds.ideal_ttft_p99},
            "policies": []}
     for name in cfg.policies:
+        predictor = None
+        if cfg.predictor not in ("none", "oracle"):
+            from predictors import make_predictor
+            from predictors.adapter import BalancerPredictor
+
+            predictor = BalancerPredictor(make_predictor(cfg.predictor), model=MODEL)
         fleet = FleetSimulation(FleetConfig(cfg.replicas, p, name, kv_blocks=cfg.kv_blocks, seed=cfg.seed,
                                             max_num_seqs=cfg.max_num_seqs,
-                                            max_num_batched_tokens=cfg.max_num_batched_tokens))
+                                            max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                            oracle_lengths=cfg.predictor == "oracle"), predictor=predictor)
         res = fleet.run(reqs)
         out["policies"].append(summarize(res, cfg))
         out.setdefault("_results", {})[name] = res

@@ -1,0 +1,287 @@
+"""kvfleet's Grafana dashboards, built as code with Grafana's grafana-foundation-sdk.
+
+    python dashboards/build.py          # rewrite fleet-overview.json, replica-detail.json, prometheus.yml
+    python dashboards/build.py --check  # exit 1 if a committed file differs from what this builds
+
+- fleet-overview.json: the balancer (`kvfleet_*`) beside every replica (`vllm:*`): traffic,
+  TTFT / E2E percentiles, predicted vs reported cache hits, routing decision latency, per-replica
+  load, KV usage and queue, retries, failovers, resyncs, health.
+- replica-detail.json: one replica (the `replica` variable: a scrape `instance`), its vLLM
+  metrics, and how the balancer sees it. Any vLLM server scraped by Prometheus works here too.
+- prometheus.yml: the scrape config (file-based service discovery), from kvfleet/prometheus.py.
+
+Every panel's queries use only `$__rate_interval` and `$replica`; the acceptance test
+(tests/test_observability_prometheus.py) substitutes them and runs each query on a real
+Prometheus scraping a loaded fleet, so no panel here may be empty or name an unknown metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from grafana_foundation_sdk.builders import dashboard as gdash
+from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as dm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from kvfleet.prometheus import scrape_config  # noqa: E402
+
+DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+RATE = "$__rate_interval"
+TAGS = ["kvfleet", "llm-inference"]
+QUANTILES = (0.5, 0.9, 0.99)
+STATIC_SCRAPE_INTERVAL_S = 5.0  # dashboards/prometheus.yml, for a Prometheus of your own
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _query(expr: str, legend: str, ref: str) -> prometheus.Dataquery:
+    return prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref).datasource(DS)
+
+
+def _targets(panel, queries: list[tuple[str, str]]):
+    for i, (expr, legend) in enumerate(queries):
+        panel = panel.with_target(_query(expr, legend, chr(ord("A") + i)))
+    return panel
+
+
+def graph(title: str, description: str, unit: str, queries: list[tuple[str, str]], w: int = 8, h: int = 8,
+          min0: bool = True):
+    p = (timeseries.Panel().title(title).description(description).datasource(DS).unit(unit).span(w).height(h)
+         .line_width(1).fill_opacity(10).show_points(common.VisibilityMode.NEVER))
+    if min0:
+        p = p.min(0)
+    return _targets(p, queries)
+
+
+def quantiles(title: str, description: str, bucket: str, selector: str = "", unit: str = "s", w: int = 8):
+    """p50 / p90 / p99 of a Prometheus histogram, over everything the selector matches."""
+    queries = [(f"histogram_quantile({q}, sum by (le) (rate({bucket}{selector}[{RATE}])))", f"p{round(q * 100)}")
+               for q in QUANTILES]
+    return graph(title, description, unit, queries, w=w)
+
+
+def ratio(num: str, den: str, by: str = "") -> str:
+    """sum(rate(num)) / sum(rate(den)), optionally per label."""
+    grp = f" by ({by})" if by else ""
+    return f"sum{grp} (rate({num}[{RATE}])) / sum{grp} (rate({den}[{RATE}]))"
+
+
+def state(title: str, description: str, expr: str, legend: str, mapping: dict[str, tuple[str, str]], w: int = 12):
+    """A state timeline: one row per series, colored by value mappings {value: (text, color)}."""
+    vm = dm.ValueMap(options={v: dm.ValueMappingResult(text=t, color=c, index=i)
+                              for i, (v, (t, c)) in enumerate(mapping.items())})
+    p = (statetimeline.Panel().title(title).description(description).datasource(DS).span(w).height(6)
+         .mappings([vm]).show_value(common.VisibilityMode.NEVER))
+    return _targets(p, [(expr, legend)])
+
+
+def build_dashboard(builder) -> dict:
+    """Build, number panels in order (Grafana wants unique ids), and return plain JSON data."""
+    model = builder.build()
+    for i, panel in enumerate(model.panels or [], start=1):
+        panel.id_val = i
+    return json.loads(json.dumps(model, cls=JSONEncoder))
+
+
+def _datasource_variable():
+    return gdash.DatasourceVariable("datasource").label("Data source").type("prometheus")
+
+
+def _base(title: str, uid: str, description: str):
+    return (gdash.Dashboard(title).uid(uid).description(description).tags(TAGS).refresh("10s")
+            .time("now-30m", "now").timezone("browser").tooltip(dm.DashboardCursorSync.CROSSHAIR)
+            .link(gdash.DashboardLink("kvfleet dashboards").type(dm.DashboardLinkType.DASHBOARDS).tags(["kvfleet"])
+                  .as_dropdown(True).include_vars(False).keep_time(True))
+            .with_variable(_datasource_variable()))
+
+
+# ---------------------------------------------------------------------------------- fleet overview
+def fleet_overview() -> dict:
+    d = _base("kvfleet / Fleet overview", "kvfleet-fleet-overview",
+              "The kvfleet balancer and its replicas: traffic, latency, KV-cache hits, load, reliability.")
+
+    d = d.with_row(gdash.Row("Traffic"))
+    d = d.with_panel(graph("Requests by status", "Requests answered by the balancer per second, by status class "
+                           "(`none` replica: no replica was usable).", "reqps",
+                           [(f"sum by (status) (rate(kvfleet_requests_total[{RATE}]))", "{{status}}")]))
+    d = d.with_panel(graph("Requests by replica", "Requests per second, by the replica that served them.", "reqps",
+                           [(f"sum by (replica) (rate(kvfleet_requests_total[{RATE}]))", "{{replica}}")]))
+    d = d.with_panel(graph("Token throughput", "Prompt tokens admitted and tokens generated per second, whole fleet "
+                           "(replica metrics).", "short",
+                           [(f"sum(rate(vllm:prompt_tokens_total[{RATE}]))", "prompt"),
+                            (f"sum(rate(vllm:generation_tokens_total[{RATE}]))", "generated")]))
+
+    d = d.with_row(gdash.Row("Latency (at the balancer)"))
+    d = d.with_panel(quantiles("Time to first token", "Request arrival at the balancer to the first byte relayed "
+                               "to the client.", "kvfleet_time_to_first_token_seconds_bucket"))
+    d = d.with_panel(quantiles("End-to-end latency", "Request arrival at the balancer to the end of the response.",
+                               "kvfleet_e2e_request_latency_seconds_bucket"))
+    d = d.with_panel(quantiles("Routing decision", "Tokenize, hash, prefix-index lookup and policy scoring of one "
+                               "request.", "kvfleet_routing_decision_seconds_bucket"))
+
+    d = d.with_row(gdash.Row("KV cache"))
+    d = d.with_panel(graph(
+        "Cache hit rate: predicted vs reported", "Share of routed prompt tokens the prefix index predicted the chosen "
+        "replica holds, what the replicas reported as cached (usage.cached_tokens), and the replicas' own "
+        "prefix-cache hit rate. Predicted far above reported: the index is stale.", "percentunit",
+        [(ratio("kvfleet_predicted_cached_tokens_total", "kvfleet_prompt_tokens_total"), "predicted (balancer)"),
+         (ratio("kvfleet_reported_cached_tokens_total", "kvfleet_prompt_tokens_total"), "reported (balancer)"),
+         (ratio("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"), "prefix cache (replicas)")]))
+    d = d.with_panel(graph("Prefix-cache hit rate by replica", "Prompt tokens found cached / looked up, per replica.",
+                           "percentunit",
+                           [(ratio("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total", "instance"),
+                             "{{instance}}")]))
+    d = d.with_panel(graph("Prefix index", "KV blocks the balancer's prefix index holds per replica.", "short",
+                           [("sum by (replica) (kvfleet_indexed_blocks)", "{{replica}}")]))
+
+    d = d.with_row(gdash.Row("Load"))
+    d = d.with_panel(graph("In flight at the balancer", "Requests the balancer has sent to each replica and not "
+                           "finished.", "short",
+                           [("sum by (replica) (kvfleet_replica_inflight_requests)", "{{replica}}")]))
+    d = d.with_panel(graph("Running and waiting", "Requests in each replica's running batch and in its queue.",
+                           "short",
+                           [("sum by (instance) (vllm:num_requests_running)", "running {{instance}}"),
+                            ("sum by (instance) (vllm:num_requests_waiting)", "waiting {{instance}}")]))
+    d = d.with_panel(graph("KV-cache usage", "Share of each replica's KV blocks in use (1 = full).", "percentunit",
+                           [("max by (instance) (vllm:kv_cache_usage_perc)", "{{instance}}")]))
+
+    d = d.with_row(gdash.Row("Reliability"))
+    d = d.with_panel(graph("Retries and failovers", "Attempts that failed before the first byte (retried elsewhere), "
+                           "streams continued on another replica after theirs was lost, streams no replica could "
+                           "continue, and requests refused for want of a usable replica; per interval.", "short",
+                           [(f"sum by (replica) (increase(kvfleet_retries_total[{RATE}]))", "retry {{replica}}"),
+                            (f"sum by (replica) (increase(kvfleet_failovers_total[{RATE}]))", "failover {{replica}}"),
+                            (f"sum(increase(kvfleet_failover_errors_total[{RATE}]))", "failover error"),
+                            (f"sum(increase(kvfleet_no_replica_total[{RATE}]))", "no usable replica")]))
+    d = d.with_panel(graph("KV-index resyncs", "Times the balancer rebuilt a replica's index entries from a snapshot, "
+                           "by reason (startup, restart, gap_no_replay, ...); per interval.", "short",
+                           [(f"sum by (replica, reason) (increase(kvfleet_kv_resyncs_total[{RATE}]))",
+                             "{{replica}} {{reason}}")]))
+    d = d.with_panel(graph("Preemptions", "Requests preempted per second on each replica (KV cache full).", "short",
+                           [(f"sum by (instance) (rate(vllm:num_preemptions_total[{RATE}]))", "{{instance}}")]))
+    d = d.with_panel(state("Replica health (balancer's checks)", "1 healthy, 0 failing its /health checks.",
+                           "max by (replica) (kvfleet_replica_healthy)", "{{replica}}",
+                           {"1": ("healthy", "green"), "0": ("unhealthy", "red")}))
+    d = d.with_panel(state("Circuit breaker", "The balancer's circuit breaker per replica.",
+                           "max by (replica) (kvfleet_replica_circuit_state)", "{{replica}}",
+                           {"0": ("closed", "green"), "1": ("half-open", "yellow"), "2": ("open", "red")}))
+    d = d.with_panel(state("Scrape targets up", "Prometheus' view: 1 when a target's /metrics was scraped.",
+                           'up{job=~"kvfleet-.*"}', "{{job}} {{instance}}",
+                           {"1": ("up", "green"), "0": ("down", "red")}, w=24))
+    return build_dashboard(d)
+
+
+# ---------------------------------------------------------------------------------- replica detail
+def replica_detail() -> dict:
+    sel = '{instance="$replica"}'
+    d = _base("kvfleet / Replica detail", "kvfleet-replica-detail",
+              "One inference replica (kvfleet or vLLM): its vLLM metrics and the balancer's view of it.")
+    d = d.with_variable(gdash.QueryVariable("replica").label("Replica").datasource(DS)
+                        .query("label_values(vllm:num_requests_running, instance)")
+                        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
+                        .include_all(False).multi(False))
+
+    d = d.with_row(gdash.Row("Scheduler"))
+    d = d.with_panel(graph("Running and waiting", "Requests in the running batch and in the queue.", "short",
+                           [(f"vllm:num_requests_running{sel}", "running"),
+                            (f"vllm:num_requests_waiting{sel}", "waiting")]))
+    d = d.with_panel(graph("KV-cache usage", "Share of KV blocks in use (1 = full).", "percentunit",
+                           [(f"vllm:kv_cache_usage_perc{sel}", "usage")]))
+    d = d.with_panel(graph("Preemptions", "Requests preempted per second (KV cache full; recomputed later).", "short",
+                           [(f"rate(vllm:num_preemptions_total{sel}[{RATE}])", "preemptions")]))
+
+    d = d.with_row(gdash.Row("Prefix cache"))
+    d = d.with_panel(graph("Prefix-cache hit rate", "Prompt tokens found cached / prompt tokens looked up.",
+                           "percentunit",
+                           [(f"sum(rate(vllm:prefix_cache_hits_total{sel}[{RATE}])) / "
+                             f"sum(rate(vllm:prefix_cache_queries_total{sel}[{RATE}]))", "hit rate")]))
+    d = d.with_panel(graph("Prefix-cache tokens", "Prompt tokens looked up and found per second.", "short",
+                           [(f"rate(vllm:prefix_cache_queries_total{sel}[{RATE}])", "queried"),
+                            (f"rate(vllm:prefix_cache_hits_total{sel}[{RATE}])", "hit")]))
+    d = d.with_panel(graph("Token throughput", "Prompt tokens admitted and tokens generated per second.", "short",
+                           [(f"rate(vllm:prompt_tokens_total{sel}[{RATE}])", "prompt"),
+                            (f"rate(vllm:generation_tokens_total{sel}[{RATE}])", "generated")]))
+
+    d = d.with_row(gdash.Row("Latency (at the replica)"))
+    d = d.with_panel(quantiles("Time to first token", "Arrival at the replica to the first token.",
+                               "vllm:time_to_first_token_seconds_bucket", sel))
+    d = d.with_panel(quantiles("Inter-token latency", "Time between consecutive tokens of a request.",
+                               "vllm:inter_token_latency_seconds_bucket", sel))
+    d = d.with_panel(quantiles("End-to-end latency", "Arrival at the replica to the last token.",
+                               "vllm:e2e_request_latency_seconds_bucket", sel))
+
+    d = d.with_row(gdash.Row("Requests"))
+    d = d.with_panel(graph("Finished requests by reason", "Requests finished per second: stop (EOS or stop string), "
+                           "length (max_tokens), abort.", "reqps",
+                           [(f"sum by (finished_reason) (rate(vllm:request_success_total{sel}[{RATE}]))",
+                             "{{finished_reason}}")]))
+    d = d.with_panel(quantiles("Prompt length", "Prompt tokens per request.", "vllm:request_prompt_tokens_bucket",
+                               sel, unit="short"))
+    d = d.with_panel(quantiles("Tokens per engine step", "Prefill + decode tokens computed per step (batch size "
+                               "in tokens).", "vllm:iteration_tokens_total_bucket", sel, unit="short"))
+
+    d = d.with_row(gdash.Row("The balancer's view"))
+    rsel = '{replica="http://$replica"}'
+    d = d.with_panel(graph("In flight at the balancer", "Requests the kvfleet balancer has sent here and not "
+                           "finished (the balancer names a replica by its URL, http://instance).", "short",
+                           [(f"sum(kvfleet_replica_inflight_requests{rsel})", "in flight")]))
+    d = d.with_panel(graph("Routed here", "Requests per second the balancer answered from this replica, by status.",
+                           "reqps",
+                           [(f"sum by (status) (rate(kvfleet_requests_total{rsel}[{RATE}]))", "{{status}}")]))
+    d = d.with_panel(graph("Cache hits: predicted vs reported", "Share of the prompt tokens routed here that the "
+                           "balancer's index predicted cached, and that the replica reported cached.",
+                           "percentunit",
+                           [(f"sum(rate(kvfleet_predicted_cached_tokens_total{rsel}[{RATE}])) / "
+                             f"sum(rate(kvfleet_prompt_tokens_total{rsel}[{RATE}]))", "predicted"),
+                            (f"sum(rate(kvfleet_reported_cached_tokens_total{rsel}[{RATE}])) / "
+                             f"sum(rate(kvfleet_prompt_tokens_total{rsel}[{RATE}]))", "reported")]))
+    return build_dashboard(d)
+
+
+# ---------------------------------------------------------------------------------- files
+def render() -> dict[str, str]:
+    """Every generated file: name (relative to dashboards/) -> content."""
+    def dump(d: dict) -> str:
+        return json.dumps(d, indent=2, sort_keys=False) + "\n"
+
+    return {
+        "fleet-overview.json": dump(fleet_overview()),
+        "replica-detail.json": dump(replica_detail()),
+        "prometheus.yml": scrape_config("targets", STATIC_SCRAPE_INTERVAL_S),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="do not write; exit 1 if a file is out of date")
+    args = ap.parse_args(argv)
+    stale = []
+    for name, text in render().items():
+        path = os.path.join(HERE, name)
+        try:
+            with open(path) as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = None
+        if current == text:
+            continue
+        stale.append(name)
+        if not args.check:
+            with open(path, "w") as f:
+                f.write(text)
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)}; run `python dashboards/build.py`", file=sys.stderr)
+        return 1
+    print(("stale: " if args.check else "wrote: ") + (", ".join(stale) or "nothing (up to date)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
