@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from balancer.config import ReplicaSpec
 from balancer.proxy import read_json
+from protocol.curve import is_z85_key
 from protocol.openai_api import APIError, parse_chat, parse_completion
 
 
@@ -63,9 +64,12 @@ def add_routes(app: web.Application, b) -> None:
         body = await read_json(request)
         if not isinstance(body, dict) or not isinstance(body.get("url"), str):
             raise APIError(400, 'send {"url": "http://host:port", "events": "tcp://host:5557"?, "replay": ...?}', "url")
+        key = body.get("curve_server_key")
+        if key is not None and not (isinstance(key, str) and is_z85_key(key)):  # no file paths over HTTP
+            raise APIError(400, "curve_server_key must be a 40-character Z85 public key", "curve_server_key")
         try:
             spec = ReplicaSpec(url=body["url"], events=body.get("events"), replay=body.get("replay"),
-                               topic=body.get("topic") or "")
+                               topic=body.get("topic") or "", curve_server_key=body.get("curve_server_key"))
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), "url") from None
         if b.registry.get(spec.replica_id) is not None:

@@ -16,8 +16,10 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp import web
 
+from balancer import index_state, openapi
 from balancer.approx_index import ApproxIndex
 from balancer.config import BalancerConfig, ReplicaSpec
+from balancer.guard import Guard
 from balancer.health import DnsWatcher, HealthChecker
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
 from balancer.metrics import BalancerMetrics
@@ -27,6 +29,7 @@ from balancer.prefix_index import PrefixIndex
 from balancer.proxy import Proxy
 from balancer.registry import Registry
 from balancer.router import Router
+from protocol import curve
 from protocol.load import LoadReport
 from protocol.openai_api import APIError, error_body
 from protocol.tokenizer import load_tokenizer
@@ -52,6 +55,7 @@ class Balancer:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopping: list[asyncio.Task] = []
+        self._curve_keypair = curve.client_keypair(cfg.curve_client_key_file)  # for CURVE event sockets
 
     # ------------------------------------------------------------------ lifecycle
     def session(self) -> aiohttp.ClientSession:
@@ -62,12 +66,20 @@ class Balancer:
         r = self.cfg.retry
         timeout = aiohttp.ClientTimeout(total=None, connect=r.connect_timeout_s, sock_read=r.read_timeout_s)
         self._session = aiohttp.ClientSession(
-            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30), auto_decompress=False)
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30), auto_decompress=False,
+            headers={"Authorization": f"Bearer {self.cfg.replica_api_key}"} if self.cfg.replica_api_key else None)
         if self.model is None:
             self.model = await self._discover_model()
         self.index = PrefixIndex(self.cfg.block_size, self.model)
+        predictor = None
+        if self.cfg.predictor != "none":
+            from predictors import make_predictor
+            from predictors.adapter import BalancerPredictor
+
+            predictor = BalancerPredictor(make_predictor(self.cfg.predictor), model=self.model)
         self.router = Router(self.model, self.cfg.block_size, self.tokenizer, self.index, self.approx, self.policy,
-                             self.registry, has_events=self.subscribers.__contains__, clock=self.clock)
+                             self.registry, has_events=self.subscribers.__contains__, predictor=predictor,
+                             clock=self.clock)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.session, self.cfg.retry, self.policy.name,
                            lambda: self.model)
         for spec in self.cfg.replicas:
@@ -113,7 +125,9 @@ class Balancer:
         if spec.events:
             sub = ReplicaEventSubscriber(
                 SubscriberConfig(replica_id=spec.replica_id, endpoint=spec.events, replay_endpoint=spec.replay,
-                                 topic=spec.topic.encode()),
+                                 topic=spec.topic.encode(),
+                                 curve=curve.client_keys(spec.curve_server_key or self.cfg.curve_server_key,
+                                                         self._curve_keypair)),
                 self.index,
                 on_load=lambda report, rid=spec.replica_id: self._on_load(rid, report),
             )
@@ -181,7 +195,7 @@ def create_app(cfg: BalancerConfig, balancer: Balancer | None = None) -> web.App
     from balancer import admin
 
     b = balancer or Balancer(cfg)
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors])
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors, Guard.for_balancer(b).middleware])
     app[BALANCER] = b
 
     async def completions(request: web.Request) -> web.StreamResponse:
@@ -193,6 +207,8 @@ def create_app(cfg: BalancerConfig, balancer: Balancer | None = None) -> web.App
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat)
     admin.add_routes(app, b)
+    index_state.add_routes(app, b)
+    openapi.add_routes(app)
 
     async def lifecycle(app: web.Application):
         await b.start()

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from balancer.guard import GuardConfig
+from protocol.curve import load_public_key
+
 
 @dataclass(frozen=True)
 class ReplicaSpec:
@@ -39,6 +42,8 @@ class ReplicaSpec:
             v = getattr(self, name)
             if v is not None and not v.startswith(("tcp://", "ipc://", "inproc://")):
                 raise ValueError(f"{name} endpoint must be a ZMQ address like tcp://host:5557, got {v!r}")
+        if self.curve_server_key is not None:  # a key file is read now, so a bad one fails at once
+            object.__setattr__(self, "curve_server_key", load_public_key(self.curve_server_key).decode())
 
     @property
     def replica_id(self) -> str:
@@ -125,6 +130,16 @@ class BalancerConfig:
     approx_ttl_s: float = 300.0  # approximate index entries for replicas that publish no events
     approx_capacity_blocks: int = 100_000
     load_poll_s: float = 0.5  # GET /load for replicas without a load-report stream
+    # API keys, per-key limits, admission queue, max_tokens cap (balancer/guard.py). In a config
+    # file its keys may also stand at the top level (e.g. `api_keys = ["..."]`).
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    replica_api_key: str | None = None  # sent to the replicas as a Bearer token (their --api-key)
+    # CURVE for the KV-event sockets (protocol/curve.py): the replicas' public key (Z85 or a key
+    # file) for replicas whose spec names none, and this balancer's secret key file (None: a
+    # fresh keypair per process).
+    curve_server_key: str | None = None
+    curve_client_key_file: str | None = None
+    predictor: str = "ensemble"  # output-length predictor (predictors.make_predictor), or "none"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -136,6 +151,13 @@ class BalancerConfig:
         ids = [r.replica_id for r in self.replicas]
         if len(ids) != len(set(ids)):
             raise ValueError("a replica URL is listed twice")
+        if self.replica_api_key is not None and (not isinstance(self.replica_api_key, str) or not self.replica_api_key):
+            raise ValueError("replica_api_key must be a non-empty string")
+        if self.curve_server_key is not None:
+            object.__setattr__(self, "curve_server_key", load_public_key(self.curve_server_key).decode())
+        if self.curve_client_key_file is not None and self.curve_server_key is None and not any(
+                r.curve_server_key for r in self.replicas):
+            raise ValueError("curve_client_key_file is set but no replica CURVE server key is: set curve_server_key")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "BalancerConfig":
@@ -150,10 +172,20 @@ class BalancerConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], **overrides: Any) -> "BalancerConfig":
         known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
+        guard_keys = GuardConfig.field_names()
+        unknown = set(raw) - known - guard_keys
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        kw: dict[str, Any] = dict(raw)
+            raise ValueError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(known | guard_keys)}")
+        kw: dict[str, Any] = {k: v for k, v in raw.items() if k not in guard_keys}
+        lifted = {k: v for k, v in raw.items() if k in guard_keys}
+        if lifted or "guard" in kw:
+            g = kw.get("guard") or {}
+            if not isinstance(g, dict):
+                raise ValueError("guard must be a table of GuardConfig keys")
+            try:
+                kw["guard"] = GuardConfig(**{**g, **lifted})
+            except TypeError as e:
+                raise ValueError(f"guard: {e}") from None
         if "replicas" in kw:
             kw["replicas"] = tuple(ReplicaSpec.parse(r) if isinstance(r, str) else ReplicaSpec(**r) for r in kw["replicas"])
         if "dns" in kw:

@@ -47,6 +47,7 @@ from protocol.openai_api import APIError, decode_json_body, error_body
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
 _MAX_TRACKED_KEYS = 10_000  # idle per-key state is pruned above this many keys
+_REPUMP_S = 0.25  # waiters re-check capacity this often
 
 
 @dataclass(frozen=True)
@@ -158,19 +159,30 @@ class Admission:
             return
         if self.waiting >= self.max_waiting:
             raise Overloaded("queue_full", f"the admission queue is full ({self.max_waiting} waiting)")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._waiters.append(fut)
         self.waiting += 1
+        deadline = loop.time() + self.timeout_s
         try:
-            await asyncio.wait_for(fut, self.timeout_s)
-        except BaseException as e:  # timed out, or the client went away (cancelled)
+            while not fut.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                await asyncio.wait((fut,), timeout=min(left, _REPUMP_S))
+                if not fut.done():
+                    self.pump()  # capacity can grow without an event (a breaker's open period ends)
+        except BaseException:  # the client went away (cancelled)
             if fut.done() and not fut.cancelled():
                 self.release()  # admitted at the last moment, but leaving: hand the slot on
             else:
+                fut.cancel()
                 self.waiting -= 1
-            if isinstance(e, asyncio.TimeoutError):
-                raise Overloaded("queue_timeout", f"no capacity within {self.timeout_s:g} s") from None
             raise
+        if not fut.done():
+            fut.cancel()
+            self.waiting -= 1
+            raise Overloaded("queue_timeout", f"no capacity within {self.timeout_s:g} s")
         # admitted: pump() counted this request in `active` and out of `waiting`
 
     def release(self) -> None:
@@ -213,6 +225,16 @@ class Guard:
         self.queue_depth = Gauge("kvfleet_admission_queue_requests", "Requests waiting for admission.",
                                  registry=registry)
         self.queue_depth.set_function(lambda: self.admission.waiting if self.admission else 0)
+
+    @classmethod
+    def for_balancer(cls, b) -> "Guard":
+        """The guard of balancer `b` (a `balancer.app.Balancer`): capacity from its registry, its
+        metrics registry, queue re-checked whenever a replica's state changes."""
+        guard = cls(b.cfg.guard, lambda: len(b.registry.usable()), forward_client_auth=b.cfg.replica_api_key is None,
+                    registry=b.metrics.registry)
+        if guard.admission is not None:
+            b.registry.on_change.append(lambda _rid, _what: guard.admission.pump())
+        return guard
 
     # ------------------------------------------------------------------ the middleware
     @web.middleware

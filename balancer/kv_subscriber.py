@@ -51,6 +51,7 @@ import zmq
 import zmq.asyncio
 
 from balancer.prefix_index import PrefixIndex
+from protocol.curve import CurveClientKeys
 from protocol.events import (
     EventDecodeError,
     decode_batch,
@@ -88,6 +89,7 @@ class SubscriberConfig:
     resync_interval_s: float = 1.0  # at most one index-triggered resync per interval
     max_held_batches: int = 100_000  # live batches held while a replay/snapshot is pending
     rcvhwm: int = 100_000
+    curve: CurveClientKeys | None = None  # talk only to the holder of this server key (protocol/curve.py)
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -194,6 +196,8 @@ class ReplicaEventSubscriber:
         try:
             sub.linger = 0
             sub.rcvhwm = cfg.rcvhwm
+            if cfg.curve is not None:
+                cfg.curve.apply(sub)
             sub.connect(cfg.endpoint)
             sub.setsockopt(zmq.SUBSCRIBE, cfg.topic)
             if not cfg.load_topic.startswith(cfg.topic):
@@ -234,6 +238,8 @@ class ReplicaEventSubscriber:
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.linger = 0
         dealer.rcvhwm = 0  # a replay may be buffer_steps messages long
+        if self.config.curve is not None:
+            self.config.curve.apply(dealer)
         dealer.connect(self.config.replay_endpoint)  # type: ignore[arg-type]
         self._dealer = dealer
         self._poller.register(dealer, zmq.POLLIN)

@@ -125,6 +125,11 @@ class Router:
                  for r in candidates]
         return self.policy.select(rr, views)
 
+    def finished(self, rr: RoutingRequest, output_tokens: int | None) -> None:
+        """A request ended having generated output_tokens (None: unknown): predictors learn."""
+        if self.predictor is not None and output_tokens:
+            self.predictor.observe_done(rr, output_tokens)
+
     def routed(self, rr: RoutingRequest, decision: Decision) -> None:
         """The request is being sent: let the policy and the approximate index learn."""
         self.policy.on_routed(rr, decision)

@@ -75,8 +75,9 @@ def deep_size(obj) -> int:
 def fill(name: str) -> tuple[int, int, int]:
     """(bytes, items, bound) of a predictor whose tables are full."""
     p = make_predictor(name)
-    keys = getattr(getattr(p, "config", None), "max_keys", 0) or max(
-        (getattr(getattr(m, "config", None), "max_keys", 0) for m in getattr(p, "members", ())), default=0)
+    inner = getattr(p, "inner", p)  # Calibrated wraps the learned ones
+    keys = max((getattr(getattr(m, "config", None), "max_keys", 0) for m in (inner, *getattr(inner, "members", ()))),
+               default=0)
     # distinct 64-block prompts keying 7 depths each (1..64 blocks), each seen 16 times (a full ring)
     prompts = max(1, keys // 7)  # no more keys than the table holds: a cyclic scan would evict every key
     rng = random.Random(0)

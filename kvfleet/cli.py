@@ -18,6 +18,7 @@ COMMANDS = {
     "loadgen": ("kvfleet.cmd_loadgen", "replay a trace or synthetic load against an OpenAI endpoint and report"),
     "calibrate": ("kvfleet.cmd_calibrate", "fit the simulator's step-time model to the torch engine on this machine"),
     "simulate": ("kvfleet.cmd_simulate", "simulate a fleet on a virtual clock with modelled GPU step times"),
+    "keys": ("kvfleet.cmd_keys", "make a CURVE keypair for the KV-event sockets, or an API key"),
     "demo": ("kvfleet.cmd_demo", "start a tiny replica, stream a completion from it, and stop it"),
 }
 

@@ -21,6 +21,7 @@ import json
 import signal
 import sys
 
+from balancer import guard
 from balancer.config import BalancerConfig, DnsConfig, ReplicaSpec
 from kvfleet import logs
 
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="a HF tokenizer.json (default: the built-in byte tokenizer)")
     p.add_argument("--config", default=None, help="a TOML or JSON file with BalancerConfig keys; flags win")
     p.add_argument("--no-failover", action="store_true", help="do not continue broken streams on another replica")
+    guard.add_arguments(p)
     logs.add_arguments(p)
 
 
@@ -74,6 +76,7 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
         cfg = replace(cfg, policy_options=tuple(sorted({**dict(cfg.policy_options), **options}.items())))
     if args.no_failover:
         cfg = replace(cfg, retry=replace(cfg.retry, failover=False))
+    cfg = guard.apply_arguments(cfg, args)
     if not cfg.replicas and not cfg.dns:
         raise ValueError("no replicas: give --replica URL (repeatable), --dns HOST:PORT or a --config file")
     return cfg

@@ -56,6 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve replay and snapshots on this ZMQ ROUTER address, e.g. tcp://*:5558")
     p.add_argument("--kv-events-topic", default="", help="topic of KV-event messages (vLLM default: empty)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="largest request body accepted (413 above)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="serve only clients sending `Authorization: Bearer KEY` (repeatable; /health, /metrics, "
+                        "/load stay open): give the balancer the same key with --replica-api-key")
+    p.add_argument("--kv-events-curve-secret-key-file", default=None, metavar="FILE",
+                   help="CURVE-encrypt and authenticate the KV-event sockets with this secret key "
+                        "(`kvfleet keys` writes one); subscribers need its public key")
+    p.add_argument("--kv-events-curve-authorized-keys", default=None, metavar="DIR",
+                   help="with CURVE: accept only subscribers whose public key file (*.key) is in DIR")
     logs.add_arguments(p)
 
 
@@ -114,13 +122,18 @@ def run(args: argparse.Namespace) -> int:
         from replica.publisher import PublisherConfig
 
         try:
+            from protocol.curve import load_secret_key
+
+            secret = load_secret_key(args.kv_events_curve_secret_key_file)[1] \
+                if args.kv_events_curve_secret_key_file else None
             publisher_cfg = PublisherConfig(endpoint=args.kv_events_endpoint,
                                             replay_endpoint=args.kv_events_replay_endpoint,
-                                            topic=args.kv_events_topic.encode(), bind=True)
+                                            topic=args.kv_events_topic.encode(), bind=True, curve_secret_key=secret,
+                                            curve_authorized_clients=args.kv_events_curve_authorized_keys)
         except ValueError as e:
             print(f"kvfleet replica: {e}", file=sys.stderr)
             return 2
     return asyncio.run(run_replica(cfg, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
                                    max_body_bytes=args.max_body_bytes, publisher_cfg=publisher_cfg,
                                    sim_preset=sim_preset(args) if args.engine == "sim" else None,
-                                   time_scale=args.time_scale))
+                                   time_scale=args.time_scale, api_keys=tuple(args.api_key)))

@@ -56,6 +56,7 @@ class LocalFleet:
             if self.prometheus is not None:
                 self.prometheus.start()
                 self.sync_targets()
+                self.prometheus.wait_for_targets([self.balancer.url] + [r.url for r in self.replicas])
         except BaseException:
             self.stop()
             raise

@@ -208,6 +208,24 @@ class PrometheusServer:
     def set_targets(self, balancers: list[str], replicas: list[str]) -> None:
         write_targets(self.targets_dir, balancers, replicas)
 
+    def wait_for_targets(self, addresses: list[str], timeout: float = 30.0) -> None:
+        """Until every `host:port` (or URL) has been scraped once. Prometheus applies target
+        changes every 5 s, so a fresh fleet's first scrape comes up to ~5 s after it starts."""
+        want = {a.split("://", 1)[-1].rstrip("/") for a in addresses}
+        deadline = time.monotonic() + timeout
+        while True:
+            with urllib.request.urlopen(self.url + "/api/v1/targets?state=active", timeout=5) as r:
+                active = json.load(r)["data"]["activeTargets"]
+            # a target never scraped has lastScrape "0001-01-01T00:00:00Z" (Go's zero time)
+            scraped = {t["labels"].get("instance") for t in active
+                       if not t.get("lastScrape", "0001").startswith("0001")}
+            if want <= scraped:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus did not scrape {sorted(want - scraped)} within {timeout:.0f} s:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.2)
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Prometheus flushes its head block and exits), SIGKILL if it will not go,
         then remove the temp directory."""

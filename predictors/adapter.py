@@ -7,7 +7,8 @@ already call.
 `prepared` is a balancer.router.Prepared (token_ids, block_hashes, request.max_tokens) and
 `routing_request` a balancer.policies.base.RoutingRequest (prompt_tokens, block_hashes,
 max_tokens); both give the same Features, built from the fields the two share, plus the fixed
-`model` this balancer serves. Duck-typed: nothing here imports the balancer.
+`model` this balancer serves and, with `text_ngrams=True`, the hashed word bigrams of the first
+user message (chat requests; ~10 µs more per call). Duck-typed: nothing here imports the balancer.
 
     from predictors import make_predictor
     from predictors.adapter import BalancerPredictor
@@ -17,12 +18,14 @@ max_tokens); both give the same Features, built from the fields the two share, p
 from __future__ import annotations
 
 from predictors.base import Features, Prediction, Predictor
+from predictors.features import hash_ngrams
 
 
 class BalancerPredictor:
-    def __init__(self, predictor: Predictor, model: str | None = None) -> None:
+    def __init__(self, predictor: Predictor, model: str | None = None, text_ngrams: bool = False) -> None:
         self.predictor = predictor
         self.model = model
+        self.text_ngrams = text_ngrams
 
     def features(self, request) -> Features:
         """Features of a Router `Prepared` or a `RoutingRequest` (equal for the same request)."""
@@ -30,8 +33,9 @@ class BalancerPredictor:
             prompt_tokens, max_tokens = len(request.token_ids), request.request.max_tokens
         else:  # RoutingRequest
             prompt_tokens, max_tokens = request.prompt_tokens, request.max_tokens
+        ngrams = hash_ngrams(request.first_user_message) if self.text_ngrams else ()
         return Features(prompt_tokens=prompt_tokens, block_hashes=tuple(request.block_hashes),
-                        max_tokens=max_tokens, model=self.model)
+                        max_tokens=max_tokens, model=self.model, text_ngrams=ngrams)
 
     def predict(self, request) -> Prediction:
         return self.predictor.predict(self.features(request))

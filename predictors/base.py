@@ -111,6 +111,13 @@ class Predictor(ABC):
         """A request ended having generated actual_output_tokens; `features` is what
         `predict` was given for it."""
 
+    def predict_and_observe(self, features: Features, actual_output_tokens: int) -> Prediction:
+        """What `predict` returns for features now, then `observe`: one call for wrappers that
+        need both (an ensemble scoring its members), which a predictor may do cheaper."""
+        p = self.predict(features)
+        self.observe(features, actual_output_tokens)
+        return p
+
     @abstractmethod
     def memory_items(self) -> int:
         """How many stored values (lengths, weights, table entries) the predictor holds now."""

@@ -88,8 +88,7 @@ class Ensemble(Predictor):
     def _context(preds: Sequence[Prediction]) -> str:
         return "|".join(_kind(p.source) for p in preds)
 
-    def predict(self, features: Features) -> Prediction:
-        preds = [m.predict(features) for m in self.members]
+    def _combine(self, features: Features, preds: list[Prediction]) -> Prediction:
         record = self._contexts.get(self._context(preds))
         w = self._weights(record if record is not None and record[-1] >= self.config.min_context_mass
                           else self._overall)
@@ -101,9 +100,14 @@ class Ensemble(Predictor):
         p10, p50, p90 = sorted((mix("p10"), mix("p50"), mix("p90")))
         return Prediction(mix("tokens"), p10, p50, p90, f"ensemble:{best.source}").capped(features.max_tokens)
 
-    def observe(self, features: Features, actual_output_tokens: int) -> None:
+    def predict(self, features: Features) -> Prediction:
+        return self._combine(features, [m.predict(features) for m in self.members])
+
+    def predict_and_observe(self, features: Features, actual_output_tokens: int) -> Prediction:
         y = check_length(actual_output_tokens)
-        preds = [m.predict(features) for m in self.members]  # what each would have said, before learning
+        # what each member would have said, before it learns from this request
+        preds = [m.predict_and_observe(features, actual_output_tokens) for m in self.members]
+        out = self._combine(features, preds)
         d = self._decay
         n = len(self.members)
         record = self._contexts.touch(self._context(preds), lambda: [0.0] * (n + 1))
@@ -111,8 +115,10 @@ class Ensemble(Predictor):
             for i, p in enumerate(preds):
                 rec[i] = d * rec[i] + abs(p.tokens - y)
             rec[-1] = d * rec[-1] + 1.0
-        for m in self.members:
-            m.observe(features, actual_output_tokens)
+        return out
+
+    def observe(self, features: Features, actual_output_tokens: int) -> None:
+        self.predict_and_observe(features, actual_output_tokens)
 
     def memory_items(self) -> int:
         n = len(self.members) + 1

@@ -111,3 +111,6 @@ class LruTable(Generic[V]):
 
     def values(self):
         return self._d.values()
+
+    def items(self):
+        return self._d.items()

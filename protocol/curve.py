@@ -81,14 +81,17 @@ class CurveClientKeys:
         sock.curve_secretkey = self.client_secret
 
 
-def client_keys(server_public: bytes, client_secret_file: str | None) -> CurveClientKeys:
-    """Keys for a client of `server_public`: from `client_secret_file`, or a fresh keypair (fine
-    unless the server admits only known clients)."""
-    if client_secret_file is not None:
-        public, secret = load_secret_key(client_secret_file)
-    else:
-        public, secret = zmq.curve_keypair()
-    return CurveClientKeys(server_public, public, secret)
+def client_keypair(secret_file: str | None) -> tuple[bytes, bytes]:
+    """A client's (public, secret) keys: from `secret_file`, or a fresh pair (fine unless the
+    server admits only known clients)."""
+    return load_secret_key(secret_file) if secret_file is not None else zmq.curve_keypair()
+
+
+def client_keys(server_key: str | None, keypair: tuple[bytes, bytes]) -> CurveClientKeys | None:
+    """The keys for a client of the server with public key `server_key` (Z85); None: no CURVE."""
+    if server_key is None:
+        return None
+    return CurveClientKeys(load_public_key(server_key), *keypair)
 
 
 def make_server(sock: zmq.Socket, secret: bytes) -> None:

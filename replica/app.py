@@ -14,7 +14,7 @@ from replica.service import EngineService
 
 async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: float = 30.0,
                       max_body_bytes: int = 16 * 1024 * 1024, publisher_cfg: PublisherConfig | None = None,
-                      sim_preset=None, time_scale: float = 1.0) -> int:
+                      sim_preset=None, time_scale: float = 1.0, api_keys: tuple[str, ...] = ()) -> int:
     engine = build_sim_engine(cfg, sim_preset, time_scale) if sim_preset else build_engine(cfg)
     publisher = KVEventPublisher(publisher_cfg) if publisher_cfg is not None else None
     sched = engine.scheduler
@@ -26,6 +26,7 @@ async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: 
         model_name=cfg.model_name,
         max_model_len=sched.config.max_model_len,
         vocab_size=engine.tokenizer.vocab_size,
+        api_keys=api_keys,
     )
     service = EngineService(engine, ReplicaMetrics(cfg.model_name), publisher=publisher, replica_id=f"{host}:{port}")
     app = create_app(service, server_cfg)

@@ -37,6 +37,7 @@ from typing import Any
 
 import zmq
 
+from protocol.curve import make_server as make_curve_server
 from protocol.events import (
     BlockStored,
     EventBatch,
@@ -81,6 +82,11 @@ class PublisherConfig:
     # Testing only: batches with these seqs are kept for replay but never sent on PUB, which
     # simulates a lost message.
     drop_seqs: frozenset[int] = field(default_factory=frozenset)
+    # CURVE (protocol/curve.py): with a secret key (Z85) both sockets are CURVE servers, so a
+    # subscriber that knows the public key talks to this process only. With a directory of
+    # client public keys (`*.key` files), only those clients may connect (a ZAP handler).
+    curve_secret_key: bytes | None = None
+    curve_authorized_clients: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("endpoint", "replay_endpoint"):
@@ -103,6 +109,8 @@ class PublisherConfig:
             raise ValueError("hwm must be >= 0 and max_queue_size >= 1")
         if self.data_parallel_rank < 0:
             raise ValueError("data_parallel_rank must be >= 0")
+        if self.curve_authorized_clients is not None and self.curve_secret_key is None:
+            raise ValueError("curve_authorized_clients needs curve_secret_key")
 
     def binds(self) -> bool:
         if self.bind is not None:
@@ -152,12 +160,20 @@ class KVEventPublisher:
         self.last_seq: int | None = None
         self.snapshots_sent = 0
         self.replays_served = 0
+        self._authenticator = None
+        if config.curve_authorized_clients is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._authenticator = ThreadAuthenticator(self._ctx)
+            self._authenticator.start()
+            self._authenticator.configure_curve(domain="*", location=config.curve_authorized_clients)
         self._thread = threading.Thread(target=self._run, name="kvfleet-kv-publisher", daemon=False)
         self._thread.start()
         self._ready.wait()
         if self._start_error is not None:
             self._thread.join()
             self._close_pipe()
+            self._stop_authenticator()
             raise self._start_error
 
     # --- API (any thread) -----------------------------------------------------------------
@@ -223,6 +239,12 @@ class KVEventPublisher:
             log.warning("KV event publisher thread did not stop within %.1fs", timeout)
         else:
             self._close_pipe()
+        self._stop_authenticator()
+
+    def _stop_authenticator(self) -> None:
+        auth, self._authenticator = self._authenticator, None
+        if auth is not None:
+            auth.stop()
 
     def __enter__(self) -> KVEventPublisher:
         return self
@@ -257,6 +279,8 @@ class KVEventPublisher:
             pub = self._ctx.socket(zmq.PUB)
             pub.linger = 0
             pub.sndhwm = cfg.hwm
+            if cfg.curve_secret_key is not None:
+                make_curve_server(pub, cfg.curve_secret_key)
             if cfg.binds():
                 pub.bind(cfg.endpoint)
                 endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -267,6 +291,8 @@ class KVEventPublisher:
             if cfg.replay_endpoint is not None:
                 router = self._ctx.socket(zmq.ROUTER)
                 router.linger = 0
+                if cfg.curve_secret_key is not None:
+                    make_curve_server(router, cfg.curve_secret_key)
                 # A ROUTER silently drops what exceeds its HWM: room for a whole replay.
                 router.sndhwm = max(1000, cfg.buffer_steps + 16)
                 router.bind(cfg.replay_endpoint)

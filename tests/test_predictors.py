@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from predictors import (
+    Calibrated,
+    CalibrationConfig,
     Ensemble,
     EnsembleConfig,
     Features,
@@ -50,9 +52,9 @@ def small(name: str) -> Predictor:
     return {
         "global_median": gm,
         "max_tokens": lambda: MaxTokensCap(GlobalMedianConfig(window=128)),
-        "prefix_history": ph,
-        "online_regressor": reg,
-        "ensemble": lambda: Ensemble([ph(), reg(), gm()]),
+        "prefix_history": lambda: Calibrated(ph()),
+        "online_regressor": lambda: Calibrated(reg()),
+        "ensemble": lambda: Calibrated(Ensemble([ph(), reg(), gm()])),
     }[name]()
 
 
@@ -99,6 +101,8 @@ def test_features_and_prediction_validate_and_cap():
     lambda: OnlineRegressorConfig(lr=0.1, lr_floor=0.5),
     lambda: EnsembleConfig(half_life=0),
     lambda: EnsembleConfig(power=float("nan")),
+    lambda: CalibrationConfig(miss=0.5),
+    lambda: CalibrationConfig(step=0),
 ])
 def test_configs_reject_bad_values(cfg):
     with pytest.raises(ValueError):
@@ -222,7 +226,8 @@ def test_memory_is_bounded_after_100k_unique_prefixes(name):
         if i in (49_999, 99_999):
             assert p.memory_items() <= bound
             sizes.append(deep_size(p))
-    held = p.members[0] if isinstance(p, Ensemble) else p
+    held = p.inner if isinstance(p, Calibrated) else p
+    held = held.members[0] if isinstance(held, Ensemble) else held
     if isinstance(held, PrefixHistory):  # the LRU is full: keys are being evicted
         assert held.describe()["prefix_keys"] == held.config.max_keys
     assert sizes[1] <= sizes[0] * 1.01 + 1024, f"memory grew from {sizes[0]} to {sizes[1]} bytes"
@@ -429,8 +434,11 @@ def test_balancer_adapter_gives_the_same_features_at_route_and_completion():
     tokens = tuple(range(100))
     hashes = tuple(prompt_hashes(tokens, 16, "tiny"))
     prepared = Prepared(GenerationRequest(kind="completion", model="tiny", prompt_token_ids=tokens, max_tokens=64),
-                        tokens, "", hashes, None, 0)
-    rr = RoutingRequest("r1", "", len(tokens), hashes, 16, {}, max_tokens=64)
+                        tokens, "", hashes, "write a poem", 0)
+    rr = RoutingRequest("r1", "", len(tokens), hashes, 16, {}, max_tokens=64, first_user_message="write a poem")
+    with_text = BalancerPredictor(make_predictor("online_regressor"), text_ngrams=True)
+    assert with_text.features(prepared) == with_text.features(rr)
+    assert with_text.features(rr).text_ngrams == hash_ngrams("write a poem")
     bp = BalancerPredictor(make_predictor("ensemble"), model="tiny")
     assert bp.features(prepared) == bp.features(rr) == Features(100, hashes, 64, None, "tiny")
     assert isinstance(bp.predict_point(prepared), float)
@@ -438,3 +446,31 @@ def test_balancer_adapter_gives_the_same_features_at_route_and_completion():
         bp.observe_done(rr, 33)
     assert bp.predict_point(prepared) == pytest.approx(33, abs=1)
     assert bp.predict(prepared).source.startswith("ensemble:prefix")
+
+
+# ----------------------------------------------------------------------------- Calibrated
+
+
+def test_calibrated_intervals_cover_about_80_percent_and_leave_the_point_alone():
+    """A predictor whose interval is far too narrow (a 2-length ring) gets widened until ~10 %
+    of outputs fall on each side; the point estimate is the inner predictor's."""
+    rng = random.Random(0)
+    narrow = lambda: PrefixHistory(PrefixHistoryConfig(ring=2, quantile_samples=1, gate=False))  # noqa: E731
+    raw, cal = narrow(), Calibrated(narrow())
+    below = above = inside_raw = 0
+    n = 6000
+    for i in range(n):
+        f = Features(100, chain(i % 50))
+        y = int(rng.lognormvariate(4 + (i % 50) / 25, 0.6))
+        pr, pc = raw.predict(f), cal.predict(f)
+        assert pc.tokens == pr.tokens and pc.p10 <= pc.tokens <= pc.p90
+        if i >= 1000:
+            inside_raw += pr.p10 <= y <= pr.p90
+            below += y < pc.p10
+            above += y > pc.p90
+        raw.observe(f, y)
+        cal.observe(f, y)
+    m = n - 1000
+    assert inside_raw / m < 0.5  # the raw interval is far too narrow
+    assert abs(below / m - 0.1) < 0.03 and abs(above / m - 0.1) < 0.03
+    assert cal.name == "prefix_history" and "calibration" in cal.describe()

@@ -8,15 +8,21 @@ load reports (`balancer.step_learner`):
 
     U   = prompt tokens not cached on r
     Q   = prefill tokens already queued on r (reported + sent since the report)
+    W   = requests waiting on r (reported + sent since the report)
     D   = decoding sequences on r,  C = their KV context tokens
     K   = r's per-step token budget (largest step seen), steps = ceil((Q + U) / max(K - D, 1))
     ttft    = steps · (θ_step + θ_seq·D + θ_ctx·C) + θ_tok · (Q + U)
+    behind  = W · θ_tok · U     (the work we add delays the requests that will queue after us;
+                                 the queue seen now estimates how many — Little's law)
     others  = D · θ_tok · U                         (our prefill slows every running decode)
             + min(D, L) · L · (θ_seq + θ_ctx · (P + L/2))   (our decode steps ride along theirs)
     memory  = if the blocks we need exceed the free ones: the recompute of what gets preempted
-    cost    = ttft + memory + others_weight · others
+    cost    = ttft + behind + memory + others_weight · others
 
-and picks the lowest cost (ties: fewer in flight, then a draw seeded by the request). Every
+and picks the lowest cost (ties: fewer in flight, then a draw seeded by the request). At low
+load `behind` vanishes and the policy minimises TTFT; near saturation it makes recomputing a
+prefix as expensive as it is for everyone, which is what stops the pile-up behind a hot
+replica and the thrash of recomputing what another replica holds. Every
 term is a time, so they add without per-term weights; the θ coefficients come from the
 replicas' measured steps. `others_weight` states the objective, not a fudge factor: 0 (default)
 minimises time to first token, 1 minimises total latency including the decode delay imposed on
@@ -67,25 +73,28 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
     load = view.load
     if load.age_s <= stale_s:
         q = load.queued_prefill_tokens + view.sent_tokens_since_report
+        w = load.num_waiting + view.sent_since_report
         d = load.num_running + view.sent_since_report
         c = load.running_decode_tokens
         free_tokens = load.free_blocks * bs - view.sent_tokens_since_report
         have_memory = load.total_blocks > 0
     else:  # no usable report: what this balancer has in flight there
         q = view.inflight_tokens
+        w = 0
         d = view.inflight_requests
         c = view.inflight_tokens
         free_tokens = 0
         have_memory = False
     steps = math.ceil((q + u) / max(step_tokens - d, 1))
     ttft = steps * (t_step + t_seq * d + t_ctx * c) + t_tok * (q + u)
+    behind = w * t_tok * u
     others = d * t_tok * u + min(d, out_tokens) * out_tokens * (t_seq + t_ctx * (request.prompt_tokens + out_tokens / 2))
     memory = 0.0
     if have_memory:
         short = u + out_tokens - free_tokens
         if short > 0:  # preemption: the newest requests are recomputed later
             memory = t_tok * short * 2 + steps * t_step
-    return {"cost": ttft + others_weight * others + memory, "ttft": ttft, "others": others, "memory": memory,
+    return {"cost": ttft + behind + others_weight * others + memory, "ttft": ttft, "behind": behind, "others": others, "memory": memory,
             "uncached_tokens": float(u), "queued_tokens": float(q), "decoding": float(d)}
 
 

@@ -1,0 +1,192 @@
+"""The balancer's public HTTP API as an OpenAPI 3.1 document, served at `GET /openapi.json`.
+
+It describes what `protocol.openai_api` validates (the same bounds), so a client generator or a
+fuzzer (tests/test_openapi_fuzz.py) can derive valid and invalid requests from it. Fields that
+the balancer forwards without reading (vLLM extensions, OpenAI fields it ignores) are allowed by
+`additionalProperties`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+VERSION = "0.1.0"
+_INT32 = 2**31 - 1
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error_responses(*codes: int) -> dict[str, Any]:
+    text = {400: "Invalid request (the message says what to change)", 401: "Missing or wrong API key",
+            404: "Unknown model or replica", 408: "The request body arrived too slowly",
+            413: "Request body too large", 429: "Per-key rate or concurrency limit (see Retry-After)",
+            502: "Every replica tried failed", 503: "No usable replica, or the admission queue is full (Retry-After)"}
+    return {str(c): {"description": text[c], "content": {"application/json": {"schema": _ref("Error")}}} for c in codes}
+
+
+_SAMPLING = {
+    "model": {"type": "string", "description": "must name the served model when given"},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 1},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+    "top_k": {"type": "integer", "minimum": -1, "maximum": _INT32, "default": 0},
+    "seed": {"type": ["integer", "null"], "minimum": -(2**63), "maximum": 2**63 - 1},
+    "stop": {"oneOf": [{"type": "string", "minLength": 1},
+                       {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 16}]},
+    "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}},
+    "ignore_eos": {"type": "boolean", "default": False},
+    "min_tokens": {"type": "integer", "minimum": 0, "maximum": _INT32, "default": 0},
+    "n": {"type": "integer", "enum": [1], "default": 1},
+    "stream": {"type": "boolean", "default": False},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "cache_salt": {"type": "string"},
+    "user": {"type": "string"},
+    "return_token_ids": {"type": "boolean", "default": False, "description": "vLLM's extension"},
+}
+
+_COMPLETION_REQUEST = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {
+        "prompt": {"oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+             "description": "token ids"},
+        ]},
+        **_SAMPLING,
+    },
+    "additionalProperties": True,
+}
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {"oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                        "properties": {"type": {"type": "string", "enum": ["text"]},
+                                                       "text": {"type": "string"}}}},
+        ]},
+        "name": {"type": "string"},
+    },
+}
+
+_CHAT_REQUEST = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {
+        "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
+        **_SAMPLING,
+    },
+    "additionalProperties": True,
+}
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": "integer"}}}},
+}
+
+_GENERATION_RESPONSES = {
+    "200": {"description": "The completion: JSON, or with `stream: true` server-sent events (`data: {...}` "
+                           "chunks, then `data: [DONE]`). `X-Kvfleet-Replica` names the serving replica.",
+            "content": {"application/json": {"schema": {"type": "object"}},
+                        "text/event-stream": {"schema": {"type": "string"}}}},
+    **_error_responses(400, 401, 404, 408, 413, 429, 502, 503),
+}
+
+
+def _post(summary: str, schema: str, responses: dict, op_id: str, tag: str) -> dict:
+    return {"post": {"operationId": op_id, "summary": summary, "tags": [tag],
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(schema)}}},
+                     "responses": responses}}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document (a fresh dict)."""
+    ok_json = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    replica_ref = {"type": "object", "required": ["replica"], "properties": {"replica": {"type": "string"}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "kvfleet balancer", "version": VERSION,
+                 "description": "OpenAI-compatible endpoint of a KV-cache-aware load balancer, and its admin API."},
+        "components": {
+            "schemas": {"CompletionRequest": _COMPLETION_REQUEST, "ChatCompletionRequest": _CHAT_REQUEST,
+                        "ChatMessage": _MESSAGE, "Error": _ERROR,
+                        "AddReplica": {"type": "object", "required": ["url"], "properties": {
+                            "url": {"type": "string", "format": "uri"}, "events": {"type": ["string", "null"]},
+                            "replay": {"type": ["string", "null"]}, "topic": {"type": "string"},
+                            "curve_server_key": {"type": ["string", "null"]}}},
+                        "ReplicaRef": replica_ref},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "Needed only when the balancer runs with --api-key "
+                                                          "(/admin/*: --admin-key)"}},
+        },
+        "security": [{}, {"bearer": []}],
+        "paths": {
+            "/v1/completions": _post("Text completion (routed to the replica that caches the prompt best)",
+                                     "CompletionRequest", _GENERATION_RESPONSES, "createCompletion", "openai"),
+            "/v1/chat/completions": _post("Chat completion", "ChatCompletionRequest", _GENERATION_RESPONSES,
+                                          "createChatCompletion", "openai"),
+            "/v1/models": {"get": {"operationId": "listModels", "tags": ["openai"], "summary": "The served model",
+                                   "responses": {"200": ok_json, **_error_responses(401)}}},
+            "/health": {"get": {"operationId": "health", "tags": ["ops"], "security": [{}],
+                                "summary": "200 while at least one replica is usable, else 503",
+                                "responses": {"200": ok_json, "503": ok_json}}},
+            "/metrics": {"get": {"operationId": "metrics", "tags": ["ops"], "security": [{}],
+                                 "summary": "Prometheus metrics",
+                                 "responses": {"200": {"description": "Prometheus text format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"operationId": "openapi", "tags": ["ops"], "security": [{}],
+                                      "summary": "This document", "responses": {"200": ok_json}}},
+            "/admin/replicas": {
+                "get": {"operationId": "listReplicas", "tags": ["admin"], "summary": "Every replica's state",
+                        "responses": {"200": ok_json, **_error_responses(401)}},
+                "post": {"operationId": "addReplica", "tags": ["admin"], "summary": "Add a replica",
+                         "requestBody": {"required": True,
+                                         "content": {"application/json": {"schema": _ref("AddReplica")}}},
+                         "responses": {"201": ok_json, **_error_responses(400, 401)}},
+                "delete": {"operationId": "removeReplica", "tags": ["admin"],
+                           "summary": "Drain a replica, wait for its requests (up to timeout s), remove it",
+                           "parameters": [
+                               {"name": "replica", "in": "query", "required": True, "schema": {"type": "string"}},
+                               {"name": "timeout", "in": "query", "schema": {"type": "number", "minimum": 0}}],
+                           "responses": {"200": ok_json, **_error_responses(400, 401, 404)}},
+            },
+            "/admin/replicas/drain": _post("Stop sending a replica new requests", "ReplicaRef",
+                                           {"200": ok_json, **_error_responses(400, 401, 404)}, "drainReplica",
+                                           "admin"),
+            "/admin/replicas/undrain": _post("Send a drained replica requests again", "ReplicaRef",
+                                             {"200": ok_json, **_error_responses(400, 401, 404)}, "undrainReplica",
+                                             "admin"),
+            "/admin/explain": {"post": {
+                "operationId": "explain", "tags": ["admin"],
+                "summary": "How a completions or chat body would be routed, without sending it",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "oneOf": [_ref("CompletionRequest"), _ref("ChatCompletionRequest")]}}}},
+                "responses": {"200": ok_json, **_error_responses(400, 401, 404)}}},
+            "/admin/index": {"get": {
+                "operationId": "indexState", "tags": ["admin"],
+                "summary": "The block hashes the prefix index holds for one replica",
+                "parameters": [{"name": "replica", "in": "query", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": ok_json, **_error_responses(401, 404)}}},
+        },
+    }
+
+
+def add_routes(app: web.Application) -> None:
+    doc = document()
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(doc)
+
+    app.router.add_get("/openapi.json", openapi)
