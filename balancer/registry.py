@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
 from balancer.policies.base import ReplicaLoad, ReplicaView
+
+
+_INF = float("inf")
 
 
 class Breaker(enum.Enum):
@@ -117,17 +120,13 @@ class Registry:
 
     def view(self, r: ReplicaState, cached_blocks: int = 0) -> ReplicaView:
         load = r.load
-        if load.age_s != float("inf"):
-            load = replace(load, age_s=self.clock() - r.load_at)
-        return ReplicaView(
-            replica_id=r.replica_id,
-            inflight_requests=r.inflight_requests,
-            inflight_tokens=r.inflight_tokens,
-            sent_since_report=r.sent_since_report,
-            sent_tokens_since_report=r.sent_tokens_since_report,
-            load=load,
-            cached_blocks=cached_blocks,
-        )
+        if load.age_s != _INF:
+            # Positional construction: ~3x cheaper than dataclasses.replace on this hot path.
+            load = ReplicaLoad(load.num_running, load.num_waiting, load.queued_prefill_tokens,
+                               load.running_decode_tokens, load.free_blocks, load.total_blocks, load.kv_usage,
+                               self.clock() - r.load_at)
+        return ReplicaView(r.spec.replica_id, r.inflight_requests, r.inflight_tokens, r.sent_since_report,
+                           r.sent_tokens_since_report, load, cached_blocks)
 
     # ------------------------------------------------------------- bookkeeping
     def on_sent(self, r: ReplicaState, tokens: int, uncached_tokens: int) -> None:

@@ -127,7 +127,7 @@ class Router:
 
     def finished(self, rr: RoutingRequest, output_tokens: int | None) -> None:
         """A request ended having generated output_tokens (None: unknown): predictors learn."""
-        if self.predictor is not None and output_tokens:
+        if self.predictor is not None and output_tokens is not None:
             self.predictor.observe_done(rr, output_tokens)
 
     def routed(self, rr: RoutingRequest, decision: Decision) -> None:

@@ -3,7 +3,7 @@
 Each load report carries the replica's recent steps (duration, prefill tokens, decode
 sequences, sequences, context tokens). `StepLearner` fits
 
-    duration ≈ θ0 + θ1·prefill_tokens + θ2·decode_seqs + θ3·context_tokens
+    duration ≈ θ0 + θ1·prefill_tokens + θ2·decode_seqs + θ3·decode_context + θ4·prefill_context
 
 per replica with exponentially forgotten RLS (a fleet-wide model serves a replica until it has
 enough samples of its own), so the balancer knows what a prefill token and a decode step cost
@@ -19,13 +19,17 @@ import numpy as np
 
 # Before any sample: a deliberately generic GPU-ish prior (seconds). Only the ratios between
 # replicas matter while all use it; it is forgotten as soon as steps are observed.
-PRIOR = np.array([0.010, 1.0e-4, 2.0e-4, 1.0e-7])
+PRIOR = np.array([0.010, 1.0e-4, 2.0e-4, 1.0e-7, 1.0e-7])
+_P_MAX = 1e4  # cap on trace(P) in scaled units (the prior starts at 5 / prior_strength = 500)
 
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    forgetting: float = 0.995  # per sample; ~200-sample memory
-    min_samples: int = 16  # before a replica's own model is trusted over the fleet's
+    forgetting: float = 0.999  # per sample; ~1000-sample memory
+    # A replica's own model is used only for heterogeneous fleets; fitted on its own it is
+    # noisier (fewer, collinear samples), so by default every replica uses the fleet's.
+    per_replica: bool = False
+    min_samples: int = 500  # before a replica's own model is trusted over the fleet's
     prior_strength: float = 1e-2
 
     def __post_init__(self) -> None:
@@ -41,9 +45,9 @@ class _RLS:
     def __init__(self, prior: np.ndarray, strength: float, lam: float) -> None:
         # Features differ by orders of magnitude (1 vs thousands of tokens): scale them so P
         # starts well conditioned.
-        self.scale = np.array([1.0, 1e-3, 1e-2, 1e-5])
+        self.scale = np.array([1.0, 1e-3, 1e-2, 1e-5, 1e-5])
         self.theta = prior / self.scale
-        self.p = np.eye(4) / strength
+        self.p = np.eye(len(prior)) / strength
         self.n = 0
         self.lam = lam
 
@@ -51,8 +55,15 @@ class _RLS:
         x = x * self.scale
         px = self.p @ x
         k = px / (self.lam + x @ px)
-        self.theta = self.theta + k * (y - x @ self.theta)
-        self.p = (self.p - np.outer(k, px)) / self.lam
+        theta = self.theta + k * (y - x @ self.theta)
+        p = (self.p - np.outer(k, px)) / self.lam
+        # Anti-windup: with forgetting, directions the data never excites (e.g. only decode
+        # steps for a while) make P grow by 1/λ per sample without bound. Cap its trace.
+        tr = np.trace(p)
+        if tr > _P_MAX:
+            p *= _P_MAX / tr
+        if np.isfinite(theta).all() and np.isfinite(p).all():
+            self.theta, self.p = theta, p
         self.n += 1
 
     def coef(self) -> np.ndarray:
@@ -79,7 +90,8 @@ class StepLearner:
             if s.start <= last:
                 continue
             last = s.start
-            x = np.array([1.0, s.prefill_tokens, s.decode_tokens, s.context_tokens], dtype=float)
+            dctx = getattr(s, "decode_context_tokens", 0)
+            x = np.array([1.0, s.prefill_tokens, s.decode_tokens, dctx, max(0, s.context_tokens - dctx)], dtype=float)
             r.update(x, s.duration)
             self._fleet.update(x, s.duration)
             tokens = s.prefill_tokens + s.decode_tokens
@@ -90,9 +102,10 @@ class StepLearner:
         return n
 
     def coefficients(self, replica_id: str) -> np.ndarray:
-        """[per step, per prefill token, per decode sequence, per context token] in seconds."""
+        """[per step, per prefill token, per decode sequence, per decode-context token,
+        per prefill-context token] in seconds."""
         r = self._replicas.get(replica_id)
-        if r is not None and r.n >= self.config.min_samples:
+        if self.config.per_replica and r is not None and r.n >= self.config.min_samples:
             return r.coef()
         return self._fleet.coef()
 

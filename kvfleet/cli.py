@@ -16,6 +16,7 @@ COMMANDS = {
     "balancer": ("kvfleet.cmd_balancer", "run the KV-cache-aware balancer in front of replicas (OpenAI-compatible HTTP)"),
     "fleet": ("kvfleet.cmd_fleet", "start a local fleet of replicas and the balancer; Ctrl-C stops it"),
     "loadgen": ("kvfleet.cmd_loadgen", "replay a trace or synthetic load against an OpenAI endpoint and report"),
+    "predict": ("kvfleet.cmd_predict", "evaluate output-length predictors on a trace, online and in time order"),
     "calibrate": ("kvfleet.cmd_calibrate", "fit the simulator's step-time model to the torch engine on this machine"),
     "simulate": ("kvfleet.cmd_simulate", "simulate a fleet on a virtual clock with modelled GPU step times"),
     "keys": ("kvfleet.cmd_keys", "make a CURVE keypair for the KV-event sockets, or an API key"),

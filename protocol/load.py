@@ -68,6 +68,7 @@ class StepSample:
     decode_tokens: int
     num_seqs: int
     context_tokens: int = 0  # KV tokens the batch attended to
+    decode_context_tokens: int = 0  # of which, the context of single-token decode sequences
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +155,8 @@ def encode_load(report: LoadReport) -> bytes:
         "block_size": report.block_size,
         "kv_usage": float(report.kv_usage),
         "num_preemptions_total": report.num_preemptions_total,
-        "steps": [[float(s.start), float(s.duration), s.prefill_tokens, s.decode_tokens, s.num_seqs, s.context_tokens]
-                  for s in report.steps],
+        "steps": [[float(s.start), float(s.duration), s.prefill_tokens, s.decode_tokens, s.num_seqs, s.context_tokens,
+                   s.decode_context_tokens] for s in report.steps],
     })
 
 
@@ -186,7 +187,7 @@ def decode_load(payload: bytes) -> LoadReport:
         if not isinstance(raw, tuple) or len(raw) < 5:
             raise EventDecodeError(f"a step sample is an array {_STEP_FIELDS}, got {raw!r}")
         steps.append(StepSample(float(raw[0]), float(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]),
-                                int(raw[5]) if len(raw) > 5 else 0))
+                                int(raw[5]) if len(raw) > 5 else 0, int(raw[6]) if len(raw) > 6 else 0))
     replica_id = obj.get("replica_id")
     if not isinstance(replica_id, str):
         raise EventDecodeError("load report replica_id must be a string")

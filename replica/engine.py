@@ -125,12 +125,17 @@ class LLMEngine:
         if out.empty:
             return []
         start = self.clock()
-        context = sum(s.request.num_computed_tokens + s.num_new_tokens for s in out.scheduled)
+        context = decode_context = 0
+        for req, num_new, _ in out.scheduled:
+            context += req.num_computed_tokens + num_new
+            if num_new == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
+                decode_context += req.num_computed_tokens
         sampled = self.executor.execute(out)
         touched = sched.update_from_output(out, sampled)
         end = self.clock()
         self.steps.append(
-            StepSample(start, end - start, out.num_prefill_tokens, out.num_decode_tokens, len(out.scheduled), context)
+            StepSample(start, end - start, out.num_prefill_tokens, out.num_decode_tokens, len(out.scheduled), context,
+                       decode_context)
         )
         self.num_steps += 1
         return [self._output(req) for req in touched]

@@ -21,23 +21,28 @@ class Step:
     decode_tokens: int
     num_seqs: int
     context_tokens: int
+    decode_context_tokens: int
 
 
-def synthetic_steps(theta, n=300, seed=0, t0=0.0):
+THETA = np.array([0.02, 1.8e-4, 3e-4, 8e-8, 4e-6])
+
+
+def synthetic_steps(theta=THETA, n=400, seed=0, t0=0.0):
     rng = random.Random(seed)
     out = []
     for i in range(n):
         p, d = rng.choice([0, rng.randint(1, 2048)]), rng.randint(0, 64)
-        c = rng.randint(0, 60_000)
-        out.append(Step(t0 + i, float(np.dot(theta, [1, p, d, c])), p, d, d + (p > 0), c))
+        dctx = d * rng.randint(100, 2000)
+        pctx = rng.randint(0, 20_000) if p else 0
+        out.append(Step(t0 + i, float(np.dot(theta, [1, p, d, dctx, pctx])), p, d, d + (p > 0), dctx + pctx, dctx))
     return out
 
 
 def test_learner_recovers_step_coefficients_and_dedups():
-    theta = np.array([0.02, 1.8e-4, 3e-4, 8e-8])
+    theta = THETA
     learner = StepLearner()
     steps = synthetic_steps(theta)
-    assert learner.observe("a", steps) == 300
+    assert learner.observe("a", steps) == 400
     assert learner.observe("a", steps[-10:]) == 0  # already seen (reports overlap)
     np.testing.assert_allclose(learner.coefficients("a"), theta, rtol=0.05, atol=1e-9)
     assert learner.max_step_tokens["a"] >= 2000
@@ -60,7 +65,7 @@ def view(rid: str, **load) -> ReplicaView:
 def policy():
     p = make_policy("predictive")
     for rid in ("a", "b", "c"):
-        p.observe_steps(rid, synthetic_steps(np.array([0.02, 1.8e-4, 3e-4, 8e-8]), seed=hash(rid) % 100))
+        p.observe_steps(rid, synthetic_steps(seed=sum(map(ord, rid))))
     return p
 
 
@@ -106,7 +111,7 @@ def test_others_weight_trades_ttft_for_total_latency():
     ttft_first = make_policy("predictive")
     total = make_policy("predictive", {"others_weight": 1.0})
     for p in (ttft_first, total):
-        p.observe_steps("a", synthetic_steps(np.array([0.02, 1.8e-4, 3e-4, 8e-9])))
+        p.observe_steps("a", synthetic_steps(np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])))
     assert total.select(request({}, out=300), [a, b]).replica_id == "b"
     d = ttft_first.select(request({}, out=300), [a, b])
     assert d.scores["a"]["others"] > d.scores["b"]["others"]

@@ -6,12 +6,12 @@ replica's reported load (plus what this balancer sent since that report), the re
 predicted output length, and step-time coefficients learned online from the replica's own
 load reports (`balancer.step_learner`):
 
-    U   = prompt tokens not cached on r
+    U   = prompt tokens not cached on r, M = those cached
     Q   = prefill tokens already queued on r (reported + sent since the report)
     W   = requests waiting on r (reported + sent since the report)
     D   = decoding sequences on r,  C = their KV context tokens
     K   = r's per-step token budget (largest step seen), steps = ceil((Q + U) / max(K - D, 1))
-    ttft    = steps · (θ_step + θ_seq·D + θ_ctx·C) + θ_tok · (Q + U)
+    ttft    = steps · (θ_step + θ_seq·D + θ_ctx·C + θ_pctx·(M + U/2)) + θ_tok · (Q + U)
     behind  = W · θ_tok · U     (the work we add delays the requests that will queue after us;
                                  the queue seen now estimates how many — Little's law)
     others  = D · θ_tok · U                         (our prefill slows every running decode)
@@ -66,7 +66,7 @@ class PredictiveConfig:
 def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int, out_tokens: float,
              stale_s: float, others_weight: float = 0.0) -> dict[str, float]:
     """The cost terms for one replica (seconds). Pure."""
-    t_step, t_tok, t_seq, t_ctx = (float(v) for v in theta)
+    t_step, t_tok, t_seq, t_ctx, t_pctx = (float(v) for v in theta)
     bs = request.block_size
     matched = request.matched_blocks.get(view.replica_id, 0) * bs
     u = max(1, request.prompt_tokens - matched)
@@ -86,7 +86,9 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
         free_tokens = 0
         have_memory = False
     steps = math.ceil((q + u) / max(step_tokens - d, 1))
-    ttft = steps * (t_step + t_seq * d + t_ctx * c) + t_tok * (q + u)
+    # Each of our prefill chunks also attends to the prompt before it (the cached prefix and
+    # the chunks already done): on average matched + u/2 context tokens per step.
+    ttft = steps * (t_step + t_seq * d + t_ctx * c + t_pctx * (matched + u / 2)) + t_tok * (q + u)
     behind = w * t_tok * u
     others = d * t_tok * u + min(d, out_tokens) * out_tokens * (t_seq + t_ctx * (request.prompt_tokens + out_tokens / 2))
     memory = 0.0
