@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", type=float, default=None,
                    help="scale the arrival rate to this utilisation of the fleet (e.g. 0.8); default: trace timestamps")
     p.add_argument("--max-requests", type=int, default=None, help="use only the first N requests")
+    p.add_argument("--policy-option", action="append", default=[], metavar="POLICY:KEY=VALUE",
+                   help="a policy setting (JSON value), e.g. predictive:others_weight=1 (repeatable)")
     p.add_argument("--predictor", default="ensemble",
                    help="output-length predictor the policies see: a predictors name, none, or oracle (true lengths)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt materialisation")
@@ -48,6 +50,19 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"kvfleet simulate: unknown policies {unknown}; choose from {policy_names()}", file=sys.stderr)
         return 2
+    import json
+
+    options: dict[str, dict] = {}
+    for item in args.policy_option:
+        name, _, kv = item.partition(":")
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            print(f"kvfleet simulate: --policy-option takes POLICY:KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        try:
+            options.setdefault(name, {})[key] = json.loads(value)
+        except ValueError:
+            options.setdefault(name, {})[key] = value
     try:
         trace = load_trace(args.trace, args.format)
         if args.max_requests:
@@ -59,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             preset = get_preset(args.preset)
         cfg = SimulateConfig(args.replicas, preset, policies, args.kv_blocks, args.load, args.seed,
-                             args.slo_ttft, args.slo_tpot, predictor=args.predictor)
+                             args.slo_ttft, args.slo_tpot, predictor=args.predictor,
+                             policy_options=tuple((k, tuple(sorted(v.items()))) for k, v in options.items()))
     except (OSError, ValueError) as e:
         print(f"kvfleet simulate: {e}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ class SimulateConfig:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     predictor: str = "ensemble"  # output-length predictor the router uses; "none", or "oracle" (true lengths)
+    policy_options: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()  # (policy, ((key, value), ...))
 
     def __post_init__(self) -> None:
         if self.load is not None and not 0 < self.load <= 10:
@@ -136,7 +137,8 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
             from predictors.adapter import BalancerPredictor
 
             predictor = BalancerPredictor(make_predictor(cfg.predictor), model=MODEL)
-        fleet = FleetSimulation(FleetConfig(cfg.replicas, p, name, kv_blocks=cfg.kv_blocks, seed=cfg.seed,
+        fleet = FleetSimulation(FleetConfig(cfg.replicas, p, name, dict(cfg.policy_options).get(name, ()),
+                                            kv_blocks=cfg.kv_blocks, seed=cfg.seed,
                                             max_num_seqs=cfg.max_num_seqs,
                                             max_num_batched_tokens=cfg.max_num_batched_tokens,
                                             oracle_lengths=cfg.predictor == "oracle"), predictor=predictor)

@@ -108,7 +108,7 @@ def test_others_weight_trades_ttft_for_total_latency():
     # a: idle queue but many decoding requests; b: a short queue and nothing decoding
     a = view("a", num_running=60, running_decode_tokens=120_000)
     b = view("b", num_running=0, running_decode_tokens=0, queued_prefill_tokens=3000)
-    ttft_first = make_policy("predictive")
+    ttft_first = make_policy("predictive", {"others_weight": 0.0})
     total = make_policy("predictive", {"others_weight": 1.0})
     for p in (ttft_first, total):
         p.observe_steps("a", synthetic_steps(np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])))

@@ -24,9 +24,9 @@ load `behind` vanishes and the policy minimises TTFT; near saturation it makes r
 prefix as expensive as it is for everyone, which is what stops the pile-up behind a hot
 replica and the thrash of recomputing what another replica holds. Every
 term is a time, so they add without per-term weights; the θ coefficients come from the
-replicas' measured steps. `others_weight` states the objective, not a fudge factor: 0 (default)
-minimises time to first token, 1 minimises total latency including the decode delay imposed on
-running requests.
+replicas' measured steps. `others_weight` states the objective: 0 minimises time to first token alone, 1 minimises
+total latency including the decode delay imposed on running requests; the default 0.1 is TTFT
+first with a brake on herding.
 Herding is guarded by counting, per replica, the requests and uncached tokens this balancer
 sent after the replica's last report. Replicas that send no load reports are estimated from
 this balancer's in-flight bookkeeping alone.
@@ -48,11 +48,13 @@ class PredictiveConfig:
     default_output_tokens: int = 128  # when neither a prediction nor max_tokens is known
     default_step_tokens: int = 2048  # per-step budget assumed before a replica's steps are seen
     stale_report_s: float = 5.0  # older load reports are ignored (bookkeeping only)
-    # How much the delay this request imposes on running requests counts against its own
-    # TTFT. 0: minimise time to first token (the default; the delay is still estimated and
-    # shown by `explain`); 1: minimise total latency (every second of anyone's E2E counts the
-    # same). Measured trade-off in docs/benchmarks.md.
-    others_weight: float = 0.0
+    # How much the decode delay this request imposes on running requests counts against its own
+    # TTFT. 0: minimise time to first token only; 1: minimise total latency (a second of anyone's
+    # E2E counts the same). 0.1 keeps TTFT first while refusing to pile a tenant's sessions onto
+    # the one replica that cached its system prompt when that slows everyone decoding there.
+    # Measured for 0, 0.1 and 1 in docs/benchmarks.md — a statement of the objective, chosen
+    # once, not per trace.
+    others_weight: float = 0.1
 
     def __post_init__(self) -> None:
         if self.default_output_tokens < 1 or self.default_step_tokens < 1:
