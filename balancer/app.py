@@ -189,6 +189,8 @@ async def _errors(request: web.Request, handler):
         if e.status >= 400 and e.content_type != "application/json":
             return web.json_response(error_body(e.status, e.reason or "error"), status=e.status)
         raise
+    except web.RequestPayloadError as e:  # a body that cannot be read: bad gzip, broken chunking
+        return web.json_response(error_body(400, f"the request body could not be read: {e}"), status=400)
 
 
 def create_app(cfg: BalancerConfig, balancer: Balancer | None = None) -> web.Application:

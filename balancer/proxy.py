@@ -48,6 +48,25 @@ class _UpstreamFailed(Exception):
         self.body = body
 
 
+class _ClientGone(Exception):
+    """Writing to the client failed: it went away. Not the replica's fault: no retry, no
+    failover, no breaker penalty; the handler just stops (`response` is the open stream)."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the client went away")
+        self.response = response
+
+
+async def _write(out: web.StreamResponse, data: bytes | None = None) -> None:
+    """Write to the client (`None`: end the response), telling a client that left (`_ClientGone`)
+    apart from a replica that failed (aiohttp raises ClientConnectionResetError, a ClientError,
+    for both)."""
+    try:
+        await (out.write(data) if data is not None else out.write_eof())
+    except ConnectionResetError:
+        raise _ClientGone(out) from None
+
+
 @dataclass
 class _Attempt:
     replica: ReplicaState
@@ -107,11 +126,11 @@ class Proxy:
     # ------------------------------------------------------------------ the loop
     async def _handle(self, request: web.Request, body: dict, req: GenerationRequest, path: str) -> web.StreamResponse:
         arrival = time.perf_counter()
-        self.check_model(req)
         request_id = request.headers.get("X-Request-Id") or f"kvf-{uuid.uuid4().hex}"
         outcome = _Outcome()
         prompt_tokens = 0
         try:
+            self.check_model(req)
             t0 = time.perf_counter()
             prepared = self.router.prepare(req)
             prompt_tokens = len(prepared.token_ids)
@@ -135,10 +154,11 @@ class Proxy:
         access_log.info(
             "%s %s replica=%s status=%d ttft=%s e2e=%.4fs attempts=%d", path, "stream" if req.stream else "unary",
             o.replica, o.status, ttft, e2e_s, o.attempts,
-            extra={"request_id": request_id, "path": path, "stream": req.stream, "replica": o.replica,
-                   "policy": self.policy_name, "status": o.status, "ttft_s": o.ttft_s, "e2e_s": round(e2e_s, 6),
+            extra={"fields": {"request_id": request_id, "path": path, "stream": req.stream, "replica": o.replica,
+                   "policy": self.policy_name, "status": o.status,
+                   "ttft_s": None if o.ttft_s is None else round(o.ttft_s, 6), "e2e_s": round(e2e_s, 6),
                    "attempts": o.attempts, "prompt_tokens": prompt_tokens, "predicted_cached_tokens": o.predicted_cached,
-                   "reported_cached_tokens": o.reported_cached, "failovers": o.failovers})
+                   "reported_cached_tokens": o.reported_cached, "failovers": o.failovers}})
 
     async def _route(self, request: web.Request, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
                      request_id: str, arrival: float, t0: float, outcome: _Outcome) -> web.StreamResponse:
@@ -222,7 +242,11 @@ class Proxy:
                 out_headers[REPLICA_HEADER] = replica.replica_id
                 out_headers["X-Request-Id"] = headers["X-Request-Id"]
                 return web.Response(status=upstream.status, body=body, headers=out_headers)
-            return await self._relay_stream(request, replica, upstream, headers, prepared, rr, arrival, outcome)
+            try:
+                return await self._relay_stream(request, replica, upstream, headers, prepared, rr, arrival, outcome)
+            except _ClientGone as gone:
+                outcome.status = 499  # the client went away (nginx's code for it)
+                return gone.response
         finally:
             upstream.release()
 
@@ -262,7 +286,7 @@ class Proxy:
                     outcome.ttft_s = time.perf_counter() - arrival
                     self.metrics.ttft.observe(outcome.ttft_s)
                     self.registry.record_success(replica)
-                await out.write(complete)
+                await _write(out, complete)
                 relayed += complete
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             broken = f"{type(e).__name__}: {e}"
@@ -281,7 +305,7 @@ class Proxy:
             outcome.reported_cached = self._note_usage(replica, relayed)
         self.metrics.requests.labels(replica.replica_id, self.policy_name, "2xx").inc()
         self.metrics.e2e.observe(time.perf_counter() - arrival)
-        await out.write_eof()
+        await _write(out)
         return out
 
     async def _open_stream(self, request, replica, upstream, headers) -> web.StreamResponse:
@@ -348,13 +372,13 @@ class Proxy:
                 return len(tried) - 1
             lost = replica
         if progress.finished:  # the last chunk arrived, only [DONE] was lost
-            await out.write(b"data: [DONE]\n\n")
+            await _write(out, b"data: [DONE]\n\n")
             return len(tried) - 1
         self.metrics.failover_errors.inc()
         err = error_body(502, f"the replica serving this stream was lost ({why}) and no other replica could "
                               f"continue it after {len(generated)} tokens ({len(text_so_far)} characters); "
                               f"retry the request")
-        await out.write(event(err))
+        await _write(out, event(err))
         return len(tried) - 1
 
     def _continuation(self, prepared: Prepared, generated: list[int], remaining: int | None) -> Prepared:
@@ -402,10 +426,10 @@ class Proxy:
                             continue
                         data = line[5:].strip()
                         if data == b"[DONE]":
-                            await out.write(b"data: [DONE]\n\n")
+                            await _write(out, b"data: [DONE]\n\n")
                             self.registry.record_success(replica)
                             return True, new_ids
-                        await out.write(self._reshape(json.loads(data), req, progress, generated_before + len(new_ids),
+                        await _write(out, self._reshape(json.loads(data), req, progress, generated_before + len(new_ids),
                                                       prompt_tokens, new_ids))
         except aiohttp.ClientConnectorError as e:
             raise _UpstreamFailed(replica, f"cannot connect: {e}", refused=True) from None

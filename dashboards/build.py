@@ -143,8 +143,10 @@ def fleet_overview() -> dict:
 
     d = d.with_row(gdash.Row("Load"))
     d = d.with_panel(graph("In flight at the balancer", "Requests the balancer has sent to each replica and not "
-                           "finished.", "short",
-                           [("sum by (replica) (kvfleet_replica_inflight_requests)", "{{replica}}")]))
+                           "finished, and requests waiting for admission (when the guard caps in-flight requests per "
+                           "replica).", "short",
+                           [("sum by (replica) (kvfleet_replica_inflight_requests)", "{{replica}}"),
+                            ("sum(kvfleet_admission_queue_requests)", "waiting for admission")]))
     d = d.with_panel(graph("Running and waiting", "Requests in each replica's running batch and in its queue.",
                            "short",
                            [("sum by (instance) (vllm:num_requests_running)", "running {{instance}}"),

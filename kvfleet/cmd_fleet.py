@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prometheus", action="store_true",
                    help="also run Prometheus (the `prometheus` binary) scraping the balancer and the replicas")
     p.add_argument("--prometheus-port", type=int, default=9090, help="Prometheus port (0 picks a free one)")
-    p.add_argument("--prometheus-binary", default=None, help="Prometheus executable (default: `prometheus` on PATH)")
+    p.add_argument("--prometheus-binary", default=None, help="Prometheus executable (when not given: `prometheus` on PATH)")
     p.add_argument("--scrape-interval", type=float, default=1.0, help="Prometheus scrape interval, seconds")
     p.add_argument("--targets-dir", default=None,
                    help="also keep Prometheus file_sd targets (balancers.json, replicas.json) in this directory, "

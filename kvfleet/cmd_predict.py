@@ -25,6 +25,7 @@ _D = "kvfleet predict"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from loadgen.traces import FORMATS
     from predictors import predictor_names
     from predictors.evaluate import DEFAULT_PREDICTORS
     from predictors.workloads import KINDS
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", default=None, help="trace file (mooncake, azure, burstgpt, bailian, sharegpt)")
     src.add_argument("--generate", default=None, choices=KINDS, help="evaluate on a generated workload instead")
-    ev.add_argument("--format", default="auto", help="trace format (auto-detected by default)")
+    ev.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="trace format")
     ev.add_argument("--predictors", default=",".join(DEFAULT_PREDICTORS),
                     help=f"comma-separated, any of: {', '.join(predictor_names())} (global_median is always added)")
     ev.add_argument("--max-requests", type=int, default=None, help="use only the first N requests")

@@ -49,9 +49,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     span = trace[-1].arrival_s - trace[0].arrival_s
     log(f"trace: {len(trace)} requests over {span:.0f} s from {Path(cfg.trace).name}, "
         f"mean prompt {sum(r.input_length for r in trace) / len(trace):.0f} tokens")
+    # --log-level warning: no access line per request in the middle of the demo's own output
     spec = FleetSpec(replicas=cfg.replicas, engine="torch", policy=cfg.policies[0], balancer_port=0,
                      replica_args=("--model", "tiny", "--num-blocks", str(cfg.num_blocks), "--threads", "1",
-                                   "--max-model-len", "4096"))
+                                   "--max-model-len", "4096", "--log-level", "warning"),
+                     balancer_args=("--log-level", "warning"))
     summaries = []
     paths = {}
     with LocalFleet(spec) as fleet:

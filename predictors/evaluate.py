@@ -163,7 +163,8 @@ def table(result: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---" + ("|---|---|" if s == "all" else "|")]
         for name, r in result["predictors"].items():
             m = r[s]
-            row = [name, _fmt(m["mae"], 4), _fmt(m["mae_vs_baseline"]), _fmt(m["median_rel_err"]),
+            ratio = m["mae_vs_baseline"]
+            row = [name, _fmt(m["mae"], 4), "–" if math.isnan(ratio) else f"{ratio:.3f}", _fmt(m["median_rel_err"]),
                    _fmt(m["kendall_tau"]), _fmt(m["bucket_acc"]), _fmt(m["coverage_p10_p90"])]
             if s == "all":
                 row += [_fmt(r["predict_us"]), _fmt(r["observe_us"])]

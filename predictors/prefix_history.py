@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,8 +138,12 @@ class PrefixHistory(Predictor):
         return mass < self.config.gate_min_mass or e_prefix <= e_backoff
 
     def predict(self, features: Features) -> Prediction:
+        return self._answer(features, self._prefix_levels(features))
+
+    def _answer(self, features: Features, levels: Iterable[tuple[int, list[int]]]) -> Prediction:
+        """The prediction from f's prefix levels (deepest first), then its back-off."""
         source, xs, rest = None, None, []
-        for d, ys in self._prefix_levels(features):
+        for d, ys in levels:
             if xs is None and self.gate_open(len(ys)):
                 source, xs = f"prefix:{d}", ys
             elif xs is not None:
@@ -180,26 +184,35 @@ class PrefixHistory(Predictor):
 
     # -- learning
 
-    def _update_gate(self, f: Features, y: float) -> None:
+    def _update_gate(self, f: Features, y: float, levels: list[tuple[int, list[int]]]) -> None:
         """Each prefix level scored against the level it would back off to (the next shallower
         prefix key, or the back-off for the shallowest), in the bucket of its evidence."""
-        levels = [(len(ys), quantile_sorted(ys, 0.5)) for _, ys in self._prefix_levels(f)]
         first = next(self._backoff_levels(f), None)
         if not levels or first is None:
             return
         k = self._decay
-        parents = [m for _, m in levels[1:]] + [quantile_sorted(first[1], 0.5)]
-        for (n, m), parent in zip(levels, parents):
-            g = self._gate[evidence_bucket(n)]
-            g[0] = k * g[0] + abs(m - y)
-            g[1] = k * g[1] + abs(parent - y)
+        medians = [quantile_sorted(ys, 0.5) for _, ys in levels] + [quantile_sorted(first[1], 0.5)]
+        for i, (_, ys) in enumerate(levels):
+            g = self._gate[evidence_bucket(len(ys))]
+            g[0] = k * g[0] + abs(medians[i] - y)
+            g[1] = k * g[1] + abs(medians[i + 1] - y)
             g[2] = k * g[2] + 1.0
+
+    def predict_and_observe(self, features: Features, actual_output_tokens: int) -> Prediction:
+        y = check_length(actual_output_tokens)
+        levels = list(self._prefix_levels(features))  # read once, for the answer and the gate
+        out = self._answer(features, levels)
+        self._learn(features, y, levels)
+        return out
 
     def observe(self, features: Features, actual_output_tokens: int) -> None:
         y = check_length(actual_output_tokens)
+        self._learn(features, y, list(self._prefix_levels(features)) if self.config.gate else [])
+
+    def _learn(self, features: Features, y: float, levels: list[tuple[int, list[int]]]) -> None:
         c = self.config
         if c.gate:
-            self._update_gate(features, y)
+            self._update_gate(features, y, levels)
         bh = features.block_hashes
         for d in prefix_depths(len(bh), c.depths, c.full_chain):
             ring_add(self._prefixes.touch(bh[d - 1], new_ring), y, c.ring)

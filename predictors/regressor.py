@@ -142,22 +142,36 @@ class OnlineRegressor(Predictor):
             base = [math.log1p(self.config.prior_tokens)] * 3
         return [base[0] + s0 * inv_norm, base[1] + s1 * inv_norm, base[2] + s2 * inv_norm]
 
-    def predict(self, features: Features) -> Prediction:
-        x, inv_norm = self._features(features)
+    def _prediction(self, features: Features, heads: list[float]) -> Prediction:
         zmax, top = self._zmax, float(self.config.max_output_tokens)
-        p10, p50, p90 = sorted(min(math.expm1(min(max(z, 0.0), zmax)), top) for z in self._heads(x, inv_norm))
+        p10, p50, p90 = sorted(min(math.expm1(min(max(z, 0.0), zmax)), top) for z in heads)
         source = "regressor" if len(self._global) else "prior"
         return Prediction(p50, p10, p50, p90, source).capped(features.max_tokens)
 
+    def predict(self, features: Features) -> Prediction:
+        return self._prediction(features, self._heads(*self._features(features)))
+
+    def predict_and_observe(self, features: Features, actual_output_tokens: int) -> Prediction:
+        y = check_length(actual_output_tokens)
+        x, inv_norm = self._features(features)
+        heads = self._heads(x, inv_norm)
+        out = self._prediction(features, heads)
+        self._learn(x, inv_norm, heads, y)
+        return out
+
     def observe(self, features: Features, actual_output_tokens: int) -> None:
         y = check_length(actual_output_tokens)
-        c = self.config
         x, inv_norm = self._features(features)
+        self._learn(x, inv_norm, self._heads(x, inv_norm), y)
+
+    def _learn(self, x: dict[int, float], inv_norm: float, heads: list[float], y: float) -> None:
+        """One pinball-loss AdaGrad step of each head towards z = log1p(y), given its prediction."""
+        c = self.config
         z = math.log1p(min(y, c.max_output_tokens))
         w, g2 = self._w, self._g2
         lr, floor, clip, max_step = c.lr, c.lr_floor, c.weight_clip, c.max_step
         items = [(3 * i, v * inv_norm) for i, v in x.items()]  # (slot of head 0, normalised value)
-        for q, (tau, zq) in enumerate(zip(QUANTILES, self._heads(x, inv_norm))):
+        for q, (tau, zq) in enumerate(zip(QUANTILES, heads)):
             # d(pinball)/d(prediction): -tau when under-predicting, 1 - tau when over
             dpred = -tau if z > zq else (1.0 - tau if z < zq else 0.0)
             if not dpred:

@@ -72,6 +72,8 @@ async def _errors(request: web.Request, handler):
         if e.status >= 400 and e.content_type != "application/json":
             return web.json_response(error_body(e.status, e.reason or "error"), status=e.status)
         raise
+    except web.RequestPayloadError as e:  # a body that cannot be read: bad gzip, broken chunking
+        return web.json_response(error_body(400, f"the request body could not be read: {e}"), status=400)
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -144,6 +146,7 @@ class _Handlers:
         return await self._generate(request, parse_chat(await _read_json(request)))
 
     async def _generate(self, request: web.Request, req: GenerationRequest) -> web.StreamResponse:
+        start = time.perf_counter()
         self._check_model(req.model)
         if self.service.draining:
             raise APIError(503, "this replica is draining (shutting down); send the request to another replica")
@@ -156,7 +159,7 @@ class _Handlers:
         rid = self.service.unique_id(base)
         headers = {"X-Request-Id": base}
         outputs = self.service.generate(rid, prompt_ids, params)
-        seen = _Seen(time.perf_counter(), len(prompt_ids))
+        seen = _Seen(start, len(prompt_ids))
         try:
             if req.stream:
                 return await self._stream(request, req, rid, outputs, headers, seen)
@@ -332,9 +335,9 @@ def _log_access(request_id: str, req: GenerationRequest, seen: _Seen) -> None:
     access_log.info(
         "%s %s prompt_tokens=%d cached_tokens=%d output_tokens=%d finish=%s e2e=%.4fs", req.kind,
         "stream" if req.stream else "unary", seen.prompt_tokens, cached, output, finish, e2e,
-        extra={"request_id": request_id, "kind": req.kind, "stream": req.stream, "status": seen.status,
+        extra={"fields": {"request_id": request_id, "kind": req.kind, "stream": req.stream, "status": seen.status,
                "prompt_tokens": seen.prompt_tokens, "cached_tokens": cached, "output_tokens": output,
-               "finish_reason": finish, "e2e_s": round(e2e, 6)})
+               "finish_reason": finish, "e2e_s": round(e2e, 6)}})
 
 
 def create_app(service: EngineService, cfg: ServerConfig) -> web.Application:

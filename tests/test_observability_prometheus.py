@@ -129,33 +129,46 @@ def _get(url: str) -> str:
         return r.read().decode()
 
 
+def _admin(base: str, action: str, replica: str) -> None:
+    status, raw, _ = _post(f"{base}/admin/replicas/{action}", {"replica": replica})
+    assert status == 200, raw
+
+
 def _kill_mid_stream(fleet: LocalFleet) -> str:
-    """Start a long stream, SIGKILL the replica serving it once the first tokens arrive, send
-    requests that the index routes to that (dead) replica, and finish the stream on another.
-    Returns the dead replica's URL."""
+    """Pin a cached prompt and a long stream on one replica (the others drained meanwhile), SIGKILL
+    it once the stream's first tokens arrive, then send the pinned prompt again: the prefix index
+    still says only the dead replica holds it, so each goes there first, is refused and retried
+    elsewhere; the stream is continued on another replica. Returns the dead replica's URL."""
     base = fleet.balancer.url
-    prompt = "A long story that only this replica has cached. " * 60
-    body = {"prompt": prompt, "max_tokens": 3000, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as stream:
-        victim_url = stream.headers["X-Kvfleet-Replica"]
+    victim, others = fleet.replicas[0], fleet.replicas[1:]
+    pinned = "A prompt that only the first replica has cached. " * 40
+    story = {"prompt": "A long story. " * 100, "max_tokens": 3000, "ignore_eos": True, "stream": True,
+             "stream_options": {"include_usage": True}}
+    for r in others:
+        _admin(base, "drain", r.url)
+    try:
+        status, raw, headers = _post(base + "/v1/completions", {"prompt": pinned, "max_tokens": 1})
+        assert status == 200 and headers["X-Kvfleet-Replica"] == victim.url, raw
+        req = urllib.request.Request(base + "/v1/completions", data=json.dumps(story).encode(),
+                                     headers={"Content-Type": "application/json"})
+        stream = urllib.request.urlopen(req, timeout=120)
+    finally:
+        for r in others:
+            _admin(base, "undrain", r.url)
+    with stream:
+        assert stream.headers["X-Kvfleet-Replica"] == victim.url
         first = stream.readline()
         assert first.startswith(b"data: "), first
-        victim = next(r for r in fleet.replicas if r.url == victim_url)
         victim.popen.kill()
         victim.popen.wait()
-        # The prefix index still says the dead replica holds this prompt: these go there first,
-        # are refused, and are retried on another replica.
         with ThreadPoolExecutor(max_workers=3) as pool:
-            results = list(pool.map(lambda _: _post(base + "/v1/completions", {"prompt": prompt, "max_tokens": 4}),
+            results = list(pool.map(lambda _: _post(base + "/v1/completions", {"prompt": pinned, "max_tokens": 4}),
                                     range(3)))
         assert [s for s, _, _ in results] == [200] * 3
-        assert all(h["X-Kvfleet-Replica"] != victim_url for _, _, h in results)
+        assert all(h["X-Kvfleet-Replica"] != victim.url for _, _, h in results)
         rest = stream.read()
     assert rest.rstrip().endswith(b"data: [DONE]") and b'"error"' not in rest, rest[-500:]
-    return victim_url
+    return victim.url
 
 
 @pytest.fixture(scope="module")

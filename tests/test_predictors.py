@@ -194,6 +194,16 @@ def test_predictions_are_ordered_finite_and_within_max_tokens(name):
         p.observe(f, y)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_predict_and_observe_is_predict_then_observe(name):
+    a, b = make_predictor(name), make_predictor(name)
+    for f, y in stream(500, seed=5):
+        expected = a.predict(f)
+        a.observe(f, y)
+        assert b.predict_and_observe(f, y) == expected
+    assert a.predict(stream(1, seed=9)[0][0]) == b.predict(stream(1, seed=9)[0][0])
+
+
 def test_observe_rejects_bad_lengths():
     for name in ALL:
         with pytest.raises(ValueError):
