@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -46,16 +44,7 @@ MODEL = "bench-model"
 ROOT = root_hash(MODEL)
 
 
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": sys.version.split()[0], "os": platform.platform()}
+from bench.common import machine  # noqa: E402
 
 
 def engine_ids(ours: list[int], kvfleet: bool, rng: random.Random) -> list[int]:
