@@ -36,6 +36,15 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+async def wait_for(condition, timeout: float = 20.0) -> None:
+    """Poll until condition() holds (health polls run every 0.2 s; a loaded machine is slower)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
 async def post_json(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, dict, dict]:
     async with session.post(url, json=body) as r:
         return r.status, dict(r.headers), await r.json(content_type=None)
@@ -75,8 +84,7 @@ def test_policy_contract(fleet, policy):
 
     async def main():
         async with balancer([r.replica_arg for r in fleet] + [dead], policy=policy) as (url, b):
-            await asyncio.sleep(0.6)  # a few health polls mark the dead one unhealthy
-            assert not b.registry.get(dead).healthy
+            await wait_for(lambda: not b.registry.get(dead).healthy)  # health polls mark it
             async with aiohttp.ClientSession() as s:
                 async def one(i):
                     prompt = f"{i * 7919} unrelated prompt number {i} " + chr(65 + i % 26) * (i % 40)
@@ -89,7 +97,7 @@ def test_policy_contract(fleet, policy):
             assert dead not in served
             assert len(set(served)) >= 2, served  # spread, not herded onto one
         async with balancer([dead], policy=policy) as (url, b):
-            await asyncio.sleep(0.6)
+            await wait_for(lambda: not b.registry.usable())
             async with aiohttp.ClientSession() as s:
                 status, _, body = await post_json(s, url + "/v1/completions", {"model": "tiny", "prompt": "x"})
             assert status == 503 and body["error"]["message"]
