@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         ["balancer RSS warm -> end (MiB)", f"{warm_rss / 1024:.1f} -> {r.rss_kb[-1][1] / 1024:.1f} "
                                            f"({r.rss_growth:+.1%})", "PASS" if ok_rss else "FAIL"],
         ["balancer RSS peak (MiB)", f"{max(v for _, v in r.rss_kb) / 1024:.1f}", ""],
+        # A leak keeps climbing; memory kept after a burst of concurrency (the allocator holds on
+        # to it) shows as a step followed by a flat line: this row tells the two apart.
+        ["balancer RSS second half (MiB)", f"{r._at(r.rss_kb, args.duration / 2) / 1024:.1f} -> "
+                                           f"{r.rss_kb[-1][1] / 1024:.1f}", ""],
         ["balancer fds warm -> idle (peak)", f"{r._at(r.fds, r.warm_s)} -> {r.fds[-1][1]} "
                                             f"({max(v for _, v in r.fds)})", ""],
         ["  client/upstream/other", f"{warm_k['client']}/{warm_k['upstream']}/{warm_k['other']} -> "
