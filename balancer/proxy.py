@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import logging
 import time
 import uuid
@@ -73,6 +74,9 @@ class _Attempt:
     tokens: int  # prompt + expected output, for in-flight token bookkeeping
 
 
+_TOKEN_IDS = re.compile(rb'"token_ids":\[([0-9,]*)\]')
+
+
 @dataclass(slots=True)
 class _Outcome:
     """What the access log line says about one request; filled in as the request goes."""
@@ -84,6 +88,7 @@ class _Outcome:
     predicted_cached: int = 0
     reported_cached: int | None = None
     failovers: int = 0
+    output_tokens: int | None = None  # for the output-length predictor (None: unknown)
 
 
 async def read_json(request: web.Request) -> object:
@@ -204,6 +209,8 @@ class Proxy:
             finally:
                 self.registry.on_done(replica, att.tokens)
                 self.router.policy.on_complete(rr, replica.replica_id, ok)
+                if ok:
+                    self.router.finished(rr, outcome.output_tokens)
                 self.metrics.inflight.labels(replica.replica_id).set(replica.inflight_requests)
         if last is None:
             self.metrics.no_replica.inc()
@@ -264,6 +271,8 @@ class Proxy:
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 self.metrics.reported_cached.labels(replica.replica_id).inc(cached)
                 outcome.reported_cached = cached
+                if isinstance(usage.get("completion_tokens"), int):
+                    outcome.output_tokens = usage["completion_tokens"]
             except (ValueError, AttributeError):
                 pass
 
@@ -303,6 +312,10 @@ class Proxy:
                                                      headers["X-Request-Id"])
         else:
             outcome.reported_cached = self._note_usage(replica, relayed)
+            # The stream asked for token ids (failover does): count them with one C-level scan.
+            ids = _TOKEN_IDS.findall(relayed)
+            if ids:
+                outcome.output_tokens = sum(x.count(b",") + 1 for x in ids if x)
         self.metrics.requests.labels(replica.replica_id, self.policy_name, "2xx").inc()
         self.metrics.e2e.observe(time.perf_counter() - arrival)
         await _write(out)
