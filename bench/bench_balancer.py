@@ -570,7 +570,7 @@ def bench_routing(policies: list[str], total_blocks: int, replicas: int, probes_
     from balancer.policies import make_policy
     from balancer.policies.base import ReplicaLoad
     from balancer.prefix_index import PrefixIndex
-from protocol.hashing import hash_blocks
+    from protocol.hashing import hash_blocks
     from balancer.registry import Registry
     from balancer.router import Router
     from protocol.events import BlockStored
