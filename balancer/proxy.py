@@ -74,6 +74,27 @@ class _Attempt:
     tokens: int  # prompt + expected output, for in-flight token bookkeeping
 
 
+def _tail_usage(data: bytes | bytearray) -> dict | None:
+    """The last `"usage": {...}` object in data, parsed alone (it nests at most one object, so
+    it ends at the first or second `}` after its opening brace)."""
+    tail = bytes(data[-2048:])
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = tail.find(b"{", at)
+    end = start
+    for _ in range(3):
+        end = tail.find(b"}", end + 1)
+        if end < 0:
+            return None
+        try:
+            usage = json.loads(tail[start : end + 1])
+        except ValueError:
+            continue
+        return usage if isinstance(usage, dict) else None
+    return None
+
+
 _TOKEN_IDS = re.compile(rb'"token_ids":\[([0-9,]*)\]')
 
 
@@ -169,8 +190,9 @@ class Proxy:
                      request_id: str, arrival: float, t0: float, outcome: _Outcome) -> web.StreamResponse:
         stream_failover = req.stream and self.retry.failover
         if stream_failover and not req.return_token_ids:
-            body = {**body, "return_token_ids": True}
-        payload = json.dumps(body).encode()
+            payload = json.dumps({**body, "return_token_ids": True}).encode()
+        else:  # unchanged: forward the bytes the client sent (aiohttp keeps them), no re-encoding
+            payload = await request.read()
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
         if "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
@@ -266,15 +288,7 @@ class Proxy:
         if body is not None:
             outcome.ttft_s = now - arrival
             self.metrics.ttft.observe(outcome.ttft_s)
-            try:
-                usage = json.loads(body).get("usage") or {}
-                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                self.metrics.reported_cached.labels(replica.replica_id).inc(cached)
-                outcome.reported_cached = cached
-                if isinstance(usage.get("completion_tokens"), int):
-                    outcome.output_tokens = usage["completion_tokens"]
-            except (ValueError, AttributeError):
-                pass
+            self._note_usage(replica, body, outcome)
 
     # ------------------------------------------------------------------ streaming
     async def _relay_stream(self, request: web.Request, replica: ReplicaState, upstream: aiohttp.ClientResponse,
@@ -311,7 +325,7 @@ class Proxy:
             outcome.failovers = await self._failover(out, replica, prepared, bytes(relayed), broken,
                                                      headers["X-Request-Id"])
         else:
-            outcome.reported_cached = self._note_usage(replica, relayed)
+            self._note_usage(replica, relayed, outcome)
             # The stream asked for token ids (failover does): count them with one C-level scan.
             ids = _TOKEN_IDS.findall(relayed)
             if ids:
@@ -329,21 +343,18 @@ class Proxy:
         await out.prepare(request)
         return out
 
-    def _note_usage(self, replica: ReplicaState, relayed: bytearray) -> int | None:
-        """Count the cached tokens the stream's usage chunk reports; returns them (None: no usage)."""
-        tail = relayed[-2048:]
-        at = tail.rfind(b'"usage"')
-        if at < 0:
-            return None
-        start = tail.rfind(b"data: ", 0, at)
-        end = tail.find(b"\n\n", at)
-        try:
-            usage = json.loads(tail[start + 6 : end])["usage"]
-            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-            self.metrics.reported_cached.labels(replica.replica_id).inc(cached)
-            return cached
-        except (ValueError, KeyError, TypeError):
-            return None
+    def _note_usage(self, replica: ReplicaState, data: bytes | bytearray, outcome: _Outcome) -> None:
+        """Read the `usage` object at the end of a JSON body or of an SSE stream (its usage
+        chunk) without parsing the rest: cached tokens for the metrics and the access log,
+        completion tokens for the output-length predictor."""
+        usage = _tail_usage(data)
+        if usage is None:
+            return
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        self.metrics.reported_cached.labels(replica.replica_id).inc(cached)
+        outcome.reported_cached = cached
+        if isinstance(usage.get("completion_tokens"), int):
+            outcome.output_tokens = usage["completion_tokens"]
 
     async def _failover(self, out: web.StreamResponse, lost: ReplicaState, prepared: Prepared, relayed: bytes,
                         why: str, request_id: str) -> int:

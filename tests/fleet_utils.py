@@ -7,6 +7,7 @@ import json
 import urllib.error
 import urllib.request
 
+import aiohttp
 from aiohttp import web
 
 from balancer.app import BALANCER, create_app
@@ -58,3 +59,24 @@ async def balancer(specs: list[str], **cfg):
         yield f"http://{host}:{port}", app[BALANCER]
     finally:
         await runner.cleanup()
+
+
+async def read_stream(resp: aiohttp.ClientResponse, on_chunk=None) -> tuple[list[int], str, str | None, dict | None]:
+    """Read an SSE completion/chat stream: (token ids, text, finish reason, in-band error).
+    on_chunk(total ids so far) is awaited after each data chunk."""
+    ids, text, finish, error = [], "", None, None
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            error = chunk["error"]
+            continue
+        for c in chunk["choices"]:
+            ids.extend(c.get("token_ids") or [])
+            text += c.get("text") or (c.get("delta") or {}).get("content") or ""
+            finish = c.get("finish_reason") or finish
+        if on_chunk:
+            await on_chunk(len(ids))
+    return ids, text, finish, error

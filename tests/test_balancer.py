@@ -15,7 +15,7 @@ import pytest
 
 from balancer.policies import policy_names
 from kvfleet import procs
-from tests.fleet_utils import balancer, http, start_replicas
+from tests.fleet_utils import balancer, http, read_stream, start_replicas
 
 pytestmark = pytest.mark.slow
 
@@ -166,23 +166,15 @@ def test_kill9_during_20_streams():
                 async def stream(s, i):
                     body = {"model": "tiny", "prompt": f"stream {i}: tell me", "max_tokens": 60, "temperature": 0,
                             "ignore_eos": True, "stream": True}
-                    text, finish, error = "", None, None
+
+                    async def count(_):
+                        counted["n"] += 1
+                        if counted["n"] >= 40:
+                            started.set()
+
                     async with s.post(url + "/v1/completions", json=body) as r:
                         assert r.status == 200
-                        async for raw in r.content:
-                            line = raw.decode().strip()
-                            if not line.startswith("data: ") or line == "data: [DONE]":
-                                continue
-                            chunk = json.loads(line[6:])
-                            if "error" in chunk:
-                                error = chunk["error"]
-                                continue
-                            counted["n"] += 1
-                            if counted["n"] >= 40:
-                                started.set()
-                            for c in chunk["choices"]:
-                                text += c["text"]
-                                finish = c.get("finish_reason") or finish
+                        _, _, finish, error = await read_stream(r, count)
                     return finish, error
 
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:

@@ -11,28 +11,9 @@ import aiohttp
 import pytest
 
 from balancer.config import BalancerConfig
-from tests.fleet_utils import balancer, http, start_replicas
+from tests.fleet_utils import balancer, http, read_stream, start_replicas
 
 pytestmark = pytest.mark.slow
-
-
-async def read_stream(resp: aiohttp.ClientResponse, on_chunk=None) -> tuple[list[int], str, str | None, dict | None]:
-    ids, text, finish, error = [], "", None, None
-    async for raw in resp.content:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        chunk = json.loads(line[6:])
-        if "error" in chunk:
-            error = chunk["error"]
-            continue
-        for c in chunk["choices"]:
-            ids.extend(c.get("token_ids") or [])
-            text += c.get("text") or (c.get("delta") or {}).get("content") or ""
-            finish = c.get("finish_reason") or finish
-        if on_chunk:
-            await on_chunk(len(ids))
-    return ids, text, finish, error
 
 
 @pytest.mark.parametrize("kind", ["completion", "chat"])
