@@ -22,12 +22,12 @@ import random
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import report  # noqa: E402
+from predictors.base import deep_size
 from predictors import Features, make_predictor, predictor_names  # noqa: E402
 from predictors.features import chain_ids  # noqa: E402
 
@@ -57,19 +57,6 @@ def timed(fn, items) -> list[float]:
         fn(*args)
         out.append((clock() - t0) / 1e3)
     return out
-
-
-def deep_size(obj) -> int:
-    seen, stack, total = set(), [obj], 0
-    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
-    while stack:
-        o = stack.pop()
-        if id(o) in seen or isinstance(o, skip):
-            continue
-        seen.add(id(o))
-        total += sys.getsizeof(o)
-        stack.extend(gc.get_referents(o))
-    return total
 
 
 def fill(name: str) -> tuple[int, int, int]:

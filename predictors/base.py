@@ -129,3 +129,22 @@ class Predictor(ABC):
     def describe(self) -> dict[str, Any]:
         """Settings and memory, for logs and the evaluation's JSON."""
         return {"name": self.name, "memory_items": self.memory_items(), "max_memory_items": self.max_memory_items()}
+
+
+def deep_size(obj) -> int:
+    """Bytes of everything reachable from obj (classes, modules and functions excluded): how the
+    tests and the benchmark check that a predictor's memory stays within its bound."""
+    import gc
+    import sys
+    import types
+
+    seen, stack, total = set(), [obj], 0
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, skip):
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o)
+        stack.extend(gc.get_referents(o))
+    return total

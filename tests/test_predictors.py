@@ -7,17 +7,16 @@ test_predictors_eval.py.
 
 from __future__ import annotations
 
-import gc
 import math
 import random
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from predictors.base import deep_size
 from predictors import (
     Calibrated,
     CalibrationConfig,
@@ -210,20 +209,6 @@ def test_observe_rejects_bad_lengths():
             make_predictor(name).observe(Features(1), -3)
         with pytest.raises(ValueError):
             make_predictor(name).observe(Features(1), float("inf"))
-
-
-def deep_size(obj) -> int:
-    """Bytes of everything reachable from obj (classes, modules and functions excluded)."""
-    seen, stack, total = set(), [obj], 0
-    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
-    while stack:
-        o = stack.pop()
-        if id(o) in seen or isinstance(o, skip):
-            continue
-        seen.add(id(o))
-        total += sys.getsizeof(o)
-        stack.extend(gc.get_referents(o))
-    return total
 
 
 @pytest.mark.parametrize("name", ALL)
