@@ -265,10 +265,16 @@ class ChaosFleet:
         raise RuntimeError("the fleet did not become healthy")
 
     # ------------------------------------------------------------------ faults
-    def victim_with_streams(self) -> Member:
-        """The replica with the most in-flight requests at the balancer now."""
-        reps = {r["id"]: r["inflight_requests"] for r in get_json(self.url + "/admin/replicas")["replicas"]}
-        return max(self.replicas, key=lambda m: reps.get(m.proc.url, 0))
+    def victim_with_streams(self, wait_s: float = 10.0, poll_s: float = 0.005) -> Member:
+        """The replica with the most in-flight requests at the balancer, waiting (up to `wait_s`) until
+        one has any: a fault meant to hit running streams must not land in a lull between requests."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            reps = {r["id"]: r["inflight_requests"] for r in get_json(self.url + "/admin/replicas")["replicas"]}
+            victim = max(self.replicas, key=lambda m: reps.get(m.proc.url, 0))
+            if reps.get(victim.proc.url, 0) > 0 or time.monotonic() >= deadline:
+                return victim
+            time.sleep(poll_s)
 
     def restart(self, m: Member, graceful: bool) -> None:
         if graceful:
