@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvfleet-installed
+NATIVE := $(VENV)/.kvfleet-native
 
 .PHONY: install demo test test-fast bench clean
 
@@ -14,15 +15,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[replica,loadgen,dev,dashboards]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The C hash chain (protocol/_hashchain.c) is rebuilt when its source changes. Optional: without
+# a compiler the build fails quietly and protocol.hashing uses its pure-Python loop.
+$(NATIVE): $(STAMP) setup.py protocol/_hashchain.c
+	$(PY) setup.py -q build_ext --inplace || echo "native hash chain not built: using the pure-Python path"
+	touch $(NATIVE)
 
-demo: $(STAMP)
+install: $(STAMP) $(NATIVE)
+
+demo: install
 	$(VENV)/bin/kvfleet demo
 
-test: $(STAMP)
+test: install
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

@@ -74,6 +74,9 @@ class BalancerMetrics:
                                  ("replica",), registry=r)
         self.indexed_blocks = Gauge("kvfleet_indexed_blocks", "KV blocks the prefix index holds for the replica.",
                                     ("replica",), registry=r)
+        # (metric, label values) -> child: `labels()` costs a few µs (lock, tuple, dict), and the
+        # request path touches five series per request.
+        self._children: dict[tuple, object] = {}
         self._per_replica = (self.predicted_cached, self.reported_cached, self.prompt_tokens, self.retries,
                              self.failovers, self.breaker_state, self.healthy, self.inflight, self.kv_events,
                              self.indexed_blocks)
@@ -84,8 +87,18 @@ class BalancerMetrics:
             metric.labels(replica_id)
         self.healthy.labels(replica_id).set(1 if healthy else 0)
 
+    def series(self, metric, *labels: str):
+        """`metric.labels(*labels)`, cached (forget_replica drops a replica's entries)."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def forget_replica(self, replica_id: str) -> None:
         """Drop every series labelled with the replica (it left the fleet)."""
+        for key in [k for k in self._children if k[1] and k[1][0] == replica_id]:
+            del self._children[key]
         for metric in self._per_replica:
             try:
                 metric.remove(replica_id)

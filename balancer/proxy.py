@@ -15,6 +15,7 @@ a failover. A stop string that straddles the failover point is not detected (doc
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import logging
@@ -74,25 +75,25 @@ class _Attempt:
     tokens: int  # prompt + expected output, for in-flight token bookkeeping
 
 
+# An object nesting at most two levels of objects (usage -> prompt_tokens_details -> ...), no
+# strings holding braces: what OpenAI-style `usage` objects are.
+_USAGE_OBJECT = re.compile(rb"\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}")
+
+
 def _tail_usage(data: bytes | bytearray) -> dict | None:
-    """The last `"usage": {...}` object in data, parsed alone (it nests at most one object, so
-    it ends at the first or second `}` after its opening brace)."""
+    """The last `"usage": {...}` object in data, parsed alone (without parsing the body)."""
     tail = bytes(data[-2048:])
     at = tail.rfind(b'"usage"')
     if at < 0:
         return None
-    start = tail.find(b"{", at)
-    end = start
-    for _ in range(3):
-        end = tail.find(b"}", end + 1)
-        if end < 0:
-            return None
-        try:
-            usage = json.loads(tail[start : end + 1])
-        except ValueError:
-            continue
-        return usage if isinstance(usage, dict) else None
-    return None
+    m = _USAGE_OBJECT.search(tail, at)
+    if m is None:
+        return None
+    try:
+        usage = json.loads(m.group())
+    except ValueError:
+        return None
+    return usage if isinstance(usage, dict) else None
 
 
 _TOKEN_IDS = re.compile(rb'"token_ids":\[([0-9,]*)\]')
@@ -134,6 +135,10 @@ class Proxy:
         self.retry = retry
         self.policy_name = policy_name
         self.model = model
+        # Request ids: a random per-process prefix and a counter (unique across restarts and
+        # balancers; a uuid4 per request costs several µs).
+        self._id_prefix = f"kvf-{uuid.uuid4().hex[:16]}-"
+        self._ids = itertools.count()
 
     # ------------------------------------------------------------------ entry points
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -152,7 +157,7 @@ class Proxy:
     # ------------------------------------------------------------------ the loop
     async def _handle(self, request: web.Request, body: dict, req: GenerationRequest, path: str) -> web.StreamResponse:
         arrival = time.perf_counter()
-        request_id = request.headers.get("X-Request-Id") or f"kvf-{uuid.uuid4().hex}"
+        request_id = request.headers.get("X-Request-Id") or f"{self._id_prefix}{next(self._ids)}"
         outcome = _Outcome()
         prompt_tokens = 0
         try:
@@ -172,7 +177,10 @@ class Proxy:
             raise
         finally:
             if access_log.isEnabledFor(logging.INFO):
-                self._log_access(request_id, path, req, prompt_tokens, outcome, time.perf_counter() - arrival)
+                # After the response is written (a non-streaming body goes out once this returns):
+                # formatting and writing the log line is not the client's latency.
+                asyncio.get_running_loop().call_soon(self._log_access, request_id, path, req, prompt_tokens, outcome,
+                                                     time.perf_counter() - arrival)
 
     def _log_access(self, request_id: str, path: str, req: GenerationRequest, prompt_tokens: int, o: _Outcome,
                     e2e_s: float) -> None:
@@ -213,9 +221,9 @@ class Proxy:
             expected_out = req.max_tokens or 0
             att = _Attempt(replica, len(prepared.token_ids) + expected_out)
             self.registry.on_sent(replica, att.tokens, max(0, len(prepared.token_ids) - matched))
-            self.metrics.inflight.labels(replica.replica_id).set(replica.inflight_requests)
-            self.metrics.predicted_cached.labels(replica.replica_id).inc(matched)
-            self.metrics.prompt_tokens.labels(replica.replica_id).inc(len(prepared.token_ids))
+            self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
+            self.metrics.series(self.metrics.predicted_cached, replica.replica_id).inc(matched)
+            self.metrics.series(self.metrics.prompt_tokens, replica.replica_id).inc(len(prepared.token_ids))
             outcome.replica, outcome.attempts, outcome.predicted_cached = replica.replica_id, attempt + 1, matched
             ok = False
             try:
@@ -231,19 +239,20 @@ class Proxy:
             finally:
                 self.registry.on_done(replica, att.tokens)
                 self.router.policy.on_complete(rr, replica.replica_id, ok)
-                if ok:
-                    self.router.finished(rr, outcome.output_tokens)
-                self.metrics.inflight.labels(replica.replica_id).set(replica.inflight_requests)
+                if ok and outcome.output_tokens is not None:  # predictors learn once the response is out
+                    asyncio.get_running_loop().call_soon(self.router.finished, rr, outcome.output_tokens)
+                self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
         if last is None:
             self.metrics.no_replica.inc()
-            self.metrics.requests.labels(NO_REPLICA, self.policy_name, "5xx").inc()
+            self.metrics.series(self.metrics.requests, NO_REPLICA, self.policy_name, "5xx").inc()
             raise APIError(503, "no healthy replica is available; check `GET /admin/replicas` and the replicas' health")
         if last.status is not None and last.body is not None:
-            self.metrics.requests.labels(last.replica.replica_id, self.policy_name, f"{last.status // 100}xx").inc()
+            status_class = f"{last.status // 100}xx"
+            self.metrics.series(self.metrics.requests, last.replica.replica_id, self.policy_name, status_class).inc()
             outcome.status = last.status
             return web.Response(status=last.status, body=last.body, content_type="application/json",
                                 headers={REPLICA_HEADER: last.replica.replica_id})
-        self.metrics.requests.labels(last.replica.replica_id, self.policy_name, "5xx").inc()
+        self.metrics.series(self.metrics.requests, last.replica.replica_id, self.policy_name, "5xx").inc()
         raise APIError(502, f"every replica tried failed ({len(tried)} tried); last error from "
                             f"{last.replica.replica_id}: {last.reason}")
 
@@ -283,7 +292,7 @@ class Proxy:
                outcome: _Outcome) -> None:
         now = time.perf_counter()
         outcome.status = status
-        self.metrics.requests.labels(replica.replica_id, self.policy_name, f"{status // 100}xx").inc()
+        self.metrics.series(self.metrics.requests, replica.replica_id, self.policy_name, f"{status // 100}xx").inc()
         self.metrics.e2e.observe(now - arrival)
         if body is not None:
             outcome.ttft_s = now - arrival
@@ -330,7 +339,7 @@ class Proxy:
             ids = _TOKEN_IDS.findall(relayed)
             if ids:
                 outcome.output_tokens = sum(x.count(b",") + 1 for x in ids if x)
-        self.metrics.requests.labels(replica.replica_id, self.policy_name, "2xx").inc()
+        self.metrics.series(self.metrics.requests, replica.replica_id, self.policy_name, "2xx").inc()
         self.metrics.e2e.observe(time.perf_counter() - arrival)
         await _write(out)
         return out
@@ -351,7 +360,7 @@ class Proxy:
         if usage is None:
             return
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        self.metrics.reported_cached.labels(replica.replica_id).inc(cached)
+        self.metrics.series(self.metrics.reported_cached, replica.replica_id).inc(cached)
         outcome.reported_cached = cached
         if isinstance(usage.get("completion_tokens"), int):
             outcome.output_tokens = usage["completion_tokens"]

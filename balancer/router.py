@@ -68,7 +68,8 @@ class Router:
         self.policy = policy
         self.registry = registry
         self.has_events = has_events  # replica id -> True if its KV events feed `index`
-        self.predictor = predictor
+        # Only a policy that reads predicted output lengths gets them (and pays for them).
+        self.predictor = predictor if policy.uses_predicted_output else None
         self.clock = clock
         self._roots: dict[str | None, int] = {None: root_hash(model)}
 

@@ -8,9 +8,11 @@ Only full blocks are hashed. The root comes from the model name and an optional 
 adapter name, so two models never share an entry. Everything here is a pure function of its
 arguments: no PYTHONHASHSEED, no random seed, identical on every process and machine.
 
-The token bytes of all blocks are produced in one numpy conversion; the chain itself is
-sequential (each hash is the next block's parent), so the loop does one xxh3 call per block on a
-72-byte buffer (block_size 16).
+The token bytes of all blocks are produced in one conversion; the chain itself is sequential
+(each hash is the next block's parent). `protocol._hashchain` (C, built by `pip install -e .`
+from protocol/_hashchain.c) runs the whole chain in one call; where it is not built,
+`_hash_blocks_py` does one `xxhash` call per block on a 72-byte buffer (block_size 16), about
+ten times slower. `NATIVE` says which one `hash_blocks` uses. Both give the same hashes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ from array import array
 
 import numpy as np
 import xxhash
+
+try:
+    from protocol._hashchain import hash_chain as _hash_chain
+    from protocol._hashchain import pack_u32 as _pack_u32
+except ImportError:  # extension not built (no C compiler at install time): pure Python
+    _hash_chain = None
+    _pack_u32 = None
+
+# True when `hash_blocks` runs the chain in C (reported by the benchmarks).
+NATIVE: bool = _hash_chain is not None
 
 _U64_MASK = (1 << 64) - 1
 # array("I") is uint32 little-endian on this platform: its bytes are what the hash reads.
@@ -37,13 +49,20 @@ def root_hash(model: str, salt: str | None = None) -> int:
 def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
     """Token ids as little-endian uint32 bytes (the representation the hash reads).
 
-    Python sequences go through `array("I")` (C, no per-element numpy boxing: ~3x faster than
-    numpy for a list of ints); arrays through numpy.
+    Lists and tuples of ints go through the C extension's `pack_u32` when it is built (about 4x
+    faster than `array("I")`); other Python sequences, or items that are not ints (numpy
+    integers), through `array("I")` (C, no per-element numpy boxing: ~3x faster than numpy for a
+    list of ints); arrays through numpy.
     """
     if isinstance(token_ids, np.ndarray):
         if token_ids.size and (int(token_ids.min()) < 0 or int(token_ids.max()) > 0xFFFFFFFF):
             raise ValueError("token ids must fit in uint32")
         return token_ids.astype("<u4", copy=False).tobytes()
+    if _pack_u32 is not None and type(token_ids) in (list, tuple):
+        try:
+            return _pack_u32(token_ids)
+        except TypeError:  # an item is not an int: the general path converts it or says why
+            pass
     if _NATIVE_U32:
         try:
             return array("I", token_ids).tobytes()
@@ -68,12 +87,25 @@ def hash_blocks(
     `parent` is `root_hash(...)` for a prompt's first block, or the hash of the block just before
     `token_ids[0]` to extend an existing chain. A trailing partial block is ignored.
     """
-    if block_size <= 0:
-        raise ValueError("block_size must be positive")
-    n = len(token_ids) // block_size
-    if max_blocks is not None:
-        n = min(n, max_blocks)
-    if n == 0:
+    if _hash_chain is None:
+        return _hash_blocks_py(token_ids, block_size, parent, max_blocks)
+    n = _n_blocks(len(token_ids), block_size, max_blocks)
+    if n <= 0:  # also max_blocks <= 0
+        return []
+    end = n * block_size
+    data = token_bytes(token_ids if end == len(token_ids) else token_ids[:end])
+    return _hash_chain(data, block_size, parent & _U64_MASK, n)
+
+
+def _hash_blocks_py(
+    token_ids: Sequence[int] | np.ndarray,
+    block_size: int,
+    parent: int,
+    max_blocks: int | None = None,
+) -> list[int]:
+    """`hash_blocks` with one `xxhash` call per block: the fallback, and the reference in tests."""
+    n = _n_blocks(len(token_ids), block_size, max_blocks)
+    if n <= 0:  # also max_blocks <= 0
         return []
     data = token_bytes(token_ids[: n * block_size])
     step = 4 * block_size
@@ -84,6 +116,14 @@ def hash_blocks(
         h = digest(h.to_bytes(8, "little") + data[i * step : (i + 1) * step])
         out[i] = h
     return out
+
+
+def _n_blocks(n_tokens: int, block_size: int, max_blocks: int | None) -> int:
+    """How many full blocks to hash: all of them, or at most `max_blocks`."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    n = n_tokens // block_size
+    return n if max_blocks is None else min(n, max_blocks)
 
 
 def prompt_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int, model: str, salt: str | None = None) -> list[int]:

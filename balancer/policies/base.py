@@ -84,6 +84,9 @@ class Policy(ABC):
     # True if the policy reads `prompt_text` / `first_user_message` (text-based peers); lets the
     # simulator skip decoding prompts for the others.
     needs_text: ClassVar[bool] = False
+    # True if the policy reads `predicted_output_tokens`: the router runs (and trains) the
+    # output-length predictor only for such policies, so the others pay nothing for it.
+    uses_predicted_output: ClassVar[bool] = False
 
     @abstractmethod
     def select(self, request: RoutingRequest, replicas: Sequence[ReplicaView]) -> Decision:

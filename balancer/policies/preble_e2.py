@@ -126,6 +126,7 @@ class _ReplicaLoad:
 class PrebleE2Policy(Policy):
     name: ClassVar[str] = "preble_e2"
     Config: ClassVar[type] = PrebleE2Config
+    uses_predicted_output: ClassVar[bool] = True
 
     def __init__(self, config: PrebleE2Config | None = None) -> None:
         self.config = config or PrebleE2Config()

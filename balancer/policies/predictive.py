@@ -105,6 +105,7 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
 class PredictivePolicy(Policy):
     name: ClassVar[str] = "predictive"
     Config: ClassVar[type] = PredictiveConfig
+    uses_predicted_output: ClassVar[bool] = True
 
     def __init__(self, config: PredictiveConfig | None = None, learner: StepLearner | None = None) -> None:
         self.config = config or PredictiveConfig()
