@@ -122,6 +122,8 @@ def add_routes(app: web.Application, b) -> None:
             "full_blocks": len(prepared.block_hashes),
             "block_size": b.cfg.block_size,
             "matched_blocks": dict(rr.matched_blocks),
+            # null unless the policy reads predicted output lengths (e.g. `predictive`)
+            "predicted_output_tokens": rr.predicted_output_tokens,
             "usable": [r.replica_id for r in candidates],
             "policy": b.policy.describe(),
         }

@@ -22,6 +22,7 @@ from balancer.config import BalancerConfig, ReplicaSpec
 from balancer.guard import Guard
 from balancer.health import DnsWatcher, HealthChecker
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
+from balancer.memtrim import trim_periodically
 from balancer.metrics import BalancerMetrics
 from balancer.policies import make_policy
 from balancer.policies.base import ReplicaLoad
@@ -91,6 +92,8 @@ class Balancer:
             watcher = DnsWatcher(dns, self.registry, self.add_replica, self.remove_replica)
             self._tasks.append(asyncio.create_task(watcher.run(), name=f"dns:{dns.name}"))
         self._tasks.append(asyncio.create_task(self._export_stats(), name="stats"))
+        if self.cfg.memory_trim_s > 0:
+            self._tasks.append(asyncio.create_task(trim_periodically(self.cfg.memory_trim_s), name="memtrim"))
 
     async def stop(self) -> None:
         for t in self._tasks:

@@ -140,6 +140,9 @@ class BalancerConfig:
     curve_server_key: str | None = None
     curve_client_key_file: str | None = None
     predictor: str = "ensemble"  # output-length predictor (predictors.make_predictor), or "none"
+    # Return freed heap memory to the OS this often (glibc malloc_trim; balancer/memtrim.py), so
+    # that RSS does not ratchet up with each burst of concurrency; 0 = never.
+    memory_trim_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -148,6 +151,8 @@ class BalancerConfig:
             raise ValueError("block_size must be positive")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
+        if self.memory_trim_s < 0:
+            raise ValueError(f"memory_trim_s must be >= 0 (0 disables it), got {self.memory_trim_s}")
         ids = [r.replica_id for r in self.replicas]
         if len(ids) != len(set(ids)):
             raise ValueError("a replica URL is listed twice")

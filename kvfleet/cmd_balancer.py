@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="a HF tokenizer.json (default: the built-in byte tokenizer)")
     p.add_argument("--config", default=None, help="a TOML or JSON file with BalancerConfig keys; flags win")
     p.add_argument("--no-failover", action="store_true", help="do not continue broken streams on another replica")
+    p.add_argument("--memory-trim-s", type=float, default=None,
+                   help=f"return freed heap memory to the OS every this many seconds (glibc malloc_trim), so RSS "
+                        f"does not ratchet up after bursts; 0 disables (default {d.memory_trim_s} s)")
     guard.add_arguments(p)
     logs.add_arguments(p)
 
@@ -61,7 +64,7 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
         except ValueError:
             options[key] = value
     overrides = dict(host=args.host, port=args.port, policy=args.policy, model=args.model,
-                     block_size=args.block_size, tokenizer=args.tokenizer)
+                     block_size=args.block_size, tokenizer=args.tokenizer, memory_trim_s=args.memory_trim_s)
     replicas = tuple(ReplicaSpec.parse(r) for r in args.replica)
     dns = tuple(DnsConfig(name=n, events_port=args.dns_events_port, replay_port=args.dns_replay_port) for n in args.dns)
     base = BalancerConfig.from_file(args.config) if args.config else BalancerConfig()

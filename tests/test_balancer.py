@@ -77,6 +77,41 @@ def test_shared_prefix_lands_on_holder_and_explain_says_why(fleet):
     asyncio.run(main())
 
 
+def test_predictor_learns_output_lengths_from_finished_requests(fleet):
+    """`predictive` reads predicted output lengths; the balancer trains the predictor on what
+    finished requests generated (usage of JSON bodies and of streams), so a prompt whose earlier
+    runs all stopped after 3 tokens is predicted short even when it asks for up to 200."""
+    prompt = "Summarise the incident report in one word. " * 8
+
+    async def main():
+        async with balancer([r.replica_arg for r in fleet], policy="predictive") as (url, b):
+            probe = {"model": "tiny", "prompt": prompt, "max_tokens": 200}
+            async with aiohttp.ClientSession() as s:
+                status, _, before = await post_json(s, url + "/admin/explain", probe)
+                assert status == 200 and before["predicted_output_tokens"] is not None
+                for i in range(8):
+                    body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0,
+                            "ignore_eos": True}
+                    if i % 2:
+                        body |= {"stream": True, "stream_options": {"include_usage": True}}
+                        async with s.post(url + "/v1/completions", json=body) as resp:
+                            assert resp.status == 200
+                            await resp.read()
+                    else:
+                        status, _, out = await post_json(s, url + "/v1/completions", body)
+                        assert status == 200 and out["usage"]["completion_tokens"] == 3
+                await asyncio.sleep(0.1)  # learning runs right after each response is written
+                status, _, after = await post_json(s, url + "/admin/explain", probe)
+            assert after["predicted_output_tokens"] <= 6, (before, after)
+            assert before["predicted_output_tokens"] > 6, before
+            # Policies that do not read predictions never run the predictor.
+        async with balancer([r.replica_arg for r in fleet], policy="precise_prefix") as (url, b):
+            async with aiohttp.ClientSession() as s:
+                status, _, ex = await post_json(s, url + "/admin/explain", {"model": "tiny", "prompt": prompt})
+            assert status == 200 and ex["predicted_output_tokens"] is None
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("policy", policy_names())
 def test_policy_contract(fleet, policy):
     """Never an unhealthy replica; load spread when nothing is shared; a clean 503 with none."""
