@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,7 +35,7 @@ def _replica_json(b, r) -> dict:
         "inflight_requests": r.inflight_requests,
         "requests_total": r.requests_total,
         "cached_blocks": b.index.num_blocks(r.replica_id) if b.index else 0,
-        "load": {k: v for k, v in dataclasses.asdict(r.load).items() if k != "age_s"},
+        "load": {k: v for k, v in r.load._asdict().items() if k != "age_s"},
         "load_age_s": None if r.load_at == float("-inf") else round(b.clock() - r.load_at, 3),
         "events_in_sync": None if sub is None else sub.in_sync,
     }

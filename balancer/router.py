@@ -122,9 +122,10 @@ class Router:
         )
 
     def decide(self, rr: RoutingRequest, candidates: Sequence[ReplicaState]) -> Decision:
-        views = [self.registry.view(r, self.index.num_blocks(r.replica_id) if self.has_events(r.replica_id) else 0)
-                 for r in candidates]
-        return self.policy.select(rr, views)
+        return self.policy.select(rr, self.registry.views(candidates, self._cached_blocks))
+
+    def _cached_blocks(self, replica_id: str) -> int:
+        return self.index.num_blocks(replica_id) if self.has_events(replica_id) else 0
 
     def finished(self, rr: RoutingRequest, output_tokens: int | None) -> None:
         """A request ended having generated output_tokens (None: unknown): predictors learn."""

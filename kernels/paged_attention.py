@@ -15,16 +15,27 @@ One step runs a flat batch of B sequences. Sequence i brings `query_lens[i]` new
 written in an earlier step. `write_kv` stores this step's K/V first, then `paged_attention`
 lets each new token attend causally to every KV position up to and including its own.
 
-CPU strategy: all single-token sequences (decodes) go through one vectorised gather + masked
-SDPA; each multi-token sequence (a prefill chunk) is one SDPA call, `is_causal` when it has no
-cached prefix, otherwise with an explicit bottom-right causal mask. Inputs to SDPA are 4-D,
-which is what selects torch's fused CPU kernel (3-D inputs fall back to the slow math path).
+Reference strategy (`paged_attention`): all single-token sequences (decodes) go through one
+vectorised gather + masked SDPA; each multi-token sequence (a prefill chunk) is one SDPA call,
+`is_causal` when it has no cached prefix, otherwise with an explicit bottom-right causal mask.
+Inputs to SDPA are 4-D, which is what selects torch's fused CPU kernel (3-D inputs fall back to
+the slow math path).
+
+Engine strategy (`attention`, what the model calls): the same computation, minus the work that
+does not change from layer to layer. Every layer of a step shares the block tables, so the
+gather indices, the padding mask and the prefill/decode split are computed once per step
+(`AttentionMetadata.plan`, cached on the metadata) instead of once per layer; a prefill chunk
+with no cached prefix attends over this step's K/V as computed instead of gathering them back
+out of the cache, and a batch made only of such chunks of one length is a single SDPA call.
+`AttentionMetadata.last_tokens` is the metadata of "only the last new token of these
+sequences", for a last layer that skips the rows nothing samples from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +79,29 @@ class AttentionMetadata:
         """True when every sequence brings exactly one new token."""
         return all(q == 1 for q in self.query_lens)
 
+    @cached_property
+    def plan(self) -> StepPlan:
+        """The layer-independent part of attention for this step, built on first use: every
+        layer of a step calls attention with the same metadata, so it is built once per step.
+        (A cached_property writes to the instance dict, which a frozen dataclass allows.)"""
+        return StepPlan.build(self)
+
+    def last_tokens(self, seqs: Sequence[int]) -> AttentionMetadata:
+        """Metadata for a query of only the last new token of each of `seqs` (indices into
+        this batch), over the same KV: a decode-only batch. For a last layer whose other rows
+        nobody reads. Its slot_mapping holds those tokens' slots."""
+        idx = torch.tensor(list(seqs), dtype=torch.int64, device=self.block_tables.device)
+        last_rows = self.query_start_loc[1:].to(torch.int64).index_select(0, idx) - 1
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping.index_select(0, last_rows),
+            block_tables=self.block_tables.index_select(0, idx),
+            seq_lens=self.seq_lens.index_select(0, idx),
+            query_start_loc=torch.arange(len(seqs) + 1, dtype=torch.int32, device=self.block_tables.device),
+            query_lens=(1,) * len(seqs),
+            seq_lens_list=tuple(self.seq_lens_list[i] for i in seqs),
+            block_size=self.block_size,
+        )
+
     @classmethod
     def build(
         cls,
@@ -101,6 +135,74 @@ class AttentionMetadata:
             seq_lens_list=tuple(int(s) for s in seq_lens),
             block_size=block_size,
         )
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """A step's single-token sequences as one batch: what their attention needs besides q."""
+
+    tokens: torch.Tensor | None  # [Bd] int64 rows of their tokens in q; None: every row, in order
+    blocks: torch.Tensor  # [Bd * nblk] int64: each sequence's first nblk block ids, row-major
+    num_blocks: int  # nblk = ceil(length / block_size)
+    length: int  # L: the longest KV length among them
+    mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, True where position < seq_len; None: all are L
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """One multi-token sequence of a step: q rows start .. start + query_len - 1."""
+
+    seq: int
+    start: int
+    query_len: int
+    seq_len: int
+
+    @property
+    def has_prefix(self) -> bool:
+        return self.seq_len > self.query_len
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The layer-independent part of one step's attention (see `AttentionMetadata.plan`)."""
+
+    decode: DecodeGroup | None
+    prefills: tuple[PrefillChunk, ...]
+    uniform_prefill: bool  # every sequence is a chunk of the same length with no cached prefix
+
+    @classmethod
+    def build(cls, meta: AttentionMetadata) -> StepPlan:
+        starts = meta.query_start_loc.tolist()
+        decode_seqs = [i for i, q in enumerate(meta.query_lens) if q == 1]
+        prefills = tuple(
+            PrefillChunk(i, starts[i], q, s)
+            for i, (q, s) in enumerate(zip(meta.query_lens, meta.seq_lens_list))
+            if q > 1
+        )
+        uniform = (
+            not decode_seqs
+            and len({c.query_len for c in prefills}) == 1
+            and not any(c.has_prefix for c in prefills)
+        )
+        decode = None
+        if decode_seqs:
+            dev = meta.block_tables.device
+            if len(decode_seqs) == meta.num_seqs:
+                tokens, tables, lens_t, lens = None, meta.block_tables, meta.seq_lens, meta.seq_lens_list
+            else:
+                idx = torch.tensor(decode_seqs, dtype=torch.int64, device=dev)
+                tokens = torch.tensor([starts[i] for i in decode_seqs], dtype=torch.int64, device=dev)
+                tables, lens_t = meta.block_tables.index_select(0, idx), meta.seq_lens.index_select(0, idx)
+                lens = [meta.seq_lens_list[i] for i in decode_seqs]
+            length = max(lens)
+            nblk = -(-length // meta.block_size)
+            mask = None
+            if min(lens) < length:
+                pos = torch.arange(length, device=dev)
+                mask = (pos[None, :] < lens_t[:, None].to(pos.dtype))[:, None, None, :]
+            blocks = tables[:, :nblk].to(torch.int64).reshape(-1)
+            decode = DecodeGroup(tokens, blocks, nblk, length, mask)
+        return cls(decode, prefills, uniform)
 
 
 def write_kv(
@@ -239,18 +341,97 @@ def paged_attention(
     return out
 
 
+def _planned_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float
+) -> torch.Tensor:
+    """`_decode_attention` with the gather indices and mask of `group`. q: [Bd, Hq, D] -> [Bd, Hq, D]"""
+    n, bs, hkv, d = k_cache.shape
+    b, width = q.shape[0], group.num_blocks * bs
+    k = k_cache.view(n, bs * hkv * d).index_select(0, group.blocks).view(b, width, hkv, d)
+    v = v_cache.view(n, bs * hkv * d).index_select(0, group.blocks).view(b, width, hkv, d)
+    k = k[:, : group.length].transpose(1, 2)  # [Bd, Hkv, L, D]
+    v = v[:, : group.length].transpose(1, 2)  # [Bd, Hkv, L, D]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2).to(k.dtype), k, v, attn_mask=group.mask, scale=scale, enable_gqa=True
+    )  # [Bd, Hq, 1, D]
+    return out.squeeze(2)
+
+
+def _causal_over_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of B equal-length chunks with no cached prefix over their own K/V.
+
+    q: [B, S, Hq, D]; k, v: [B, S, Hkv, D] -> [B, S, Hq, D]
+    """
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True
+    )  # [B, Hq, S, D]
+    return out.transpose(1, 2)
+
+
+def planned_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`paged_attention`, computed from the per-step `meta.plan` (what the engine runs on CPU).
+
+    k, v: [T, Hkv, D], optional: this step's new K/V, row for row with q (as written by
+    `write_kv`); a chunk with no cached prefix then attends over them directly instead of
+    reading them back from the cache. Same shapes and result as `paged_attention`.
+    """
+    num_tokens, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    if hq % hkv != 0:
+        raise ValueError(f"{hq} query heads is not a multiple of {hkv} KV heads")
+    if k_cache.shape[-1] != d:
+        raise ValueError(f"head dim of q ({d}) and of the KV cache ({k_cache.shape[-1]}) differ")
+    plan = meta.plan
+    dtype = k_cache.dtype
+    if plan.decode is not None and plan.decode.tokens is None:
+        return _planned_decode(q, k_cache, v_cache, plan.decode, scale)
+    have_new = k is not None and v is not None
+    if plan.uniform_prefill and have_new:
+        b, s = meta.num_seqs, meta.query_lens[0]
+        out = _causal_over_new(q.view(b, s, hq, d).to(dtype), k.view(b, s, hkv, d).to(dtype),
+                               v.view(b, s, hkv, d).to(dtype), scale)
+        return out.reshape(num_tokens, hq, d)
+
+    out = torch.empty(num_tokens, hq, d, dtype=dtype, device=q.device)
+    for c in plan.prefills:
+        rows = slice(c.start, c.start + c.query_len)
+        if have_new and not c.has_prefix:
+            out[rows] = _causal_over_new(q[None, rows].to(dtype), k[None, rows].to(dtype),
+                                         v[None, rows].to(dtype), scale)[0]
+        else:
+            out[rows] = _prefill_attention(q[rows], k_cache, v_cache, meta.block_tables[c.seq], c.seq_len, scale)
+    if plan.decode is not None:
+        tokens = plan.decode.tokens
+        out[tokens] = _planned_decode(q[tokens], k_cache, v_cache, plan.decode, scale)
+    return out
+
+
 def attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`paged_attention`, on the Triton decode kernel when it applies.
+    """Paged attention on the best path for the device.
 
-    The kernel serves decode-only batches on CUDA when triton imports; everything else (CPU,
-    prefill chunks, mixed batches) runs the torch reference.
+    CUDA: the Triton decode kernel for decode-only batches when triton imports, the torch
+    reference for everything else. CPU: `planned_paged_attention` (the reference's computation
+    with its per-step work done once per step). k, v: this step's new K/V, see
+    `planned_paged_attention`.
     """
-    if q.is_cuda and meta.is_decode_only and triton_available():
-        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-    return paged_attention(q, k_cache, v_cache, meta, scale)
+    if q.is_cuda:
+        if meta.is_decode_only and triton_available():
+            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+        return paged_attention(q, k_cache, v_cache, meta, scale)
+    return planned_paged_attention(q, k_cache, v_cache, meta, scale, k, v)

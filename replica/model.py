@@ -8,6 +8,10 @@ handed to each layer.
 Projections are fused (q|k|v and gate|up) to save matmul calls; replica.weights maps them to
 and from the usual HF names. Numerics follow HF transformers' Llama (RMSNorm in float32, RoPE
 with `rotate_half`, cos/sin computed in float32), so weights saved here load there.
+
+`forward` can be told which sequences sample (`sample_seqs`): the last layer then still writes
+every token's K/V but runs attention, o_proj and the MLP only for the last token of those
+sequences, the only rows anything reads (a 128-token prefill chunk skips 127 of 128 rows there).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from kernels import AttentionMetadata, attention, write_kv
 from replica.model_config import ModelConfig, RopeScaling
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
-# (q [..., Hq, hd], k [..., Hkv, hd], v [..., Hkv, hd]) -> [..., Hq, hd]
+# (q [..., Hq, hd], k [..., Hkv, hd], v [..., Hkv, hd]) -> [..., Hq, hd]. In a flat batch q may
+# hold only some rows (the last layer's sampled rows) while k, v hold every row.
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,21 +66,21 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
 def rope_cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions: [S] int -> cos, sin: [S, head_dim] in `dtype` (computed in float32)."""
+    """positions: [S] int -> cos, sin: [S, 1, head_dim] in `dtype` (computed in float32), with
+    the first half of sin negated: HF's `rotate_half(x) * sin` is `roll(x, hd/2) * sin` then."""
     freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [S, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [S, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    sin = emb.sin()
+    sin[:, : freqs.shape[1]].neg_()
+    return emb.cos().to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., S, H, hd]; cos, sin: [S, hd] -> [..., S, H, hd]"""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [S, 1, hd]
-    return x * cos + _rotate_half(x) * sin
+    """x: [..., S, H, hd]; cos, sin: [S, 1, hd] from `rope_cos_sin` -> [..., S, H, hd]
+
+    HF's x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) = roll(x) * (-1, 1)."""
+    out = x * cos
+    return out.addcmul_(x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 # ---------------------------------------------------------------- blocks
@@ -88,9 +93,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # HF's weight * (xf * rsqrt(mean(xf^2) + eps)).to(dtype), with in-place steps on fresh tensors
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))
+        return y.to(x.dtype).mul_(self.weight)
 
 
 class Attention(nn.Module):
@@ -103,14 +109,18 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        # x: [..., S, D]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # [..., S, Hq, hd]
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # [..., S, Hkv, hd]
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))  # [..., S, Hkv, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attend(q, k, v)  # [..., S, Hq, hd]
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # x: [..., S, D]; rows: keep only these query rows (of a flat batch), see AttendFn
+        hq, hkv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).unflatten(-1, (hq + 2 * hkv, self.head_dim))  # [..., S, Hq+2Hkv, hd]
+        qk = apply_rope(qkv[..., : hq + hkv, :], cos, sin)  # q and k heads rotated at once
+        q, k = qk.split([hq, hkv], dim=-2)  # [..., S, Hq, hd], [..., S, Hkv, hd]
+        v = qkv[..., hq + hkv :, :]  # [..., S, Hkv, hd]
+        if rows is not None:
+            q = q[rows]  # [N, Hq, hd]
+        o = attend(q, k, v)  # [..., S or N, Hq, hd]
         return self.o_proj(o.flatten(-2))
 
 
@@ -123,7 +133,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -134,9 +144,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [..., S, D] -> [..., S, D], or [N, D] for the query rows `rows` of a flat batch
+        (every row's K/V still reaches `attend`)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attend, rows)
+        h += x if rows is None else x[rows]  # fresh tensors: adding in place is safe
+        out = self.mlp(self.post_attention_layernorm(h))
+        out += h
+        return out
 
 
 # ---------------------------------------------------------------- attend functions
@@ -151,10 +168,15 @@ def _paged_attend(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    query_meta: AttentionMetadata | None = None,
 ) -> torch.Tensor:
-    # q: [T, Hq, hd]; k, v: [T, Hkv, hd]
+    # q: [T, Hq, hd], or [N, Hq, hd] for the queries described by query_meta; k, v: [T, Hkv, hd]
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    return attention(q, k_cache, v_cache, meta, scale)
+    if query_meta is None:
+        return attention(q, k_cache, v_cache, meta, scale, k, v)
+    if q.shape[0] == 0:
+        return q.new_empty(q.shape, dtype=k_cache.dtype)
+    return attention(q, k_cache, v_cache, query_meta, scale)
 
 
 def _dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
@@ -186,10 +208,17 @@ class LlamaForCausalLM(nn.Module):
             "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling), persistent=False
         )
 
-    def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, attends: Sequence[AttendFn]) -> torch.Tensor:
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # [S, hd]
-        for layer, attend in zip(self.layers, attends, strict=True):
-            x = layer(x, cos, sin, attend)
+    def _run_layers(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        attends: Sequence[AttendFn],
+        last_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # [S, 1, hd], shared by all layers
+        last = len(self.layers) - 1
+        for i, (layer, attend) in enumerate(zip(self.layers, attends, strict=True)):
+            x = layer(x, cos, sin, attend, last_rows if i == last else None)
         return self.norm(x)
 
     def forward(
@@ -198,16 +227,27 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: Sequence[KVCache],
         meta: AttentionMetadata,
+        sample_seqs: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T] int64 (a flat batch, see AttentionMetadata) -> hidden [T, D]
-        after the final norm. Writes this step's K/V into `kv_caches` (one pair per layer)."""
+        after the final norm. Writes this step's K/V into `kv_caches` (one pair per layer).
+
+        sample_seqs: indices (ascending) of the sequences whose last new token is sampled; the
+        result is then only those tokens' hidden states, [len(sample_seqs), D], and the last
+        layer computes nothing else past its K/V."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
-        attends = [
-            partial(_paged_attend, k_cache=kc, v_cache=vc, meta=meta, scale=self.scale) for kc, vc in kv_caches
-        ]
+        query_meta = last_rows = None
+        if sample_seqs is not None and not (
+            len(sample_seqs) == meta.num_tokens == meta.num_seqs  # every row is some sequence's last
+        ):
+            query_meta = meta.last_tokens(sample_seqs)
+            last_rows = meta.query_start_loc[1:].to(torch.int64)[list(sample_seqs)] - 1
+        attends = [partial(_paged_attend, k_cache=kc, v_cache=vc, meta=meta, scale=self.scale) for kc, vc in kv_caches]
+        if query_meta is not None:
+            attends[-1] = partial(attends[-1], query_meta=query_meta)
         x = self.embed_tokens(input_ids)  # [T, D]
-        return self._run_layers(x, positions, attends)
+        return self._run_layers(x, positions, attends, last_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> logits [N, V] float32"""

@@ -39,60 +39,64 @@ class ModelRunner:
         self.generator = torch.Generator().manual_seed(seed)
 
     def _build(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat batch tensors for one step; the last item is the batch indices of the sequences
+        that sample. Per request only python ints and lists are touched; positions and slots
+        are computed for the whole batch at once in numpy."""
         bs = self.block_size
-        ids_parts: list[list[int]] = []
-        pos_parts: list[np.ndarray] = []
-        slot_parts: list[np.ndarray] = []
+        n = len(out.scheduled)
+        ids: list[int] = []
         tables: list[list[int]] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        logit_rows: list[int] = []
-        offset = 0
-        for req, num_new, do_sample in out.scheduled:
+        starts = np.empty(n, dtype=np.int64)
+        query_lens = np.empty(n, dtype=np.int64)
+        sample_seqs: list[int] = []
+        for i, (req, num_new, do_sample) in enumerate(out.scheduled):
             start = req.num_computed_tokens
-            end = start + num_new
-            ids_parts.append(req.token_ids[start:end])
-            positions = np.arange(start, end, dtype=np.int64)
-            block_ids = self.kv.block_ids(req.request_id)
-            table = np.asarray(block_ids, dtype=np.int64)
-            slot_parts.append(table[positions // bs] * bs + positions % bs)
-            pos_parts.append(positions)
-            tables.append(block_ids)
-            query_lens.append(num_new)
-            seq_lens.append(end)
-            offset += num_new
+            if num_new == 1:
+                ids.append(req.token_ids[start])
+            else:
+                ids.extend(req.token_ids[start : start + num_new])
+            tables.append(self.kv.block_ids(req.request_id))
+            starts[i] = start
+            query_lens[i] = num_new
             if do_sample:
-                logit_rows.append(offset - 1)
+                sample_seqs.append(i)
         max_blocks = max(len(t) for t in tables)
-        table_arr = np.zeros((len(tables), max_blocks), dtype=np.int32)
+        table_arr = np.zeros((n, max_blocks), dtype=np.int64)
         for i, t in enumerate(tables):
             table_arr[i, : len(t)] = t
-        qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
+        seq_lens = starts + query_lens
+        qsl = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(query_lens, out=qsl[1:])
+        if len(ids) == n:  # one token per sequence
+            seq_of_token, positions = np.arange(n), starts
+        else:
+            seq_of_token = np.repeat(np.arange(n), query_lens)
+            positions = np.arange(len(ids), dtype=np.int64) + np.repeat(starts - qsl[:-1], query_lens)
+        slots = table_arr[seq_of_token, positions // bs] * bs + positions % bs
         dev = self.device
-        input_ids = torch.tensor([t for part in ids_parts for t in part], dtype=torch.int64, device=dev)
-        positions = torch.from_numpy(np.concatenate(pos_parts)).to(dev)
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev),
-            block_tables=torch.from_numpy(table_arr).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.from_numpy(qsl).to(dev),
-            query_lens=tuple(query_lens),
-            seq_lens_list=tuple(seq_lens),
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            block_tables=torch.from_numpy(table_arr.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
+            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
+            query_lens=tuple(query_lens.tolist()),
+            seq_lens_list=tuple(seq_lens.tolist()),
             block_size=bs,
         )
-        return input_ids, positions, meta, logit_rows
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        return input_ids, torch.from_numpy(positions).to(dev), meta, sample_seqs
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run one step; returns the sampled token of each request that samples."""
         if out.empty:
             return {}
-        input_ids, positions, meta, logit_rows = self._build(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, D]
-        sampling = [s.request for s in out.scheduled if s.sample]
-        if not sampling:
+        input_ids, positions, meta, sample_seqs = self._build(out)
+        # hidden: [N, D] for the last token of each sampling sequence only
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, sample_seqs=sample_seqs)
+        if not sample_seqs:
             return {}
-        logits = self.model.compute_logits(hidden[logit_rows])  # [N, V]
+        sampling = [out.scheduled[i].request for i in sample_seqs]
+        logits = self.model.compute_logits(hidden)  # [N, V]
         tokens = sample(logits.cpu(), sampling, self.generator)
         return {req.request_id: tok for req, tok in zip(sampling, tokens)}

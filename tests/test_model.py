@@ -40,9 +40,10 @@ class _PagedRunner:
         self.tables: dict[str, list[int]] = {}
         self.computed: dict[str, int] = {}  # tokens whose KV is in the cache
 
-    def step(self, work: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
+    def step(self, work: list[tuple[str, list[int]]], sample_seqs: list[int] | None = None):
         """work: (sequence, its full token list so far, of which the uncomputed tail is run).
-        Returns each sequence's logits for the tokens run, [n_i, V]."""
+        Returns each sequence's logits for the tokens run, [n_i, V]; with sample_seqs, the
+        model's hidden states for the last token of those sequences, [len(sample_seqs), D]."""
         ids, positions, tables, seq_lens, query_lens = [], [], [], [], []
         for name, tokens in work:
             table = self.tables.setdefault(name, [])
@@ -56,7 +57,9 @@ class _PagedRunner:
             query_lens.append(len(tokens) - start)
             self.computed[name] = len(tokens)
         meta = AttentionMetadata.build(tables, seq_lens, query_lens, BLOCK_SIZE)
-        hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.caches, meta)
+        hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.caches, meta, sample_seqs=sample_seqs)
+        if sample_seqs is not None:
+            return hidden
         logits = self.model.compute_logits(hidden)
         return list(logits.split(query_lens))
 
@@ -105,6 +108,30 @@ def test_chunked_prefill_then_decode_matches_dense(tiny_model, tied):
                 generated[name].append(int(logits[-1].argmax()))
     for name, prompt in prompts.items():
         assert generated[name] == _dense_greedy(model, prompt, len(generated[name]))
+
+
+@torch.inference_mode()
+def test_sample_seqs_skips_rows_but_not_their_kv(tiny_model):
+    """forward(sample_seqs=...) returns the final hidden state of only those sequences' last
+    tokens, equal to the full forward's rows, and still writes every token's K/V: the next step
+    of a sequence that did not sample matches dense."""
+    rng = random.Random(5)
+    a = [rng.randrange(256) for _ in range(19)]
+    b = [rng.randrange(256) for _ in range(23)]
+    c = [rng.randrange(256) for _ in range(9)]
+    full, pruned = _PagedRunner(tiny_model, num_blocks=64, seed=1), _PagedRunner(tiny_model, num_blocks=64, seed=1)
+    # a: a first chunk (does not sample); b: whole prompt (samples); c: whole prompt (samples)
+    work = [("a", a[:11]), ("b", b), ("c", c)]
+    ref = [x[-1] for x in full.step(work)]
+    hidden = pruned.step(work, sample_seqs=[1, 2])
+    assert hidden.shape == (2, tiny_model.config.hidden_size)
+    torch.testing.assert_close(tiny_model.compute_logits(hidden), torch.stack(ref[1:]), atol=1e-4, rtol=1e-4)
+    # a's first chunk K/V were written in every layer, the last included
+    (logits,) = pruned.step([("a", a)])
+    dense = tiny_model.forward_dense(torch.tensor([a]))[0, 11:]
+    torch.testing.assert_close(logits, dense, atol=1e-4, rtol=1e-4)
+    # no sequence samples: K/V only, an empty result
+    assert pruned.step([("c", c + [1, 2, 3])], sample_seqs=[]).shape == (0, tiny_model.config.hidden_size)
 
 
 @torch.inference_mode()

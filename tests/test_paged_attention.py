@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import AttentionMetadata, attention, paged_attention, triton_available, write_kv
+from kernels.paged_attention import planned_paged_attention
 from kernels.triton_paged_attention import paged_decode_attention
 
 HEAD_DIM = 16
@@ -83,17 +84,24 @@ class _Scenario:
         v = torch.cat([self.v[i][: self.seqs[i][0]] for i in idx])
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step: write the new K/V, run paged attention; return (paged, reference)."""
-        meta = AttentionMetadata.build(
-            self.tables, [c + n for c, n in self.seqs], [n for _, n in self.seqs], self.block_size
-        )
+    def step(self, attend=paged_attention, pass_new_kv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step: write the new K/V, run paged attention; return (paged, reference).
+        pass_new_kv: also hand `attend` this step's K/V (what the model does)."""
+        meta = self.meta()
         k_new = torch.cat([k[c:] for k, (c, _) in zip(self.k, self.seqs)])
         v_new = torch.cat([v[c:] for v, (c, _) in zip(self.v, self.seqs)])
         write_kv(k_new, v_new, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = paged_attention(torch.cat(self.q), self.k_cache, self.v_cache, meta, self.scale)
-        ref = torch.cat([_dense_reference(q, k, v, self.scale) for q, k, v in zip(self.q, self.k, self.v)])
-        return out, ref
+        extra = (k_new, v_new) if pass_new_kv else ()
+        out = attend(torch.cat(self.q), self.k_cache, self.v_cache, meta, self.scale, *extra)
+        return out, self.reference()
+
+    def meta(self) -> AttentionMetadata:
+        return AttentionMetadata.build(
+            self.tables, [c + n for c, n in self.seqs], [n for _, n in self.seqs], self.block_size
+        )
+
+    def reference(self) -> torch.Tensor:
+        return torch.cat([_dense_reference(q, k, v, self.scale) for q, k, v in zip(self.q, self.k, self.v)])
 
 
 SCENARIOS = {
@@ -101,6 +109,8 @@ SCENARIOS = {
     "prefill_with_prefix": [(9, 7), (16, 16), (3, 2)],
     "decode": [(12, 1), (0, 1), (31, 1), (4, 1)],
     "mixed": [(0, 9), (20, 1), (7, 6), (0, 1), (33, 1), (16, 2), (5, 1)],
+    "uniform_prefill": [(0, 6), (0, 6), (0, 6)],  # one batched SDPA call on the planned path
+    "decode_equal_lengths": [(9, 1), (9, 1), (9, 1)],  # no padding mask on the planned path
 }
 
 
@@ -115,7 +125,44 @@ def test_paged_matches_dense(scenario, block_size, gqa):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_dispatch_on_cpu_is_the_reference():
+@pytest.mark.parametrize("pass_new_kv", [False, True])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("gqa", [1, 2])
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_planned_matches_reference_and_dense(scenario, block_size, gqa, pass_new_kv):
+    """The engine's CPU path equals the reference (and so dense attention), with or without this
+    step's K/V handed over, and with the plan reused as every layer of a step reuses it."""
+    seed = block_size * 7 + gqa + 50 * sorted(SCENARIOS).index(scenario)
+    sc = _Scenario(SCENARIOS[scenario], block_size, gqa, seed=seed)
+    sc.write_prefixes()
+    out, ref = sc.step(planned_paged_attention, pass_new_kv)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    meta = sc.meta()
+    q = torch.cat(sc.q)
+    expected = paged_attention(q, sc.k_cache, sc.v_cache, meta, sc.scale)
+    for _ in range(2):  # the second call runs on the cached plan
+        torch.testing.assert_close(planned_paged_attention(q, sc.k_cache, sc.v_cache, meta, sc.scale), expected)
+    assert meta.plan is meta.plan
+
+
+@pytest.mark.parametrize("scenario", ["mixed", "prefill_with_prefix", "uniform_prefill"])
+def test_last_tokens_metadata_gives_the_last_rows(scenario):
+    """Attention for only the last new token of some sequences equals those rows of the full step."""
+    sc = _Scenario(SCENARIOS[scenario], 4, 2, seed=17)
+    sc.write_prefixes()
+    full, _ = sc.step()
+    meta = sc.meta()
+    seqs = [i for i in range(len(sc.seqs)) if i % 2 == 0]
+    last = meta.last_tokens(seqs)
+    assert last.is_decode_only and last.seq_lens_list == tuple(meta.seq_lens_list[i] for i in seqs)
+    rows = [meta.query_start_loc[i + 1].item() - 1 for i in seqs]
+    assert last.slot_mapping.tolist() == meta.slot_mapping[rows].tolist()
+    q = torch.cat(sc.q)[rows]
+    torch.testing.assert_close(paged_attention(q, sc.k_cache, sc.v_cache, last, sc.scale), full[rows])
+    torch.testing.assert_close(planned_paged_attention(q, sc.k_cache, sc.v_cache, last, sc.scale), full[rows])
+
+
+def test_attention_dispatch_on_cpu_is_the_planned_path():
     sc = _Scenario(SCENARIOS["decode"], 4, 2, seed=3)
     sc.write_prefixes()
     meta = AttentionMetadata.build(sc.tables, [c + n for c, n in sc.seqs], [1] * len(sc.seqs), 4)
@@ -130,6 +177,7 @@ def test_attention_dispatch_on_cpu_is_the_reference():
     torch.testing.assert_close(
         attention(q, sc.k_cache, sc.v_cache, meta, sc.scale), paged_attention(q, sc.k_cache, sc.v_cache, meta, sc.scale)
     )
+    assert "plan" in vars(meta)  # attention() went through the planned path
 
 
 def test_write_kv_places_tokens_at_their_slots():

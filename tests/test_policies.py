@@ -582,3 +582,27 @@ def test_precise_prefix_longest_match_then_least_loaded():
     assert policy.select(req(tokens=160, blocks=10, matched={"a": 8}), [view("a", 50), view("b", 0)]).replica_id == "a"
     # a miss goes to the least loaded
     assert policy.select(req(tokens=160, blocks=10), [view("a", 3), view("b", 1), view("c", 2)]).replica_id == "b"
+
+
+def test_registry_views_carry_every_field_by_name():
+    """Registry.views builds ReplicaView/ReplicaLoad positionally (hot path): each value must land
+    in the field of its name."""
+    from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
+    from balancer.registry import Registry
+
+    now = [100.0]
+    reg = Registry(BreakerConfig(), HealthConfig(), lambda: now[0])
+    spec = ReplicaSpec(url="http://127.0.0.1:9001")
+    reg.add(spec)
+    r = reg.get(spec.replica_id)
+    reg.on_load(spec.replica_id, ReplicaLoad(num_running=1, num_waiting=2, queued_prefill_tokens=3,
+                                             running_decode_tokens=4, free_blocks=5, total_blocks=6, kv_usage=0.5,
+                                             age_s=0.0))
+    reg.on_sent(r, tokens=70, uncached_tokens=30)
+    now[0] += 0.25
+    (v,) = reg.views([r], lambda rid: 42 if rid == spec.replica_id else -1)
+    assert (v.replica_id, v.inflight_requests, v.inflight_tokens, v.sent_since_report, v.cached_blocks) == (
+        spec.replica_id, 1, 70, 1, 42)
+    assert v.sent_tokens_since_report == r.sent_tokens_since_report
+    assert v.load == ReplicaLoad(1, 2, 3, 4, 5, 6, 0.5, 0.25)
+    assert reg.view(r, 7) == v._replace(cached_blocks=7)
