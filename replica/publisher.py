@@ -158,6 +158,7 @@ class KVEventPublisher:
         self.mute_until = 0.0
         # Read by tests/metrics; written only by the thread.
         self.last_seq: int | None = None
+        self.wakeups = 0  # times the thread's poll returned (an idle publisher: ~5 per second)
         self.snapshots_sent = 0
         self.replays_served = 0
         self._authenticator = None
@@ -320,9 +321,13 @@ class KVEventPublisher:
         if router is not None:
             poller.register(router, zmq.POLLIN)
         main = threading.main_thread()
+        # pyzmq's Poller reports a plain socket by its file descriptor, not by the object that was
+        # registered: test both, or the wake-up byte is never read and the loop spins on it.
+        wake = (self._wake_r, self._wake_r.fileno())
         while True:
             ready = dict(poller.poll(200))
-            if self._wake_r in ready:
+            self.wakeups += 1
+            if wake[0] in ready or wake[1] in ready:
                 try:
                     self._wake_r.recv(4096)
                 except BlockingIOError:

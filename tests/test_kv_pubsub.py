@@ -715,3 +715,20 @@ def test_index_tracks_a_real_kv_cache_manager_step_by_step(live_pair, ops) -> No
                 k += 1
             assert loop.call(index.match, chain).get("prop", 0) == k
     assert sub.stats.decode_errors == 0 and index.stats.unknown_parent == 0
+
+
+def test_an_idle_publisher_sleeps_in_its_poll() -> None:
+    """After a wake-up the thread must read the wake byte: pyzmq's Poller names a plain socket by
+    its fd, and a check by object never matched, so the thread spun on the unread byte (a whole
+    core per replica, for good)."""
+    pub = KVEventPublisher(PublisherConfig(endpoint="tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0"))
+    try:
+        for _ in range(3):
+            pub.publish_load(LoadReport("r0", time.time(), 0, 0, 0, 0, 0, 48, BS, 0.0))
+        time.sleep(0.3)
+        before = pub.wakeups
+        time.sleep(1.0)
+        # The poll times out every 200 ms: about 5 wake-ups; a spinning loop makes 10^4 or more.
+        assert pub.wakeups - before < 50, pub.wakeups - before
+    finally:
+        pub.close()
