@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[replica,loadgen,dev,dashboards]'
 	touch $(STAMP)
 
-# The C hash chain (protocol/_hashchain.c) is rebuilt when its source changes. Optional: without
-# a compiler the build fails quietly and protocol.hashing uses its pure-Python loop.
-$(NATIVE): $(STAMP) setup.py protocol/_hashchain.c
+# The C extensions (protocol/_hashchain.c, balancer/_blocktable.c) are rebuilt when their sources
+# change. Optional: without a compiler the build fails quietly and the pure-Python paths are used
+# (protocol.hashing.NATIVE, balancer.prefix_index.NATIVE_TABLE say which).
+$(NATIVE): $(STAMP) setup.py protocol/_hashchain.c balancer/_blocktable.c
 	$(PY) setup.py -q build_ext --inplace || echo "native hash chain not built: using the pure-Python path"
 	touch $(NATIVE)
 

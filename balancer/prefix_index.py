@@ -10,16 +10,25 @@ here assumes either.
     replica.media[m]: engine_hash -> our_hash, for the blocks it holds      (one dict per replica)
 
 `match(chain)` walks the chain once, AND-ing masks; a replica's bit drops out at its first
-missing block, and the walk stops when no bit is left (the loop runs in C: `match_chain`).
+missing block, and the walk stops when no bit is left.
 Memory per held block: one entry in the replica's engine map, plus one table entry shared by
-the replicas holding the block; masks are interned (a fleet has few distinct ones).
+the replicas holding the block.
+
+The tables are `balancer._blocktable.BlockTable`s (C: open addressing over 16-byte uint64
+key/mask slots; `BlockTable.match` does the whole walk, prefetching the slots of the next
+hashes, so a cold-cache lookup costs about one overlapped miss per block instead of ~3 serial
+ones) while every replica slot is < 64. When a 65th slot is assigned, or where the extension is
+not built (`NATIVE_TABLE` is False), they are dicts of Python ints with interned masks (a fleet
+has few distinct ones) walked by `match_chain` (map/accumulate/takewhile in C, then bisection).
+Both give the same results.
 
 Invariants (`check_integrity`):
 - bit s is set in tables[m][h] iff replica with slot s maps at least one engine hash to h in m;
   `multi[m][h]` counts the extra engine hashes of one replica that map to the same h (e.g. a
   vLLM block salted with extra_keys we cannot see), so a removal clears the bit only when the
   last one goes;
-- no table entry has an empty mask; a replica holds at most `max_blocks_per_replica` blocks.
+- no table entry has an empty mask; a replica holds at most `max_blocks_per_replica` blocks;
+- the tables are C BlockTables only while every replica slot is < 64.
 
 Parent resolution for BlockStored, in order: the replica's engine map (any medium); a small
 FIFO of recently removed blocks ("ghosts": the engine->our mapping is a function of content, so
@@ -41,7 +50,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, repeat, takewhile
 from operator import and_, neg
@@ -50,6 +59,16 @@ import xxhash
 
 from protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KVEvent
 from protocol.hashing import root_hash, token_bytes
+
+try:
+    from balancer._blocktable import MAX_SLOTS as _NATIVE_MAX_SLOTS
+    from balancer._blocktable import BlockTable as _BlockTable
+except ImportError:  # extension not built (no C compiler at install time): dicts
+    _BlockTable = None
+    _NATIVE_MAX_SLOTS = 0
+
+# True when new indexes keep their tables in C (reported by the benchmarks).
+NATIVE_TABLE: bool = _BlockTable is not None
 
 DEFAULT_MEDIUM = "GPU"  # a publisher that sends no medium (vLLM < 0.10) meant the GPU
 _U64 = (1 << 64) - 1
@@ -117,11 +136,13 @@ class PrefixIndex:
         # Events with a LoRA adapter are indexed under root_hash(model, lora_name): a request
         # for that adapter looks up prompt_hashes(tokens, bs, model, salt=lora_name).
         self._roots: dict[str | None, int] = {None: self.root}
-        self._tables: dict[str, dict[int, int]] = {DEFAULT_MEDIUM: {}}
+        # C tables while every slot fits their 64-bit masks (module docstring), else dicts.
+        self._native = _BlockTable is not None
+        self._tables: dict[str, MutableMapping[int, int]] = {DEFAULT_MEDIUM: self._new_table()}
         self._replicas: dict[str, _Replica] = {}
         self._owners: list[str | None] = []  # slot -> replica id
-        # One int object per distinct mask (a fleet has few): table values share them, which
-        # saves ~32 bytes per entry and a cache miss per block in `match`.
+        # Dict tables only: one int object per distinct mask (a fleet has few); table values
+        # share them, which saves ~32 bytes per entry and a cache miss per block in `match`.
         self._masks: dict[int, int] = {}
         self.stats = IndexStats()
 
@@ -170,8 +191,26 @@ class PrefixIndex:
             except ValueError:
                 slot = len(self._owners)
                 self._owners.append(replica_id)
+            if self._native and slot >= _NATIVE_MAX_SLOTS:
+                self._use_dicts()
             r = self._replicas[replica_id] = _Replica(replica_id, slot)
         return r
+
+    def _new_table(self) -> MutableMapping[int, int]:
+        return _BlockTable() if self._native else {}  # type: ignore[misc]
+
+    def _share(self, mask: int) -> int:
+        """The mask to store: the interned int object for a dict table (the value for C)."""
+        if self._native:
+            return mask
+        return self._masks.get(mask) or self._intern(mask)
+
+    def _use_dicts(self) -> None:
+        """Move every table to a dict: a slot >= 64 does not fit the C tables' masks. For good:
+        slots are reused but never given back, so the fleet is likely to grow that large again."""
+        self._native = False
+        self._tables = {medium: {h: self._share(mask) for h, mask in table.items()}
+                        for medium, table in self._tables.items()}
 
     # --- events -------------------------------------------------------------------------------
 
@@ -275,10 +314,10 @@ class PrefixIndex:
             m = r.media[medium] = _Medium()
         table = self._tables.get(medium)
         if table is None:
-            table = self._tables[medium] = {}
+            table = self._tables[medium] = self._new_table()
         emap = m.emap
         bit = r.bit
-        masks = self._masks
+        masks = None if self._native else self._masks  # C tables store masks as uint64
         room = self.max_blocks_per_replica - r.num_blocks
         stored = 0
         off = 0
@@ -301,6 +340,8 @@ class PrefixIndex:
             mask = table.get(oh, 0)
             if mask & bit:
                 m.multi[oh] = m.multi.get(oh, 1) + 1
+            elif masks is None:
+                table[oh] = mask | bit
             else:
                 mask |= bit
                 shared = masks.get(mask)
@@ -310,7 +351,7 @@ class PrefixIndex:
         self.stats.blocks_stored += stored
         return True
 
-    def _drop(self, r: _Replica, m: _Medium, table: dict[int, int], eh: EngineHash) -> bool:
+    def _drop(self, r: _Replica, m: _Medium, table: MutableMapping[int, int], eh: EngineHash) -> bool:
         oh = m.emap.pop(eh, None)
         if oh is None:
             return False
@@ -332,7 +373,7 @@ class PrefixIndex:
                 return True
         mask = table[oh] & ~r.bit
         if mask:
-            table[oh] = self._masks.get(mask) or self._intern(mask)
+            table[oh] = self._share(mask)
         else:
             del table[oh]
         return True
@@ -361,7 +402,7 @@ class PrefixIndex:
                     continue  # already cleared through another engine id
                 mask &= keep
                 if mask:
-                    table[oh] = self._masks.get(mask) or self._intern(mask)
+                    table[oh] = self._share(mask)
                 else:
                     del table[oh]
         r.media.clear()
@@ -381,6 +422,8 @@ class PrefixIndex:
         table = self._tables.get(medium)
         if not table or not hashes:
             return {}
+        if self._native:
+            return table.match(hashes, self._owners)  # type: ignore[attr-defined]
         return match_chain(table.get, hashes, self._owners)
 
     def replica_block_hashes(self, replica_id: str, medium: str = DEFAULT_MEDIUM) -> set[int]:
@@ -389,6 +432,11 @@ class PrefixIndex:
         if r is None or medium not in r.media:
             return set()
         return set(r.media[medium].emap.values())
+
+    @property
+    def native_tables(self) -> bool:
+        """Whether the tables are C BlockTables (else dicts; module docstring)."""
+        return self._native
 
     def num_entries(self, medium: str = DEFAULT_MEDIUM) -> int:
         """Distinct blocks indexed in `medium`, over all replicas."""
@@ -417,7 +465,11 @@ class PrefixIndex:
                 raise RuntimeError(f"replica {replica_id!r}: num_blocks {r.num_blocks} but holds {total}")
             if total > self.max_blocks_per_replica:
                 raise RuntimeError(f"replica {replica_id!r}: {total} blocks over the bound")
+        if self._native and len(self._owners) > _NATIVE_MAX_SLOTS:
+            raise RuntimeError(f"{len(self._owners)} replica slots do not fit the C tables' 64-bit masks")
         for medium, table in self._tables.items():
+            if (type(table) is dict) == self._native:
+                raise RuntimeError(f"{medium} table is a {type(table).__name__}, native={self._native}")
             exp = expected.get(medium, {})
             if table != exp:
                 bad = next(h for h in set(table) | set(exp) if table.get(h) != exp.get(h))

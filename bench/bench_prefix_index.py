@@ -14,7 +14,11 @@ across 16 replicas with 1M indexed blocks (hashing excluded); <= 200 bytes per i
    turn, far more than the CPU caches hold. With hashing = `prompt_hashes(tokens)` + `match`.
 3. Memory: tracemalloc growth while building the 1M-block index, per held (replica, block).
 
-    .venv/bin/python bench/bench_prefix_index.py [--blocks 1000000] [--replicas 16] [--out results/bench_prefix_index.json]
+    .venv/bin/python bench/bench_prefix_index.py [--blocks 1000000] [--replicas 16] [--dict-tables] [--out results/bench_prefix_index.json]
+
+`--dict-tables`: the index keeps its tables in dicts even where balancer._blocktable is built
+(the fallback path), to compare with the C tables in back-to-back runs. The table says which
+paths ran.
 
 Torch-free: it imports only the balancer and protocol packages.
 """
@@ -33,7 +37,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from balancer.prefix_index import PrefixIndex
+import balancer.prefix_index as prefix_index  # noqa: E402
+from balancer.prefix_index import PrefixIndex  # noqa: E402
+from protocol.hashing import NATIVE as NATIVE_HASH  # noqa: E402
 from protocol.hashing import hash_blocks  # noqa: E402
 from bench.common import table  # noqa: E402
 from protocol.events import BlockRemoved, BlockStored, EventBatch, decode_batch, encode_batch  # noqa: E402
@@ -205,13 +211,19 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=1_000_000)
     ap.add_argument("--replicas", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--dict-tables", action="store_true", help="dict tables even where the C table is built")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.dict_tables:
+        prefix_index._BlockTable = None  # read by PrefixIndex() at construction
 
     info = machine()
     print("\n## PrefixIndex benchmark\n")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     rows: list[list] = []
+    native_table = PrefixIndex(BS, MODEL).native_tables and args.replicas <= 64
+    rows.append(["native paths (C hash chain / C block table)",
+                 f"hash chain {'C' if NATIVE_HASH else 'Python'}, table {'C BlockTable' if native_table else 'dict'}"])
 
     for per_event in (1, 32):
         for kvfleet in (False, True):

@@ -1,5 +1,8 @@
 """PrefixIndex: re-hashing from token ids, engine-id bookkeeping, match semantics, bounds, and a
-property test against a brute-force model with an integrity check after every step."""
+property test against a brute-force model with an integrity check after every step.
+
+Every test runs twice: with the C tables (balancer._blocktable, where built) and with the dict
+tables of the fallback path."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from balancer import prefix_index
 from balancer.prefix_index import PrefixIndex
 from protocol.events import AllBlocksCleared, BlockRemoved, BlockStored
 from protocol.hashing import hash_blocks, prompt_hashes, root_hash
@@ -16,6 +20,18 @@ from protocol.hashing import hash_blocks, prompt_hashes, root_hash
 BS = 4
 MODEL = "tiny-model"
 ROOT = root_hash(MODEL)
+
+
+@pytest.fixture(autouse=True, scope="module", params=["native", "dict"])
+def table_kind(request):
+    """Which tables new indexes use. Module-scoped (hypothesis rejects function-scoped fixtures)."""
+    saved = prefix_index._BlockTable
+    if request.param == "native" and saved is None:
+        pytest.skip("balancer._blocktable not built")
+    if request.param == "dict":
+        prefix_index._BlockTable = None
+    yield request.param
+    prefix_index._BlockTable = saved
 
 
 def toks(n_blocks: int, start: int = 1) -> list[int]:
@@ -294,6 +310,35 @@ def test_random_streams_match_a_brute_force_model(stream) -> None:
                 if k:
                     expected[r] = k
             assert idx.match(chain) == expected
+
+
+def test_more_than_64_replicas(table_kind: str) -> None:
+    """Slots 64 and up do not fit the C tables' masks: the index moves to dicts, keeping every
+    entry, and answers as before."""
+    idx = PrefixIndex(BS, MODEL)
+    assert idx.native_tables == (table_kind == "native")
+    tokens = toks(4)
+    ours = hash_blocks(tokens, BS, ROOT)
+    full = BlockStored(tuple(ours), None, tuple(tokens), BS)
+    half = BlockStored(tuple(ours[:2]), None, tuple(tokens[: 2 * BS]), BS)
+    for i in range(64):
+        idx.apply(f"r{i}", full if i % 2 else half)
+    other = toks(3, 900)
+    idx.apply("r63", BlockStored(tuple(hash_blocks(other, BS, ROOT)), None, tuple(other), BS, medium="CPU"))
+    assert idx.native_tables == (table_kind == "native")  # slots 0..63 still fit
+    expected = {f"r{i}": 4 if i % 2 else 2 for i in range(64)}
+    assert idx.match(ours) == expected
+    idx.check_integrity()
+    idx.apply("r64", full)  # slot 64
+    idx.apply("r69", half)
+    assert not idx.native_tables
+    assert idx.match(ours) == expected | {"r64": 4, "r69": 2}
+    assert idx.match(prompt_hashes(other, BS, MODEL), medium="CPU") == {"r63": 3}
+    idx.check_integrity()
+    idx.apply("r64", BlockRemoved((ours[3],)))
+    idx.remove_replica("r1")
+    assert idx.match(ours) == {r: n for r, n in expected.items() if r != "r1"} | {"r64": 3, "r69": 2}
+    idx.check_integrity()
 
 
 def test_bad_construction() -> None:
