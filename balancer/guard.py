@@ -294,7 +294,9 @@ class Guard:
         """Read the body (in time), apply the max_tokens cap. A response means: refused."""
         cfg = self.cfg
         try:
-            if cfg.body_timeout_s > 0:
+            if cfg.body_timeout_s > 0 and not request.content.is_eof():
+                # Only a body still arriving needs the timeout (wait_for costs a task and a timer;
+                # a small body usually came in with the headers).
                 raw = await asyncio.wait_for(request.read(), cfg.body_timeout_s)
             else:
                 raw = await request.read()
