@@ -5,6 +5,9 @@ sequences, sequences, context tokens). `StepLearner` fits
 
     duration ≈ θ0 + θ1·prefill_tokens + θ2·decode_seqs + θ3·decode_context + θ4·prefill_context
 
+(prefill_context: the tokens before the step's prefill chunks, i.e. cached prefix and earlier
+chunks, which the chunks attend to)
+
 per replica with exponentially forgotten RLS (a fleet-wide model serves a replica until it has
 enough samples of its own), so the balancer knows what a prefill token and a decode step cost
 on each replica without anyone setting it. Pure numpy; ~10 µs per sample.
@@ -25,7 +28,10 @@ _P_MAX = 1e4  # cap on trace(P) in scaled units (the prior starts at 5 / prior_s
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    forgetting: float = 0.999  # per sample; ~1000-sample memory
+    # Per sample. The memory (1 / (1 - forgetting) = 10,000 steps, ~2 minutes of a busy replica)
+    # must span many prefill steps, which can be 1 in several hundred on a decode-heavy replica:
+    # with 0.999 the prefill-token cost was forgotten between them and drifted to 0.
+    forgetting: float = 0.9999
     # A replica's own model is used only for heterogeneous fleets; fitted on its own it is
     # noisier (fewer, collinear samples), so by default every replica uses the fleet's.
     per_replica: bool = False
@@ -77,6 +83,8 @@ class StepLearner:
         self._replicas: dict[str, _RLS] = {}
         self._last_start: dict[str, float] = {}
         self.max_step_tokens: dict[str, int] = {}  # largest step seen: the replica's token budget
+        self._last_step: dict[str, tuple[float, float]] = {}  # (end, duration) of the newest step, engine clock
+        self._theta: dict[str | None, tuple[float, ...]] = {}  # coefficients as floats, until the next sample
 
     def observe(self, replica_id: str, steps: Iterable) -> int:
         """Feed a report's step samples (objects with start, duration, prefill_tokens,
@@ -91,14 +99,25 @@ class StepLearner:
                 continue
             last = s.start
             dctx = getattr(s, "decode_context_tokens", 0)
-            x = np.array([1.0, s.prefill_tokens, s.decode_tokens, dctx, max(0, s.context_tokens - dctx)], dtype=float)
+            # context_tokens counts every sequence's computed + new tokens: what is left after
+            # the decodes' context and all new tokens is the context before the prefill chunks
+            # (cached prefix, chunks already done). Leaving the new tokens in would make this
+            # feature a copy of the decode count on decode-only steps and of the prefill count
+            # on cold prefills — collinear, and with forgetting the prefill-token coefficient
+            # drifted to 0 over long decode-only stretches.
+            pctx = max(0, s.context_tokens - dctx - s.prefill_tokens - s.decode_tokens)
+            x = np.array([1.0, s.prefill_tokens, s.decode_tokens, dctx, pctx], dtype=float)
             r.update(x, s.duration)
+            s_end, s_dur = s.start + s.duration, s.duration
             self._fleet.update(x, s.duration)
             tokens = s.prefill_tokens + s.decode_tokens
             if tokens > self.max_step_tokens.get(replica_id, 0):
                 self.max_step_tokens[replica_id] = tokens
             n += 1
         self._last_start[replica_id] = last
+        if n:
+            self._last_step[replica_id] = (s_end, s_dur)
+            self._theta.clear()
         return n
 
     def coefficients(self, replica_id: str) -> np.ndarray:
@@ -109,10 +128,35 @@ class StepLearner:
             return r.coef()
         return self._fleet.coef()
 
+    def theta(self, replica_id: str) -> tuple[float, ...]:
+        """`coefficients` as a tuple of floats, cached between samples (the routing hot path)."""
+        r = self._replicas.get(replica_id)
+        key = replica_id if self.config.per_replica and r is not None and r.n >= self.config.min_samples else None
+        t = self._theta.get(key)
+        if t is None:
+            t = self._theta[key] = tuple(float(v) for v in self.coefficients(replica_id))
+        return t
+
+    def busy_for(self, replica_id: str, now: float) -> float:
+        """Seconds until the replica's newest reported step ends (0 if it has ended).
+
+        A report can describe a step still in flight (the simulator reports each step as it
+        starts it, with its modelled duration); a request sent now joins only the step after.
+        The engine's clock is compared with `now`, both monotonic; clamped to the step's own
+        duration, so a clock offset between hosts costs at most one step, never more.
+        """
+        last = self._last_step.get(replica_id)
+        if last is None:
+            return 0.0
+        end, duration = last
+        return min(max(end - now, 0.0), duration)
+
     def forget(self, replica_id: str) -> None:
         self._replicas.pop(replica_id, None)
         self._last_start.pop(replica_id, None)
         self.max_step_tokens.pop(replica_id, None)
+        self._last_step.pop(replica_id, None)
+        self._theta.clear()
 
     def samples(self, replica_id: str) -> int:
         r = self._replicas.get(replica_id)

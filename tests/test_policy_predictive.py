@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from balancer.policies import make_policy
-from balancer.policies.base import ReplicaLoad, ReplicaView, RoutingRequest
+from balancer.policies.base import Decision, ReplicaLoad, ReplicaView, RoutingRequest
+from balancer.policies.predictive import PredictivePolicy
 from balancer.step_learner import StepLearner
 
 
@@ -34,7 +36,8 @@ def synthetic_steps(theta=THETA, n=400, seed=0, t0=0.0):
         p, d = rng.choice([0, rng.randint(1, 2048)]), rng.randint(0, 64)
         dctx = d * rng.randint(100, 2000)
         pctx = rng.randint(0, 20_000) if p else 0
-        out.append(Step(t0 + i, float(np.dot(theta, [1, p, d, dctx, pctx])), p, d, d + (p > 0), dctx + pctx, dctx))
+        # context_tokens as the engine counts it: every sequence's computed + new tokens
+        out.append(Step(t0 + i, float(np.dot(theta, [1, p, d, dctx, pctx])), p, d, d + (p > 0), dctx + pctx + p + d, dctx))
     return out
 
 
@@ -48,6 +51,29 @@ def test_learner_recovers_step_coefficients_and_dedups():
     assert learner.max_step_tokens["a"] >= 2000
     # a replica with no samples of its own uses the fleet-wide model
     np.testing.assert_allclose(learner.coefficients("new"), learner.coefficients("a"), rtol=0.2)
+
+
+def test_learner_keeps_the_prefill_cost_through_long_decode_only_stretches():
+    # A replica that mostly decodes: one prefill step in 500. Durations follow the simulator's
+    # step model, whose prefill attention term (new × context) the learner's features lack.
+    theta = np.array([0.0068, 3.2e-5, 3.2e-5, 5.6e-8, 1e-6])
+    quad = 1.07e-9  # llama3-8b-h100 preset, per (new token × context token)
+    rng = random.Random(1)
+    learner, steps, t = StepLearner(), [], 0.0
+    for i in range(40_000):
+        if i % 500 == 0:
+            p, pctx, d, dctx = rng.randint(500, 8000), rng.randint(0, 20_000), 0, 0
+        else:
+            p, pctx, d = 0, 0, rng.randint(1, 8)
+            dctx = d * rng.randint(2000, 20_000)
+        dur = float(np.dot(theta, [1, p, d, dctx, pctx])) + quad * p * (pctx + p / 2)
+        steps.append(Step(t, dur, p, d, d + (p > 0), dctx + pctx + p + d, dctx))
+        t += dur
+    learner.observe("a", steps)
+    got = learner.coefficients("a")
+    cold_8k = theta[0] + theta[1] * 8000 + quad * 8000 * 4000  # one 8k-token prefill step, no cache
+    assert got[0] + got[1] * 8000 == pytest.approx(cold_8k, rel=0.25)
+    assert got[3] == pytest.approx(theta[3], rel=0.1)  # decode context: well excited, exact
 
 
 def request(matched: dict[str, int], prompt: int = 4096, out: float | None = 100) -> RoutingRequest:
@@ -109,9 +135,58 @@ def test_others_weight_trades_ttft_for_total_latency():
     a = view("a", num_running=60, running_decode_tokens=120_000)
     b = view("b", num_running=0, running_decode_tokens=0, queued_prefill_tokens=3000)
     ttft_first = make_policy("predictive", {"others_weight": 0.0})
-    total = make_policy("predictive", {"others_weight": 1.0})
+    total = make_policy("predictive")  # default 1: the sum of everyone's latency
     for p in (ttft_first, total):
         p.observe_steps("a", synthetic_steps(np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])))
     assert total.select(request({}, out=300), [a, b]).replica_id == "b"
     d = ttft_first.select(request({}, out=300), [a, b])
-    assert d.scores["a"]["others"] > d.scores["b"]["others"]
+    assert d.replica_id == "a"
+    assert d.scores["a"]["ttft"] < d.scores["b"]["ttft"]
+    assert d.scores["a"]["others"] > d.scores["b"]["others"] == 0.0
+
+
+def test_decode_delay_counts_only_the_overlap_with_running_sequences(policy):
+    # What we have running on a is short: its sequences share at most ~10 of our 300 steps.
+    a = view("a", num_running=8, running_decode_tokens=16_000)
+    for i in range(8):
+        policy.on_routed(dataclasses.replace(request({}, out=20), request_id=f"s{i}"), Decision("a"))
+    short = policy.select(request({}, out=300), [a]).scores["a"]["others"]
+    long = make_policy("predictive")
+    long.learner = policy.learner
+    unknown = long.select(request({}, out=300), [a]).scores["a"]["others"]  # assumed like this request
+    assert 0 < short < unknown / 10
+
+
+def test_waiting_requests_cached_prefixes_are_not_queued_work(policy):
+    # Three requests we routed to a wait there; the index held 200 of their 256 blocks. The
+    # replica reports their whole prompts as queued until it admits them and finds the prefix.
+    for i in range(3):
+        r = dataclasses.replace(request({"a": 200}), request_id=f"w{i}")
+        policy.on_routed(r, Decision("a"))
+    a = view("a", num_waiting=3, queued_prefill_tokens=3 * 4096)
+    d = policy.select(request({}), [a, view("b")])
+    assert d.scores["a"]["queued_tokens"] == 3 * (4096 - 200 * 16)
+    # Two were admitted since (FCFS: the oldest); the one left waiting is the newest we sent.
+    one = view("a", num_waiting=1, queued_prefill_tokens=4096)
+    assert policy.select(request({}), [one]).scores["a"]["queued_tokens"] == 4096 - 200 * 16
+    # A request sent after the report is counted apart (its uncached tokens), not as waiting.
+    sent = ReplicaView("a", sent_since_report=1, sent_tokens_since_report=896, load=one.load)
+    policy.on_routed(dataclasses.replace(request({"a": 200}), request_id="w3"), Decision("a"))
+    assert policy.select(request({}), [sent]).scores["a"]["queued_tokens"] == 2 * (4096 - 200 * 16)
+
+
+def test_a_step_in_flight_delays_the_first_token():
+    learner = StepLearner()
+    steps = synthetic_steps(t0=0.0)
+    learner.observe("a", steps)
+    last = steps[-1]
+    mid = last.start + last.duration / 4
+    assert learner.busy_for("a", mid) == pytest.approx(0.75 * last.duration)
+    assert learner.busy_for("a", last.start + last.duration + 1) == 0.0
+    assert learner.busy_for("a", -1e9) == pytest.approx(last.duration)  # clock offset: at most one step
+    assert learner.busy_for("unknown", mid) == 0.0
+    p = PredictivePolicy(learner=learner)
+    during = p.select(dataclasses.replace(request({}), now=mid), [view("a"), view("b")]).scores
+    after = p.select(dataclasses.replace(request({}), now=last.start + last.duration), [view("a")]).scores
+    assert during["a"]["busy"] == pytest.approx(0.75 * last.duration) and during["b"]["busy"] == 0.0
+    assert during["a"]["ttft"] - after["a"]["ttft"] == pytest.approx(0.75 * last.duration, rel=1e-6)

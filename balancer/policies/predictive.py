@@ -1,32 +1,46 @@
-"""predictive: kvfleet's own policy — send each request where it will finish soonest,
-counting what it costs the requests already there.
+"""predictive: kvfleet's own policy — send each request where the fleet loses the least time.
 
 For every usable replica r the policy estimates, in seconds, from the exact prefix match, the
 replica's reported load (plus what this balancer sent since that report), the request's
-predicted output length, and step-time coefficients learned online from the replica's own
-load reports (`balancer.step_learner`):
+predicted output length, and step-time coefficients learned online from the replicas' load
+reports (`balancer.step_learner`: θ0 per step, θtok per new token, θseq per decode sequence,
+θctx per decode-context token, θpctx per prefill-context token):
 
-    U   = prompt tokens not cached on r, M = those cached
-    Q   = prefill tokens already queued on r (reported + sent since the report)
-    W   = requests waiting on r (reported + sent since the report)
-    D   = decoding sequences on r,  C = their KV context tokens
-    K   = r's per-step token budget (largest step seen), steps = ceil((Q + U) / max(K - D, 1))
-    ttft    = steps · (θ_step + θ_seq·D + θ_ctx·C + θ_pctx·(M + U/2)) + θ_tok · (Q + U)
-    behind  = W · θ_tok · U     (the work we add delays the requests that will queue after us;
-                                 the queue seen now estimates how many — Little's law)
-    others  = D · θ_tok · U                         (our prefill slows every running decode)
-            + min(D, L) · L · (θ_seq + θ_ctx · (P + L/2))   (our decode steps ride along theirs)
-    memory  = if the blocks we need exceed the free ones: the recompute of what gets preempted
-    cost    = ttft + behind + memory + others_weight · others
+    U, M = prompt tokens not cached / cached on r;  L = predicted output tokens;  P = U + M
+    Q    = prefill tokens queued on r: reported (minus the cached prefixes of the waiting
+           requests, which the replica counts in full until it admits them) + sent since
+    W    = requests waiting on r;  D = sequences running on r, C = their KV context tokens
+    K    = r's per-step token budget (largest step seen);  k = max(K - D, 1) prefill tokens/step
+    τ    = θ0 + θseq·D + θctx·C           a step's fixed part: overhead + the running decodes
+    busy = what is left of the step r is executing (a request joins the step after it)
 
-and picks the lowest cost (ties: fewer in flight, then a draw seeded by the request). At low
-load `behind` vanishes and the policy minimises TTFT; near saturation it makes recomputing a
-prefix as expensive as it is for everyone, which is what stops the pile-up behind a hot
-replica and the thrash of recomputing what another replica holds. Every
-term is a time, so they add without per-term weights; the θ coefficients come from the
-replicas' measured steps. `others_weight` states the objective: 0 minimises time to first token alone, 1 minimises
-total latency including the decode delay imposed on running requests; the default 0.1 is TTFT
-first with a brake on herding.
+    ttft   = busy + ceil((Q + U) / k)·(τ + θpctx·(M + U/2)) + θtok·(Q + U)
+    work   = θtok·U + (U / k)·(τ + θpctx·(M + U/2))      replica time our prefill takes
+    behind = W̄ · work           the requests that will queue behind our prefill wait `work`
+                                longer; as many as wait now on an average replica (W̄, the
+                                fleet's mean, not r's: later requests are routed by this same
+                                policy, which spreads queues, so the delay lands fleet-wide)
+    others = D · min(R̄, L) · m,  m = θtok + θseq + θctx·(P + L/2)
+                                each of our L decode steps is longer by m for every running
+                                sequence still there; a running sequence overlaps us for
+                                min(its remaining output, L) steps, R̄ = half the mean
+                                predicted output of what this balancer has running on r
+    memory = if the blocks we need exceed the free ones: the recompute of what gets preempted
+    cost   = ttft + weight · (behind + others) + memory
+
+All terms are seconds of somebody's latency, so the sum needs no per-term weights: the cost is
+the total latency this placement adds (our time to first token, plus the delay our work adds
+to the requests queued behind it and to the decodes running beside it). `others_weight` (1)
+only states that objective: 1 counts everyone's second the same, 0 is this request's TTFT alone.
+
+Why the earlier decode term needed a 0.1: it charged min(D, L)·L steps — every running
+sequence delayed for our whole decode — and the slowdown of running decodes by our *prefill*
+(D·work) on top. A running sequence only shares min(remaining, L) of our steps, and the prefill
+term, charged to the replicas that hold the cache (they are the ones with decodes running),
+traded the recompute of thousands of tokens for a few ms of others' inter-token latency: it cost
+p99 TTFT on every agentic trace tried. `behind` used r's own waiting count, which on the Azure
+trace sent long prompts to replicas with long token queues but few waiting requests (p99).
+
 Herding is guarded by counting, per replica, the requests and uncached tokens this balancer
 sent after the replica's last report. Replicas that send no load reports are estimated from
 this balancer's in-flight bookkeeping alone.
@@ -35,6 +49,7 @@ this balancer's in-flight bookkeeping alone.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -48,13 +63,11 @@ class PredictiveConfig:
     default_output_tokens: int = 128  # when neither a prediction nor max_tokens is known
     default_step_tokens: int = 2048  # per-step budget assumed before a replica's steps are seen
     stale_report_s: float = 5.0  # older load reports are ignored (bookkeeping only)
-    # How much the decode delay this request imposes on running requests counts against its own
-    # TTFT. 0: minimise time to first token only; 1: minimise total latency (a second of anyone's
-    # E2E counts the same). 0.1 keeps TTFT first while refusing to pile a tenant's sessions onto
-    # the one replica that cached its system prompt when that slows everyone decoding there.
-    # Measured for 0, 0.1 and 1 in docs/benchmarks.md — a statement of the objective, chosen
-    # once, not per trace.
-    others_weight: float = 0.1
+    # How a second of delay this request imposes on others (requests queued behind its prefill,
+    # decodes running beside it) counts against a second of its own wait for the first token.
+    # 1: the sum of everyone's latency (every term is an estimate in seconds, so 1 is the
+    # objective itself, not a tuned value); 0: this request's TTFT alone.
+    others_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.default_output_tokens < 1 or self.default_step_tokens < 1:
@@ -66,40 +79,75 @@ class PredictiveConfig:
 
 
 def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int, out_tokens: float,
-             stale_s: float, others_weight: float = 0.0) -> dict[str, float]:
-    """The cost terms for one replica (seconds). Pure."""
-    t_step, t_tok, t_seq, t_ctx, t_pctx = (float(v) for v in theta)
+             stale_s: float, others_weight: float = 1.0, busy_s: float = 0.0, cached_waiting: int = 0,
+             fleet_waiting: float = 0.0, running_remaining: float = 0.0) -> dict[str, float]:
+    """The cost terms for one replica (seconds); see the module docstring. Pure.
+
+    busy_s: rest of the step in flight; cached_waiting: prompt tokens of r's waiting requests
+    that the index held when they were routed (the report counts them as queued);
+    fleet_waiting: W̄; running_remaining: R̄ (output tokens a running sequence still has)."""
+    t_step, t_tok, t_seq, t_ctx, t_pctx = theta
     bs = request.block_size
     matched = request.matched_blocks.get(view.replica_id, 0) * bs
     u = max(1, request.prompt_tokens - matched)
     load = view.load
     if load.age_s <= stale_s:
-        q = load.queued_prefill_tokens + view.sent_tokens_since_report
-        w = load.num_waiting + view.sent_since_report
+        q = max(0, load.queued_prefill_tokens - cached_waiting) + view.sent_tokens_since_report
         d = load.num_running + view.sent_since_report
         c = load.running_decode_tokens
         free_tokens = load.free_blocks * bs - view.sent_tokens_since_report
         have_memory = load.total_blocks > 0
     else:  # no usable report: what this balancer has in flight there
         q = view.inflight_tokens
-        w = 0
         d = view.inflight_requests
         c = view.inflight_tokens
         free_tokens = 0
         have_memory = False
-    steps = math.ceil((q + u) / max(step_tokens - d, 1))
-    # Each of our prefill chunks also attends to the prompt before it (the cached prefix and
-    # the chunks already done): on average matched + u/2 context tokens per step.
-    ttft = steps * (t_step + t_seq * d + t_ctx * c + t_pctx * (matched + u / 2)) + t_tok * (q + u)
-    behind = w * t_tok * u
-    others = d * t_tok * u + min(d, out_tokens) * out_tokens * (t_seq + t_ctx * (request.prompt_tokens + out_tokens / 2))
+        busy_s = 0.0
+    per_step = max(step_tokens - d, 1)
+    steps = math.ceil((q + u) / per_step)
+    tau = t_step + t_seq * d + t_ctx * c
+    chunk = tau + t_pctx * (matched + u / 2)  # one of our prefill steps, less its new tokens
+    ttft = busy_s + steps * chunk + t_tok * (q + u)
+    work = t_tok * u + (u / per_step) * chunk
+    behind = fleet_waiting * work
+    m = t_tok + t_seq + t_ctx * (request.prompt_tokens + out_tokens / 2)
+    others = d * min(running_remaining, out_tokens) * m
     memory = 0.0
     if have_memory:
         short = u + out_tokens - free_tokens
         if short > 0:  # preemption: the newest requests are recomputed later
             memory = t_tok * short * 2 + steps * t_step
-    return {"cost": ttft + behind + others_weight * others + memory, "ttft": ttft, "behind": behind, "others": others, "memory": memory,
-            "uncached_tokens": float(u), "queued_tokens": float(q), "decoding": float(d)}
+    return {"cost": ttft + others_weight * (behind + others) + memory, "ttft": ttft, "behind": behind,
+            "others": others, "memory": memory, "busy": busy_s, "uncached_tokens": float(u),
+            "queued_tokens": float(q), "decoding": float(d)}
+
+
+class _Sent:
+    """What this balancer sent to one replica: a running sum of the cached prompt tokens of
+    the requests routed there (the newest `_MAX` kept, `cum[i]` = sum over the first i), and
+    the predicted output of those still in flight (bounded too, in case completions are lost)."""
+
+    _MAX = 4096
+
+    __slots__ = ("cum", "out", "out_sum")
+
+    def __init__(self) -> None:
+        self.cum: deque[int] = deque([0], maxlen=self._MAX + 1)
+        self.out: dict[str, float] = {}
+        self.out_sum = 0.0
+
+    def add(self, request_id: str, cached_tokens: int, out_tokens: float) -> None:
+        self.cum.append(self.cum[-1] + cached_tokens)
+        if request_id in self.out or len(self.out) >= self._MAX:
+            self.done(request_id if request_id in self.out else next(iter(self.out)))
+        self.out[request_id] = out_tokens
+        self.out_sum += out_tokens
+
+    def done(self, request_id: str) -> None:
+        out = self.out.pop(request_id, None)
+        if out is not None:
+            self.out_sum = self.out_sum - out if self.out else 0.0  # no drift once empty
 
 
 class PredictivePolicy(Policy):
@@ -110,6 +158,8 @@ class PredictivePolicy(Policy):
     def __init__(self, config: PredictiveConfig | None = None, learner: StepLearner | None = None) -> None:
         self.config = config or PredictiveConfig()
         self.learner = learner or StepLearner(LearnerConfig())
+        # This balancer's bookkeeping per replica (see `_inflight_stats`), O(1) per request.
+        self._sent: dict[str, _Sent] = {}
 
     def _out_tokens(self, request: RoutingRequest) -> float:
         if request.predicted_output_tokens is not None:
@@ -121,14 +171,37 @@ class PredictivePolicy(Policy):
             return float(min(request.max_tokens, self.config.default_output_tokens * 4))
         return float(self.config.default_output_tokens)
 
+    def _inflight_stats(self, v: ReplicaView, out: float) -> tuple[int, float]:
+        """(cached prompt tokens of r's waiting requests, R̄) from this balancer's bookkeeping.
+
+        The replica's queue is first come first served, so its `num_waiting` waiting requests
+        are the newest ones routed before its report (those sent since are counted apart); a
+        newer request cannot have finished before an older one started, so they are read off
+        the running sum of routed cached tokens. With nothing of ours running there, running
+        sequences are taken to be like this request (R̄ = out / 2).
+        """
+        st = self._sent.get(v.replica_id)
+        if st is None:
+            return 0, out / 2
+        cum = st.cum
+        end = len(cum) - 1 - v.sent_since_report
+        cached = cum[end] - cum[max(end - v.load.num_waiting, 0)] if end > 0 else 0
+        remaining = st.out_sum / len(st.out) / 2 if st.out else out / 2  # running: half-way, on average
+        return cached, remaining
+
     def select(self, request: RoutingRequest, replicas: Sequence[ReplicaView]) -> Decision:
+        cfg = self.config
         out = self._out_tokens(request)
+        fresh = [v for v in replicas if v.load.age_s <= cfg.stale_report_s]
+        fleet_waiting = sum(v.load.num_waiting + v.sent_since_report for v in fresh) / len(replicas)
         scores: dict[str, dict[str, float]] = {}
         best_key, best = None, None
         for v in sorted(replicas, key=lambda r: r.replica_id):
-            theta = self.learner.coefficients(v.replica_id)
-            k = self.learner.max_step_tokens.get(v.replica_id, self.config.default_step_tokens)
-            s = estimate(v, request, theta, k, out, self.config.stale_report_s, self.config.others_weight)
+            theta = self.learner.theta(v.replica_id)
+            k = self.learner.max_step_tokens.get(v.replica_id, cfg.default_step_tokens)
+            cached_waiting, remaining = self._inflight_stats(v, out)
+            s = estimate(v, request, theta, k, out, cfg.stale_report_s, cfg.others_weight,
+                         self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining)
             scores[v.replica_id] = s
             key = (round(s["cost"], 9), v.inflight_requests)
             if best_key is None or key < best_key:
@@ -139,15 +212,28 @@ class PredictivePolicy(Policy):
         s = scores[chosen]
         reason = (f"lowest estimated cost {s['cost'] * 1e3:.1f} ms: TTFT {s['ttft'] * 1e3:.1f} ms "
                   f"({s['uncached_tokens']:.0f} uncached + {s['queued_tokens']:.0f} queued tokens), "
-                  f"delay to others {s['others'] * 1e3:.1f} ms, memory {s['memory'] * 1e3:.1f} ms; "
-                  f"output ~{out:.0f} tokens")
+                  f"delay to queued {s['behind'] * 1e3:.1f} ms, to running {s['others'] * 1e3:.1f} ms, "
+                  f"memory {s['memory'] * 1e3:.1f} ms; output ~{out:.0f} tokens")
         return Decision(chosen, reason, scores)
+
+    def on_routed(self, request: RoutingRequest, decision: Decision) -> None:
+        st = self._sent.get(decision.replica_id)
+        if st is None:
+            st = self._sent[decision.replica_id] = _Sent()
+        st.add(request.request_id, request.matched_blocks.get(decision.replica_id, 0) * request.block_size,
+               self._out_tokens(request))
+
+    def on_complete(self, request: RoutingRequest, replica_id: str, ok: bool) -> None:
+        st = self._sent.get(replica_id)
+        if st is not None:
+            st.done(request.request_id)
 
     def observe_steps(self, replica_id: str, steps) -> None:
         self.learner.observe(replica_id, steps)
 
     def on_replica_removed(self, replica_id: str) -> None:
         self.learner.forget(replica_id)
+        self._sent.pop(replica_id, None)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self.config)}
