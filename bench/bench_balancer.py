@@ -638,7 +638,14 @@ def bench_routing(policies: list[str], total_blocks: int, replicas: int, probes_
     for name in policies:
         policy = make_policy(name)
         approx = ApproxIndex(capacity_per_replica=cfg.approx_capacity_blocks, ttl_s=cfg.approx_ttl_s)
-        router = Router(MODEL, bs, tokenizer, index, approx, policy, registry, has_events=lambda rid: True)
+        predictor = None
+        if policy.uses_predicted_output:  # as the balancer runs it: the default output-length predictor
+            from predictors import make_predictor
+            from predictors.adapter import BalancerPredictor
+
+            predictor = BalancerPredictor(make_predictor(cfg.predictor), model=MODEL)
+        router = Router(MODEL, bs, tokenizer, index, approx, policy, registry, has_events=lambda rid: True,
+                        predictor=predictor)
         for k, req in enumerate(requests):  # warm-up; text-tree policies learn the probes here
             p = router.prepare(req)
             rr = router.routing_request(p, f"warm-{k}")
@@ -1018,7 +1025,8 @@ def main() -> int:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     with contextlib.suppress(OSError, TypeError):
         os.sched_setaffinity(0, {args.proxy_core})
-    routing = bench_routing(["precise_prefix", "dynamo_kv", "llmd_scorer", "sglang_cache_aware"], args.blocks, 16,
+    routing = bench_routing(["precise_prefix", "dynamo_kv", "llmd_scorer", "sglang_cache_aware", "predictive"],
+                            args.blocks, 16,
                             probes_n=32, rounds=20, realtime=args.realtime)
 
     stem = args.out.removesuffix(".json")
