@@ -1,6 +1,7 @@
-"""Measure the torch engine's step times on this machine and fit the simulator's step-time
-model to them; print the fit error and write a preset file for `kvfleet replica --engine sim
---preset-file FILE` and `kvfleet simulate --preset-file FILE`. Example:
+"""Measure the torch engine's step times on this machine (whole engine steps, plus the live
+loop's turnaround between steps) and fit the simulator's step-time model to them; print the fit
+error and write a preset file for `kvfleet replica --engine sim --preset-file FILE` and
+`kvfleet simulate --preset-file FILE`. Example:
 
     kvfleet calibrate --model tiny --threads 1 --out results/tiny-cpu.json
 """
@@ -42,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         e = report[part]
         print(f"  {part:8s} median relative error {100 * e['median_rel_error']:.1f} %, "
               f"p90 {100 * e['p90_rel_error']:.1f} %")
+    print(f"  median step {1e3 * report['median_step_s']:.2f} ms, of which outside execute "
+          f"{1e3 * report['median_outside_execute_s']:.2f} ms; live loop turnaround "
+          f"{1e3 * report['loop_turnaround_s']:.2f} ms per step (added to base)")
     from pathlib import Path
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

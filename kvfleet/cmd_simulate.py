@@ -34,6 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", default="ensemble",
                    help="output-length predictor the policies see: a predictors name, none, or oracle (true lengths)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt materialisation")
+    from simulator.run import DEFAULT_REQUEST_LATENCY_S, DEFAULT_RESPONSE_LATENCY_S, SIM_MAX_MODEL_LEN
+
+    p.add_argument("--request-latency-ms", type=float, default=1e3 * DEFAULT_REQUEST_LATENCY_S,
+                   help="what a live fleet adds from a client's send to the replica's engine queue "
+                        "(HTTP, balancer, tokenizing; default: measured on a live sim fleet, docs/benchmarks.md)")
+    p.add_argument("--response-latency-ms", type=float, default=1e3 * DEFAULT_RESPONSE_LATENCY_S,
+                   help="what a live fleet adds from a token leaving a step to the client (SSE via the balancer)")
+    p.add_argument("--max-model-len", type=int, default=SIM_MAX_MODEL_LEN,
+                   help="longest prompt a replica takes; longer ones are rejected, as by a live sim replica")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds, for goodput")
     p.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT SLO in seconds, for goodput")
     p.add_argument("--out", default="results/simulate", help="folder for the JSON, markdown table and plot")
@@ -75,12 +84,17 @@ def run(args: argparse.Namespace) -> int:
             preset = get_preset(args.preset)
         cfg = SimulateConfig(args.replicas, preset, policies, args.kv_blocks, args.load, args.seed,
                              args.slo_ttft, args.slo_tpot, predictor=args.predictor,
-                             policy_options=tuple((k, tuple(sorted(v.items()))) for k, v in options.items()))
+                             policy_options=tuple((k, tuple(sorted(v.items()))) for k, v in options.items()),
+                             request_latency_s=args.request_latency_ms / 1e3,
+                             response_latency_s=args.response_latency_ms / 1e3, max_model_len=args.max_model_len)
     except (OSError, ValueError) as e:
         print(f"kvfleet simulate: {e}", file=sys.stderr)
         return 2
     out = simulate(trace, cfg)
     c = out["config"]
+    rejected = max((s.get("rejected", 0) for s in out["policies"]), default=0)
+    if rejected:
+        print(f"{rejected} requests longer than --max-model-len {args.max_model_len} rejected (not in the figures)")
     print(f"{c['requests']} requests, {c['replicas']} replicas of {c['preset']}, {c['kv_blocks']} KV blocks each; "
           f"trace utilisation {c['trace_utilisation']:.2f}" +
           (f", rescaled ×{c['time_factor']:.2f} to load {c['load']}" if c["load"] else ""))

@@ -120,6 +120,12 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
+        return [self._output(req) for req in self.step_requests()]
+
+    def step_requests(self) -> list[Request]:
+        """One step without building outputs: the requests that received a token (finished
+        ones with their final status). `step` wraps it; the offline simulator, which has no
+        text or stop strings, reads the requests directly."""
         sched = self.scheduler
         out = sched.schedule()
         if out.empty:
@@ -138,7 +144,7 @@ class LLMEngine:
                        decode_context)
         )
         self.num_steps += 1
-        return [self._output(req) for req in touched]
+        return touched
 
     def _output(self, req: Request) -> RequestOutput:
         token = req.token_ids[-1]
@@ -170,12 +176,15 @@ class LLMEngine:
         )
 
 
+SIM_MAX_MODEL_LEN = 131_072  # a sim replica's context length unless configured (Llama 3.1's)
+
+
 def build_sim_engine(config, preset, time_scale: float = 1.0,
                      clock: Callable[[], float] = time.monotonic) -> LLMEngine:
     """An engine with the simulated executor: real scheduler and block pool, modelled step
-    times (sleeping `duration / time_scale`), no torch."""
+    times held in wall time (`sim_executor.Pacer`, `duration / time_scale`), no torch."""
     from protocol.tokenizer import ByteTokenizer
-    from replica.sim_executor import SimExecutor, sleeper
+    from replica.sim_executor import Pacer, SimExecutor
     from replica.step_model import get_preset
 
     if isinstance(preset, str):
@@ -184,9 +193,9 @@ def build_sim_engine(config, preset, time_scale: float = 1.0,
     kv = KVCacheManager(num_blocks, config.block_size, root_hash(config.model_name, config.cache_salt),
                         enable_caching=config.enable_prefix_caching)
     sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                config.max_model_len or 131_072)
+                                config.max_model_len or SIM_MAX_MODEL_LEN)
     scheduler = Scheduler(sched_cfg, kv, clock)
-    return LLMEngine(scheduler, SimExecutor(preset.model, sleeper(time_scale)), ByteTokenizer(), clock)
+    return LLMEngine(scheduler, SimExecutor(preset.model, Pacer(time_scale, clock=clock)), ByteTokenizer(), clock)
 
 
 def build_engine(config, clock: Callable[[], float] = time.monotonic) -> LLMEngine:

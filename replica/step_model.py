@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from types import MappingProxyType
 
 import numpy as np
@@ -75,8 +76,14 @@ class StepTimeModel:
     def coefficients(self) -> np.ndarray:
         return np.array([getattr(self, f) for f in FEATURES])
 
+    @cached_property
+    def _coef(self) -> np.ndarray:  # built once: `duration` runs once per simulated step
+        return self.coefficients()
+
     def duration(self, f: StepFeatures) -> float:
-        return float(self.coefficients() @ f.vector())
+        # numpy's dot, not a Python sum: its rounding (BLAS, fused multiply-add) is what the
+        # published figures were produced with, and same inputs must give identical results.
+        return float(self._coef @ f.vector())
 
     def prefill_time(self, new_tokens: int, cached: int = 0, chunk: int | None = None) -> float:
         """Time to prefill `new_tokens` after `cached` ones on an idle replica, in chunks."""
@@ -93,10 +100,18 @@ class StepTimeModel:
         return self.duration(StepFeatures(batch, 0.0, 0, int(batch * mean_context), batch))
 
     @classmethod
-    def fit(cls, rows: Sequence[StepFeatures], durations: Sequence[float], source: str = "fitted") -> "StepTimeModel":
-        """Non-negative least squares over the features (active-set: drop negative terms, refit)."""
+    def fit(cls, rows: Sequence[StepFeatures], durations: Sequence[float], source: str = "fitted",
+            relative: bool = True) -> "StepTimeModel":
+        """Non-negative least squares over the features (active-set: drop negative terms, refit).
+
+        `relative`: minimise relative rather than absolute errors (each row weighted by
+        1 / its duration), so a few long prefill steps do not decide the fit of the many short
+        decode steps; the error is reported relative too."""
         x = np.stack([r.vector() for r in rows])
         y = np.asarray(durations, dtype=float)
+        if relative:
+            w = 1.0 / np.maximum(y, 1e-9)
+            x, y = x * w[:, None], y * w
         active = list(range(x.shape[1]))
         coef = np.zeros(x.shape[1])
         while active:

@@ -12,7 +12,11 @@ balancer runs, minus the sockets.
                       next step at the new time while the replica has work.
 
 A request that arrives while its replica is mid-step joins at the next step, as in a real
-engine. Load reports and events reach the balancer instantly (a live fleet adds ~ms).
+engine. Load reports and events reach the balancer instantly (a live fleet adds ~ms). What a
+live fleet adds per request outside the engines — the HTTP hops through the balancer to the
+engine queue, and each token's way back — is `request_latency_s` / `response_latency_s`
+(measured on a live sim fleet by bench/bench_sim_agreement.py). Prompts a replica would reject
+(longer than `max_model_len`) are rejected at arrival.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from balancer.router import Prepared, Router
 from protocol.hashing import hash_blocks, root_hash
 from protocol.openai_api import GenerationRequest
 from protocol.tokenizer import ByteTokenizer
-from replica.engine import LLMEngine
+from replica.engine import SIM_MAX_MODEL_LEN, LLMEngine
 from replica.kv_cache_manager import KVCacheManager
 from replica.request import SamplingParams
 from replica.scheduler import Scheduler, SchedulerConfig
@@ -41,6 +45,32 @@ from replica.sim_executor import SimExecutor
 from replica.step_model import SimPreset
 
 MODEL = "sim"
+
+
+class Prompt:
+    """A prompt materialised once and shared by every policy's run: its token ids (as bytes when
+    every id fits in one, a quarter of a Python list's memory) and its block-hash chain."""
+
+    __slots__ = ("_tokens", "hashes", "block_size", "root")
+
+    def __init__(self, token_ids: Sequence[int], block_size: int, root: int) -> None:
+        ids = list(token_ids)
+        try:
+            self._tokens: bytes | list[int] = bytes(ids)  # ValueError unless every id is in 0..255
+        except ValueError:
+            self._tokens = ids
+        self.hashes: tuple[int, ...] = tuple(hash_blocks(ids, block_size, root))
+        self.block_size = block_size
+        self.root = root
+
+    def token_ids(self) -> list[int]:
+        return list(self._tokens)
+
+    def text(self) -> str:
+        """`ByteTokenizer().decode(token_ids)`, without a Python loop over the tokens."""
+        if isinstance(self._tokens, bytes):
+            return self._tokens.decode("utf-8", errors="replace")
+        return ByteTokenizer().decode(self._tokens)
 
 
 @dataclass(frozen=True)
@@ -52,6 +82,7 @@ class SimRequest:
     output_length: int
     input_length: int
     tag: str = ""  # tenant / session, for reports
+    prompt: Prompt | None = None  # the prompt materialised once (else `token_ids()` at each arrival)
 
 
 @dataclass(frozen=True)
@@ -66,10 +97,25 @@ class FleetConfig:
     block_size: int = 16
     seed: int = 0
     oracle_lengths: bool = False  # give policies the true output length instead of a prediction
+    # What a live fleet adds to each request outside the engine's steps (seconds): from the
+    # client sending it to its replica's engine queue (HTTP to the balancer, routing, the hop to
+    # the replica, parsing, tokenizing, the engine loop's wake-up), and from a token leaving a
+    # step to the client (SSE through replica and balancer). See docs/benchmarks.md for the
+    # values measured on a live sim fleet; 0 = the engines alone.
+    request_latency_s: float = 0.0
+    response_latency_s: float = 0.0
+    # Longest prompt + output a replica takes (a live sim replica's default); longer prompts, and
+    # prompts needing more KV blocks than a replica has, are rejected at arrival as a replica
+    # would reject them (live, the balancer routes them first and relays the 400).
+    max_model_len: int = SIM_MAX_MODEL_LEN
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError("replicas must be at least 1")
+        if self.request_latency_s < 0 or self.response_latency_s < 0:
+            raise ValueError("request and response latencies must be non-negative")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
 
 
 @dataclass
@@ -83,6 +129,7 @@ class RequestRecord:
     first_token: float | None = None
     finish: float | None = None
     predicted_cached_tokens: int = 0
+    rejected: bool = False  # too long for a replica: never routed
 
     @property
     def ttft(self) -> float:
@@ -107,7 +154,7 @@ class _SimReplica:
         p = cfg.preset
         self.kv = KVCacheManager(cfg.kv_blocks or p.kv_blocks, cfg.block_size, root_hash(MODEL))
         sched_cfg = SchedulerConfig(cfg.max_num_seqs or p.max_num_seqs,
-                                    cfg.max_num_batched_tokens or p.max_num_batched_tokens, 1 << 30)
+                                    cfg.max_num_batched_tokens or p.max_num_batched_tokens, cfg.max_model_len)
         clock = self._clock
         self.engine = LLMEngine(Scheduler(sched_cfg, self.kv, clock), SimExecutor(p.model, self._advance),
                                 ByteTokenizer(), clock, detokenize=False)
@@ -115,7 +162,7 @@ class _SimReplica:
     def _clock(self) -> float:
         return self.now
 
-    def _advance(self, duration: float) -> None:
+    def _advance(self, duration: float, out=None) -> None:
         self.now += duration
 
     def load(self) -> ReplicaLoad:
@@ -154,6 +201,7 @@ class FleetSimulation:
                              has_events=lambda rid: True, predictor=predictor, clock=self._clock)
         self.root = root_hash(MODEL)
         self.predictor = predictor
+        self.kv_blocks = cfg.kv_blocks or cfg.preset.kv_blocks
 
     def _clock(self) -> float:
         return self.now
@@ -164,64 +212,91 @@ class FleetSimulation:
         wall = _time.perf_counter()
         heap: list[tuple[float, int, int, object]] = []
         seq = itertools.count()
-        ARRIVE, STEP = 0, 1
+        ARRIVE, STEP, ENQUEUE = 0, 1, 2
+        req_lat, resp_lat = self.cfg.request_latency_s, self.cfg.response_latency_s
         for i, r in enumerate(requests):
             heapq.heappush(heap, (r.arrival_s, next(seq), ARRIVE, i))
         records: list[RequestRecord] = []
         live: dict[str, tuple[RequestRecord, object, object]] = {}
         steps = 0
+        index, registry, policy, predictor = self.index, self.registry, self.policy, self.predictor
+        heappush, heappop = heapq.heappush, heapq.heappop
         while heap:
-            t, _, kind, x = heapq.heappop(heap)
+            t, _, kind, x = heappop(heap)
             self.now = t
             if kind == ARRIVE:
-                rec, rr, dec, rep = self._arrive(x, requests[x], t)
+                rec, rr, dec, rep, add = self._arrive(x, requests[x], t)
                 records.append(rec)
+                if rec.rejected:
+                    continue
                 live[str(x)] = (rec, rr, dec)
+                if req_lat > 0:  # routed now, in the replica's queue later
+                    heappush(heap, (t + req_lat, next(seq), ENQUEUE, (rep, add)))
+                    continue
+                rep.engine.add_request(*add)
                 if not rep.busy:
                     rep.busy = True
                     rep.now = max(rep.now, t)
-                    heapq.heappush(heap, (rep.now, next(seq), STEP, rep))
+                    heappush(heap, (rep.now, next(seq), STEP, rep))
+            elif kind == ENQUEUE:
+                rep, add = x
+                rep.engine.add_request(*add)
+                if not rep.busy:
+                    rep.busy = True
+                    rep.now = max(rep.now, t)
+                    heappush(heap, (rep.now, next(seq), STEP, rep))
             else:
                 rep = x
                 rep.now = max(rep.now, t)
-                outputs = rep.engine.step()
+                engine = rep.engine
+                touched = engine.step_requests()
                 steps += 1
-                for ev in rep.kv.take_events():
-                    self.index.apply(self._url[rep.rid], ev)
-                self.registry.on_load(self._url[rep.rid], rep.load())
-                if rep.engine.steps:
-                    self.policy.observe_steps(self._url[rep.rid], (rep.engine.steps[-1],))
-                for out in outputs:
-                    rec, rr, dec = live[out.request_id]
+                url = self._url[rep.rid]
+                events = rep.kv.take_events()
+                if events:
+                    index.apply_many(url, events)
+                registry.on_load(url, rep.load())
+                if engine.steps:
+                    policy.observe_steps(url, (engine.steps[-1],))
+                now = rep.now
+                seen = now + resp_lat
+                for req in touched:
+                    rec, rr, dec = live[req.request_id]
                     if rec.first_token is None:
-                        rec.first_token = rep.now
-                        rec.cached_tokens = out.num_cached_tokens
-                    if out.finished:
-                        rec.finish = rep.now
-                        rec.output_tokens = out.num_output_tokens
-                        state = self.registry.get(self._url[rep.rid])
-                        self.registry.on_done(state, rec.prompt_tokens + requests[rec.index].output_length)
-                        self.policy.on_complete(rr, dec.replica_id, True)
-                        if self.predictor is not None:
-                            self.predictor.observe_done(rr, out.num_output_tokens)
-                        del live[out.request_id]
-                if rep.engine.has_unfinished():
-                    heapq.heappush(heap, (rep.now, next(seq), STEP, rep))
+                        rec.first_token = seen
+                        rec.cached_tokens = max(req.num_cached_tokens, 0)
+                    if req.status.finished:
+                        rec.finish = seen
+                        rec.output_tokens = req.num_output_tokens
+                        registry.on_done(registry.get(url), rec.prompt_tokens + requests[rec.index].output_length)
+                        policy.on_complete(rr, dec.replica_id, True)
+                        if predictor is not None:
+                            predictor.observe_done(rr, req.num_output_tokens)
+                        del live[req.request_id]
+                if engine.has_unfinished():
+                    heappush(heap, (now, next(seq), STEP, rep))
                 else:
                     rep.busy = False
         return SimResult(self.cfg.policy, records, [self._url[r] for r in self.replicas], steps,
                          _time.perf_counter() - wall)
 
     def _arrive(self, i: int, r: SimRequest, t: float):
-        tokens = r.token_ids()
-        hashes = hash_blocks(tokens, self.cfg.block_size, self.root)
+        memo = r.prompt
+        if memo is not None and memo.block_size == self.cfg.block_size and memo.root == self.root:
+            tokens, hashes = memo.token_ids(), memo.hashes
+        else:
+            tokens = r.token_ids()
+            hashes = tuple(hash_blocks(tokens, self.cfg.block_size, self.root))
+        if len(tokens) >= self.cfg.max_model_len or -(-(len(tokens) + 1) // self.cfg.block_size) > self.kv_blocks:
+            # Scheduler.add_request's checks, before routing (see FleetConfig.max_model_len).
+            return RequestRecord(i, t, "", len(tokens), rejected=True), None, None, None, None
         # Clients' max_tokens is unknown in traces: the router sees none, so predictions are
         # honest (the engine still stops at the trace's output length).
         req = GenerationRequest(kind="completion", model=MODEL, prompt_token_ids=None, max_tokens=None)
-        prepared = Prepared(req, tuple(tokens), "", tuple(hashes), None, hashes[-1] if hashes else i)
+        text = ""
         if self.policy.needs_text:
-            prepared = Prepared(req, prepared.token_ids, ByteTokenizer().decode(tokens), prepared.block_hashes,
-                                prepared.first_user_message, prepared.rng_seed)
+            text = memo.text() if memo is not None else ByteTokenizer().decode(tokens)
+        prepared = Prepared(req, tuple(tokens), text, hashes, None, hashes[-1] if hashes else i)
         rr = self.router.routing_request(prepared, str(i))
         if self.cfg.oracle_lengths:
             rr = dataclasses.replace(rr, predicted_output_tokens=float(r.output_length))
@@ -233,6 +308,5 @@ class FleetSimulation:
         self.registry.on_sent(state, len(tokens) + r.output_length, max(0, len(tokens) - matched))
         rep = self.replicas[self._rid[url]]
         params = SamplingParams(max_tokens=max(1, r.output_length), temperature=0.0, ignore_eos=True)
-        rep.engine.add_request(str(i), tokens, params)
         rec = RequestRecord(i, t, url, len(tokens), predicted_cached_tokens=matched)
-        return rec, rr, decision, rep
+        return rec, rr, decision, rep, (str(i), tokens, params)

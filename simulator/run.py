@@ -7,6 +7,7 @@ bounds (ideal TTFT, infinite-cache hit rate). Same seed, same trace → identica
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,9 +18,20 @@ import numpy as np
 from loadgen.prompts import PromptConfig, prompt_token_ids
 from loadgen.traces import TraceRequest
 from protocol.hashing import hash_blocks, root_hash
+from replica.engine import SIM_MAX_MODEL_LEN
 from replica.step_model import SimPreset
 from simulator.bounds import Bounds, compute_bounds
-from simulator.fleet import MODEL, FleetConfig, FleetSimulation, SimRequest, SimResult
+from simulator.fleet import MODEL, FleetConfig, FleetSimulation, Prompt, SimRequest, SimResult
+
+
+# What a live fleet adds per request outside the engines, measured on this project's 2-core
+# machine (load average ~8) on a live sim fleet (2 replicas, balancer, loadgen) with timestamps
+# taken in loadgen and in the replica: loadgen's send -> the request enters the engine's queue
+# (median 5.3 ms: HTTP to the balancer, tokenize, hash, route, HTTP to the replica, parse, the
+# engine loop picking it up), and a token leaving a step -> loadgen reads it (median 1.9 ms: SSE
+# through the balancer). bench/bench_sim_agreement.py measures the sum again on its fleet.
+DEFAULT_REQUEST_LATENCY_S = 0.005
+DEFAULT_RESPONSE_LATENCY_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,10 @@ class SimulateConfig:
     max_num_batched_tokens: int | None = None
     predictor: str = "ensemble"  # output-length predictor the router uses; "none", or "oracle" (true lengths)
     policy_options: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()  # (policy, ((key, value), ...))
+    # Per-request latency a live fleet adds outside the engines (simulator.fleet.FleetConfig).
+    request_latency_s: float = DEFAULT_REQUEST_LATENCY_S
+    response_latency_s: float = DEFAULT_RESPONSE_LATENCY_S
+    max_model_len: int = SIM_MAX_MODEL_LEN  # longer prompts are rejected, as by a live sim replica
 
     def __post_init__(self) -> None:
         if self.load is not None and not 0 < self.load <= 10:
@@ -44,14 +60,31 @@ class SimulateConfig:
             raise ValueError("give at least one policy")
 
 
-def sim_requests(trace: Sequence[TraceRequest], seed: int = 0) -> list[SimRequest]:
+# Prompts are materialised once and shared by every policy's run (and the bounds) up to this
+# many prompt tokens in all (~3.5 bytes per token: the ids as bytes, the hash chain as ints; the
+# Mooncake synthetic trace's 61M tokens take ~210 MB); a longer trace regenerates them per run.
+MEMO_MAX_TOKENS = 150_000_000
+
+
+def sim_requests(trace: Sequence[TraceRequest], seed: int = 0, block_size: int = 16,
+                 memoize: bool | None = None) -> list[SimRequest]:
+    """The trace as simulator requests. With `memoize` (default: when the trace's prompts fit
+    in MEMO_MAX_TOKENS) each prompt is materialised and hashed here, once."""
     cfg = PromptConfig(seed=seed)
+    if memoize is None:
+        memoize = sum(t.input_length for t in trace) <= MEMO_MAX_TOKENS
+    root = root_hash(MODEL)
 
     def lazy(req: TraceRequest, i: int):
         return lambda: prompt_token_ids(req, i, cfg).tolist()
 
-    return [SimRequest(t.arrival_s, lazy(t, i), t.output_length, t.input_length, t.tenant or t.session_id or "")
-            for i, t in enumerate(trace)]
+    out = []
+    for i, t in enumerate(trace):
+        tokens = lazy(t, i)
+        memo = Prompt(tokens(), block_size, root) if memoize else None
+        out.append(SimRequest(t.arrival_s, memo.token_ids if memo else tokens, t.output_length, t.input_length,
+                              t.tenant or t.session_id or "", memo))
+    return out
 
 
 def offered_load(reqs: Sequence[SimRequest], cfg: SimulateConfig) -> tuple[float, float]:
@@ -79,8 +112,7 @@ def offered_load(reqs: Sequence[SimRequest], cfg: SimulateConfig) -> tuple[float
 
 def rescale(reqs: Sequence[SimRequest], factor: float) -> list[SimRequest]:
     t0 = reqs[0].arrival_s
-    return [SimRequest(t0 + (r.arrival_s - t0) * factor, r.token_ids, r.output_length, r.input_length, r.tag)
-            for r in reqs]
+    return [dataclasses.replace(r, arrival_s=t0 + (r.arrival_s - t0) * factor) for r in reqs]
 
 
 def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
@@ -97,6 +129,7 @@ def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
     return {
         "policy": res.policy,
         "completed": len(recs),
+        "rejected": sum(1 for r in res.records if r.rejected),
         "mean_ttft_s": float(ttft.mean()), "median_ttft_s": float(np.median(ttft)),
         "p99_ttft_s": float(np.quantile(ttft, 0.99)),
         "mean_tpot_s": float(tpots.mean()) if tpots.size else 0.0,
@@ -113,10 +146,14 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
     reqs = sim_requests(trace, cfg.seed)
     reqs.sort(key=lambda r: r.arrival_s)
     bs = 16
-    chains = [hash_blocks(r.token_ids(), bs, root_hash(MODEL)) for r in reqs]
+    # Bounds over the requests a replica accepts (the rejected ones are in no policy's figures);
+    # the offered load below is the whole trace's.
+    served = [r for r in reqs if r.input_length < cfg.max_model_len]
+    chains = [r.prompt.hashes if r.prompt is not None else hash_blocks(r.token_ids(), bs, root_hash(MODEL))
+              for r in served]
     p = cfg.preset
     chunk = cfg.max_num_batched_tokens or p.max_num_batched_tokens
-    bounds: Bounds = compute_bounds(chains, [r.input_length for r in reqs], bs, p.model, chunk)
+    bounds: Bounds = compute_bounds(chains, [r.input_length for r in served], bs, p.model, chunk)
     util, demand = offered_load(reqs, cfg)
     factor = 1.0
     if cfg.load is not None:
@@ -141,7 +178,10 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
                                             kv_blocks=cfg.kv_blocks, seed=cfg.seed,
                                             max_num_seqs=cfg.max_num_seqs,
                                             max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                            oracle_lengths=cfg.predictor == "oracle"), predictor=predictor)
+                                            oracle_lengths=cfg.predictor == "oracle",
+                                            request_latency_s=cfg.request_latency_s,
+                                            response_latency_s=cfg.response_latency_s,
+                                            max_model_len=cfg.max_model_len), predictor=predictor)
         res = fleet.run(reqs)
         out["policies"].append(summarize(res, cfg))
         out.setdefault("_results", {})[name] = res

@@ -71,3 +71,80 @@ def test_cache_aware_policy_hits_more_and_bounds_hold():
         assert p["completed"] == 60
         assert p["cache_hit_rate"] <= bound["infinite_cache_hit_rate"] + 1e-9
         assert p["mean_ttft_s"] >= bound["ideal_mean_ttft_s"] - 1e-9
+
+
+def test_memoised_prompts_change_nothing():
+    from simulator.fleet import FleetConfig, FleetSimulation
+    from simulator.run import sim_requests
+
+    preset = get_preset("llama3-8b-h100")
+    runs = []
+    for memoize in (True, False):
+        reqs = sim_requests(small_trace(), seed=1, memoize=memoize)
+        assert (reqs[0].prompt is not None) == memoize
+        res = FleetSimulation(FleetConfig(3, preset, "sglang_cache_aware")).run(reqs)
+        runs.append([(r.replica, r.cached_tokens, r.first_token, r.finish) for r in res.records])
+    assert runs[0] == runs[1]
+
+
+def test_request_and_response_latency_add_to_each_request_on_an_idle_fleet():
+    from simulator.fleet import FleetConfig, FleetSimulation
+    from simulator.run import sim_requests
+
+    preset = get_preset("llama3-8b-h100")
+    trace = [TraceRequest(arrival_s=10.0 * i, input_length=500, output_length=4) for i in range(3)]
+    base = FleetSimulation(FleetConfig(2, preset, "round_robin")).run(sim_requests(trace))
+    slow = FleetSimulation(FleetConfig(2, preset, "round_robin", request_latency_s=0.02,
+                                       response_latency_s=0.005)).run(sim_requests(trace))
+    for a, b in zip(base.records, slow.records):
+        assert b.ttft == pytest.approx(a.ttft + 0.025)
+        assert b.e2e == pytest.approx(a.e2e + 0.025)
+        assert b.tpot == pytest.approx(a.tpot)
+
+
+def test_prompts_longer_than_max_model_len_are_rejected_like_a_live_replica():
+    trace = [TraceRequest(arrival_s=float(i), input_length=n, output_length=4) for i, n in enumerate((100, 5000, 200))]
+    cfg = SimulateConfig(replicas=2, preset=get_preset("llama3-8b-h100"), policies=("round_robin",),
+                         max_model_len=4096)
+    s = simulate(trace, cfg)["policies"][0]
+    assert (s["completed"], s["rejected"]) == (2, 1)
+
+
+class _FakeTime:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def clock(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+def _out(*arrivals: float):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(scheduled=[SimpleNamespace(request=SimpleNamespace(arrival_time=a)) for a in arrivals])
+
+
+def test_pacer_keeps_a_busy_replica_on_its_modelled_timeline():
+    from replica.sim_executor import Pacer
+
+    ft = _FakeTime()
+    pacer = Pacer(time_scale=2.0, max_lag_s=0.1, clock=ft.clock, sleep=ft.sleep)
+    pacer(0.1, _out(100.0))  # 0.1 s modelled at 2x: ends at 100.05
+    assert ft.t == pytest.approx(100.05)
+    ft.t += 0.01  # the process's own work between steps (10 ms) ...
+    pacer(0.1, _out(100.0))
+    assert ft.t == pytest.approx(100.10)  # ... comes out of the next step, not on top of it
+    ft.t += 0.08  # a late wake-up longer than the step: no sleep, caught up on the next ones
+    pacer(0.1, _out(100.0))
+    assert ft.t == pytest.approx(100.18) and pacer.lag_s == pytest.approx(0.03)
+    pacer(0.1, _out(100.0))
+    assert ft.t == pytest.approx(100.20) and pacer.late_steps == 1
+    ft.t = 105.0  # idle; a request entered the engine at 104.99
+    pacer(0.1, _out(104.99))
+    assert ft.t == pytest.approx(105.04)
+    ft.t = 106.0  # stalled 1 s with work (a stopped process): restart from now, no burst
+    pacer(0.1, _out(100.0))
+    assert ft.t == pytest.approx(106.05) and pacer.restarts == 1
