@@ -791,13 +791,17 @@ def profile_balancer(args, backend_url: str, backend_pid: int, wrk: str | None) 
 def start_targets(args, stack: contextlib.ExitStack, burl: str, tools: dict, skip: set[str]) -> list[Target]:
     """Every proxy in front of the backend at burl, pinned to the proxy core; stopped by stack."""
     targets = [Target("direct", burl, note="rig ceiling: client + backend on one core")]
-    for policy in ("precise_prefix", "round_robin"):
+    # The default (an access log line per request, at INFO) and the same without access logs.
+    for name, policy, extra in (("kvfleet precise_prefix", "precise_prefix", []),
+                                ("kvfleet round_robin", "round_robin", []),
+                                ("kvfleet precise_prefix, no access log", "no-access-log",
+                                 ["--policy", "precise_prefix", "--log-level", "warning"])):
         if policy not in skip:
-            proc, url = spawn(f"kvfleet {policy}", [sys.executable, "-m", "kvfleet.cli", "balancer", "--port", "0",
-                                                    "--model", MODEL, "--policy", policy, "--replica", burl],
-                              args.proxy_core, _READY, cwd=str(ROOT))
+            cmd = [sys.executable, "-m", "kvfleet.cli", "balancer", "--port", "0", "--model", MODEL, "--replica", burl,
+                   *(extra or ["--policy", policy])]
+            proc, url = spawn(name, cmd, args.proxy_core, _READY, cwd=str(ROOT))
             stack.callback(proc.stop)
-            targets.append(Target(f"kvfleet {policy}", url, proc))
+            targets.append(Target(name, url, proc, note="--log-level warning" if extra else ""))
     if "bare" not in skip:
         proc, url = spawn("aiohttp bare relay", [sys.executable, str(Path(__file__).resolve()), "--bare-relay", burl],
                           args.proxy_core, _READY)
@@ -967,7 +971,7 @@ def main() -> int:
                          "root), so other work on a shared machine cannot preempt them; of the in-process routing "
                          "benchmark only the timed loops run so")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get/pip install missing tools")
-    ap.add_argument("--skip", default="", help="comma list of targets to skip: round_robin,bare,nginx,sglang-router")
+    ap.add_argument("--skip", default="", help="comma list of targets to skip: round_robin,no-access-log,bare,nginx,sglang-router")
     ap.add_argument("--profile", action="store_true", help="only profile the kvfleet balancer under load")
     ap.add_argument("--profile-policy", default="precise_prefix")
     ap.add_argument("--profile-top", type=int, default=25)
