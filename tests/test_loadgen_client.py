@@ -108,7 +108,8 @@ def test_slow_responses_never_hold_back_later_sends():
     last_send = max(r.sent_s for r in res.records)
     first_token = min(r.sent_s + r.ttft_s for r in res.records)
     assert last_send < first_token  # every request left before any response began
-    assert [r.index for r in sorted(res.records, key=lambda r: r.sent_s)] == list(range(50))
+    # (Not asserted: that sends happen in index order. Two requests due in the same loop turn may
+    # leave in either order, e.g. when one waits for a new connection; CI saw 19 and 20 swap.)
 
 
 def test_usage_cached_tokens_and_replica_header(fast_server):
