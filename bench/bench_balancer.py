@@ -337,11 +337,15 @@ def _drain(proc: Proc, ready: re.Pattern | None, found: list, seen: threading.Ev
 
 
 def spawn(name: str, cmd: list[str], core: int | None, ready: re.Pattern | None = None, timeout: float = 60.0,
-          env: dict | None = None, cwd: str | None = None) -> tuple[Proc, str | None]:
+          env: dict | None = None, cwd: str | None = None, stderr_file: Path | None = None) -> tuple[Proc, str | None]:
     """Start cmd pinned to core; with `ready`, wait (at most timeout) for the line it matches and
-    return its group 1."""
-    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+    return its group 1. stderr goes with stdout to this process, or to `stderr_file` (a log file,
+    as a deployment would keep it: a reader of a pipe that falls behind would block the writer)."""
+    err = subprocess.STDOUT if stderr_file is None else open(stderr_file, "w")  # noqa: SIM115 - the child owns it
+    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd,
                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_pin(core))
+    if stderr_file is not None:
+        err.close()
     proc = Proc(name, popen)
     found: list[str] = []
     seen = threading.Event()
@@ -799,7 +803,8 @@ def start_targets(args, stack: contextlib.ExitStack, burl: str, tools: dict, ski
         if policy not in skip:
             cmd = [sys.executable, "-m", "kvfleet.cli", "balancer", "--port", "0", "--model", MODEL, "--replica", burl,
                    *(extra or ["--policy", policy])]
-            proc, url = spawn(name, cmd, args.proxy_core, _READY, cwd=str(ROOT))
+            log_file = Path(tempfile.mkdtemp(prefix="kvfleet-bench-")) / "balancer.log"
+            proc, url = spawn(name, cmd, args.proxy_core, _READY, cwd=str(ROOT), stderr_file=log_file)
             stack.callback(proc.stop)
             targets.append(Target(name, url, proc, note="--log-level warning" if extra else ""))
     if "bare" not in skip:
@@ -1009,6 +1014,10 @@ def main() -> int:
     loadavg_start = os.getloadavg()
     tools = ensure_debian_tools(not args.no_install)
     t_start = time.perf_counter()
+    # This process's own threads (one per child, reading its output) stay off the proxy's core:
+    # a balancer's log line must not wake a reader that then competes with it there.
+    with contextlib.suppress(OSError, TypeError):
+        os.sched_setaffinity(0, {args.load_core})
 
     with contextlib.ExitStack() as stack:
         backend, burl = spawn("fake backend", [sys.executable, str(ROOT / "bench" / "fake_backend.py"), "--port", "0",
