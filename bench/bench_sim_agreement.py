@@ -61,8 +61,14 @@ def measure(url: str, trace: list[TraceRequest]) -> list[tuple[float, float]]:
     # Other prompt seed: the warm-up shares no block with the measured prompts.
     from loadgen.prompts import PromptConfig
 
-    run(url, warm, prompt=PromptConfig(seed=99))
-    return [(r.ttft_s, r.e2el_s) for r in run(url, trace)]
+    # Token ids in every chunk (vLLM's `return_token_ids`): the first token counts when it is
+    # streamed, whatever its text. The seeded tiny model's random weights often emit ids that
+    # decode to no text (specials, a partial UTF-8 sequence), which a replica streams no text
+    # chunk for (as vLLM does); timing the first *printable* token would charge those silent
+    # tokens to the torch replica, while the sim replica's ids always decode to text.
+    ids = {"return_token_ids": True}
+    run(url, warm, prompt=PromptConfig(seed=99), extra_body=ids)
+    return [(r.ttft_s, r.e2el_s) for r in run(url, trace, extra_body=ids)]
 
 
 def calibrated_vs_torch(tmp_path: Path) -> dict:

@@ -200,10 +200,6 @@ class EngineService:
                 outputs = await loop.run_in_executor(self._pool, self._step)
                 self._dispatch(outputs)
                 self._maybe_report_load(force=False)
-                # Let the streams write what this step produced before the next step starts: the
-                # step's thread holds the GIL for most of a step, so a token left for later would
-                # reach its client a whole step late (measured: 12-22 ms at TTFT on 2 cores).
-                await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # an engine bug: fail every stream loudly, never hang them
