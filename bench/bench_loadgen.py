@@ -67,35 +67,17 @@ def server(cmd: list[str], core: int | None, nice: int = 0):
         p.wait(10)
 
 
-def bare_timer_lag_p99_ms(rate: float, seconds: float) -> float:
-    """Lag p99 of an event loop that only sleeps to a schedule: the machine's own noise floor."""
-    import asyncio
-
-    import numpy as np
-    import uvloop
-
-    async def probe() -> float:
-        t0, lags = time.perf_counter(), []
-        for i in range(int(rate * seconds)):
-            t = t0 + i / rate
-            while (d := t - time.perf_counter()) > 0:
-                await asyncio.sleep(d)
-            lags.append(time.perf_counter() - t)
-        return float(np.percentile(lags, 99) * 1000)
-
-    return uvloop.run(probe())
-
-
 def child(args: argparse.Namespace) -> int:
     """One run of the load generator (in its own process, pinned to --core)."""
     if args.core is not None:
         os.sched_setaffinity(0, {args.core})
     if args.nice:
         os.nice(args.nice)
-    noise = bare_timer_lag_p99_ms(200.0, 2.0)
-    from loadgen.client import LoadConfig, run_load_sync
+    from loadgen.client import LoadConfig, bare_timer_lag_p99_ms, run_load_sync
     from loadgen.metrics import summarize
     from loadgen.synthetic import LengthDist, SyntheticConfig, synthesize
+
+    noise = bare_timer_lag_p99_ms(200.0, 400)  # 2 s at 200 Hz
 
     n = int(args.child_rate * args.seconds)
     reqs = synthesize(SyntheticConfig(num_requests=n, rate=args.child_rate, input_len=LengthDist("fixed", args.input_len),

@@ -380,3 +380,22 @@ def run_load_sync(url: str, requests: list[TraceRequest], config: LoadConfig) ->
         return uvloop.run(run_load(url, requests, config))
     except ImportError:
         return asyncio.run(run_load(url, requests, config))
+
+
+def bare_timer_lag_p99_ms(rate: float, ticks: int) -> float:
+    """Schedule lag p99 (ms) of an event loop that only sleeps to a schedule of `ticks` at `rate`
+    per second: this machine's own noise floor, beside which the load generator's schedule lag
+    is judged (tests, bench_loadgen)."""
+    import numpy as np
+    import uvloop
+
+    async def probe() -> float:
+        t0, lags = time.perf_counter(), []
+        for i in range(ticks):
+            t = t0 + i / rate
+            while (d := t - time.perf_counter()) > 0:
+                await asyncio.sleep(d)
+            lags.append(time.perf_counter() - t)
+        return float(np.percentile(lags, 99) * 1000)
+
+    return uvloop.run(probe())

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from loadgen.client import LoadConfig, run_load, run_load_sync
+from loadgen.client import LoadConfig, bare_timer_lag_p99_ms, run_load, run_load_sync
 from loadgen.metrics import summarize
 from loadgen.prompts import PromptConfig
 from loadgen.synthetic import LengthDist, SyntheticConfig, synthesize
@@ -68,22 +68,6 @@ def test_ttft_and_itl_match_a_known_delay_profile(profile_server):
     assert s["median_e2el_ms"] == pytest.approx(200.0, rel=0.05)
 
 
-def _bare_timer_lag_p99_ms(rate: float, n: int) -> float:
-    """Schedule lag of a loop that only sleeps: what this machine allows right now."""
-    async def probe() -> float:
-        t0, lags = time.perf_counter(), []
-        for i in range(n):
-            t = t0 + i / rate
-            while (d := t - time.perf_counter()) > 0:
-                await asyncio.sleep(d)
-            lags.append(time.perf_counter() - t)
-        return float(np.percentile(lags, 99) * 1000)
-
-    import uvloop
-
-    return uvloop.run(probe())
-
-
 def test_requests_leave_on_schedule_at_200_per_second(fast_server):
     reqs = _workload(600, 200.0)
     p99s = []
@@ -94,7 +78,7 @@ def test_requests_leave_on_schedule_at_200_per_second(fast_server):
         p99s.append(s["schedule_lag_ms"]["p99"])
         if p99s[-1] < 5.0:
             return
-    bare = _bare_timer_lag_p99_ms(200.0, 600)
+    bare = bare_timer_lag_p99_ms(200.0, 600)
     if bare >= 4.0:
         pytest.skip(f"machine too busy to judge: a loop that only sleeps lags p99 {bare:.1f} ms "
                     f"(loadgen: {p99s} ms)")
