@@ -5,7 +5,7 @@ A short slice of the bundled agentic trace (tenants' system prompts, sessions, a
 prompts scaled by 1/32 so a 512-token block becomes one 16-token KV block) is replayed through
 a local fleet of tiny torch replicas (one thread each) behind the balancer, once per policy,
 each on a fresh fleet (cold caches). The same slice, at the same arrival times, goes through
-the offline simulator with the calibrated `tiny-cpu` preset. Arrivals are rescaled so that the
+the offline simulator with the `tiny-cpu` preset (calibrated on this machine, replica/step_model.py). Arrivals are rescaled so that the
 simulator's capacity model puts the fleet at `--load`. The table gives mean and p99 TTFT per
 policy and each side's rank; on a loaded 2-core machine the live figures are noisy, so the
 machine's load average is printed with them.
