@@ -239,7 +239,8 @@ class Proxy:
             finally:
                 self.registry.on_done(replica, att.tokens)
                 self.router.policy.on_complete(rr, replica.replica_id, ok)
-                if ok and outcome.output_tokens is not None:  # predictors learn once the response is out
+                if ok and outcome.output_tokens is not None and self.router.predictor is not None:
+                    # the predictor learns once the response is out
                     asyncio.get_running_loop().call_soon(self.router.finished, rr, outcome.output_tokens)
                 self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
         if last is None:
