@@ -66,8 +66,11 @@ class Balancer:
     async def start(self) -> None:
         r = self.cfg.retry
         timeout = aiohttp.ClientTimeout(total=None, connect=r.connect_timeout_s, sock_read=r.read_timeout_s)
+        # No cookie jar: a proxy must not keep a replica's cookies and send them along with other
+        # clients' requests (and skipping the jar saves its work on every request).
         self._session = aiohttp.ClientSession(
             timeout=timeout, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30), auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
             headers={"Authorization": f"Bearer {self.cfg.replica_api_key}"} if self.cfg.replica_api_key else None)
         if self.model is None:
             self.model = await self._discover_model()
