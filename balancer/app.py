@@ -75,12 +75,9 @@ class Balancer:
         if self.model is None:
             self.model = await self._discover_model()
         self.index = PrefixIndex(self.cfg.block_size, self.model)
-        predictor = None
-        if self.cfg.predictor != "none":
-            from predictors import make_predictor
-            from predictors.adapter import BalancerPredictor
+        from predictors.adapter import balancer_predictor
 
-            predictor = BalancerPredictor(make_predictor(self.cfg.predictor), model=self.model)
+        predictor = balancer_predictor(self.cfg.predictor, self.model)
         self.router = Router(self.model, self.cfg.block_size, self.tokenizer, self.index, self.approx, self.policy,
                              self.registry, has_events=self.subscribers.__contains__, predictor=predictor,
                              clock=self.clock)

@@ -118,9 +118,6 @@ class Registry:
             out.append(r)
         return out
 
-    def view(self, r: ReplicaState, cached_blocks: int = 0) -> ReplicaView:
-        return self.views((r,), lambda _rid: cached_blocks)[0]
-
     def views(self, replicas: Sequence[ReplicaState], cached_blocks: Callable[[str], int]) -> list[ReplicaView]:
         """The policy's views of `replicas` (one clock read for all: this runs per request)."""
         now = self.clock()

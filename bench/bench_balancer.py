@@ -642,12 +642,11 @@ def bench_routing(policies: list[str], total_blocks: int, replicas: int, probes_
     for name in policies:
         policy = make_policy(name)
         approx = ApproxIndex(capacity_per_replica=cfg.approx_capacity_blocks, ttl_s=cfg.approx_ttl_s)
-        predictor = None
-        if policy.uses_predicted_output:  # as the balancer runs it: the default output-length predictor
-            from predictors import make_predictor
-            from predictors.adapter import BalancerPredictor
+        from predictors.adapter import balancer_predictor
 
-            predictor = BalancerPredictor(make_predictor(cfg.predictor), model=MODEL)
+        # As the balancer runs it: its default output-length predictor (the router keeps it only
+        # for a policy that reads predictions).
+        predictor = balancer_predictor(cfg.predictor, MODEL)
         router = Router(MODEL, bs, tokenizer, index, approx, policy, registry, has_events=lambda rid: True,
                         predictor=predictor)
         for k, req in enumerate(requests):  # warm-up; text-tree policies learn the probes here

@@ -47,3 +47,13 @@ class BalancerPredictor:
     def observe_done(self, request, output_tokens: int) -> None:
         """The request finished having generated output_tokens."""
         self.predictor.observe(self.features(request), output_tokens)
+
+
+def balancer_predictor(name: str, model: str | None = None) -> BalancerPredictor | None:
+    """The output-length predictor `name` (`predictors.make_predictor`) behind the balancer's
+    hooks, as the balancer, the simulator and the benchmarks build it; None for "none"."""
+    if name == "none":
+        return None
+    from predictors import make_predictor
+
+    return BalancerPredictor(make_predictor(name), model=model)

@@ -317,17 +317,17 @@ class KVEventPublisher:
     def _serve(self, pub: zmq.Socket, router: zmq.Socket | None) -> None:
         state = _ThreadState(self.config)
         poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
+        # By fd: pyzmq's Poller reports a plain socket by its file descriptor, whatever was
+        # registered, and a wake byte left unread would make the loop spin on it.
+        wake_fd = self._wake_r.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
         if router is not None:
             poller.register(router, zmq.POLLIN)
         main = threading.main_thread()
-        # pyzmq's Poller reports a plain socket by its file descriptor, not by the object that was
-        # registered: test both, or the wake-up byte is never read and the loop spins on it.
-        wake = (self._wake_r, self._wake_r.fileno())
         while True:
             ready = dict(poller.poll(200))
             self.wakeups += 1
-            if wake[0] in ready or wake[1] in ready:
+            if wake_fd in ready:
                 try:
                     self._wake_r.recv(4096)
                 except BlockingIOError:

@@ -169,11 +169,10 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
            "policies": []}
     for name in cfg.policies:
         predictor = None
-        if cfg.predictor not in ("none", "oracle"):
-            from predictors import make_predictor
-            from predictors.adapter import BalancerPredictor
+        if cfg.predictor != "oracle":  # oracle: the fleet passes true lengths instead
+            from predictors.adapter import balancer_predictor
 
-            predictor = BalancerPredictor(make_predictor(cfg.predictor), model=MODEL)
+            predictor = balancer_predictor(cfg.predictor, MODEL)
         fleet = FleetSimulation(FleetConfig(cfg.replicas, p, name, dict(cfg.policy_options).get(name, ()),
                                             kv_blocks=cfg.kv_blocks, seed=cfg.seed,
                                             max_num_seqs=cfg.max_num_seqs,

@@ -605,4 +605,4 @@ def test_registry_views_carry_every_field_by_name():
         spec.replica_id, 1, 70, 1, 42)
     assert v.sent_tokens_since_report == r.sent_tokens_since_report
     assert v.load == ReplicaLoad(1, 2, 3, 4, 5, 6, 0.5, 0.25)
-    assert reg.view(r, 7) == v._replace(cached_blocks=7)
+    assert reg.views([r], lambda rid: 7)[0] == v._replace(cached_blocks=7)
