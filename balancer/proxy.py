@@ -177,8 +177,8 @@ class Proxy:
             raise
         finally:
             if access_log.isEnabledFor(logging.INFO):
-                # After the response is written (a non-streaming body goes out once this returns):
-                # formatting and writing the log line is not the client's latency.
+                # Runs after the response is written (a non-streaming body goes out once this
+                # returns), so the line is formatted and written after the client has its bytes.
                 asyncio.get_running_loop().call_soon(self._log_access, request_id, path, req, prompt_tokens, outcome,
                                                      time.perf_counter() - arrival)
 
