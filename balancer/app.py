@@ -30,6 +30,7 @@ from balancer.prefix_index import PrefixIndex
 from balancer.proxy import Proxy
 from balancer.registry import Registry
 from balancer.router import Router
+from balancer.upstream import UpstreamConfig, UpstreamPool
 from protocol import curve
 from protocol.load import LoadReport
 from protocol.openai_api import APIError, error_body
@@ -53,7 +54,8 @@ class Balancer:
         self.approx = ApproxIndex(capacity_per_replica=cfg.approx_capacity_blocks, ttl_s=cfg.approx_ttl_s, clock=clock)
         self.router: Router | None = None
         self.proxy: Proxy | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # health polls, model discovery
+        self._upstream: UpstreamPool | None = None  # the data path: requests to the replicas
         self._tasks: list[asyncio.Task] = []
         self._stopping: list[asyncio.Task] = []
         self._curve_keypair = curve.client_keypair(cfg.curve_client_key_file)  # for CURVE event sockets
@@ -62,6 +64,10 @@ class Balancer:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "balancer not started"
         return self._session
+
+    def upstream(self) -> UpstreamPool:
+        assert self._upstream is not None, "balancer not started"
+        return self._upstream
 
     async def start(self) -> None:
         r = self.cfg.retry
@@ -72,6 +78,9 @@ class Balancer:
             timeout=timeout, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30), auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"Authorization": f"Bearer {self.cfg.replica_api_key}"} if self.cfg.replica_api_key else None)
+        self._upstream = UpstreamPool(UpstreamConfig(
+            connect_timeout_s=r.connect_timeout_s, read_timeout_s=r.read_timeout_s,
+            headers=(("Authorization", f"Bearer {self.cfg.replica_api_key}"),) if self.cfg.replica_api_key else ()))
         if self.model is None:
             self.model = await self._discover_model()
         self.index = PrefixIndex(self.cfg.block_size, self.model)
@@ -81,7 +90,7 @@ class Balancer:
         self.router = Router(self.model, self.cfg.block_size, self.tokenizer, self.index, self.approx, self.policy,
                              self.registry, has_events=self.subscribers.__contains__, predictor=predictor,
                              clock=self.clock)
-        self.proxy = Proxy(self.registry, self.router, self.metrics, self.session, self.cfg.retry, self.policy.name,
+        self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
                            lambda: self.model)
         for spec in self.cfg.replicas:
             self.add_replica(spec)
@@ -107,6 +116,8 @@ class Balancer:
         self.subscribers.clear()
         if self._session is not None:
             await self._session.close()
+        if self._upstream is not None:
+            await self._upstream.close()
 
     async def _discover_model(self, attempts: int = 20) -> str:
         for _ in range(attempts):

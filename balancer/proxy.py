@@ -24,17 +24,17 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from balancer.metrics import NO_REPLICA, BalancerMetrics
 from balancer.registry import Registry, ReplicaState
 from balancer.router import Prepared, Router
-from balancer.sse import DONE, event, read_progress, split_events
+from balancer.sse import DONE, event, event_data, read_progress, split_events
+from balancer.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
 from protocol.openai_api import (APIError, GenerationRequest, decode_json_body, error_body, parse_chat,
                                  parse_completion)
 
-_RELAY_HEADERS = ("Content-Type", "Cache-Control")
+_RELAY_HEADERS = (("content-type", "Content-Type"), ("cache-control", "Cache-Control"))
 REPLICA_HEADER = "X-Kvfleet-Replica"
 access_log = logging.getLogger("kvfleet.balancer.access")
 
@@ -111,6 +111,20 @@ class _Outcome:
     reported_cached: int | None = None
     failovers: int = 0
     output_tokens: int | None = None  # for the output-length predictor (None: unknown)
+    rr: object = None  # the RoutingRequest that succeeded (for the predictor)
+    # A non-streaming response's bookkeeping, done after the client has its bytes (`_finish`):
+    counted: ReplicaState | None = None  # the replica whose response was relayed
+    e2e_s: float = 0.0
+    body: bytes | None = None  # a 200 body, to read `usage` from
+
+
+def _attempt_metrics(m: BalancerMetrics, replica_id: str, matched: int, prompt_tokens: int,
+                     decision_s: float | None) -> None:
+    """An attempt's metrics; called soon after the request is written (they need not delay it)."""
+    if decision_s is not None:
+        m.decision.observe(decision_s)
+    m.series(m.predicted_cached, replica_id).inc(matched)
+    m.series(m.prompt_tokens, replica_id).inc(prompt_tokens)
 
 
 async def read_json(request: web.Request) -> object:
@@ -123,7 +137,7 @@ class Proxy:
         registry: Registry,
         router: Router,
         metrics: BalancerMetrics,
-        session: Callable[[], aiohttp.ClientSession],
+        upstream: Callable[[], UpstreamPool],
         retry,
         policy_name: str,
         model: Callable[[], str | None],
@@ -131,7 +145,7 @@ class Proxy:
         self.registry = registry
         self.router = router
         self.metrics = metrics
-        self.session = session
+        self.upstream = upstream
         self.retry = retry
         self.policy_name = policy_name
         self.model = model
@@ -176,11 +190,27 @@ class Proxy:
             outcome.status = outcome.status or 500
             raise
         finally:
-            if access_log.isEnabledFor(logging.INFO):
-                # Runs after the response is written (a non-streaming body goes out once this
-                # returns), so the line is formatted and written after the client has its bytes.
-                asyncio.get_running_loop().call_soon(self._log_access, request_id, path, req, prompt_tokens, outcome,
-                                                     time.perf_counter() - arrival)
+            # Runs after the response is written (a non-streaming body goes out once this
+            # returns): metrics, the predictor and the access line wait until the client has its bytes.
+            asyncio.get_running_loop().call_soon(self._finish, request_id, path, req, prompt_tokens, outcome,
+                                                 time.perf_counter() - arrival)
+
+    def _finish(self, request_id: str, path: str, req: GenerationRequest, prompt_tokens: int, o: _Outcome,
+                e2e_s: float) -> None:
+        replica = o.counted
+        if replica is not None:  # a relayed non-streaming response
+            m = self.metrics
+            m.series(m.requests, replica.replica_id, self.policy_name, f"{o.status // 100}xx").inc()
+            m.e2e.observe(o.e2e_s)
+            if o.ttft_s is not None:
+                m.ttft.observe(o.ttft_s)
+            if o.body is not None:
+                self._note_usage(replica, o.body, o)
+                o.body = None
+        if o.rr is not None and o.output_tokens is not None and self.router.predictor is not None:
+            self.router.finished(o.rr, o.output_tokens)
+        if access_log.isEnabledFor(logging.INFO):
+            self._log_access(request_id, path, req, prompt_tokens, o, e2e_s)
 
     def _log_access(self, request_id: str, path: str, req: GenerationRequest, prompt_tokens: int, o: _Outcome,
                     e2e_s: float) -> None:
@@ -213,17 +243,18 @@ class Proxy:
                 break
             rr = self.router.routing_request(prepared, request_id)
             decision = self.router.decide(rr, candidates)
-            if attempt == 0:
-                self.metrics.decision.observe(time.perf_counter() - t0)
+            decision_s = time.perf_counter() - t0 if attempt == 0 else None
             replica = self.registry.get(decision.replica_id)
-            self.router.routed(rr, decision)
             matched = rr.matched_blocks.get(replica.replica_id, 0) * rr.block_size
-            expected_out = req.max_tokens or 0
-            att = _Attempt(replica, len(prepared.token_ids) + expected_out)
-            self.registry.on_sent(replica, att.tokens, max(0, len(prepared.token_ids) - matched))
+            n_prompt = len(prepared.token_ids)
+            att = _Attempt(replica, n_prompt + (req.max_tokens or 0))
+            self.registry.on_sent(replica, att.tokens, max(0, n_prompt - matched))
+            # The policy and the approximate index learn of it now: the next decision, maybe for a
+            # request already waiting in this loop turn, must see it.
+            self.router.routed(rr, decision)
             self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
-            self.metrics.series(self.metrics.predicted_cached, replica.replica_id).inc(matched)
-            self.metrics.series(self.metrics.prompt_tokens, replica.replica_id).inc(len(prepared.token_ids))
+            asyncio.get_running_loop().call_soon(_attempt_metrics, self.metrics, replica.replica_id, matched, n_prompt,
+                                                 decision_s)
             outcome.replica, outcome.attempts, outcome.predicted_cached = replica.replica_id, attempt + 1, matched
             ok = False
             try:
@@ -239,9 +270,8 @@ class Proxy:
             finally:
                 self.registry.on_done(replica, att.tokens)
                 self.router.policy.on_complete(rr, replica.replica_id, ok)
-                if ok and outcome.output_tokens is not None and self.router.predictor is not None:
-                    # the predictor learns once the response is out
-                    asyncio.get_running_loop().call_soon(self.router.finished, rr, outcome.output_tokens)
+                if ok:
+                    outcome.rr = rr  # the predictor learns from it once the response is out
                 self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
         if last is None:
             self.metrics.no_replica.inc()
@@ -259,13 +289,12 @@ class Proxy:
 
     async def _send(self, request: web.Request, replica: ReplicaState, path: str, payload: bytes, headers: dict,
                     prepared: Prepared, rr, arrival: float, outcome: _Outcome) -> web.StreamResponse:
-        session = self.session()
         try:
-            upstream = await session.post(replica.url + path, data=payload, headers=headers)
-        except aiohttp.ClientConnectorError as e:
-            raise _UpstreamFailed(replica, f"cannot connect: {e}", refused=True) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise _UpstreamFailed(replica, f"{type(e).__name__}: {e}") from None
+            upstream = await self.upstream().post(replica.url, path, payload, headers)
+        except ConnectFailed as e:
+            raise _UpstreamFailed(replica, str(e), refused=True) from None
+        except UpstreamError as e:
+            raise _UpstreamFailed(replica, str(e)) from None
         try:
             if upstream.status >= 500:
                 body = await _read_safely(upstream)
@@ -273,11 +302,15 @@ class Proxy:
             if upstream.status >= 400 or not prepared.request.stream:
                 try:
                     body = await upstream.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    raise _UpstreamFailed(replica, f"response cut: {type(e).__name__}") from None
-                self._count(replica, upstream.status, arrival, body if upstream.status == 200 else None, outcome)
+                except UpstreamError as e:
+                    raise _UpstreamFailed(replica, f"response cut: {e}") from None
+                # Metrics and `usage` are read after the response is out (Proxy._finish).
+                outcome.status, outcome.counted = upstream.status, replica
+                outcome.e2e_s = time.perf_counter() - arrival
+                if upstream.status == 200:
+                    outcome.ttft_s, outcome.body = outcome.e2e_s, body
                 self.registry.record_success(replica)
-                out_headers = {h: upstream.headers[h] for h in _RELAY_HEADERS if h in upstream.headers}
+                out_headers = _relayed_headers(upstream)
                 out_headers[REPLICA_HEADER] = replica.replica_id
                 out_headers["X-Request-Id"] = headers["X-Request-Id"]
                 return web.Response(status=upstream.status, body=body, headers=out_headers)
@@ -289,26 +322,15 @@ class Proxy:
         finally:
             upstream.release()
 
-    def _count(self, replica: ReplicaState, status: int, arrival: float, body: bytes | None,
-               outcome: _Outcome) -> None:
-        now = time.perf_counter()
-        outcome.status = status
-        self.metrics.series(self.metrics.requests, replica.replica_id, self.policy_name, f"{status // 100}xx").inc()
-        self.metrics.e2e.observe(now - arrival)
-        if body is not None:
-            outcome.ttft_s = now - arrival
-            self.metrics.ttft.observe(outcome.ttft_s)
-            self._note_usage(replica, body, outcome)
-
     # ------------------------------------------------------------------ streaming
-    async def _relay_stream(self, request: web.Request, replica: ReplicaState, upstream: aiohttp.ClientResponse,
+    async def _relay_stream(self, request: web.Request, replica: ReplicaState, upstream: UpstreamResponse,
                             headers: dict, prepared: Prepared, rr, arrival: float,
                             outcome: _Outcome) -> web.StreamResponse:
         pending = bytearray()
         relayed = bytearray()
         out: web.StreamResponse | None = None
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_any():
                 pending += chunk
                 complete = split_events(pending)
                 if not complete:
@@ -321,8 +343,8 @@ class Proxy:
                     self.registry.record_success(replica)
                 await _write(out, complete)
                 relayed += complete
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            broken = f"{type(e).__name__}: {e}"
+        except UpstreamError as e:
+            broken = str(e)
         else:
             broken = None if relayed.rstrip().endswith(DONE) else "stream ended without [DONE]"
         if broken is not None and out is None:
@@ -346,7 +368,7 @@ class Proxy:
         return out
 
     async def _open_stream(self, request, replica, upstream, headers) -> web.StreamResponse:
-        out_headers = {h: upstream.headers[h] for h in _RELAY_HEADERS if h in upstream.headers}
+        out_headers = _relayed_headers(upstream)
         out_headers[REPLICA_HEADER] = replica.replica_id
         out_headers["X-Request-Id"] = headers["X-Request-Id"]
         out = web.StreamResponse(status=upstream.status, headers=out_headers)
@@ -442,36 +464,33 @@ class Proxy:
                                   generated_before: int, prompt_tokens: int,
                                   request_id: str) -> tuple[bool, list[int]]:
         """Relay a continuation's chunks re-shaped as the client's original stream."""
-        session = self.session()
         new_ids: list[int] = []
         self.registry.on_sent(replica, len(body["prompt"]), 0)
+        upstream: UpstreamResponse | None = None
         try:
-            async with session.post(replica.url + "/v1/completions", json=body,
-                                    headers={"X-Request-Id": request_id}) as upstream:
-                if upstream.status != 200:
-                    raise _UpstreamFailed(replica, f"HTTP {upstream.status}", refused=False)
-                pending = bytearray()
-                async for chunk in upstream.content.iter_any():
-                    pending += chunk
-                    complete = split_events(pending)
-                    for raw in complete.split(b"\n\n"):
-                        line = raw.strip()
-                        if not line.startswith(b"data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == b"[DONE]":
-                            await _write(out, b"data: [DONE]\n\n")
-                            self.registry.record_success(replica)
-                            return True, new_ids
-                        await _write(out, self._reshape(json.loads(data), req, progress, generated_before + len(new_ids),
-                                                      prompt_tokens, new_ids))
-        except aiohttp.ClientConnectorError as e:
-            raise _UpstreamFailed(replica, f"cannot connect: {e}", refused=True) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            upstream = await self.upstream().post(replica.url, "/v1/completions", json.dumps(body).encode(),
+                                                  {"Content-Type": "application/json", "X-Request-Id": request_id})
+            if upstream.status != 200:
+                raise _UpstreamFailed(replica, f"HTTP {upstream.status}", refused=False)
+            pending = bytearray()
+            async for chunk in upstream.iter_any():
+                pending += chunk
+                for data in event_data(split_events(pending)):
+                    if data == b"[DONE]":
+                        await _write(out, b"data: [DONE]\n\n")
+                        self.registry.record_success(replica)
+                        return True, new_ids
+                    await _write(out, self._reshape(json.loads(data), req, progress, generated_before + len(new_ids),
+                                                  prompt_tokens, new_ids))
+        except ConnectFailed as e:
+            raise _UpstreamFailed(replica, str(e), refused=True) from None
+        except (UpstreamError, ValueError) as e:
             if not new_ids:
                 raise _UpstreamFailed(replica, f"{type(e).__name__}: {e}") from None
             return False, new_ids
         finally:
+            if upstream is not None:
+                upstream.release()
             self.registry.on_done(replica, len(body["prompt"]))
         return False, new_ids
 
@@ -525,8 +544,14 @@ class _FailoverText:
         return delta
 
 
-async def _read_safely(resp: aiohttp.ClientResponse) -> bytes | None:
+async def _read_safely(resp: UpstreamResponse) -> bytes | None:
     try:
         return await resp.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except UpstreamError:
         return None
+
+
+def _relayed_headers(upstream: UpstreamResponse) -> dict[str, str]:
+    """The replica's response headers that go on to the client (Content-Type, Cache-Control)."""
+    h = upstream.headers
+    return {name: h[key] for key, name in _RELAY_HEADERS if key in h}

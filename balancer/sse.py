@@ -8,6 +8,7 @@ client already has: the response id, creation time, the text and token ids gener
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,13 +38,17 @@ def split_events(buf: bytearray) -> bytes:
     return out
 
 
+def event_data(events: bytes) -> Iterator[bytes]:
+    """The `data:` payload of each complete event in `events` (other lines skipped)."""
+    for raw in events.split(b"\n\n"):
+        line = raw.strip()
+        if line.startswith(b"data:"):
+            yield line[5:].strip()
+
+
 def read_progress(relayed: bytes) -> StreamProgress:
     p = StreamProgress()
-    for raw in relayed.split(b"\n\n"):
-        line = raw.strip()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
+    for data in event_data(relayed):
         if data == b"[DONE]":
             p.done = True
             continue

@@ -976,6 +976,9 @@ def main() -> int:
                          "benchmark only the timed loops run so")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get/pip install missing tools")
     ap.add_argument("--skip", default="", help="comma list of targets to skip: round_robin,no-access-log,bare,nginx,sglang-router")
+    ap.add_argument("--parts", default="latency,throughput,sse,routing",
+                    help="comma list of the parts to run (latency, throughput, sse, routing); the goals table "
+                         "covers the parts run")
     ap.add_argument("--profile", action="store_true", help="only profile the kvfleet balancer under load")
     ap.add_argument("--profile-policy", default="precise_prefix")
     ap.add_argument("--profile-top", type=int, default=25)
@@ -984,6 +987,10 @@ def main() -> int:
     ap.add_argument("--client", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--bare-relay", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    parts = set(filter(None, args.parts.split(",")))
+    if parts - {"latency", "throughput", "sse", "routing"}:
+        ap.error(f"--parts: unknown part(s) {sorted(parts - {'latency', 'throughput', 'sse', 'routing'})}; "
+                 "choose from latency, throughput, sse, routing")
     if args.client is not None:
         client_main(json.loads(args.client))
         return 0
@@ -1028,9 +1035,9 @@ def main() -> int:
         targets = start_targets(args, stack, burl, tools, set(filter(None, args.skip.split(","))))
         print(f"targets up in {time.perf_counter() - t_start:.1f} s: "
               + ", ".join(t.name for t in targets if t.url is not None), flush=True)
-        lat = latency_rows(args, targets, backend.popen.pid)
-        thr = throughput_rows(args, targets, backend.popen.pid, tools["wrk"])
-        sse = sse_rows(args, targets, backend.popen.pid)
+        lat = latency_rows(args, targets, backend.popen.pid) if "latency" in parts else []
+        thr = throughput_rows(args, targets, backend.popen.pid, tools["wrk"]) if "throughput" in parts else []
+        sse = sse_rows(args, targets, backend.popen.pid) if "sse" in parts else []
 
     # In process, once every process above is stopped.
     if args.realtime:  # the index build must not hold a core at real-time priority for seconds
@@ -1039,7 +1046,7 @@ def main() -> int:
         os.sched_setaffinity(0, {args.proxy_core})
     routing = bench_routing(["precise_prefix", "dynamo_kv", "llmd_scorer", "sglang_cache_aware", "predictive"],
                             args.blocks, 16,
-                            probes_n=32, rounds=20, realtime=args.realtime)
+                            probes_n=32, rounds=20, realtime=args.realtime) if "routing" in parts else []
 
     stem = args.out.removesuffix(".json")
     nice = os.getpriority(os.PRIO_PROCESS, 0)
