@@ -211,7 +211,9 @@ def create_app(cfg: BalancerConfig, balancer: Balancer | None = None) -> web.App
     from balancer import admin
 
     b = balancer or Balancer(cfg)
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors, Guard.for_balancer(b).middleware])
+    guard = Guard.for_balancer(b)
+    app = web.Application(client_max_size=cfg.max_body_bytes,
+                          middlewares=[_errors] if guard.idle else [_errors, guard.middleware])
     app[BALANCER] = b
 
     async def completions(request: web.Request) -> web.StreamResponse:

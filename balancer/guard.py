@@ -226,6 +226,15 @@ class Guard:
                                  registry=registry)
         self.queue_depth.set_function(lambda: self.admission.waiting if self.admission else 0)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing to check or change on any request: no keys, limits, queue, cap or body timeout
+        (the balancer's default). The app then leaves the middleware out of the request path."""
+        cfg = self.cfg
+        return (not cfg.api_keys and not cfg.admin_keys and self.forward_client_auth and self.rate is None
+                and not cfg.max_concurrency_per_key and self.admission is None and not cfg.max_tokens_cap
+                and not cfg.body_timeout_s)
+
     @classmethod
     def for_balancer(cls, b) -> "Guard":
         """The guard of balancer `b` (a `balancer.app.Balancer`): capacity from its registry, its
