@@ -16,17 +16,9 @@ from replica.model import LlamaForCausalLM
 from replica.model_config import PRESETS, ModelConfig
 from replica.weights import build_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BLOCK_SIZE = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a loaded 2-core machine OpenMP's
-    spin-waiting makes 2 threads tens of times slower than 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class _PagedRunner:

@@ -10,18 +10,10 @@ from kernels import AttentionMetadata, attention, paged_attention, triton_availa
 from kernels.paged_attention import planned_paged_attention
 from kernels.triton_paged_attention import paged_decode_attention
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 HEAD_DIM = 16
 HKV = 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a loaded 2-core machine OpenMP's
-    spin-waiting makes 2 threads tens of times slower than 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _dense_reference(q_new: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, scale: float) -> torch.Tensor:

@@ -11,16 +11,10 @@ from safetensors.torch import load_file, save_file
 from replica.model_config import PRESETS
 from replica.weights import build_model, hf_state_dict, hf_tensor_shapes, save_safetensors
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Two layers of the tiny shape: every naming rule, little work.
 CONFIG = replace(PRESETS["tiny"], num_layers=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
