@@ -1,7 +1,15 @@
-"""Measure the torch engine's step times on this machine (whole engine steps, plus the live
-loop's turnaround between steps) and fit the simulator's step-time model to them; print the fit
-error and write a preset file for `kvfleet replica --engine sim --preset-file FILE` and
-`kvfleet simulate --preset-file FILE`. Example:
+"""Fit the simulator's step-time model to the torch engine on this machine; print the fit error
+and write a preset file for `kvfleet replica --engine sim --preset-file FILE` and
+`kvfleet simulate --preset-file FILE`. Two ways to measure:
+
+- `--mode served` (default): start a torch replica, send it streaming requests over HTTP, and
+  fit to what each step costs the serving replica, start to next start (its server's work on
+  the loop competes with the step for the GIL and the cores) — what a live sim replica
+  reproduces. See kvfleet/calibrate_served.py.
+- `--mode engine`: time whole engine steps in this process, no server, plus the live loop's
+  turnaround (replica/calibrate.py). Less noisy, but misses the server's per-token cost.
+
+Example:
 
     kvfleet calibrate --model tiny --threads 1 --out results/tiny-cpu.json
 """
@@ -11,30 +19,54 @@ from __future__ import annotations
 import argparse
 import sys
 
+MODES = ("served", "engine")
+DEFAULT_REQUESTS = {"served": 240, "engine": 120}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=MODES, default="served",
+                   help="served: steps of a torch replica serving streaming HTTP requests; "
+                        "engine: engine steps in this process, no server")
     p.add_argument("--model", default="tiny", help="model preset to measure")
     p.add_argument("--threads", type=int, default=1, help="torch threads (use what the replicas will use)")
     p.add_argument("--num-blocks", type=int, default=1024, help="KV blocks of the measured engine")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill chunk size while measuring")
     p.add_argument("--max-num-seqs", type=int, default=32, help="batch limit while measuring")
-    p.add_argument("--requests", type=int, default=120, help="requests in the measured workload")
+    p.add_argument("--requests", type=int, default=None,
+                   help=f"requests in the measured workload (default: served {DEFAULT_REQUESTS['served']}, "
+                        f"engine {DEFAULT_REQUESTS['engine']})")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
     p.add_argument("--out", default="results/step-model.json", help="where to write the fitted preset")
 
 
 def run(args: argparse.Namespace) -> int:
-    from replica.calibrate import calibrate, save
     from replica.config import EngineConfig
+    from replica.model_config import ModelConfig
 
+    requests = DEFAULT_REQUESTS[args.mode] if args.requests is None else args.requests
     try:
+        if requests < 10:
+            raise ValueError(f"--requests must be at least 10 to fit the model, got {requests}")
+        ModelConfig.from_preset(args.model)  # an unknown name fails here, not in a subprocess
         cfg = EngineConfig(model=args.model, threads=args.threads, num_blocks=args.num_blocks,
                            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
     except ValueError as e:
         print(f"kvfleet calibrate: {e}", file=sys.stderr)
         return 2
-    model, report = calibrate(cfg, args.requests, args.seed)
-    print(f"measured {report['steps']} steps of the {args.model} engine with {args.threads} thread(s)")
+    try:
+        if args.mode == "served":
+            from kvfleet.calibrate_served import calibrate_served
+
+            model, report = calibrate_served(cfg, requests, args.seed)
+        else:
+            from replica.calibrate import calibrate
+
+            model, report = calibrate(cfg, requests, args.seed)
+    except (RuntimeError, ValueError) as e:
+        print(f"kvfleet calibrate: {e}", file=sys.stderr)
+        return 1
+    where = "a serving replica" if args.mode == "served" else "the engine in-process"
+    print(f"measured {report['steps']} steps of the {args.model} engine with {args.threads} thread(s), {where}")
     from replica.step_model import FEATURES
 
     for name in FEATURES:
@@ -43,10 +75,16 @@ def run(args: argparse.Namespace) -> int:
         e = report[part]
         print(f"  {part:8s} median relative error {100 * e['median_rel_error']:.1f} %, "
               f"p90 {100 * e['p90_rel_error']:.1f} %")
-    print(f"  median step {1e3 * report['median_step_s']:.2f} ms, of which outside execute "
-          f"{1e3 * report['median_outside_execute_s']:.2f} ms; live loop turnaround "
-          f"{1e3 * report['loop_turnaround_s']:.2f} ms per step (added to base)")
+    if args.mode == "served":
+        print(f"  median step {1e3 * report['median_step_s']:.2f} ms, start to next start while busy "
+              f"(server included)")
+    else:
+        print(f"  median step {1e3 * report['median_step_s']:.2f} ms, of which outside execute "
+              f"{1e3 * report['median_outside_execute_s']:.2f} ms; live loop turnaround "
+              f"{1e3 * report['loop_turnaround_s']:.2f} ms per step (added to base)")
     from pathlib import Path
+
+    from replica.calibrate import save
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save(args.out, model, cfg, report)

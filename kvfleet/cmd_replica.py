@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-events-replay-endpoint", default=None,
                    help="serve replay and snapshots on this ZMQ ROUTER address, e.g. tcp://*:5558")
     p.add_argument("--kv-events-topic", default="", help="topic of KV-event messages (vLLM default: empty)")
+    p.add_argument("--step-log", type=int, default=0, metavar="N",
+                   help="keep the last N engine steps with their step-model features and serve them at "
+                        "GET /step_log (`kvfleet calibrate` reads them; 0 = off)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="largest request body accepted (413 above)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="serve only clients sending `Authorization: Bearer KEY` (repeatable; /health, /metrics, "
@@ -103,6 +106,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.step_log < 0:
+        print("kvfleet replica: --step-log must be 0 (off) or a number of steps", file=sys.stderr)
+        return 2
     logs.setup(args.log_format, args.log_level)
     try:
         cfg = engine_config(args)
@@ -136,4 +142,5 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(run_replica(cfg, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
                                    max_body_bytes=args.max_body_bytes, publisher_cfg=publisher_cfg,
                                    sim_preset=sim_preset(args) if args.engine == "sim" else None,
-                                   time_scale=args.time_scale, api_keys=tuple(args.api_key)))
+                                   time_scale=args.time_scale, api_keys=tuple(args.api_key),
+                                   step_log=args.step_log))

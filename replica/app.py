@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from replica.config import EngineConfig
 from replica.engine import build_engine, build_sim_engine
@@ -14,8 +15,11 @@ from replica.service import EngineService
 
 async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: float = 30.0,
                       max_body_bytes: int = 16 * 1024 * 1024, publisher_cfg: PublisherConfig | None = None,
-                      sim_preset=None, time_scale: float = 1.0, api_keys: tuple[str, ...] = ()) -> int:
+                      sim_preset=None, time_scale: float = 1.0, api_keys: tuple[str, ...] = (),
+                      step_log: int = 0) -> int:
     engine = build_sim_engine(cfg, sim_preset, time_scale) if sim_preset else build_engine(cfg)
+    if step_log > 0:  # the last `step_log` steps, served at GET /step_log
+        engine.step_log = deque(maxlen=step_log)
     publisher = KVEventPublisher(publisher_cfg) if publisher_cfg is not None else None
     sched = engine.scheduler
     server_cfg = ServerConfig(

@@ -1,21 +1,35 @@
 """Fit the step-time model to the torch engine on this machine (`kvfleet calibrate`).
 
 What a live sim replica reproduces (`sim_executor.Pacer`) is the wall time from one engine step
-to the next while the replica is busy, so that is what is measured:
+to the next while the replica is busy, so that is what is measured, in one of two ways.
+
+`--mode served` (the default; the driver is kvfleet/calibrate_served.py): a torch replica
+started with `--step-log N` serves streaming requests over HTTP and logs every step with its
+features (`StepRecord`); each busy step's period, its start to the next step's start
+(`served_periods`), is fitted (`fit_served`). The period holds what the replica's server does
+meanwhile: its SSE writes and request parsing run on the event loop while the step runs on the
+worker thread, and on a machine of few cores they compete for the GIL and the cores, which
+slows the step (on the project's 2-core machine a streamed token cost ~0.8 ms, ~25 %, more
+than the in-process model said). A sim replica's server does the same work inside the Pacer's sleep, so only
+the model can carry it. Single served steps are noisy (measured: one in ten takes over 1.5x
+the fitted time, one in fifty over 2x), so the fit minimises absolute, not squared, relative
+errors (`StepTimeModel.fit(robust=True)`): it follows the typical step.
+
+`--mode engine`, in this process, no server:
 
 1. Every `LLMEngine.step()` — schedule, execute, post-process, detokenize — timed whole, with
    the features the step-time model reads. A seeded mix of requests (prompts of 8 to 1,500
    tokens, 1 to 64 output tokens, arriving over time, chunked prefill) covers prefill-only,
    decode-only and mixed steps; it runs three times and each step keeps its median time.
-   80 % of the steps fit the model (non-negative least squares on relative errors), 20 %
-   measure its error.
 2. The live loop's turnaround between two steps (`EngineService`: the worker thread hands the
    step back, outputs are dispatched, the next step is handed over), measured on the same
    engine under a short concurrent load, and added to the fitted `base` — a real replica pays it
    on every step, and a sim replica's own turnaround comes out of the modelled step instead.
 
-HTTP, tokenization and SSE are paid by a sim replica as by a torch one (it is the same server),
-so they are not part of the step model; the offline simulator adds them per request
+Either way 80 % of the steps fit the model (non-negative least squares on relative errors) and
+20 % measure its error (`fit_with_holdout`). The per-request HTTP path (request parsing before
+the engine, the last chunk's way back) is paid by a sim replica as by a torch one (it is the
+same server), so it is not part of the step model; the offline simulator adds it per request
 (`simulator.fleet.FleetConfig.request_latency_s`).
 """
 
@@ -26,6 +40,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -33,7 +48,7 @@ from replica.config import EngineConfig
 from replica.engine import build_engine
 from replica.request import SamplingParams
 from replica.scheduler import SchedulerOutput
-from replica.step_model import SimPreset, StepFeatures, StepTimeModel, features_of
+from replica.step_model import FEATURES, SimPreset, StepFeatures, StepRecord, StepTimeModel, features_of
 
 
 class TimingExecutor:
@@ -136,24 +151,65 @@ def measure_loop_turnaround(cfg: EngineConfig, num_requests: int = 24, seed: int
     return statistics.median(gaps) if gaps else 0.0
 
 
+def fit_with_holdout(rows: list[StepFeatures], durations: list[float], seed: int = 0,
+                     source: str = "fitted", robust: bool = False) -> tuple[StepTimeModel, dict]:
+    """Fit the model to a seeded 80 % of the steps and measure its error on the other 20 %
+    (`robust`: see `StepTimeModel.fit`)."""
+    if len(rows) != len(durations):
+        raise ValueError("one duration per step, please")
+    if len(rows) < 5 * len(FEATURES):
+        raise ValueError(f"{len(rows)} steps are too few to fit {len(FEATURES)} coefficients "
+                         f"(need {5 * len(FEATURES)}); measure a longer workload")
+    idx = list(range(len(rows)))
+    random.Random(seed + 1).shuffle(idx)
+    cut = int(0.8 * len(idx))
+    fit_rows = [rows[i] for i in idx[:cut]]
+    fit_y = [durations[i] for i in idx[:cut]]
+    test_rows = [rows[i] for i in idx[cut:]]
+    test_y = [durations[i] for i in idx[cut:]]
+    model = StepTimeModel.fit(fit_rows, fit_y, source=source, robust=robust)
+    return model, {"steps": len(rows), "fit": model.error(fit_rows, fit_y), "holdout": model.error(test_rows, test_y),
+                   "median_step_s": statistics.median(durations)}
+
+
 def calibrate(cfg: EngineConfig, num_requests: int = 120, seed: int = 0,
               repeats: int = 3) -> tuple[StepTimeModel, dict]:
+    """Offline calibration: engine steps in this process, no server (see the module docstring)."""
     timer = measure(cfg, num_requests, seed, repeats)
-    rng = random.Random(seed + 1)
-    idx = list(range(len(timer.rows)))
-    rng.shuffle(idx)
-    cut = int(0.8 * len(idx))
-    fit_rows = [timer.rows[i] for i in idx[:cut]]
-    fit_y = [timer.durations[i] for i in idx[:cut]]
-    test_rows = [timer.rows[i] for i in idx[cut:]]
-    test_y = [timer.durations[i] for i in idx[cut:]]
-    model = StepTimeModel.fit(fit_rows, fit_y, source=f"kvfleet calibrate: {cfg.model}, threads={cfg.threads}")
-    report = {"steps": len(timer.rows), "fit": model.error(fit_rows, fit_y), "holdout": model.error(test_rows, test_y),
-              "median_step_s": statistics.median(timer.durations),
-              "median_outside_execute_s": statistics.median(d - e for d, e in zip(timer.durations, timer.execute_s))}
+    model, report = fit_with_holdout(timer.rows, timer.durations, seed,
+                                     source=f"kvfleet calibrate --mode engine: {cfg.model}, threads={cfg.threads}")
+    report["mode"] = "engine"
+    report["median_outside_execute_s"] = statistics.median(d - e for d, e in zip(timer.durations, timer.execute_s))
     turnaround = measure_loop_turnaround(cfg, seed=seed)
     report["loop_turnaround_s"] = turnaround
     model = replace(model, base=model.base + turnaround)
+    return model, report
+
+
+def served_periods(records: Iterable[StepRecord]) -> tuple[list[StepFeatures], list[float]]:
+    """What a serving replica spends per step: for every logged step that left work behind
+    (`busy_after`) and whose successor was logged too, the time from its start to the next
+    step's start — the step itself plus the loop's turnaround and whatever the server did
+    meanwhile (SSE writes, HTTP parsing, all competing for the GIL and the cores). A live sim
+    replica's `Pacer` starts its steps back to back on the modelled timeline, so this is the
+    duration its model must give. Steps after which the replica went idle have no such period
+    and are left out."""
+    by_seq = sorted(records, key=lambda r: r.seq)
+    rows, periods = [], []
+    for a, b in zip(by_seq, by_seq[1:]):
+        if a.busy_after and b.seq == a.seq + 1:
+            rows.append(a.features)
+            periods.append(b.start - a.start)
+    return rows, periods
+
+
+def fit_served(records: Iterable[StepRecord], seed: int = 0, source: str = "fitted to served steps"
+               ) -> tuple[StepTimeModel, dict]:
+    """Fit the model to a serving replica's step log (`served_periods`), with a holdout error."""
+    rows, periods = served_periods(records)
+    # Robust: each period is one sample, and on a shared machine a few are several times typical.
+    model, report = fit_with_holdout(rows, periods, seed, source, robust=True)
+    report["mode"] = "served"
     return model, report
 
 

@@ -23,6 +23,7 @@ from protocol.tokenizer import IncrementalDetokenizer
 from replica.kv_cache_manager import KVCacheManager
 from replica.request import Request, RequestStatus, SamplingParams
 from replica.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from replica.step_model import StepRecord, features_of
 
 
 class Executor(Protocol):
@@ -102,6 +103,9 @@ class LLMEngine:
         self.steps: deque[StepSample] = deque(maxlen=step_history)
         self.num_steps = 0
         self.detokenize = detokenize  # False: outputs carry token ids only (the offline simulator)
+        # Every step with its step-model features, when set (`kvfleet replica --step-log N`, read
+        # by `kvfleet calibrate`); None costs nothing per step.
+        self.step_log: deque[StepRecord] | None = None
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
@@ -136,6 +140,7 @@ class LLMEngine:
             context += req.num_computed_tokens + num_new
             if num_new == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
                 decode_context += req.num_computed_tokens
+        features = features_of(out.scheduled) if self.step_log is not None else None
         sampled = self.executor.execute(out)
         touched = sched.update_from_output(out, sampled)
         end = self.clock()
@@ -143,6 +148,8 @@ class LLMEngine:
             StepSample(start, end - start, out.num_prefill_tokens, out.num_decode_tokens, len(out.scheduled), context,
                        decode_context)
         )
+        if features is not None:
+            self.step_log.append(StepRecord(self.num_steps, start, end - start, features, sched.has_unfinished()))
         self.num_steps += 1
         return touched
 

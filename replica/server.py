@@ -2,8 +2,8 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (SSE streaming or not), GET /v1/models,
 GET /health, POST /tokenize, POST /detokenize, GET /load, GET /kv_event_sources, GET /metrics,
-GET /version. SIGTERM drains: new requests get 503, in-flight ones finish (up to a timeout),
-then the process exits.
+GET /version, GET /step_log (with `--step-log N`). SIGTERM drains: new requests get 503,
+in-flight ones finish (up to a timeout), then the process exits.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from replica import auth, kv_state
 from replica.engine import RequestOutput
 from replica.request import SamplingParams
 from replica.service import EngineService
+from replica.step_model import STEP_RECORD_FIELDS
 
 access_log = logging.getLogger("kvfleet.replica.access")
 SERVICE = web.AppKey("service", EngineService)
@@ -297,6 +298,23 @@ class _Handlers:
         body["draining"] = self.service.draining
         return web.json_response(body)
 
+    async def step_log(self, request: web.Request) -> web.Response:
+        """The logged steps with seq >= `since` (default 0), as `StepRecord.to_wire` arrays, and
+        `next_seq`, the seq the next step will have."""
+        log = self.service.engine.step_log
+        if log is None:
+            raise APIError(404, "this replica keeps no step log; start it with --step-log N")
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            raise APIError(400, "since must be an integer step number", "since") from None
+        if not self.service.healthy:
+            raise APIError(503, "the engine is not running; check the replica's log")
+        engine = self.service.engine
+        seq, steps = await self.service.between_steps(
+            lambda: (engine.num_steps, [r.to_wire() for r in log if r.seq >= since]))
+        return web.json_response({"fields": STEP_RECORD_FIELDS, "next_seq": seq, "steps": steps})
+
     async def kv_event_sources(self, request: web.Request) -> web.Response:
         pub = self.service.publisher
         return web.json_response(pub.sources_info() if pub is not None else {"sources": []})
@@ -353,6 +371,7 @@ def create_app(service: EngineService, cfg: ServerConfig) -> web.Application:
     app.router.add_post("/detokenize", h.detokenize)
     app.router.add_get("/load", h.load)
     app.router.add_get("/kv_event_sources", h.kv_event_sources)
+    app.router.add_get("/step_log", h.step_log)
     app.router.add_get("/metrics", h.metrics)
     app.router.add_get("/version", h.version)
     app.router.add_post("/reset_prefix_cache", h.reset_prefix_cache)

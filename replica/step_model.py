@@ -26,6 +26,8 @@ from types import MappingProxyType
 
 import numpy as np
 
+STEP_RECORD_FIELDS = ("seq", "start", "duration", "busy_after", "new_tokens", "prefill_ctx_product", "prefill_seq_ctx",
+                      "decode_ctx", "num_seqs")  # `StepRecord.to_wire` order
 FEATURES = ("base", "per_token", "per_prefill_ctx", "per_prefill_seq_ctx", "per_decode_ctx", "per_seq")
 
 
@@ -40,6 +42,37 @@ class StepFeatures:
     def vector(self) -> np.ndarray:
         return np.array([1.0, self.new_tokens, self.prefill_ctx_product, self.prefill_seq_ctx, self.decode_ctx,
                          self.num_seqs])
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One executed engine step as a replica logs it (`kvfleet replica --step-log N`).
+
+    `start` (engine clock, seconds) is taken after scheduling, `duration` runs to the end of the
+    scheduler's update. `busy_after`: requests were left unfinished, so the replica's loop starts
+    the next step at once; the time from this step's start to the next one's is then what the
+    replica spends per step, server included (`calibrate.served_periods`)."""
+
+    seq: int  # the engine's step number, from 0
+    start: float
+    duration: float
+    features: StepFeatures
+    busy_after: bool
+
+    def to_wire(self) -> list:
+        f = self.features
+        return [self.seq, self.start, self.duration, int(self.busy_after), f.new_tokens, f.prefill_ctx_product,
+                f.prefill_seq_ctx, f.decode_ctx, f.num_seqs]
+
+    @classmethod
+    def from_wire(cls, raw: Sequence) -> "StepRecord":
+        """Inverse of `to_wire`; ValueError on anything else."""
+        try:
+            seq, start, duration, busy, new, prod, pctx, dctx, n = raw
+            return cls(int(seq), float(start), float(duration),
+                       StepFeatures(int(new), float(prod), int(pctx), int(dctx), int(n)), bool(busy))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"not a step record: {raw!r}") from e
 
 
 def features_of(scheduled: Iterable, num_prompt_of=None) -> StepFeatures:
@@ -101,26 +134,32 @@ class StepTimeModel:
 
     @classmethod
     def fit(cls, rows: Sequence[StepFeatures], durations: Sequence[float], source: str = "fitted",
-            relative: bool = True) -> "StepTimeModel":
+            relative: bool = True, robust: bool = False) -> "StepTimeModel":
         """Non-negative least squares over the features (active-set: drop negative terms, refit).
 
         `relative`: minimise relative rather than absolute errors (each row weighted by
         1 / its duration), so a few long prefill steps do not decide the fit of the many short
-        decode steps; the error is reported relative too."""
+        decode steps; the error is reported relative too.
+        `robust`: minimise the sum of absolute (not squared) errors instead, by iteratively
+        reweighted least squares: the fit follows the typical step rather than the mean, so the
+        steps that the OS or the server delayed well past their usual length (single served
+        steps on a shared machine) do not pull every coefficient up."""
         x = np.stack([r.vector() for r in rows])
         y = np.asarray(durations, dtype=float)
         if relative:
             w = 1.0 / np.maximum(y, 1e-9)
             x, y = x * w[:, None], y * w
-        active = list(range(x.shape[1]))
-        coef = np.zeros(x.shape[1])
-        while active:
-            sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
-            if (sol >= 0).all():
-                coef[:] = 0
-                coef[active] = sol
-                break
-            active.pop(int(np.argmin(sol)))
+        coef = _nnls(x, y)
+        if robust:
+            # IRLS for L1: weight each row by 1 / |residual|, floored so exact fits stay finite.
+            floor = 1e-3 * max(float(np.median(np.abs(y))), 1e-12)
+            for _ in range(50):
+                r = np.sqrt(1.0 / np.maximum(np.abs(x @ coef - y), floor))
+                new = _nnls(x * r[:, None], y * r)
+                done = np.allclose(new, coef, rtol=1e-6, atol=0)
+                coef = new
+                if done:
+                    break
         return cls(*coef.tolist(), source=source)  # in FEATURES order
 
     def error(self, rows: Sequence[StepFeatures], durations: Sequence[float]) -> dict[str, float]:
@@ -129,6 +168,19 @@ class StepTimeModel:
         rel = np.abs(pred - y) / np.maximum(y, 1e-9)
         return {"median_rel_error": float(np.median(rel)), "mean_rel_error": float(rel.mean()),
                 "p90_rel_error": float(np.quantile(rel, 0.9))}
+
+
+def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """argmin ||x c - y||² over c >= 0, by dropping the most negative term and refitting."""
+    active = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        if (sol >= 0).all():
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return coef
 
 
 @dataclass(frozen=True)
@@ -171,9 +223,10 @@ PRESETS = MappingProxyType({
     # The tiny preset on this project's 2-core CPU machines, from `kvfleet calibrate`
     # (see docs/benchmarks.md for the run); used to check the simulator against torch replicas.
     "tiny-cpu": SimPreset(
-        # `kvfleet calibrate --model tiny --threads 1 --num-blocks 512 --max-num-batched-tokens 2048
-        # --max-num-seqs 64` on the project's AMD EPYC 2-core machine, quiet (2026-11-25): holdout
-        # median relative step-time error 10.7 %; base includes the live loop's 0.56 ms turnaround.
+        # `kvfleet calibrate --mode engine --model tiny --threads 1 --num-blocks 512
+        # --max-num-batched-tokens 2048 --max-num-seqs 64` on the project's AMD EPYC 2-core machine,
+        # quiet (2026-11-25): holdout median relative step-time error 10.7 %; base includes the
+        # live loop's 0.56 ms turnaround.
         StepTimeModel(1.383e-3, 6.824e-5, 5.74e-8, 3.221e-6, 2.328e-7, 1.326e-3,
                       source="kvfleet calibrate, tiny preset, 1 thread, AMD EPYC 2-core CPU"),
         kv_blocks=512, max_num_seqs=64, max_num_batched_tokens=2048,
