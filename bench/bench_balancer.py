@@ -20,7 +20,9 @@ own ceiling, and a proxy row near them is limited by the rig, not by the proxy.
 
 1. Latency: an open-loop aiohttp client (own process) sends at a fixed rate (500 req/s) for a few
    seconds after a warm-up; latency is measured per request from its send to the end of its body.
-   added = percentile(via proxy) - percentile(direct), for a short prompt and an 8k-token prompt.
+   added = percentile(via proxy) - percentile(direct), for a short prompt and an 8k-token prompt,
+   measured in --rounds rounds (direct, then every target) and given as the median over rounds of
+   the difference within a round: this machine is a VM whose speed drifts from minute to minute.
 2. Max throughput: `wrk -t1 -c64` with a POST body (aiohttp closed loop of 64 when wrk is absent);
    the proxy's CPU use during the run shows whether it was the bottleneck (100% = one core).
 3. SSE relay: 4 concurrent streams of 1,000 events each, repeated for a few seconds: relayed
@@ -59,6 +61,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import string
 import subprocess
 import sys
@@ -851,33 +854,51 @@ def _pct_cell(v: float | None) -> str:
 
 
 def latency_rows(args, targets: list[Target], bpid: int) -> list[list]:
-    """Open-loop latency per target for a short and an 8k-token prompt; added = minus direct."""
+    """Open-loop latency per target for a short and an 8k-token prompt; added = minus direct.
+
+    `--rounds` rounds, each measuring direct and then every target once: a target's added
+    latency is the median over rounds of (its percentile - direct's percentile in the same round),
+    so a drift of the machine's speed between measurements (it shares a host) cancels out."""
     cores = (args.proxy_core, args.load_core)
     rows = []
     for label, prompt in (("short", SHORT_PROMPT), ("8k tokens", LONG_PROMPT)):
         dur = args.duration if label == "short" else max(2.0, args.duration * 0.6)
-        base = None
+        runs: dict[str, list] = {t.name: [] for t in targets}
+        failed: dict[str, str] = {}
+        for _ in range(args.rounds):
+            for t in targets:
+                if t.url is None or t.name in failed:
+                    continue
+                spec = {"mode": "latency", "url": t.url + "/v1/completions", "body": _body(prompt).decode(),
+                        "rate": args.rate, "duration": dur, "warmup": 1.0}
+                try:
+                    r, use = measured(t, bpid, cores, lambda: run_client(spec, args.load_core, dur + 60))
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    failed[t.name] = f"failed: {str(e)[:100]}"
+                    continue
+                print(f"latency {label:9s} {t.name:24s} {r} {use}", flush=True)
+                if "p50_ms" not in r:
+                    failed[t.name] = f"{r['errors']} errors, no answer"
+                    continue
+                runs[t.name].append((r, use))
+        base = runs.get("direct", [])
         for t in targets:
-            if t.url is None:
-                rows.append([t.name, label, "-", "-", "-", "-", "-", "-", "-", t.note])
+            got = runs[t.name]
+            if t.url is None or t.name in failed or not got:
+                rows.append([t.name, label, "-", "-", "-", "-", "-", "-", "-", t.note if t.url is None
+                             else failed.get(t.name, "no result")])
                 continue
-            spec = {"mode": "latency", "url": t.url + "/v1/completions", "body": _body(prompt).decode(),
-                    "rate": args.rate, "duration": dur, "warmup": 1.0}
-            try:
-                r, use = measured(t, bpid, cores, lambda: run_client(spec, args.load_core, dur + 60))
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                rows.append([t.name, label, "-", "-", "-", "-", "-", "-", "-", f"failed: {str(e)[:100]}"])
-                continue
-            print(f"latency {label:9s} {t.name:24s} {r} {use}", flush=True)
-            if "p50_ms" not in r:
-                rows.append([t.name, label, "-", "-", "-", "-", "-", "-", "-", f"{r['errors']} errors, no answer"])
-                continue
-            if t.name == "direct":
-                base = r
-            added = ["-", "-"] if base is None or base is r else \
-                [round(r["p50_ms"] - base["p50_ms"], 3), round(r["p99_ms"] - base["p99_ms"], 3)]
-            rows.append([t.name, label, round(r["achieved_rate"]), round(r["p50_ms"], 3), round(r["p99_ms"], 3),
-                         *added, _pct_cell(use.proxy), _others(use), f"{r['n']} ok, {r['errors']} errors"])
+            med = lambda xs: statistics.median(xs)  # noqa: E731
+            added = ["-", "-"]
+            if t.name != "direct" and len(base) == len(got):
+                added = [round(med([r["p50_ms"] - b["p50_ms"] for (r, _), (b, _) in zip(got, base)]), 3),
+                         round(med([r["p99_ms"] - b["p99_ms"] for (r, _), (b, _) in zip(got, base)]), 3)]
+            use = got[len(got) // 2][1]
+            n_ok, n_err = sum(r["n"] for r, _ in got), sum(r["errors"] for r, _ in got)
+            rows.append([t.name, label, round(med([r["achieved_rate"] for r, _ in got])),
+                         round(med([r["p50_ms"] for r, _ in got]), 3), round(med([r["p99_ms"] for r, _ in got]), 3),
+                         *added, _pct_cell(use.proxy), _others(use),
+                         f"{n_ok} ok, {n_err} errors, {len(got)} rounds"])
     return rows
 
 
@@ -961,6 +982,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     ap.add_argument("--rate", type=float, default=500.0, help="open-loop rate for the latency runs (req/s)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="latency rounds (direct, then every target, per round); added = median over rounds of "
+                         "the difference to direct in the same round")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections for max throughput")
     ap.add_argument("--sse-streams", type=int, default=4)
     ap.add_argument("--sse-chunks", type=int, default=1000)
