@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[replica,loadgen,dev,dashboards]'
 	touch $(STAMP)
 
-# The C extensions (protocol/_hashchain.c, balancer/_blocktable.c) are rebuilt when their sources
-# change. Optional: without a compiler the build fails quietly and the pure-Python paths are used
-# (protocol.hashing.NATIVE, balancer.prefix_index.NATIVE_TABLE say which).
-$(NATIVE): $(STAMP) setup.py protocol/_hashchain.c balancer/_blocktable.c
-	$(PY) setup.py -q build_ext --inplace || echo "native hash chain not built: using the pure-Python path"
+# The C extensions (protocol/_hashchain.c, balancer/_blocktable.c, kernels/_cpu_decode.c) are
+# rebuilt when their sources change. Optional: without a compiler the build fails quietly and the
+# pure-Python / torch paths are used (protocol.hashing.NATIVE, balancer.prefix_index.NATIVE_TABLE,
+# kernels.cpu_decode.NATIVE say which).
+$(NATIVE): $(STAMP) setup.py protocol/_hashchain.c balancer/_blocktable.c kernels/_cpu_decode.c
+	$(PY) setup.py -q build_ext --inplace || echo "C extensions not built: using the pure-Python and torch paths"
 	touch $(NATIVE)
 
 install: $(STAMP) $(NATIVE)
