@@ -89,6 +89,10 @@ def main() -> None:
     ap.add_argument("--load", type=float, default=0.7, help="target utilisation (the simulator's capacity model)")
     ap.add_argument("--max-output", type=int, default=16, help="cap on output tokens (keeps the run short)")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="live runs per policy (in turns: every policy once, then again); the table gives the "
+                         "mean over runs, and a pair of policies whose live means are closer than the runs' "
+                         "spread counts as a tie")
     ap.add_argument("--out", default=None, help="write the table and figures as JSON here")
     a = ap.parse_args()
     policies = tuple(a.policies.split(","))
@@ -102,11 +106,18 @@ def main() -> None:
 
     load = [os.getloadavg()[0]]
     t0 = time.perf_counter()
-    real = {}
-    for name in policies:
-        real[name] = live(trace, a.replicas, name)
-        load.append(os.getloadavg()[0])
+    runs: dict[str, list[dict]] = {name: [] for name in policies}
+    for _ in range(a.repeats):
+        for name in policies:
+            runs[name].append(live(trace, a.replicas, name))
+            load.append(os.getloadavg()[0])
     wall = time.perf_counter() - t0
+    real = {name: {"mean_ttft_s": statistics.mean(r["mean_ttft_s"] for r in rs),
+                   "p99_ttft_s": statistics.mean(r["p99_ttft_s"] for r in rs),
+                   "errors": sum(r["errors"] for r in rs),
+                   "hit_rate": statistics.mean(r.get("hit_rate", float("nan")) for r in rs),
+                   "spread_s": (max(r["mean_ttft_s"] for r in rs) - min(r["mean_ttft_s"] for r in rs))}
+            for name, rs in runs.items()}
 
     lm, lp = ranks({k: v["mean_ttft_s"] for k, v in real.items()}), ranks({k: v["p99_ttft_s"] for k, v in real.items()})
     sm, sp = ranks({k: v["mean_ttft_s"] for k, v in sim.items()}), ranks({k: v["p99_ttft_s"] for k, v in sim.items()})
@@ -115,11 +126,24 @@ def main() -> None:
              f"{real[k].get('hit_rate', float('nan')):.2f} / {sim[k]['cache_hit_rate']:.2f}", real[k]["errors"]]
             for k in policies]
     same = [lm[k] == sm[k] for k in policies]
+    # Pairwise: does live order each pair as the simulator does? A pair whose live means differ by
+    # less than the larger of the two policies' run-to-run spreads is unresolved (needs --repeats >= 2).
+    pairs = []
+    for i, x in enumerate(policies):
+        for y in policies[i + 1:]:
+            d_live = real[x]["mean_ttft_s"] - real[y]["mean_ttft_s"]
+            d_sim = sim[x]["mean_ttft_s"] - sim[y]["mean_ttft_s"]
+            noise = max(real[x]["spread_s"], real[y]["spread_s"])
+            verdict = ("unresolved (within run-to-run spread)" if a.repeats > 1 and abs(d_live) <= noise
+                       else "same" if (d_live < 0) == (d_sim < 0) else "DIFFERENT")
+            pairs.append([f"{x} vs {y}", f"{1e3 * d_live:+.1f}", f"{1e3 * noise:.1f}", f"{1e3 * d_sim:+.1f}", verdict])
     report(f"Policies live ({a.replicas} tiny torch replicas, 1 thread) vs offline (tiny-cpu preset): "
            f"{len(trace)} agentic requests, load {a.load}",
            ["policy", "live TTFT mean ms", "live p99 ms", "live rank mean/p99", "sim TTFT mean ms", "sim p99 ms",
             "sim rank mean/p99", "hit rate live/sim", "errors"], rows, a.out,
            {"time_factor": factor, "load_avg": load, "wall_s": wall})
+    report(f"Pairs: live mean-TTFT difference (mean of {a.repeats} run(s)) against the simulator's",
+           ["pair", "live diff ms", "live spread ms", "sim diff ms", "order"], pairs)
     print(f"\nmean-TTFT ranks agree for {sum(same)}/{len(same)} policies; load average during the live runs: "
           + ", ".join(f"{x:.2f}" for x in load) + f"; live wall {wall:.0f} s")
 
