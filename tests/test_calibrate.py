@@ -230,3 +230,23 @@ def test_served_calibration_of_a_sim_replica_writes_a_preset_a_sim_replica_loads
     save(path, model, cfg, report)
     preset = load_preset_file(path)
     assert preset.model == model and preset.kv_blocks == 256 and preset.max_num_batched_tokens == 512
+
+
+@pytest.mark.parametrize("holdout, warned", [(0.05, False), (0.4, True)])
+def test_calibrate_warns_when_the_fit_says_the_machine_was_busy(holdout, warned, monkeypatch, capsys, tmp_path):
+    import replica.calibrate as cal
+
+    real = cal.calibrate
+
+    def measured(cfg, requests, seed):
+        model, report = real(cfg, requests, seed)
+        report["holdout"]["median_rel_error"] = holdout  # as a disturbed (or a quiet) run reports it
+        return model, report
+
+    monkeypatch.setattr(cal, "calibrate", measured)
+    out = tmp_path / "m.json"
+    assert cli_main(["calibrate", "--mode", "engine", "--requests", "12", "--max-num-seqs", "4",
+                     "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert out.exists()
+    assert ("re-run when it is quiet" in err) == warned
