@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -71,11 +71,41 @@ class RoutingRequest:
         return random.Random(self.rng_seed)
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    replica_id: str
-    reason: str = ""
-    scores: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # replica -> name -> value
+    """The chosen replica, why (`reason`), and each candidate's score breakdown (`scores`: replica
+    -> name -> value). A policy may give `reason` and `scores` as zero-argument callables: they
+    are then built only when read (by `explain`, the tests), not on every routed request."""
+
+    __slots__ = ("replica_id", "_reason", "_scores")
+
+    def __init__(self, replica_id: str, reason: str | Callable[[], str] = "",
+                 scores: Mapping[str, Mapping[str, float]] | Callable[[], Mapping[str, Mapping[str, float]]]
+                 | None = None) -> None:
+        self.replica_id = replica_id
+        self._reason = reason
+        self._scores = {} if scores is None else scores
+
+    @property
+    def reason(self) -> str:
+        if callable(self._reason):
+            self._reason = self._reason()
+        return self._reason
+
+    @property
+    def scores(self) -> Mapping[str, Mapping[str, float]]:
+        if callable(self._scores):
+            self._scores = self._scores()
+        return self._scores
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return (self.replica_id, self.reason, self.scores) == (other.replica_id, other.reason, other.scores)
+
+    __hash__ = None  # like the dataclass it replaced (its scores are dicts)
+
+    def __repr__(self) -> str:
+        return f"Decision(replica_id={self.replica_id!r}, reason={self.reason!r})"
 
 
 class Policy(ABC):

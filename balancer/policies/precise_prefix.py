@@ -43,22 +43,26 @@ class PrecisePrefixPolicy(Policy):
         tied = [rid for rid in key if key[rid] == best_key]
         chosen = tied[0] if len(tied) == 1 else request.rng().choice(tied)
 
-        longest = matched[chosen]
-        holders = sum(1 for m in matched.values() if m == longest)
-        if longest == 0:
-            reason = "no replica holds the first block: least loaded"
-        elif holders > 1:
-            reason = f"{holders} replicas hold {longest} blocks: the least loaded of them"
-        else:
-            reason = f"longest cached prefix: {longest} of {len(request.block_hashes)} blocks"
-        scores = {
-            r.replica_id: {
-                "matched_blocks": float(matched[r.replica_id]),
-                "inflight_requests": float(r.inflight_requests),
-                "queued_prefill_tokens": float(queued_prefill_tokens(r)),
+        def reason() -> str:
+            longest = matched[chosen]
+            holders = sum(1 for m in matched.values() if m == longest)
+            if longest == 0:
+                return "no replica holds the first block: least loaded"
+            if holders > 1:
+                return f"{holders} replicas hold {longest} blocks: the least loaded of them"
+            return f"longest cached prefix: {longest} of {len(request.block_hashes)} blocks"
+
+        def scores() -> dict[str, dict[str, float]]:
+            return {
+                r.replica_id: {
+                    "matched_blocks": float(matched[r.replica_id]),
+                    "inflight_requests": float(r.inflight_requests),
+                    "queued_prefill_tokens": float(queued_prefill_tokens(r)),
+                }
+                for r in ordered
             }
-            for r in ordered
-        }
+
+        # The explanation is built only when read (explain, tests): not on every routed request.
         return Decision(replica_id=chosen, reason=reason, scores=scores)
 
     def describe(self) -> dict[str, Any]:
