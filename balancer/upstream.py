@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httptools
+
+log = logging.getLogger(__name__)
 
 
 class UpstreamError(Exception):
@@ -351,16 +354,23 @@ class UpstreamPool:
         cfg = self.cfg
         while True:
             await asyncio.sleep(min(cfg.watchdog_period_s, cfg.read_timeout_s / 2, cfg.idle_timeout_s / 2))
-            now = self.loop.time()
-            for conn in list(self._busy):
-                if (conn.response is not None and not conn.paused and not conn.response._complete
-                        and now - conn.last_active > cfg.read_timeout_s):
-                    conn._broken(UpstreamError(f"the replica sent nothing for {cfg.read_timeout_s:g} s "
-                                               f"(read timeout)"))
-            for conns in self._idle.values():
-                for conn in [c for c in conns if now - c.last_active > cfg.idle_timeout_s]:
-                    conns.remove(conn)
-                    conn.close()
+            try:
+                self._check(self.loop.time())
+            except Exception:  # a bug here must not end the timeouts for good
+                log.exception("upstream watchdog: check failed; continuing")
+
+    def _check(self, now: float) -> None:
+        """One watchdog pass: read timeouts of busy connections, idle timeouts of pooled ones."""
+        cfg = self.cfg
+        for conn in list(self._busy):
+            if (conn.response is not None and not conn.paused and not conn.response._complete
+                    and now - conn.last_active > cfg.read_timeout_s):
+                conn._broken(UpstreamError(f"the replica sent nothing for {cfg.read_timeout_s:g} s "
+                                           f"(read timeout)"))
+        for conns in self._idle.values():
+            for conn in [c for c in conns if now - c.last_active > cfg.idle_timeout_s]:
+                conns.remove(conn)
+                conn.close()
 
     async def close(self) -> None:
         self._watchdog.cancel()
