@@ -206,7 +206,6 @@ class Proxy:
                 m.ttft.observe(o.ttft_s)
             if o.body is not None:
                 self._note_usage(replica, o.body, o)
-                o.body = None
         if o.rr is not None and o.output_tokens is not None and self.router.predictor is not None:
             self.router.finished(o.rr, o.output_tokens)
         if access_log.isEnabledFor(logging.INFO):

@@ -68,7 +68,8 @@ class UpstreamResponse:
     `read()` or `iter_any()`; `release()` when done with it (always: it returns the connection to
     the pool, or closes it if the body was not read to the end)."""
 
-    __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_complete", "_error", "_waiter", "_released")
+    __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_complete", "_error", "_waiter", "_released",
+                 "_unbounded")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
@@ -78,8 +79,9 @@ class UpstreamResponse:
         self._size = 0
         self._complete = False
         self._error: UpstreamError | None = None
-        self._waiter: asyncio.Future | None = None
+        self._waiter: asyncio.Future | None = None  # the consumer waiting for anything to change
         self._released = False
+        self._unbounded = False  # read() takes the whole body: no back-pressure
 
     # --------------------------------------------------------------- fed by the connection
     def _wake(self) -> None:
@@ -92,7 +94,7 @@ class UpstreamResponse:
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
-        if self._size > self._conn.pool.cfg.buffer_limit:
+        if self._size > self._conn.pool.cfg.buffer_limit and not self._unbounded:
             self._conn.pause_reading()
         self._wake()
 
@@ -119,10 +121,11 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body (waits for its end)."""
+        self._unbounded = True
+        self._conn.resume_reading()
         while not self._complete:
             if self._error is not None:
                 raise self._error
-            self._conn.resume_reading()  # read() takes everything: no back-pressure
             await self._wait()
         return self._take()
 
@@ -161,7 +164,6 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.last_active = 0.0  # loop time of the last byte in (busy) or of the release (idle)
-        self._header_name = b""
 
     # --------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport) -> None:
@@ -200,7 +202,7 @@ class _Connection(asyncio.Protocol):
         h = r.headers
         self.close_delimited = ("content-length" not in h and "transfer-encoding" not in h
                                 and r.status not in _NO_BODY_STATUS)
-        self.pool._headers_in(self)
+        r._wake()  # `UpstreamPool._exchange` waits for the status
 
     def on_body(self, body: bytes) -> None:
         if body:
@@ -259,7 +261,6 @@ class UpstreamPool:
         self._busy: set[_Connection] = set()
         self._targets: dict[str, tuple[tuple[str, int], bytes]] = {}  # base URL -> (host, port), Host line
         self._extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in cfg.headers)
-        self._header_waiters: dict[_Connection, asyncio.Future] = {}
         self._watchdog = asyncio.create_task(self._watch(), name="upstream-watchdog")
 
     def _target(self, base_url: str) -> tuple[tuple[str, int], bytes]:
@@ -292,31 +293,20 @@ class UpstreamPool:
 
     async def _exchange(self, conn: _Connection, data: bytes) -> UpstreamResponse:
         response = UpstreamResponse(conn)
-        waiter = self.loop.create_future()
-        self._header_waiters[conn] = waiter
         self._busy.add(conn)
         try:
             conn.send(data, response)
-            if not conn.closed:
-                # Wait for the headers, or for the connection's end (which also wakes `response`).
-                response._waiter = waiter
-                await waiter
+            # Until the headers are in, or the connection failed (both wake `response`).
+            while response.status == 0 and response._error is None and not conn.closed:
+                await response._wait()
         except BaseException:
             response.release()
             raise
-        finally:
-            self._header_waiters.pop(conn, None)
         if response.status == 0:  # woken without headers: the connection failed first
             error = response._error or UpstreamError("the replica closed the connection before answering")
             response.release()
             raise error
         return response
-
-    def _headers_in(self, conn: _Connection) -> None:
-        w = self._header_waiters.pop(conn, None)
-        if w is not None and not w.done():
-            conn.response._waiter = None
-            w.set_result(None)
 
     async def _connection(self, key: tuple[str, int], reuse: bool) -> _Connection:
         idle = self._idle.get(key) if reuse else None
@@ -345,9 +335,6 @@ class UpstreamPool:
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
-        w = self._header_waiters.pop(conn, None)
-        if w is not None and not w.done():
-            w.set_result(None)
 
     async def _watch(self) -> None:
         """Time out silent replicas and close connections idle too long."""

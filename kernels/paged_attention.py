@@ -146,8 +146,17 @@ class DecodeGroup:
     blocks: torch.Tensor  # [Bd * nblk] int64: each sequence's first nblk block ids, row-major
     num_blocks: int  # nblk = ceil(length / block_size)
     length: int  # L: the longest KV length among them
-    mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, True where position < seq_len; None: all are L
-    lens: torch.Tensor  # [Bd] int64: each sequence's KV length (for kernels.cpu_decode)
+    lens: torch.Tensor  # [Bd] int64: each sequence's KV length
+    ragged: bool  # some sequence is shorter than L
+
+    @cached_property
+    def mask(self) -> torch.Tensor | None:
+        """[Bd, 1, 1, L] bool, True where position < seq_len; None when all are L. Built on first
+        use, once per step: only the torch path reads it (the C kernel goes by `lens`)."""
+        if not self.ragged:
+            return None
+        pos = torch.arange(self.length, device=self.lens.device)
+        return (pos[None, :] < self.lens[:, None])[:, None, None, :]
 
 
 @dataclass(frozen=True)
@@ -198,12 +207,8 @@ class StepPlan:
                 lens = [meta.seq_lens_list[i] for i in decode_seqs]
             length = max(lens)
             nblk = -(-length // meta.block_size)
-            mask = None
-            if min(lens) < length:
-                pos = torch.arange(length, device=dev)
-                mask = (pos[None, :] < lens_t[:, None].to(pos.dtype))[:, None, None, :]
             blocks = tables[:, :nblk].to(torch.int64).reshape(-1)
-            decode = DecodeGroup(tokens, blocks, nblk, length, mask, lens_t.to(torch.int64))
+            decode = DecodeGroup(tokens, blocks, nblk, length, lens_t.to(torch.int64), min(lens) < length)
         return cls(decode, prefills, uniform)
 
 

@@ -28,7 +28,7 @@ from kvfleet import procs
 from loadgen.client import LoadConfig, run_load
 from loadgen.prompts import PromptConfig
 from loadgen.traces import TraceRequest
-from replica.calibrate import fit_served
+from replica.calibrate import fit_served, output_length, prompt_length
 from replica.config import EngineConfig
 from replica.step_model import StepRecord, StepTimeModel
 
@@ -44,8 +44,7 @@ def served_workload(num_requests: int, seed: int = 0) -> list[TraceRequest]:
     rng = random.Random(seed)
     t, out = 0.0, []
     for _ in range(num_requests):
-        n = rng.choice([rng.randint(8, 64), rng.randint(64, 400), rng.randint(400, 1500)])
-        out.append(TraceRequest(arrival_s=t, input_length=n, output_length=rng.randint(1, 64)))
+        out.append(TraceRequest(arrival_s=t, input_length=prompt_length(rng), output_length=output_length(rng)))
         t += rng.expovariate(1.0 / rng.choice(ARRIVAL_GAPS_S))
     return out
 

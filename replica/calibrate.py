@@ -84,12 +84,22 @@ def measure(cfg: EngineConfig, num_requests: int = 120, seed: int = 0, repeats: 
     return first
 
 
+def prompt_length(rng: random.Random) -> int:
+    """A calibration prompt's length: short, medium or long (8-1,500 tokens), equally often."""
+    return rng.choice([rng.randint(8, 64), rng.randint(64, 400), rng.randint(400, 1500)])
+
+
+def output_length(rng: random.Random) -> int:
+    """A calibration request's output length, 1-64 tokens."""
+    return rng.randint(1, 64)
+
+
 def _workload(num_requests: int, rng: random.Random) -> list:
     pending = []
     for i in range(num_requests):
-        n = rng.choice([rng.randint(8, 64), rng.randint(64, 400), rng.randint(400, 1500)])
+        n = prompt_length(rng)
         pending.append((f"c{i}", [rng.randrange(256) for _ in range(n)],
-                        SamplingParams(max_tokens=rng.randint(1, 64), temperature=0, ignore_eos=True)))
+                        SamplingParams(max_tokens=output_length(rng), temperature=0, ignore_eos=True)))
     return pending
 
 

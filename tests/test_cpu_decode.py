@@ -5,27 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import AttentionMetadata, paged_attention
-from kernels import cpu_decode
+from kernels import cpu_decode, paged_attention
+from tests.attention_utils import decode_case
 
 pytestmark = [pytest.mark.skipif(not cpu_decode.NATIVE, reason="kernels._cpu_decode is not built"),
               pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _case(seq_lens, block_size, hkv, gqa, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-s // block_size) for s in seq_lens]
-    num_blocks = sum(need) + 5
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, at = [], 0
-    for n in need:
-        tables.append(perm[at:at + n])
-        at += n
-    k_cache = torch.randn(num_blocks, block_size, hkv, d, generator=g)
-    v_cache = torch.randn(num_blocks, block_size, hkv, d, generator=g)
-    q = torch.randn(len(seq_lens), hkv * gqa, d, generator=g)
-    meta = AttentionMetadata.build(tables, seq_lens, [1] * len(seq_lens), block_size)
-    return q, k_cache, v_cache, meta
+    return decode_case(seq_lens, block_size, hkv, gqa, d, seed, spare_blocks=5)
 
 
 @pytest.mark.parametrize("d", [16, 32, 64, 128])  # 32/64/128 have their own compiled loops
@@ -64,3 +52,14 @@ def test_bad_inputs_are_refused_before_any_memory_is_read():
     with pytest.raises(ValueError, match="sequences"):
         cpu_decode.decode(q, k_cache, v_cache, group.blocks, group.lens[:1], 0.1)
     assert not cpu_decode.usable(q, k_cache.transpose(1, 2), v_cache)
+
+
+def test_the_torch_decode_path_without_the_kernel_matches_too(monkeypatch):
+    """Where the extension is not built the planned path gathers blocks and masks ragged lengths."""
+    from kernels.paged_attention import planned_paged_attention
+
+    q, k_cache, v_cache, meta = _case([3, 40, 17, 64], 16, hkv=2, gqa=2, d=32, seed=3)
+    want = paged_attention(q, k_cache, v_cache, meta, 0.2)
+    monkeypatch.setattr(cpu_decode, "usable", lambda *a: False)
+    assert meta.plan.decode.mask is not None  # ragged: the torch path needs its mask
+    torch.testing.assert_close(planned_paged_attention(q, k_cache, v_cache, meta, 0.2), want, atol=2e-5, rtol=2e-5)

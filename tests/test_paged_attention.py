@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from kernels import AttentionMetadata, attention, paged_attention, triton_available, write_kv
 from kernels.paged_attention import planned_paged_attention
 from kernels.triton_paged_attention import paged_decode_attention
+from tests.attention_utils import decode_case, shuffled_tables
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,11 +49,7 @@ class _Scenario:
         self.hq = HKV * gqa
         need = [-(-(c + n) // block_size) for c, n in seqs]
         num_blocks = sum(need) + num_spare_blocks
-        perm = torch.randperm(num_blocks, generator=g).tolist()
-        self.tables, start = [], 0
-        for n in need:
-            self.tables.append(perm[start : start + n])
-            start += n
+        self.tables = shuffled_tables(need, num_blocks, g)
         # Caches start with garbage (finite) so a read of a wrong slot shows up.
         self.k_cache = torch.randn(num_blocks, block_size, HKV, HEAD_DIM, generator=g)
         self.v_cache = torch.randn(num_blocks, block_size, HKV, HEAD_DIM, generator=g)
@@ -222,20 +219,11 @@ def test_gqa_head_mapping_follows_repeat_kv():
 @pytest.mark.parametrize("gqa", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_decode_matches_reference(block_size, gqa, dtype):
-    g = torch.Generator().manual_seed(block_size * 10 + gqa)
     seq_lens = [1, 17, 64, 300, 5, 129]
     head_dim, hkv = 64, 2
-    need = [-(-s // block_size) for s in seq_lens]
-    num_blocks = sum(need) + 2
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, start = [], 0
-    for n in need:
-        tables.append(perm[start : start + n])
-        start += n
-    meta = AttentionMetadata.build(tables, seq_lens, [1] * len(seq_lens), block_size, device="cuda")
-    k_cache = torch.randn(num_blocks, block_size, hkv, head_dim, generator=g).to("cuda", dtype)
-    v_cache = torch.randn(num_blocks, block_size, hkv, head_dim, generator=g).to("cuda", dtype)
-    q = torch.randn(len(seq_lens), hkv * gqa, head_dim, generator=g).to("cuda", dtype)
+    q, k_cache, v_cache, meta = decode_case(seq_lens, block_size, hkv, gqa, head_dim, seed=block_size * 10 + gqa,
+                                            spare_blocks=2, device="cuda")
+    q, k_cache, v_cache = (t.to("cuda", dtype) for t in (q, k_cache, v_cache))
     scale = head_dim**-0.5
     ref = paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale)
     out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)

@@ -4,6 +4,7 @@ whose every answer is scripted: framing, keep-alive, stale connections, timeouts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import pytest
@@ -69,19 +70,27 @@ def run(coro):
     return asyncio.run(coro)
 
 
+@contextlib.asynccontextmanager
+async def serving(handler, cfg: UpstreamConfig | None = None):
+    """(server, its URL, a pool) for one test; the pool is closed before the server."""
+    srv = Server(handler)
+    async with srv as url:
+        pool = UpstreamPool(cfg or UpstreamConfig())
+        try:
+            yield srv, url, pool
+        finally:
+            await pool.close()
+
+
 def test_keep_alive_connection_is_reused_and_bodies_arrive_intact():
     async def main():
-        srv = Server(keep_alive_echo)
-        async with srv as url:
-            pool = UpstreamPool(UpstreamConfig(headers=(("Authorization", "Bearer k"),)))
-            try:
-                for i in range(5):
-                    r = await pool.post(url, "/v1/completions", b'{"n": %d}' % i, {"X-Request-Id": f"r{i}"})
-                    assert r.status == 200 and r.headers["content-type"] == "application/json"
-                    assert await r.read() == b'{"n": %d}' % i
-                    r.release()
-            finally:
-                await pool.close()
+        cfg = UpstreamConfig(headers=(("Authorization", "Bearer k"),))
+        async with serving(keep_alive_echo, cfg) as (srv, url, pool):
+            for i in range(5):
+                r = await pool.post(url, "/v1/completions", b'{"n": %d}' % i, {"X-Request-Id": f"r{i}"})
+                assert r.status == 200 and r.headers["content-type"] == "application/json"
+                assert await r.read() == b'{"n": %d}' % i
+                r.release()
         assert srv.connections == 1
         first = srv.requests[0]
         assert first.startswith(b"POST /v1/completions HTTP/1.1\r\n")
@@ -107,19 +116,15 @@ def test_chunked_body_is_dechunked_and_streamed_as_it_arrives():
     async def main():
         nonlocal go_on
         go_on = asyncio.Event()
-        async with Server(handler) as url:
-            pool = UpstreamPool()
-            try:
-                r = await pool.post(url, "/v1/completions", b"{}", {})
-                pieces = []
-                async for piece in r.iter_any():
-                    pieces.append(piece)
-                    go_on.set()
-                r.release()
-                assert b"".join(pieces) == b"data: first\n\ndata: second\n\n"
-                assert pieces[0] == b"data: first\n\n"
-            finally:
-                await pool.close()
+        async with serving(handler) as (_, url, pool):
+            r = await pool.post(url, "/v1/completions", b"{}", {})
+            pieces = []
+            async for piece in r.iter_any():
+                pieces.append(piece)
+                go_on.set()
+            r.release()
+            assert b"".join(pieces) == b"data: first\n\ndata: second\n\n"
+            assert pieces[0] == b"data: first\n\n"
 
     run(main())
 
@@ -134,16 +139,11 @@ def test_close_delimited_body_and_connection_close_are_not_reused():
         await writer.drain()
 
     async def main():
-        srv = Server(handler)
-        async with srv as url:
-            pool = UpstreamPool()
-            try:
-                for expected in (b"until the end", b"bye", b"bye"):
-                    r = await pool.post(url, "/x", b"", {})
-                    assert await r.read() == expected
-                    r.release()
-            finally:
-                await pool.close()
+        async with serving(handler) as (srv, url, pool):
+            for expected in (b"until the end", b"bye", b"bye"):
+                r = await pool.post(url, "/x", b"", {})
+                assert await r.read() == expected
+                r.release()
         assert srv.connections == 3
 
     run(main())
@@ -160,16 +160,11 @@ def test_a_stale_keep_alive_connection_is_retried_once_on_a_new_one():
         await srv.read_request(reader)
 
     async def main():
-        srv = Server(handler)
-        async with srv as url:
-            pool = UpstreamPool()
-            try:
-                for _ in range(2):
-                    r = await pool.post(url, "/x", b"{}", {})
-                    assert r.status == 200 and await r.read() == b"one"
-                    r.release()
-            finally:
-                await pool.close()
+        async with serving(handler) as (srv, url, pool):
+            for _ in range(2):
+                r = await pool.post(url, "/x", b"{}", {})
+                assert r.status == 200 and await r.read() == b"one"
+                r.release()
         assert srv.connections == 2
 
     run(main())
@@ -180,13 +175,9 @@ def test_a_new_connection_that_closes_unanswered_is_an_error():
         await srv.read_request(reader)
 
     async def main():
-        async with Server(handler) as url:
-            pool = UpstreamPool()
-            try:
-                with pytest.raises(UpstreamError, match="closed the connection"):
-                    await pool.post(url, "/x", b"{}", {})
-            finally:
-                await pool.close()
+        async with serving(handler) as (_, url, pool):
+            with pytest.raises(UpstreamError, match="closed the connection"):
+                await pool.post(url, "/x", b"{}", {})
 
     run(main())
 
@@ -217,18 +208,14 @@ def test_a_silent_replica_hits_the_read_timeout_mid_body():
         await asyncio.sleep(30)
 
     async def main():
-        async with Server(handler) as url:
-            pool = UpstreamPool(UpstreamConfig(read_timeout_s=0.3, watchdog_period_s=0.05))
-            try:
-                r = await pool.post(url, "/x", b"{}", {})
-                got = []
-                with pytest.raises(UpstreamError, match="read timeout"):
-                    async for piece in r.iter_any():
-                        got.append(piece)
-                r.release()
-                assert got == [b"hello"]
-            finally:
-                await pool.close()
+        async with serving(handler, UpstreamConfig(read_timeout_s=0.3, watchdog_period_s=0.05)) as (_, url, pool):
+            r = await pool.post(url, "/x", b"{}", {})
+            got = []
+            with pytest.raises(UpstreamError, match="read timeout"):
+                async for piece in r.iter_any():
+                    got.append(piece)
+            r.release()
+            assert got == [b"hello"]
 
     run(main())
 
@@ -241,13 +228,9 @@ def test_bad_http_is_an_upstream_error():
         await asyncio.sleep(5)
 
     async def main():
-        async with Server(handler) as url:
-            pool = UpstreamPool()
-            try:
-                with pytest.raises(UpstreamError):
-                    await pool.post(url, "/x", b"{}", {})
-            finally:
-                await pool.close()
+        async with serving(handler) as (_, url, pool):
+            with pytest.raises(UpstreamError):
+                await pool.post(url, "/x", b"{}", {})
 
     run(main())
 
@@ -263,22 +246,18 @@ def test_a_slow_consumer_pauses_the_socket_and_loses_nothing():
             await writer.drain()
 
     async def main():
-        async with Server(handler) as url:
-            pool = UpstreamPool(UpstreamConfig(buffer_limit=64 * 1024))
-            try:
-                r = await pool.post(url, "/x", b"{}", {})
-                for _ in range(200):  # let the replica send while nobody reads
-                    await asyncio.sleep(0.005)
-                    if r._conn.paused:
-                        break
-                assert r._conn.paused, "the socket should be paused above buffer_limit"
-                got = bytearray()
-                async for piece in r.iter_any():
-                    got += piece
-                r.release()
-                assert bytes(got) == body
-            finally:
-                await pool.close()
+        async with serving(handler, UpstreamConfig(buffer_limit=64 * 1024)) as (_, url, pool):
+            r = await pool.post(url, "/x", b"{}", {})
+            for _ in range(200):  # let the replica send while nobody reads
+                await asyncio.sleep(0.005)
+                if r._conn.paused:
+                    break
+            assert r._conn.paused, "the socket should be paused above buffer_limit"
+            got = bytearray()
+            async for piece in r.iter_any():
+                got += piece
+            r.release()
+            assert bytes(got) == body
 
     run(main())
 
@@ -291,19 +270,14 @@ def test_releasing_an_unfinished_response_closes_its_connection():
         await reader.read()  # until the client closes
 
     async def main():
-        srv = Server(handler)
-        async with srv as url:
-            pool = UpstreamPool()
-            try:
-                r = await pool.post(url, "/x", b"{}", {})
-                async for _ in r.iter_any():
-                    break
-                r.release()
-                await asyncio.wait_for(srv.closed.wait(), 5)
-                r2 = await pool.post(url, "/x", b"{}", {})  # a new connection, not the broken one
-                r2.release()
-            finally:
-                await pool.close()
+        async with serving(handler) as (srv, url, pool):
+            r = await pool.post(url, "/x", b"{}", {})
+            async for _ in r.iter_any():
+                break
+            r.release()
+            await asyncio.wait_for(srv.closed.wait(), 5)
+            r2 = await pool.post(url, "/x", b"{}", {})  # a new connection, not the broken one
+            r2.release()
         assert srv.connections == 2
 
     run(main())
@@ -315,39 +289,30 @@ def test_cancelling_a_request_closes_its_connection_and_leaves_the_pool_clean():
         await reader.read()
 
     async def main():
-        srv = Server(handler)
-        async with srv as url:
-            pool = UpstreamPool()
-            try:
-                task = asyncio.create_task(pool.post(url, "/x", b"{}", {}))
-                while not srv.requests:
-                    await asyncio.sleep(0.01)
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-                await asyncio.wait_for(srv.closed.wait(), 5)
-                await asyncio.sleep(0.05)
-                assert not pool._busy and not any(pool._idle.values())
-            finally:
-                await pool.close()
+        async with serving(handler) as (srv, url, pool):
+            task = asyncio.create_task(pool.post(url, "/x", b"{}", {}))
+            while not srv.requests:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.wait_for(srv.closed.wait(), 5)
+            await asyncio.sleep(0.05)
+            assert not pool._busy and not any(pool._idle.values())
 
     run(main())
 
 
 def test_idle_connections_are_closed_after_the_idle_timeout():
     async def main():
-        srv = Server(keep_alive_echo)
-        async with srv as url:
-            pool = UpstreamPool(UpstreamConfig(idle_timeout_s=0.2, watchdog_period_s=0.05))
-            try:
-                r = await pool.post(url, "/x", b"{}", {})
-                await r.read()
-                r.release()
-                await asyncio.wait_for(srv.closed.wait(), 5)
-                r = await pool.post(url, "/x", b"{}", {})
-                r.release()
-            finally:
-                await pool.close()
+        cfg = UpstreamConfig(idle_timeout_s=0.2, watchdog_period_s=0.05)
+        async with serving(keep_alive_echo, cfg) as (srv, url, pool):
+            r = await pool.post(url, "/x", b"{}", {})
+            await r.read()
+            r.release()
+            await asyncio.wait_for(srv.closed.wait(), 5)
+            r = await pool.post(url, "/x", b"{}", {})
+            r.release()
         assert srv.connections == 2
 
     run(main())
