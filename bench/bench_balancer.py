@@ -27,7 +27,9 @@ own ceiling, and a proxy row near them is limited by the rig, not by the proxy.
    the proxy's CPU use during the run shows whether it was the bottleneck (100% = one core).
 3. SSE relay: 4 concurrent streams of 1,000 events each, repeated for a few seconds: relayed
    events/s counted by the client (every stream is checked to end with [DONE]).
-4. Routing decision, in process: Router.prepare (tokenize + hash) + routing_request (exact and
+4. Upstream client (`--parts client`), in process: CPU per sequential small POST of the
+   balancer's own client (balancer/upstream.py) and of aiohttp's ClientSession.
+5. Routing decision, in process: Router.prepare (tokenize + hash) + routing_request (exact and
    approximate index look-up) + decide (registry.usable + policy over 16 replicas) for 8k-token
    prompts, against a PrefixIndex of 16 replicas holding ~1M blocks; each probe is cached fully on
    3 replicas and half on 3 more, so the look-up walks the whole chain.
@@ -276,6 +278,68 @@ async def _bare_relay(upstream: str) -> None:
     finally:
         await runner.cleanup()
         await session.close()
+
+
+# ---------------------------------------------------------------------------------- upstream client cost
+
+PARTS = ("latency", "throughput", "sse", "client", "routing")
+
+
+def client_cost_rows(backend_url: str, core: int | None, n: int = 2000, rounds: int = 3) -> list[list]:
+    """CPU and wall time per sequential non-streaming POST of the balancer's upstream client
+    (balancer/upstream.py) and of an aiohttp ClientSession set up as the balancer set its own up
+    before (keep-alive pool, no cookie jar, no decompression, connect and read timeouts)."""
+    import aiohttp
+
+    from balancer.upstream import UpstreamPool
+
+    body = _body(SHORT_PROMPT)
+    headers = {"Content-Type": "application/json", "X-Request-Id": "bench"}
+
+    async def with_aiohttp(s: aiohttp.ClientSession) -> None:
+        r = await s.post(backend_url + "/v1/completions", data=body, headers=headers)
+        await r.read()
+        r.release()
+
+    async def with_upstream(pool: UpstreamPool) -> None:
+        r = await pool.post(backend_url, "/v1/completions", body, headers)
+        await r.read()
+        r.release()
+
+    async def run() -> dict[str, tuple[float, float]]:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30), auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None, connect=2, sock_read=300))
+        pool = UpstreamPool()
+        best: dict[str, tuple[float, float]] = {}
+        try:
+            for _ in range(rounds):
+                for name, one, client in (("aiohttp ClientSession", with_aiohttp, session),
+                                          ("kvfleet upstream (httptools)", with_upstream, pool)):
+                    for _ in range(50):
+                        await one(client)
+                    c, t = time.process_time(), time.perf_counter()
+                    for _ in range(n):
+                        await one(client)
+                    cpu, wall = (time.process_time() - c) / n * 1e6, (time.perf_counter() - t) / n * 1e6
+                    if name not in best or cpu < best[name][0]:
+                        best[name] = (cpu, wall)
+        finally:
+            await session.close()
+            await pool.close()
+        return best
+
+    with contextlib.suppress(OSError, TypeError):
+        os.sched_setaffinity(0, {core})
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        best = runner.run(run())
+    return [[name, round(cpu, 1), round(wall, 1)] for name, (cpu, wall) in best.items()]
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -1000,9 +1064,9 @@ def main() -> int:
                          "benchmark only the timed loops run so")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get/pip install missing tools")
     ap.add_argument("--skip", default="", help="comma list of targets to skip: round_robin,no-access-log,bare,nginx,sglang-router")
-    ap.add_argument("--parts", default="latency,throughput,sse,routing",
-                    help="comma list of the parts to run (latency, throughput, sse, routing); the goals table "
-                         "covers the parts run")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma list of the parts to run ({', '.join(PARTS)}); the goals table covers the parts "
+                         "run; client: CPU per request of the balancer's upstream client against aiohttp's")
     ap.add_argument("--profile", action="store_true", help="only profile the kvfleet balancer under load")
     ap.add_argument("--profile-policy", default="precise_prefix")
     ap.add_argument("--profile-top", type=int, default=25)
@@ -1012,9 +1076,8 @@ def main() -> int:
     ap.add_argument("--bare-relay", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     parts = set(filter(None, args.parts.split(",")))
-    if parts - {"latency", "throughput", "sse", "routing"}:
-        ap.error(f"--parts: unknown part(s) {sorted(parts - {'latency', 'throughput', 'sse', 'routing'})}; "
-                 "choose from latency, throughput, sse, routing")
+    if parts - set(PARTS):
+        ap.error(f"--parts: unknown part(s) {sorted(parts - set(PARTS))}; choose from {', '.join(PARTS)}")
     if args.client is not None:
         client_main(json.loads(args.client))
         return 0
@@ -1062,6 +1125,7 @@ def main() -> int:
         lat = latency_rows(args, targets, backend.popen.pid) if "latency" in parts else []
         thr = throughput_rows(args, targets, backend.popen.pid, tools["wrk"]) if "throughput" in parts else []
         sse = sse_rows(args, targets, backend.popen.pid) if "sse" in parts else []
+        client = client_cost_rows(burl, args.proxy_core) if "client" in parts else []
 
     # In process, once every process above is stopped.
     if args.realtime:  # the index build must not hold a core at real-time priority for seconds
@@ -1096,6 +1160,10 @@ def main() -> int:
            ["policy", "prompt tokens", "prepare p50", "lookup p50", "decide p50", "total p50", "total p99",
             "routed p50", "fully cached pick", f"<= {GOAL_DECISION_US} us"], routing,
            out=f"{stem}_routing.json", extra=extra)
+    if client:
+        report("Upstream client: CPU per small POST to the fake backend, in one process on the proxy's core "
+               "(2,000 sequential requests per round, clients in turns, best of 3 rounds)",
+               ["client", "CPU us/request", "wall us/request"], client, out=f"{stem}_client.json", extra=extra)
     report("Goals (kvfleet balancer); last column: CPU that other work on this machine took from the proxy's "
            "core / the load core during that run (0% / 0% = a clean run)",
            ["goal", "target", "measured", "met", "others on cores P/L"], goal_rows(args, lat, thr, sse, routing),

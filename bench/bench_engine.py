@@ -29,6 +29,8 @@
       the share of requests whose greedy tokens agree exactly between the two sides.
 2. TTFT of a 2,048-token prompt, cold vs fully cached.
 3. KV memory wasted per running sequence (allocated slots minus tokens held), in blocks.
+4. (`--parts decode`) the C decode kernel (kernels/_cpu_decode.c) against the torch path it
+   replaced: one layer's decode attention, and the varied workload at batch 32 with it off / on.
 
     .venv/bin/python bench/bench_engine.py [--threads 2] [--repeat 3] [--workload uniform|varied|both]
         [--out results/bench_engine.json]
@@ -288,6 +290,77 @@ def kv_waste(num_requests: int = 64, seed: int = 2) -> tuple[float, float]:
     return sum(samples) / len(samples), max(samples)
 
 
+def _thread_time_ms(fn, runs: int) -> float:
+    """Fastest of `runs` calls of fn, in ms of this thread's CPU time (steadier than wall time on
+    a machine shared with other work)."""
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        t = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t)
+    return best * 1e3
+
+
+def decode_kernel_rows(runs: int) -> list[list]:
+    """Decode attention of one layer (tiny preset's heads: 8 query, 4 KV, head dim 32), the torch
+    planned path against the C kernel (kernels/_cpu_decode.c), on the same random paged cache;
+    each sequence's length drawn in [L/2, L] (a step's decode group is ragged)."""
+    from kernels import AttentionMetadata, cpu_decode
+    from kernels.paged_attention import _planned_decode
+
+    if not cpu_decode.NATIVE:
+        return [["-", "-", "n/a (kernels._cpu_decode not built)", "-", "-"]]
+    rows = []
+    real_usable = cpu_decode.usable
+    for batch, length in ((16, 256), (16, 640), (32, 256), (32, 640)):
+        g = torch.Generator().manual_seed(batch + length)
+        bs, hkv, hq, d = 16, 4, 8, 32
+        lens = torch.randint(length // 2, length + 1, (batch,), generator=g).tolist()
+        need = [-(-n // bs) for n in lens]
+        perm = torch.randperm(sum(need) + 8, generator=g).tolist()
+        tables, at = [], 0
+        for n in need:
+            tables.append(perm[at:at + n])
+            at += n
+        k_cache = torch.randn(len(perm), bs, hkv, d, generator=g)
+        v_cache = torch.randn(len(perm), bs, hkv, d, generator=g)
+        q = torch.randn(batch, hq, d, generator=g)
+        group = AttentionMetadata.build(tables, lens, [1] * batch, bs).plan.decode
+        times = {}
+        for name, usable in (("torch", lambda *a: False), ("C", real_usable)):
+            cpu_decode.usable = usable
+            try:
+                times[name] = _thread_time_ms(lambda: _planned_decode(q, k_cache, v_cache, group, d ** -0.5), runs)
+            finally:
+                cpu_decode.usable = real_usable
+        rows.append([batch, length, round(times["torch"], 3), round(times["C"], 3),
+                     f"{times['torch'] / times['C']:.2f}x"])
+    return rows
+
+
+def decode_engine_rows(batch: int, runs: int) -> list[list]:
+    """The varied workload at `batch` through the engine with the C decode kernel off and on,
+    in turns, in this process: CPU seconds (process time), best of `runs`."""
+    from kernels import cpu_decode
+
+    requests = varied_requests(batch)
+    engine_varied(requests[:8], 8)  # warm-up
+    real_usable = cpu_decode.usable
+    best = {"torch": float("inf"), "C": float("inf")}
+    tokens = sum(o for _, o in requests)
+    for _ in range(runs):
+        for name, usable in (("torch", lambda *a: False), ("C", real_usable)):
+            cpu_decode.usable = usable
+            try:
+                t = time.process_time()
+                engine_varied(requests, batch)
+                best[name] = min(best[name], time.process_time() - t)
+            finally:
+                cpu_decode.usable = real_usable
+    return [[batch, tokens, round(best["torch"], 2), round(best["C"], 2), f"{best['torch'] / best['C']:.2f}x"]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -299,7 +372,9 @@ def main() -> None:
                     help="part 1: uniform lengths, varied ShareGPT-like lengths, or both tables")
     ap.add_argument("--varied-waves", type=int, default=1,
                     help="varied: requests per batch size = waves x batch (HF runs them B at a time)")
-    ap.add_argument("--parts", default="tput,ttft,waste", help="which parts to run (comma list)")
+    ap.add_argument("--parts", default="tput,ttft,waste",
+                    help="which parts to run (comma list of tput, ttft, waste, decode; decode: the C decode "
+                         "kernel against the torch path, per layer and on the varied workload)")
     ap.add_argument("--out", default="results/bench_engine.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -354,6 +429,16 @@ def main() -> None:
                [["cold", round(cold * 1e3, 2)], ["fully cached", round(hot * 1e3, 2)],
                 ["ratio", f"{cold / hot:.1f}x"]],
                args.out.replace(".json", "_ttft.json"))
+
+    if "decode" in parts:
+        report("Decode attention, one layer (8 query / 4 KV heads, head dim 32, block size 16, lengths in "
+               "[L/2, L]): torch planned path vs C kernel, ms of thread CPU time, best of 20",
+               ["batch", "L", "torch ms", "C kernel ms", "speed-up"], decode_kernel_rows(20),
+               args.out.replace(".json", "_decode_kernel.json"))
+        report("Varied workload at batch 32 through the engine, C decode kernel off / on (same process, in "
+               f"turns), CPU seconds, best of {max(args.repeat, 1)}",
+               ["batch", "output tokens", "torch path s", "C kernel s", "speed-up"],
+               decode_engine_rows(32, max(args.repeat, 1)), args.out.replace(".json", "_decode_engine.json"))
 
     if "waste" in parts:
         mean, worst = kv_waste()
