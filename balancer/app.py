@@ -19,6 +19,7 @@ from aiohttp import web
 from balancer import index_state, openapi
 from balancer.approx_index import ApproxIndex
 from balancer.config import BalancerConfig, ReplicaSpec
+from balancer.exchange import WebExchange
 from balancer.guard import Guard
 from balancer.health import DnsWatcher, HealthChecker
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
@@ -38,6 +39,9 @@ from protocol.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 BALANCER = web.AppKey("balancer", "Balancer")
+# The routes the lean front-end (balancer/front.py) serves itself: path -> handler of an Exchange.
+# Absent when aiohttp must see every request (the guard is aiohttp middleware).
+FAST_ROUTES = web.AppKey("fast_routes", dict)
 
 
 class Balancer:
@@ -217,13 +221,20 @@ def create_app(cfg: BalancerConfig, balancer: Balancer | None = None) -> web.App
     app[BALANCER] = b
 
     async def completions(request: web.Request) -> web.StreamResponse:
-        return await b.proxy.completions(request)
+        ex = WebExchange(request)
+        await b.proxy.completions(ex)
+        return ex.response
 
     async def chat(request: web.Request) -> web.StreamResponse:
-        return await b.proxy.chat(request)
+        ex = WebExchange(request)
+        await b.proxy.chat(ex)
+        return ex.response
 
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat)
+    if cfg.fast_path and guard.idle:
+        app[FAST_ROUTES] = {b"/v1/completions": lambda ex: b.proxy.completions(ex),
+                            b"/v1/chat/completions": lambda ex: b.proxy.chat(ex)}
     admin.add_routes(app, b)
     index_state.add_routes(app, b)
     openapi.add_routes(app)

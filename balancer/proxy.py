@@ -24,8 +24,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import web
-
+from balancer.exchange import Exchange
 from balancer.metrics import NO_REPLICA, BalancerMetrics
 from balancer.registry import Registry, ReplicaState
 from balancer.router import Prepared, Router
@@ -52,21 +51,17 @@ class _UpstreamFailed(Exception):
 
 class _ClientGone(Exception):
     """Writing to the client failed: it went away. Not the replica's fault: no retry, no
-    failover, no breaker penalty; the handler just stops (`response` is the open stream)."""
-
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__("the client went away")
-        self.response = response
+    failover, no breaker penalty; the handler just stops."""
 
 
-async def _write(out: web.StreamResponse, data: bytes | None = None) -> None:
+async def _write(out: Exchange, data: bytes | None = None) -> None:
     """Write to the client (`None`: end the response), telling a client that left (`_ClientGone`)
     apart from a replica that failed (aiohttp raises ClientConnectionResetError, a ClientError,
     for both)."""
     try:
-        await (out.write(data) if data is not None else out.write_eof())
+        await (out.write(data) if data is not None else out.end())
     except ConnectionResetError:
-        raise _ClientGone(out) from None
+        raise _ClientGone() from None
 
 
 @dataclass
@@ -127,7 +122,8 @@ def _attempt_metrics(m: BalancerMetrics, replica_id: str, matched: int, prompt_t
     m.series(m.prompt_tokens, replica_id).inc(prompt_tokens)
 
 
-async def read_json(request: web.Request) -> object:
+async def read_json(request) -> object:
+    """The body of a request (aiohttp's or an `Exchange`) as JSON, or an `APIError(400)`."""
     return decode_json_body(await request.read())
 
 
@@ -155,13 +151,16 @@ class Proxy:
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ entry points
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        return await self._handle(request, body, parse_completion(body), "/v1/completions")
+    async def completions(self, ex: Exchange) -> None:
+        """Serve one `/v1/completions` request; the response goes out through `ex`. Bad input
+        raises `APIError` (the server turns it into an OpenAI-style error response)."""
+        body = await read_json(ex)
+        await self._handle(ex, body, parse_completion(body), "/v1/completions")
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        return await self._handle(request, body, parse_chat(body), "/v1/chat/completions")
+    async def chat(self, ex: Exchange) -> None:
+        """`/v1/chat/completions`, as `completions`."""
+        body = await read_json(ex)
+        await self._handle(ex, body, parse_chat(body), "/v1/chat/completions")
 
     def check_model(self, req: GenerationRequest) -> None:
         served = self.model()
@@ -169,9 +168,9 @@ class Proxy:
             raise APIError(404, f"The model `{req.model}` does not exist. This server serves `{served}`.", "model")
 
     # ------------------------------------------------------------------ the loop
-    async def _handle(self, request: web.Request, body: dict, req: GenerationRequest, path: str) -> web.StreamResponse:
+    async def _handle(self, ex: Exchange, body: dict, req: GenerationRequest, path: str) -> None:
         arrival = time.perf_counter()
-        request_id = request.headers.get("X-Request-Id") or f"{self._id_prefix}{next(self._ids)}"
+        request_id = ex.header("X-Request-Id") or f"{self._id_prefix}{next(self._ids)}"
         outcome = _Outcome()
         prompt_tokens = 0
         try:
@@ -179,7 +178,7 @@ class Proxy:
             t0 = time.perf_counter()
             prepared = self.router.prepare(req)
             prompt_tokens = len(prepared.token_ids)
-            return await self._route(request, body, req, path, prepared, request_id, arrival, t0, outcome)
+            await self._route(ex, body, req, path, prepared, request_id, arrival, t0, outcome)
         except APIError as e:
             outcome.status = e.status
             raise
@@ -223,16 +222,17 @@ class Proxy:
                    "attempts": o.attempts, "prompt_tokens": prompt_tokens, "predicted_cached_tokens": o.predicted_cached,
                    "reported_cached_tokens": o.reported_cached, "failovers": o.failovers}})
 
-    async def _route(self, request: web.Request, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
-                     request_id: str, arrival: float, t0: float, outcome: _Outcome) -> web.StreamResponse:
+    async def _route(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
+                     request_id: str, arrival: float, t0: float, outcome: _Outcome) -> None:
         stream_failover = req.stream and self.retry.failover
         if stream_failover and not req.return_token_ids:
             payload = json.dumps({**body, "return_token_ids": True}).encode()
-        else:  # unchanged: forward the bytes the client sent (aiohttp keeps them), no re-encoding
-            payload = await request.read()
+        else:  # unchanged: forward the bytes the client sent (the server keeps them), no re-encoding
+            payload = await ex.read()
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
-        if "Authorization" in request.headers:
-            headers["Authorization"] = request.headers["Authorization"]
+        authorization = ex.header("Authorization")
+        if authorization is not None:
+            headers["Authorization"] = authorization
 
         tried: set[str] = set()
         last: _UpstreamFailed | None = None
@@ -257,9 +257,9 @@ class Proxy:
             outcome.replica, outcome.attempts, outcome.predicted_cached = replica.replica_id, attempt + 1, matched
             ok = False
             try:
-                resp = await self._send(request, replica, path, payload, headers, prepared, rr, arrival, outcome)
+                await self._send(ex, replica, path, payload, headers, prepared, rr, arrival, outcome)
                 ok = True
-                return resp
+                return
             except _UpstreamFailed as e:
                 last = e
                 tried.add(replica.replica_id)
@@ -280,14 +280,15 @@ class Proxy:
             status_class = f"{last.status // 100}xx"
             self.metrics.series(self.metrics.requests, last.replica.replica_id, self.policy_name, status_class).inc()
             outcome.status = last.status
-            return web.Response(status=last.status, body=last.body, content_type="application/json",
-                                headers={REPLICA_HEADER: last.replica.replica_id})
+            ex.reply(last.status, last.body,
+                     {"Content-Type": "application/json", REPLICA_HEADER: last.replica.replica_id})
+            return
         self.metrics.series(self.metrics.requests, last.replica.replica_id, self.policy_name, "5xx").inc()
         raise APIError(502, f"every replica tried failed ({len(tried)} tried); last error from "
                             f"{last.replica.replica_id}: {last.reason}")
 
-    async def _send(self, request: web.Request, replica: ReplicaState, path: str, payload: bytes, headers: dict,
-                    prepared: Prepared, rr, arrival: float, outcome: _Outcome) -> web.StreamResponse:
+    async def _send(self, ex: Exchange, replica: ReplicaState, path: str, payload: bytes, headers: dict,
+                    prepared: Prepared, rr, arrival: float, outcome: _Outcome) -> None:
         try:
             upstream = await self.upstream().post(replica.url, path, payload, headers)
         except ConnectFailed as e:
@@ -312,48 +313,48 @@ class Proxy:
                 out_headers = _relayed_headers(upstream)
                 out_headers[REPLICA_HEADER] = replica.replica_id
                 out_headers["X-Request-Id"] = headers["X-Request-Id"]
-                return web.Response(status=upstream.status, body=body, headers=out_headers)
+                ex.reply(upstream.status, body, out_headers)
+                return
             try:
-                return await self._relay_stream(request, replica, upstream, headers, prepared, rr, arrival, outcome)
-            except _ClientGone as gone:
+                await self._relay_stream(ex, replica, upstream, headers, prepared, rr, arrival, outcome)
+            except _ClientGone:
                 outcome.status = 499  # the client went away (nginx's code for it)
-                return gone.response
         finally:
             upstream.release()
 
     # ------------------------------------------------------------------ streaming
-    async def _relay_stream(self, request: web.Request, replica: ReplicaState, upstream: UpstreamResponse,
-                            headers: dict, prepared: Prepared, rr, arrival: float,
-                            outcome: _Outcome) -> web.StreamResponse:
+    async def _relay_stream(self, ex: Exchange, replica: ReplicaState, upstream: UpstreamResponse,
+                            headers: dict, prepared: Prepared, rr, arrival: float, outcome: _Outcome) -> None:
         pending = bytearray()
         relayed = bytearray()
-        out: web.StreamResponse | None = None
+        opened = False
         try:
             async for chunk in upstream.iter_any():
                 pending += chunk
                 complete = split_events(pending)
                 if not complete:
                     continue
-                if out is None:
-                    out = await self._open_stream(request, replica, upstream, headers)
+                if not opened:
+                    opened = True
+                    await self._open_stream(ex, replica, upstream, headers)
                     outcome.status = upstream.status
                     outcome.ttft_s = time.perf_counter() - arrival
                     self.metrics.ttft.observe(outcome.ttft_s)
                     self.registry.record_success(replica)
-                await _write(out, complete)
+                await _write(ex, complete)
                 relayed += complete
         except UpstreamError as e:
             broken = str(e)
         else:
             broken = None if relayed.rstrip().endswith(DONE) else "stream ended without [DONE]"
-        if broken is not None and out is None:
+        if broken is not None and not opened:
             raise _UpstreamFailed(replica, f"stream broke before the first event: {broken}")
-        if out is None:  # an empty but complete response: nothing to relay
-            out = await self._open_stream(request, replica, upstream, headers)
+        if not opened:  # an empty but complete response: nothing to relay
+            await self._open_stream(ex, replica, upstream, headers)
             outcome.status = upstream.status
         if broken is not None:
             self.registry.record_failure(replica, refused=False)
-            outcome.failovers = await self._failover(out, replica, prepared, bytes(relayed), broken,
+            outcome.failovers = await self._failover(ex, replica, prepared, bytes(relayed), broken,
                                                      headers["X-Request-Id"])
         else:
             self._note_usage(replica, relayed, outcome)
@@ -363,16 +364,14 @@ class Proxy:
                 outcome.output_tokens = sum(x.count(b",") + 1 for x in ids if x)
         self.metrics.series(self.metrics.requests, replica.replica_id, self.policy_name, "2xx").inc()
         self.metrics.e2e.observe(time.perf_counter() - arrival)
-        await _write(out)
-        return out
+        await _write(ex)
 
-    async def _open_stream(self, request, replica, upstream, headers) -> web.StreamResponse:
+    @staticmethod
+    async def _open_stream(ex: Exchange, replica: ReplicaState, upstream: UpstreamResponse, headers: dict) -> None:
         out_headers = _relayed_headers(upstream)
         out_headers[REPLICA_HEADER] = replica.replica_id
         out_headers["X-Request-Id"] = headers["X-Request-Id"]
-        out = web.StreamResponse(status=upstream.status, headers=out_headers)
-        await out.prepare(request)
-        return out
+        await ex.open_stream(upstream.status, out_headers)
 
     def _note_usage(self, replica: ReplicaState, data: bytes | bytearray, outcome: _Outcome) -> None:
         """Read the `usage` object at the end of a JSON body or of an SSE stream (its usage
@@ -387,7 +386,7 @@ class Proxy:
         if isinstance(usage.get("completion_tokens"), int):
             outcome.output_tokens = usage["completion_tokens"]
 
-    async def _failover(self, out: web.StreamResponse, lost: ReplicaState, prepared: Prepared, relayed: bytes,
+    async def _failover(self, out: Exchange, lost: ReplicaState, prepared: Prepared, relayed: bytes,
                         why: str, request_id: str) -> int:
         """Continue a broken stream on other replicas; the client sees one stream. Returns the
         number of continuations tried."""
@@ -459,7 +458,7 @@ class Proxy:
             body["cache_salt"] = req.cache_salt
         return body
 
-    async def _relay_continuation(self, out, replica: ReplicaState, body: dict, req: GenerationRequest, progress,
+    async def _relay_continuation(self, out: Exchange, replica: ReplicaState, body: dict, req: GenerationRequest, progress,
                                   generated_before: int, prompt_tokens: int,
                                   request_id: str) -> tuple[bool, list[int]]:
         """Relay a continuation's chunks re-shaped as the client's original stream."""

@@ -8,7 +8,9 @@ Every proxy sits in front of the same fake backend (bench/fake_backend.py: a raw
 protocol that answers at once, or streams N SSE events). Side by side in one run:
 
     direct              the client talks to the backend
-    kvfleet <policy>    `python -m kvfleet.cli balancer` (precise_prefix, round_robin)
+    kvfleet <policy>    `python -m kvfleet.cli balancer` (precise_prefix, round_robin); the
+                        generation routes on its lean front-end (balancer/front.py)
+    kvfleet ..., aiohttp front   the same with `--no-fast-path`: aiohttp serves every route
     aiohttp bare relay  reference: an aiohttp server + ClientSession passing bytes through, no
                         parsing or routing: the floor for any proxy built on aiohttp
     nginx               Debian's nginx, worker_processes 1, upstream keepalive, proxy_buffering off
@@ -865,14 +867,16 @@ def start_targets(args, stack: contextlib.ExitStack, burl: str, tools: dict, ski
     for name, policy, extra in (("kvfleet precise_prefix", "precise_prefix", []),
                                 ("kvfleet round_robin", "round_robin", []),
                                 ("kvfleet precise_prefix, no access log", "no-access-log",
-                                 ["--policy", "precise_prefix", "--log-level", "warning"])):
+                                 ["--policy", "precise_prefix", "--log-level", "warning"]),
+                                ("kvfleet precise_prefix, aiohttp front", "aiohttp-front",
+                                 ["--policy", "precise_prefix", "--no-fast-path"])):
         if policy not in skip:
             cmd = [sys.executable, "-m", "kvfleet.cli", "balancer", "--port", "0", "--model", MODEL, "--replica", burl,
                    *(extra or ["--policy", policy])]
             log_file = Path(tempfile.mkdtemp(prefix="kvfleet-bench-")) / "balancer.log"
             proc, url = spawn(name, cmd, args.proxy_core, _READY, cwd=str(ROOT), stderr_file=log_file)
             stack.callback(proc.stop)
-            targets.append(Target(name, url, proc, note="--log-level warning" if extra else ""))
+            targets.append(Target(name, url, proc, note=" ".join(extra[2:])))
     if "bare" not in skip:
         proc, url = spawn("aiohttp bare relay", [sys.executable, str(Path(__file__).resolve()), "--bare-relay", burl],
                           args.proxy_core, _READY)
@@ -1063,7 +1067,7 @@ def main() -> int:
                          "root), so other work on a shared machine cannot preempt them; of the in-process routing "
                          "benchmark only the timed loops run so")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get/pip install missing tools")
-    ap.add_argument("--skip", default="", help="comma list of targets to skip: round_robin,no-access-log,bare,nginx,sglang-router")
+    ap.add_argument("--skip", default="", help="comma list of targets to skip: round_robin,no-access-log,aiohttp-front,bare,nginx,sglang-router")
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"comma list of the parts to run ({', '.join(PARTS)}); the goals table covers the parts "
                          "run; client: CPU per request of the balancer's upstream client against aiohttp's")

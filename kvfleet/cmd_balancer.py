@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="a HF tokenizer.json (default: the built-in byte tokenizer)")
     p.add_argument("--config", default=None, help="a TOML or JSON file with BalancerConfig keys; flags win")
     p.add_argument("--no-failover", action="store_true", help="do not continue broken streams on another replica")
+    p.add_argument("--no-fast-path", action="store_true",
+                   help="serve every route with aiohttp (by default a lean HTTP front-end serves the two "
+                        "generation routes when no guard option is set; this is for comparison or if you "
+                        "suspect it)")
     p.add_argument("--memory-trim-s", type=float, default=None,
                    help=f"return freed heap memory to the OS every this many seconds (glibc malloc_trim), so RSS "
                         f"does not ratchet up after bursts; 0 disables (default {d.memory_trim_s} s)")
@@ -77,6 +81,8 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
         cfg = replace(cfg, dns=cfg.dns + dns)
     if options:
         cfg = replace(cfg, policy_options=tuple(sorted({**dict(cfg.policy_options), **options}.items())))
+    if args.no_fast_path:
+        cfg = replace(cfg, fast_path=False)
     if args.no_failover:
         cfg = replace(cfg, retry=replace(cfg.retry, failover=False))
     cfg = guard.apply_arguments(cfg, args)
@@ -86,19 +92,16 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
 
 
 async def serve(cfg: BalancerConfig) -> int:
-    from aiohttp import web
-
+    from balancer import serving
     from balancer.app import BALANCER, create_app
 
     app = create_app(cfg)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
-    await site.start()
+    listening = await serving.start(app, cfg.host, cfg.port, cfg.max_body_bytes, access_log=None)
     b = app[BALANCER]
-    addrs = [f"http://{a[0]}:{a[1]}" for a in runner.addresses]
+    addrs = [f"http://{a[0]}:{a[1]}" for a in listening.addresses]
+    front = "lean front-end for /v1/completions and /v1/chat/completions" if listening.front else "aiohttp"
     print(f"kvfleet balancer ready: model={b.model} policy={b.policy.name} replicas={len(b.registry)} "
-          f"listening on {' '.join(addrs)}", flush=True)
+          f"listening on {' '.join(addrs)} ({front})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,7 +109,7 @@ async def serve(cfg: BalancerConfig) -> int:
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await listening.close()
     return 0
 
 

@@ -10,6 +10,7 @@ import urllib.request
 import aiohttp
 from aiohttp import web
 
+from balancer import serving
 from balancer.app import BALANCER, create_app
 from balancer.config import BalancerConfig, HealthConfig, ReplicaSpec
 from kvfleet import procs
@@ -50,15 +51,11 @@ async def balancer(specs: list[str], **cfg):
     config = BalancerConfig(port=0, replicas=tuple(ReplicaSpec.parse(s) for s in specs), model="tiny",
                             health=health, **cfg)
     app = create_app(config)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    listening = await serving.start(app, "127.0.0.1", 0, config.max_body_bytes)
     try:
-        yield f"http://{host}:{port}", app[BALANCER]
+        yield listening.url, app[BALANCER]
     finally:
-        await runner.cleanup()
+        await listening.close()
 
 
 async def read_stream(resp: aiohttp.ClientResponse, on_chunk=None) -> tuple[list[int], str, str | None, dict | None]:

@@ -1,0 +1,54 @@
+"""Listening: the balancer's app on a host and port, behind the lean front-end where it applies.
+
+`start` runs the app's start-up (the Balancer's tasks) and opens the listening socket: the
+front-end (balancer/front.py) for the generation routes with aiohttp behind it, or aiohttp
+alone when the app has no fast routes (guard on, or `fast_path = false`). `Serving.close`
+stops listening, lets requests in flight finish, and runs the app's clean-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from balancer.app import FAST_ROUTES
+from balancer.front import FrontConfig, FrontServer
+
+
+@dataclass
+class Serving:
+    runner: web.AppRunner
+    addresses: list[tuple[str, int]]
+    server: asyncio.AbstractServer | None = None  # the front-end's listening socket
+    front: FrontServer | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.front.close()
+            await self.server.wait_closed()
+        await self.runner.cleanup()
+
+
+async def start(app: web.Application, host: str, port: int, max_body_bytes: int, **runner_kw) -> Serving:
+    runner = web.AppRunner(app, **runner_kw)
+    await runner.setup()
+    routes = app.get(FAST_ROUTES) or {}
+    try:
+        if not routes:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            return Serving(runner, [a[:2] for a in runner.addresses])
+        front = FrontServer(FrontConfig(max_body_bytes=max_body_bytes), routes, runner.server)
+        server = await asyncio.get_running_loop().create_server(front, host, port, reuse_address=True, backlog=1024)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return Serving(runner, [s.getsockname()[:2] for s in server.sockets], server, front)
