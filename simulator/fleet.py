@@ -97,6 +97,11 @@ class FleetConfig:
     block_size: int = 16
     seed: int = 0
     oracle_lengths: bool = False  # give policies the true output length instead of a prediction
+    # The router sees each request's `max_tokens` = its trace output length, as it does behind
+    # a live loadgen (which sends `max_tokens = output_length` with `ignore_eos` to reproduce the
+    # trace's lengths): predictions are capped at it and the regressor reads it as a feature.
+    # False (default): traces record no max_tokens, so the router sees none.
+    client_max_tokens: bool = False
     # What a live fleet adds to each request outside the engine's steps (seconds): from the
     # client sending it to its replica's engine queue (HTTP to the balancer, routing, the hop to
     # the replica, parsing, tokenizing, the engine loop's wake-up), and from a token leaving a
@@ -291,8 +296,10 @@ class FleetSimulation:
             # Scheduler.add_request's checks, before routing (see FleetConfig.max_model_len).
             return RequestRecord(i, t, "", len(tokens), rejected=True), None, None, None, None
         # Clients' max_tokens is unknown in traces: the router sees none, so predictions are
-        # honest (the engine still stops at the trace's output length).
-        req = GenerationRequest(kind="completion", model=MODEL, prompt_token_ids=None, max_tokens=None)
+        # honest (the engine still stops at the trace's output length) -- unless the config says
+        # the client sends it, as loadgen does live (FleetConfig.client_max_tokens).
+        max_tokens = max(1, r.output_length) if self.cfg.client_max_tokens else None
+        req = GenerationRequest(kind="completion", model=MODEL, prompt_token_ids=None, max_tokens=max_tokens)
         text = ""
         if self.policy.needs_text:
             text = memo.text() if memo is not None else ByteTokenizer().decode(tokens)

@@ -47,6 +47,7 @@ class SimulateConfig:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     predictor: str = "ensemble"  # output-length predictor the router uses; "none", or "oracle" (true lengths)
+    client_max_tokens: bool = False  # requests carry max_tokens = their output length, as loadgen sends live
     policy_options: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()  # (policy, ((key, value), ...))
     # Per-request latency a live fleet adds outside the engines (simulator.fleet.FleetConfig).
     request_latency_s: float = DEFAULT_REQUEST_LATENCY_S
@@ -162,7 +163,7 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
     out = {"config": {"replicas": cfg.replicas, "preset": p.description, "kv_blocks": cfg.kv_blocks or p.kv_blocks,
                       "load": cfg.load, "trace_utilisation": util, "time_factor": factor,
                       "mean_demand_s": demand, "requests": len(reqs), "seed": cfg.seed,
-                      "predictor": cfg.predictor},
+                      "predictor": cfg.predictor, "client_max_tokens": cfg.client_max_tokens},
            "bounds": {"infinite_cache_hit_rate": bounds.infinite_cache_hit_rate,
                       "ideal_mean_ttft_s": bounds.ideal_ttft_mean, "ideal_median_ttft_s": bounds.ideal_ttft_p50,
                       "ideal_p99_ttft_s": bounds.ideal_ttft_p99},
@@ -178,6 +179,7 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
                                             max_num_seqs=cfg.max_num_seqs,
                                             max_num_batched_tokens=cfg.max_num_batched_tokens,
                                             oracle_lengths=cfg.predictor == "oracle",
+                                            client_max_tokens=cfg.client_max_tokens,
                                             request_latency_s=cfg.request_latency_s,
                                             response_latency_s=cfg.response_latency_s,
                                             max_model_len=cfg.max_model_len), predictor=predictor)

@@ -148,3 +148,36 @@ def test_pacer_keeps_a_busy_replica_on_its_modelled_timeline():
     ft.t = 106.0  # stalled 1 s with work (a stopped process): restart from now, no burst
     pacer(0.1, _out(100.0))
     assert ft.t == pytest.approx(106.05) and pacer.restarts == 1
+
+
+def test_client_max_tokens_reaches_the_router_like_loadgens_live_requests():
+    # Live, loadgen sends max_tokens = the trace's output length (with ignore_eos), and the
+    # router caps its output-length predictions at it; with `client_max_tokens` the simulated
+    # router sees the same, without it none (traces record no max_tokens).
+    from predictors.adapter import balancer_predictor
+    from simulator.fleet import FleetConfig, FleetSimulation
+    from simulator.run import sim_requests
+
+    preset = get_preset("llama3-8b-h100")
+    trace = [TraceRequest(arrival_s=1.0 * i, input_length=300, output_length=3 + i, hash_ids=(i,),
+                          hash_block_tokens=512) for i in range(6)]
+    seen = {}
+    for flag in (False, True):
+        fleet = FleetSimulation(FleetConfig(2, preset, "predictive", client_max_tokens=flag),
+                                predictor=balancer_predictor("ensemble", "sim"))
+        select, got = fleet.policy.select, []
+
+        def spy(request, replicas, select=select, got=got):
+            got.append((request.max_tokens, request.predicted_output_tokens))
+            return select(request, replicas)
+
+        fleet.policy.select = spy
+        res = fleet.run(sim_requests(trace))
+        assert [r.output_tokens for r in res.records] == [t.output_length for t in trace]
+        seen[flag] = got
+    assert all(m is None for m, _ in seen[False])
+    assert any(p > t.output_length for (_, p), t in zip(seen[False], trace))  # uncapped predictions
+    assert [m for m, _ in seen[True]] == [t.output_length for t in trace]
+    assert all(p <= t.output_length for (_, p), t in zip(seen[True], trace))
+    out = simulate(trace, SimulateConfig(replicas=2, preset=preset, policies=("predictive",), client_max_tokens=True))
+    assert out["config"]["client_max_tokens"] is True
