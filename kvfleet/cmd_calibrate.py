@@ -40,6 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=None,
                    help=f"requests in the measured workload (default: served {DEFAULT_REQUESTS['served']}, "
                         f"engine {DEFAULT_REQUESTS['engine']})")
+    p.add_argument("--passes", type=int, default=5,
+                   help="served: measure in this many passes (the requests split between them); each pass is "
+                        "checked against the model of the others, and a disturbed one is measured again")
+    p.add_argument("--retries", type=int, default=2,
+                   help="served: how many times in all a disturbed pass may be measured again (0: never); one "
+                        "still disturbed after that is left out of the fit")
+    p.add_argument("--retry-wait", type=float, default=10.0,
+                   help="served: seconds to wait before measuring a disturbed pass again (doubled each time)")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
     p.add_argument("--out", default="results/step-model.json", help="where to write the fitted preset")
 
@@ -52,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if requests < 10:
             raise ValueError(f"--requests must be at least 10 to fit the model, got {requests}")
+        if args.passes < 1 or args.retries < 0 or args.retry_wait < 0:
+            raise ValueError(f"--passes must be at least 1, --retries and --retry-wait non-negative, got "
+                             f"{args.passes}, {args.retries} and {args.retry_wait}")
+        if args.mode == "served" and requests < 10 * args.passes:
+            raise ValueError(f"--requests ({requests}) must be at least 10 per pass ({args.passes} passes)")
         ModelConfig.from_preset(args.model)  # an unknown name fails here, not in a subprocess
         cfg = EngineConfig(model=args.model, threads=args.threads, num_blocks=args.num_blocks,
                            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
@@ -62,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         if args.mode == "served":
             from kvfleet.calibrate_served import calibrate_served
 
-            model, report = calibrate_served(cfg, requests, args.seed)
+            model, report = calibrate_served(cfg, requests, args.seed, passes=args.passes, retries=args.retries,
+                                             progress=lambda msg: print(f"kvfleet calibrate: {msg}", flush=True),
+                                             retry_wait_s=args.retry_wait)
         else:
             from replica.calibrate import calibrate
 
@@ -81,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {part:8s} median relative error {100 * e['median_rel_error']:.1f} %, "
               f"p90 {100 * e['p90_rel_error']:.1f} %")
     if args.mode == "served":
+        for p in report["passes"]:
+            again = report["repeated_passes"].count(p["index"])
+            print(f"  pass {p['index'] + 1}: {p['steps']} steps, against the other passes' model median error "
+                  f"{100 * p['error']:.1f} %, {'slower' if p['bias'] >= 0 else 'faster'} by {100 * abs(p['bias']):.1f} %"
+                  f"{f', measured {again + 1} times' if again else ''}"
+                  f"{'' if p['kept'] else ', left out (disturbed)'}")
         print(f"  median step {1e3 * report['median_step_s']:.2f} ms, start to next start while busy "
               f"(server included)")
     else:

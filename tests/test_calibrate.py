@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import urllib.error
 import urllib.request
 
@@ -12,7 +13,9 @@ import pytest
 
 from kvfleet import procs
 from kvfleet.cli import main as cli_main
-from replica.calibrate import fit_served, fit_with_holdout, load_preset_file, save, served_periods
+from kvfleet.calibrate_served import ServedCalibration
+from replica.calibrate import (MAX_PASS_BIAS, NOISY_ERROR, PassCheck, check_passes, fit_served, fit_with_holdout,
+                              load_preset_file, passes_to_keep, save, served_periods)
 from replica.config import EngineConfig
 from replica.engine import build_sim_engine
 from replica.request import SamplingParams
@@ -190,13 +193,17 @@ def test_calibrate_help_names_both_modes(capsys):
         cli_main(["calibrate", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "--mode {served,engine}" in out and "--requests" in out
+    assert "--mode {served,engine}" in out and "--requests" in out and "--passes" in out and "--retries" in out
 
 
 @pytest.mark.parametrize("args, message", [
     (["--requests", "3"], "--requests must be at least 10"),
     (["--model", "nope"], "unknown model preset 'nope'"),
     (["--threads", "0"], "threads must be at least 1"),
+    (["--passes", "0"], "--passes must be at least 1"),
+    (["--retries", "-1"], "--retries and --retry-wait non-negative"),
+    (["--retry-wait", "-1"], "--retries and --retry-wait non-negative"),
+    (["--requests", "40", "--passes", "5"], "at least 10 per pass"),
 ])
 def test_calibrate_rejects_bad_arguments_before_measuring(args, message, capsys, tmp_path):
     out = tmp_path / "m.json"
@@ -222,9 +229,13 @@ def test_served_calibration_of_a_sim_replica_writes_a_preset_a_sim_replica_loads
     from kvfleet.calibrate_served import calibrate_served
 
     cfg = EngineConfig(model="tiny", num_blocks=256, max_num_batched_tokens=512, max_num_seqs=32)
-    model, report = calibrate_served(cfg, num_requests=30, seed=1, sim_preset="tiny-cpu")
+    model, report = calibrate_served(cfg, num_requests=30, seed=1, sim_preset="tiny-cpu", passes=2, retries=1,
+                                     retry_wait_s=0)
     assert report["mode"] == "served" and report["requests"] == 30
     assert 0 < report["steps"] <= report["logged_steps"]
+    assert [(p["index"], p["seed"], p["requests"]) for p in report["passes"]] == [(0, 1, 15), (1, 2, 15)]
+    assert all(p["steps"] > 0 for p in report["passes"])
+    assert len(report["repeated_passes"]) <= 1
     assert "sim preset tiny-cpu" in model.source
     path = tmp_path / "cal.json"
     save(path, model, cfg, report)
@@ -250,3 +261,151 @@ def test_calibrate_warns_when_the_fit_says_the_machine_was_busy(holdout, warned,
     err = capsys.readouterr().err
     assert out.exists()
     assert ("re-run when it is quiet" in err) == warned
+
+
+# ------------------------------------------------------------------------------ passes
+
+
+def pass_periods(seed: int, n: int, model: StepTimeModel, slow: float = 1.0,
+                 scatter: float = 0.03) -> tuple[list[StepFeatures], list[float]]:
+    """One calibration pass's (features, periods): the model's durations × `slow`, each moved
+    by up to ±`scatter`."""
+    rng = random.Random(seed)
+    rows = [random_features(rng) for _ in range(n)]
+    return rows, [model.duration(f) * slow * rng.uniform(1 - scatter, 1 + scatter) for f in rows]
+
+
+def test_check_passes_finds_the_pass_that_ran_slow_or_scattered_and_only_it():
+    quiet = [pass_periods(s, 300, TRUTH) for s in range(4)]
+    checks = check_passes(quiet)
+    assert [c.disturbed for c in checks] == [False] * 4
+    assert all(c.error < 0.05 and abs(c.bias) < 0.03 and c.steps == 300 for c in checks)
+
+    slow = check_passes([*quiet, pass_periods(9, 300, TRUTH, slow=1.3)])
+    assert [c.disturbed for c in slow] == [False] * 4 + [True]
+    assert slow[4].bias == pytest.approx(0.3, abs=0.03) and "slower than the others by" in slow[4].describe()
+
+    # 12 % slower throughout: each step is near its prediction (error ~11 %), but all on one side
+    slower = check_passes([*quiet, pass_periods(9, 300, TRUTH, slow=1.12)])
+    assert slower[4].error < NOISY_ERROR and slower[4].bias > MAX_PASS_BIAS and slower[4].disturbed
+    assert not check_passes([*quiet, pass_periods(9, 300, TRUTH, slow=1.05)])[4].disturbed
+
+    fast = check_passes([pass_periods(9, 300, TRUTH, slow=0.8), *quiet])
+    assert [c.disturbed for c in fast] == [True] + [False] * 4 and fast[0].bias < -0.15
+
+    # steps scattered ±60 %: about right on average, but most of them far off
+    scattered = check_passes([*quiet[:2], pass_periods(9, 300, TRUTH, scatter=0.6), *quiet[2:]])
+    assert [c.disturbed for c in scattered] == [False, False, True, False, False]
+    assert scattered[2].error > NOISY_ERROR and abs(scattered[2].bias) < MAX_PASS_BIAS
+
+
+def test_a_single_pass_has_nothing_to_disagree_with():
+    [c] = check_passes([pass_periods(1, 300, TRUTH, slow=2.0)])
+    assert not c.disturbed and c.steps == 300
+
+
+def test_passes_to_keep_drops_the_disturbed_but_keeps_at_least_half():
+    def check(i, error, bias=0.0):
+        return PassCheck(i, 100, error, bias, error > NOISY_ERROR or abs(bias) > MAX_PASS_BIAS)
+
+    assert passes_to_keep([check(0, 0.05), check(1, 0.4), check(2, 0.06, 0.2), check(3, 0.07)]) == [0, 3]
+    # most of them disturbed: the machine was busy throughout; the least disturbed half (3 of 5)
+    assert passes_to_keep([check(0, 0.3), check(1, 0.2), check(2, 0.5), check(3, 0.05), check(4, 0.16)]) == [1, 3, 4]
+    assert passes_to_keep([check(0, 0.9)]) == [0]
+
+
+class ScriptedCalibration(ServedCalibration):
+    """`ServedCalibration` whose replica is a script: pass i's n-th run (from 0) logs steps
+    `slow[(i, n)]` times slower than TRUTH (default 1), so the pass logic runs without a
+    replica (the real replica is exercised by the slow test below)."""
+
+    def __init__(self, slow: dict[tuple[int, int], float]) -> None:
+        super().__init__(EngineConfig(model="tiny"))
+        self.slow = slow
+        self.runs: dict[int, int] = {}
+        self.t = 0.0
+
+    def _serve(self, num_requests: int, seed: int) -> list[StepRecord]:
+        n = self.runs.get(seed, 0)
+        self.runs[seed] = n + 1
+        rng = random.Random(seed * 100 + n)
+        log = served_log(rng, 8 * num_requests, TRUTH)
+        factor = self.slow.get((seed, n), 1.0)
+        base = self.t
+        out, t, seq0 = [], base, len(self.records)
+        for r in log:  # restamp: periods × factor, sequence numbers after the previous passes'
+            out.append(StepRecord(seq0 + r.seq, t, r.duration * factor, r.features, r.busy_after))
+            nxt = log[r.seq + 1].start - r.start if r.seq + 1 < len(log) else 1.0
+            t += nxt * factor if r.busy_after else nxt
+        self.t = t + 10.0
+        return out
+
+
+def test_a_disturbed_pass_is_measured_again_with_what_shared_its_minute():
+    cal = ScriptedCalibration({(2, 0): 1.4})  # pass 3's first run is slowed by 40 %
+    between = []
+    checks = cal.run_passes(5, 40, seed=0, retries=2, between=between.append, retry_wait_s=0)
+    assert between == [0, 1, 2, 3, 4, 2]
+    assert cal.runs == {0: 1, 1: 1, 2: 2, 3: 1, 4: 1}
+    assert not any(c.disturbed for c in checks)
+    model, report = cal.fit()
+    assert report["repeated_passes"] == [2] and report["dropped_passes"] == []
+    assert [p["kept"] for p in report["passes"]] == [True] * 5
+    assert [p["seed"] for p in report["passes"]] == [0, 1, 2, 3, 4]
+    assert report["requests"] == 200
+    assert_close(model, TRUTH, random.Random(7), rel=0.05)
+
+
+def test_a_pass_disturbed_every_time_is_left_out_after_the_retries(monkeypatch):
+    cal = ScriptedCalibration({(1, n): 1.5 for n in range(5)})
+    messages = []
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    cal.run_passes(4, 40, seed=0, retries=2, progress=messages.append, retry_wait_s=3)
+    assert slept == [3, 6]  # waits before each repeat, doubling
+    assert cal.runs[1] == 3  # the first run and two retries, no more
+    assert len(messages) == 2 and all("pass 2 looks disturbed" in m for m in messages)
+    assert "measuring it again in 3 s" in messages[0]
+    model, report = cal.fit()
+    assert report["repeated_passes"] == [1, 1] and report["dropped_passes"] == [1]
+    assert [p["kept"] for p in report["passes"]] == [True, False, True, True]
+    # the fit follows the undisturbed passes, not 1.5x
+    assert_close(model, TRUTH, random.Random(8), rel=0.05)
+    assert report["steps"] < len(served_periods(cal.records)[0])
+
+
+def test_no_retries_means_no_repeat_but_the_disturbed_pass_is_still_left_out():
+    cal = ScriptedCalibration({(0, 0): 1.5})
+    cal.run_passes(3, 40, seed=0, retries=0, retry_wait_s=0)
+    assert cal.runs == {0: 1, 1: 1, 2: 1}
+    _, report = cal.fit()
+    assert report["repeated_passes"] == [] and report["dropped_passes"] == [0]
+
+
+@pytest.mark.slow
+def test_calibrate_served_on_the_command_line_reports_each_pass(monkeypatch, capsys, tmp_path):
+    """The command's served path end to end, against a real (sim) replica subprocess; a pass
+    the check finds disturbed is said to be measured again and, if still disturbed, left out."""
+    import kvfleet.calibrate_served as cs
+
+    real = cs.calibrate_served
+    calls = []
+
+    def on_a_sim_replica(cfg, requests, seed, **kw):
+        calls.append((requests, seed, kw["passes"], kw["retries"], kw["retry_wait_s"]))
+        kw["progress"]("pass 2 looks disturbed (a test): measuring it again")  # the command prints progress
+        return real(cfg, requests, seed, sim_preset="tiny-cpu", **kw)
+
+    monkeypatch.setattr(cs, "calibrate_served", on_a_sim_replica)
+    out = tmp_path / "m.json"
+    assert cli_main(["calibrate", "--requests", "30", "--passes", "3", "--retries", "1", "--retry-wait", "0",
+                     "--num-blocks", "256", "--out", str(out)]) == 0
+    assert calls == [(30, 0, 3, 1, 0)]
+    text = capsys.readouterr().out
+    assert "kvfleet calibrate: pass 2 looks disturbed (a test): measuring it again" in text
+    for i in (1, 2, 3):
+        assert f"  pass {i}: " in text
+    assert "against the other passes' model median error" in text
+    report = json.loads(out.read_text())["report"]
+    assert [p["index"] for p in report["passes"]] == [0, 1, 2]
+    assert sum("left out" in line for line in text.splitlines()) == len(report["dropped_passes"])
