@@ -190,3 +190,22 @@ def test_a_step_in_flight_delays_the_first_token():
     after = p.select(dataclasses.replace(request({}), now=last.start + last.duration), [view("a")]).scores
     assert during["a"]["busy"] == pytest.approx(0.75 * last.duration) and during["b"]["busy"] == 0.0
     assert during["a"]["ttft"] - after["a"]["ttft"] == pytest.approx(0.75 * last.duration, rel=1e-6)
+
+
+def test_a_full_kv_cache_delays_admission_until_running_sequences_finish(policy):
+    # Both replicas have the same queue; on a the queue and our prompt do not fit in its free
+    # blocks, so the queue waits for running sequences to finish and free theirs.
+    queued = dict(num_waiting=6, queued_prefill_tokens=12_000, num_running=12, running_decode_tokens=60_000)
+    full, roomy = view("a", free_blocks=100, **queued), view("b", free_blocks=5000, **queued)
+    d = policy.select(request({}), [full, roomy])
+    assert d.replica_id == "b"
+    assert d.scores["a"]["kv_wait"] > 0 and d.scores["b"]["kv_wait"] == 0
+    assert d.scores["a"]["ttft"] > d.scores["b"]["ttft"]
+    # The longer the running sequences still have to go, the longer the wait.
+    short = policy.select(request({}, out=10), [full, roomy]).scores["a"]["kv_wait"]
+    long = policy.select(request({}, out=1000), [full, roomy]).scores["a"]["kv_wait"]
+    assert long > short > 0
+    # Nothing running: nothing to wait for (the shortfall is the memory term's business).
+    idle = view("a", free_blocks=100, num_running=0, running_decode_tokens=0, num_waiting=6,
+                queued_prefill_tokens=12_000)
+    assert policy.select(request({}), [idle, roomy]).scores["a"]["kv_wait"] == 0

@@ -14,7 +14,12 @@ reports (`balancer.step_learner`: θ0 per step, θtok per new token, θseq per d
     τ    = θ0 + θseq·D + θctx·C           a step's fixed part: overhead + the running decodes
     busy = what is left of the step r is executing (a request joins the step after it)
 
-    ttft   = busy + ceil((Q + U) / k)·(τ + θpctx·(M + U/2)) + θtok·(Q + U)
+    ttft   = busy + ceil((Q + U) / k)·(τ + θpctx·(M + U/2)) + θtok·(Q + U) + kv_wait
+    kv_wait = the queue is admitted only as KV blocks free up (a replica admits a waiting request
+           only when its blocks can be allocated): with F free tokens (evictable cached blocks
+           count as free) and a shortfall S = Q + U - F > 0, the running sequences must finish
+           first; their remaining outputs spread evenly over [0, 2R̄] steps, they free C/(2R̄)
+           tokens a step, so we wait 2R̄·min(1, S/C) decode steps of τ + θtok·D each
     work   = θtok·U + (U / k)·(τ + θpctx·(M + U/2))      replica time our prefill takes
     behind = W̄ · work           the requests that will queue behind our prefill wait `work`
                                 longer; as many as wait now on an average replica (W̄, the
@@ -95,20 +100,26 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
         q = max(0, load.queued_prefill_tokens - cached_waiting) + view.sent_tokens_since_report
         d = load.num_running + view.sent_since_report
         c = load.running_decode_tokens
-        free_tokens = load.free_blocks * bs - view.sent_tokens_since_report
+        free_blocks_tokens = load.free_blocks * bs
+        free_tokens = free_blocks_tokens - view.sent_tokens_since_report
         have_memory = load.total_blocks > 0
     else:  # no usable report: what this balancer has in flight there
         q = view.inflight_tokens
         d = view.inflight_requests
         c = view.inflight_tokens
-        free_tokens = 0
+        free_tokens = free_blocks_tokens = 0
         have_memory = False
         busy_s = 0.0
     per_step = max(step_tokens - d, 1)
     steps = math.ceil((q + u) / per_step)
     tau = t_step + t_seq * d + t_ctx * c
     chunk = tau + t_pctx * (matched + u / 2)  # one of our prefill steps, less its new tokens
-    ttft = busy_s + steps * chunk + t_tok * (q + u)
+    kv_wait = 0.0
+    if have_memory and d > 0 and c > 0:
+        shortfall = q + u - free_blocks_tokens  # q holds what was sent since the report, as blocks do not
+        if shortfall > 0:
+            kv_wait = 2 * max(running_remaining, 1.0) * min(1.0, shortfall / c) * (tau + t_tok * d)
+    ttft = busy_s + steps * chunk + t_tok * (q + u) + kv_wait
     work = t_tok * u + (u / per_step) * chunk
     behind = fleet_waiting * work
     m = t_tok + t_seq + t_ctx * (request.prompt_tokens + out_tokens / 2)
@@ -119,7 +130,7 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
         if short > 0:  # preemption: the newest requests are recomputed later
             memory = t_tok * short * 2 + steps * t_step
     return {"cost": ttft + others_weight * (behind + others) + memory, "ttft": ttft, "behind": behind,
-            "others": others, "memory": memory, "busy": busy_s, "uncached_tokens": float(u),
+            "others": others, "memory": memory, "kv_wait": kv_wait, "busy": busy_s, "uncached_tokens": float(u),
             "queued_tokens": float(q), "decoding": float(d)}
 
 
