@@ -313,8 +313,17 @@ class _Connection(asyncio.Protocol):
     def _hand_over_when_ready(self) -> None:
         """Give the connection to aiohttp once nothing is being answered or read here."""
         self.handing_over = True
-        if self.task is not None or self.msg is not None or self.closed:
+        if self.closed:
+            return
+        if self.task is not None:
             self._pause()  # it goes over when the request being answered is done (`_next`)
+            return
+        if self.msg is not None:
+            # A request is half read: read on; it goes over too once complete (`data_received`
+            # re-serialises it and calls `_next`).
+            if self.paused:
+                self.paused = False
+                self.transport.resume_reading()
             return
         data = b"".join(self.queue)  # only bytes are left: everything after the first bytes is bytes
         self.queue.clear()

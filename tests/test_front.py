@@ -162,6 +162,28 @@ def test_keepalive_connection_moves_to_aiohttp_for_other_routes_and_keeps_order(
     run(main(), loop)
 
 
+def test_hand_over_waits_for_a_half_read_request(replica):
+    """A fast request, another route and the first half of a third request in one write, the rest
+    later: the third goes over to aiohttp once it is complete, and all three are answered."""
+    async def main():
+        async with balancer([replica]) as (url, _):
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            third = post(b"/v1/completions", BODY)
+            writer.write(post(b"/v1/completions", STREAM_BODY) + GET_MODELS + third[:40])
+            await writer.drain()
+            await asyncio.sleep(0.3)
+            writer.write(third[40:])
+            got = Responses()
+            async with asyncio.timeout(30):
+                while len(got.done) < 3:
+                    got.parser.feed_data(await reader.read(65536))
+            writer.close()
+            assert [r["status"] for r in got.done] == [200, 200, 200]
+            assert "choices" in json.loads(got.done[2]["body"])
+    run(main())
+
+
 def test_request_split_across_reads_and_short_first_read(replica):
     async def main():
         async with balancer([replica]) as (url, _):
