@@ -122,7 +122,7 @@ class _Message:
 
     def __init__(self) -> None:
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # (lower-case name, value)
         self.body: list[bytes] = []
         self.fast: Handler | None = None
         self.keep_alive = True
@@ -226,19 +226,18 @@ class _Connection(asyncio.Protocol):
         self.msg.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.msg.headers.append((name, value))
+        self.msg.headers.append((name.lower(), value))  # names compared lower-case from here on
 
     def on_headers_complete(self) -> None:
         msg, parser = self.msg, self.parser
         msg.keep_alive = parser.should_keep_alive()
         length = expect = encoded = None
         for name, value in msg.headers:
-            lname = name.lower()
-            if lname == b"content-length":
+            if name == b"content-length":
                 length = value
-            elif lname == b"expect":
+            elif name == b"expect":
                 expect = value
-            elif lname == b"content-encoding":
+            elif name == b"content-encoding":
                 encoded = value
         if length is not None and length.strip().isdigit() and int(length) > self.server.cfg.max_body_bytes:
             raise _TooLarge(int(length))
@@ -271,9 +270,8 @@ class _Connection(asyncio.Protocol):
         if not self.queue:
             if self.eof:
                 self.close()
-            elif self.paused and not self.handing_over:
-                self.paused = False
-                self.transport.resume_reading()
+            elif not self.handing_over:
+                self._resume()
             self.active = time.monotonic()
             return
         if isinstance(self.queue[0], bytes):
@@ -310,6 +308,11 @@ class _Connection(asyncio.Protocol):
             self.paused = True
             self.transport.pause_reading()
 
+    def _resume(self) -> None:
+        if self.paused and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
     def _hand_over_when_ready(self) -> None:
         """Give the connection to aiohttp once nothing is being answered or read here."""
         self.handing_over = True
@@ -321,9 +324,7 @@ class _Connection(asyncio.Protocol):
         if self.msg is not None:
             # A request is half read: read on; it goes over too once complete (`data_received`
             # re-serialises it and calls `_next`).
-            if self.paused:
-                self.paused = False
-                self.transport.resume_reading()
+            self._resume()
             return
         data = b"".join(self.queue)  # only bytes are left: everything after the first bytes is bytes
         self.queue.clear()
@@ -332,9 +333,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
-        if self.paused:
-            self.paused = False
-            transport.resume_reading()
+        self._resume()
         if data:
             protocol.data_received(data)
         if self.eof:
@@ -386,7 +385,7 @@ def _reserialise(parser: httptools.HttpRequestParser, msg: _Message) -> bytes:
     re-framed with Content-Length."""
     body = b"".join(msg.body)
     lines = [b"%s %s HTTP/%s" % (parser.get_method(), msg.url, parser.get_http_version().encode())]
-    lines += [b"%s: %s" % (n, v) for n, v in msg.headers if n.lower() not in _REFRAMED]
+    lines += [b"%s: %s" % (n, v) for n, v in msg.headers if n not in _REFRAMED]
     lines.append(b"Content-Length: %d" % len(body))
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
@@ -417,7 +416,7 @@ class FrontExchange:
     def header(self, name: str) -> str | None:
         key = name.lower().encode("latin-1")
         for n, v in self.msg.headers:  # a handful of headers: a scan beats building a mapping
-            if n.lower() == key:
+            if n == key:
                 return v.decode("latin-1")
         return None
 

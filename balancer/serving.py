@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from balancer.app import FAST_ROUTES
+from balancer.app import BALANCER, FAST_ROUTES
 from balancer.front import FrontConfig, FrontServer
 
 
@@ -37,7 +37,8 @@ class Serving:
         await self.runner.cleanup()
 
 
-async def start(app: web.Application, host: str, port: int, max_body_bytes: int, **runner_kw) -> Serving:
+async def start(app: web.Application, host: str, port: int, **runner_kw) -> Serving:
+    """Listen on host:port (0: a free port); the body limit is the app's balancer config's."""
     runner = web.AppRunner(app, **runner_kw)
     await runner.setup()
     routes = app.get(FAST_ROUTES) or {}
@@ -46,7 +47,7 @@ async def start(app: web.Application, host: str, port: int, max_body_bytes: int,
             site = web.TCPSite(runner, host, port)
             await site.start()
             return Serving(runner, [a[:2] for a in runner.addresses])
-        front = FrontServer(FrontConfig(max_body_bytes=max_body_bytes), routes, runner.server)
+        front = FrontServer(FrontConfig(max_body_bytes=app[BALANCER].cfg.max_body_bytes), routes, runner.server)
         server = await asyncio.get_running_loop().create_server(front, host, port, reuse_address=True, backlog=1024)
     except BaseException:
         await runner.cleanup()

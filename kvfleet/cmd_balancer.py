@@ -96,7 +96,7 @@ async def serve(cfg: BalancerConfig) -> int:
     from balancer.app import BALANCER, create_app
 
     app = create_app(cfg)
-    listening = await serving.start(app, cfg.host, cfg.port, cfg.max_body_bytes, access_log=None)
+    listening = await serving.start(app, cfg.host, cfg.port, access_log=None)
     b = app[BALANCER]
     addrs = [f"http://{a[0]}:{a[1]}" for a in listening.addresses]
     front = "lean front-end for /v1/completions and /v1/chat/completions" if listening.front else "aiohttp"

@@ -233,13 +233,13 @@ def fit_served(records: Iterable[StepRecord], seed: int = 0, source: str = "fitt
 # relative error above NOISY_ERROR (`kvfleet calibrate`'s warning threshold for the holdout
 # error), or their median period off the others' prediction by more than MAX_PASS_BIAS (the
 # machine slowed or sped up as a whole). On the project's shared 2-core machine (2026-11-25,
-# 48-request passes of the tiny model, 2026-11-25) undisturbed passes gave errors of 6-14 % and
+# 48-request passes of the tiny model) undisturbed passes gave errors of 6-14 % and
 # biases within ±9 %; disturbed ones errors of 13-30 % or biases from -16 % to +42 %.
 NOISY_ERROR = 0.15
 MAX_PASS_BIAS = 0.10
 
 
-@dataclass
+@dataclass(frozen=True)
 class PassCheck:
     """How one pass's steps agree with the model fitted to the other passes' steps."""
 

@@ -51,7 +51,7 @@ async def balancer(specs: list[str], **cfg):
     config = BalancerConfig(port=0, replicas=tuple(ReplicaSpec.parse(s) for s in specs), model="tiny",
                             health=health, **cfg)
     app = create_app(config)
-    listening = await serving.start(app, "127.0.0.1", 0, config.max_body_bytes)
+    listening = await serving.start(app, "127.0.0.1", 0)
     try:
         yield listening.url, app[BALANCER]
     finally:

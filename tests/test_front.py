@@ -86,28 +86,36 @@ class Responses:
         self.done.append(self.cur)
 
 
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def read_responses(reader: asyncio.StreamReader, n: int, timeout: float = 30) -> tuple[list[dict], bool]:
+    """Read until n responses came back or the server closed; (responses, whether it closed)."""
+    got = Responses()
+    async with asyncio.timeout(timeout):
+        while len(got.done) < n:
+            chunk = await reader.read(65536)
+            if not chunk:
+                return got.done, True
+            got.parser.feed_data(chunk)
+    return got.done, False
+
+
 async def exchange(url: str, data: bytes, n: int, timeout: float = 30) -> tuple[list[dict], bool]:
     """Send raw bytes, read until n responses came back; (responses, whether the server then closed)."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await connect(url)
     writer.write(data)
-    got = Responses()
-    closed = False
     try:
-        async with asyncio.timeout(timeout):
-            while len(got.done) < n:
-                chunk = await reader.read(65536)
-                if not chunk:
-                    closed = True
-                    break
-                got.parser.feed_data(chunk)
+        done, closed = await read_responses(reader, n, timeout)
         if not closed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.3):
                     closed = await reader.read(1) == b""
     finally:
         writer.close()
-    return got.done, closed
+    return done, closed
 
 
 def run(coro, loop: str = "uvloop"):
@@ -167,38 +175,31 @@ def test_hand_over_waits_for_a_half_read_request(replica):
     later: the third goes over to aiohttp once it is complete, and all three are answered."""
     async def main():
         async with balancer([replica]) as (url, _):
-            host, port = url.removeprefix("http://").split(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
+            reader, writer = await connect(url)
             third = post(b"/v1/completions", BODY)
             writer.write(post(b"/v1/completions", STREAM_BODY) + GET_MODELS + third[:40])
             await writer.drain()
             await asyncio.sleep(0.3)
             writer.write(third[40:])
-            got = Responses()
-            async with asyncio.timeout(30):
-                while len(got.done) < 3:
-                    got.parser.feed_data(await reader.read(65536))
+            done, _ = await read_responses(reader, 3)
             writer.close()
-            assert [r["status"] for r in got.done] == [200, 200, 200]
-            assert "choices" in json.loads(got.done[2]["body"])
+            assert [r["status"] for r in done] == [200, 200, 200]
+            assert "choices" in json.loads(done[2]["body"])
     run(main())
 
 
 def test_request_split_across_reads_and_short_first_read(replica):
     async def main():
         async with balancer([replica]) as (url, _):
-            host, port = url.removeprefix("http://").split(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
+            reader, writer = await connect(url)
             data = post(b"/v1/completions", BODY)
             for piece in (data[:3], data[3:30], data[30:-5], data[-5:]):  # "POS", the rest in pieces
                 writer.write(piece)
                 await writer.drain()
                 await asyncio.sleep(0.02)
-            got = Responses()
-            while not got.done:
-                got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 30))
+            done, _ = await read_responses(reader, 1)
             writer.close()
-            assert got.done[0]["status"] == 200
+            assert done[0]["status"] == 200
     run(main())
 
 
@@ -232,17 +233,14 @@ def test_bad_requests_get_json_errors(replica):
 def test_expect_continue_chunked_gzip_http10_and_connection_close(replica):
     async def main():
         async with balancer([replica]) as (url, _):
-            host, port = url.removeprefix("http://").split(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
+            reader, writer = await connect(url)
             writer.write(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n"
                          % len(BODY))
             assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 100")
             writer.write(BODY)
-            got = Responses()
-            while not got.done:
-                got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 30))
+            done, _ = await read_responses(reader, 1)
             writer.close()
-            assert got.done[0]["status"] == 200
+            assert done[0]["status"] == 200
 
             chunked = (b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
                        + b"%x\r\n%s\r\n" % (10, BODY[:10]) + b"%x\r\n%s\r\n" % (len(BODY) - 10, BODY[10:]) + b"0\r\n\r\n")
@@ -259,8 +257,7 @@ def test_expect_continue_chunked_gzip_http10_and_connection_close(replica):
 def test_client_gone_mid_stream_frees_the_request(slow_replica):
     async def main():
         async with balancer([slow_replica]) as (url, b):
-            host, port = url.removeprefix("http://").split(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
+            reader, writer = await connect(url)
             body = json.dumps({"prompt": "x", "max_tokens": 200, "stream": True}).encode()
             writer.write(post(b"/v1/completions", body))
             await asyncio.wait_for(reader.readuntil(b"data: "), 30)
@@ -280,7 +277,7 @@ def test_idle_connections_close_and_shutdown_waits_for_requests_in_flight(slow_r
         cfg = BalancerConfig(port=0, replicas=(ReplicaSpec.parse(slow_replica),), model="tiny",
                              health=HealthConfig(interval_s=0.2, timeout_s=0.5))
         app = create_app(cfg)
-        listening = await serving.start(app, "127.0.0.1", 0, cfg.max_body_bytes)
+        listening = await serving.start(app, "127.0.0.1", 0)
         # A front-end with a short keep-alive, on the same app (the default is 75 s).
         front = FrontServer(FrontConfig(keepalive_timeout_s=0.4), app[FAST_ROUTES], listening.runner.server)
         server = await asyncio.get_running_loop().create_server(front, "127.0.0.1", 0)
@@ -296,10 +293,9 @@ def test_idle_connections_close_and_shutdown_waits_for_requests_in_flight(slow_r
                     await asyncio.sleep(0.01)
             server.close()
             await front.close()  # waits for the request in flight
-            got = Responses()
-            got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 30))
-            assert got.done and got.done[0]["status"] == 200
-            assert json.loads(got.done[0]["body"])["usage"]["completion_tokens"] == 20
+            done, _ = await read_responses(reader, 1)
+            assert done and done[0]["status"] == 200
+            assert json.loads(done[0]["body"])["usage"]["completion_tokens"] == 20
             writer.close()
         finally:
             server.close()
