@@ -1,6 +1,6 @@
 """Faults under load (issue: reliability): what a client sees and how fast the index recovers.
 
-For each fault in kvfleet/chaos.py (kill -9 a replica mid-stream, SIGSTOP one for 5 s, cut a
+For each fault in harness/chaos.py (kill -9 a replica mid-stream, SIGSTOP one for 5 s, cut a
 replica's event stream for 3 s, restart the balancer, restart a replica) open-loop load runs
 through a balancer in front of simulated replicas (`--engine sim --preset llama3-8b-h100`),
 and the table says: requests sent, completed, continued on another replica (failed over),
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import report  # noqa: E402
-from kvfleet.chaos import FAULTS, HEADER, ChaosFleet, run_scenario  # noqa: E402
+from harness.chaos import FAULTS, HEADER, ChaosFleet, run_scenario  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -41,30 +40,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import report  # noqa: E402
-
-
-def _placement(core: int | None, nice: int):
-    """preexec_fn pinning a child to `core` and renicing it by `nice` (negative = higher priority)."""
-    def pre() -> None:
-        if core is not None:
-            os.sched_setaffinity(0, {core})
-        if nice:
-            os.nice(nice)
-    return pre
+from harness import procs  # noqa: E402
 
 
 @contextlib.contextmanager
 def server(cmd: list[str], core: int | None, nice: int = 0):
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=_placement(core, nice))
+    p = procs.launch(cmd, name=" ".join(cmd[1:3]), core=core, nice=nice, cwd=str(ROOT), timeout=60)
     try:
-        line = p.stdout.readline()
-        m = re.search(r"listening on (http://\S+)", line)
-        if not m:
-            raise RuntimeError(f"server did not start: {line!r}")
-        yield m.group(1)
+        yield p.url
     finally:
-        p.terminate()
-        p.wait(10)
+        p.stop(timeout=10)
 
 
 def child(args: argparse.Namespace) -> int:

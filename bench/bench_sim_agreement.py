@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvfleet import procs  # noqa: E402
+from harness import procs  # noqa: E402
 from kvfleet.fleet import FleetSpec, LocalFleet  # noqa: E402
 from loadgen.client import LoadConfig, run_load  # noqa: E402
 from loadgen.traces import TraceOptions, TraceRequest, load_trace  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import report  # noqa: E402
-from kvfleet.chaos import ChaosFleet, measure_capacity, run_soak  # noqa: E402
+from harness.chaos import ChaosFleet, measure_capacity, run_soak  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from balancer.policies import policy_names
-from kvfleet import procs
-from tests.fleet_utils import balancer, http, read_stream, start_replicas
+from harness import procs
+from harness.fleet import balancer, http, read_stream, start_replicas
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from balancer.config import BalancerConfig
-from tests.fleet_utils import balancer, http, read_stream, start_replicas
+from harness.fleet import balancer, http, read_stream, start_replicas
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from kvfleet import procs
+from harness import procs
 from kvfleet.cli import main as cli_main
 from kvfleet.calibrate_served import ServedCalibration
 from replica.calibrate import (MAX_PASS_BIAS, NOISY_ERROR, PassCheck, check_passes, fit_served, fit_with_holdout,

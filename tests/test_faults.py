@@ -1,4 +1,4 @@
-"""Faults under load (kvfleet/chaos.py): kill -9 a replica mid-stream, SIGSTOP one for 5 s, cut a
+"""Faults under load (harness/chaos.py): kill -9 a replica mid-stream, SIGSTOP one for 5 s, cut a
 replica's event stream, restart the balancer, restart a replica - all while the load generator
 runs. In each case no request is lost (each completes or gets an explicit error), the index
 equals every replica's cache again within 2 s, and the balancer's memory and descriptors do not
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvfleet.chaos import FAULTS, ChaosFleet, run_scenario
+from harness.chaos import FAULTS, ChaosFleet, run_scenario
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from balancer.app import BALANCER, FAST_ROUTES, create_app
 from balancer.config import BalancerConfig, HealthConfig, ReplicaSpec
 from balancer.front import FrontConfig, FrontServer
 from balancer.guard import GuardConfig
-from tests.fleet_utils import balancer
+from harness.fleet import balancer
 
 BODY = json.dumps({"prompt": "hello", "max_tokens": 3}).encode()
 STREAM_BODY = json.dumps({"prompt": "hello", "max_tokens": 3, "stream": True}).encode()

@@ -15,8 +15,8 @@ import pytest
 
 from balancer.config import BalancerConfig
 from balancer.guard import Admission, GuardConfig, Overloaded, RateLimiter
-from kvfleet import procs
-from tests.fleet_utils import balancer
+from harness import procs
+from harness.fleet import balancer
 
 SIM = ["replica", "--port", "0", "--engine", "sim", "--preset", "llama3-8b-h100", "--model", "tiny",
        "--num-blocks", "1024", "--max-model-len", "2048", "--kv-events-endpoint", "tcp://127.0.0.1:0",

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from kvfleet import procs
+from harness import procs
 
 pytestmark = pytest.mark.slow
 

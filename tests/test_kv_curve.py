@@ -174,7 +174,7 @@ def test_cli_replica_and_balancer_with_curve(tmp_path):
     import urllib.parse
     import urllib.request
 
-    from kvfleet import procs
+    from harness import procs
 
     public_file, secret_file = keypair_files(tmp_path, "replica")
     other_public, _ = keypair_files(tmp_path, "other")

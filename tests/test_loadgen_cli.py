@@ -67,7 +67,7 @@ def test_errors_say_what_to_do(argv, advice, capsys):
 
 @pytest.mark.slow
 def test_replay_through_the_balancer_reports_replica_and_cache_hits():
-    from tests.fleet_utils import balancer, start_replicas
+    from harness.fleet import balancer, start_replicas
 
     reqs = load_trace(BUNDLED, options=TraceOptions(scale_input=1 / 32, max_requests=24, time_scale=0.02))
     reqs = [replace(r, output_length=min(r.output_length, 4)) for r in reqs]

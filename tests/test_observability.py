@@ -13,13 +13,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from balancer.metrics import BalancerMetrics
-from kvfleet import logs, procs
+from harness import procs
+from kvfleet import logs
 from kvfleet.fleet import FleetSpec, LocalFleet
 from kvfleet.prometheus import (INSTALL_HINT, PrometheusConfig, PrometheusNotFound, PrometheusServer,
                                 scrape_config, write_targets)
@@ -247,24 +247,6 @@ def test_json_log_lines_carry_the_standard_fields_and_extras():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec["ts"])
 
 
-def _start(args: list[str], log_path: str) -> procs.Proc:
-    """Like procs.start, with the process's stderr (its logs) going to a file."""
-    log = open(log_path, "w")
-    popen = subprocess.Popen([sys.executable, "-m", "kvfleet.cli", *args], stdout=subprocess.PIPE, stderr=log,
-                             text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    log.close()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = popen.stdout.readline()
-        if not line:
-            raise RuntimeError(f"`kvfleet {' '.join(args)}` exited: {open(log_path).read()[-2000:]}")
-        m = procs._READY.search(line)
-        if m:
-            return procs.Proc(popen, m.group(1))
-    popen.kill()
-    raise RuntimeError(f"`kvfleet {' '.join(args)}` not ready")
-
-
 def _json_lines(path: str) -> list[dict]:
     out = []
     with open(path) as f:
@@ -278,11 +260,11 @@ def _json_lines(path: str) -> list[dict]:
 @pytest.mark.slow
 def test_a_request_is_followed_from_balancer_to_replica_by_its_id(tmp_path):
     rlog, blog = str(tmp_path / "replica.log"), str(tmp_path / "balancer.log")
-    replica = _start(["replica", "--port", "0", "--engine", "sim", "--preset", "llama3-8b-h100", "--time-scale", "20",
-                      "--log-format", "json"], rlog)
+    replica = procs.start(["replica", "--port", "0", "--engine", "sim", "--preset", "llama3-8b-h100", "--time-scale", "20",
+                           "--log-format", "json"], stderr=rlog)
     balancer = None
     try:
-        balancer = _start(["balancer", "--port", "0", "--replica", replica.url, "--log-format", "json"], blog)
+        balancer = procs.start(["balancer", "--port", "0", "--replica", replica.url, "--log-format", "json"], stderr=blog)
         for rid, stream in (("trace-unary-1", False), ("trace-stream-1", True)):
             body = {"prompt": "Follow me from the balancer to the replica. " * 8, "max_tokens": 12,
                     "stream": stream, "stream_options": {"include_usage": True} if stream else None}

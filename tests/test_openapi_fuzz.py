@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from balancer.app import create_app
 from balancer.config import BalancerConfig, ReplicaSpec
 from balancer.openapi import document
-from kvfleet import procs
+from harness import procs
 
 SIM = ["replica", "--port", "0", "--engine", "sim", "--preset", "llama3-8b-h100", "--time-scale", "50",
        "--model", "tiny", "--num-blocks", "1024", "--max-model-len", "2048",

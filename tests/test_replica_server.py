@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 
-from kvfleet import procs
+from harness import procs
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvfleet.chaos import ChaosFleet, run_soak
+from harness.chaos import ChaosFleet, run_soak
 
 pytestmark = pytest.mark.slow
 

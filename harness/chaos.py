@@ -1,5 +1,5 @@
-"""Fault injection under load for a local fleet: the engine of tests/test_faults.py and
-bench/bench_faults.py.
+"""Fault injection under load for a local fleet: the engine of tests/test_faults.py,
+tests/test_soak.py, bench/bench_faults.py and bench/bench_soak.py.
 
 A `ChaosFleet` runs simulated replicas and a balancer as real subprocesses on loopback, each
 restartable on the ports it first bound (so the balancer's view of it - URL, event endpoints -
@@ -40,7 +40,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvfleet import procs
+from harness import procs
+from harness.procs import fd_breakdown, proc_stats
 
 SIM_ARGS = ("--engine", "sim", "--preset", "llama3-8b-h100", "--model", "tiny", "--num-blocks", "2048",
             "--max-model-len", "4096")
@@ -57,55 +58,6 @@ def _port(url: str) -> str:
 def get_json(url: str, timeout: float = 5.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def proc_stats(pid: int) -> tuple[int, int]:
-    """(VmRSS in KiB, open descriptors) of a live process."""
-    rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _tcp_ports() -> dict[str, tuple[int, int]]:
-    """socket inode -> (local port, remote port), for every TCP socket in this namespace."""
-    out = {}
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(name) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    local, remote, inode = parts[1], parts[2], parts[9]
-                    out[inode] = (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16))
-        except OSError:
-            continue
-    return out
-
-
-def fd_breakdown(pid: int, listen_port: int, upstream_ports: set[int]) -> dict[str, int]:
-    """A process's descriptors by what they are: `client` (connections accepted on
-    `listen_port`), `upstream` (HTTP connections to `upstream_ports`: a keep-alive pool whose
-    size follows the load's peak concurrency) and `other` (listening socket, ZMQ sockets,
-    files, pipes, epoll). A leak shows as `client` not going back to 0 once the clients are
-    gone, or `other` growing."""
-    ports = _tcp_ports()
-    counts = {"client": 0, "upstream": 0, "other": 0}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        lp_rp = ports.get(target[8:-1]) if target.startswith("socket:[") else None
-        if lp_rp is not None and lp_rp[0] == listen_port and lp_rp[1] != 0:
-            counts["client"] += 1
-        elif lp_rp is not None and lp_rp[1] in upstream_ports:
-            counts["upstream"] += 1
-        else:
-            counts["other"] += 1
-    return counts
 
 
 def counter_total(metrics_text: str, name: str) -> float:

@@ -1,4 +1,6 @@
-"""Helpers for tests that run a real fleet: replica subprocesses, an in-process balancer."""
+"""A fleet for a test: torch replica subprocesses (KV events on), an in-process balancer on a free
+port, and the HTTP and SSE helpers the tests read them with. (`kvfleet fleet up` and the demo run
+the user's local fleet: kvfleet/fleet.py.)"""
 
 from __future__ import annotations
 
@@ -8,12 +10,11 @@ import urllib.error
 import urllib.request
 
 import aiohttp
-from aiohttp import web
 
 from balancer import serving
 from balancer.app import BALANCER, create_app
 from balancer.config import BalancerConfig, HealthConfig, ReplicaSpec
-from kvfleet import procs
+from harness import procs
 
 REPLICA_ARGS = ["replica", "--port", "0", "--model", "tiny", "--num-blocks", "512", "--threads", "1",
                 "--max-model-len", "2048", "--kv-events-endpoint", "tcp://127.0.0.1:0",
