@@ -1,0 +1,46 @@
+"""The goals (issue: balancer, benchmark section) and the table that checks them over the parts run:
+added latency p50 <= 0.5 ms and p99 <= 2 ms at 500 req/s; >= 2,000 non-streaming req/s on one
+core; >= 50,000 relayed SSE chunks/s; a routing decision (tokenize, hash, look up, score 16
+replicas) <= 200 us p50 for an 8k-token prompt. Every balancer variant with `goal=True`
+(rig.VARIANTS) is checked."""
+
+from __future__ import annotations
+
+from bench.balancer.rig import VARIANTS
+from bench.common import report
+
+GOAL_ADDED_P50_MS = 0.5
+GOAL_ADDED_P99_MS = 2.0
+GOAL_RPS = 2000
+GOAL_SSE = 50_000
+GOAL_DECISION_US = 200
+HEADERS = ["goal", "target", "measured", "met", "others on cores P/L"]
+
+
+def rows(args, lat: list[list], thr: list[list], sse: list[list], routing: list[list]) -> list[list]:
+    yes = lambda ok: "yes" if ok else "NO"  # noqa: E731
+    rows = []
+    for name in (v.name for v in VARIANTS if v.goal):
+        row = next((r for r in lat if r[0] == name and r[1] == "short"), None)
+        if row and row[5] != "-":
+            rows.append([f"added p50 at {args.rate:.0f} req/s ({name})", f"<= {GOAL_ADDED_P50_MS} ms", f"{row[5]} ms",
+                         yes(row[5] <= GOAL_ADDED_P50_MS), row[8]])
+            rows.append([f"added p99 at {args.rate:.0f} req/s ({name})", f"<= {GOAL_ADDED_P99_MS} ms", f"{row[6]} ms",
+                         yes(row[6] <= GOAL_ADDED_P99_MS), row[8]])
+        row = next((r for r in thr if r[0] == name), None)
+        if row and row[1] != "-":
+            rows.append([f"non-streaming req/s on one core ({name})", f">= {GOAL_RPS}", row[1], yes(row[1] >= GOAL_RPS),
+                         row[5]])
+        row = next((r for r in sse if r[0] == name), None)
+        if row and row[1] != "-":
+            rows.append([f"relayed SSE chunks/s ({name})", f">= {GOAL_SSE}", row[1], yes(row[1] >= GOAL_SSE), row[5]])
+    for row in routing:
+        rows.append([f"routing decision p50, 8k tokens ({row[0]})", f"<= {GOAL_DECISION_US} us", f"{row[5]} us",
+                     row[-1], "-"])
+    return rows
+
+
+def print_report(rows: list[list], stem: str, extra: dict) -> None:
+    report("Goals (kvfleet balancer); last column: CPU that other work on this machine took from the proxy's "
+           "core / the load core during that run (0% / 0% = a clean run)", HEADERS, rows, out=f"{stem}_goals.json",
+           extra=extra)
