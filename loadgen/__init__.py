@@ -5,7 +5,8 @@ Modules (each small, one job):
     traces     TraceRequest (shared with the simulator), readers for mooncake / azure / burstgpt /
                bailian / sharegpt, reshaping options
     prompts    hash ids -> deterministic token blocks (prefix structure preserved), text prompts
-    synthetic  gamma arrivals (vllm bench serve), length distributions, shared prefixes, sessions
+    arrivals   gamma arrivals (vllm bench serve)
+    synthetic  length distributions, shared prefixes, sessions
     generate   kvfleet's own multi-tenant agentic traces (Mooncake JSONL); data/ ships one
     client     LoadConfig, run_load (open loop, or closed loop with concurrency), RequestRecord
     metrics    summarize(): vllm bench serve's result keys + cache hit rate, replicas, lag
@@ -25,7 +26,8 @@ from loadgen.generate import BUNDLED, GenerateConfig, generate, generate_file
 from loadgen.metrics import parse_goodput, summarize
 from loadgen.prompts import PromptConfig
 from loadgen.report import compare, write_report
-from loadgen.synthetic import LengthDist, SyntheticConfig, gamma_arrivals, retime, synthesize
+from loadgen.arrivals import gamma_arrivals
+from loadgen.synthetic import LengthDist, SyntheticConfig, retime, synthesize
 from loadgen.traces import TraceOptions, TraceRequest, load_trace, write_mooncake
 
 __all__ = [

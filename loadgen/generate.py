@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loadgen.synthetic import BlockIds, LengthDist, gamma_arrivals, zipf_weights
+from loadgen.arrivals import gamma_arrivals
+from loadgen.synthetic import BlockIds, LengthDist, zipf_weights
 from loadgen.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest, write_mooncake
 
 KINDS = ("agentic", "chat")

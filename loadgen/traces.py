@@ -16,7 +16,7 @@ Formats (facts from each release; design §7):
             `output_length`, `type`, `turn`, `hash_ids` (16-token blocks). alibaba-edu
             qwen-bailian-usagetraces-anon. A request's session is the root of its parent chain.
 - sharegpt  JSON   `[{"id", "conversations": [{"from": "human"|"gpt", "value"}]}]`. No timestamps:
-            arrivals come from a rate (synthetic.gamma_arrivals). As `vllm bench serve` does, a
+            arrivals come from a rate (arrivals.gamma_arrivals). As `vllm bench serve` does, a
             conversation gives one request (first human turn -> next gpt turn) and pairs with
             fewer than 4 prompt or output tokens are skipped; `sharegpt_all_turns` makes one
             request per human turn instead, whose text is the whole history.
@@ -36,6 +36,8 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+
+from loadgen.arrivals import gamma_arrivals
 
 FORMATS = ("mooncake", "azure", "burstgpt", "bailian", "sharegpt")
 
@@ -307,8 +309,6 @@ def read_burstgpt(path: str | Path, keep_failed: bool = False) -> list[TraceRequ
 
 def read_sharegpt(path: str | Path, options: TraceOptions | None = None) -> list[TraceRequest]:
     from protocol.tokenizer import load_tokenizer
-
-    from loadgen.synthetic import gamma_arrivals
 
     o = options or TraceOptions()
     p = Path(path)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from loadgen.generate import GenerateConfig, generate, generate_file
-from loadgen.synthetic import LengthDist, SyntheticConfig, gamma_arrivals, retime, synthesize
+from loadgen.arrivals import gamma_arrivals
+from loadgen.synthetic import LengthDist, SyntheticConfig, retime, synthesize
 from loadgen.traces import TraceRequest, load_trace
 
 
