@@ -115,7 +115,7 @@ def calibrated_vs_torch(tmp_path: Path, rounds: int, calibration: str, retries: 
             # The calibration's passes (`kvfleet calibrate`'s workload, 240 requests in all, on a
             # replica of its own) take turns with the torch rounds, so the model and the torch
             # replica are measured on the machine as it was during the same minute or two.
-            from kvfleet.calibrate_served import ServedCalibration
+            from replica.calibrate_served import ServedCalibration
 
             # A pass that its check finds disturbed is measured again (`run_passes`, at most
             # `retries` times), and so is the torch round that shared its minute: the machine

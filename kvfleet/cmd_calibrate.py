@@ -5,7 +5,7 @@ and write a preset file for `kvfleet replica --engine sim --preset-file FILE` an
 - `--mode served` (default): start a torch replica, send it streaming requests over HTTP, and
   fit to what each step costs the serving replica, start to next start (its server's work on
   the loop competes with the step for the GIL and the cores) — what a live sim replica
-  reproduces. See kvfleet/calibrate_served.py.
+  reproduces. See replica/calibrate_served.py.
 - `--mode engine`: time whole engine steps in this process, no server, plus the live loop's
   turnaround (replica/calibrate.py). Less noisy, but misses the server's per-token cost.
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.mode == "served":
-            from kvfleet.calibrate_served import calibrate_served
+            from replica.calibrate_served import calibrate_served
 
             model, report = calibrate_served(cfg, requests, args.seed, passes=args.passes, retries=args.retries,
                                              progress=lambda msg: print(f"kvfleet calibrate: {msg}", flush=True),

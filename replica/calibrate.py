@@ -3,7 +3,7 @@
 What a live sim replica reproduces (`sim_executor.Pacer`) is the wall time from one engine step
 to the next while the replica is busy, so that is what is measured, in one of two ways.
 
-`--mode served` (the default; the driver is kvfleet/calibrate_served.py): a torch replica
+`--mode served` (the default; the driver is replica/calibrate_served.py): a torch replica
 started with `--step-log N` serves streaming requests over HTTP and logs every step with its
 features (`StepRecord`); each busy step's period, its start to the next step's start
 (`served_periods`), is fitted (`fit_served`). The period holds what the replica's server does

@@ -13,7 +13,7 @@ import pytest
 
 from harness import procs
 from kvfleet.cli import main as cli_main
-from kvfleet.calibrate_served import ServedCalibration
+from replica.calibrate_served import ServedCalibration
 from replica.calibrate import (MAX_PASS_BIAS, NOISY_ERROR, PassCheck, check_passes, fit_served, fit_with_holdout,
                               load_preset_file, passes_to_keep, save, served_periods)
 from replica.config import EngineConfig
@@ -226,7 +226,7 @@ def test_replica_rejects_a_negative_step_log(capsys):
 
 @pytest.mark.slow
 def test_served_calibration_of_a_sim_replica_writes_a_preset_a_sim_replica_loads(tmp_path):
-    from kvfleet.calibrate_served import calibrate_served
+    from replica.calibrate_served import calibrate_served
 
     cfg = EngineConfig(model="tiny", num_blocks=256, max_num_batched_tokens=512, max_num_seqs=32)
     model, report = calibrate_served(cfg, num_requests=30, seed=1, sim_preset="tiny-cpu", passes=2, retries=1,
@@ -386,7 +386,7 @@ def test_no_retries_means_no_repeat_but_the_disturbed_pass_is_still_left_out():
 def test_calibrate_served_on_the_command_line_reports_each_pass(monkeypatch, capsys, tmp_path):
     """The command's served path end to end, against a real (sim) replica subprocess; a pass
     the check finds disturbed is said to be measured again and, if still disturbed, left out."""
-    import kvfleet.calibrate_served as cs
+    import replica.calibrate_served as cs
 
     real = cs.calibrate_served
     calls = []
