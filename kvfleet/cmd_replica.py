@@ -14,13 +14,13 @@ import asyncio
 import sys
 
 from kvfleet import logs
-from replica.config import EngineConfig
+from replica.config import EngineConfig, ReplicaConfig, ServerConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from replica.step_model import PRESETS
 
-    d = EngineConfig()
+    d, srv = EngineConfig(), ServerConfig()
     p.add_argument("--engine", choices=("torch", "sim"), default="torch",
                    help="torch: run the model; sim: real scheduler and block pool, modelled step times, no torch")
     p.add_argument("--preset", default="llama3-8b-h100", choices=sorted(PRESETS),
@@ -29,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --engine sim: a step-time preset written by `kvfleet calibrate` (overrides --preset)")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="with --engine sim: run this many times faster than the modelled GPU")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one)")
+    p.add_argument("--host", default=srv.host, help="address to listen on (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=srv.port, help="HTTP port (0 picks a free one)")
     p.add_argument("--model", default=d.model, help="model preset: tiny, small, llama3-8b")
     p.add_argument("--served-model-name", default=None, help="name clients send as `model` (default: --model)")
     p.add_argument("--weights", default=None, help="local safetensors file with Llama tensor names (default: seeded init)")
@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    p.add_argument("--drain-timeout", type=float, default=srv.drain_timeout_s,
+                   help="seconds SIGTERM waits for in-flight requests")
     p.add_argument("--kv-events-endpoint", default=None,
                    help="publish KV-cache events (vLLM format) on this ZMQ PUB address, e.g. tcp://*:5557 "
                         "(port 0 picks a free one; the ready line prints the bound address)")
@@ -58,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-log", type=int, default=0, metavar="N",
                    help="keep the last N engine steps with their step-model features and serve them at "
                         "GET /step_log (`kvfleet calibrate` reads them; 0 = off)")
-    p.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="largest request body accepted (413 above)")
+    p.add_argument("--max-body-bytes", type=int, default=srv.max_body_bytes,
+                   help="largest request body accepted (413 above)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="serve only clients sending `Authorization: Bearer KEY` (repeatable; /health, /metrics, "
                         "/load stay open): give the balancer the same key with --replica-api-key")
@@ -70,23 +72,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     logs.add_arguments(p)
 
 
-def sim_preset(args: argparse.Namespace):
+def replica_config(args: argparse.Namespace) -> ReplicaConfig:
+    """The replica's config from its parsed flags (and the files they name: --preset-file, the
+    CURVE key). ValueError says which value is wrong."""
     from replica.step_model import get_preset
 
-    if args.preset_file:
-        from replica.calibrate import load_preset_file
-
-        return load_preset_file(args.preset_file)
-    return get_preset(args.preset)
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    d = EngineConfig()
-    seqs, tokens = d.max_num_seqs, d.max_num_batched_tokens
+    if args.step_log < 0:
+        raise ValueError(f"--step-log must be 0 (off) or a number of steps, got {args.step_log}")
+    preset = None
     if args.engine == "sim":
-        preset = sim_preset(args)
-        seqs, tokens = preset.max_num_seqs, preset.max_num_batched_tokens
-    return EngineConfig(
+        if args.preset_file:
+            from replica.calibrate import load_preset_file
+
+            preset = load_preset_file(args.preset_file)
+        else:
+            preset = get_preset(args.preset)
+    d = EngineConfig()
+    engine = EngineConfig(
         model=args.model,
         served_model_name=args.served_model_name,
         weights=args.weights,
@@ -97,21 +99,57 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_blocks=args.num_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory,
         enable_prefix_caching=not args.no_prefix_caching,
-        max_num_seqs=args.max_num_seqs or seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens or tokens,
+        max_num_seqs=args.max_num_seqs or (preset.max_num_seqs if preset else d.max_num_seqs),
+        max_num_batched_tokens=args.max_num_batched_tokens or (preset.max_num_batched_tokens if preset
+                                                               else d.max_num_batched_tokens),
         max_model_len=args.max_model_len,
         device=args.device,
         threads=args.threads,
     )
+    server = ServerConfig(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+                          drain_timeout_s=args.drain_timeout, api_keys=tuple(args.api_key))
+    publisher = None
+    if args.kv_events_endpoint:
+        from protocol.curve import load_secret_key
+        from replica.publisher import PublisherConfig
+
+        secret = load_secret_key(args.kv_events_curve_secret_key_file)[1] \
+            if args.kv_events_curve_secret_key_file else None
+        publisher = PublisherConfig(endpoint=args.kv_events_endpoint, replay_endpoint=args.kv_events_replay_endpoint,
+                                    topic=args.kv_events_topic.encode(), bind=True, curve_secret_key=secret,
+                                    curve_authorized_clients=args.kv_events_curve_authorized_keys)
+    return ReplicaConfig(engine=engine, server=server, publisher=publisher, sim_preset=preset,
+                         time_scale=args.time_scale, step_log=args.step_log)
+
+
+def engine_flags(cfg: EngineConfig) -> list[str]:
+    """The flags that give a replica this engine config (the inverse of `replica_config`'s
+    engine part), for launchers that start `kvfleet replica` as a process. A replica has no
+    flag for `cache_salt` (clients salt their own requests: the `cache_salt` body field)."""
+    if cfg.cache_salt is not None:
+        raise ValueError("kvfleet replica takes no cache salt; send `cache_salt` in the request body instead")
+    d = EngineConfig()
+    flags = ["--model", cfg.model, "--seed", str(cfg.seed), "--block-size", str(cfg.block_size),
+             "--max-num-seqs", str(cfg.max_num_seqs), "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
+             "--device", cfg.device]
+    optional = {"--served-model-name": cfg.served_model_name, "--weights": cfg.weights,
+                "--model-config": cfg.model_config_path, "--tokenizer": cfg.tokenizer,
+                "--num-blocks": cfg.num_blocks,
+                "--max-model-len": cfg.max_model_len, "--threads": cfg.threads}
+    for flag, value in optional.items():
+        if value is not None:
+            flags += [flag, str(value)]
+    if cfg.kv_cache_memory_bytes != d.kv_cache_memory_bytes:
+        flags += ["--kv-cache-memory", str(cfg.kv_cache_memory_bytes)]
+    if not cfg.enable_prefix_caching:
+        flags.append("--no-prefix-caching")
+    return flags
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.step_log < 0:
-        print("kvfleet replica: --step-log must be 0 (off) or a number of steps", file=sys.stderr)
-        return 2
     logs.setup(args.log_format, args.log_level)
     try:
-        cfg = engine_config(args)
+        cfg = replica_config(args)
     except ValueError as e:
         print(f"kvfleet replica: {e}", file=sys.stderr)
         return 2
@@ -123,24 +161,4 @@ def run(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    publisher_cfg = None
-    if args.kv_events_endpoint:
-        from replica.publisher import PublisherConfig
-
-        try:
-            from protocol.curve import load_secret_key
-
-            secret = load_secret_key(args.kv_events_curve_secret_key_file)[1] \
-                if args.kv_events_curve_secret_key_file else None
-            publisher_cfg = PublisherConfig(endpoint=args.kv_events_endpoint,
-                                            replay_endpoint=args.kv_events_replay_endpoint,
-                                            topic=args.kv_events_topic.encode(), bind=True, curve_secret_key=secret,
-                                            curve_authorized_clients=args.kv_events_curve_authorized_keys)
-        except ValueError as e:
-            print(f"kvfleet replica: {e}", file=sys.stderr)
-            return 2
-    return asyncio.run(run_replica(cfg, host=args.host, port=args.port, drain_timeout_s=args.drain_timeout,
-                                   max_body_bytes=args.max_body_bytes, publisher_cfg=publisher_cfg,
-                                   sim_preset=sim_preset(args) if args.engine == "sim" else None,
-                                   time_scale=args.time_scale, api_keys=tuple(args.api_key),
-                                   step_log=args.step_log))
+    return asyncio.run(run_replica(cfg))

@@ -1,51 +1,66 @@
-"""Assembles a replica process: engine, service, metrics, KV-event publisher, HTTP server."""
+"""Builds and runs a replica from its `ReplicaConfig`: engine, service, metrics, KV-event
+publisher, HTTP app. `kvfleet replica` (kvfleet/cmd_replica.py) and in-process callers (tests)
+both start a replica through `run_replica`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 
-from replica.config import EngineConfig
+from aiohttp import web
+
+from replica.config import ReplicaConfig
 from replica.engine import build_engine, build_sim_engine
 from replica.metrics import ReplicaMetrics
-from replica.publisher import KVEventPublisher, PublisherConfig
-from replica.server import ServerConfig, create_app, serve
+from replica.publisher import KVEventPublisher
+from replica.server import SERVICE, create_app, serve
 from replica.service import EngineService
 
+log = logging.getLogger("kvfleet.replica")
 
-async def run_replica(cfg: EngineConfig, host: str, port: int, drain_timeout_s: float = 30.0,
-                      max_body_bytes: int = 16 * 1024 * 1024, publisher_cfg: PublisherConfig | None = None,
-                      sim_preset=None, time_scale: float = 1.0, api_keys: tuple[str, ...] = (),
-                      step_log: int = 0) -> int:
-    engine = build_sim_engine(cfg, sim_preset, time_scale) if sim_preset else build_engine(cfg)
-    if step_log > 0:  # the last `step_log` steps, served at GET /step_log
-        engine.step_log = deque(maxlen=step_log)
-    publisher = KVEventPublisher(publisher_cfg) if publisher_cfg is not None else None
-    sched = engine.scheduler
-    server_cfg = ServerConfig(
-        host=host,
-        port=port,
-        drain_timeout_s=drain_timeout_s,
-        max_body_bytes=max_body_bytes,
-        model_name=cfg.model_name,
-        max_model_len=sched.config.max_model_len,
-        vocab_size=engine.tokenizer.vocab_size,
-        api_keys=api_keys,
-    )
-    service = EngineService(engine, ReplicaMetrics(cfg.model_name), publisher=publisher, replica_id=f"{host}:{port}")
-    app = create_app(service, server_cfg)
 
-    def ready(runner) -> None:
-        addrs = [f"http://{a[0]}:{a[1]}" for a in runner.addresses]
-        service.replica_id = addrs[0] if addrs else service.replica_id
-        events = ""
-        if publisher is not None:
-            ep = publisher.endpoints
-            events = f" kv-events={ep.endpoint}" + (f" kv-replay={ep.replay_endpoint}" if ep.replay_endpoint else "")
-        kind = "sim" if sim_preset else "torch"
-        print(f"kvfleet replica ready: engine={kind} model={cfg.model_name} blocks={engine.kv.num_blocks} "
-              f"block_size={cfg.block_size}{events} listening on {' '.join(addrs)}", flush=True)
+def build_replica(cfg: ReplicaConfig) -> web.Application:
+    """The replica's app; its engine loop and KV-event sockets start with the app and stop
+    with it (`create_app`'s `cleanup_ctx`). The service is `app[replica.server.SERVICE]`."""
+    if cfg.sim_preset is not None:
+        engine = build_sim_engine(cfg.engine, cfg.sim_preset, cfg.time_scale)
+    else:
+        engine = build_engine(cfg.engine)
+    if cfg.step_log > 0:  # the last `step_log` steps, served at GET /step_log
+        engine.step_log = deque(maxlen=cfg.step_log)
+    publisher = KVEventPublisher(cfg.publisher) if cfg.publisher is not None else None
+    model = cfg.engine.model_name
+    service = EngineService(engine, ReplicaMetrics(model), publisher=publisher,
+                            replica_id=f"{cfg.server.host}:{cfg.server.port}")
+    return create_app(service, cfg.server, model)
 
-    await serve(app, server_cfg, ready)
-    logging.getLogger("kvfleet.replica").info("kvfleet replica stopped")
+
+def ready_line(cfg: ReplicaConfig, service: EngineService, urls: list[str]) -> str:
+    """What `kvfleet replica` prints once it listens (launchers wait for it: kvfleet/procs.py)."""
+    events = ""
+    if service.publisher is not None:
+        ep = service.publisher.endpoints
+        events = f" kv-events={ep.endpoint}" + (f" kv-replay={ep.replay_endpoint}" if ep.replay_endpoint else "")
+    return (f"kvfleet replica ready: engine={cfg.kind} model={cfg.engine.model_name} "
+            f"blocks={service.engine.kv.num_blocks} block_size={cfg.engine.block_size}{events} "
+            f"listening on {' '.join(urls)}")
+
+
+async def run_replica(cfg: ReplicaConfig, stop: asyncio.Event | None = None,
+                      ready: Callable[[list[str]], None] | None = None) -> int:
+    """Build the replica, serve it, print the ready line once it listens (then `ready(urls)`),
+    and drain and stop when `stop` is set (None: on SIGTERM/SIGINT). Returns the exit status."""
+    app = build_replica(cfg)
+    service = app[SERVICE]
+
+    def on_ready(urls: list[str]) -> None:
+        service.replica_id = urls[0] if urls else service.replica_id
+        print(ready_line(cfg, service, urls), flush=True)
+        if ready is not None:
+            ready(urls)
+
+    await serve(app, cfg.server, on_ready, stop)
+    log.info("kvfleet replica stopped")
     return 0

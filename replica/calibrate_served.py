@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from kvfleet import procs
+from kvfleet.cmd_replica import engine_flags
 from loadgen.client import LoadConfig, run_load
 from loadgen.prompts import PromptConfig
 from loadgen.traces import TraceRequest
@@ -68,17 +69,8 @@ def replica_args(cfg: EngineConfig, sim_preset: str | None = None) -> list[str]:
     with `sim_preset`, a sim replica of that preset instead (to check the method: it should
     calibrate back to about the preset)."""
     engine = ["--engine", "sim", "--preset", sim_preset] if sim_preset else ["--engine", "torch"]
-    args = ["replica", *engine, "--port", "0", "--model", cfg.model, "--seed", str(cfg.seed),
-            "--block-size", str(cfg.block_size), "--max-num-seqs", str(cfg.max_num_seqs),
-            "--max-num-batched-tokens", str(cfg.max_num_batched_tokens), "--device", cfg.device,
-            "--step-log", str(STEP_LOG_SIZE), "--log-level", "warning"]
-    if cfg.num_blocks is not None:
-        args += ["--num-blocks", str(cfg.num_blocks)]
-    if cfg.threads is not None:
-        args += ["--threads", str(cfg.threads)]
-    if not cfg.enable_prefix_caching:
-        args.append("--no-prefix-caching")
-    return args
+    return ["replica", *engine, *engine_flags(cfg), "--port", "0", "--step-log", str(STEP_LOG_SIZE),
+            "--log-level", "warning"]
 
 
 def read_step_log(url: str, since: int = 0) -> tuple[int, list[StepRecord]]:

@@ -1,8 +1,18 @@
-"""Engine configuration: frozen, validated, derived into CLI flags by kvfleet/cli.py."""
+"""A replica's configuration: frozen, validated, one `ReplicaConfig` per process.
+
+`kvfleet replica`'s flags map onto it in one place (kvfleet/cmd_replica.py: `replica_config`
+from the parsed flags, `engine_flags` back to flags), and `replica.app.run_replica(cfg)` is the
+one function that builds and serves a replica from it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # kept out of the import of this module: the CLI's menu imports it
+    from replica.publisher import PublisherConfig
+    from replica.step_model import SimPreset
 
 
 @dataclass(frozen=True)
@@ -39,3 +49,47 @@ class EngineConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The replica's HTTP server. What it says about the model (name, context length,
+    vocabulary) comes from the engine it serves."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 picks a free one (the ready line prints it)
+    max_body_bytes: int = 16 * 1024 * 1024
+    drain_timeout_s: float = 30.0  # SIGTERM waits this long for in-flight requests
+    api_keys: tuple[str, ...] = ()  # non-empty: clients must send one as a Bearer token (replica/auth.py)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be non-negative, got {self.drain_timeout_s}")
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """Everything one replica process runs with."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    publisher: PublisherConfig | None = None  # None: no KV-event sockets
+    # None: the torch engine. Else a sim engine (real scheduler and block pool, no torch) whose
+    # step times and KV capacity model this set-up, `time_scale` times faster than it.
+    sim_preset: SimPreset | None = None
+    time_scale: float = 1.0
+    step_log: int = 0  # keep the last N steps for GET /step_log (`kvfleet calibrate`); 0 = off
+
+    def __post_init__(self) -> None:
+        if self.step_log < 0:
+            raise ValueError(f"step_log must be 0 (off) or a number of steps, got {self.step_log}")
+        if not self.time_scale > 0:
+            raise ValueError(f"time_scale must be positive, got {self.time_scale}")
+
+    @property
+    def kind(self) -> str:
+        return "sim" if self.sim_preset is not None else "torch"

@@ -15,7 +15,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from protocol.openai_api import (APIError, GenerationRequest, decode_json_body, 
                                  parse_completion)
 from protocol.tokenizer import apply_chat_template
 from replica import auth, kv_state
+from replica.config import ServerConfig
 from replica.engine import RequestOutput
 from replica.request import SamplingParams
 from replica.service import EngineService
@@ -33,28 +34,7 @@ from replica.step_model import STEP_RECORD_FIELDS
 
 access_log = logging.getLogger("kvfleet.replica.access")
 SERVICE = web.AppKey("service", EngineService)
-SETTINGS = web.AppKey("settings", "ServerConfig")
 VERSION = "0.1.0"
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = 16 * 1024 * 1024
-    drain_timeout_s: float = 30.0
-    model_name: str = "tiny"
-    max_model_len: int = 4096
-    vocab_size: int = 512
-    api_keys: tuple[str, ...] = ()  # non-empty: clients must send one as a Bearer token (replica/auth.py)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.max_body_bytes < 1024:
-            raise ValueError("max_body_bytes must be at least 1024")
-        if self.drain_timeout_s < 0:
-            raise ValueError("drain_timeout_s must be non-negative")
 
 
 def _error(err: APIError) -> web.Response:
@@ -82,15 +62,17 @@ async def _read_json(request: web.Request) -> Any:
 
 
 class _Handlers:
-    def __init__(self, service: EngineService, cfg: ServerConfig) -> None:
+    def __init__(self, service: EngineService, model_name: str) -> None:
         self.service = service
-        self.cfg = cfg
+        self.model_name = model_name
+        self.max_model_len = service.engine.scheduler.config.max_model_len
         self.tokenizer = service.engine.tokenizer
+        self.vocab_size = self.tokenizer.vocab_size
 
     # ------------------------------------------------------------- helpers
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.cfg.model_name:
-            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.cfg.model_name}`.", "model")
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.", "model")
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         if req.kind == "chat":
@@ -100,14 +82,14 @@ class _Handlers:
                 raise APIError(400, str(e), "messages") from None
             return self.tokenizer.encode(text)
         if req.prompt_token_ids is not None:
-            bad = [t for t in req.prompt_token_ids if t >= self.cfg.vocab_size]
+            bad = [t for t in req.prompt_token_ids if t >= self.vocab_size]
             if bad:
-                raise APIError(400, f"token id {bad[0]} is out of the vocabulary (size {self.cfg.vocab_size})", "prompt")
+                raise APIError(400, f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})", "prompt")
             return list(req.prompt_token_ids)
         return self.tokenizer.encode(req.prompt)
 
     def _params(self, req: GenerationRequest, num_prompt: int) -> SamplingParams:
-        limit = self.cfg.max_model_len
+        limit = self.max_model_len
         if num_prompt >= limit:
             raise APIError(
                 400,
@@ -201,7 +183,7 @@ class _Handlers:
             obj = "text_completion"
         if req.return_token_ids:
             choice["token_ids"] = token_ids
-        body = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name, "choices": [choice],
+        body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice],
                 "usage": self._usage(last, last.num_prompt_tokens if last else 0)}
         return web.json_response(body, headers=headers)
 
@@ -214,7 +196,7 @@ class _Handlers:
         created = int(time.time())
         chat = req.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
-        model = self.cfg.model_name
+        model = self.model_name
 
         def chunk(choice: dict | None, usage: dict | None = None) -> bytes:
             body = {"id": rid, "object": obj, "created": created, "model": model,
@@ -259,10 +241,10 @@ class _Handlers:
 
     # ------------------------------------------------------------- other routes
     async def models(self, request: web.Request) -> web.Response:
-        m = self.cfg.model_name
+        m = self.model_name
         return web.json_response({"object": "list", "data": [
             {"id": m, "object": "model", "created": int(time.time()), "owned_by": "kvfleet", "root": m,
-             "parent": None, "max_model_len": self.cfg.max_model_len}]})
+             "parent": None, "max_model_len": self.max_model_len}]})
 
     async def health(self, request: web.Request) -> web.Response:
         if self.service.draining:
@@ -284,12 +266,12 @@ class _Handlers:
                 raise APIError(400, "'prompt' must be a string (or send 'messages')", "prompt")
             req = GenerationRequest(kind="completion", model=None, prompt=prompt)
         tokens = self._prompt_ids(req) if (req.prompt or req.messages) else []
-        return web.json_response({"count": len(tokens), "max_model_len": self.cfg.max_model_len, "tokens": tokens})
+        return web.json_response({"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens})
 
     async def detokenize(self, request: web.Request) -> web.Response:
         body = await _read_json(request)
         tokens = body.get("tokens") if isinstance(body, dict) else None
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < self.cfg.vocab_size for t in tokens):
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in tokens):
             raise APIError(400, "'tokens' must be a list of token ids within the vocabulary", "tokens")
         return web.json_response({"prompt": self.tokenizer.decode(tokens)})
 
@@ -358,10 +340,12 @@ def _log_access(request_id: str, req: GenerationRequest, seen: _Seen) -> None:
                "finish_reason": finish, "e2e_s": round(e2e, 6)}})
 
 
-def create_app(service: EngineService, cfg: ServerConfig) -> web.Application:
+def create_app(service: EngineService, cfg: ServerConfig, model_name: str) -> web.Application:
+    """The replica's routes over `service`, which the app starts and stops (`cleanup_ctx`);
+    clients name the model `model_name`."""
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors, *auth.middlewares(cfg.api_keys)])
     app[SERVICE] = service
-    h = _Handlers(service, cfg)
+    h = _Handlers(service, model_name)
     kv_state.add_routes(app, service)
     app.router.add_post("/v1/completions", h.completions)
     app.router.add_post("/v1/chat/completions", h.chat)
@@ -385,26 +369,28 @@ def create_app(service: EngineService, cfg: ServerConfig) -> web.Application:
     return app
 
 
-async def serve(app: web.Application, cfg: ServerConfig, ready=None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain: refuse new work, let in-flight requests finish."""
+async def serve(app: web.Application, cfg: ServerConfig,
+                ready: Callable[[list[str]], None] | None = None, stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (None: until SIGTERM/SIGINT), then drain: refuse new work, let
+    in-flight requests finish (up to `drain_timeout_s`). `ready(urls)` runs once listening."""
     service = app[SERVICE]
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.drain_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
-    await site.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT) if stop is None else ()
+    stop = stop or asyncio.Event()
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready(runner)
     try:
+        await web.TCPSite(runner, cfg.host, cfg.port).start()
+        if ready is not None:
+            ready([f"http://{a[0]}:{a[1]}" for a in runner.addresses])
         await stop.wait()
         service.draining = True
         deadline = loop.time() + cfg.drain_timeout_s
         while service.num_inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.remove_signal_handler(sig)
         await runner.cleanup()

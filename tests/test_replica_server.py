@@ -171,3 +171,99 @@ def test_sigterm_during_stream_lets_it_finish():
     assert lines[-1] == "data: [DONE]"
     last = json.loads(lines[-2][6:])
     assert last["choices"][0]["finish_reason"] == "length"
+
+
+# ----------------------------------------------------------------- one config, one start function
+
+
+def _flags_to_config(argv: list[str]):
+    from kvfleet.cli import build_parser
+    from kvfleet.cmd_replica import replica_config
+
+    return replica_config(build_parser().parse_args(["replica", *argv]))
+
+
+def test_the_flags_make_one_frozen_replica_config():
+    import dataclasses
+
+    from replica.config import ReplicaConfig
+    from replica.step_model import get_preset
+
+    cfg = _flags_to_config(["--engine", "sim", "--preset", "tiny-cpu", "--port", "0", "--api-key", "k1",
+                            "--api-key", "k2", "--drain-timeout", "2", "--step-log", "7", "--time-scale", "4"])
+    assert isinstance(cfg, ReplicaConfig) and cfg.kind == "sim"
+    preset = get_preset("tiny-cpu")
+    assert cfg.sim_preset == preset and cfg.time_scale == 4 and cfg.step_log == 7
+    # a sim replica's batch limits default to its preset's
+    assert (cfg.engine.max_num_seqs, cfg.engine.max_num_batched_tokens) == (preset.max_num_seqs,
+                                                                           preset.max_num_batched_tokens)
+    assert (cfg.server.port, cfg.server.api_keys, cfg.server.drain_timeout_s) == (0, ("k1", "k2"), 2.0)
+    assert cfg.publisher is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.step_log = 1
+    torch_cfg = _flags_to_config(["--kv-events-endpoint", "tcp://127.0.0.1:0"])
+    assert torch_cfg.kind == "torch" and torch_cfg.sim_preset is None
+    assert torch_cfg.publisher.endpoint == "tcp://127.0.0.1:0" and torch_cfg.publisher.bind
+
+
+def test_engine_flags_give_back_the_engine_config():
+    from kvfleet.cmd_replica import engine_flags
+    from replica.config import EngineConfig
+
+    for engine in (EngineConfig(),
+                   EngineConfig(model="small", served_model_name="m", weights="w.safetensors",
+                                model_config_path="config.json", tokenizer="tokenizer.json", seed=3, block_size=32,
+                                num_blocks=99, kv_cache_memory_bytes=1 << 20, enable_prefix_caching=False,
+                                max_num_seqs=5, max_num_batched_tokens=256, max_model_len=1024, device="cuda",
+                                threads=2)):
+        assert _flags_to_config(engine_flags(engine)).engine == engine
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--step-log", "-1"], "--step-log"),
+    (["--engine", "sim", "--time-scale", "0"], "time_scale must be positive"),
+    (["--port", "70000"], "port must be in [0, 65535]"),
+    (["--engine", "sim", "--preset-file", "/nonexistent.json"], "kvfleet calibrate --out"),
+])
+def test_a_bad_flag_is_refused_before_anything_starts(capsys, argv, says):
+    from kvfleet.cli import main as cli_main
+
+    assert cli_main(["replica", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvfleet replica: ") and says in err
+
+
+def test_run_replica_serves_in_process_until_stopped(capsys):
+    """The start function the CLI calls, in this process: listens, prints the ready line,
+    serves, and drains and returns 0 when told to stop."""
+    from aiohttp import ClientSession
+
+    from replica.app import run_replica
+
+    cfg = _flags_to_config(["--engine", "sim", "--preset", "tiny-cpu", "--time-scale", "100", "--port", "0",
+                            "--served-model-name", "mini", "--max-model-len", "300", "--num-blocks", "64",
+                            "--api-key", "secret"])
+
+    async def main():
+        stop, listening = asyncio.Event(), asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(run_replica(cfg, stop=stop, ready=listening.set_result))
+        urls = await asyncio.wait_for(listening, 30)
+        auth = {"Authorization": "Bearer secret"}
+        async with ClientSession() as http:
+            async with http.get(f"{urls[0]}/v1/models", headers=auth) as r:
+                models = (await r.json())["data"]
+            async with http.post(f"{urls[0]}/v1/completions", headers=auth,
+                                 json={"model": "mini", "prompt": "hello", "max_tokens": 4}) as r:
+                completion = await r.json()
+            async with http.post(f"{urls[0]}/v1/completions", json={"model": "mini", "prompt": "x"}) as r:
+                unauthorized = r.status
+        stop.set()
+        return urls, models, completion, unauthorized, await asyncio.wait_for(task, 30)
+
+    urls, models, completion, unauthorized, status = asyncio.run(main())
+    assert status == 0
+    assert [(m["id"], m["max_model_len"]) for m in models] == [("mini", 300)]
+    assert completion["model"] == "mini" and completion["usage"]["completion_tokens"] == 4
+    assert unauthorized == 401
+    ready = capsys.readouterr().out
+    assert f"kvfleet replica ready: engine=sim model=mini blocks=64 block_size=16 listening on {urls[0]}" in ready
