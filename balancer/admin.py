@@ -114,24 +114,21 @@ def add_routes(app: web.Application, b) -> None:
         req = parse_chat(body) if isinstance(body, dict) and "messages" in body else parse_completion(body)
         b.proxy.check_model(req)
         prepared = b.router.prepare(req)
-        candidates = b.registry.usable()
-        rr = b.router.routing_request(prepared, "explain")
+        rr, candidates, d = b.router.choose(prepared, "explain")
         out = {
             "prompt_tokens": len(prepared.token_ids),
             "full_blocks": len(prepared.block_hashes),
             "block_size": b.cfg.block_size,
-            "matched_blocks": dict(rr.matched_blocks),
-            # null unless the policy reads predicted output lengths (e.g. `predictive`)
-            "predicted_output_tokens": rr.predicted_output_tokens,
             "usable": [r.replica_id for r in candidates],
             "policy": b.policy.describe(),
         }
-        if not candidates:
-            out["decision"] = None
-            out["reason"] = "no usable replica"
+        if d is None:
+            out.update(matched_blocks={}, predicted_output_tokens=None, decision=None, reason="no usable replica")
             return web.json_response(out)
-        d = b.router.decide(rr, candidates)
-        out.update(decision=d.replica_id, reason=d.reason, scores={k: dict(v) for k, v in d.scores.items()})
+        out.update(matched_blocks=dict(rr.matched_blocks),
+                   # null unless the policy reads predicted output lengths (e.g. `predictive`)
+                   predicted_output_tokens=rr.predicted_output_tokens,
+                   decision=d.replica_id, reason=d.reason, scores={k: dict(v) for k, v in d.scores.items()})
         return web.json_response(out)
 
     app.router.add_get("/health", health)

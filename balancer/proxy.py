@@ -1,15 +1,15 @@
-"""Forwarding one request: choose, send, relay, retry before the first byte, fail over after.
+"""Forwarding one request: book a replica, send, relay, retry before the first byte.
 
     parse + validate (same 4xx as a replica) ─▶ Router.prepare ─▶ loop:
-        Registry.usable ─▶ Router.decide ─▶ POST to the replica
-          refused / reset / 5xx before any byte ─▶ breaker, backoff, next replica
+        Router.route (decide + record) ─▶ POST to the replica
+          refused / reset / 5xx before any byte ─▶ Booking.fail, breaker, backoff, next replica
           4xx ─▶ relayed as is (the client's fault, not the replica's)
           200 ─▶ relay complete SSE events byte for byte (or the JSON body)
-                 stream broken mid-way ─▶ continue on another replica from prompt + tokens so far
+                 stream broken mid-way ─▶ balancer/failover.py continues it on another replica
+    once the response is out (`_finish`): usage read, Booking.finish, metrics, access log
 
 For streams the balancer asks the replica for `return_token_ids` (vLLM's extension) so that a
-continuation is built from exact token ids, which makes a greedy stream token-identical across
-a failover. A stop string that straddles the failover point is not detected (documented).
+continuation can be built from exact token ids.
 """
 
 from __future__ import annotations
@@ -25,49 +25,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from balancer.exchange import Exchange
+from balancer.failover import Failover
 from balancer.metrics import NO_REPLICA, BalancerMetrics
 from balancer.registry import Registry, ReplicaState
-from balancer.router import Prepared, Router
-from balancer.sse import DONE, event, event_data, read_progress, split_events
+from balancer.relay import REPLICA_HEADER, ClientGone, UpstreamFailed, read_safely, relayed_headers, write
+from balancer.router import Booking, Prepared, Router
+from balancer.sse import DONE, split_events
 from balancer.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
-from protocol.openai_api import (APIError, GenerationRequest, decode_json_body, error_body, parse_chat,
-                                 parse_completion)
+from protocol.openai_api import APIError, GenerationRequest, decode_json_body, parse_chat, parse_completion
 
-_RELAY_HEADERS = (("content-type", "Content-Type"), ("cache-control", "Cache-Control"))
-REPLICA_HEADER = "X-Kvfleet-Replica"
+__all__ = ["Proxy", "REPLICA_HEADER", "read_json"]
 access_log = logging.getLogger("kvfleet.balancer.access")
-
-
-class _UpstreamFailed(Exception):
-    def __init__(self, replica: ReplicaState, reason: str, refused: bool = False, status: int | None = None,
-                 body: bytes | None = None) -> None:
-        super().__init__(reason)
-        self.replica = replica
-        self.reason = reason
-        self.refused = refused
-        self.status = status
-        self.body = body
-
-
-class _ClientGone(Exception):
-    """Writing to the client failed: it went away. Not the replica's fault: no retry, no
-    failover, no breaker penalty; the handler just stops."""
-
-
-async def _write(out: Exchange, data: bytes | None = None) -> None:
-    """Write to the client (`None`: end the response), telling a client that left (`_ClientGone`)
-    apart from a replica that failed (aiohttp raises ClientConnectionResetError, a ClientError,
-    for both)."""
-    try:
-        await (out.write(data) if data is not None else out.end())
-    except ConnectionResetError:
-        raise _ClientGone() from None
-
-
-@dataclass
-class _Attempt:
-    replica: ReplicaState
-    tokens: int  # prompt + expected output, for in-flight token bookkeeping
 
 
 # An object nesting at most two levels of objects (usage -> prompt_tokens_details -> ...), no
@@ -106,7 +74,7 @@ class _Outcome:
     reported_cached: int | None = None
     failovers: int = 0
     output_tokens: int | None = None  # for the output-length predictor (None: unknown)
-    rr: object = None  # the RoutingRequest that succeeded (for the predictor)
+    booking: Booking | None = None  # the attempt that answered; ended in `_finish`
     # A non-streaming response's bookkeeping, done after the client has its bytes (`_finish`):
     counted: ReplicaState | None = None  # the replica whose response was relayed
     e2e_s: float = 0.0
@@ -149,6 +117,7 @@ class Proxy:
         # balancers; a uuid4 per request costs several µs).
         self._id_prefix = f"kvf-{uuid.uuid4().hex[:16]}-"
         self._ids = itertools.count()
+        self.failover = Failover(router, registry, metrics, upstream)
 
     # ------------------------------------------------------------------ entry points
     async def completions(self, ex: Exchange) -> None:
@@ -205,8 +174,11 @@ class Proxy:
                 m.ttft.observe(o.ttft_s)
             if o.body is not None:
                 self._note_usage(replica, o.body, o)
-        if o.rr is not None and o.output_tokens is not None and self.router.predictor is not None:
-            self.router.finished(o.rr, o.output_tokens)
+        booking = o.booking
+        if booking is not None:
+            booking.finish(o.output_tokens)
+            m = self.metrics
+            m.series(m.inflight, booking.replica_id).set(booking.replica.inflight_requests)
         if access_log.isEnabledFor(logging.INFO):
             self._log_access(request_id, path, req, prompt_tokens, o, e2e_s)
 
@@ -235,43 +207,35 @@ class Proxy:
             headers["Authorization"] = authorization
 
         tried: set[str] = set()
-        last: _UpstreamFailed | None = None
+        last: UpstreamFailed | None = None
         for attempt in range(self.retry.max_attempts):
-            candidates = self.registry.usable(frozenset(tried))
-            if not candidates:
+            booking = self.router.route(prepared, request_id, frozenset(tried))
+            if booking is None:
                 break
-            rr = self.router.routing_request(prepared, request_id)
-            decision = self.router.decide(rr, candidates)
             decision_s = time.perf_counter() - t0 if attempt == 0 else None
-            replica = self.registry.get(decision.replica_id)
-            matched = rr.matched_blocks.get(replica.replica_id, 0) * rr.block_size
-            n_prompt = len(prepared.token_ids)
-            att = _Attempt(replica, n_prompt + (req.max_tokens or 0))
-            self.registry.on_sent(replica, att.tokens, max(0, n_prompt - matched))
-            # The policy and the approximate index learn of it now: the next decision, maybe for a
-            # request already waiting in this loop turn, must see it.
-            self.router.routed(rr, decision)
+            replica = booking.replica
             self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
-            asyncio.get_running_loop().call_soon(_attempt_metrics, self.metrics, replica.replica_id, matched, n_prompt,
-                                                 decision_s)
-            outcome.replica, outcome.attempts, outcome.predicted_cached = replica.replica_id, attempt + 1, matched
-            ok = False
+            asyncio.get_running_loop().call_soon(_attempt_metrics, self.metrics, replica.replica_id,
+                                                 booking.matched_tokens, booking.rr.prompt_tokens, decision_s)
+            outcome.replica, outcome.attempts, outcome.predicted_cached = (replica.replica_id, attempt + 1,
+                                                                           booking.matched_tokens)
             try:
-                await self._send(ex, replica, path, payload, headers, prepared, rr, arrival, outcome)
-                ok = True
-                return
-            except _UpstreamFailed as e:
+                await self._send(ex, booking, path, payload, headers, prepared, arrival, outcome)
+            except UpstreamFailed as e:
+                booking.fail()
+                self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
                 last = e
                 tried.add(replica.replica_id)
                 self.registry.record_failure(replica, e.refused)
                 self.metrics.retries.labels(replica.replica_id).inc()
                 await asyncio.sleep(min(self.retry.backoff_s * (2**attempt), self.retry.backoff_max_s))
-            finally:
-                self.registry.on_done(replica, att.tokens)
-                self.router.policy.on_complete(rr, replica.replica_id, ok)
-                if ok:
-                    outcome.rr = rr  # the predictor learns from it once the response is out
+                continue
+            except BaseException:
+                booking.fail()  # cancelled (the client left) or a bug: the replica owes nothing
                 self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
+                raise
+            outcome.booking = booking  # ended once the response is out (`_finish`)
+            return
         if last is None:
             self.metrics.no_replica.inc()
             self.metrics.series(self.metrics.requests, NO_REPLICA, self.policy_name, "5xx").inc()
@@ -287,44 +251,43 @@ class Proxy:
         raise APIError(502, f"every replica tried failed ({len(tried)} tried); last error from "
                             f"{last.replica.replica_id}: {last.reason}")
 
-    async def _send(self, ex: Exchange, replica: ReplicaState, path: str, payload: bytes, headers: dict,
-                    prepared: Prepared, rr, arrival: float, outcome: _Outcome) -> None:
+    async def _send(self, ex: Exchange, booking: Booking, path: str, payload: bytes, headers: dict,
+                    prepared: Prepared, arrival: float, outcome: _Outcome) -> None:
+        replica = booking.replica
         try:
             upstream = await self.upstream().post(replica.url, path, payload, headers)
         except ConnectFailed as e:
-            raise _UpstreamFailed(replica, str(e), refused=True) from None
+            raise UpstreamFailed(replica, str(e), refused=True) from None
         except UpstreamError as e:
-            raise _UpstreamFailed(replica, str(e)) from None
+            raise UpstreamFailed(replica, str(e)) from None
         try:
             if upstream.status >= 500:
-                body = await _read_safely(upstream)
-                raise _UpstreamFailed(replica, f"HTTP {upstream.status}", status=upstream.status, body=body)
+                body = await read_safely(upstream)
+                raise UpstreamFailed(replica, f"HTTP {upstream.status}", status=upstream.status, body=body)
             if upstream.status >= 400 or not prepared.request.stream:
                 try:
                     body = await upstream.read()
                 except UpstreamError as e:
-                    raise _UpstreamFailed(replica, f"response cut: {e}") from None
+                    raise UpstreamFailed(replica, f"response cut: {e}") from None
                 # Metrics and `usage` are read after the response is out (Proxy._finish).
                 outcome.status, outcome.counted = upstream.status, replica
                 outcome.e2e_s = time.perf_counter() - arrival
                 if upstream.status == 200:
                     outcome.ttft_s, outcome.body = outcome.e2e_s, body
                 self.registry.record_success(replica)
-                out_headers = _relayed_headers(upstream)
-                out_headers[REPLICA_HEADER] = replica.replica_id
-                out_headers["X-Request-Id"] = headers["X-Request-Id"]
-                ex.reply(upstream.status, body, out_headers)
+                ex.reply(upstream.status, body, relayed_headers(upstream, replica.replica_id, headers["X-Request-Id"]))
                 return
             try:
-                await self._relay_stream(ex, replica, upstream, headers, prepared, rr, arrival, outcome)
-            except _ClientGone:
+                await self._relay_stream(ex, booking, upstream, headers, prepared, arrival, outcome)
+            except ClientGone:
                 outcome.status = 499  # the client went away (nginx's code for it)
         finally:
             upstream.release()
 
     # ------------------------------------------------------------------ streaming
-    async def _relay_stream(self, ex: Exchange, replica: ReplicaState, upstream: UpstreamResponse,
-                            headers: dict, prepared: Prepared, rr, arrival: float, outcome: _Outcome) -> None:
+    async def _relay_stream(self, ex: Exchange, booking: Booking, upstream: UpstreamResponse,
+                            headers: dict, prepared: Prepared, arrival: float, outcome: _Outcome) -> None:
+        replica = booking.replica
         pending = bytearray()
         relayed = bytearray()
         opened = False
@@ -341,21 +304,22 @@ class Proxy:
                     outcome.ttft_s = time.perf_counter() - arrival
                     self.metrics.ttft.observe(outcome.ttft_s)
                     self.registry.record_success(replica)
-                await _write(ex, complete)
+                await write(ex, complete)
                 relayed += complete
         except UpstreamError as e:
             broken = str(e)
         else:
             broken = None if relayed.rstrip().endswith(DONE) else "stream ended without [DONE]"
         if broken is not None and not opened:
-            raise _UpstreamFailed(replica, f"stream broke before the first event: {broken}")
+            raise UpstreamFailed(replica, f"stream broke before the first event: {broken}")
         if not opened:  # an empty but complete response: nothing to relay
             await self._open_stream(ex, replica, upstream, headers)
             outcome.status = upstream.status
         if broken is not None:
             self.registry.record_failure(replica, refused=False)
-            outcome.failovers = await self._failover(ex, replica, prepared, bytes(relayed), broken,
-                                                     headers["X-Request-Id"])
+            booking.finish(None, ok=False)  # the lost replica holds nothing of it any more
+            outcome.failovers = await self.failover.continue_stream(ex, replica, prepared, bytes(relayed), broken,
+                                                                    headers["X-Request-Id"])
         else:
             self._note_usage(replica, relayed, outcome)
             # The stream asked for token ids (failover does): count them with one C-level scan.
@@ -364,14 +328,11 @@ class Proxy:
                 outcome.output_tokens = sum(x.count(b",") + 1 for x in ids if x)
         self.metrics.series(self.metrics.requests, replica.replica_id, self.policy_name, "2xx").inc()
         self.metrics.e2e.observe(time.perf_counter() - arrival)
-        await _write(ex)
+        await write(ex)
 
     @staticmethod
     async def _open_stream(ex: Exchange, replica: ReplicaState, upstream: UpstreamResponse, headers: dict) -> None:
-        out_headers = _relayed_headers(upstream)
-        out_headers[REPLICA_HEADER] = replica.replica_id
-        out_headers["X-Request-Id"] = headers["X-Request-Id"]
-        await ex.open_stream(upstream.status, out_headers)
+        await ex.open_stream(upstream.status, relayed_headers(upstream, replica.replica_id, headers["X-Request-Id"]))
 
     def _note_usage(self, replica: ReplicaState, data: bytes | bytearray, outcome: _Outcome) -> None:
         """Read the `usage` object at the end of a JSON body or of an SSE stream (its usage
@@ -385,171 +346,3 @@ class Proxy:
         outcome.reported_cached = cached
         if isinstance(usage.get("completion_tokens"), int):
             outcome.output_tokens = usage["completion_tokens"]
-
-    async def _failover(self, out: Exchange, lost: ReplicaState, prepared: Prepared, relayed: bytes,
-                        why: str, request_id: str) -> int:
-        """Continue a broken stream on other replicas; the client sees one stream. Returns the
-        number of continuations tried."""
-        req = prepared.request
-        progress = read_progress(relayed)
-        tried = {lost.replica_id}
-        generated = list(progress.token_ids)
-        text_so_far = "".join(progress.text)
-        # The client's text is re-derived from token ids from here on: the lost replica may
-        # have held back the first bytes of a character, which the new one never saw as text.
-        progress.text_state = _FailoverText(self.router.tokenizer, generated, len(text_so_far))
-        while not progress.finished:
-            if not progress.has_token_ids:
-                break  # the replica did not give token ids: an exact continuation is impossible
-            remaining = None if req.max_tokens is None else req.max_tokens - len(generated)
-            if remaining is not None and remaining <= 0:
-                break
-            candidates = self.registry.usable(frozenset(tried))
-            if not candidates:
-                break
-            cont = self._continuation(prepared, generated, remaining)
-            rr = self.router.routing_request(cont, progress.id or "failover")
-            decision = self.router.decide(rr, candidates)
-            replica = self.registry.get(decision.replica_id)
-            tried.add(replica.replica_id)
-            self.metrics.failovers.labels(lost.replica_id).inc()
-            body = self._continuation_body(req, cont, remaining)
-            try:
-                finished, new_ids = await self._relay_continuation(out, replica, body, req, progress, len(generated),
-                                                                   len(prepared.token_ids), request_id)
-            except _UpstreamFailed as e:
-                self.registry.record_failure(replica, e.refused)
-                why = e.reason
-                continue
-            generated.extend(new_ids)
-            if finished:
-                return len(tried) - 1
-            lost = replica
-        if progress.finished:  # the last chunk arrived, only [DONE] was lost
-            await _write(out, b"data: [DONE]\n\n")
-            return len(tried) - 1
-        self.metrics.failover_errors.inc()
-        err = error_body(502, f"the replica serving this stream was lost ({why}) and no other replica could "
-                              f"continue it after {len(generated)} tokens ({len(text_so_far)} characters); "
-                              f"retry the request")
-        await _write(out, event(err))
-        return len(tried) - 1
-
-    def _continuation(self, prepared: Prepared, generated: list[int], remaining: int | None) -> Prepared:
-        tokens = prepared.token_ids + tuple(generated)
-        req = GenerationRequest(kind="completion", model=prepared.request.model, prompt_token_ids=tokens,
-                                cache_salt=prepared.request.cache_salt)
-        return self.router.prepare(req)
-
-    def _continuation_body(self, req: GenerationRequest, cont: Prepared, remaining: int | None) -> dict:
-        body = {
-            "prompt": list(cont.token_ids), "stream": True, "return_token_ids": True,
-            "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "ignore_eos": req.ignore_eos,
-            "stop": list(req.stop), "stop_token_ids": list(req.stop_token_ids),
-            "stream_options": {"include_usage": req.include_usage},
-        }
-        if req.model is not None:
-            body["model"] = req.model
-        if remaining is not None:
-            body["max_tokens"] = remaining
-        if req.seed is not None:
-            body["seed"] = req.seed
-        if req.cache_salt is not None:
-            body["cache_salt"] = req.cache_salt
-        return body
-
-    async def _relay_continuation(self, out: Exchange, replica: ReplicaState, body: dict, req: GenerationRequest, progress,
-                                  generated_before: int, prompt_tokens: int,
-                                  request_id: str) -> tuple[bool, list[int]]:
-        """Relay a continuation's chunks re-shaped as the client's original stream."""
-        new_ids: list[int] = []
-        self.registry.on_sent(replica, len(body["prompt"]), 0)
-        upstream: UpstreamResponse | None = None
-        try:
-            upstream = await self.upstream().post(replica.url, "/v1/completions", json.dumps(body).encode(),
-                                                  {"Content-Type": "application/json", "X-Request-Id": request_id})
-            if upstream.status != 200:
-                raise _UpstreamFailed(replica, f"HTTP {upstream.status}", refused=False)
-            pending = bytearray()
-            async for chunk in upstream.iter_any():
-                pending += chunk
-                for data in event_data(split_events(pending)):
-                    if data == b"[DONE]":
-                        await _write(out, b"data: [DONE]\n\n")
-                        self.registry.record_success(replica)
-                        return True, new_ids
-                    await _write(out, self._reshape(json.loads(data), req, progress, generated_before + len(new_ids),
-                                                  prompt_tokens, new_ids))
-        except ConnectFailed as e:
-            raise _UpstreamFailed(replica, str(e), refused=True) from None
-        except (UpstreamError, ValueError) as e:
-            if not new_ids:
-                raise _UpstreamFailed(replica, f"{type(e).__name__}: {e}") from None
-            return False, new_ids
-        finally:
-            if upstream is not None:
-                upstream.release()
-            self.registry.on_done(replica, len(body["prompt"]))
-        return False, new_ids
-
-    @staticmethod
-    def _reshape(chunk: dict, req: GenerationRequest, progress, generated: int, prompt_tokens: int,
-                 new_ids: list[int]) -> bytes:
-        base = {"id": progress.id, "object": progress.object, "created": progress.created, "model": chunk.get("model")}
-        choices = []
-        for c in chunk.get("choices") or []:
-            ids = c.get("token_ids") or []
-            new_ids.extend(ids)
-            text = progress.text_state.add(ids, final=bool(c.get("finish_reason")))
-            if req.kind == "chat":
-                delta = {"content": text} if text else {}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": c.get("finish_reason")}
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": c.get("finish_reason")}
-            if c.get("finish_reason"):
-                choice["stop_reason"] = c.get("stop_reason")
-                progress.finished = True
-            choice["token_ids"] = ids
-            choices.append(choice)
-        base["choices"] = choices
-        usage = chunk.get("usage")
-        if usage:
-            done = generated + sum(len(c.get("token_ids") or []) for c in chunk.get("choices") or [])
-            base["usage"] = {**usage, "prompt_tokens": prompt_tokens, "completion_tokens": done,
-                             "total_tokens": prompt_tokens + done}
-        return event(base)
-
-
-class _FailoverText:
-    """Text deltas of a continued stream, from all token ids generated so far.
-
-    Decodes the whole generated sequence on every chunk (failover only, so the quadratic cost
-    is acceptable) and holds back a trailing incomplete character, as a replica does.
-    """
-
-    def __init__(self, tokenizer, generated: list[int], sent_chars: int) -> None:
-        self.tokenizer = tokenizer
-        self.ids = list(generated)
-        self.sent = sent_chars
-
-    def add(self, ids: list[int], final: bool) -> str:
-        self.ids.extend(ids)
-        full = self.tokenizer.decode(self.ids)
-        if not final and full.endswith("\ufffd"):
-            return ""
-        delta = full[self.sent:]
-        self.sent = max(self.sent, len(full))
-        return delta
-
-
-async def _read_safely(resp: UpstreamResponse) -> bytes | None:
-    try:
-        return await resp.read()
-    except UpstreamError:
-        return None
-
-
-def _relayed_headers(upstream: UpstreamResponse) -> dict[str, str]:
-    """The replica's response headers that go on to the client (Content-Type, Cache-Control)."""
-    h = upstream.headers
-    return {name: h[key] for key, name in _RELAY_HEADERS if key in h}

@@ -1,16 +1,25 @@
-"""From a validated request to a routing decision: tokenize, hash, look up, score.
+"""From a validated request to a booked replica: tokenize, hash, look up, score, record.
 
 `Router.prepare` does the per-request work once (render the chat template, tokenize, hash the
-full blocks); `Router.decide` looks the chain up in the exact index (replicas that publish KV
-events) and the approximate one (replicas that don't), builds the views and asks the policy.
-Nothing here does I/O, so `explain` and the simulator call the same code as the proxy.
+full blocks). `Router.route` is the routing transaction, the one way a request is placed:
+
+    route(prepared, request_id, exclude) ─▶ usable replicas ─▶ match (exact index for replicas
+        that publish KV events, approximate one for the rest) ─▶ predict output ─▶ policy.select
+        ─▶ record: registry in-flight work, policy.on_routed, approximate-index insert ─▶ Booking
+    Booking.finish(output_tokens) / Booking.fail(): in-flight work released, policy.on_complete,
+        the output-length predictor learns (finish with a known length)
+
+The proxy (first attempt, retries, mid-stream failover) and the simulator call only `route` and
+the booking's `finish` / `fail`, so the same request stream makes the same bookings in both
+(tests/test_booking.py). `Router.choose` is the decision alone, recording nothing (`explain`).
+Nothing here does I/O.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import xxhash
 
@@ -44,6 +53,49 @@ def _first_user_text(messages) -> str | None:
             if isinstance(c, list):
                 return "".join(p.get("text", "") for p in c)
     return None
+
+
+@dataclass(slots=True, eq=False)
+class Booking:
+    """One request placed on one replica, and the work recorded for it until it ends.
+
+    `tokens` is the in-flight work the registry counts (prompt + the client's max_tokens: the
+    same estimate live and simulated; the true output length is never known in advance) and
+    `uncached_tokens` the prompt tokens the index says the replica must compute. End it exactly
+    once, with `finish` (the replica served it) or `fail` (it did not); later calls do nothing.
+    """
+
+    router: "Router"
+    rr: RoutingRequest
+    decision: Decision
+    replica: ReplicaState
+    tokens: int
+    matched_tokens: int
+    open: bool = field(default=True)
+
+    @property
+    def replica_id(self) -> str:
+        return self.replica.replica_id
+
+    @property
+    def uncached_tokens(self) -> int:
+        return max(0, self.rr.prompt_tokens - self.matched_tokens)
+
+    def finish(self, output_tokens: int | None = None, ok: bool = True) -> None:
+        """The request ended on its replica, having generated `output_tokens` (None: unknown).
+        `ok=False`: it ended without a usable answer (the client left, the stream broke)."""
+        if not self.open:
+            return
+        self.open = False
+        router = self.router
+        router.registry.on_done(self.replica, self.tokens)
+        router.policy.on_complete(self.rr, self.replica.replica_id, ok)
+        if ok and output_tokens is not None and router.predictor is not None:
+            router.predictor.observe_done(self.rr, output_tokens)
+
+    def fail(self) -> None:
+        """The replica did not serve the request (refused, reset, 5xx before any byte)."""
+        self.finish(None, ok=False)
 
 
 class Router:
@@ -94,18 +146,28 @@ class Router:
         else:
             text = req.prompt
             tokens = self.tokenizer.encode(text)
-        hashes = hash_blocks(tokens, self.block_size, self._root(req.cache_salt))
-        seed = hashes[-1] if hashes else xxhash.xxh3_64_intdigest(token_bytes(tokens))
-        return Prepared(req, tuple(tokens), text, tuple(hashes), first_user, seed)
+        return self.prepare_tokens(req, tokens, text, first_user_message=first_user)
 
-    def routing_request(self, p: Prepared, request_id: str) -> RoutingRequest:
+    def prepare_tokens(self, req: GenerationRequest, tokens: Sequence[int], text: str,
+                       hashes: Sequence[int] | None = None, first_user_message: str | None = None) -> Prepared:
+        """`prepare` for a prompt already tokenized (and maybe hashed: the simulator hashes
+        each trace prompt once for all its runs)."""
+        if hashes is None:
+            hashes = hash_blocks(tokens, self.block_size, self._root(req.cache_salt))
+        seed = hashes[-1] if hashes else xxhash.xxh3_64_intdigest(token_bytes(list(tokens)))
+        return Prepared(req, tuple(tokens), text, tuple(hashes), first_user_message, seed)
+
+    def routing_request(self, p: Prepared, request_id: str,
+                        predicted_output_tokens: float | None = None) -> RoutingRequest:
+        """What the policy sees of `p`: the cached prefix per replica and the predicted output
+        length (`predicted_output_tokens` overrides the predictor: the simulator's oracle mode)."""
         matched = self.index.match(p.block_hashes)
         approx = self.approx.match(p.block_hashes, self.clock())
         for rid, n in approx.items():
             if not self.has_events(rid):
                 matched[rid] = max(n, matched.get(rid, 0))
-        predicted = None
-        if self.predictor is not None:
+        predicted = predicted_output_tokens
+        if predicted is None and self.predictor is not None:
             predicted = self.predictor.predict_point(p)
         return RoutingRequest(
             request_id=request_id,
@@ -127,13 +189,34 @@ class Router:
     def _cached_blocks(self, replica_id: str) -> int:
         return self.index.num_blocks(replica_id) if self.has_events(replica_id) else 0
 
-    def finished(self, rr: RoutingRequest, output_tokens: int | None) -> None:
-        """A request ended having generated output_tokens (None: unknown): predictors learn."""
-        if self.predictor is not None and output_tokens is not None:
-            self.predictor.observe_done(rr, output_tokens)
+    def choose(self, p: Prepared, request_id: str, exclude: frozenset[str] = frozenset(),
+               predicted_output_tokens: float | None = None
+               ) -> tuple[RoutingRequest | None, list[ReplicaState], Decision | None]:
+        """The decision for `p` among the usable replicas not in `exclude`, recording nothing:
+        (routing request, candidates, decision); (None, [], None) when no replica is usable."""
+        candidates = self.registry.usable(exclude)
+        if not candidates:
+            return None, candidates, None
+        rr = self.routing_request(p, request_id, predicted_output_tokens)
+        return rr, candidates, self.decide(rr, candidates)
 
-    def routed(self, rr: RoutingRequest, decision: Decision) -> None:
-        """The request is being sent: let the policy and the approximate index learn."""
+    def route(self, p: Prepared, request_id: str, exclude: frozenset[str] = frozenset(),
+              predicted_output_tokens: float | None = None) -> Booking | None:
+        """Choose a replica for `p` and record the choice (see the module docstring); None when
+        no replica is usable. The caller sends the request and ends the booking."""
+        rr, _, decision = self.choose(p, request_id, exclude, predicted_output_tokens)
+        return None if decision is None else self.book(p, rr, decision)
+
+    def book(self, p: Prepared, rr: RoutingRequest, decision: Decision) -> Booking:
+        """Record `decision` (made by `choose` for `p`): the second half of `route`."""
+        replica = self.registry.get(decision.replica_id)
+        matched = rr.matched_blocks.get(decision.replica_id, 0) * rr.block_size
+        max_tokens = p.request.max_tokens
+        booking = Booking(self, rr, decision, replica, rr.prompt_tokens + (max_tokens or 0), matched)
+        self.registry.on_sent(replica, booking.tokens, booking.uncached_tokens)
+        # The policy and the approximate index learn of it now: the next decision, maybe for a
+        # request already waiting in this loop turn, must see it.
         self.policy.on_routed(rr, decision)
         if not self.has_events(decision.replica_id):
             self.approx.record(decision.replica_id, rr.block_hashes, self.clock())
+        return booking

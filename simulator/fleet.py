@@ -6,10 +6,11 @@ the balancer's own `Router` and policy objects over a `PrefixIndex` fed by the r
 block-pool events and a `Registry` fed by their load after every step — the code the live
 balancer runs, minus the sockets.
 
-    arrival(t) ─▶ hash prompt ─▶ index.match ─▶ policy.select ─▶ engine.add_request
+    arrival(t) ─▶ hash prompt ─▶ Router.route (the proxy's routing transaction) ─▶ engine.add_request
     step(replica, t): engine.step() advances the replica's clock by the modelled duration;
                       block events ─▶ index; load ─▶ registry; outputs ─▶ per-request records;
-                      next step at the new time while the replica has work.
+                      a finished request ─▶ Booking.finish; next step at the new time while the
+                      replica has work.
 
 A request that arrives while its replica is mid-step joins at the next step, as in a real
 engine. Load reports and events reach the balancer instantly (a live fleet adds ~ms). What a
@@ -21,7 +22,6 @@ engine queue, and each token's way back — is `request_latency_s` / `response_l
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 from collections.abc import Callable, Sequence
@@ -33,7 +33,7 @@ from balancer.policies import make_policy
 from balancer.policies.base import ReplicaLoad
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry
-from balancer.router import Prepared, Router
+from balancer.router import Booking, Router
 from protocol.hashing import hash_blocks, root_hash
 from protocol.openai_api import GenerationRequest
 from protocol.tokenizer import ByteTokenizer
@@ -222,19 +222,19 @@ class FleetSimulation:
         for i, r in enumerate(requests):
             heapq.heappush(heap, (r.arrival_s, next(seq), ARRIVE, i))
         records: list[RequestRecord] = []
-        live: dict[str, tuple[RequestRecord, object, object]] = {}
+        live: dict[str, tuple[RequestRecord, Booking]] = {}
         steps = 0
-        index, registry, policy, predictor = self.index, self.registry, self.policy, self.predictor
+        index, registry, policy = self.index, self.registry, self.policy
         heappush, heappop = heapq.heappush, heapq.heappop
         while heap:
             t, _, kind, x = heappop(heap)
             self.now = t
             if kind == ARRIVE:
-                rec, rr, dec, rep, add = self._arrive(x, requests[x], t)
+                rec, booking, rep, add = self._arrive(x, requests[x], t)
                 records.append(rec)
                 if rec.rejected:
                     continue
-                live[str(x)] = (rec, rr, dec)
+                live[str(x)] = (rec, booking)
                 if req_lat > 0:  # routed now, in the replica's queue later
                     heappush(heap, (t + req_lat, next(seq), ENQUEUE, (rep, add)))
                     continue
@@ -266,17 +266,14 @@ class FleetSimulation:
                 now = rep.now
                 seen = now + resp_lat
                 for req in touched:
-                    rec, rr, dec = live[req.request_id]
+                    rec, booking = live[req.request_id]
                     if rec.first_token is None:
                         rec.first_token = seen
                         rec.cached_tokens = max(req.num_cached_tokens, 0)
                     if req.status.finished:
                         rec.finish = seen
                         rec.output_tokens = req.num_output_tokens
-                        registry.on_done(registry.get(url), rec.prompt_tokens + requests[rec.index].output_length)
-                        policy.on_complete(rr, dec.replica_id, True)
-                        if predictor is not None:
-                            predictor.observe_done(rr, req.num_output_tokens)
+                        booking.finish(req.num_output_tokens)
                         del live[req.request_id]
                 if engine.has_unfinished():
                     heappush(heap, (now, next(seq), STEP, rep))
@@ -294,7 +291,7 @@ class FleetSimulation:
             hashes = tuple(hash_blocks(tokens, self.cfg.block_size, self.root))
         if len(tokens) >= self.cfg.max_model_len or -(-(len(tokens) + 1) // self.cfg.block_size) > self.kv_blocks:
             # Scheduler.add_request's checks, before routing (see FleetConfig.max_model_len).
-            return RequestRecord(i, t, "", len(tokens), rejected=True), None, None, None, None
+            return RequestRecord(i, t, "", len(tokens), rejected=True), None, None, None
         # Clients' max_tokens is unknown in traces: the router sees none, so predictions are
         # honest (the engine still stops at the trace's output length) -- unless the config says
         # the client sends it, as loadgen does live (FleetConfig.client_max_tokens).
@@ -303,17 +300,11 @@ class FleetSimulation:
         text = ""
         if self.policy.needs_text:
             text = memo.text() if memo is not None else ByteTokenizer().decode(tokens)
-        prepared = Prepared(req, tuple(tokens), text, hashes, None, hashes[-1] if hashes else i)
-        rr = self.router.routing_request(prepared, str(i))
-        if self.cfg.oracle_lengths:
-            rr = dataclasses.replace(rr, predicted_output_tokens=float(r.output_length))
-        decision = self.router.decide(rr, self.registry.usable())
-        self.router.routed(rr, decision)
-        url = decision.replica_id
-        state = self.registry.get(url)
-        matched = rr.matched_blocks.get(url, 0) * self.cfg.block_size
-        self.registry.on_sent(state, len(tokens) + r.output_length, max(0, len(tokens) - matched))
+        prepared = self.router.prepare_tokens(req, tokens, text, hashes)
+        oracle = float(r.output_length) if self.cfg.oracle_lengths else None
+        booking = self.router.route(prepared, str(i), predicted_output_tokens=oracle)
+        url = booking.replica_id
         rep = self.replicas[self._rid[url]]
         params = SamplingParams(max_tokens=max(1, r.output_length), temperature=0.0, ignore_eos=True)
-        rec = RequestRecord(i, t, url, len(tokens), predicted_cached_tokens=matched)
-        return rec, rr, decision, rep, (str(i), tokens, params)
+        rec = RequestRecord(i, t, url, len(tokens), predicted_cached_tokens=booking.matched_tokens)
+        return rec, booking, rep, (str(i), tokens, params)

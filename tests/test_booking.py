@@ -1,0 +1,195 @@
+"""The routing transaction: the proxy and the simulator book the same replicas for the same
+request stream, and a booking's work is released exactly once whatever happens to the request.
+
+The agreement test runs one request stream twice: through the real balancer in front of three
+`--engine sim` replica subprocesses (KV events and load reports over ZMQ, HTTP in between), and
+through `FleetSimulation` (the same engines on a virtual clock). Requests go one at a time and
+the balancer's view is let to settle between them (the replicas idle, their events and a later
+load report in), so both sides decide on the same index and load; then every booking must
+match: replica, predicted cached tokens, in-flight work, and the cache hit the engine reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import aiohttp
+import pytest
+
+from balancer import serving
+from balancer.app import BALANCER, create_app
+from balancer.config import BalancerConfig, HealthConfig, ReplicaSpec
+from harness import procs
+from replica.step_model import get_preset
+from simulator.fleet import MODEL, FleetConfig, FleetSimulation, SimRequest
+
+BLOCKS = 48  # per replica: small enough that the stream evicts
+OUT = 3
+
+
+def request_stream(n: int = 36, seed: int = 3) -> list[list[int]]:
+    """Prompts (byte-sized token ids) drawn from a few shared prefixes, some long enough to
+    push others out of a 48-block cache."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(256) for _ in range(rng.choice((64, 160, 320)))] for _ in range(5)]
+    out = []
+    for _ in range(n):
+        p = rng.choice(prefixes)[: rng.choice((48, 100, 400))]
+        out.append(p + [rng.randrange(256) for _ in range(rng.randrange(5, 40))])
+    return out
+
+
+def record_bookings(router) -> list:
+    """Every booking `router.route` makes from now on, in order."""
+    bookings = []
+    original = router.route
+
+    def route(*a, **kw):
+        booking = original(*a, **kw)
+        bookings.append(booking)
+        return booking
+
+    router.route = route
+    return bookings
+
+
+def simulated(prompts: list[list[int]], policy: str) -> list[tuple]:
+    sim = FleetSimulation(FleetConfig(replicas=3, preset=get_preset("llama3-8b-h100"), policy=policy,
+                                      kv_blocks=BLOCKS, client_max_tokens=True))
+    bookings = record_bookings(sim.router)
+    reqs = [SimRequest(1000.0 * i, (lambda p=p: p), OUT, len(p)) for i, p in enumerate(prompts)]
+    res = sim.run(reqs)
+    ids = sorted(res.replica_ids)
+    return [(ids.index(b.replica_id), b.matched_tokens, b.tokens, b.uncached_tokens, rec.cached_tokens)
+            for b, rec in zip(bookings, res.records)]
+
+
+async def live(prompts: list[list[int]], policy: str, urls: list[str]) -> list[tuple]:
+    cfg = BalancerConfig(port=0, replicas=tuple(ReplicaSpec.parse(u) for u in urls), model=MODEL, policy=policy,
+                         health=HealthConfig(interval_s=0.2, timeout_s=0.5))
+    app = create_app(cfg)
+    listening = await serving.start(app, "127.0.0.1", 0)
+    b = app[BALANCER]
+    bookings = record_bookings(b.router)
+    rows = []
+    try:
+        async with aiohttp.ClientSession() as s:
+            await settle(b, 0.0)
+            ids = sorted(r.replica_id for r in b.registry)
+            for p in prompts:
+                async with s.post(listening.url + "/v1/completions",
+                                  json={"model": MODEL, "prompt": p, "max_tokens": OUT, "ignore_eos": True}) as r:
+                    body = await r.json()
+                    assert r.status == 200, body
+                done = asyncio.get_running_loop().time()
+                await settle(b, done)
+                booking = bookings[-1]
+                rows.append((ids.index(booking.replica_id), booking.matched_tokens, booking.tokens,
+                             booking.uncached_tokens, body["usage"]["prompt_tokens_details"]["cached_tokens"]))
+    finally:
+        await listening.close()
+    return rows
+
+
+async def settle(b, after: float, timeout: float = 20.0) -> None:
+    """Until every replica is idle in the balancer's eyes: its KV events applied, a load report
+    sent after `after` (the PUB socket orders it behind the request's events), nothing in flight."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        states = list(b.registry)
+        if all(r.load_at > after and r.inflight_requests == 0 and r.sent_since_report == 0
+               and r.load.num_running == 0 and r.load.num_waiting == 0 for r in states) \
+                and all(sub.in_sync for sub in b.subscribers.values()) and len(b.subscribers) == len(states):
+            return
+        assert loop.time() < deadline, "the balancer's view did not settle"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["precise_prefix", "dynamo_kv"])
+def test_proxy_and_simulator_make_the_same_bookings(policy):
+    prompts = request_stream()
+    expected = simulated(prompts, policy)
+    assert len({row[0] for row in expected}) > 1 and any(row[1] for row in expected)  # the stream tests something
+    reps = [procs.start(["replica", "--engine", "sim", "--preset", "llama3-8b-h100", "--port", "0",
+                         "--served-model-name", MODEL, "--num-blocks", str(BLOCKS), "--time-scale", "50",
+                         "--kv-events-endpoint", "tcp://127.0.0.1:0", "--kv-events-replay-endpoint",
+                         "tcp://127.0.0.1:0"]) for _ in range(3)]
+    try:
+        got = asyncio.run(live(prompts, policy, [r.replica_arg for r in reps]))
+    finally:
+        for r in reps:
+            r.stop()
+    assert got == expected
+
+
+def _router(policy_name: str = "least_request"):
+    from balancer.approx_index import ApproxIndex
+    from balancer.config import BreakerConfig
+    from balancer.policies import make_policy
+    from balancer.prefix_index import PrefixIndex
+    from balancer.registry import Registry
+    from balancer.router import Router
+    from protocol.tokenizer import ByteTokenizer
+
+    registry = Registry(BreakerConfig(), HealthConfig(), clock=lambda: 0.0)
+    for port in (1, 2):
+        registry.add(ReplicaSpec(url=f"http://r{port}:80"))
+    policy = make_policy(policy_name)
+    seen = []
+    policy.on_complete = lambda rr, rid, ok: seen.append((rid, ok))
+    router = Router(MODEL, 16, ByteTokenizer(), PrefixIndex(16, MODEL), ApproxIndex(clock=lambda: 0.0), policy, registry,
+                    has_events=lambda rid: False, clock=lambda: 0.0)
+    return router, registry, seen
+
+
+def _request(prompt: str = "a shared prompt " * 8, max_tokens: int = 10):
+    from protocol.openai_api import GenerationRequest
+
+    return GenerationRequest(kind="completion", model=MODEL, prompt=prompt, max_tokens=max_tokens)
+
+
+def test_booking_records_the_work_and_releases_it_once():
+    router, registry, seen = _router()
+    p = router.prepare(_request())
+    booking = router.route(p, "r1")
+    r = booking.replica
+    assert (r.inflight_requests, r.inflight_tokens) == (1, len(p.token_ids) + 10)
+    assert r.sent_since_report == 1 and r.sent_tokens_since_report == booking.uncached_tokens == len(p.token_ids)
+    booking.finish(7)
+    booking.finish(7)
+    booking.fail()
+    assert (r.inflight_requests, r.inflight_tokens) == (0, 0)
+    assert seen == [(booking.replica_id, True)]
+
+
+def test_failed_booking_is_released_and_reported_as_failed():
+    router, registry, seen = _router()
+    booking = router.route(router.prepare(_request()), "r1")
+    booking.fail()
+    booking.finish(3)
+    assert all(r.inflight_requests == 0 and r.inflight_tokens == 0 for r in registry)
+    assert seen == [(booking.replica_id, False)]
+
+
+def test_route_excludes_and_records_the_approximate_index():
+    router, registry, _ = _router("precise_prefix")
+    p = router.prepare(_request())
+    first = router.route(p, "a")
+    # A replica without KV events: the approximate index now guesses it holds the prompt.
+    assert router.approx.match(p.block_hashes, 0.0) == {first.replica_id: len(p.block_hashes)}
+    assert router.route(p, "b").replica_id == first.replica_id
+    other = router.route(p, "c", exclude=frozenset({first.replica_id}))
+    assert other.replica_id != first.replica_id
+    assert router.route(p, "d", exclude=frozenset(r.replica_id for r in registry)) is None
+
+
+def test_choose_records_nothing():
+    router, registry, seen = _router("precise_prefix")
+    p = router.prepare(_request())
+    rr, candidates, d = router.choose(p, "explain")
+    assert len(candidates) == 2 and d.replica_id in {r.replica_id for r in registry}
+    assert all(r.inflight_requests == 0 and r.sent_since_report == 0 for r in registry)
+    assert router.approx.match(p.block_hashes, 0.0) == {} and seen == []
