@@ -1,8 +1,9 @@
 """Simulate a fleet on a virtual clock: the real scheduler, block pool, prefix index and
 balancer policies, with modelled GPU step times. No sockets, no torch, no GPU.
 
-Each policy replays the whole trace on a fresh fleet; the table compares them with two bounds
-(the ideal TTFT and the infinite-cache hit rate). Example:
+Each policy replays the whole trace on a fresh fleet; the table compares them with bounds
+(the ideal TTFT, and the infinite-cache and pooled-cache hit rates: every block kept forever,
+or the whole fleet's KV as one LRU cache). Example:
 
     kvfleet simulate --trace ../shared/traces/mooncake_synthetic.jsonl --replicas 8 \\
         --preset llama3-70b-h100 --policies round_robin,precise_prefix,dynamo_kv --load 0.8

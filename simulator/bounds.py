@@ -2,12 +2,19 @@
 
 - Infinite-cache hit rate: every block ever computed stays cached on every replica; a request
   hits the longest prefix of its block chain that any earlier request computed.
+- Pooled-cache hit rate: the whole fleet's KV as one LRU cache (replicas × blocks per replica):
+  the hits perfect placement could keep with the memory the fleet has. A prompt's chain is
+  looked up, then its blocks are (re)used, the first block most recently (vLLM's block pool
+  frees a request's blocks tail first, so a chain is evicted from its end). It ignores that
+  running requests pin their blocks and that decode output takes blocks too, so it is a little
+  optimistic; below the infinite-cache rate by what eviction must lose.
 - Ideal TTFT: each request prefills only the tokens no earlier request shared, on an idle
   replica (the prefill time of its uncached tail, in chunks, from the step-time model).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +30,7 @@ class Bounds:
     ideal_ttft_p50: float
     ideal_ttft_p99: float
     hit_tokens: tuple[int, ...]  # per request, under the infinite cache
+    pooled_cache_hit_rate: float | None = None  # None: no capacity given
 
 
 def infinite_cache_hits(chains: Iterable[Sequence[int]], block_size: int) -> list[int]:
@@ -40,14 +48,46 @@ def infinite_cache_hits(chains: Iterable[Sequence[int]], block_size: int) -> lis
     return out
 
 
+def pooled_cache_hits(chains: Iterable[Sequence[int]], block_size: int, capacity_blocks: int) -> list[int]:
+    """Tokens of each prompt (in arrival order) found in one LRU cache of `capacity_blocks`."""
+    if capacity_blocks < 1:
+        raise ValueError("capacity_blocks must be at least 1")
+    lru: OrderedDict[int, None] = OrderedDict()  # oldest first
+    out = []
+    for chain in chains:
+        n = 0
+        for h in chain:
+            if h not in lru:
+                break
+            n += 1
+        out.append(n * block_size)
+        for h in reversed(chain[:capacity_blocks]):  # the first block ends most recent
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+                if len(lru) > capacity_blocks:
+                    lru.popitem(last=False)
+    return out
+
+
+def _hit_rate(hits: Sequence[int], prompt_lengths: Sequence[int]) -> float:
+    # The last token of a prompt is always computed, so a full hit counts length - 1.
+    return sum(min(h, n - 1) for h, n in zip(hits, prompt_lengths)) / max(sum(prompt_lengths), 1)
+
+
 def compute_bounds(chains: Sequence[Sequence[int]], prompt_lengths: Sequence[int], block_size: int,
-                   model: StepTimeModel, chunk: int) -> Bounds:
+                   model: StepTimeModel, chunk: int, capacity_blocks: int | None = None) -> Bounds:
+    """The bounds of the module docstring; `capacity_blocks` (the fleet's total KV blocks) adds
+    the pooled-cache hit rate."""
     hits = infinite_cache_hits(chains, block_size)
-    total = sum(prompt_lengths)
     ttft = []
     for hit, length in zip(hits, prompt_lengths):
         cached = min(hit, length - 1)  # the last token is always computed
         ttft.append(model.prefill_time(length - cached, cached, chunk))
     arr = np.asarray(ttft)
-    return Bounds(sum(min(h, n - 1) for h, n in zip(hits, prompt_lengths)) / max(total, 1), float(arr.mean()),
-                  float(np.median(arr)), float(np.quantile(arr, 0.99)), tuple(hits))
+    pooled = None
+    if capacity_blocks is not None:
+        pooled = _hit_rate(pooled_cache_hits(chains, block_size, capacity_blocks), prompt_lengths)
+    return Bounds(_hit_rate(hits, prompt_lengths), float(arr.mean()), float(np.median(arr)),
+                  float(np.quantile(arr, 0.99)), tuple(hits), pooled)

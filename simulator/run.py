@@ -2,7 +2,7 @@
 
 For each policy a fresh fleet runs the whole trace; the table gives TTFT mean/p50/p99, TPOT,
 E2E, goodput at the SLOs, cache hit rate and each replica's share of requests, beside the
-bounds (ideal TTFT, infinite-cache hit rate). Same seed, same trace → identical results.
+bounds (ideal TTFT, infinite-cache and pooled-cache hit rates). Same seed, same trace → identical results.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
               for r in served]
     p = cfg.preset
     chunk = cfg.max_num_batched_tokens or p.max_num_batched_tokens
-    bounds: Bounds = compute_bounds(chains, [r.input_length for r in served], bs, p.model, chunk)
+    bounds: Bounds = compute_bounds(chains, [r.input_length for r in served], bs, p.model, chunk,
+                                    capacity_blocks=cfg.replicas * (cfg.kv_blocks or p.kv_blocks))
     util, demand = offered_load(reqs, cfg)
     factor = 1.0
     if cfg.load is not None:
@@ -165,6 +166,7 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
                       "mean_demand_s": demand, "requests": len(reqs), "seed": cfg.seed,
                       "predictor": cfg.predictor, "client_max_tokens": cfg.client_max_tokens},
            "bounds": {"infinite_cache_hit_rate": bounds.infinite_cache_hit_rate,
+                      "pooled_cache_hit_rate": bounds.pooled_cache_hit_rate,
                       "ideal_mean_ttft_s": bounds.ideal_ttft_mean, "ideal_median_ttft_s": bounds.ideal_ttft_p50,
                       "ideal_p99_ttft_s": bounds.ideal_ttft_p99},
            "policies": []}
@@ -201,6 +203,7 @@ def table(out: dict) -> str:
     b = out["bounds"]
     rows.append(["(bound: ideal / infinite cache)", f"{b['ideal_mean_ttft_s']:.3f}", f"{b['ideal_median_ttft_s']:.3f}",
                  f"{b['ideal_p99_ttft_s']:.3f}", "", "", "", f"{b['infinite_cache_hit_rate']:.3f}", "", "", ""])
+    rows.append(["(bound: pooled cache)", "", "", "", "", "", "", f"{b['pooled_cache_hit_rate']:.3f}", "", "", ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows[1:]])

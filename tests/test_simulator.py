@@ -67,6 +67,7 @@ def test_cache_aware_policy_hits_more_and_bounds_hold():
     by = {p["policy"]: p for p in out["policies"]}
     assert by["precise_prefix"]["cache_hit_rate"] > by["round_robin"]["cache_hit_rate"]
     bound = out["bounds"]
+    assert 0 < bound["pooled_cache_hit_rate"] <= bound["infinite_cache_hit_rate"]
     for p in out["policies"]:
         assert p["completed"] == 60
         assert p["cache_hit_rate"] <= bound["infinite_cache_hit_rate"] + 1e-9
