@@ -33,17 +33,22 @@ class Bounds:
     pooled_cache_hit_rate: float | None = None  # None: no capacity given
 
 
+def _cached_prefix(chain: Sequence[int], cache) -> int:
+    """Blocks at the head of `chain` that are in `cache`."""
+    n = 0
+    for h in chain:
+        if h not in cache:
+            break
+        n += 1
+    return n
+
+
 def infinite_cache_hits(chains: Iterable[Sequence[int]], block_size: int) -> list[int]:
     """Tokens of each prompt (in arrival order) covered by blocks an earlier prompt computed."""
     seen: set[int] = set()
     out = []
     for chain in chains:
-        n = 0
-        for h in chain:
-            if h not in seen:
-                break
-            n += 1
-        out.append(n * block_size)
+        out.append(_cached_prefix(chain, seen) * block_size)
         seen.update(chain)
     return out
 
@@ -55,12 +60,7 @@ def pooled_cache_hits(chains: Iterable[Sequence[int]], block_size: int, capacity
     lru: OrderedDict[int, None] = OrderedDict()  # oldest first
     out = []
     for chain in chains:
-        n = 0
-        for h in chain:
-            if h not in lru:
-                break
-            n += 1
-        out.append(n * block_size)
+        out.append(_cached_prefix(chain, lru) * block_size)
         for h in reversed(chain[:capacity_blocks]):  # the first block ends most recent
             if h in lru:
                 lru.move_to_end(h)
