@@ -93,14 +93,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_output(p)
     sub = p.add_subparsers(dest="loadgen_action", metavar="{generate,compare}",
                            help="optional: `generate` writes a trace, `compare` tabulates results")
-    gen = sub.add_parser("generate", help="write a generated multi-tenant agentic trace (Mooncake JSONL)",
-                         description="Write kvfleet's multi-tenant agentic workload as Mooncake JSONL "
-                                     "(equal hash id = equal 512-token block). Example:\n"
+    gen = sub.add_parser("generate", help="write a generated trace: agentic, multi-turn chat or one hot prompt "
+                                          "(Mooncake JSONL)",
+                         description="Write one of kvfleet's generated workloads as Mooncake JSONL "
+                                     "(equal hash id = equal 512-token block): agentic (tenants' shared system "
+                                     "prompts, sessions of tool-call loops), chat (multi-turn sessions, each turn "
+                                     "carrying the previous turns and answers), hot (single-turn requests, "
+                                     "--hot-share of them on one shared system prompt). Example:\n"
                                      "  kvfleet loadgen generate --kind agentic --num-requests 500 --out agentic.jsonl")
-    gen.add_argument("--kind", default="agentic", choices=["agentic", "chat"])
+    gen.add_argument("--kind", default="agentic", choices=["agentic", "chat", "hot"])
     gen.add_argument("--num-requests", type=int, default=300)
     gen.add_argument("--session-rate", type=float, default=0.5, help="new sessions per second")
     gen.add_argument("--tenants", type=int, default=4)
+    gen.add_argument("--burstiness", type=float, default=1.0,
+                     help="gamma shape of session arrivals: 1 = Poisson, < 1 = bursts")
+    gen.add_argument("--hot-share", type=float, default=0.9,
+                     help="--kind hot: share of requests on the hot prompt (the rest over the other tenants)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", required=True, help="output .jsonl path")
     cmp_ = sub.add_parser("compare", help="print results of several runs side by side (markdown)",
@@ -120,7 +128,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     try:
         cfg = GenerateConfig(kind=args.kind, num_requests=args.num_requests, session_rate=args.session_rate,
-                             tenants=args.tenants, seed=args.seed)
+                             tenants=args.tenants, burstiness=args.burstiness, hot_share=args.hot_share,
+                             seed=args.seed)
     except ValueError as e:
         return _err(f"{e}; see `kvfleet loadgen generate --help`")
     out = Path(args.out)

@@ -7,7 +7,11 @@ result, before the final answer. Hash ids have Mooncake's meaning (one id per 51
 equal id = equal content), so any Mooncake reader can replay the file; kvfleet's reader also
 picks up the extra `session_id`, `turn` and `tenant` keys. Deterministic for a given seed.
 
-`kind="chat"` is the same without tool calls (plain multi-turn chat).
+`kind="chat"` is the same without tool calls (plain multi-turn chat). `kind="hot"` is one hot
+shared prompt: single-turn requests, a share `hot_share` of them on tenant 0's system prompt and
+the rest spread over the other tenants, each with its own user text — the shape that invites
+hot-spotting (every cache-aware policy wants the replica holding the hot prompt); use
+`burstiness` < 1 for bursts.
 
 Default sizes follow the orders of magnitude of public agentic/coding traces (tens of thousands
 of context tokens, short tool-call outputs); shrink them for a tiny model with
@@ -26,7 +30,7 @@ from loadgen.arrivals import gamma_arrivals
 from loadgen.synthetic import BlockIds, LengthDist, zipf_weights
 from loadgen.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest, write_mooncake
 
-KINDS = ("agentic", "chat")
+KINDS = ("agentic", "chat", "hot")
 BUNDLED = Path(__file__).resolve().parent / "data" / "agentic_small.jsonl"
 
 
@@ -49,6 +53,7 @@ class GenerateConfig:
     think_time_s: float = 10.0  # mean user think time between turns (exponential)
     decode_s_per_token: float = 0.02  # the generation time assumed before the next request of a session
     max_context_tokens: int = 128 * 1024  # a session ends once its context would pass this
+    hot_share: float = 0.9  # kind "hot": the share of requests on tenant 0's prompt
     block_tokens: int = MOONCAKE_BLOCK_TOKENS
     seed: int = 0
 
@@ -63,6 +68,8 @@ class GenerateConfig:
             raise ValueError(f"tenants must be at least 1, got {self.tenants}")
         if min(self.tool_time_s, self.think_time_s, self.decode_s_per_token) < 0:
             raise ValueError("tool_time_s, think_time_s and decode_s_per_token must not be negative")
+        if self.kind == "hot" and not (0 <= self.hot_share <= 1 and (self.tenants > 1 or self.hot_share == 1)):
+            raise ValueError("hot_share must be in [0, 1], and below 1 only with at least 2 tenants")
         if self.block_tokens < 1 or self.max_context_tokens < self.block_tokens:
             raise ValueError("block_tokens must be positive and max_context_tokens at least one block")
 
@@ -83,10 +90,14 @@ def generate(cfg: GenerateConfig) -> list[TraceRequest]:
     while len(out) < cfg.num_requests:
         if s == len(starts):
             starts += list(starts[-1] + gamma_arrivals(cfg.num_requests, cfg.session_rate, cfg.burstiness, rng))
-        tenant = int(rng.choice(cfg.tenants, p=weights))
+        hot = cfg.kind == "hot"
+        if hot:
+            tenant = 0 if rng.random() < cfg.hot_share else int(rng.integers(1, cfg.tenants))
+        else:
+            tenant = int(rng.choice(cfg.tenants, p=weights))
         hids, length, t = sys_ids[tenant], sys_len[tenant], float(starts[s])
         pending = 0  # tokens appended since the last request (answer, tool call, tool result)
-        for turn in range(int(cfg.turns.sample(rng, 1)[0])):
+        for turn in range(1 if hot else int(cfg.turns.sample(rng, 1)[0])):
             new = pending + int(cfg.user_tokens.sample(rng, 1)[0])
             steps = int(cfg.tool_steps.sample(rng, 1)[0]) if agentic else 0
             for step in range(steps + 1):

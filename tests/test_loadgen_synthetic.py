@@ -119,3 +119,18 @@ def test_generated_agentic_trace_structure_and_determinism(tmp_path):
     assert generate_file(p, cfg) == 200
     back = load_trace(p)
     assert [(r.hash_ids, r.session_id, r.tenant) for r in back] == [(r.hash_ids, r.session_id, r.tenant) for r in reqs]
+
+
+def test_generated_hot_prompt_trace():
+    cfg = GenerateConfig(kind="hot", num_requests=400, tenants=5, hot_share=0.8, burstiness=0.5, seed=2)
+    reqs = generate(cfg)
+    assert reqs == generate(cfg) and len(reqs) == 400
+    assert all(r.turn == 0 for r in reqs) and len({r.session_id for r in reqs}) == 400  # single-turn
+    hot = [r for r in reqs if r.tenant == "tenant0"]
+    assert 0.7 < len(hot) / len(reqs) < 0.9
+    # the hot requests share the whole system prompt and nothing after it
+    head = min(_lcp(hot[0].hash_ids, r.hash_ids) for r in hot[1:])
+    assert head >= 4 and all(len(r.hash_ids) > head for r in hot)
+    assert len({r.hash_ids[head] for r in hot}) == len(hot)
+    with pytest.raises(ValueError, match="hot_share"):
+        GenerateConfig(kind="hot", tenants=1, hot_share=0.5)
