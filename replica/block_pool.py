@@ -162,7 +162,7 @@ class BlockPool:
     Blocks 0..N-1 start free in id order. See the module docstring for invariants and eviction.
     """
 
-    __slots__ = ("num_blocks", "block_size", "enable_caching", "blocks", "free_block_queue", "_cached", "_events")
+    __slots__ = ("num_blocks", "block_size", "enable_caching", "blocks", "free_block_queue", "_cached", "cache_version", "_events")
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
         if num_blocks <= 0:
@@ -175,6 +175,9 @@ class BlockPool:
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_block_queue = FreeBlockQueue(self.blocks)
         self._cached: dict[int, KVCacheBlock] = {}
+        # Bumped whenever a hash enters or leaves `_cached`: a prefix lookup made at the same
+        # version gives the same blocks (the KV cache manager memoises a waiting request's).
+        self.cache_version = 0
         self._events: list[KVEvent] = []
 
     # --- lookup -----------------------------------------------------------------------------
@@ -306,6 +309,7 @@ class BlockPool:
         block.token_ids = tokens
         block.parent_hash = parent
         self._cached[block_hash] = block
+        self.cache_version += 1
         return True
 
     def _emit_stored(self, hashes: list[int], parent: int | None, tokens: list[int]) -> None:
@@ -317,6 +321,7 @@ class BlockPool:
         block_hash = block.block_hash
         assert block_hash is not None
         del self._cached[block_hash]
+        self.cache_version += 1
         block.block_hash = block.token_ids = block.parent_hash = None
         self._events.append(BlockRemoved(block_hashes=(block_hash,)))
 
@@ -331,6 +336,7 @@ class BlockPool:
         for block in self._cached.values():
             block.block_hash = block.token_ids = block.parent_hash = None
         self._cached.clear()
+        self.cache_version += 1
         if self.enable_caching:
             self._events.append(AllBlocksCleared())
         return True

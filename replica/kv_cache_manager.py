@@ -54,6 +54,10 @@ class _RequestState:
     hashes: list[int] = field(default_factory=list)
     # Leading blocks already offered to the pool's hash map (hits count as offered).
     num_cached: int = 0
+    # The last get_computed_blocks answer, with the pool's cache_version and the token count it
+    # was made at: a request waiting for free blocks is looked up every step, and its answer
+    # cannot change until a hash enters or leaves the pool (or the request grows).
+    last_lookup: tuple[int, int, "ComputedBlocks"] | None = None
 
 
 class KVCacheManager:
@@ -99,6 +103,10 @@ class KVCacheManager:
             return ComputedBlocks([], 0)
         bs = self.block_size
         state = self._requests.setdefault(req_id, _RequestState())
+        memo = state.last_lookup
+        version = self.pool.cache_version
+        if memo is not None and memo[0] == version and memo[1] == len(token_ids):
+            return memo[2]
         hashes = self._extend_hashes(state, token_ids, len(token_ids) // bs)
         max_hit = max(len(token_ids) - 1, 0) // bs
         blocks: list[KVCacheBlock] = []
@@ -109,7 +117,9 @@ class KVCacheManager:
                 break
             blocks.append(block)
             parent = hashes[i]
-        return ComputedBlocks(blocks, len(blocks) * bs)
+        computed = ComputedBlocks(blocks, len(blocks) * bs)
+        state.last_lookup = (version, len(token_ids), computed)
+        return computed
 
     def allocate_slots(
         self,
@@ -145,8 +155,12 @@ class KVCacheManager:
             if num_computed_tokens != new_computed.num_tokens:
                 raise ValueError(f"num_computed_tokens={num_computed_tokens} != new_computed.num_tokens={new_computed.num_tokens}")
             hit = new_computed.blocks
-            # A hit evicted since get_computed_blocks would hand over someone else's KV.
-            if len(state.hashes) < len(hit) or any(b.block_hash != h for b, h in zip(hit, state.hashes)):
+            # A hit evicted since get_computed_blocks would hand over someone else's KV (it cannot
+            # be when no hash has left the pool since that lookup: the memo's version says so).
+            memo = state.last_lookup
+            fresh = memo is not None and memo[2] is new_computed and memo[0] == self.pool.cache_version
+            if not fresh and (len(state.hashes) < len(hit)
+                              or any(b.block_hash != h for b, h in zip(hit, state.hashes))):
                 raise ValueError(f"request {req_id!r}: stale ComputedBlocks (a hit block was evicted or reused)")
         num_held = len(state.blocks) + len(hit)
         if num_computed_tokens > num_held * bs:
@@ -154,9 +168,12 @@ class KVCacheManager:
 
         num_needed = -(-total // bs) - num_held
         if num_needed > 0:
-            # Free hits are about to be revived, so they cannot be evicted to make room.
-            num_free_hits = sum(1 for b in hit if b.ref_cnt == 0)
-            if num_needed > self.pool.num_free_blocks - num_free_hits:
+            # Free hits are about to be revived, so they cannot be evicted to make room. (Counted
+            # only when it decides: a request waiting for blocks is tried every step.)
+            free = self.pool.num_free_blocks
+            if num_needed > free:
+                return False
+            if num_needed > free - len(hit) and num_needed > free - sum(1 for b in hit if b.ref_cnt == 0):
                 return False
         self._requests[req_id] = state
         if hit:
