@@ -7,6 +7,12 @@ or the whole fleet's KV as one LRU cache). Example:
 
     kvfleet simulate --trace ../shared/traces/mooncake_synthetic.jsonl --replicas 8 \\
         --preset llama3-70b-h100 --policies round_robin,precise_prefix,dynamo_kv --load 0.8
+
+`--sweep FILE` runs a matrix instead (workloads × fleet sizes × loads × KV sizes × seeds, every
+policy on each, in parallel worker processes) and writes one table of the candidate against
+the best peer and the bounds; bench/routing_matrix.toml is the full matrix of issue #15:
+
+    kvfleet simulate --sweep bench/routing_matrix.toml --jobs 2 --out results/sweep
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from balancer.policies import policy_names
     from replica.step_model import PRESETS
 
-    p.add_argument("--trace", required=True, help="trace file (mooncake, azure, burstgpt, bailian, sharegpt)")
+    p.add_argument("--trace", default=None, help="trace file (mooncake, azure, burstgpt, bailian, sharegpt); "
+                                                  "required unless --sweep")
+    p.add_argument("--sweep", default=None, metavar="FILE",
+                   help="run the matrix a TOML sweep file describes (see bench/routing_matrix.toml) and write "
+                        "sweep.md/sweep.json to --out; the other options here are then ignored")
+    p.add_argument("--jobs", type=int, default=None, help="--sweep: worker processes (default: the CPU count)")
     p.add_argument("--format", default="auto", help="trace format (auto-detected by default)")
     p.add_argument("--replicas", type=int, default=8, help="replicas in the fleet")
     p.add_argument("--preset", default="llama3-70b-h100", choices=sorted(PRESETS), help="GPU set-up to model")
@@ -49,8 +60,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/simulate", help="folder for the JSON, markdown table and plot")
 
 
+def run_sweep(args: argparse.Namespace) -> int:
+    from simulator.sweep import load_spec, run_sweep, sweep_table, write_sweep
+
+    try:
+        spec = load_spec(args.sweep)
+    except (OSError, ValueError) as e:
+        print(f"kvfleet simulate --sweep: {e}", file=sys.stderr)
+        return 2
+    cells = spec.cells()
+    print(f"{len(cells)} cells × {len(spec.policies)} policies; writing to {args.out}", flush=True)
+
+    def progress(done: int, total: int, cell, policy: str, elapsed: float) -> None:
+        if done == total or done % max(1, total // 20) == 0:
+            print(f"  {done}/{total} runs done, {elapsed:.0f} s", flush=True)
+
+    try:
+        out = run_sweep(spec, args.jobs, progress)
+    except (OSError, ValueError) as e:
+        print(f"kvfleet simulate --sweep: {e}", file=sys.stderr)
+        return 2
+    print(sweep_table(out))
+    paths = write_sweep(out, args.out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from balancer.policies import policy_names
+
+    if args.sweep:
+        return run_sweep(args)
+    if not args.trace:
+        print("kvfleet simulate: give --trace FILE (a trace to replay) or --sweep FILE (a matrix); "
+              "see kvfleet simulate --help", file=sys.stderr)
+        return 2
     from loadgen.traces import load_trace
     from replica.step_model import get_preset
     from simulator.run import SimulateConfig, simulate, table, write

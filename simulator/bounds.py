@@ -9,7 +9,10 @@
   running requests pin their blocks and that decode output takes blocks too, so it is a little
   optimistic; below the infinite-cache rate by what eviction must lose.
 - Ideal TTFT: each request prefills only the tokens no earlier request shared, on an idle
-  replica (the prefill time of its uncached tail, in chunks, from the step-time model).
+  replica (the prefill time of its uncached tail, in chunks, from the step-time model), plus
+  the fixed latency the fleet adds to every request whatever the routing (the simulator's
+  request and response latency: the HTTP hops through the balancer), so that a policy is held
+  against what placement could reach, not against a fleet without a network.
 """
 
 from __future__ import annotations
@@ -77,14 +80,15 @@ def _hit_rate(hits: Sequence[int], prompt_lengths: Sequence[int]) -> float:
 
 
 def compute_bounds(chains: Sequence[Sequence[int]], prompt_lengths: Sequence[int], block_size: int,
-                   model: StepTimeModel, chunk: int, capacity_blocks: int | None = None) -> Bounds:
+                   model: StepTimeModel, chunk: int, capacity_blocks: int | None = None,
+                   fixed_latency_s: float = 0.0) -> Bounds:
     """The bounds of the module docstring; `capacity_blocks` (the fleet's total KV blocks) adds
-    the pooled-cache hit rate."""
+    the pooled-cache hit rate; `fixed_latency_s` is added to every ideal TTFT."""
     hits = infinite_cache_hits(chains, block_size)
     ttft = []
     for hit, length in zip(hits, prompt_lengths):
         cached = min(hit, length - 1)  # the last token is always computed
-        ttft.append(model.prefill_time(length - cached, cached, chunk))
+        ttft.append(fixed_latency_s + model.prefill_time(length - cached, cached, chunk))
     arr = np.asarray(ttft)
     pooled = None
     if capacity_blocks is not None:

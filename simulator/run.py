@@ -155,7 +155,8 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
     p = cfg.preset
     chunk = cfg.max_num_batched_tokens or p.max_num_batched_tokens
     bounds: Bounds = compute_bounds(chains, [r.input_length for r in served], bs, p.model, chunk,
-                                    capacity_blocks=cfg.replicas * (cfg.kv_blocks or p.kv_blocks))
+                                    capacity_blocks=cfg.replicas * (cfg.kv_blocks or p.kv_blocks),
+                                    fixed_latency_s=cfg.request_latency_s + cfg.response_latency_s)
     util, demand = offered_load(reqs, cfg)
     factor = 1.0
     if cfg.load is not None:

@@ -33,3 +33,18 @@ def test_pooled_hand_case_evicts_the_least_recent_chain_from_its_tail():
     assert pooled_cache_hits([a, a, a], 1, 4) == [0, 3, 3]
     with pytest.raises(ValueError):
         pooled_cache_hits([a], 1, 0)
+
+
+def test_ideal_ttft_is_reached_on_an_idle_fleet_with_its_fixed_latency():
+    """Requests far apart on an idle fleet pay exactly the bound: their uncached prefill plus
+    the request and response latency every routing pays (so the bound is attainable)."""
+    from loadgen.traces import TraceRequest
+    from replica.step_model import get_preset
+    from simulator.run import SimulateConfig, simulate
+
+    trace = [TraceRequest(arrival_s=30.0 * i, input_length=n, output_length=4) for i, n in enumerate((700, 3000, 40))]
+    cfg = SimulateConfig(replicas=2, preset=get_preset("llama3-8b-h100"), policies=("round_robin",),
+                         request_latency_s=0.02, response_latency_s=0.005)
+    out = simulate(trace, cfg)
+    assert out["policies"][0]["mean_ttft_s"] == pytest.approx(out["bounds"]["ideal_mean_ttft_s"], rel=1e-6)
+    assert out["bounds"]["ideal_mean_ttft_s"] > 0.025

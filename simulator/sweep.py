@@ -1,0 +1,302 @@
+"""`kvfleet simulate --sweep FILE`: a matrix of simulations, one table against the bounds.
+
+A sweep file (TOML) names workloads — trace files, or kvfleet's own generators — and the axes
+to cross: fleet sizes, loads, KV tokens per replica, seeds. Every cell (workload × replicas ×
+load × KV × seed) replays the same requests under every policy, each (cell, policy) pair in its
+own worker process, and the table gives per cell the best peer (the policy other than the
+candidate with the lowest mean TTFT), the candidate, both bounds, the share of the gap
+between best peer and ideal TTFT the candidate closes (mean and p99) and the hit rates, then
+how many cells meet issue #15's goals. Example file (bench/routing_matrix.toml is the full one):
+
+    preset = "llama3-8b-h100"
+    candidate = "predictive"
+    policies = ["least_request", "dynamo_kv", "llmd_scorer", "preble_e2", "predictive"]
+    replicas = [8]
+    loads = [0.8, 0.9]
+    kv_tokens = [120000]
+    seeds = [0]
+    requests_per_replica = 125      # 1,000 requests on 8 replicas
+    [[workloads]]
+    name = "mooncake"
+    trace = "../shared/traces/mooncake_synthetic.jsonl"   # relative to this file, else the cwd
+    [[workloads]]
+    name = "chat"
+    generate = { kind = "chat", session_rate = 1.0, tenants = 8, burstiness = 0.5 }
+
+Seeds: a generated workload is generated from the seed; a trace is cut into windows of
+consecutive requests, seed k taking the k-th (and the first one, with other prompt contents,
+when the trace is too short for it). Same file, same results, whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+BLOCK_TOKENS = 16
+# issue #15's goals: gap closed on the mean at loads up to GOAL_LOAD, p99 never above the best
+# peer, at load 1.0 the mean never above it, hit rate >= HIT_SHARE of the pooled-cache bound.
+GOAL_GAP = 0.6
+GOAL_LOAD = 0.9
+HIT_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    trace: str | None = None  # a trace file ...
+    format: str = "auto"
+    generate: tuple[tuple[str, object], ...] = ()  # ... or GenerateConfig fields (kind, ...)
+
+    def __post_init__(self) -> None:
+        if (self.trace is None) == (not self.generate):
+            raise ValueError(f"workload {self.name!r}: give exactly one of trace = FILE or generate = {{kind = ...}}")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    workloads: tuple[Workload, ...]
+    policies: tuple[str, ...]
+    candidate: str = "predictive"
+    preset: str = "llama3-8b-h100"
+    replicas: tuple[int, ...] = (8,)
+    loads: tuple[float, ...] = (0.8,)
+    kv_tokens: tuple[int, ...] = (120_000,)
+    seeds: tuple[int, ...] = (0,)
+    requests_per_replica: int = 125
+    max_requests: int = 4000
+    predictor: str = "ensemble"
+
+    def __post_init__(self) -> None:
+        from balancer.policies import policy_names
+        from replica.step_model import PRESETS
+
+        unknown = [p for p in self.policies if p not in policy_names()]
+        if unknown:
+            raise ValueError(f"unknown policies {unknown}; choose from {policy_names()}")
+        if self.candidate not in self.policies or len(self.policies) < 2:
+            raise ValueError(f"policies must hold the candidate {self.candidate!r} and at least one peer")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        if not (self.workloads and self.replicas and self.loads and self.kv_tokens and self.seeds):
+            raise ValueError("workloads, replicas, loads, kv_tokens and seeds must each have at least one entry")
+        if len({w.name for w in self.workloads}) != len(self.workloads):
+            raise ValueError("workload names must be unique")
+        if min(self.kv_tokens) < BLOCK_TOKENS or self.requests_per_replica < 1 or self.max_requests < 1:
+            raise ValueError("kv_tokens must hold a block; requests_per_replica and max_requests must be positive")
+
+    def cells(self) -> list[Cell]:
+        return [Cell(w, n, load, kv, seed, min(self.requests_per_replica * n, self.max_requests))
+                for w, n, load, kv, seed in itertools.product(self.workloads, self.replicas, self.loads,
+                                                              self.kv_tokens, self.seeds)]
+
+
+@dataclass(frozen=True)
+class Cell:
+    workload: Workload
+    replicas: int
+    load: float
+    kv_tokens: int
+    seed: int
+    requests: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.workload.name, self.replicas, self.load, self.kv_tokens, self.seed)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read a sweep file; relative trace paths are taken from the file's folder, else the cwd."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no sweep file at {p}; bench/routing_matrix.toml is an example to copy")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{p}: not valid TOML ({e})") from None
+    workloads = []
+    for w in raw.pop("workloads", []):
+        w = dict(w)
+        if "trace" in w:
+            t = Path(w["trace"])
+            if not t.is_absolute() and (p.parent / t).is_file():
+                t = p.parent / t
+            w["trace"] = str(t)
+        gen = w.pop("generate", None) or {}
+        try:
+            workloads.append(Workload(generate=tuple(sorted(gen.items())), **w))
+        except TypeError as e:
+            raise ValueError(f"{p}: workload {w.get('name')!r}: {e}; keys are name, trace, format, generate") from None
+    known = {f.name for f in dataclasses.fields(SweepSpec)}
+    extra = set(raw) - known
+    if extra:
+        raise ValueError(f"{p}: unknown keys {sorted(extra)}; known: {sorted(known)}")
+    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return SweepSpec(workloads=tuple(workloads), **tuples)
+
+
+def cell_trace(cell: Cell) -> tuple[list, int]:
+    """The cell's requests (TraceRequests, first arrival at 0) and the seed for their prompts'
+    contents: a trace window's own index, or the cell's seed when the trace is too short."""
+    from loadgen.generate import GenerateConfig, generate
+    from loadgen.traces import load_trace
+
+    w, n = cell.workload, cell.requests
+    if w.generate:
+        return generate(GenerateConfig(**dict(w.generate), num_requests=n, seed=cell.seed)), 0
+    trace = load_trace(w.trace, w.format)
+    if (cell.seed + 1) * n <= len(trace):
+        start, prompt_seed = cell.seed * n, 0
+    else:
+        start, prompt_seed = 0, cell.seed
+    window = trace[start:start + n]
+    t0 = window[0].arrival_s
+    return [dataclasses.replace(r, arrival_s=r.arrival_s - t0) for r in window], prompt_seed
+
+
+def run_pair(spec: SweepSpec, cell: Cell, policy: str) -> dict:
+    """One policy on one cell (a worker's task): the simulate() summary and the bounds."""
+    from replica.step_model import get_preset
+    from simulator.run import SimulateConfig, simulate
+
+    trace, prompt_seed = cell_trace(cell)
+    cfg = SimulateConfig(cell.replicas, get_preset(spec.preset), (policy,), kv_blocks=cell.kv_tokens // BLOCK_TOKENS,
+                         load=cell.load, seed=prompt_seed, predictor=spec.predictor)
+    out = simulate(trace, cfg)
+    return {"policy": out["policies"][0], "bounds": out["bounds"], "config": out["config"]}
+
+
+def run_sweep(spec: SweepSpec, jobs: int | None = None,
+              progress: Callable[[int, int, Cell, str, float], None] | None = None) -> dict:
+    """Every (cell, policy) pair, `jobs` worker processes at a time (default: the CPUs)."""
+    cells = spec.cells()
+    pairs = [(c, p) for c in cells for p in spec.policies]
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    results: dict[tuple, dict] = {}
+    t0 = time.perf_counter()
+    if jobs == 1:
+        for i, (c, p) in enumerate(pairs):
+            results[(c.key, p)] = run_pair(spec, c, p)
+            if progress:
+                progress(i + 1, len(pairs), c, p, time.perf_counter() - t0)
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("forkserver")) as pool:
+            futures = {pool.submit(run_pair, spec, c, p): (c, p) for c, p in pairs}
+            for i, f in enumerate(as_completed(futures)):
+                c, p = futures[f]
+                results[(c.key, p)] = f.result()
+                if progress:
+                    progress(i + 1, len(pairs), c, p, time.perf_counter() - t0)
+    rows = [cell_row(spec, c, {p: results[(c.key, p)] for p in spec.policies}) for c in cells]
+    return {"spec": _spec_json(spec), "rows": rows, "summary": summarize_rows(rows),
+            "wall_s": time.perf_counter() - t0, "jobs": jobs,
+            "simulated_requests": sum(r["requests"] for r in rows) * len(spec.policies)}
+
+
+def _gap(peer: float, cand: float, ideal: float) -> float | None:
+    """Share of the peer→ideal gap the candidate closes (negative: worse than the peer)."""
+    gap = peer - ideal
+    return None if gap <= 1e-6 else (peer - cand) / gap
+
+
+def cell_row(spec: SweepSpec, cell: Cell, by_policy: dict[str, dict]) -> dict:
+    cand = by_policy[spec.candidate]["policy"]
+    peers = {p: r["policy"] for p, r in by_policy.items() if p != spec.candidate}
+    best = min(peers, key=lambda p: (peers[p]["mean_ttft_s"], p))
+    best_p99 = min(peers, key=lambda p: (peers[p]["p99_ttft_s"], p))
+    b = by_policy[spec.candidate]["bounds"]
+    peer = peers[best]
+    return {
+        "workload": cell.workload.name, "replicas": cell.replicas, "load": cell.load, "kv_tokens": cell.kv_tokens,
+        "seed": cell.seed, "requests": cand["completed"] + cand["rejected"],
+        "best_peer": best, "peer_mean_ttft_s": peer["mean_ttft_s"], "peer_p99_ttft_s": peer["p99_ttft_s"],
+        "best_p99_peer": best_p99, "best_peer_p99_ttft_s": peers[best_p99]["p99_ttft_s"],
+        "mean_ttft_s": cand["mean_ttft_s"], "p99_ttft_s": cand["p99_ttft_s"],
+        "ideal_mean_ttft_s": b["ideal_mean_ttft_s"], "ideal_p99_ttft_s": b["ideal_p99_ttft_s"],
+        "gap_closed_mean": _gap(peer["mean_ttft_s"], cand["mean_ttft_s"], b["ideal_mean_ttft_s"]),
+        "gap_closed_p99": _gap(peers[best_p99]["p99_ttft_s"], cand["p99_ttft_s"], b["ideal_p99_ttft_s"]),
+        "hit_rate": cand["cache_hit_rate"], "peer_hit_rate": peer["cache_hit_rate"],
+        "pooled_hit_rate": b["pooled_cache_hit_rate"], "infinite_hit_rate": b["infinite_cache_hit_rate"],
+        "policies": {p: {k: r["policy"][k] for k in ("mean_ttft_s", "p99_ttft_s", "mean_tpot_s", "mean_e2el_s",
+                                                     "cache_hit_rate", "wall_s", "completed")}
+                     for p, r in by_policy.items()},
+    }
+
+
+def summarize_rows(rows: Sequence[dict]) -> dict:
+    """How many cells meet each of issue #15's goals (module constants)."""
+    def count(sel, ok):
+        picked = [r for r in rows if sel(r)]
+        return {"met": sum(1 for r in picked if ok(r)), "cells": len(picked)}
+
+    return {
+        "gap_mean": count(lambda r: r["load"] <= GOAL_LOAD,
+                          lambda r: r["gap_closed_mean"] is None or r["gap_closed_mean"] >= GOAL_GAP),
+        "p99_not_worse": count(lambda r: True, lambda r: r["p99_ttft_s"] <= r["best_peer_p99_ttft_s"] + 1e-9),
+        "mean_not_worse_at_1": count(lambda r: r["load"] >= 1.0, lambda r: r["mean_ttft_s"] <= r["peer_mean_ttft_s"] + 1e-9),
+        "mean_not_worse": count(lambda r: True, lambda r: r["mean_ttft_s"] <= r["peer_mean_ttft_s"] + 1e-9),
+        "hit_vs_pooled": count(lambda r: r["pooled_hit_rate"] > 0.01,
+                               lambda r: r["hit_rate"] >= HIT_SHARE * r["pooled_hit_rate"]),
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.0f} %"
+
+
+def sweep_table(out: dict) -> str:
+    cand = out["spec"]["candidate"]
+    head = ["workload", "repl", "load", "KV tok", "seed", "best peer", "peer mean", f"{cand} mean", "ideal mean",
+            "gap closed", "peer p99", f"{cand} p99", "ideal p99", "gap closed p99", "hit", "peer hit", "pooled", "inf"]
+    rows = [head]
+    for r in out["rows"]:
+        rows.append([r["workload"], str(r["replicas"]), f"{r['load']:.1f}", f"{r['kv_tokens'] // 1000}k", str(r["seed"]),
+                     r["best_peer"], f"{r['peer_mean_ttft_s']:.3f}", f"{r['mean_ttft_s']:.3f}",
+                     f"{r['ideal_mean_ttft_s']:.3f}", _pct(r["gap_closed_mean"]),
+                     f"{r['best_peer_p99_ttft_s']:.3f}", f"{r['p99_ttft_s']:.3f}", f"{r['ideal_p99_ttft_s']:.3f}",
+                     _pct(r["gap_closed_p99"]), f"{r['hit_rate']:.3f}", f"{r['peer_hit_rate']:.3f}",
+                     f"{r['pooled_hit_rate']:.3f}", f"{r['infinite_hit_rate']:.3f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    lines = [fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(row) for row in rows[1:]]
+    s = out["summary"]
+    lines += ["", f"TTFT in seconds; gap closed = (best peer − {cand}) / (best peer − ideal), p99 against the peer "
+                  f"with the lowest p99; hit rates: {cand}, best peer, pooled-cache and infinite-cache bounds.",
+              f"- mean gap closed ≥ {GOAL_GAP:.0%} at loads ≤ {GOAL_LOAD}: {s['gap_mean']['met']} of {s['gap_mean']['cells']} cells",
+              f"- p99 TTFT not above the best peer's: {s['p99_not_worse']['met']} of {s['p99_not_worse']['cells']}",
+              f"- mean TTFT not above the best peer's: {s['mean_not_worse']['met']} of {s['mean_not_worse']['cells']} "
+              f"(at load 1.0: {s['mean_not_worse_at_1']['met']} of {s['mean_not_worse_at_1']['cells']})",
+              f"- hit rate ≥ {HIT_SHARE:.0%} of the pooled-cache bound: {s['hit_vs_pooled']['met']} of "
+              f"{s['hit_vs_pooled']['cells']} (cells where the bound is above 0.01)",
+              f"- {out['simulated_requests']} simulated requests in {out['wall_s']:.0f} s on {out['jobs']} worker processes "
+              f"({out['simulated_requests'] / max(out['wall_s'], 1e-9):.0f} requests/s)"]
+    return "\n".join(lines)
+
+
+def _spec_json(spec: SweepSpec) -> dict:
+    d = dataclasses.asdict(spec)
+    d["workloads"] = [{"name": w.name, "trace": w.trace, "format": w.format, "generate": dict(w.generate)}
+                      for w in spec.workloads]
+    return d
+
+
+def write_sweep(out: dict, out_dir: str | Path) -> dict[str, Path]:
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {"json": d / "sweep.json", "table": d / "sweep.md"}
+    paths["json"].write_text(json.dumps(out, indent=2))
+    paths["table"].write_text(sweep_table(out) + "\n")
+    return paths
+
+
+__all__ = ["Cell", "SweepSpec", "Workload", "cell_trace", "load_spec", "run_sweep", "sweep_table", "write_sweep"]
