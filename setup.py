@@ -16,6 +16,10 @@ setup(
         Extension(
             "protocol._hashchain",
             sources=["protocol/_hashchain.c"],
+            # XXH3 from upstream xxHash's single header, vendored (protocol/vendor/LICENSE).
+            include_dirs=["protocol/vendor"],
+            depends=["protocol/vendor/xxhash.h"],
+            extra_compile_args=["-O3"],
             optional=True,
         ),
         Extension(

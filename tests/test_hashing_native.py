@@ -1,5 +1,5 @@
-"""The C block-hash chain (protocol/_hashchain.c) against the `xxhash` package and the
-pure-Python loop it replaces. The native-only tests skip when the extension is not built; the
+"""The C block-hash chain (protocol/_hashchain.c, upstream xxHash's XXH3 from
+protocol/vendor/xxhash.h) against the `xxhash` package and the pure-Python loop, the oracle. The native-only tests skip when the extension is not built; the
 rest check `hash_blocks` whichever path it runs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import hashing
-from protocol.hashing import _hash_blocks_py, hash_blocks
+from protocol.hashing import _hash_blocks_py, hash_blocks, prompt_hashes, root_hash
 
 U64_MAX = 2**64 - 1
 U32_MAX = 2**32 - 1
@@ -37,7 +37,7 @@ def _parents(rng: random.Random) -> list[int]:
 
 
 def test_xxh3_matches_xxhash_for_every_length():
-    """Every length class of the spec: 0, 1-3, 4-8, 9-16, 17-128, 129-240, and > 240 bytes up to
+    """Every length class of XXH3: 0, 1-3, 4-8, 9-16, 17-128, 129-240, and > 240 bytes up to
     two 1024-byte blocks plus a partial one (so the large path's scramble and last-stripe overlap
     run)."""
     native = _native()
@@ -102,6 +102,27 @@ def test_chain_property(tokens, block_size, parent, max_blocks):
     expected = _hash_blocks_py(tokens, block_size, parent, max_blocks)
     assert hash_blocks(tokens, block_size, parent, max_blocks) == expected
     assert hash_blocks(np.array(tokens, dtype=np.int64), block_size, parent, max_blocks) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, U32_MAX), max_size=400),
+    block_size=st.integers(1, 80),
+    model=st.text(max_size=20),
+    salt=st.none() | st.text(max_size=20),
+    split=st.integers(0, 10),
+)
+def test_prompt_chain_property(tokens, block_size, model, salt, split):
+    """Any block size, any model and cache salt (the extra keys, folded into the root), and a
+    chain extended from the middle: the C path gives the oracle's hashes."""
+    root = root_hash(model, salt)
+    expected = _hash_blocks_py(tokens, block_size, root)
+    assert prompt_hashes(tokens, block_size, model, salt) == expected
+    k = min(split, len(expected))
+    parent = expected[k - 1] if k else root
+    assert hash_blocks(tokens[k * block_size :], block_size, parent) == expected[k:]
+    if salt is not None and expected:
+        assert prompt_hashes(tokens, block_size, model, None) != expected
 
 
 def test_hash_blocks_semantics_kept():
