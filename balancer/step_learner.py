@@ -90,9 +90,11 @@ class StepLearner:
         """Feed a report's step samples (objects with start, duration, prefill_tokens,
         decode_tokens, num_seqs, context_tokens); samples already seen are skipped."""
         last = self._last_start.get(replica_id, float("-inf"))
-        r = self._replicas.get(replica_id)
-        if r is None:
-            r = self._replicas[replica_id] = _RLS(PRIOR, self.config.prior_strength, self.config.forgetting)
+        r = None  # a replica's own model is fitted only when it may be used (per_replica)
+        if self.config.per_replica:
+            r = self._replicas.get(replica_id)
+            if r is None:
+                r = self._replicas[replica_id] = _RLS(PRIOR, self.config.prior_strength, self.config.forgetting)
         n = 0
         for s in steps:
             if s.start <= last:
@@ -107,7 +109,8 @@ class StepLearner:
             # drifted to 0 over long decode-only stretches.
             pctx = max(0, s.context_tokens - dctx - s.prefill_tokens - s.decode_tokens)
             x = np.array([1.0, s.prefill_tokens, s.decode_tokens, dctx, pctx], dtype=float)
-            r.update(x, s.duration)
+            if r is not None:
+                r.update(x, s.duration)
             s_end, s_dur = s.start + s.duration, s.duration
             self._fleet.update(x, s.duration)
             tokens = s.prefill_tokens + s.decode_tokens
@@ -157,7 +160,3 @@ class StepLearner:
         self.max_step_tokens.pop(replica_id, None)
         self._last_step.pop(replica_id, None)
         self._theta.clear()
-
-    def samples(self, replica_id: str) -> int:
-        r = self._replicas.get(replica_id)
-        return 0 if r is None else r.n

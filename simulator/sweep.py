@@ -22,6 +22,9 @@ how many cells meet issue #15's goals. Example file (bench/routing_matrix.toml i
     [[workloads]]
     name = "chat"
     generate = { kind = "chat", session_rate = 1.0, tenants = 8, burstiness = 0.5 }
+    [variants.pred_w05]               # a policy with settings, named for `policies`/`candidate`
+    policy = "predictive"
+    others_weight = 0.5
 
 Seeds: a generated workload is generated from the seed; a trace is cut into windows of
 consecutive requests, seed k taking the k-th (and the first one, with other prompt contents,
@@ -74,12 +77,18 @@ class SweepSpec:
     requests_per_replica: int = 125
     max_requests: int = 4000
     predictor: str = "ensemble"
+    # Named policy settings, usable in `policies` like a policy: (label, policy, ((key, value), ...))
+    variants: tuple[tuple[str, str, tuple[tuple[str, object], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         from balancer.policies import policy_names
         from replica.step_model import PRESETS
 
-        unknown = [p for p in self.policies if p not in policy_names()]
+        for label, policy, _ in self.variants:
+            if policy not in policy_names() or label in policy_names():
+                raise ValueError(f"variant {label!r}: policy {policy!r} must be a policy and the label not one")
+        labels = {v[0] for v in self.variants}
+        unknown = [p for p in self.policies if p not in policy_names() and p not in labels]
         if unknown:
             raise ValueError(f"unknown policies {unknown}; choose from {policy_names()}")
         if self.candidate not in self.policies or len(self.policies) < 2:
@@ -92,6 +101,13 @@ class SweepSpec:
             raise ValueError("workload names must be unique")
         if min(self.kv_tokens) < BLOCK_TOKENS or self.requests_per_replica < 1 or self.max_requests < 1:
             raise ValueError("kv_tokens must hold a block; requests_per_replica and max_requests must be positive")
+
+    def resolve(self, label: str) -> tuple[str, tuple[tuple[str, object], ...]]:
+        """(policy, options) for an entry of `policies`."""
+        for name, policy, options in self.variants:
+            if name == label:
+                return policy, options
+        return label, ()
 
     def cells(self) -> list[Cell]:
         return [Cell(w, n, load, kv, seed, min(self.requests_per_replica * n, self.max_requests))
@@ -135,6 +151,13 @@ def load_spec(path: str | Path) -> SweepSpec:
             workloads.append(Workload(generate=tuple(sorted(gen.items())), **w))
         except TypeError as e:
             raise ValueError(f"{p}: workload {w.get('name')!r}: {e}; keys are name, trace, format, generate") from None
+    variants = []
+    for label, v in raw.pop("variants", {}).items():
+        v = dict(v)
+        if "policy" not in v:
+            raise ValueError(f"{p}: variant {label!r} needs policy = NAME (and its settings)")
+        variants.append((label, v.pop("policy"), tuple(sorted(v.items()))))
+    raw["variants"] = tuple(variants)
     known = {f.name for f in dataclasses.fields(SweepSpec)}
     extra = set(raw) - known
     if extra:
@@ -168,8 +191,10 @@ def run_pair(spec: SweepSpec, cell: Cell, policy: str) -> dict:
     from simulator.run import SimulateConfig, simulate
 
     trace, prompt_seed = cell_trace(cell)
-    cfg = SimulateConfig(cell.replicas, get_preset(spec.preset), (policy,), kv_blocks=cell.kv_tokens // BLOCK_TOKENS,
-                         load=cell.load, seed=prompt_seed, predictor=spec.predictor)
+    name, options = spec.resolve(policy)
+    cfg = SimulateConfig(cell.replicas, get_preset(spec.preset), (name,), kv_blocks=cell.kv_tokens // BLOCK_TOKENS,
+                         load=cell.load, seed=prompt_seed, predictor=spec.predictor,
+                         policy_options=((name, options),) if options else ())
     out = simulate(trace, cfg)
     return {"policy": out["policies"][0], "bounds": out["bounds"], "config": out["config"]}
 
@@ -285,6 +310,7 @@ def sweep_table(out: dict) -> str:
 
 def _spec_json(spec: SweepSpec) -> dict:
     d = dataclasses.asdict(spec)
+    d["variants"] = {label: {"policy": policy, **dict(options)} for label, policy, options in spec.variants}
     d["workloads"] = [{"name": w.name, "trace": w.trace, "format": w.format, "generate": dict(w.generate)}
                       for w in spec.workloads]
     return d

@@ -10,7 +10,7 @@ from simulator.sweep import Cell, SweepSpec, Workload, cell_row, cell_trace, loa
 SPEC = """
 preset = "llama3-8b-h100"
 candidate = "predictive"
-policies = ["round_robin", "precise_prefix", "predictive"]
+policies = ["round_robin", "precise_prefix", "predictive", "pred_ttft"]
 replicas = [2]
 loads = [0.7]
 kv_tokens = [16000]
@@ -22,6 +22,9 @@ trace = "tiny.jsonl"
 [[workloads]]
 name = "chat"
 generate = { kind = "chat", session_rate = 2.0, tenants = 3 }
+[variants.pred_ttft]
+policy = "predictive"
+others_weight = 0.0
 """
 
 
@@ -63,6 +66,7 @@ def test_seeds_take_consecutive_windows_of_a_trace_and_new_generations(spec_file
     ('policies = ["round_robin", "predictive"]\n[[workloads]]\nname = "x"\n', "exactly one of"),
     ('policies = ["nope", "predictive"]\n', "unknown policies"),
     ('policies = [\n', "not valid TOML"),
+    ('policies = ["round_robin", "predictive"]\n[variants.v]\nothers_weight = 1\n', "needs policy"),
 ])
 def test_bad_spec_files_say_what_is_wrong(tmp_path, text, message):
     (tmp_path / "bad.toml").write_text(text)
@@ -79,7 +83,8 @@ def test_sweep_is_the_same_in_one_process_or_many_and_holds_the_bounds(spec_file
     for r in one["rows"]:
         assert r["requests"] == 30
         assert r["mean_ttft_s"] >= r["ideal_mean_ttft_s"] - 1e-9
-        assert r["peer_mean_ttft_s"] == min(r["policies"][p]["mean_ttft_s"] for p in ("round_robin", "precise_prefix"))
+        peers = ("round_robin", "precise_prefix", "pred_ttft")
+        assert r["peer_mean_ttft_s"] == min(r["policies"][p]["mean_ttft_s"] for p in peers)
         assert 0 <= r["hit_rate"] <= r["infinite_hit_rate"] + 1e-9
         assert r["pooled_hit_rate"] <= r["infinite_hit_rate"] + 1e-9
     text = sweep_table(one)
