@@ -4,7 +4,7 @@ A sweep file (TOML) names workloads — trace files, or kvfleet's own generators
 to cross: fleet sizes, loads, KV tokens per replica, seeds. Every cell (workload × replicas ×
 load × KV × seed) replays the same requests under every policy, each (cell, policy) pair in its
 own worker process, and the table gives per cell the best peer (the policy other than the
-candidate with the lowest mean TTFT), the candidate, both bounds, the share of the gap
+candidate and its variants with the lowest mean TTFT), the candidate, both bounds, the share of the gap
 between best peer and ideal TTFT the candidate closes (mean and p99) and the hit rates, then
 how many cells meet issue #15's goals. Example file (bench/routing_matrix.toml is the full one):
 
@@ -236,7 +236,9 @@ def _gap(peer: float, cand: float, ideal: float) -> float | None:
 
 def cell_row(spec: SweepSpec, cell: Cell, by_policy: dict[str, dict]) -> dict:
     cand = by_policy[spec.candidate]["policy"]
-    peers = {p: r["policy"] for p, r in by_policy.items() if p != spec.candidate}
+    # Peers: the other policies (the candidate's own variants are not peers of it).
+    own = spec.resolve(spec.candidate)[0]
+    peers = {p: r["policy"] for p, r in by_policy.items() if spec.resolve(p)[0] != own}
     best = min(peers, key=lambda p: (peers[p]["mean_ttft_s"], p))
     best_p99 = min(peers, key=lambda p: (peers[p]["p99_ttft_s"], p))
     b = by_policy[spec.candidate]["bounds"]

@@ -145,6 +145,23 @@ def test_others_weight_trades_ttft_for_total_latency():
     assert d.scores["a"]["others"] > d.scores["b"]["others"] == 0.0
 
 
+def test_ttft_slack_keeps_a_request_where_its_own_wait_is_within_the_factor():
+    # The same pair as above: the total-latency cost sends the request to b, whose TTFT (a
+    # 3,000-token queue ahead) is half again a's; a slack of 0.25 (at most 1.25× the lowest TTFT)
+    # leaves only a, a slack wide enough leaves the cost to decide again.
+    a = view("a", num_running=60, running_decode_tokens=120_000)
+    b = view("b", num_running=0, running_decode_tokens=0, queued_prefill_tokens=3000)
+    tight, loose = make_policy("predictive", {"ttft_slack": 0.25}), make_policy("predictive", {"ttft_slack": 100.0})
+    for p in (tight, loose):
+        p.observe_steps("a", synthetic_steps(np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])))
+    d = tight.select(request({}, out=300), [a, b])
+    assert d.scores["b"]["ttft"] > 1.25 * d.scores["a"]["ttft"]
+    assert d.replica_id == "a"
+    assert loose.select(request({}, out=300), [a, b]).replica_id == "b"
+    with pytest.raises(ValueError, match="ttft_slack"):
+        make_policy("predictive", {"ttft_slack": -1})
+
+
 def test_decode_delay_counts_only_the_overlap_with_running_sequences(policy):
     # What we have running on a is short: its sequences share at most ~10 of our 300 steps.
     a = view("a", num_running=8, running_decode_tokens=16_000)

@@ -46,6 +46,10 @@ traded the recompute of thousands of tokens for a few ms of others' inter-token 
 p99 TTFT on every agentic trace tried. `behind` used r's own waiting count, which on the Azure
 trace sent long prompts to replicas with long token queues but few waiting requests (p99).
 
+`ttft_slack` (off by default) bounds that trade: only replicas whose estimated TTFT is within
+(1 + ttft_slack) × the lowest are candidates, so a request is never moved off its cache to a
+replica where its own wait is more than that factor worse, whatever it saves the decodes.
+
 Herding is guarded by counting, per replica, the requests and uncached tokens this balancer
 sent after the replica's last report. Replicas that send no load reports are estimated from
 this balancer's in-flight bookkeeping alone.
@@ -73,8 +77,16 @@ class PredictiveConfig:
     # 1: the sum of everyone's latency (every term is an estimate in seconds, so 1 is the
     # objective itself, not a tuned value); 0: this request's TTFT alone.
     others_weight: float = 1.0
+    # Choose only among replicas whose estimated TTFT is within (1 + ttft_slack) × the lowest,
+    # so the delay a request saves others can cost it at most that factor. None: no bound. A
+    # trade, not a free win (docs/benchmarks.md, issue #15): 1.0 cut p99 TTFT on multi-turn
+    # chat by a third and on a hot prompt by a tenth, and cost 3–11 % mean TTFT there and on
+    # agentic traffic.
+    ttft_slack: float | None = None
 
     def __post_init__(self) -> None:
+        if self.ttft_slack is not None and not self.ttft_slack >= 0:
+            raise ValueError("ttft_slack must be None or >= 0 (e.g. 1.0: at most twice the lowest TTFT)")
         if self.default_output_tokens < 1 or self.default_step_tokens < 1:
             raise ValueError("default_output_tokens and default_step_tokens must be positive")
         if self.stale_report_s <= 0:
@@ -214,11 +226,17 @@ class PredictivePolicy(Policy):
             s = estimate(v, request, theta, k, out, cfg.stale_report_s, cfg.others_weight,
                          self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining)
             scores[v.replica_id] = s
-            key = (round(s["cost"], 9), v.inflight_requests)
+        allowed = scores
+        if cfg.ttft_slack is not None:
+            bound = (1 + cfg.ttft_slack) * min(s["ttft"] for s in scores.values())
+            allowed = {rid: s for rid, s in scores.items() if s["ttft"] <= bound}
+        inflight = {v.replica_id: v.inflight_requests for v in replicas}
+        for rid, s in allowed.items():
+            key = (round(s["cost"], 9), inflight[rid])
             if best_key is None or key < best_key:
-                best_key, best = key, [v.replica_id]
+                best_key, best = key, [rid]
             elif key == best_key:
-                best.append(v.replica_id)
+                best.append(rid)
         chosen = best[0] if len(best) == 1 else request.rng().choice(best)
         s = scores[chosen]
         reason = (f"lowest estimated cost {s['cost'] * 1e3:.1f} ms: TTFT {s['ttft'] * 1e3:.1f} ms "
