@@ -10,12 +10,15 @@ chunks, which the chunks attend to)
 
 per replica with exponentially forgotten RLS (a fleet-wide model serves a replica until it has
 enough samples of its own), so the balancer knows what a prefill token and a decode step cost
-on each replica without anyone setting it. Pure numpy; ~10 µs per sample.
+on each replica without anyone setting it. One sample is ~1 µs in C (balancer/_rls.c), ~8 µs in
+its Python oracle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,35 +48,61 @@ class LearnerConfig:
             raise ValueError("min_samples must be >= 1 and prior_strength > 0")
 
 
-class _RLS:
-    __slots__ = ("theta", "p", "n", "lam", "scale")
+_SCALE = (1.0, 1e-3, 1e-2, 1e-5, 1e-5)
 
-    def __init__(self, prior: np.ndarray, strength: float, lam: float) -> None:
+try:  # the C step (balancer/_rls.c); the Python one below is its oracle and the fallback
+    from balancer._rls import update as _update_native
+
+    NATIVE = True
+except ImportError:  # pragma: no cover - built on install where a C compiler exists
+    _update_native = None
+    NATIVE = False
+
+
+def _update_py(theta: array, p: array, x0: float, x1: float, x2: float, x3: float, x4: float, y: float,
+               lam: float, p_max: float) -> bool:
+    """One RLS step on `theta` (5) and `p` (5×5, row-major) in place, x already scaled; False (and
+    nothing changed) if it would leave either non-finite. The arithmetic of balancer/_rls.c."""
+    x = (x0, x1, x2, x3, x4)
+    px = [sum(p[5 * i + j] * x[j] for j in range(5)) for i in range(5)]
+    den = lam + sum(a * b for a, b in zip(x, px))
+    err = y - sum(a * b for a, b in zip(x, theta))
+    k = [v / den for v in px]
+    th = [t + ki * err for t, ki in zip(theta, k)]
+    q = [(p[5 * i + j] - k[i] * px[j]) / lam for i in range(5) for j in range(5)]
+    tr = sum(q[6 * i] for i in range(5))
+    if tr > p_max:
+        q = [v * (p_max / tr) for v in q]
+    if not all(math.isfinite(v) for v in th + q):
+        return False
+    theta[:] = array("d", th)
+    p[:] = array("d", q)
+    return True
+
+
+class _RLS:
+    __slots__ = ("theta", "p", "n", "lam", "update_fn")
+
+    def __init__(self, prior: np.ndarray, strength: float, lam: float, native: bool = NATIVE) -> None:
         # Features differ by orders of magnitude (1 vs thousands of tokens): scale them so P
-        # starts well conditioned.
-        self.scale = np.array([1.0, 1e-3, 1e-2, 1e-5, 1e-5])
-        self.theta = prior / self.scale
-        self.p = np.eye(len(prior)) / strength
+        # starts well conditioned. State as flat float arrays: one sample is a handful of
+        # multiply-adds, which numpy's per-call overhead would multiply by ten.
+        self.theta = array("d", (float(v) / s for v, s in zip(prior, _SCALE)))
+        self.p = array("d", (np.eye(len(prior)) / strength).ravel())
         self.n = 0
         self.lam = lam
+        self.update_fn = _update_native if native and _update_native is not None else _update_py
 
-    def update(self, x: np.ndarray, y: float) -> None:
-        x = x * self.scale
-        px = self.p @ x
-        k = px / (self.lam + x @ px)
-        theta = self.theta + k * (y - x @ self.theta)
-        p = (self.p - np.outer(k, px)) / self.lam
-        # Anti-windup: with forgetting, directions the data never excites (e.g. only decode
-        # steps for a while) make P grow by 1/λ per sample without bound. Cap its trace.
-        tr = np.trace(p)
-        if tr > _P_MAX:
-            p *= _P_MAX / tr
-        if np.isfinite(theta).all() and np.isfinite(p).all():
-            self.theta, self.p = theta, p
+    def update(self, x: Sequence[float], y: float) -> None:
+        # Anti-windup (in the step): with forgetting, directions the data never excites (e.g.
+        # only decode steps for a while) make P grow by 1/λ per sample without bound; its trace
+        # is capped at _P_MAX.
+        self.update_fn(self.theta, self.p, x[0] * _SCALE[0], x[1] * _SCALE[1], x[2] * _SCALE[2],
+                       x[3] * _SCALE[3], x[4] * _SCALE[4], float(y), self.lam, _P_MAX)
         self.n += 1
 
     def coef(self) -> np.ndarray:
-        return np.maximum(self.theta * self.scale, 0.0)
+        return np.maximum(np.frombuffer(self.theta, dtype=float) * np.asarray(_SCALE), 0.0)
 
 
 class StepLearner:
@@ -108,7 +137,7 @@ class StepLearner:
             # on cold prefills — collinear, and with forgetting the prefill-token coefficient
             # drifted to 0 over long decode-only stretches.
             pctx = max(0, s.context_tokens - dctx - s.prefill_tokens - s.decode_tokens)
-            x = np.array([1.0, s.prefill_tokens, s.decode_tokens, dctx, pctx], dtype=float)
+            x = (1.0, s.prefill_tokens, s.decode_tokens, dctx, pctx)
             if r is not None:
                 r.update(x, s.duration)
             s_end, s_dur = s.start + s.duration, s.duration

@@ -226,3 +226,22 @@ def test_a_full_kv_cache_delays_admission_until_running_sequences_finish(policy)
     idle = view("a", free_blocks=100, num_running=0, running_decode_tokens=0, num_waiting=6,
                 queued_prefill_tokens=12_000)
     assert policy.select(request({}), [idle, roomy]).scores["a"]["kv_wait"] == 0
+
+
+def test_native_rls_step_matches_its_python_oracle():
+    from balancer.step_learner import NATIVE, PRIOR, _RLS
+
+    if not NATIVE:
+        pytest.skip("balancer._rls not built (no C compiler at install)")
+    native, oracle = _RLS(PRIOR, 1e-2, 0.999), _RLS(PRIOR, 1e-2, 0.999, native=False)
+    rng = random.Random(3)
+    for i in range(3000):
+        # decode-only stretches, prefills, idle steps, and a few absurd samples
+        p = rng.choice([0, 0, 0, rng.randint(1, 8192)])
+        x = (1.0, p, rng.randint(0, 256), rng.randint(0, 2_000_000), rng.randint(0, 50_000) if p else 0)
+        y = rng.choice([rng.uniform(1e-3, 0.5), 1e300 if i % 997 == 5 else rng.uniform(1e-3, 0.5)])
+        native.update(x, y)
+        oracle.update(x, y)
+    np.testing.assert_allclose(np.frombuffer(native.theta), np.frombuffer(oracle.theta), rtol=1e-9, atol=0)
+    np.testing.assert_allclose(np.frombuffer(native.p), np.frombuffer(oracle.p), rtol=1e-9, atol=1e-12)
+    assert np.isfinite(native.coef()).all()
