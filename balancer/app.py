@@ -40,8 +40,9 @@ from protocol.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 BALANCER = web.AppKey("balancer", "Balancer")
 # The routes the lean front-end (balancer/front.py) serves itself: path -> handler of an Exchange.
-# Absent when aiohttp must see every request (the guard is aiohttp middleware).
+# The generation routes the lean front-end (balancer/front.py) serves; absent with fast_path off.
 FAST_ROUTES = web.AppKey("fast_routes", dict)
+GUARD = web.AppKey("guard", Guard)
 
 
 class Balancer:
@@ -211,6 +212,19 @@ async def _errors(request: web.Request, handler):
         return web.json_response(error_body(400, f"the request body could not be read: {e}"), status=400)
 
 
+def _web_route(handler):
+    async def route(request: web.Request) -> web.StreamResponse:
+        ex = WebExchange(request)
+        await handler(ex)
+        return ex.response
+
+    return route
+
+
+def _front_route(guard: Guard, path: str, handler):
+    return lambda ex: guard.serve(ex, path, ex.remote, handler)
+
+
 def create_app(cfg: BalancerConfig, balancer: Balancer | None = None) -> web.Application:
     from balancer import admin
 
@@ -219,22 +233,15 @@ def create_app(cfg: BalancerConfig, balancer: Balancer | None = None) -> web.App
     app = web.Application(client_max_size=cfg.max_body_bytes,
                           middlewares=[_errors] if guard.idle else [_errors, guard.middleware])
     app[BALANCER] = b
+    app[GUARD] = guard
 
-    async def completions(request: web.Request) -> web.StreamResponse:
-        ex = WebExchange(request)
-        await b.proxy.completions(ex)
-        return ex.response
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        ex = WebExchange(request)
-        await b.proxy.chat(ex)
-        return ex.response
-
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat)
-    if cfg.fast_path and guard.idle:
-        app[FAST_ROUTES] = {b"/v1/completions": lambda ex: b.proxy.completions(ex),
-                            b"/v1/chat/completions": lambda ex: b.proxy.chat(ex)}
+    # b.proxy exists once the app has started: bound at call time
+    handlers = {"/v1/completions": lambda ex: b.proxy.completions(ex), "/v1/chat/completions": lambda ex: b.proxy.chat(ex)}
+    for path, handler in handlers.items():
+        app.router.add_post(path, guard.web_handler(handler) if not guard.idle else _web_route(handler))
+    if cfg.fast_path:  # the lean front-end serves these two, with the same guard when it is on
+        app[FAST_ROUTES] = {path.encode(): (handler if guard.idle else _front_route(guard, path, handler))
+                            for path, handler in handlers.items()}
     admin.add_routes(app, b)
     index_state.add_routes(app, b)
     openapi.add_routes(app)

@@ -19,9 +19,11 @@ OpenAPI, `/v1/models`, ...) stays with the aiohttp application, which gets the c
 Requests on one connection are answered in order (HTTP/1.1 pipelining); a client that sends
 `Expect: 100-continue` gets the interim response; a body over the size limit gets 413 and the
 connection is closed; a malformed request gets 400 and is closed; an idle connection is closed
-after `keepalive_timeout_s` (aiohttp's default, 75 s). The server is used only when the guard
-(API keys, rate limits, admission queue) is off, since the guard is aiohttp middleware; with
-the guard on, or `--no-fast-path`, aiohttp serves every route.
+after `keepalive_timeout_s` (aiohttp's default, 75 s); with `body_timeout_s`, a request whose
+body has not arrived that long after it began gets 408 and the connection is closed (checked
+by the idle sweep, to within a few seconds). The guard (API keys, limits, admission queue,
+balancer/guard.py) is a function the route handlers call, so it applies here as on aiohttp;
+with `--no-fast-path` aiohttp serves every route.
 """
 
 from __future__ import annotations
@@ -64,14 +66,17 @@ class FrontConfig:
     keepalive_timeout_s: float = 75.0  # aiohttp's default `keepalive_timeout`
     max_queued: int = 32  # pipelined requests read ahead of the one being answered; reading pauses above
     shutdown_grace_s: float = 10.0  # requests in flight at shutdown get this long to finish
+    body_timeout_s: float = 0.0  # a request must arrive whole within this long (0: no limit)
 
 
 class FrontServer:
     """Protocol factory for `loop.create_server`. `routes` maps a path to its handler;
     `fallback` makes aiohttp's protocol for a connection (`AppRunner.server`)."""
 
-    def __init__(self, cfg: FrontConfig, routes: dict[bytes, Handler], fallback: Callable[[], asyncio.Protocol]):
+    def __init__(self, cfg: FrontConfig, routes: dict[bytes, Handler], fallback: Callable[[], asyncio.Protocol],
+                 on_reject: Callable[[str], None] | None = None):
         self.cfg = cfg
+        self.on_reject = on_reject  # told the reason of each request this server refuses itself (body_timeout)
         self.routes = routes
         self.fallback = fallback
         self.connections: set[_Connection] = set()
@@ -91,12 +96,20 @@ class FrontServer:
         return self._date[1]
 
     async def _sweep(self) -> None:
-        period = min(5.0, self.cfg.keepalive_timeout_s / 2)
+        cfg = self.cfg
+        period = min(5.0, cfg.keepalive_timeout_s / 2, cfg.body_timeout_s / 2 if cfg.body_timeout_s > 0 else 5.0)
         while True:
             await asyncio.sleep(period)
-            limit = time.monotonic() - self.cfg.keepalive_timeout_s
+            now = time.monotonic()
+            limit = now - cfg.keepalive_timeout_s
             for conn in [c for c in self.connections if c.task is None and c.active < limit]:
                 conn.close()
+            if cfg.body_timeout_s > 0:
+                late = now - cfg.body_timeout_s
+                for conn in [c for c in self.connections if c.msg is not None and not c.failed and c.msg.started < late]:
+                    conn._fail(408, f"the request did not arrive within {cfg.body_timeout_s:g} s")
+                    if self.on_reject is not None:
+                        self.on_reject("body_timeout")
 
     async def close(self) -> None:
         """Stop the idle sweep, let requests in flight finish (up to the grace period, then
@@ -118,9 +131,10 @@ class FrontServer:
 class _Message:
     """One request while it is read."""
 
-    __slots__ = ("url", "headers", "body", "fast", "keep_alive", "size")
+    __slots__ = ("url", "headers", "body", "fast", "keep_alive", "size", "started")
 
     def __init__(self) -> None:
+        self.started = time.monotonic()
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []  # (lower-case name, value)
         self.body: list[bytes] = []
@@ -406,6 +420,7 @@ class FrontExchange:
     """The `Exchange` (balancer/exchange.py) of one request on this server."""
 
     __slots__ = ("conn", "msg", "started", "finished")
+    body_complete = True  # the whole body is here before the handler runs
 
     def __init__(self, conn: _Connection, msg: _Message) -> None:
         self.conn = conn
@@ -419,6 +434,12 @@ class FrontExchange:
             if n == key:
                 return v.decode("latin-1")
         return None
+
+    @property
+    def remote(self) -> str | None:
+        """The client's address (as aiohttp's `request.remote`)."""
+        peer = self.conn.transport.get_extra_info("peername") if self.conn.transport is not None else None
+        return peer[0] if isinstance(peer, (tuple, list)) and peer else None
 
     async def read(self) -> bytes:
         body = self.msg.body

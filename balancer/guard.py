@@ -1,8 +1,11 @@
 """The balancer's front door: API keys, per-key limits, admission queue, request caps.
 
-One aiohttp middleware, configured by `GuardConfig` (every feature off unless configured). For
-a generation request (POST /v1/completions, /v1/chat/completions) the checks run in this order,
-cheapest first, each answering with an OpenAI-style error body:
+Configured by `GuardConfig` (every feature off unless configured). A generation request (POST
+/v1/completions, /v1/chat/completions) goes through `Guard.serve`, a plain function over the
+request's `Exchange` that both HTTP servers call — the lean front-end (balancer/front.py) and
+aiohttp — so the checks are the same whichever carries it, and turning one on never moves the
+traffic to the slower server. They run in this order, cheapest first, each answering with an
+OpenAI-style error body:
 
     API key (Bearer)                       ─ missing or wrong ─▶ 401
     per-key rate (token bucket)            ─ empty ─▶ 429, Retry-After: when a token is back
@@ -15,8 +18,10 @@ cheapest first, each answering with an OpenAI-style error body:
                                              Retry-After
     ─▶ the proxy
 
-The key of a request is its API key when keys are configured, else the client's address.
-Other routes: /health, /metrics and /openapi.json are open (probes, scrapers, docs); /admin/*
+The key of a request is its API key when keys are configured, else the client's address. (On
+the front-end the body has arrived before the guard runs, so a slow body holds no limit's slot;
+the front-end answers 408 itself when it takes longer than body_timeout_s.)
+Other routes, through the aiohttp middleware: /health, /metrics and /openapi.json are open (probes, scrapers, docs); /admin/*
 needs an admin key when `admin_keys` is set (else an API key when `api_keys` is set); every
 other route needs an API key when `api_keys` is set.
 
@@ -34,14 +39,15 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from protocol.auth import KeySet, bearer_token, unauthorized
+from balancer.exchange import Exchange, WebExchange
+from protocol.auth import UNAUTHORIZED, KeySet, bearer_token, parse_bearer, unauthorized
 from protocol.openai_api import APIError, decode_json_body, error_body
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -245,51 +251,58 @@ class Guard:
             b.registry.on_change.append(lambda _rid, _what: guard.admission.pump())
         return guard
 
-    # ------------------------------------------------------------------ the middleware
+    # ------------------------------------------------------------------ the checks
     @web.middleware
     async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        """Keys for the routes other than generation (those call `serve` from their handler)."""
         path = request.path
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or (request.method == "POST" and path in GENERATION_PATHS):
             return await handler(request)
         keys = self.admin_keys if path.startswith("/admin/") or path == "/admin" else self.api_keys
-        token = bearer_token(request)
-        if keys and not keys.accepts(token):
+        if keys and not keys.accepts(bearer_token(request)):
             self.rejected.labels("unauthorized").inc()
             return unauthorized()
-        if not self.forward_client_auth and "Authorization" in request.headers:
-            request = request.clone(headers={k: v for k, v in request.headers.items() if k.lower() != "authorization"})
-        if request.method != "POST" or path not in GENERATION_PATHS:
-            return await handler(request)
-        return await self._generation(request, handler, token if self.api_keys else f"ip:{request.remote}")
+        return await handler(request)
 
-    async def _generation(self, request: web.Request, handler, key: str) -> web.StreamResponse:
+    async def serve(self, ex: Exchange, path: str, remote: str | None,
+                    handler: Callable[[Exchange], Awaitable[None]]) -> None:
+        """Run the checks of the module docstring on a generation request, then `handler` on it
+        (with its body capped and the client's Authorization hidden where the config says) — or
+        answer it with the refusal."""
         cfg = self.cfg
+        token = parse_bearer(ex.header("Authorization"))
+        if self.api_keys and not self.api_keys.accepts(token):
+            self.rejected.labels("unauthorized").inc()
+            return _refuse(ex, 401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+        key = token if self.api_keys else f"ip:{remote}"
         if self.rate is not None:
             wait = self.rate.take(key)
             if wait > 0:
                 self.rejected.labels("rate_limited").inc()
-                return _too_many(f"rate limit of {cfg.rate_limit_rps:g} requests/s (burst {cfg.burst}) reached "
-                                 f"for this key; retry after the Retry-After header's seconds", math.ceil(wait))
+                return _refuse(ex, 429, f"rate limit of {cfg.rate_limit_rps:g} requests/s (burst {cfg.burst}) reached "
+                                        f"for this key; retry after the Retry-After header's seconds",
+                               {"Retry-After": str(max(1, math.ceil(wait)))})
         limit = cfg.max_concurrency_per_key
         if limit and self.concurrency.get(key, 0) >= limit:
             self.rejected.labels("concurrency_limited").inc()
-            return _too_many(f"at most {limit} concurrent requests per key; wait for one to finish", 1)
+            return _refuse(ex, 429, f"at most {limit} concurrent requests per key; wait for one to finish",
+                           {"Retry-After": "1"})
         self.concurrency[key] = self.concurrency.get(key, 0) + 1
         try:
-            refused = await self._read_body(request)
-            if refused is not None:
-                return refused
+            body = await self._read_body(ex, path)
+            if body is None:
+                return  # refused
+            inner = _Guarded(ex, body, hide_auth=not self.forward_client_auth)
             if self.admission is None:
-                return await handler(request)
+                return await handler(inner)
             try:
                 await self.admission.acquire()
             except Overloaded as e:
                 self.rejected.labels(e.reason).inc()
-                return web.json_response(
-                    error_body(503, f"every replica is saturated ({e}); retry later"), status=503,
-                    headers={"Retry-After": str(cfg.retry_after_s)})
+                return _refuse(ex, 503, f"every replica is saturated ({e}); retry later",
+                               {"Retry-After": str(cfg.retry_after_s)})
             try:
-                return await handler(request)
+                await handler(inner)
             finally:
                 self.admission.release()
         finally:
@@ -299,36 +312,78 @@ class Guard:
             else:
                 del self.concurrency[key]
 
-    async def _read_body(self, request: web.Request) -> web.Response | None:
-        """Read the body (in time), apply the max_tokens cap. A response means: refused."""
+    async def _read_body(self, ex: Exchange, path: str) -> bytes | None:
+        """The body (read in time), with the max_tokens cap applied; None: refused (answered)."""
         cfg = self.cfg
         try:
-            if cfg.body_timeout_s > 0 and not request.content.is_eof():
-                # Only a body still arriving needs the timeout (wait_for costs a task and a timer;
-                # a small body usually came in with the headers).
-                raw = await asyncio.wait_for(request.read(), cfg.body_timeout_s)
+            if cfg.body_timeout_s > 0 and not getattr(ex, "body_complete", False):
+                # Only a body still arriving needs the timeout (wait_for costs a task and a timer).
+                raw = await asyncio.wait_for(ex.read(), cfg.body_timeout_s)
             else:
-                raw = await request.read()
+                raw = await ex.read()
         except asyncio.TimeoutError:
             self.rejected.labels("body_timeout").inc()
-            return web.json_response(error_body(408, f"the request body did not arrive within "
-                                                     f"{cfg.body_timeout_s:g} s"), status=408,
-                                     headers={"Connection": "close"})
-        if not cfg.max_tokens_cap:
+            _refuse(ex, 408, f"the request body did not arrive within {cfg.body_timeout_s:g} s",
+                    {"Connection": "close"})
             return None
+        if not cfg.max_tokens_cap:
+            return raw
         try:
             body = decode_json_body(raw)
         except APIError:
-            return None  # the proxy answers it with the same 400
+            return raw  # the proxy answers it with the same 400
         if not isinstance(body, dict):
-            return None
-        capped = _cap_max_tokens(body, cfg.max_tokens_cap, chat=request.path == "/v1/chat/completions")
+            return raw
+        capped = _cap_max_tokens(body, cfg.max_tokens_cap, chat=path == "/v1/chat/completions")
         if isinstance(capped, str):
             self.rejected.labels("max_tokens").inc()
-            return web.json_response(error_body(400, capped, "max_tokens"), status=400)
-        if capped is not None:
-            _replace_body(request, json.dumps(capped).encode())
-        return None
+            _refuse(ex, 400, capped, {}, param="max_tokens")
+            return None
+        return raw if capped is None else json.dumps(capped).encode()
+
+    def web_handler(self, handler: Callable[[Exchange], Awaitable[None]]):
+        """An aiohttp route handler for a generation route: `serve` over a `WebExchange`."""
+        async def route(request: web.Request) -> web.StreamResponse:
+            ex = WebExchange(request)
+            await self.serve(ex, request.path, request.remote, handler)
+            return ex.response
+
+        return route
+
+
+class _Guarded:
+    """The Exchange the proxy gets past the guard: the body as the guard read (and capped) it, and
+    no Authorization header when the client's is not to be forwarded."""
+
+    __slots__ = ("ex", "body", "hide_auth")
+
+    def __init__(self, ex: Exchange, body: bytes, hide_auth: bool) -> None:
+        self.ex, self.body, self.hide_auth = ex, body, hide_auth
+
+    def header(self, name: str) -> str | None:
+        if self.hide_auth and name.lower() == "authorization":
+            return None
+        return self.ex.header(name)
+
+    async def read(self) -> bytes:
+        return self.body
+
+    def reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.ex.reply(status, body, headers)
+
+    async def open_stream(self, status: int, headers: dict[str, str]) -> None:
+        await self.ex.open_stream(status, headers)
+
+    async def write(self, data: bytes) -> None:
+        await self.ex.write(data)
+
+    async def end(self) -> None:
+        await self.ex.end()
+
+
+def _refuse(ex: Exchange, status: int, message: str, headers: dict[str, str], param: str | None = None) -> None:
+    ex.reply(status, json.dumps(error_body(status, message, param) if param else error_body(status, message)).encode(),
+             {"Content-Type": "application/json", **headers})
 
 
 def _cap_max_tokens(body: dict[str, Any], cap: int, chat: bool) -> dict[str, Any] | str | None:
@@ -347,17 +402,6 @@ def _cap_max_tokens(body: dict[str, Any], cap: int, chat: bool) -> dict[str, Any
     if present:
         return None
     return {**body, "max_tokens": cap}
-
-
-def _replace_body(request: web.Request, raw: bytes) -> None:
-    """Make `request.read()` return `raw` from now on. aiohttp caches the body it read in
-    `_read_bytes` and has no public setter; tests/test_guard.py checks that the replica sees
-    the rewritten body, so an aiohttp change that breaks this fails loudly."""
-    request._read_bytes = raw  # noqa: SLF001
-
-
-def _too_many(message: str, retry_after: int) -> web.Response:
-    return web.json_response(error_body(429, message), status=429, headers={"Retry-After": str(max(1, retry_after))})
 
 
 # ---------------------------------------------------------------------------------- flags

@@ -2,7 +2,7 @@
 
 `start` runs the app's start-up (the Balancer's tasks) and opens the listening socket: the
 front-end (balancer/front.py) for the generation routes with aiohttp behind it, or aiohttp
-alone when the app has no fast routes (guard on, or `fast_path = false`). `Serving.close`
+alone when the app has no fast routes (`fast_path = false`). `Serving.close`
 stops listening, lets requests in flight finish, and runs the app's clean-up.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from balancer.app import BALANCER, FAST_ROUTES
+from balancer.app import BALANCER, FAST_ROUTES, GUARD
 from balancer.front import FrontConfig, FrontServer
 
 
@@ -47,7 +47,11 @@ async def start(app: web.Application, host: str, port: int, **runner_kw) -> Serv
             site = web.TCPSite(runner, host, port)
             await site.start()
             return Serving(runner, [a[:2] for a in runner.addresses])
-        front = FrontServer(FrontConfig(max_body_bytes=app[BALANCER].cfg.max_body_bytes), routes, runner.server)
+        cfg = app[BALANCER].cfg
+        guard = app.get(GUARD)
+        front = FrontServer(FrontConfig(max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.guard.body_timeout_s),
+                            routes, runner.server,
+                            on_reject=(lambda reason: guard.rejected.labels(reason).inc()) if guard else None)
         server = await asyncio.get_running_loop().create_server(front, host, port, reuse_address=True, backlog=1024)
     except BaseException:
         await runner.cleanup()

@@ -47,9 +47,16 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
+UNAUTHORIZED = "Incorrect or missing API key: send `Authorization: Bearer YOUR_KEY`"
+
+
 def bearer_token(request: web.Request) -> str | None:
-    """The key from `Authorization: Bearer KEY` (scheme case-insensitive), else None."""
-    value = request.headers.get("Authorization")
+    """The key from the request's `Authorization: Bearer KEY` (scheme case-insensitive), else None."""
+    return parse_bearer(request.headers.get("Authorization"))
+
+
+def parse_bearer(value: str | None) -> str | None:
+    """The key from an Authorization header's value `Bearer KEY`, else None."""
     if value is None:
         return None
     scheme, _, token = value.strip().partition(" ")
@@ -58,5 +65,5 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip()
 
 
-def unauthorized(message: str = "Incorrect or missing API key: send `Authorization: Bearer YOUR_KEY`") -> web.Response:
+def unauthorized(message: str = UNAUTHORIZED) -> web.Response:
     return web.json_response(error_body(401, message), status=401, headers={"WWW-Authenticate": "Bearer"})

@@ -304,12 +304,24 @@ def test_idle_connections_close_and_shutdown_waits_for_requests_in_flight(slow_r
     run(main())
 
 
-def test_guard_or_no_fast_path_leaves_every_route_to_aiohttp(replica):
+def test_no_fast_path_leaves_every_route_to_aiohttp_and_the_guard_does_not(replica):
+    """--no-fast-path: aiohttp answers. With the guard on, the lean front-end still serves the
+    generation routes (the guard is a function it calls), and the guard's checks hold there."""
     async def main():
-        for kw in ({"fast_path": False}, {"guard": GuardConfig(max_tokens_cap=8)}):
-            async with balancer([replica], **kw) as (url, b):
-                (r,), _ = await exchange(url, post(b"/v1/completions", BODY), 1)
-                assert r["status"] == 200 and r["headers"]["server"].startswith("Python")  # aiohttp answered
+        async with balancer([replica], fast_path=False) as (url, b):
+            (r,), _ = await exchange(url, post(b"/v1/completions", BODY), 1)
+            assert r["status"] == 200 and r["headers"]["server"].startswith("Python")  # aiohttp answered
+        guard = GuardConfig(api_keys=("k1",), rate_limit_rps=1000.0, max_tokens_cap=8)
+        async with balancer([replica], guard=guard) as (url, b):
+            auth = b"Authorization: Bearer k1"
+            body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 50}).encode()
+            (ok, no_key, too_many), _ = await exchange(
+                url, post(b"/v1/completions", BODY, auth) + post(b"/v1/completions", BODY)
+                + post(b"/v1/completions", body, auth), 3)
+            assert ok["status"] == 200 and "server" not in ok["headers"]  # the front-end answered
+            assert no_key["status"] == 401 and no_key["headers"]["www-authenticate"] == "Bearer"
+            assert too_many["status"] == 400 and json.loads(too_many["body"])["error"]["param"] == "max_tokens"
+            assert "server" not in no_key["headers"]
     run(main())
 
 
