@@ -1,6 +1,7 @@
 """The demo: a local fleet of tiny replicas and the balancer replay a bundled trace under
-round_robin and under a cache-aware policy, print the comparison table and write the report
-(JSON, per-request JSONL, markdown, plots) to --out. About 2 minutes on 2 cores; every process
+round_robin and under kvfleet's predictive policy, print the comparison table and one sentence
+with the verdict, and write the report (JSON, per-request JSONL, markdown, plots, and
+compare_ttft_cdf.png with both policies' TTFT) to --out. About 2 minutes on 2 cores; every process
 it starts is stopped at the end. Example:
 
     kvfleet demo --out results/demo
