@@ -14,13 +14,15 @@ missing block, and the walk stops when no bit is left.
 Memory per held block: one entry in the replica's engine map, plus one table entry shared by
 the replicas holding the block.
 
-The tables are `balancer._blocktable.BlockTable`s (C: open addressing over 16-byte uint64
-key/mask slots; `BlockTable.match` does the whole walk, prefetching the slots of the next
-hashes, so a cold-cache lookup costs about one overlapped miss per block instead of ~3 serial
-ones) while every replica slot is < 64. When a 65th slot is assigned, or where the extension is
-not built (`NATIVE_TABLE` is False), they are dicts of Python ints with interned masks (a fleet
-has few distinct ones) walked by `match_chain` (map/accumulate/takewhile in C, then bisection).
-Both give the same results.
+The tables are `balancer._blocktable.BlockTable`s, for any fleet size (C: open addressing over
+uint64 key/mask slots, 16 bytes for up to 64 replicas, masks widening by one 64-bit word per 64
+more; `set_bit` / `clear_bit` store and remove one (block, replica) pair in one call;
+`BlockTable.match` does the whole walk, prefetching the slots of the next hashes, so a
+cold-cache lookup costs about one overlapped miss per block instead of ~3 serial ones). Only
+where the extension is not built (`NATIVE_TABLE` is False) are they `DictTable`s, the same API
+over a dict of Python ints with interned masks (a fleet has few distinct ones) walked by
+`match_chain` (map/accumulate/takewhile in C, then bisection); the tests use it as the oracle
+of the C table. Both give the same results.
 
 Invariants (`check_integrity`):
 - bit s is set in tables[m][h] iff replica with slot s maps at least one engine hash to h in m;
@@ -28,7 +30,7 @@ Invariants (`check_integrity`):
   vLLM block salted with extra_keys we cannot see), so a removal clears the bit only when the
   last one goes;
 - no table entry has an empty mask; a replica holds at most `max_blocks_per_replica` blocks;
-- the tables are C BlockTables only while every replica slot is < 64.
+- every table is of one kind: a C BlockTable where the extension is built, else a DictTable.
 
 Parent resolution for BlockStored, in order: the replica's engine map (any medium); a small
 FIFO of recently removed blocks ("ghosts": the engine->our mapping is a function of content, so
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, repeat, takewhile
 from operator import and_, neg
@@ -61,11 +63,9 @@ from protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineH
 from protocol.hashing import root_hash, token_bytes
 
 try:
-    from balancer._blocktable import MAX_SLOTS as _NATIVE_MAX_SLOTS
     from balancer._blocktable import BlockTable as _BlockTable
-except ImportError:  # extension not built (no C compiler at install time): dicts
+except ImportError:  # extension not built (no C compiler at install time): DictTable
     _BlockTable = None
-    _NATIVE_MAX_SLOTS = 0
 
 # True when new indexes keep their tables in C (reported by the benchmarks).
 NATIVE_TABLE: bool = _BlockTable is not None
@@ -92,6 +92,58 @@ class IndexStats:
     clears: int = 0  # AllBlocksCleared / clear_replica
 
 
+class DictTable(dict):
+    """`balancer._blocktable.BlockTable`'s API over a dict (our hash -> bitmask of replica
+    slots): the fallback where the extension is not built, and the C table's oracle in tests.
+
+    Masks are interned: one int object per distinct mask (a fleet has few), shared by the
+    entries, which saves ~32 bytes per entry and a cache miss per block in `match`.
+    """
+
+    __slots__ = ("_masks",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._masks: dict[int, int] = {}
+
+    def set_bit(self, key: int, slot: int) -> bool:
+        """Set bit `slot` in `key`'s mask; True if it was clear."""
+        mask = self.get(key, 0)
+        bit = 1 << slot
+        if mask & bit:
+            return False
+        self[key] = self._share(mask | bit)
+        return True
+
+    def clear_bit(self, key: int, slot: int) -> bool:
+        """Clear bit `slot` in `key`'s mask, deleting an emptied key; True if it was set."""
+        mask = self.get(key, 0)
+        bit = 1 << slot
+        if not mask & bit:
+            return False
+        mask ^= bit
+        if mask:
+            self[key] = self._share(mask)
+        else:
+            del self[key]
+        return True
+
+    def match(self, hashes: Sequence[int], owners: Sequence[str | None]) -> dict[str, int]:
+        return match_chain(self.get, hashes, owners)
+
+    def _share(self, mask: int) -> int:
+        shared = self._masks.get(mask)
+        if shared is not None:
+            return shared
+        if len(self._masks) >= _MAX_INTERNED_MASKS:
+            self._masks.clear()  # sharing is only an optimisation: start afresh
+        self._masks[mask] = mask
+        return mask
+
+
+_Table = DictTable  # for annotations: a table of either kind (a BlockTable has DictTable's API)
+
+
 class _Medium:
     __slots__ = ("emap", "multi")
 
@@ -101,12 +153,11 @@ class _Medium:
 
 
 class _Replica:
-    __slots__ = ("replica_id", "slot", "bit", "media", "num_blocks", "ghosts", "ghost_order", "resync_reason")
+    __slots__ = ("replica_id", "slot", "media", "num_blocks", "ghosts", "ghost_order", "resync_reason")
 
     def __init__(self, replica_id: str, slot: int) -> None:
         self.replica_id = replica_id
         self.slot = slot
-        self.bit = 1 << slot
         self.media: dict[str, _Medium] = {}
         self.num_blocks = 0
         self.ghosts: dict[EngineHash, int] = {}
@@ -136,14 +187,11 @@ class PrefixIndex:
         # Events with a LoRA adapter are indexed under root_hash(model, lora_name): a request
         # for that adapter looks up prompt_hashes(tokens, bs, model, salt=lora_name).
         self._roots: dict[str | None, int] = {None: self.root}
-        # C tables while every slot fits their 64-bit masks (module docstring), else dicts.
-        self._native = _BlockTable is not None
-        self._tables: dict[str, MutableMapping[int, int]] = {DEFAULT_MEDIUM: self._new_table()}
+        # C tables where the extension is built, whatever the fleet size (module docstring).
+        self._table_type = DictTable if _BlockTable is None else _BlockTable
+        self._tables: dict[str, _Table] = {DEFAULT_MEDIUM: self._table_type()}
         self._replicas: dict[str, _Replica] = {}
         self._owners: list[str | None] = []  # slot -> replica id
-        # Dict tables only: one int object per distinct mask (a fleet has few); table values
-        # share them, which saves ~32 bytes per entry and a cache miss per block in `match`.
-        self._masks: dict[int, int] = {}
         self.stats = IndexStats()
 
     # --- replicas -----------------------------------------------------------------------------
@@ -191,26 +239,8 @@ class PrefixIndex:
             except ValueError:
                 slot = len(self._owners)
                 self._owners.append(replica_id)
-            if self._native and slot >= _NATIVE_MAX_SLOTS:
-                self._use_dicts()
             r = self._replicas[replica_id] = _Replica(replica_id, slot)
         return r
-
-    def _new_table(self) -> MutableMapping[int, int]:
-        return _BlockTable() if self._native else {}  # type: ignore[misc]
-
-    def _share(self, mask: int) -> int:
-        """The mask to store: the interned int object for a dict table (the value for C)."""
-        if self._native:
-            return mask
-        return self._masks.get(mask) or self._intern(mask)
-
-    def _use_dicts(self) -> None:
-        """Move every table to a dict: a slot >= 64 does not fit the C tables' masks. For good:
-        slots are reused but never given back, so the fleet is likely to grow that large again."""
-        self._native = False
-        self._tables = {medium: {h: self._share(mask) for h, mask in table.items()}
-                        for medium, table in self._tables.items()}
 
     # --- events -------------------------------------------------------------------------------
 
@@ -247,12 +277,6 @@ class PrefixIndex:
                     self._store(r, ev)
                 break
             pending = deferred
-
-    def _intern(self, mask: int) -> int:
-        if len(self._masks) >= _MAX_INTERNED_MASKS:
-            self._masks.clear()  # sharing is only an optimisation: start afresh
-        self._masks[mask] = mask
-        return mask
 
     def _root(self, lora_name: str | None) -> int:
         root = self._roots.get(lora_name)
@@ -314,10 +338,10 @@ class PrefixIndex:
             m = r.media[medium] = _Medium()
         table = self._tables.get(medium)
         if table is None:
-            table = self._tables[medium] = self._new_table()
+            table = self._tables[medium] = self._table_type()
         emap = m.emap
-        bit = r.bit
-        masks = None if self._native else self._masks  # C tables store masks as uint64
+        set_bit = table.set_bit
+        slot = r.slot
         room = self.max_blocks_per_replica - r.num_blocks
         stored = 0
         off = 0
@@ -337,21 +361,14 @@ class PrefixIndex:
                 r.resync_reason = r.resync_reason or "over_capacity"
                 continue
             emap[oh if eh == oh else eh] = oh  # share one int object when the ids coincide
-            mask = table.get(oh, 0)
-            if mask & bit:
+            if not set_bit(oh, slot):  # the replica already holds oh under another engine id
                 m.multi[oh] = m.multi.get(oh, 1) + 1
-            elif masks is None:
-                table[oh] = mask | bit
-            else:
-                mask |= bit
-                shared = masks.get(mask)
-                table[oh] = shared if shared is not None else self._intern(mask)
             stored += 1
         r.num_blocks += stored
         self.stats.blocks_stored += stored
         return True
 
-    def _drop(self, r: _Replica, m: _Medium, table: MutableMapping[int, int], eh: EngineHash) -> bool:
+    def _drop(self, r: _Replica, m: _Medium, table: _Table, eh: EngineHash) -> bool:
         oh = m.emap.pop(eh, None)
         if oh is None:
             return False
@@ -371,11 +388,7 @@ class PrefixIndex:
                 else:
                     del multi[oh]
                 return True
-        mask = table[oh] & ~r.bit
-        if mask:
-            table[oh] = self._share(mask)
-        else:
-            del table[oh]
+        table.clear_bit(oh, r.slot)
         return True
 
     def _remove(self, r: _Replica, ev: BlockRemoved) -> None:
@@ -393,18 +406,11 @@ class PrefixIndex:
         self.stats.unknown_removals += len(ev.block_hashes) - removed
 
     def _clear(self, r: _Replica) -> None:
-        keep = ~r.bit
+        slot = r.slot
         for medium, m in r.media.items():
-            table = self._tables[medium]
+            clear_bit = self._tables[medium].clear_bit
             for oh in m.emap.values():
-                mask = table.get(oh)
-                if mask is None:
-                    continue  # already cleared through another engine id
-                mask &= keep
-                if mask:
-                    table[oh] = self._share(mask)
-                else:
-                    del table[oh]
+                clear_bit(oh, slot)  # False for a block cleared already through another engine id
         r.media.clear()
         r.num_blocks = 0
         r.ghosts.clear()
@@ -422,9 +428,7 @@ class PrefixIndex:
         table = self._tables.get(medium)
         if not table or not hashes:
             return {}
-        if self._native:
-            return table.match(hashes, self._owners)  # type: ignore[attr-defined]
-        return match_chain(table.get, hashes, self._owners)
+        return table.match(hashes, self._owners)
 
     def replica_block_hashes(self, replica_id: str, medium: str = DEFAULT_MEDIUM) -> set[int]:
         """Our hashes of every block the replica holds in `medium` (a copy; for tests)."""
@@ -435,8 +439,8 @@ class PrefixIndex:
 
     @property
     def native_tables(self) -> bool:
-        """Whether the tables are C BlockTables (else dicts; module docstring)."""
-        return self._native
+        """Whether the tables are C BlockTables (else DictTables; module docstring)."""
+        return self._table_type is not DictTable
 
     def num_entries(self, medium: str = DEFAULT_MEDIUM) -> int:
         """Distinct blocks indexed in `medium`, over all replicas."""
@@ -457,7 +461,7 @@ class PrefixIndex:
                     if m.multi.get(oh, 1) != c:
                         raise RuntimeError(f"replica {replica_id!r}: {c} engine ids map to {oh:#x}, multi says {m.multi.get(oh, 1)}")
                     exp = expected.setdefault(medium, {})
-                    exp[oh] = exp.get(oh, 0) | r.bit
+                    exp[oh] = exp.get(oh, 0) | 1 << r.slot
                 if set(m.multi) - set(counts):
                     raise RuntimeError(f"replica {replica_id!r}: multi counts for blocks it does not hold")
                 total += len(m.emap)
@@ -465,11 +469,9 @@ class PrefixIndex:
                 raise RuntimeError(f"replica {replica_id!r}: num_blocks {r.num_blocks} but holds {total}")
             if total > self.max_blocks_per_replica:
                 raise RuntimeError(f"replica {replica_id!r}: {total} blocks over the bound")
-        if self._native and len(self._owners) > _NATIVE_MAX_SLOTS:
-            raise RuntimeError(f"{len(self._owners)} replica slots do not fit the C tables' 64-bit masks")
         for medium, table in self._tables.items():
-            if (type(table) is dict) == self._native:
-                raise RuntimeError(f"{medium} table is a {type(table).__name__}, native={self._native}")
+            if type(table) is not self._table_type:
+                raise RuntimeError(f"{medium} table is a {type(table).__name__}, not a {self._table_type.__name__}")
             exp = expected.get(medium, {})
             if table != exp:
                 bad = next(h for h in set(table) | set(exp) if table.get(h) != exp.get(h))

@@ -1,7 +1,9 @@
-"""balancer._blocktable.BlockTable (the C table of the prefix index) against a dict: a stateful
-model under inserts, overwrites, deletions, growth and shrinking, with keys at the edges of the
-uint64 range and keys that share a home slot; `match` against the pure-Python match_chain; the
-prefix index's switch to dicts beyond 64 replica slots is tested in test_prefix_index.py."""
+"""balancer._blocktable.BlockTable (the C table of the prefix index) against its oracle
+prefix_index.DictTable (a dict): a stateful model under inserts, overwrites, deletions, set_bit /
+clear_bit over 1..200 replica slots (so masks widening from one 64-bit word to four), growth and
+shrinking, with keys at the edges of the uint64 range and keys that share a home slot; `match`
+against the pure-Python match_chain. The prefix index over either table is compared in
+test_prefix_index_oracle.py."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from balancer import prefix_index
-from balancer.prefix_index import match_chain
+from balancer.prefix_index import DictTable, match_chain
 
 _bt = pytest.importorskip("balancer._blocktable", reason="C extension not built")
 BlockTable = _bt.BlockTable
@@ -36,18 +38,46 @@ keys = st.one_of(
     st.builds(lambda hi: (hi << 40) | 0xABC, st.integers(0, 2**24 - 1)),  # same low 40 bits
 )
 masks = st.one_of(st.integers(1, U64), st.sampled_from([1, 2, 3, 2**63, U64]))
+wide_masks = st.one_of(masks, st.integers(1, 2**200 - 1), st.sampled_from([2**64, 2**199, 2**128 - 1]))
+replica_slots = st.one_of(st.integers(0, 3), st.integers(0, 199), st.sampled_from([63, 64, 127, 128, 199]))
+OWNERS = [f"replica-{s}" for s in range(200)]
 
 
 class TableVsDict(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.t = BlockTable()
-        self.d: dict[int, int] = {}
+        self.d = DictTable()
+        self.held: list[int] = []  # keys stored so far, for set_bit/match to hit
 
-    @rule(k=keys, v=masks)
+    @rule(k=keys, v=wide_masks)
     def put(self, k: int, v: int) -> None:
         self.t[k] = v
         self.d[k] = v
+        self.held.append(k)
+
+    def _pick(self, k: int, reuse: int) -> int:
+        """A key stored before (3 times in 4, when there is one), else the new key `k`."""
+        return self.held[reuse % len(self.held)] if self.held and reuse % 4 else k
+
+    @rule(k=keys, slot=replica_slots, reuse=st.integers(0, 2**16))
+    def set_bit(self, k: int, slot: int, reuse: int) -> None:
+        k = self._pick(k, reuse)
+        assert self.t.set_bit(k, slot) == self.d.set_bit(k, slot)
+        self.held.append(k)
+
+    @rule(k=keys, slot=replica_slots, reuse=st.integers(0, 2**16))
+    def clear_bit(self, k: int, slot: int, reuse: int) -> None:
+        k = self._pick(k, reuse)
+        assert self.t.clear_bit(k, slot) == self.d.clear_bit(k, slot)
+
+    @rule(picks=st.lists(st.integers(0, 2**16), max_size=30), extra=st.lists(keys, max_size=3))
+    def match(self, picks: list[int], extra: list[int]) -> None:
+        chain = [self.held[p % len(self.held)] for p in picks] if self.held else []
+        chain += extra
+        got = self.t.match(chain, OWNERS)
+        expected = self.d.match(chain, OWNERS)
+        assert got == expected and list(got) == list(expected)
 
     @rule(k=keys)
     def delete(self, k: int) -> None:
@@ -92,6 +122,7 @@ class TableVsDict(RuleBasedStateMachine):
     def clear(self) -> None:
         self.t.clear()
         self.d.clear()
+        self.held.clear()
 
     @invariant()
     def same_contents(self) -> None:
@@ -105,6 +136,7 @@ class TableVsDict(RuleBasedStateMachine):
         assert all(t.get(k) == v for k, v in d.items())
         cap = t.capacity
         assert cap >= 8 and cap & (cap - 1) == 0 and len(t) * 10 <= cap * 7
+        assert all(v.bit_length() <= t.slots for v in d.values())
 
 
 TestTableVsDict = TableVsDict.TestCase
@@ -127,12 +159,18 @@ def test_edge_keys_and_rejected_values() -> None:
         t["x"] = 1
     with pytest.raises(ValueError, match="nonzero"):
         t[5] = 0
-    with pytest.raises(OverflowError):
-        t[5] = 2**64  # a 65th replica slot does not fit: the index uses dicts then
-    with pytest.raises(OverflowError):
+    with pytest.raises(OverflowError, match="negative"):
         t[5] = -1
+    with pytest.raises(OverflowError, match="below 2"):
+        t[5] = 2**_bt.MAX_SLOTS  # a slot beyond the limit
+    with pytest.raises(TypeError):
+        t[5] = 1.0
     with pytest.raises(TypeError):
         t.get()
+    assert t.slots == 64 and len(t) == 2
+    t[5] = 2**64  # slot 64: the masks widen to two words, the entries stay
+    assert t.slots == 128 and t[5] == 2**64 and t == {0: 1, U64: U64, 5: 2**64}
+    del t[5]
     assert t == {0: 1, U64: U64}
     assert t != {0: 1, U64: 3} and t != {0: 1} and t != {0: 1, U64: U64, 7: 1} and t != {0: 1, "x": 2}
     other = BlockTable()
@@ -163,6 +201,47 @@ def test_iteration_fails_when_keys_are_added_or_removed() -> None:
         list(it)
 
 
+def test_set_bit_and_clear_bit() -> None:
+    t = BlockTable()
+    assert t.set_bit(7, 0) is True and t.set_bit(7, 0) is False and t[7] == 1
+    assert t.set_bit(7, 130) is True and t.slots == 192 and t[7] == 1 | 1 << 130
+    assert t.clear_bit(7, 0) is True and t.clear_bit(7, 0) is False and t[7] == 1 << 130
+    assert t.clear_bit(8, 0) is False and t.clear_bit("x", 0) is False and t.clear_bit(7, 5000) is False
+    assert t.clear_bit(7, 130) is True and 7 not in t and len(t) == 0  # an empty mask: deleted
+    assert t.slots == 192  # the width stays
+    for bad in (-1, _bt.MAX_SLOTS):
+        with pytest.raises(ValueError, match="replica slot"):
+            t.set_bit(1, bad)
+        with pytest.raises(ValueError, match="replica slot"):
+            t.clear_bit(1, bad)
+    with pytest.raises(OverflowError):
+        t.set_bit(2**64, 0)
+    with pytest.raises(TypeError):
+        t.set_bit(1)
+    assert BlockTable(slots=65).slots == 128 and BlockTable(slots=1).slots == 64
+    with pytest.raises(ValueError, match="slots"):
+        BlockTable(slots=0)
+
+
+def test_widening_keeps_entries_and_probe_runs() -> None:
+    """Colliding keys in long probe runs, then a slot that widens every mask, then deletions
+    (backward shifts at the new width)."""
+    t, d = BlockTable(), DictTable()
+    ks = [colliding(i % 8, i) for i in range(200)]
+    for i, k in enumerate(ks):
+        assert t.set_bit(k, i % 3) == d.set_bit(k, i % 3)
+    it = iter(t)
+    t.set_bit(ks[0], 199)
+    d.set_bit(ks[0], 199)
+    with pytest.raises(RuntimeError):
+        next(it)  # the re-allocation moved every entry
+    assert t.slots == 256 and t == d
+    for k in ks[::2]:
+        del t[k]
+        del d[k]
+    assert t == d and sorted(t.items()) == sorted(d.items())
+
+
 def test_grows_and_shrinks() -> None:
     t = BlockTable()
     assert t.capacity == 8
@@ -186,7 +265,7 @@ def test_grows_and_shrinks() -> None:
 def table_and_chain(draw):
     """A table of masks over few slots (so that prefixes of every length occur) and a chain
     mixing its keys with absent ones."""
-    n_slots = draw(st.sampled_from([1, 3, 16, 64]))
+    n_slots = draw(st.sampled_from([1, 3, 16, 64, 65, 130, 200]))
     slot_bits = st.lists(st.integers(0, n_slots - 1), min_size=1, max_size=n_slots)
     mask = st.builds(lambda bits: sum(1 << b for b in set(bits)), slot_bits)
     present = draw(st.lists(st.tuples(keys, mask), max_size=60))
@@ -206,14 +285,13 @@ def test_match_equals_match_chain(case) -> None:
     t = BlockTable()
     for k, v in d.items():
         t[k] = v
-    expected = match_chain(d.get, chain, list(range(64)))
+    expected = match_chain(d.get, chain, range(200))
     got = t.match(chain)
     assert got == expected
     assert list(got.items()) == list(expected.items())  # same order too
     assert t.match(tuple(chain)) == expected
     assert t.match(struct.pack(f"<{len(chain)}Q", *chain)) == expected
-    owners = [f"replica-{s}" for s in range(64)]
-    assert t.match(chain, owners) == match_chain(d.get, chain, owners)
+    assert t.match(chain, OWNERS) == match_chain(d.get, chain, OWNERS)
 
 
 def test_match_treats_what_is_not_a_uint64_as_missing() -> None:
@@ -243,6 +321,20 @@ def test_match_with_all_64_slots() -> None:
     assert t.match(chain) == {s: 64 - s for s in range(64)}
     d = dict(t.items())
     assert t.match(chain) == match_chain(d.get, chain, list(range(64)))
+
+
+def test_match_with_200_slots() -> None:
+    """Slot s holds the first 200 - s blocks: a drop at every index, across four mask words."""
+    t = BlockTable(slots=200)
+    chain = list(range(100, 300))
+    full = 2**200 - 1
+    for i, k in enumerate(chain):
+        t[k] = full >> i
+    assert t.match(chain) == {s: 200 - s for s in range(200)}
+    assert list(t.match(chain)) == list(range(199, -1, -1))  # by increasing length
+    d = dict(t.items())
+    assert t.match(chain, OWNERS) == match_chain(d.get, chain, OWNERS)
+    assert t.match(chain[:150]) == {s: min(150, 200 - s) for s in range(200)}
 
 
 def test_prefix_index_reports_which_table_it_uses() -> None:

@@ -313,10 +313,11 @@ def test_random_streams_match_a_brute_force_model(stream) -> None:
 
 
 def test_more_than_64_replicas(table_kind: str) -> None:
-    """Slots 64 and up do not fit the C tables' masks: the index moves to dicts, keeping every
-    entry, and answers as before."""
+    """Slots 64 and up: the C tables widen their masks in place (no move to dicts), keeping
+    every entry, and answer as before."""
     idx = PrefixIndex(BS, MODEL)
-    assert idx.native_tables == (table_kind == "native")
+    native = table_kind == "native"
+    assert idx.native_tables == native
     tokens = toks(4)
     ours = hash_blocks(tokens, BS, ROOT)
     full = BlockStored(tuple(ours), None, tuple(tokens), BS)
@@ -325,19 +326,24 @@ def test_more_than_64_replicas(table_kind: str) -> None:
         idx.apply(f"r{i}", full if i % 2 else half)
     other = toks(3, 900)
     idx.apply("r63", BlockStored(tuple(hash_blocks(other, BS, ROOT)), None, tuple(other), BS, medium="CPU"))
-    assert idx.native_tables == (table_kind == "native")  # slots 0..63 still fit
     expected = {f"r{i}": 4 if i % 2 else 2 for i in range(64)}
     assert idx.match(ours) == expected
     idx.check_integrity()
     idx.apply("r64", full)  # slot 64
     idx.apply("r69", half)
-    assert not idx.native_tables
+    assert idx.native_tables == native
     assert idx.match(ours) == expected | {"r64": 4, "r69": 2}
     assert idx.match(prompt_hashes(other, BS, MODEL), medium="CPU") == {"r63": 3}
     idx.check_integrity()
     idx.apply("r64", BlockRemoved((ours[3],)))
     idx.remove_replica("r1")
     assert idx.match(ours) == {r: n for r, n in expected.items() if r != "r1"} | {"r64": 3, "r69": 2}
+    idx.check_integrity()
+    for i in range(70, 300):  # five mask words
+        idx.apply(f"r{i}", half)
+    idx.apply("r299", AllBlocksCleared())
+    assert idx.match(ours[:2])["r298"] == 2 and "r299" not in idx.match(ours)
+    assert len(idx.match(ours)) == 64 - 1 + 2 + 229
     idx.check_integrity()
 
 
