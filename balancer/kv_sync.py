@@ -19,7 +19,8 @@ States (`mode`):
     snapshot  the publisher answers with its whole cache and the KV seq it covers: rebuild the
               replica's entries, apply held batches past that seq (a hole left ─▶ replay) ─▶ live;
               no answer within snapshot_timeout_s ─▶ live, inexact (learning from live batches),
-              and ask again later with a doubling back-off (at most 60 s)
+              and ask again later with a doubling back-off (at most 60 s); the same for a
+              re-learning replay (below) that goes unanswered
 
 A resync asks for a snapshot. A publisher without snapshots (vLLM answers the request with its
 replay end marker at once) is instead re-learned: drop the replica's entries and replay from seq
@@ -407,6 +408,13 @@ class KVSync:
         self._replayed = {}
         if self._replay_learn:
             self.exact = False
+            self._snapshot_backoff = 0.0  # answered: a later unanswered request starts over
+            if not replayed:
+                # An empty buffer: the publisher had published nothing when it answered (vLLM and
+                # kvfleet buffer every batch, the latest buffer_steps of them), so the cleared
+                # index is exact as of "none yet"; a live batch held past a lost one is a gap.
+                self.last_seq = -1
+                self.exact = True
         elif self._replay_from not in replayed and self._replay_from not in self._held:
             self.stats.replay_failures += 1  # the buffer rolled past the batch we need
             self._resync("replay_incomplete", now)
@@ -417,23 +425,25 @@ class KVSync:
         mode = self.mode
         self._deadline = None
         self._out.append(ResetDealer())
+        if mode == "replay" and not self._replay_learn:
+            self.stats.replay_failures += 1
+            self._resync("replay_timeout", now)
+            return
+        # No answer to a snapshot or a re-learning replay (replica down or busy, or no
+        # snapshots and no ROUTER to say so): keep what the index has, learn from live traffic,
+        # and ask again later, backing off.
         if mode == "replay":
             self.stats.replay_failures += 1
-            if self._replay_learn:
-                self._enter_live()  # learn from live traffic only
-            else:
-                self._resync("replay_timeout", now)
-        elif mode == "snapshot":
-            # No answer (replica down or busy, or no snapshots and no ROUTER to say so): keep
-            # what the index has, learn from live traffic, and ask again later, backing off.
+            timeout, reason = self.config.replay_timeout_s, "replay_retry"
+        else:
             self.stats.snapshot_timeouts += 1
-            self.last_seq = None
-            self.exact = False
-            self._snapshot_backoff = min(max(self._snapshot_backoff * 2, self.config.snapshot_timeout_s),
-                                         MAX_SNAPSHOT_BACKOFF_S)
-            self._pending_resync = self._pending_resync or "snapshot_retry"
-            self._next_resync_at = now + self._snapshot_backoff
-            self._enter_live()
+            timeout, reason = self.config.snapshot_timeout_s, "snapshot_retry"
+        self.last_seq = None
+        self.exact = False
+        self._snapshot_backoff = min(max(self._snapshot_backoff * 2, timeout), MAX_SNAPSHOT_BACKOFF_S)
+        self._pending_resync = self._pending_resync or reason
+        self._next_resync_at = now + self._snapshot_backoff
+        self._enter_live()
 
     def _request_resync(self, reason: str, now: float) -> None:
         if now >= self._next_resync_at and self.mode == "live":
