@@ -1,4 +1,4 @@
-"""Operational routes: /health, /metrics, /v1/models and the admin API.
+"""Operational routes: /health, /metrics, /v1/models and the admin API, as `Exchange` handlers.
 
     GET    /admin/replicas              every replica: health, breaker, load, cached blocks, in-flight
     POST   /admin/replicas              {"url", "events"?, "replay"?, "topic"?} add one
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from balancer.config import ReplicaSpec
+from balancer.exchange import Exchange, Handler, reply_json
 from balancer.proxy import read_json
 from protocol.curve import is_z85_key
 from protocol.openai_api import APIError, parse_chat, parse_completion
@@ -41,26 +41,28 @@ def _replica_json(b, r) -> dict:
     }
 
 
-def add_routes(app: web.Application, b) -> None:
-    async def health(request: web.Request) -> web.Response:
+def routes(b) -> dict[str, dict[str, Handler]]:
+    """path -> method -> handler, for balancer `b` (a `balancer.app.Balancer`)."""
+
+    async def health(ex: Exchange) -> None:
         usable = len(b.registry.usable()) if b.proxy else 0
         status = 200 if usable else 503
-        return web.json_response({"status": "ok" if usable else "no usable replica", "usable_replicas": usable,
-                                  "replicas": len(b.registry)}, status=status)
+        reply_json(ex, {"status": "ok" if usable else "no usable replica", "usable_replicas": usable,
+                        "replicas": len(b.registry)}, status)
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(b.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics(ex: Exchange) -> None:
+        ex.reply(200, generate_latest(b.metrics.registry), {"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
+    async def models(ex: Exchange) -> None:
+        reply_json(ex, {"object": "list", "data": [
             {"id": b.model, "object": "model", "created": 0, "owned_by": "kvfleet", "root": b.model}]})
 
-    async def list_replicas(request: web.Request) -> web.Response:
-        return web.json_response({"policy": b.policy.describe(), "model": b.model,
-                                  "replicas": [_replica_json(b, r) for r in b.registry]})
+    async def list_replicas(ex: Exchange) -> None:
+        reply_json(ex, {"policy": b.policy.describe(), "model": b.model,
+                        "replicas": [_replica_json(b, r) for r in b.registry]})
 
-    async def add_replica(request: web.Request) -> web.Response:
-        body = await read_json(request)
+    async def add_replica(ex: Exchange) -> None:
+        body = await read_json(ex)
         if not isinstance(body, dict) or not isinstance(body.get("url"), str):
             raise APIError(400, 'send {"url": "http://host:port", "events": "tcp://host:5557"?, "replay": ...?}', "url")
         key = body.get("curve_server_key")
@@ -74,7 +76,7 @@ def add_routes(app: web.Application, b) -> None:
         if b.registry.get(spec.replica_id) is not None:
             raise APIError(400, f"replica {spec.replica_id} is already registered", "url")
         b.add_replica(spec)
-        return web.json_response(_replica_json(b, b.registry.get(spec.replica_id)), status=201)
+        reply_json(ex, _replica_json(b, b.registry.get(spec.replica_id)), 201)
 
     def _target(body_or_query) -> str:
         rid = body_or_query.get("replica") if hasattr(body_or_query, "get") else None
@@ -83,21 +85,21 @@ def add_routes(app: web.Application, b) -> None:
             raise APIError(404, f"unknown replica {rid!r}; known replicas: {known}", "replica")
         return rid
 
-    async def drain(request: web.Request) -> web.Response:
-        rid = _target(await read_json(request))
+    async def drain(ex: Exchange) -> None:
+        rid = _target(await read_json(ex))
         r = b.registry.drain(rid)
-        return web.json_response(_replica_json(b, r))
+        reply_json(ex, _replica_json(b, r))
 
-    async def undrain(request: web.Request) -> web.Response:
-        rid = _target(await read_json(request))
+    async def undrain(ex: Exchange) -> None:
+        rid = _target(await read_json(ex))
         r = b.registry.get(rid)
         r.draining = False
-        return web.json_response(_replica_json(b, r))
+        reply_json(ex, _replica_json(b, r))
 
-    async def remove(request: web.Request) -> web.Response:
-        rid = _target(request.query)
+    async def remove(ex: Exchange) -> None:
+        rid = _target(ex.query)
         try:
-            timeout = float(request.query.get("timeout", "60"))
+            timeout = float(ex.query.get("timeout", "60"))
         except ValueError:
             raise APIError(400, "timeout must be a number of seconds", "timeout") from None
         r = b.registry.drain(rid)
@@ -107,10 +109,10 @@ def add_routes(app: web.Application, b) -> None:
             await asyncio.sleep(0.05)
         left = r.inflight_requests
         b.remove_replica(rid)
-        return web.json_response({"removed": rid, "inflight_at_removal": left})
+        reply_json(ex, {"removed": rid, "inflight_at_removal": left})
 
-    async def explain(request: web.Request) -> web.Response:
-        body = await read_json(request)
+    async def explain(ex: Exchange) -> None:
+        body = await read_json(ex)
         req = parse_chat(body) if isinstance(body, dict) and "messages" in body else parse_completion(body)
         b.proxy.check_model(req)
         prepared = b.router.prepare(req)
@@ -124,19 +126,19 @@ def add_routes(app: web.Application, b) -> None:
         }
         if d is None:
             out.update(matched_blocks={}, predicted_output_tokens=None, decision=None, reason="no usable replica")
-            return web.json_response(out)
+            return reply_json(ex, out)
         out.update(matched_blocks=dict(rr.matched_blocks),
                    # null unless the policy reads predicted output lengths (e.g. `predictive`)
                    predicted_output_tokens=rr.predicted_output_tokens,
                    decision=d.replica_id, reason=d.reason, scores={k: dict(v) for k, v in d.scores.items()})
-        return web.json_response(out)
+        reply_json(ex, out)
 
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/admin/replicas", list_replicas)
-    app.router.add_post("/admin/replicas", add_replica)
-    app.router.add_post("/admin/replicas/drain", drain)
-    app.router.add_post("/admin/replicas/undrain", undrain)
-    app.router.add_delete("/admin/replicas", remove)
-    app.router.add_post("/admin/explain", explain)
+    return {
+        "/health": {"GET": health},
+        "/metrics": {"GET": metrics},
+        "/v1/models": {"GET": models},
+        "/admin/replicas": {"GET": list_replicas, "POST": add_replica, "DELETE": remove},
+        "/admin/replicas/drain": {"POST": drain},
+        "/admin/replicas/undrain": {"POST": undrain},
+        "/admin/explain": {"POST": explain},
+    }

@@ -1,8 +1,11 @@
 """Assembles the balancer: registry, index, subscribers, policy, router, proxy, watchers, routes.
 
-`Balancer` owns the runtime state; `create_app` wires it into aiohttp with one cleanup context
-that starts every long-lived task (health polls, DNS, KV-event subscribers, stats export) and
-cancels and awaits them on shutdown, with one `ClientSession` for the app's lifetime.
+`Balancer` owns the runtime state; `create_app` builds its one route table (every route an
+`Exchange` handler behind the guard's checks: balancer/exchange.py) and an aiohttp application
+with one cleanup context that starts every long-lived task (health polls, DNS, KV-event
+subscribers, stats export) and cancels and awaits them on shutdown, with one `ClientSession` for
+the app's lifetime. balancer/serving.py serves the table with the lean front-end, or registers
+it on the aiohttp application with `fast_path = false`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from aiohttp import web
 from balancer import index_state, openapi
 from balancer.approx_index import ApproxIndex
 from balancer.config import BalancerConfig, ReplicaSpec
-from balancer.exchange import WebExchange
+from balancer.exchange import RouteTable, web_handler
 from balancer.guard import Guard
 from balancer.health import DnsWatcher, HealthChecker
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
@@ -39,9 +42,7 @@ from protocol.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 BALANCER = web.AppKey("balancer", "Balancer")
-# The routes the lean front-end (balancer/front.py) serves itself: path -> handler of an Exchange.
-# The generation routes the lean front-end (balancer/front.py) serves; absent with fast_path off.
-FAST_ROUTES = web.AppKey("fast_routes", dict)
+ROUTES = web.AppKey("routes", RouteTable)  # every route of the balancer, guard included
 GUARD = web.AppKey("guard", Guard)
 
 
@@ -212,39 +213,28 @@ async def _errors(request: web.Request, handler):
         return web.json_response(error_body(400, f"the request body could not be read: {e}"), status=400)
 
 
-def _web_route(handler):
-    async def route(request: web.Request) -> web.StreamResponse:
-        ex = WebExchange(request)
-        await handler(ex)
-        return ex.response
+def routes(b: Balancer, guard: Guard) -> RouteTable:
+    """Every route of balancer `b`, each behind the checks of `guard` that it needs."""
+    from balancer import admin
 
-    return route
-
-
-def _front_route(guard: Guard, path: str, handler):
-    return lambda ex: guard.serve(ex, path, ex.remote, handler)
+    table = {
+        # b.proxy exists once the app has started: bound at call time
+        "/v1/completions": {"POST": lambda ex: b.proxy.completions(ex)},
+        "/v1/chat/completions": {"POST": lambda ex: b.proxy.chat(ex)},
+        **admin.routes(b), **index_state.routes(b), **openapi.routes(),
+    }
+    return RouteTable(table, guard.guarded)
 
 
 def create_app(cfg: BalancerConfig, balancer: Balancer | None = None) -> web.Application:
-    from balancer import admin
-
     b = balancer or Balancer(cfg)
     guard = Guard.for_balancer(b)
-    app = web.Application(client_max_size=cfg.max_body_bytes,
-                          middlewares=[_errors] if guard.idle else [_errors, guard.middleware])
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors])
     app[BALANCER] = b
     app[GUARD] = guard
-
-    # b.proxy exists once the app has started: bound at call time
-    handlers = {"/v1/completions": lambda ex: b.proxy.completions(ex), "/v1/chat/completions": lambda ex: b.proxy.chat(ex)}
-    for path, handler in handlers.items():
-        app.router.add_post(path, guard.web_handler(handler) if not guard.idle else _web_route(handler))
-    if cfg.fast_path:  # the lean front-end serves these two, with the same guard when it is on
-        app[FAST_ROUTES] = {path.encode(): (handler if guard.idle else _front_route(guard, path, handler))
-                            for path, handler in handlers.items()}
-    admin.add_routes(app, b)
-    index_state.add_routes(app, b)
-    openapi.add_routes(app)
+    app[ROUTES] = table = routes(b, guard)
+    if not cfg.fast_path:  # aiohttp serves the same table, resolved as the front-end does (404, 405, HEAD)
+        app.router.add_route("*", "/{path:.*}", web_handler(lambda ex: table.resolve(ex.method, ex.path)(ex)))
 
     async def lifecycle(app: web.Application):
         await b.start()

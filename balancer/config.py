@@ -143,8 +143,8 @@ class BalancerConfig:
     # Return freed heap memory to the OS this often (glibc malloc_trim; balancer/memtrim.py), so
     # that RSS does not ratchet up with each burst of concurrency; 0 = never.
     memory_trim_s: float = 30.0
-    # Serve the two generation routes on the lean HTTP front-end (balancer/front.py) rather than
-    # through aiohttp; it is used only when the guard is off.
+    # Serve every route on the lean HTTP front-end (balancer/front.py); false: aiohttp serves the
+    # same route table (for comparison).
     fast_path: bool = True
 
     def __post_init__(self) -> None:

@@ -1,20 +1,33 @@
-"""The client's side of one generation request, as the Proxy sees it.
+"""One HTTP request and its response, as a route handler sees it, and the table of routes.
 
-The Proxy reads the request's headers and body and writes one response — a whole body, or a
-stream of chunks — through an `Exchange`; it does not know which HTTP server carries it. Two
-servers do: aiohttp (`WebExchange`, below: every route, and the generation routes when the
-lean front-end is off) and the balancer's own front-end for the two generation routes
-(`balancer/front.py`).
+Every route of the balancer is a handler of an `Exchange`: it reads the request's method, path,
+query, headers and body and writes one response — a whole body, or a stream of chunks — without
+knowing which HTTP server carries it. The balancer's own front-end (balancer/front.py) serves
+the whole `RouteTable`; with `fast_path = false` aiohttp serves the same table through
+`WebExchange` (below), for comparison.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Protocol
 
 from aiohttp import web
 
+from protocol.openai_api import error_body
+
 
 class Exchange(Protocol):
+    method: str  # upper case
+    path: str  # percent-decoded, without the query
+    remote: str | None  # the client's address
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        """The query string's parameters (the first value of each name)."""
+
     def header(self, name: str) -> str | None:
         """A request header's (first) value; `name` in any case."""
 
@@ -35,14 +48,72 @@ class Exchange(Protocol):
         """Finish the streamed body."""
 
 
+Handler = Callable[[Exchange], Awaitable[None]]
+JSON = {"Content-Type": "application/json"}
+
+
+def reply_json(ex: Exchange, obj: object, status: int = 200, headers: Mapping[str, str] | None = None) -> None:
+    ex.reply(status, json.dumps(obj).encode(), {**JSON, **headers} if headers else dict(JSON))
+
+
+def _unguarded(method: str, path: str, handler: Handler) -> Handler:
+    return handler
+
+
+class RouteTable:
+    """path -> method -> handler, read-only once built. `resolve` answers every (method, path):
+    the route's handler, or one that replies 404 / 405 (with `Allow`). HEAD is served by a GET
+    route (the server sends the head of its answer only). `guard(method, path, handler)` puts
+    each handler behind the checks its request needs, the 404 and 405 answers included (with
+    API keys on, an unknown route answers 401 to a client without one: it reveals nothing)."""
+
+    def __init__(self, routes: Mapping[str, Mapping[str, Handler]],
+                 guard: Callable[[str, str, Handler], Handler] = _unguarded) -> None:
+        self._guard = guard
+        self._routes = MappingProxyType({
+            path: MappingProxyType({method: guard(method, path, h) for method, h in by_method.items()})
+            for path, by_method in routes.items()})
+
+    def __iter__(self) -> Iterator[tuple[str, str, Handler]]:
+        """(method, path, handler) of every route."""
+        for path, by_method in self._routes.items():
+            for method, handler in by_method.items():
+                yield method, path, handler
+
+    def resolve(self, method: str, path: str) -> Handler:
+        by_method = self._routes.get(path)
+        if by_method is None:
+            return self._guard(method, path, _not_found)
+        handler = by_method.get(method) or (by_method.get("GET") if method == "HEAD" else None)
+        if handler is None:
+            allow = ", ".join(sorted({*by_method, *(("HEAD",) if "GET" in by_method else ())}))
+            return self._guard(method, path, lambda ex: _not_allowed(ex, allow))
+        return handler
+
+
+async def _not_found(ex: Exchange) -> None:
+    reply_json(ex, error_body(404, f"no route {ex.path}; GET /openapi.json lists the balancer's routes"), 404)
+
+
+async def _not_allowed(ex: Exchange, allow: str) -> None:
+    reply_json(ex, error_body(405, f"{ex.method} is not allowed on {ex.path}; use {allow}"), 405, {"Allow": allow})
+
+
 class WebExchange:
     """An `Exchange` over an aiohttp request; `response` is what the route handler returns."""
 
-    __slots__ = ("request", "response")
+    __slots__ = ("request", "response", "method", "path", "remote")
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
         self.response: web.StreamResponse | None = None
+        self.method = request.method
+        self.path = request.path
+        self.remote = request.remote
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        return self.request.query
 
     def header(self, name: str) -> str | None:
         return self.request.headers.get(name)
@@ -63,3 +134,13 @@ class WebExchange:
 
     async def end(self) -> None:
         await self.response.write_eof()
+
+
+def web_handler(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An aiohttp route handler running `handler` on a `WebExchange`."""
+    async def route(request: web.Request) -> web.StreamResponse:
+        ex = WebExchange(request)
+        await handler(ex)
+        return ex.response
+
+    return route

@@ -1,29 +1,25 @@
-"""The balancer's public HTTP/1.1 server: a lean path for the two generation routes, aiohttp for the rest.
+"""The balancer's HTTP/1.1 server: every route of its `RouteTable`, on one connection stack.
 
-Every request a client sends for a completion pays for the HTTP server in front of the Proxy.
 aiohttp's server (request and response objects, router, middlewares, payload streams) costs
-about as much as the routing decision itself, so the two routes that carry the traffic —
-`POST /v1/completions` and `POST /v1/chat/completions` — are served by this small server
-instead: an asyncio protocol with the `httptools` (llhttp) request parser, one transport write
-per unary response, chunked framing for streams. Everything else (admin API, metrics, health,
-OpenAPI, `/v1/models`, ...) stays with the aiohttp application, which gets the connection itself:
+about as much as the routing decision itself, so the balancer serves HTTP with this small
+server instead: an asyncio protocol with the `httptools` (llhttp) request parser, one transport
+write per unary response, chunked framing for streams. It answers every request itself, from
+the route table (balancer/exchange.py: the generation routes, /health, /metrics, /v1/models,
+/openapi.json, the admin API), so a connection never changes hands:
 
-    connection ─▶ _Connection (this module)
-        a request line for one of the two routes ─▶ parsed here ─▶ Proxy (via `FrontExchange`)
-        anything else at a request boundary     ─▶ the connection is handed to aiohttp's own
-                                                   protocol object with the bytes read so far
-                                                   (exact: no re-encoding), and stays there
-        anything else behind a pipelined fast request, inside one read ─▶ re-serialised from the
-                                                   parsed request, then handed over as above
+    connection ─▶ _Connection: parse (httptools) ─▶ RouteTable.resolve(method, path)
+                  ─▶ the handler, on a `FrontExchange` ─▶ one response, in request order
 
 Requests on one connection are answered in order (HTTP/1.1 pipelining); a client that sends
 `Expect: 100-continue` gets the interim response; a body over the size limit gets 413 and the
-connection is closed; a malformed request gets 400 and is closed; an idle connection is closed
-after `keepalive_timeout_s` (aiohttp's default, 75 s); with `body_timeout_s`, a request whose
-body has not arrived that long after it began gets 408 and the connection is closed (checked
-by the idle sweep, to within a few seconds). The guard (API keys, limits, admission queue,
-balancer/guard.py) is a function the route handlers call, so it applies here as on aiohttp;
-with `--no-fast-path` aiohttp serves every route.
+connection is closed; a malformed request gets 400 and is closed; a body in gzip or deflate is
+decoded (within the size limit), another Content-Encoding gets 415; HTTP/1.0 clients get
+streams without chunked framing, ended by the close; HEAD is answered by a GET route without
+its body; an idle connection is closed after `keepalive_timeout_s` (aiohttp's default, 75 s);
+with `body_timeout_s`, a request whose body has not arrived that long after it began gets 408
+and the connection is closed (checked by the idle sweep, to within a few seconds). The guard
+(API keys, limits, admission queue, balancer/guard.py) is part of the handlers in the table.
+With `--no-fast-path` aiohttp serves the same table instead (for comparison).
 """
 
 from __future__ import annotations
@@ -34,30 +30,26 @@ import json
 import logging
 import socket
 import time
+import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from types import MappingProxyType
+from urllib.parse import parse_qsl, unquote
 
 import httptools
 
+from balancer.exchange import Handler, RouteTable
 from protocol.openai_api import APIError, error_body
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[["FrontExchange"], Awaitable[None]]
-
-# Request lines this server parses itself; any other request line at a request boundary sends the
-# connection to aiohttp unparsed. (A line that starts so but names another path, e.g.
-# `/v1/completions2`, is parsed, found not to be a fast route and re-serialised for aiohttp.)
-_FAST_STARTS = (b"POST /v1/completions", b"POST /v1/chat/completions")
-_PEEK = 26  # bytes needed to tell: len(b"POST /v1/chat/completions") + 1
 _STATUS_LINES = MappingProxyType({s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus})
-# Headers a re-serialised request must not carry: its body is re-framed with Content-Length, and
-# the interim 100 response has been sent already.
-_REFRAMED = frozenset((b"content-length", b"transfer-encoding", b"expect"))
+# Content-Encoding -> zlib's wbits for it (RFC 9110 §8.4.1: gzip, deflate = zlib format; aiohttp
+# also accepts raw deflate, as `wbits=-15` after a failed zlib header: kept out, no client sends it).
+_DECODERS = MappingProxyType({b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS})
 
 
 @dataclass(frozen=True)
@@ -70,15 +62,12 @@ class FrontConfig:
 
 
 class FrontServer:
-    """Protocol factory for `loop.create_server`. `routes` maps a path to its handler;
-    `fallback` makes aiohttp's protocol for a connection (`AppRunner.server`)."""
+    """Protocol factory for `loop.create_server`: serves `routes`."""
 
-    def __init__(self, cfg: FrontConfig, routes: dict[bytes, Handler], fallback: Callable[[], asyncio.Protocol],
-                 on_reject: Callable[[str], None] | None = None):
+    def __init__(self, cfg: FrontConfig, routes: RouteTable, on_reject: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.on_reject = on_reject  # told the reason of each request this server refuses itself (body_timeout)
         self.routes = routes
-        self.fallback = fallback
         self.connections: set[_Connection] = set()
         self._date = (0, b"")
         self._sweeper: asyncio.Task | None = None
@@ -131,15 +120,20 @@ class FrontServer:
 class _Message:
     """One request while it is read."""
 
-    __slots__ = ("url", "headers", "body", "fast", "keep_alive", "size", "started")
+    __slots__ = ("url", "headers", "body", "handler", "method", "path", "keep_alive", "http10", "encoding", "size",
+                 "started")
 
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []  # (lower-case name, value)
         self.body: list[bytes] = []
-        self.fast: Handler | None = None
+        self.handler: Handler | None = None
+        self.method = ""
+        self.path = ""
         self.keep_alive = True
+        self.http10 = False  # an HTTP/1.0 client: no chunked framing
+        self.encoding: bytes | None = None  # the body's Content-Encoding, when not identity
         self.size = 0
 
 
@@ -151,17 +145,13 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.msg: _Message | None = None  # the request being read (None between requests)
-        # Complete requests waiting their turn: a `_Message` for this server, or bytes for aiohttp
-        # (once bytes are queued, everything after them goes to aiohttp too).
-        self.queue: deque[_Message | bytes | _Failure] = deque()
-        self.handing_over = False
-        self.head = b""  # the first bytes of a request line, too few to tell which route
+        self.queue: deque[_Message | _Failure] = deque()  # complete requests waiting their turn
         self.task: asyncio.Task | None = None  # the request being answered
         self.active = time.monotonic()  # when it last received bytes or finished an answer
         self.closed = False
         self.failed = False  # a request could not be parsed: an error is on its way, then the close
         self.eof = False  # the client has half-closed: answer what it sent, then close
-        self.paused = False  # reading paused (too many requests queued, or waiting to hand over)
+        self.paused = False  # reading paused (too many requests queued, or a failure being answered)
         self.drained: asyncio.Future | None = None  # set while the transport's write buffer is full
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -199,21 +189,6 @@ class _Connection(asyncio.Protocol):
         if self.failed:
             return
         self.active = time.monotonic()
-        if self.msg is None and not self.handing_over:
-            # At a request boundary: is this a request for one of our routes?
-            if self.head:
-                data, self.head = self.head + data, b""
-            if not data.startswith(_FAST_STARTS):
-                if len(data) < _PEEK and any(s.startswith(data[:len(s)]) for s in _FAST_STARTS):
-                    self.head = data  # too short to tell yet
-                    return
-                self.queue.append(data)
-                self._hand_over_when_ready()
-                return
-        if self.handing_over and self.msg is None:
-            self.queue.append(data)  # raw bytes behind requests still to be answered here
-            self._pause()
-            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -245,6 +220,7 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         msg, parser = self.msg, self.parser
         msg.keep_alive = parser.should_keep_alive()
+        msg.http10 = parser.get_http_version() == "1.0"
         length = expect = encoded = None
         for name, value in msg.headers:
             if name == b"content-length":
@@ -252,12 +228,15 @@ class _Connection(asyncio.Protocol):
             elif name == b"expect":
                 expect = value
             elif name == b"content-encoding":
-                encoded = value
+                encoded = value.strip().lower()
         if length is not None and length.strip().isdigit() and int(length) > self.server.cfg.max_body_bytes:
             raise _TooLarge(int(length))
-        if (not self.handing_over and parser.get_method() == b"POST" and parser.get_http_version() == "1.1"
-                and (encoded is None or encoded.strip().lower() == b"identity")):
-            msg.fast = self.server.routes.get(msg.url.partition(b"?")[0])
+        if encoded is not None and encoded != b"identity":
+            msg.encoding = encoded
+        path = msg.url.partition(b"?")[0].decode("latin-1")
+        msg.path = unquote(path) if "%" in path else path
+        msg.method = parser.get_method().decode("latin-1")
+        msg.handler = self.server.routes.resolve(msg.method, msg.path)
         if expect is not None and expect.strip().lower() == b"100-continue" and self.task is None and not self.queue:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -270,11 +249,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         msg, self.msg = self.msg, None
-        if msg.fast is not None and not self.handing_over:
-            self.queue.append(msg)
-        else:  # for aiohttp, behind what is queued here
-            self.handing_over = True
-            self.queue.append(_reserialise(self.parser, msg))
+        self.queue.append(msg)
 
     # ------------------------------------------------------------------ answering
     def _next(self) -> None:
@@ -284,12 +259,9 @@ class _Connection(asyncio.Protocol):
         if not self.queue:
             if self.eof:
                 self.close()
-            elif not self.handing_over:
+            else:
                 self._resume()
             self.active = time.monotonic()
-            return
-        if isinstance(self.queue[0], bytes):
-            self._hand_over_when_ready()
             return
         msg = self.queue.popleft()
         if isinstance(msg, _Failure):
@@ -300,7 +272,9 @@ class _Connection(asyncio.Protocol):
     async def _answer(self, msg: _Message) -> None:
         ex = FrontExchange(self, msg)
         try:
-            await msg.fast(ex)
+            if msg.encoding is not None:
+                _decode_body(msg, self.server.cfg.max_body_bytes)
+            await msg.handler(ex)
         except APIError as e:
             ex.error(e.status, e.body())
         except asyncio.CancelledError:
@@ -327,43 +301,13 @@ class _Connection(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
 
-    def _hand_over_when_ready(self) -> None:
-        """Give the connection to aiohttp once nothing is being answered or read here."""
-        self.handing_over = True
-        if self.closed:
-            return
-        if self.task is not None:
-            self._pause()  # it goes over when the request being answered is done (`_next`)
-            return
-        if self.msg is not None:
-            # A request is half read: read on; it goes over too once complete (`data_received`
-            # re-serialises it and calls `_next`).
-            self._resume()
-            return
-        data = b"".join(self.queue)  # only bytes are left: everything after the first bytes is bytes
-        self.queue.clear()
-        self.server.connections.discard(self)
-        protocol = self.server.fallback()
-        transport = self.transport
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        self._resume()
-        if data:
-            protocol.data_received(data)
-        if self.eof:
-            protocol.eof_received()
-
     def _fail(self, status: int, message: str) -> None:
         """Bytes that cannot be read as a request: the requests read before them are answered,
         then this error, then the connection closes (no request after them can be framed)."""
         self.failed = True
         self.msg = None
         self._pause()
-        kept = [m for m in self.queue if isinstance(m, _Message)]  # bytes for aiohttp sit behind all of these
-        self.queue.clear()
-        self.queue.extend(kept)
         self.queue.append(_Failure(status, message))
-        self.handing_over = False
         self._next()
 
     def _send_error_and_close(self, status: int, message: str) -> None:
@@ -394,22 +338,36 @@ class _TooLarge(Exception):
         self.size = size
 
 
-def _reserialise(parser: httptools.HttpRequestParser, msg: _Message) -> bytes:
-    """A parsed request as HTTP/1.1 bytes for aiohttp: same method, target and headers, the body
-    re-framed with Content-Length."""
-    body = b"".join(msg.body)
-    lines = [b"%s %s HTTP/%s" % (parser.get_method(), msg.url, parser.get_http_version().encode())]
-    lines += [b"%s: %s" % (n, v) for n, v in msg.headers if n not in _REFRAMED]
-    lines.append(b"Content-Length: %d" % len(body))
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+def _decode_body(msg: _Message, limit: int) -> None:
+    """Decode the body of `msg` in place from its Content-Encoding (at most `limit` bytes
+    decoded), or raise the APIError that answers it."""
+    wbits = _DECODERS.get(msg.encoding)
+    if wbits is None:
+        raise APIError(415, f"Content-Encoding {msg.encoding.decode('latin-1')!r} is not supported; send the "
+                            "body uncompressed, or in gzip or deflate")
+    decoder = zlib.decompressobj(wbits)
+    try:
+        body = decoder.decompress(b"".join(msg.body), limit + 1)
+        if not decoder.eof and len(body) <= limit:
+            raise zlib.error("the compressed body ends early")
+    except zlib.error as e:
+        raise APIError(400, f"the request body could not be decoded as {msg.encoding.decode('latin-1')} ({e}); "
+                            "send it uncompressed or correctly encoded") from None
+    if len(body) > limit:
+        raise APIError(413, f"request body too large once decoded (over {limit} bytes); send a smaller body")
+    msg.body = [body]
+    msg.encoding = None
 
 
 def _head(server: FrontServer, status: int, headers: dict[str, str], length: int | None, close: bool) -> bytes:
-    """Status line and headers; `length` None means a chunked body."""
+    """Status line and headers; `length` None means a chunked body, -1 one ended by the close."""
     out = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
     for name, value in headers.items():
         out.append(f"{name}: {value}\r\n".encode("latin-1"))
-    out.append(b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length)
+    if length is None:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    elif length >= 0:
+        out.append(b"Content-Length: %d\r\n" % length)
     if close:
         out.append(b"Connection: close\r\n")
     out.append(b"Date: %s\r\n\r\n" % server.date())
@@ -419,14 +377,26 @@ def _head(server: FrontServer, status: int, headers: dict[str, str], length: int
 class FrontExchange:
     """The `Exchange` (balancer/exchange.py) of one request on this server."""
 
-    __slots__ = ("conn", "msg", "started", "finished")
+    __slots__ = ("conn", "msg", "method", "path", "started", "finished", "_query")
     body_complete = True  # the whole body is here before the handler runs
 
     def __init__(self, conn: _Connection, msg: _Message) -> None:
         self.conn = conn
         self.msg = msg
+        self.method = msg.method
+        self.path = msg.path
         self.started = False
         self.finished = False
+        self._query: Mapping[str, str] | None = None
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        if self._query is None:
+            q: dict[str, str] = {}
+            for name, value in parse_qsl(self.msg.url.partition(b"?")[2].decode("latin-1"), keep_blank_values=True):
+                q.setdefault(name, value)  # the first value, as aiohttp's `query.get`
+            self._query = MappingProxyType(q)
+        return self._query
 
     def header(self, name: str) -> str | None:
         key = name.lower().encode("latin-1")
@@ -449,21 +419,26 @@ class FrontExchange:
         conn = self.conn
         self.started = self.finished = True
         if not conn.closed:
-            conn.transport.write(_head(conn.server, status, headers, len(body), not self.msg.keep_alive) + body)
+            head = _head(conn.server, status, headers, len(body), not self.msg.keep_alive)
+            conn.transport.write(head if self.method == "HEAD" else head + body)
 
     async def open_stream(self, status: int, headers: dict[str, str]) -> None:
-        conn = self.conn
+        conn, msg = self.conn, self.msg
         if conn.closed:
             raise ConnectionResetError("the client closed the connection")
         self.started = True
-        conn.transport.write(_head(conn.server, status, headers, None, not self.msg.keep_alive))
+        if msg.http10:  # no chunked framing in HTTP/1.0: the body ends with the connection
+            msg.keep_alive = False
+            conn.transport.write(_head(conn.server, status, headers, -1, True))
+        else:
+            conn.transport.write(_head(conn.server, status, headers, None, not msg.keep_alive))
 
     async def write(self, data: bytes) -> None:
         conn = self.conn
         if conn.closed:
             raise ConnectionResetError("the client closed the connection")
         if data:
-            conn.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            conn.transport.write(data if self.msg.http10 else b"%x\r\n%s\r\n" % (len(data), data))
         if conn.drained is not None and not conn.drained.done():
             await conn.drained
             if conn.closed:
@@ -474,7 +449,8 @@ class FrontExchange:
         if conn.closed:
             raise ConnectionResetError("the client closed the connection")
         self.finished = True
-        conn.transport.write(b"0\r\n\r\n")
+        if not self.msg.http10:
+            conn.transport.write(b"0\r\n\r\n")
 
     def error(self, status: int, body: dict) -> None:
         """An error response: in full if nothing was sent yet; in a started stream, as a last
@@ -488,7 +464,7 @@ class FrontExchange:
             return
         if not self.finished:
             data = b"data: " + json.dumps(body).encode() + b"\n\n"
-            conn.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+            conn.transport.write(data if self.msg.http10 else b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
             self.finished = True
 
     def abort(self) -> None:

@@ -1,11 +1,10 @@
 """The balancer's front door: API keys, per-key limits, admission queue, request caps.
 
-Configured by `GuardConfig` (every feature off unless configured). A generation request (POST
-/v1/completions, /v1/chat/completions) goes through `Guard.serve`, a plain function over the
-request's `Exchange` that both HTTP servers call — the lean front-end (balancer/front.py) and
-aiohttp — so the checks are the same whichever carries it, and turning one on never moves the
-traffic to the slower server. They run in this order, cheapest first, each answering with an
-OpenAI-style error body:
+Configured by `GuardConfig` (every feature off unless configured). `Guard.guarded` puts a route's
+handler behind the checks that route needs, as plain functions over the request's `Exchange`, so
+they are the same whichever HTTP server serves the route table. A generation request (POST
+/v1/completions, /v1/chat/completions) goes through `Guard.serve`: these checks, in this order,
+cheapest first, each answering with an OpenAI-style error body:
 
     API key (Bearer)                       ─ missing or wrong ─▶ 401
     per-key rate (token bucket)            ─ empty ─▶ 429, Retry-After: when a token is back
@@ -21,7 +20,7 @@ OpenAI-style error body:
 The key of a request is its API key when keys are configured, else the client's address. (On
 the front-end the body has arrived before the guard runs, so a slow body holds no limit's slot;
 the front-end answers 408 itself when it takes longer than body_timeout_s.)
-Other routes, through the aiohttp middleware: /health, /metrics and /openapi.json are open (probes, scrapers, docs); /admin/*
+Other routes: /health, /metrics and /openapi.json are open (probes, scrapers, docs); /admin/*
 needs an admin key when `admin_keys` is set (else an API key when `api_keys` is set); every
 other route needs an API key when `api_keys` is set.
 
@@ -39,15 +38,14 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from balancer.exchange import Exchange, WebExchange
-from protocol.auth import UNAUTHORIZED, KeySet, bearer_token, parse_bearer, unauthorized
+from balancer.exchange import Exchange, Handler
+from protocol.auth import UNAUTHORIZED, KeySet, parse_bearer
 from protocol.openai_api import APIError, decode_json_body, error_body
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -209,7 +207,7 @@ class Admission:
 
 
 class Guard:
-    """The middleware's state for one app (limits are per balancer process)."""
+    """The checks' state for one balancer (limits are per balancer process)."""
 
     def __init__(self, cfg: GuardConfig, usable_replicas: Callable[[], int], forward_client_auth: bool,
                  registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -235,7 +233,7 @@ class Guard:
     @property
     def idle(self) -> bool:
         """Nothing to check or change on any request: no keys, limits, queue, cap or body timeout
-        (the balancer's default). The app then leaves the middleware out of the request path."""
+        (the balancer's default): `guarded` then hands the routes' handlers back unwrapped."""
         cfg = self.cfg
         return (not cfg.api_keys and not cfg.admin_keys and self.forward_client_auth and self.rate is None
                 and not cfg.max_concurrency_per_key and self.admission is None and not cfg.max_tokens_cap
@@ -252,20 +250,23 @@ class Guard:
         return guard
 
     # ------------------------------------------------------------------ the checks
-    @web.middleware
-    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
-        """Keys for the routes other than generation (those call `serve` from their handler)."""
-        path = request.path
-        if path in OPEN_PATHS or (request.method == "POST" and path in GENERATION_PATHS):
-            return await handler(request)
+    def guarded(self, method: str, path: str, handler: Handler) -> Handler:
+        """`handler` behind the checks its route needs (the module docstring's); itself when none."""
+        if method == "POST" and path in GENERATION_PATHS:
+            return handler if self.idle else lambda ex: self.serve(ex, handler)
         keys = self.admin_keys if path.startswith("/admin/") or path == "/admin" else self.api_keys
-        if keys and not keys.accepts(bearer_token(request)):
-            self.rejected.labels("unauthorized").inc()
-            return unauthorized()
-        return await handler(request)
+        if path in OPEN_PATHS or not keys:
+            return handler
 
-    async def serve(self, ex: Exchange, path: str, remote: str | None,
-                    handler: Callable[[Exchange], Awaitable[None]]) -> None:
+        async def keyed(ex: Exchange) -> None:
+            if not keys.accepts(parse_bearer(ex.header("Authorization"))):
+                self.rejected.labels("unauthorized").inc()
+                return _refuse(ex, 401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+            await handler(ex)
+
+        return keyed
+
+    async def serve(self, ex: Exchange, handler: Handler) -> None:
         """Run the checks of the module docstring on a generation request, then `handler` on it
         (with its body capped and the client's Authorization hidden where the config says) — or
         answer it with the refusal."""
@@ -274,7 +275,7 @@ class Guard:
         if self.api_keys and not self.api_keys.accepts(token):
             self.rejected.labels("unauthorized").inc()
             return _refuse(ex, 401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
-        key = token if self.api_keys else f"ip:{remote}"
+        key = token if self.api_keys else f"ip:{ex.remote}"
         if self.rate is not None:
             wait = self.rate.take(key)
             if wait > 0:
@@ -289,7 +290,7 @@ class Guard:
                            {"Retry-After": "1"})
         self.concurrency[key] = self.concurrency.get(key, 0) + 1
         try:
-            body = await self._read_body(ex, path)
+            body = await self._read_body(ex)
             if body is None:
                 return  # refused
             inner = _Guarded(ex, body, hide_auth=not self.forward_client_auth)
@@ -312,7 +313,7 @@ class Guard:
             else:
                 del self.concurrency[key]
 
-    async def _read_body(self, ex: Exchange, path: str) -> bytes | None:
+    async def _read_body(self, ex: Exchange) -> bytes | None:
         """The body (read in time), with the max_tokens cap applied; None: refused (answered)."""
         cfg = self.cfg
         try:
@@ -334,21 +335,12 @@ class Guard:
             return raw  # the proxy answers it with the same 400
         if not isinstance(body, dict):
             return raw
-        capped = _cap_max_tokens(body, cfg.max_tokens_cap, chat=path == "/v1/chat/completions")
+        capped = _cap_max_tokens(body, cfg.max_tokens_cap, chat=ex.path == "/v1/chat/completions")
         if isinstance(capped, str):
             self.rejected.labels("max_tokens").inc()
             _refuse(ex, 400, capped, {}, param="max_tokens")
             return None
         return raw if capped is None else json.dumps(capped).encode()
-
-    def web_handler(self, handler: Callable[[Exchange], Awaitable[None]]):
-        """An aiohttp route handler for a generation route: `serve` over a `WebExchange`."""
-        async def route(request: web.Request) -> web.StreamResponse:
-            ex = WebExchange(request)
-            await self.serve(ex, request.path, request.remote, handler)
-            return ex.response
-
-        return route
 
 
 class _Guarded:
@@ -359,6 +351,14 @@ class _Guarded:
 
     def __init__(self, ex: Exchange, body: bytes, hide_auth: bool) -> None:
         self.ex, self.body, self.hide_auth = ex, body, hide_auth
+
+    method = property(lambda self: self.ex.method)
+    path = property(lambda self: self.ex.path)
+    remote = property(lambda self: self.ex.remote)
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        return self.ex.query
 
     def header(self, name: str) -> str | None:
         if self.hide_auth and name.lower() == "authorization":

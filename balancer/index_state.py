@@ -9,8 +9,7 @@ must be equal when `exact` is true: that is how the fault tests check that the i
 
 from __future__ import annotations
 
-from aiohttp import web
-
+from balancer.exchange import Exchange, Handler, reply_json
 from protocol.openai_api import APIError
 
 
@@ -27,12 +26,12 @@ def index_state(b, replica_id: str) -> dict:
     }
 
 
-def add_routes(app: web.Application, b) -> None:
-    async def index(request: web.Request) -> web.Response:
-        rid = request.query.get("replica")
+def routes(b) -> dict[str, dict[str, Handler]]:
+    async def index(ex: Exchange) -> None:
+        rid = ex.query.get("replica")
         if rid is None or b.registry.get(rid) is None:
             known = [r.replica_id for r in b.registry]
             raise APIError(404, f"unknown replica {rid!r}; known replicas: {known}", "replica")
-        return web.json_response(index_state(b, rid))
+        reply_json(ex, index_state(b, rid))
 
-    app.router.add_get("/admin/index", index)
+    return {"/admin/index": {"GET": index}}

@@ -8,9 +8,10 @@ the balancer forwards without reading (vLLM extensions, OpenAI fields it ignores
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from aiohttp import web
+from balancer.exchange import JSON, Exchange, Handler
 
 VERSION = "0.1.0"
 _INT32 = 2**31 - 1
@@ -183,10 +184,10 @@ def document() -> dict[str, Any]:
     }
 
 
-def add_routes(app: web.Application) -> None:
-    doc = document()
+def routes() -> dict[str, dict[str, Handler]]:
+    body = json.dumps(document()).encode()
 
-    async def openapi(request: web.Request) -> web.Response:
-        return web.json_response(doc)
+    async def openapi(ex: Exchange) -> None:
+        ex.reply(200, body, dict(JSON))
 
-    app.router.add_get("/openapi.json", openapi)
+    return {"/openapi.json": {"GET": openapi}}

@@ -1,9 +1,9 @@
-"""Listening: the balancer's app on a host and port, behind the lean front-end where it applies.
+"""Listening: the balancer's app on a host and port.
 
 `start` runs the app's start-up (the Balancer's tasks) and opens the listening socket: the
-front-end (balancer/front.py) for the generation routes with aiohttp behind it, or aiohttp
-alone when the app has no fast routes (`fast_path = false`). `Serving.close`
-stops listening, lets requests in flight finish, and runs the app's clean-up.
+lean front-end (balancer/front.py) serving the app's route table, or, with `fast_path = false`,
+aiohttp serving the same table. `Serving.close` stops listening, lets requests in flight
+finish, and runs the app's clean-up.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from balancer.app import BALANCER, FAST_ROUTES, GUARD
+from balancer.app import BALANCER, GUARD, ROUTES
 from balancer.front import FrontConfig, FrontServer
 
 
@@ -37,21 +37,24 @@ class Serving:
         await self.runner.cleanup()
 
 
+def front_server(app: web.Application) -> FrontServer:
+    """The lean front-end for `app` (from `create_app`): its routes, body limits and guard."""
+    cfg = app[BALANCER].cfg
+    guard = app[GUARD]
+    return FrontServer(FrontConfig(max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.guard.body_timeout_s),
+                       app[ROUTES], on_reject=lambda reason: guard.rejected.labels(reason).inc())
+
+
 async def start(app: web.Application, host: str, port: int, **runner_kw) -> Serving:
     """Listen on host:port (0: a free port); the body limit is the app's balancer config's."""
     runner = web.AppRunner(app, **runner_kw)
-    await runner.setup()
-    routes = app.get(FAST_ROUTES) or {}
+    await runner.setup()  # the app's start-up: the Balancer's tasks
     try:
-        if not routes:
+        if not app[BALANCER].cfg.fast_path:
             site = web.TCPSite(runner, host, port)
             await site.start()
             return Serving(runner, [a[:2] for a in runner.addresses])
-        cfg = app[BALANCER].cfg
-        guard = app.get(GUARD)
-        front = FrontServer(FrontConfig(max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.guard.body_timeout_s),
-                            routes, runner.server,
-                            on_reject=(lambda reason: guard.rejected.labels(reason).inc()) if guard else None)
+        front = front_server(app)
         server = await asyncio.get_running_loop().create_server(front, host, port, reuse_address=True, backlog=1024)
     except BaseException:
         await runner.cleanup()

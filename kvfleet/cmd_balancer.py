@@ -47,9 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a TOML or JSON file with BalancerConfig keys; flags win")
     p.add_argument("--no-failover", action="store_true", help="do not continue broken streams on another replica")
     p.add_argument("--no-fast-path", action="store_true",
-                   help="serve every route with aiohttp (by default a lean HTTP front-end serves the two "
-                        "generation routes when no guard option is set; this is for comparison or if you "
-                        "suspect it)")
+                   help="serve every route with aiohttp instead of the balancer's lean HTTP front-end (the "
+                        "same routes and checks; for comparison, or if you suspect the front-end)")
     p.add_argument("--memory-trim-s", type=float, default=None,
                    help=f"return freed heap memory to the OS every this many seconds (glibc malloc_trim), so RSS "
                         f"does not ratchet up after bursts; 0 disables (default {d.memory_trim_s} s)")
@@ -99,7 +98,7 @@ async def serve(cfg: BalancerConfig) -> int:
     listening = await serving.start(app, cfg.host, cfg.port, access_log=None)
     b = app[BALANCER]
     addrs = [f"http://{a[0]}:{a[1]}" for a in listening.addresses]
-    front = "lean front-end for /v1/completions and /v1/chat/completions" if listening.front else "aiohttp"
+    front = "lean front-end" if listening.front else "aiohttp"
     print(f"kvfleet balancer ready: model={b.model} policy={b.policy.name} replicas={len(b.registry)} "
           f"listening on {' '.join(addrs)} ({front})", flush=True)
     stop = asyncio.Event()

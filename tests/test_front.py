@@ -13,12 +13,13 @@ import json
 import re
 import subprocess
 import sys
+import zlib
 
 import httptools
 import pytest
 
 from balancer import serving
-from balancer.app import BALANCER, FAST_ROUTES, create_app
+from balancer.app import BALANCER, ROUTES, create_app
 from balancer.config import BalancerConfig, HealthConfig, ReplicaSpec
 from balancer.front import FrontConfig, FrontServer
 from balancer.guard import GuardConfig
@@ -119,8 +120,7 @@ async def exchange(url: str, data: bytes, n: int, timeout: float = 30) -> tuple[
 
 
 def run(coro, loop: str = "uvloop"):
-    """On uvloop, as `kvfleet balancer` runs (the hand-over to aiohttp swaps the transport's
-    protocol, which each loop implements on its own), or on asyncio's loop."""
+    """On uvloop, as `kvfleet balancer` runs, or on asyncio's loop."""
     if loop == "uvloop":
         import uvloop
 
@@ -148,43 +148,53 @@ def test_unary_and_stream_on_the_front_end(replica):
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
-def test_keepalive_connection_moves_to_aiohttp_for_other_routes_and_keeps_order(replica, loop):
+def test_every_route_on_one_connection_is_answered_by_the_front_end_in_order(replica, loop):
     async def main():
         async with balancer([replica]) as (url, _):
-            # Pipelined in one write: fast, other, fast, other (the second fast one is served by
-            # aiohttp once the connection has moved there).
-            data = post(b"/v1/completions", BODY) + GET_MODELS + post(b"/v1/completions", STREAM_BODY) + GET_MODELS
-            rs, closed = await exchange(url, data, 4)
-            assert [r["status"] for r in rs] == [200, 200, 200, 200] and not closed
+            # Pipelined in one write: generation and other routes mixed, all answered here, in order.
+            data = (post(b"/v1/completions", BODY) + GET_MODELS + post(b"/v1/completions", STREAM_BODY) + GET_MODELS
+                    + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" + b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n"
+                    + b"GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n"
+                    + b"GET /admin/replicas HTTP/1.1\r\nHost: t\r\n\r\n" + post(b"/v1/completions", BODY))
+            rs, closed = await exchange(url, data, 9)
+            assert [r["status"] for r in rs] == [200] * 9 and not closed
+            assert all("server" not in r["headers"] for r in rs)  # none is aiohttp's answer
             assert "choices" in json.loads(rs[0]["body"]) and json.loads(rs[1]["body"])["data"][0]["id"] == "tiny"
             assert rs[2]["body"].rstrip().endswith(b"data: [DONE]")
             assert json.loads(rs[3]["body"])["object"] == "list"
-            # One request after another, first another route: the whole connection goes over.
-            rs, _ = await exchange(url, GET_MODELS + post(b"/v1/completions", BODY), 2)
-            assert [r["status"] for r in rs] == [200, 200] and "choices" in json.loads(rs[1]["body"])
-            # Several fast ones pipelined stay on the front-end, answered in order (the longest
-            # first: answered at once, they would come back shortest first).
+            assert json.loads(rs[4]["body"])["usable_replicas"] == 1
+            assert b"kvfleet_requests_total" in rs[5]["body"]
+            assert json.loads(rs[6]["body"])["openapi"].startswith("3.")
+            assert json.loads(rs[7]["body"])["replicas"][0]["id"] == replica
+            assert "choices" in json.loads(rs[8]["body"])
+            # Several generation requests pipelined are answered in order (the longest first:
+            # answered at once, they would come back shortest first).
             bodies = [json.dumps({"prompt": "x", "max_tokens": k}).encode() for k in (40, 30, 20, 10, 1)]
             rs, _ = await exchange(url, b"".join(post(b"/v1/completions", x) for x in bodies), 5)
             assert [json.loads(r["body"])["usage"]["completion_tokens"] for r in rs] == [40, 30, 20, 10, 1]
     run(main(), loop)
 
 
-def test_hand_over_waits_for_a_half_read_request(replica):
-    """A fast request, another route and the first half of a third request in one write, the rest
-    later: the third goes over to aiohttp once it is complete, and all three are answered."""
+def test_unknown_routes_methods_head_and_queries(replica):
     async def main():
         async with balancer([replica]) as (url, _):
+            rs, closed = await exchange(url, b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n"
+                                        b"GET /v1/completions HTTP/1.1\r\nHost: t\r\n\r\n"
+                                        b"GET /admin/index?replica=nope&replica=x HTTP/1.1\r\nHost: t\r\n\r\n"
+                                        b"GET /admin/%69ndex?replica=" + replica.replace(":", "%3A").encode()
+                                        + b" HTTP/1.1\r\nHost: t\r\n\r\n", 4)
+            assert [r["status"] for r in rs] == [404, 405, 404, 200] and not closed
+            assert json.loads(rs[0]["body"])["error"]["code"] == 404 and "/openapi.json" in rs[0]["body"].decode()
+            assert rs[1]["headers"]["allow"] == "POST" and json.loads(rs[1]["body"])["error"]["code"] == 405
+            assert "'nope'" in json.loads(rs[2]["body"])["error"]["message"]  # the first value counts
+            assert json.loads(rs[3]["body"])["replica"] == replica  # path and query percent-decoded
+            # HEAD: a GET route's head, no body (read raw: a response parser expects the body).
             reader, writer = await connect(url)
-            third = post(b"/v1/completions", BODY)
-            writer.write(post(b"/v1/completions", STREAM_BODY) + GET_MODELS + third[:40])
-            await writer.drain()
-            await asyncio.sleep(0.3)
-            writer.write(third[40:])
-            done, _ = await read_responses(reader, 3)
+            writer.write(b"HEAD /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(-1), 30)
             writer.close()
-            assert [r["status"] for r in done] == [200, 200, 200]
-            assert "choices" in json.loads(done[2]["body"])
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: " in head and body == b""
     run(main())
 
 
@@ -245,12 +255,35 @@ def test_expect_continue_chunked_gzip_http10_and_connection_close(replica):
             chunked = (b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
                        + b"%x\r\n%s\r\n" % (10, BODY[:10]) + b"%x\r\n%s\r\n" % (len(BODY) - 10, BODY[10:]) + b"0\r\n\r\n")
             zipped = gzip.compress(BODY)
-            rs, _ = await exchange(url, chunked + post(b"/v1/completions", zipped, b"Content-Encoding: gzip"), 2)
-            assert [r["status"] for r in rs] == [200, 200]  # the gzip body is aiohttp's to decode
+            rs, _ = await exchange(url, chunked + post(b"/v1/completions", zipped, b"Content-Encoding: gzip")
+                                   + post(b"/v1/completions", zlib.compress(BODY), b"Content-Encoding: deflate"), 3)
+            assert [r["status"] for r in rs] == [200, 200, 200]
             rs, closed = await exchange(url, post(b"/v1/completions", BODY).replace(b"HTTP/1.1", b"HTTP/1.0"), 1)
             assert rs[0]["status"] == 200 and closed
+            # An HTTP/1.0 stream: no chunked framing, ended by the close.
+            reader, writer = await connect(url)
+            writer.write(post(b"/v1/completions", STREAM_BODY).replace(b"HTTP/1.1", b"HTTP/1.0"))
+            raw = await asyncio.wait_for(reader.read(-1), 30)
+            writer.close()
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
+            assert body.rstrip().endswith(b"data: [DONE]") and body.startswith(b"data: {")
             rs, closed = await exchange(url, post(b"/v1/completions", STREAM_BODY, b"Connection: close"), 1)
             assert rs[0]["status"] == 200 and rs[0]["headers"]["connection"] == "close" and closed
+    run(main())
+
+
+def test_compressed_bodies_that_cannot_be_served_get_4xx_and_the_connection_goes_on(replica):
+    async def main():
+        async with balancer([replica], max_body_bytes=4096) as (url, _):
+            bomb = gzip.compress(b"{" + b" " * 100_000 + b"}")  # small on the wire, over the limit decoded
+            rs, closed = await exchange(
+                url, post(b"/v1/completions", bomb, b"Content-Encoding: gzip")
+                + post(b"/v1/completions", b"abcd", b"Content-Encoding: gzip")
+                + post(b"/v1/completions", gzip.compress(BODY)[:-6], b"Content-Encoding: gzip")
+                + post(b"/v1/completions", BODY, b"Content-Encoding: br") + post(b"/v1/completions", BODY), 5)
+            assert [r["status"] for r in rs] == [413, 400, 400, 415, 200] and not closed
+            assert all(json.loads(r["body"])["error"]["code"] == r["status"] for r in rs[:4])
     run(main())
 
 
@@ -279,7 +312,7 @@ def test_idle_connections_close_and_shutdown_waits_for_requests_in_flight(slow_r
         app = create_app(cfg)
         listening = await serving.start(app, "127.0.0.1", 0)
         # A front-end with a short keep-alive, on the same app (the default is 75 s).
-        front = FrontServer(FrontConfig(keepalive_timeout_s=0.4), app[FAST_ROUTES], listening.runner.server)
+        front = FrontServer(FrontConfig(keepalive_timeout_s=0.4), app[ROUTES])
         server = await asyncio.get_running_loop().create_server(front, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
@@ -305,12 +338,15 @@ def test_idle_connections_close_and_shutdown_waits_for_requests_in_flight(slow_r
 
 
 def test_no_fast_path_leaves_every_route_to_aiohttp_and_the_guard_does_not(replica):
-    """--no-fast-path: aiohttp answers. With the guard on, the lean front-end still serves the
-    generation routes (the guard is a function it calls), and the guard's checks hold there."""
+    """--no-fast-path: aiohttp answers every route of the same table. With the guard on, the lean
+    front-end still serves every route (the guard is part of the handlers), and its checks hold."""
     async def main():
         async with balancer([replica], fast_path=False) as (url, b):
-            (r,), _ = await exchange(url, post(b"/v1/completions", BODY), 1)
-            assert r["status"] == 200 and r["headers"]["server"].startswith("Python")  # aiohttp answered
+            rs, _ = await exchange(url, post(b"/v1/completions", BODY) + GET_MODELS
+                                   + b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n", 3)
+            assert [r["status"] for r in rs] == [200, 200, 404]
+            assert all(r["headers"]["server"].startswith("Python") for r in rs)  # aiohttp answered
+            assert json.loads(rs[2]["body"])["error"]["code"] == 404
         guard = GuardConfig(api_keys=("k1",), rate_limit_rps=1000.0, max_tokens_cap=8)
         async with balancer([replica], guard=guard) as (url, b):
             auth = b"Authorization: Bearer k1"
@@ -322,6 +358,8 @@ def test_no_fast_path_leaves_every_route_to_aiohttp_and_the_guard_does_not(repli
             assert no_key["status"] == 401 and no_key["headers"]["www-authenticate"] == "Bearer"
             assert too_many["status"] == 400 and json.loads(too_many["body"])["error"]["param"] == "max_tokens"
             assert "server" not in no_key["headers"]
+            rs, _ = await exchange(url, GET_MODELS + GET_MODELS.replace(b"\r\n\r\n", b"\r\n%s\r\n\r\n" % auth), 2)
+            assert [r["status"] for r in rs] == [401, 200] and all("server" not in r["headers"] for r in rs)
     run(main())
 
 
