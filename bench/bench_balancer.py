@@ -11,6 +11,8 @@ protocol that answers at once, or streams N SSE events). Side by side in one run
     kvfleet <policy>    `python -m kvfleet.cli balancer` (precise_prefix, round_robin); the
                         generation routes on its lean front-end (balancer/front.py)
     kvfleet ..., aiohttp front   the same with `--no-fast-path`: aiohttp serves every route
+    kvfleet ..., guard on        the same with an API key checked and a per-key rate limit counted
+                                 on every request (high enough never to refuse one)
     aiohttp bare relay  reference: an aiohttp server + ClientSession passing bytes through, no
                         parsing or routing: the floor for any proxy built on aiohttp
     nginx               Debian's nginx, worker_processes 1, upstream keepalive, proxy_buffering off
@@ -26,7 +28,8 @@ own ceiling, and a proxy row near them is limited by the rig, not by the proxy.
    measured in --rounds rounds (direct, then every target) and given as the median over rounds of
    the difference within a round: this machine is a VM whose speed drifts from minute to minute.
 2. Max throughput: `wrk -t1 -c64` with a POST body (aiohttp closed loop of 64 when wrk is absent);
-   the proxy's CPU use during the run shows whether it was the bottleneck (100% = one core).
+   the proxy's CPU use during the run shows whether it was the bottleneck (100% = one core), and
+   its CPU per request (µs).
 3. SSE relay: 4 concurrent streams of 1,000 events each, repeated for a few seconds: relayed
    events/s counted by the client (every stream is checked to end with [DONE]).
 4. Upstream client (`--parts client`), in process: CPU per sequential small POST of the
@@ -100,6 +103,8 @@ def main() -> int:
                          "run; client: CPU per request of the balancer's upstream client against aiohttp's")
     ap.add_argument("--profile", action="store_true", help="only profile the kvfleet balancer under load")
     ap.add_argument("--profile-policy", default="precise_prefix")
+    ap.add_argument("--profile-variant", default=None, choices=[v.key for v in rig.VARIANTS],
+                    help="profile this balancer configuration of the comparison instead (its flags and headers)")
     ap.add_argument("--profile-top", type=int, default=25)
     ap.add_argument("--py-spy", default=None, help="py-spy binary for --profile (default: on PATH, else cProfile)")
     ap.add_argument("--out", default="results/bench_balancer.json", help="results/bench_balancer_<part>.json")

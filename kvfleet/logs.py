@@ -31,6 +31,22 @@ FIELDS = "fields"  # `extra={"fields": {...}}`: a line's structured fields, in o
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 
 
+class _Seconds:
+    """`fmt` of a whole second through `convert` (time.gmtime / time.localtime), formatted once per
+    second: formatting a time costs µs, and the access log writes a line per request."""
+
+    __slots__ = ("fmt", "convert", "second", "text")
+
+    def __init__(self, fmt: str, convert) -> None:
+        self.fmt, self.convert, self.second, self.text = fmt, convert, -1, ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self.second:
+            self.second, self.text = second, time.strftime(self.fmt, self.convert(second))
+        return self.text
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line: ts, level, logger, message, then the record's
     `fields` (or, for other records, whatever `extra=` put on them)."""
@@ -38,14 +54,10 @@ class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self._encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-        self._second = -1
-        self._prefix = ""  # "YYYY-mm-ddTHH:MM:SS" of self._second (formatting a time costs µs)
+        self._seconds = _Seconds("%Y-%m-%dT%H:%M:%S", time.gmtime)
 
     def _ts(self, created: float) -> str:
-        second = int(created)
-        if second != self._second:
-            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
+        return f"{self._seconds(created)}.{int((created - int(created)) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"ts": self._ts(record.created), "level": record.levelname.lower(), "logger": record.name,
@@ -66,6 +78,13 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+        self._seconds = _Seconds(self.default_time_format, self.converter)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """logging.Formatter's own (`default_time_format`, `default_msec_format`), per-second cached."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        return self.default_msec_format % (self._seconds(record.created), record.msecs)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

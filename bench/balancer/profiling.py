@@ -57,6 +57,9 @@ def run(args, backend_url: str, backend_pid: int, wrk: str | None) -> None:
     import pstats
 
     pyspy = args.py_spy or shutil.which("py-spy")
+    variant = next((v for v in rig.VARIANTS if v.key == args.profile_variant), None)
+    flags = variant.flags if variant else ("--policy", args.profile_policy)
+    label = variant.name if variant else f"kvfleet balancer ({args.profile_policy})"
     tmp = Path(tempfile.mkdtemp(prefix="kvfleet-prof-"))
     phases = [(f"non-streaming at {args.rate:.0f} req/s", "rate", rig.body(rig.SHORT_PROMPT)),
               ("non-streaming at max rate", "max", rig.body(rig.SHORT_PROMPT)),
@@ -66,7 +69,7 @@ def run(args, backend_url: str, backend_pid: int, wrk: str | None) -> None:
     for k, (phase, kind, body) in enumerate(phases):
         prof = tmp / f"phase{k}.prof"
         cmd = [sys.executable, "-m", "kvfleet.cli", "balancer", "--port", "0", "--model", MODEL,
-               "--policy", args.profile_policy, "--replica", backend_url]
+               "--replica", backend_url, *flags]
         if not pyspy:
             cmd[1:1] = ["-m", "cProfile", "-o", str(prof)]
         proc = procs.launch(cmd, name="kvfleet (profiled)", core=args.proxy_core, cwd=str(ROOT), timeout=60,
@@ -74,8 +77,9 @@ def run(args, backend_url: str, backend_pid: int, wrk: str | None) -> None:
         url = proc.url
         spy = None
         try:
-            procs.wait_serving(url, proc, model=MODEL)
-            t = Target("kvfleet", url, proc)
+            headers = dict(variant.headers) if variant else {}
+            procs.wait_serving(url, proc, model=MODEL, headers=headers)
+            t = Target("kvfleet", url, proc, headers=headers)
             if pyspy:
                 spy = subprocess.Popen([pyspy, "record", "--format", "raw", "--function", "--rate", "250", "-d",
                                         str(max(1, round(args.duration))), "-o", str(tmp / f"phase{k}.txt"),
@@ -107,7 +111,7 @@ def run(args, backend_url: str, backend_pid: int, wrk: str | None) -> None:
                 spy.kill()
             proc.stop(timeout=30, sig=signal.SIGINT)
         tool = "py-spy" if pyspy else "cProfile"
-        print(f"\n## kvfleet balancer ({args.profile_policy}) under {phase} load: {what} under {tool}, "
+        print(f"\n## {label} under {phase} load: {what} under {tool}, "
               f"balancer CPU {use.proxy:.0f}%, others on its core {use.others_proxy_core:.0f}%\n", flush=True)
         if pyspy:
             out = tmp / f"phase{k}.txt"

@@ -24,6 +24,7 @@ from harness import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
+BENCH_KEY = "kvfleet-bench-key"
 
 
 def text(n: int, seed: int) -> str:
@@ -66,6 +67,11 @@ VARIANTS = (
             ("--policy", "precise_prefix", "--log-level", "warning"), note="--log-level warning"),
     Variant("kvfleet precise_prefix, aiohttp front", "aiohttp-front", ("--policy", "precise_prefix", "--no-fast-path"),
             note="--no-fast-path"),
+    # The guard on (issue #16): every request's API key checked and counted against a per-key
+    # rate limit high enough never to refuse one (a token bucket of 10^6 requests, refilled at 10^6/s).
+    Variant("kvfleet precise_prefix, guard on", "guard",
+            ("--policy", "precise_prefix", "--api-key", BENCH_KEY, "--rate-limit", "1000000"),
+            note="--api-key + --rate-limit 1e6", headers=(("Authorization", f"Bearer {BENCH_KEY}"),), goal=True),
 )
 OTHERS = ("bare", "nginx", "sglang-router")  # the other targets' --skip names
 SKIPPABLE = tuple(v.key for v in VARIANTS) + OTHERS
