@@ -16,7 +16,7 @@ connection is closed; a malformed request gets 400 and is closed; a body in gzip
 decoded (within the size limit), another Content-Encoding gets 415; HTTP/1.0 clients get
 streams without chunked framing, ended by the close; HEAD is answered by a GET route without
 its body; an idle connection is closed after `keepalive_timeout_s` (aiohttp's default, 75 s);
-with `body_timeout_s`, a request whose body has not arrived that long after it began gets 408
+with `body_timeout_s`, a request whose body has not arrived that long after its headers gets 408
 and the connection is closed (checked by the idle sweep, to within a few seconds). The guard
 (API keys, limits, admission queue, balancer/guard.py) is part of the handlers in the table.
 With `--no-fast-path` aiohttp serves the same table instead (for comparison).
@@ -96,7 +96,8 @@ class FrontServer:
             if cfg.body_timeout_s > 0:
                 late = now - cfg.body_timeout_s
                 for conn in [c for c in self.connections if c.msg is not None and not c.failed and c.msg.started < late]:
-                    conn._fail(408, f"the request did not arrive within {cfg.body_timeout_s:g} s")
+                    conn._fail(408, f"the request body did not arrive within {cfg.body_timeout_s:g} s; send it "
+                                    "at once, or ask for a longer --body-timeout")
                     if self.on_reject is not None:
                         self.on_reject("body_timeout")
 
@@ -124,7 +125,7 @@ class _Message:
                  "started")
 
     def __init__(self) -> None:
-        self.started = time.monotonic()
+        self.started = float("inf")  # when its headers were complete: the body timeout runs from here
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []  # (lower-case name, value)
         self.body: list[bytes] = []
@@ -219,6 +220,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         msg, parser = self.msg, self.parser
+        msg.started = time.monotonic()
         msg.keep_alive = parser.should_keep_alive()
         msg.http10 = parser.get_http_version() == "1.0"
         length = expect = encoded = None
