@@ -274,8 +274,6 @@ class _Connection(asyncio.Protocol):
     async def _answer(self, msg: _Message) -> None:
         ex = FrontExchange(self, msg)
         try:
-            if msg.encoding is not None:
-                _decode_body(msg, self.server.cfg.max_body_bytes)
             await msg.handler(ex)
         except APIError as e:
             ex.error(e.status, e.body())
@@ -414,7 +412,10 @@ class FrontExchange:
         return peer[0] if isinstance(peer, (tuple, list)) and peer else None
 
     async def read(self) -> bytes:
-        body = self.msg.body
+        msg = self.msg
+        if msg.encoding is not None:  # decoded when read: after the guard's key check
+            _decode_body(msg, self.conn.server.cfg.max_body_bytes)
+        body = msg.body
         return body[0] if len(body) == 1 else b"".join(body)
 
     def reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:

@@ -360,6 +360,9 @@ def test_no_fast_path_leaves_every_route_to_aiohttp_and_the_guard_does_not(repli
             assert "server" not in no_key["headers"]
             rs, _ = await exchange(url, GET_MODELS + GET_MODELS.replace(b"\r\n\r\n", b"\r\n%s\r\n\r\n" % auth), 2)
             assert [r["status"] for r in rs] == [401, 200] and all("server" not in r["headers"] for r in rs)
+            # A compressed body is decoded only past the key check: no key, 401 (not 415 or 413).
+            (r,), _ = await exchange(url, post(b"/v1/completions", BODY, b"Content-Encoding: br"), 1)
+            assert r["status"] == 401
     run(main())
 
 
