@@ -51,7 +51,7 @@ class Balancer:
         self.cfg = cfg
         self.clock = clock
         self.metrics = BalancerMetrics()
-        self.registry = Registry(cfg.breaker, cfg.health, clock)
+        self.registry = Registry(cfg.breaker, cfg.health, clock, in_transit_s=cfg.report_transit_s)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
         self.model: str | None = cfg.model
@@ -177,6 +177,8 @@ class Balancer:
                         queued_prefill_tokens=report.queued_prefill_tokens,
                         running_decode_tokens=report.running_decode_tokens, free_blocks=report.free_blocks,
                         total_blocks=report.total_blocks, kv_usage=report.kv_usage, age_s=0.0),
+            # made when its ts says (unix seconds); a clock skew or a missing ts counts as fresh
+            age_s=min(max(time.time() - report.ts, 0.0), 1.0) if report.ts else 0.0,
         )
 
     async def _export_stats(self) -> None:

@@ -130,6 +130,11 @@ class BalancerConfig:
     approx_ttl_s: float = 300.0  # approximate index entries for replicas that publish no events
     approx_capacity_blocks: int = 100_000
     load_poll_s: float = 0.5  # GET /load for replicas without a load-report stream
+    # From a send to the request being in the replica's queue (the hop, the replica's parsing
+    # and tokenizing): a load report made sooner after a send cannot hold it yet, so the policy
+    # keeps counting the send on top of that report (balancer/registry.py). The simulator uses
+    # its request latency here.
+    report_transit_s: float = 0.005
     # API keys, per-key limits, admission queue, max_tokens cap (balancer/guard.py). In a config
     # file its keys may also stand at the top level (e.g. `api_keys = ["..."]`).
     guard: GuardConfig = field(default_factory=GuardConfig)

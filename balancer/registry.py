@@ -9,13 +9,23 @@ Circuit breaker per replica:
     closed ──(refused connection, or N consecutive 5xx/timeouts)──▶ open
     open ──(open_s elapsed)──▶ half-open: one trial request may go
     half-open ──(success, or a good health poll)──▶ closed;  ──(failure)──▶ open
+
+Sent since the last report: what this balancer sent to a replica that its last load report
+cannot hold yet (policies add it to the report, to not herd onto a replica between reports).
+A request is in a report only once it has reached the replica's queue, `in_transit_s` after it
+was sent (the hop to the replica, its parsing and tokenizing), so a report made less than that
+after a send does not count the send: it stays counted until a later report. Resetting the
+count at every report instead lost the requests in transit whenever reports come faster than
+that (a replica reporting every engine step, ~15–30 ms, lost a quarter of the sends of a 5 ms
+hop: two requests sent 5 ms apart both saw an empty queue).
 """
 
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
 from balancer.policies.base import ReplicaLoad, ReplicaView
@@ -45,6 +55,8 @@ class ReplicaState:
     inflight_tokens: int = 0
     sent_since_report: int = 0
     sent_tokens_since_report: int = 0
+    # (clock time, uncached tokens) of the sends the last report may not hold, oldest first
+    sends: deque = field(default_factory=lambda: deque(maxlen=4096))  # bounded: a replica may never report
     load: ReplicaLoad = ReplicaLoad()  # age_s = inf until the first report
     load_at: float = float("-inf")  # clock time of the last load report
     requests_total: int = 0
@@ -60,7 +72,11 @@ class ReplicaState:
 
 
 class Registry:
-    def __init__(self, breaker: BreakerConfig, health: HealthConfig, clock: Callable[[], float]) -> None:
+    def __init__(self, breaker: BreakerConfig, health: HealthConfig, clock: Callable[[], float],
+                 in_transit_s: float = 0.0) -> None:
+        if not in_transit_s >= 0:
+            raise ValueError("in_transit_s must be >= 0 (seconds from a send to the replica's queue)")
+        self.in_transit_s = in_transit_s
         self.breaker_cfg = breaker
         self.health_cfg = health
         self.clock = clock
@@ -138,6 +154,7 @@ class Registry:
         r.inflight_tokens += tokens
         r.sent_since_report += 1
         r.sent_tokens_since_report += uncached_tokens
+        r.sends.append((self.clock(), uncached_tokens))
         r.requests_total += 1
         if r.breaker is Breaker.HALF_OPEN:
             r.half_open_inflight = True
@@ -146,14 +163,21 @@ class Registry:
         r.inflight_requests -= 1
         r.inflight_tokens -= tokens
 
-    def on_load(self, replica_id: str, load: ReplicaLoad) -> None:
+    def on_load(self, replica_id: str, load: ReplicaLoad, age_s: float = 0.0) -> None:
+        """A load report made `age_s` ago (its time on the wire) arrived from replica_id."""
         r = self._replicas.get(replica_id)
         if r is None:
             return
+        now = self.clock()
         r.load = load
-        r.load_at = self.clock()
-        r.sent_since_report = 0
-        r.sent_tokens_since_report = 0
+        r.load_at = now
+        # The sends that reached the replica's queue before the report was made are in it.
+        cutoff = now - max(age_s, 0.0) - self.in_transit_s
+        sends = r.sends
+        while sends and sends[0][0] <= cutoff:
+            sends.popleft()
+        r.sent_since_report = len(sends)
+        r.sent_tokens_since_report = sum(t for _, t in sends) if sends else 0
 
     def record_success(self, r: ReplicaState) -> None:
         r.consecutive_failures = 0

@@ -193,7 +193,8 @@ class FleetSimulation:
         self.cfg = cfg
         self.now = 0.0
         self.replicas = {f"r{i}": _SimReplica(f"r{i}", cfg) for i in range(cfg.replicas)}
-        self.registry = Registry(BreakerConfig(), HealthConfig(), self._clock)
+        # A request reaches the replica's queue request_latency_s after it is routed.
+        self.registry = Registry(BreakerConfig(), HealthConfig(), self._clock, in_transit_s=cfg.request_latency_s)
         for rid in self.replicas:
             self.registry.add(ReplicaSpec(url=f"http://{rid}.sim:80"))
         # Registry ids are URLs; keep a map both ways.

@@ -606,3 +606,35 @@ def test_registry_views_carry_every_field_by_name():
     assert v.sent_tokens_since_report == r.sent_tokens_since_report
     assert v.load == ReplicaLoad(1, 2, 3, 4, 5, 6, 0.5, 0.25)
     assert reg.views([r], lambda rid: 7)[0] == v._replace(cached_blocks=7)
+
+
+def test_a_report_made_before_a_send_reached_the_replica_does_not_erase_it():
+    """A send is in the replica's reports only from in_transit_s after it: a report sooner than
+    that (or one made earlier and delivered late) keeps it counted as sent since the report, so
+    two requests routed between two reports both see the first one's work (no herding)."""
+    from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
+    from balancer.registry import Registry
+
+    now = [10.0]
+    reg = Registry(BreakerConfig(), HealthConfig(), lambda: now[0], in_transit_s=0.005)
+    spec = ReplicaSpec(url="http://127.0.0.1:9001")
+    reg.add(spec)
+    r = reg.get(spec.replica_id)
+    empty = ReplicaLoad(total_blocks=100)
+    reg.on_sent(r, tokens=500, uncached_tokens=300)       # t = 10.000
+    now[0] += 0.002
+    reg.on_load(spec.replica_id, empty)                    # made at 10.002: the send is still on its way
+    assert (r.sent_since_report, r.sent_tokens_since_report) == (1, 300)
+    reg.on_sent(r, tokens=200, uncached_tokens=100)       # t = 10.002
+    now[0] += 0.004
+    reg.on_load(spec.replica_id, empty)                    # 10.006: holds the first send, not the second
+    assert (r.sent_since_report, r.sent_tokens_since_report) == (1, 100)
+    now[0] += 0.050
+    reg.on_load(spec.replica_id, empty, age_s=0.046)      # made at 10.010, delivered late: holds both
+    assert (r.sent_since_report, r.sent_tokens_since_report) == (0, 0)
+    reg.on_sent(r, tokens=10, uncached_tokens=10)
+    now[0] += 0.001
+    reg.on_load(spec.replica_id, empty, age_s=0.5)        # an old report holds nothing sent since
+    assert r.sent_since_report == 1
+    with pytest.raises(ValueError, match="in_transit_s"):
+        Registry(BreakerConfig(), HealthConfig(), lambda: 0.0, in_transit_s=-1)

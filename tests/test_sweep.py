@@ -92,9 +92,9 @@ def test_sweep_is_the_same_in_one_process_or_many_and_holds_the_bounds(spec_file
     json.dumps(one)  # the whole result is JSON
 
 
-def _summary(peer, cand, ideal, load=0.8):
+def _summary(peer, cand, ideal, load=0.8, e2e=0.0):
     return {"policy": {"mean_ttft_s": cand, "p99_ttft_s": cand, "cache_hit_rate": 0.4, "completed": 10, "rejected": 0,
-                       "mean_tpot_s": 0, "mean_e2el_s": 0, "wall_s": 0},
+                       "mean_tpot_s": 0, "mean_e2el_s": e2e, "wall_s": 0},
             "bounds": {"ideal_mean_ttft_s": ideal, "ideal_p99_ttft_s": ideal, "pooled_cache_hit_rate": 0.6,
                        "infinite_cache_hit_rate": 0.7}}
 
@@ -105,9 +105,11 @@ def test_gap_closed_and_goal_counts_by_hand():
     peer = _summary(None, 1.0, 0.2)
     row = cell_row(spec, cell, {"round_robin": peer, "predictive": _summary(1.0, 0.52, 0.2)})
     assert row["gap_closed_mean"] == pytest.approx(0.6)
-    worse = cell_row(spec, cell, {"round_robin": peer, "predictive": _summary(1.0, 1.2, 0.2)})
+    worse = cell_row(spec, cell, {"round_robin": peer, "predictive": _summary(1.0, 1.2, 0.2, e2e=-1.0)})
     assert worse["gap_closed_mean"] == pytest.approx(-0.25)
+    assert worse["best_e2e_peer"] == "round_robin" and worse["mean_e2e_s"] < worse["best_peer_mean_e2e_s"]
     s = summarize_rows([row, worse])
+    assert s["e2e_not_worse"] == {"met": 2, "cells": 2}  # 0 <= 0 and -1 <= 0: E2E is scored apart from TTFT
     assert s["gap_mean"] == {"met": 1, "cells": 2}
     assert s["p99_not_worse"] == {"met": 1, "cells": 2}
     assert s["hit_vs_pooled"] == {"met": 0, "cells": 2}  # 0.4 < 0.8 × 0.6
