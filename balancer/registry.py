@@ -177,7 +177,7 @@ class Registry:
         while sends and sends[0][0] <= cutoff:
             sends.popleft()
         r.sent_since_report = len(sends)
-        r.sent_tokens_since_report = sum(t for _, t in sends) if sends else 0
+        r.sent_tokens_since_report = sum(t for _, t in sends)
 
     def record_success(self, r: ReplicaState) -> None:
         r.consecutive_failures = 0

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import itertools
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,28 +36,12 @@ SPEC = Path(__file__).resolve().parent / "routing_matrix.toml"
 DEFAULT_POLICIES = "round_robin,least_request,llmd_scorer,dynamo_kv,predictive"
 
 
-def kendall_tau(a: list[str], b: list[str]) -> float:
-    """Kendall's tau between two orders of the same items (1: same order, -1: reversed)."""
-    pos = {x: i for i, x in enumerate(b)}
-    pairs = list(itertools.combinations(a, 2))
-    if not pairs:
-        return 1.0
-    concordant = sum(1 for x, y in pairs if pos[x] < pos[y])
-    return (2 * concordant - len(pairs)) / len(pairs)
-
-
-def quantile(values: list[float], p: float) -> float:
-    """Linear-interpolated quantile (numpy's default), as the simulator reports p99."""
-    v = sorted(values)
-    k = (len(v) - 1) * p
-    lo = int(k)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
 def run_live(trace, policy: str, args, prompt_seed: int) -> dict:
+    import numpy as np
+
     from kvfleet.fleet import FleetSpec, LocalFleet
     from loadgen.client import LoadConfig, run_load
+    from loadgen.metrics import summarize
     from loadgen.prompts import PromptConfig
 
     replica_args = ("--preset", args.preset, "--num-blocks", str(args.kv_tokens // 16),
@@ -71,15 +53,14 @@ def run_live(trace, policy: str, args, prompt_seed: int) -> dict:
         res = asyncio.run(run_load(fleet.balancer.url, stretched,
                                    LoadConfig(model="tiny", prompt=PromptConfig(seed=prompt_seed), progress=False)))
         wall = time.perf_counter() - t0
-    ok = [r for r in res.records if r.error is None]
-    if not ok:
+    summary = summarize(res, percentiles=(99,))
+    if not summary["completed"]:
         raise SystemExit(f"{policy}: no request succeeded live; run `kvfleet fleet up --engine sim` to see why")
-    s = args.time_scale
-    ttft = [r.ttft_s * s for r in ok]
+    s = args.time_scale / 1000.0  # live ms at the stretched speed -> modelled seconds
     lags = [r.lag_s for r in res.records if r.lag_s is not None]
-    return {"mean_ttft_s": statistics.mean(ttft), "p99_ttft_s": quantile(ttft, 0.99),
-            "mean_e2el_s": statistics.mean(r.e2el_s * s for r in ok), "ok": len(ok), "sent": len(res.records),
-            "lag_p99_s": quantile(lags, 0.99) if lags else 0.0, "wall_s": wall}
+    return {"mean_ttft_s": summary["mean_ttft_ms"] * s, "p99_ttft_s": summary["p99_ttft_ms"] * s,
+            "mean_e2el_s": summary["mean_e2el_ms"] * s, "ok": summary["completed"], "sent": summary["num_requests"],
+            "lag_p99_s": float(np.percentile(lags, 99)) if lags else 0.0, "wall_s": wall}
 
 
 def main() -> int:
@@ -100,6 +81,7 @@ def main() -> int:
         ap.error("--time-scale must be in (0, 1]: slower than the model, never faster (the machine must keep up)")
 
     from bench.common import report
+    from predictors.metrics import kendall_tau
     from replica.step_model import get_preset
     from simulator.run import SimulateConfig, simulate
     from simulator.sweep import Cell, cell_trace, load_spec
@@ -132,7 +114,7 @@ def main() -> int:
         for key, label in (("mean_ttft_s", "mean"), ("p99_ttft_s", "p99")):
             lo = sorted(policies, key=lambda p: live[p][key])
             oo = sorted(policies, key=lambda p: off[p][key])
-            tau = kendall_tau(lo, oo)
+            tau = kendall_tau([live[p][key] for p in policies], [off[p][key] for p in policies])
             verdicts.append(lo == oo)
             rows.append([name, label, " < ".join(oo), " < ".join(lo), "yes" if lo == oo else "no", f"{tau:+.2f}",
                          ", ".join(f"{p} {live[p][key]:.3f}/{off[p][key]:.3f}" for p in oo)])
