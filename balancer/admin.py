@@ -19,7 +19,7 @@ from balancer.config import ReplicaSpec
 from balancer.exchange import Exchange, Handler, reply_json
 from balancer.proxy import read_json
 from protocol.curve import is_z85_key
-from protocol.openai_api import APIError, parse_chat, parse_completion
+from protocol.openai_api import APIError, parse_for_routing
 
 
 def _replica_json(b, r) -> dict:
@@ -38,6 +38,7 @@ def _replica_json(b, r) -> dict:
         "load": {k: v for k, v in r.load._asdict().items() if k != "age_s"},
         "load_age_s": None if r.load_at == float("-inf") else round(b.clock() - r.load_at, 3),
         "events_in_sync": None if sub is None else sub.in_sync,
+        "models": sorted(r.models),
     }
 
 
@@ -54,11 +55,13 @@ def routes(b) -> dict[str, dict[str, Handler]]:
         ex.reply(200, generate_latest(b.metrics.registry), {"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(ex: Exchange) -> None:
+        # The union over the healthy replicas (several models may share one fleet), in the
+        # shape of vLLM's answer; `root` as vLLM sets it for a base model.
         reply_json(ex, {"object": "list", "data": [
-            {"id": b.model, "object": "model", "created": 0, "owned_by": "kvfleet", "root": b.model}]})
+            {"id": m, "object": "model", "created": 0, "owned_by": "kvfleet", "root": m} for m in b.served_models()]})
 
     async def list_replicas(ex: Exchange) -> None:
-        reply_json(ex, {"policy": b.policy.describe(), "model": b.model,
+        reply_json(ex, {"policy": b.policy.describe(), "model": b.model, "models": b.served_models(),
                         "replicas": [_replica_json(b, r) for r in b.registry]})
 
     async def add_replica(ex: Exchange) -> None:
@@ -113,7 +116,7 @@ def routes(b) -> dict[str, dict[str, Handler]]:
 
     async def explain(ex: Exchange) -> None:
         body = await read_json(ex)
-        req = parse_chat(body) if isinstance(body, dict) and "messages" in body else parse_completion(body)
+        req = parse_for_routing(body, "chat" if isinstance(body, dict) and "messages" in body else "completion")
         b.proxy.check_model(req)
         prepared = b.router.prepare(req)
         rr, candidates, d = b.router.choose(prepared, "explain")

@@ -97,7 +97,7 @@ class Balancer:
                              self.registry, has_events=self.subscribers.__contains__, predictor=predictor,
                              clock=self.clock)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
-                           lambda: self.model)
+                           self.served_models)
         for spec in self.cfg.replicas:
             self.add_replica(spec)
         checker = HealthChecker(self.registry, self.session, self.metrics, self.subscribers.__contains__,
@@ -124,6 +124,11 @@ class Balancer:
             await self._session.close()
         if self._upstream is not None:
             await self._upstream.close()
+
+    def served_models(self) -> list[str]:
+        """The models the fleet serves: every healthy replica's `/v1/models`, or the configured
+        (or first discovered) model while no replica has listed its own."""
+        return self.registry.served_models() or ([self.model] if self.model else [])
 
     async def _discover_model(self, attempts: int = 20) -> str:
         for _ in range(attempts):
@@ -219,13 +224,20 @@ def routes(b: Balancer, guard: Guard) -> RouteTable:
     """Every route of balancer `b`, each behind the checks of `guard` that it needs."""
     from balancer import admin
 
+    def forward(ex):
+        return b.proxy.forward(ex)
+
     table = {
         # b.proxy exists once the app has started: bound at call time
         "/v1/completions": {"POST": lambda ex: b.proxy.completions(ex)},
         "/v1/chat/completions": {"POST": lambda ex: b.proxy.chat(ex)},
+        # What a vLLM server serves besides generation, forwarded by load (`Proxy.forward`);
+        # /v1/models is the fleet's own answer (admin.py).
+        **{path: {"POST": forward} for path in ("/v1/embeddings", "/v1/responses", "/tokenize", "/detokenize")},
+        "/version": {"GET": forward},
         **admin.routes(b), **index_state.routes(b), **openapi.routes(),
     }
-    return RouteTable(table, guard.guarded)
+    return RouteTable(table, guard.guarded, fallback=("/v1/", forward))
 
 
 def create_app(cfg: BalancerConfig, balancer: Balancer | None = None) -> web.Application:

@@ -87,6 +87,11 @@ class RetryConfig:
     backoff_s: float = 0.02  # doubled per attempt
     backoff_max_s: float = 0.5
     failover: bool = True  # continue a stream on another replica when its replica is lost
+    # A stream is continued only where that is exact (greedy, one sequence, no logprobs: see
+    # protocol.openai_api.parse_for_routing) and it has at most this many stop strings (each
+    # continuation repeats them; one straddling the failover point is not detected). A longer
+    # list is forwarded as it is, not refused: the stream just is not continued if it breaks.
+    failover_max_stop: int = 64
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 300.0  # longest silence from a replica inside a response
 
@@ -95,6 +100,8 @@ class RetryConfig:
             raise ValueError("max_attempts must be at least 1")
         if self.backoff_s < 0 or self.backoff_max_s < 0:
             raise ValueError("backoff must be non-negative")
+        if self.failover_max_stop < 0:
+            raise ValueError("failover_max_stop must be >= 0")
 
 
 @dataclass(frozen=True)

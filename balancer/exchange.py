@@ -25,6 +25,10 @@ class Exchange(Protocol):
     remote: str | None  # the client's address
 
     @property
+    def target(self) -> str:
+        """The request target as the client sent it: the path (not decoded) and the query."""
+
+    @property
     def query(self) -> Mapping[str, str]:
         """The query string's parameters (the first value of each name)."""
 
@@ -62,14 +66,17 @@ def _unguarded(method: str, path: str, handler: Handler) -> Handler:
 
 class RouteTable:
     """path -> method -> handler, read-only once built. `resolve` answers every (method, path):
-    the route's handler, or one that replies 404 / 405 (with `Allow`). HEAD is served by a GET
+    the route's handler, the fallback's for a path under its prefix that no route has, or one
+    that replies 404 / 405 (with `Allow`). HEAD is served by a GET
     route (the server sends the head of its answer only). `guard(method, path, handler)` puts
     each handler behind the checks its request needs, the 404 and 405 answers included (with
     API keys on, an unknown route answers 401 to a client without one: it reveals nothing)."""
 
     def __init__(self, routes: Mapping[str, Mapping[str, Handler]],
-                 guard: Callable[[str, str, Handler], Handler] = _unguarded) -> None:
+                 guard: Callable[[str, str, Handler], Handler] = _unguarded,
+                 fallback: tuple[str, Handler] | None = None) -> None:
         self._guard = guard
+        self._fallback = fallback  # (path prefix, handler of every method) for paths not in `routes`
         self._routes = MappingProxyType({
             path: MappingProxyType({method: guard(method, path, h) for method, h in by_method.items()})
             for path, by_method in routes.items()})
@@ -83,6 +90,8 @@ class RouteTable:
     def resolve(self, method: str, path: str) -> Handler:
         by_method = self._routes.get(path)
         if by_method is None:
+            if self._fallback is not None and path.startswith(self._fallback[0]):
+                return self._guard(method, path, self._fallback[1])
             return self._guard(method, path, _not_found)
         handler = by_method.get(method) or (by_method.get("GET") if method == "HEAD" else None)
         if handler is None:
@@ -114,6 +123,10 @@ class WebExchange:
     @property
     def query(self) -> Mapping[str, str]:
         return self.request.query
+
+    @property
+    def target(self) -> str:
+        return self.request.raw_path
 
     def header(self, name: str) -> str | None:
         return self.request.headers.get(name)

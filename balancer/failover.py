@@ -8,9 +8,11 @@
                created; text re-derived from all token ids) ─▶ Booking.finish / .fail
         nothing could continue it ─▶ one SSE error event, then the end of the stream
 
-The balancer asked the first replica for `return_token_ids` (vLLM's extension), so the
-continuation is built from exact token ids and a greedy stream is token-identical across a
-failover. A stop string that straddles the failover point is not detected (documented).
+Only streams that can be continued exactly get here (`GenerationRequest.continuable`: greedy,
+one sequence, no logprobs, no field whose effect depends on the output so far); a lost stream of
+any other request ends with the error event (`give_up`). The balancer asked the first replica
+for `return_token_ids` (vLLM's extension), so the continuation is built from exact token ids and
+the stream is token-identical across a failover. A stop string that straddles the failover point is not detected (documented).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Failover:
             replica = booking.replica
             tried.add(replica.replica_id)
             self.metrics.failovers.labels(lost.replica_id).inc()
-            body = _continuation_body(req, cont, remaining)
+            body = _continuation_body(req, cont, remaining, len(generated))
             try:
                 finished, new_ids = await self._relay(out, booking, body, req, progress, len(generated),
                                                       len(prepared.token_ids), request_id)
@@ -82,12 +84,19 @@ class Failover:
         if progress.finished:  # the last chunk arrived, only [DONE] was lost
             await write(out, b"data: [DONE]\n\n")
             return len(tried) - 1
-        self.metrics.failover_errors.inc()
-        err = error_body(502, f"the replica serving this stream was lost ({why}) and no other replica could "
-                              f"continue it after {len(generated)} tokens ({len(text_so_far)} characters); "
-                              f"retry the request")
-        await write(out, event(err))
+        await self._error(out, f"the replica serving this stream was lost ({why}) and no other replica could "
+                               f"continue it after {len(generated)} tokens ({len(text_so_far)} characters); "
+                               f"retry the request")
         return len(tried) - 1
+
+    async def give_up(self, out: Exchange, why: str, because: str) -> None:
+        """End a broken stream that is not to be continued with one SSE error event."""
+        await self._error(out, f"the replica serving this stream was lost ({why}); the balancer did not "
+                               f"continue it because {because}; retry the request")
+
+    async def _error(self, out: Exchange, message: str) -> None:
+        self.metrics.failover_errors.inc()
+        await write(out, event(error_body(502, message)))
 
     def _continuation(self, prepared: Prepared, generated: list[int], remaining: int | None) -> Prepared:
         tokens = prepared.token_ids + tuple(generated)
@@ -128,7 +137,7 @@ class Failover:
         return False, new_ids
 
 
-def _continuation_body(req: GenerationRequest, cont: Prepared, remaining: int | None) -> dict:
+def _continuation_body(req: GenerationRequest, cont: Prepared, remaining: int | None, generated: int) -> dict:
     body = {
         "prompt": list(cont.token_ids), "stream": True, "return_token_ids": True,
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "ignore_eos": req.ignore_eos,
@@ -143,6 +152,8 @@ def _continuation_body(req: GenerationRequest, cont: Prepared, remaining: int | 
         body["seed"] = req.seed
     if req.cache_salt is not None:
         body["cache_salt"] = req.cache_salt
+    if req.min_tokens > generated:
+        body["min_tokens"] = req.min_tokens - generated
     return body
 
 

@@ -398,6 +398,10 @@ class FrontExchange:
             self._query = MappingProxyType(q)
         return self._query
 
+    @property
+    def target(self) -> str:
+        return self.msg.url.decode("latin-1")
+
     def header(self, name: str) -> str | None:
         key = name.lower().encode("latin-1")
         for n, v in self.msg.headers:  # a handful of headers: a scan beats building a mapping

@@ -49,6 +49,17 @@ from protocol.auth import UNAUTHORIZED, KeySet, parse_bearer
 from protocol.openai_api import APIError, decode_json_body, error_body
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+# Routes the balancer forwards to a replica as they are (balancer/proxy.py `forward`): guarded
+# like generation (keys, limits, admission), every method, and any /v1/* route it does not serve itself.
+FORWARDED_PATHS = frozenset({"/tokenize", "/detokenize", "/version"})
+OWN_V1_PATHS = frozenset({"/v1/models"})
+
+
+def is_data_path(method: str, path: str) -> bool:
+    """True for a request the balancer sends on to a replica (and guards as such)."""
+    if path in GENERATION_PATHS:
+        return method == "POST"
+    return path in FORWARDED_PATHS or (path.startswith("/v1/") and path not in OWN_V1_PATHS)
 OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
 _MAX_TRACKED_KEYS = 10_000  # idle per-key state is pruned above this many keys
 _REPUMP_S = 0.25  # waiters re-check capacity this often
@@ -252,7 +263,7 @@ class Guard:
     # ------------------------------------------------------------------ the checks
     def guarded(self, method: str, path: str, handler: Handler) -> Handler:
         """`handler` behind the checks its route needs (the module docstring's); itself when none."""
-        if method == "POST" and path in GENERATION_PATHS:
+        if is_data_path(method, path):
             return handler if self.idle else lambda ex: self.serve(ex, handler)
         keys = self.admin_keys if path.startswith("/admin/") or path == "/admin" else self.api_keys
         if path in OPEN_PATHS or not keys:
@@ -327,7 +338,7 @@ class Guard:
             _refuse(ex, 408, f"the request body did not arrive within {cfg.body_timeout_s:g} s",
                     {"Connection": "close"})
             return None
-        if not cfg.max_tokens_cap:
+        if not cfg.max_tokens_cap or ex.path not in GENERATION_PATHS:
             return raw
         try:
             body = decode_json_body(raw)
@@ -355,6 +366,7 @@ class _Guarded:
     method = property(lambda self: self.ex.method)
     path = property(lambda self: self.ex.path)
     remote = property(lambda self: self.ex.remote)
+    target = property(lambda self: self.ex.target)
 
     @property
     def query(self) -> Mapping[str, str]:

@@ -36,12 +36,13 @@ def load_from_dict(d: dict) -> ReplicaLoad:
 
 class HealthChecker:
     def __init__(self, registry: Registry, session: Callable[[], aiohttp.ClientSession], metrics: BalancerMetrics,
-                 has_load_stream: Callable[[str], bool], load_poll_s: float) -> None:
+                 has_load_stream: Callable[[str], bool], load_poll_s: float, models_poll_s: float = 10.0) -> None:
         self.registry = registry
         self.session = session
         self.metrics = metrics
         self.has_load_stream = has_load_stream
         self.load_poll_s = load_poll_s
+        self.models_poll_s = models_poll_s
         self.cfg = registry.health_cfg
 
     async def run(self) -> None:
@@ -68,6 +69,8 @@ class HealthChecker:
         try:
             async with self._polls.get(r.url + "/health", timeout=timeout) as resp:
                 ok = resp.status == 200
+            if ok and self.registry.clock() - r.models_at >= self.models_poll_s:
+                await self._read_models(r, timeout)
             if ok and poll_load and not self.has_load_stream(r.replica_id):
                 async with self._polls.get(r.url + "/load", timeout=timeout) as resp:
                     if resp.status == 200:
@@ -79,6 +82,21 @@ class HealthChecker:
         self.registry.record_poll(r, ok)
         self.metrics.healthy.labels(r.replica_id).set(1 if r.healthy else 0)
         self.metrics.breaker_state.labels(r.replica_id).set(r.breaker.value)
+
+
+    async def _read_models(self, r: ReplicaState, timeout: aiohttp.ClientTimeout) -> None:
+        """What the replica serves, from its OpenAI `GET /v1/models` (base models and the LoRA
+        adapters it has loaded, as vLLM lists them); kept as it was when the answer is unusable."""
+        async with self._polls.get(r.url + "/v1/models", timeout=timeout) as resp:
+            if resp.status != 200:
+                return
+            body = await resp.json(content_type=None)
+        data = body.get("data") if isinstance(body, dict) else None
+        if isinstance(data, list):
+            models = frozenset(m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str))
+            if models:
+                r.models = models
+                r.models_at = self.registry.clock()
 
 
 class DnsWatcher:

@@ -1,9 +1,12 @@
 """The balancer's public HTTP API as an OpenAPI 3.1 document, served at `GET /openapi.json`.
 
-It describes what `protocol.openai_api` validates (the same bounds), so a client generator or a
-fuzzer (tests/test_openapi_fuzz.py) can derive valid and invalid requests from it. Fields that
-the balancer forwards without reading (vLLM extensions, OpenAI fields it ignores) are allowed by
-`additionalProperties`.
+The request schemas describe what a kvfleet replica accepts (`protocol.openai_api`'s bounds),
+so a client generator or a fuzzer (tests/test_openapi_fuzz.py) can derive valid and invalid
+requests from it. The balancer itself checks only what routing needs and forwards the rest to
+the replica, whose answer (a 4xx included) the client gets unchanged; fields the schemas do not
+name (vLLM and SGLang extensions) are allowed by `additionalProperties`. Routes a vLLM server
+serves besides generation (embeddings, responses, tokenize, detokenize, version, and any other
+`/v1/*` route) are forwarded by load as they come.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def _error_responses(*codes: int) -> dict[str, Any]:
 
 
 _SAMPLING = {
-    "model": {"type": "string", "description": "must name the served model when given"},
+    "model": {"type": "string", "description": "must name a model the fleet serves (GET /v1/models) when given"},
     "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
     "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 1},
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
@@ -112,6 +115,24 @@ def _post(summary: str, schema: str, responses: dict, op_id: str, tag: str) -> d
                      "responses": responses}}
 
 
+_FORWARDED_RESPONSES = {
+    "200": {"description": "The replica's answer, relayed as it is (`X-Kvfleet-Replica` names the replica)",
+            "content": {"application/json": {"schema": {"type": "object"}}}},
+    "404": {"description": "The replicas do not serve this route, or no replica serves the model",
+            "content": {"application/json": {"schema": _ref("Error")}}},
+    **{k: v for k, v in _error_responses(400, 401, 408, 413, 429, 502, 503).items()},
+}
+
+
+def _forwarded(summary: str, op_id: str, method: str = "post") -> dict:
+    op: dict[str, Any] = {"operationId": op_id, "summary": summary + " (forwarded to a replica chosen by load)",
+                          "tags": ["openai"], "responses": _FORWARDED_RESPONSES}
+    if method == "post":
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"model": {"type": "string"}}, "additionalProperties": True}}}}
+    return {method: op}
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (a fresh dict)."""
     ok_json = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
@@ -138,7 +159,13 @@ def document() -> dict[str, Any]:
                                      "CompletionRequest", _GENERATION_RESPONSES, "createCompletion", "openai"),
             "/v1/chat/completions": _post("Chat completion", "ChatCompletionRequest", _GENERATION_RESPONSES,
                                           "createChatCompletion", "openai"),
-            "/v1/models": {"get": {"operationId": "listModels", "tags": ["openai"], "summary": "The served model",
+            "/v1/embeddings": _forwarded("Embeddings", "createEmbedding"),
+            "/v1/responses": _forwarded("OpenAI Responses API", "createResponse"),
+            "/tokenize": _forwarded("Tokenize (vLLM)", "tokenize"),
+            "/detokenize": _forwarded("Detokenize (vLLM)", "detokenize"),
+            "/version": _forwarded("The replicas' server version (vLLM)", "version", "get"),
+            "/v1/models": {"get": {"operationId": "listModels", "tags": ["openai"],
+                                   "summary": "Every model the healthy replicas serve (their /v1/models, merged)",
                                    "responses": {"200": ok_json, **_error_responses(401)}}},
             "/health": {"get": {"operationId": "health", "tags": ["ops"], "security": [{}],
                                 "summary": "200 while at least one replica is usable, else 503",

@@ -32,9 +32,21 @@ from balancer.relay import REPLICA_HEADER, ClientGone, UpstreamFailed, read_safe
 from balancer.router import Booking, Prepared, Router
 from balancer.sse import DONE, split_events
 from balancer.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
-from protocol.openai_api import APIError, GenerationRequest, decode_json_body, parse_chat, parse_completion
+from protocol.openai_api import APIError, GenerationRequest, decode_json_body, error_body, parse_for_routing
 
 __all__ = ["Proxy", "REPLICA_HEADER", "read_json"]
+
+
+def _with_token_ids(payload: bytes, body: dict) -> bytes:
+    """The client's body asking for `return_token_ids` (vLLM's extension) too. Spliced in
+    after the opening brace, so every byte the client sent goes on as it was; a body that
+    already holds the field (false) is re-encoded instead, since a repeated key's meaning varies."""
+    if "return_token_ids" in body:
+        return json.dumps({**body, "return_token_ids": True}).encode()
+    at = payload.index(b"{") + 1
+    rest = payload[at:].lstrip()
+    return payload[:at] + (b'"return_token_ids":true' if rest.startswith(b"}") else b'"return_token_ids":true,') \
+        + payload[at:]
 access_log = logging.getLogger("kvfleet.balancer.access")
 
 
@@ -104,7 +116,7 @@ class Proxy:
         upstream: Callable[[], UpstreamPool],
         retry,
         policy_name: str,
-        model: Callable[[], str | None],
+        models: Callable[[], list[str]],
     ) -> None:
         self.registry = registry
         self.router = router
@@ -112,7 +124,7 @@ class Proxy:
         self.upstream = upstream
         self.retry = retry
         self.policy_name = policy_name
-        self.model = model
+        self.models = models  # every model the fleet serves now
         # Request ids: a random per-process prefix and a counter (unique across restarts and
         # balancers; a uuid4 per request costs several µs).
         self._id_prefix = f"kvf-{uuid.uuid4().hex[:16]}-"
@@ -121,20 +133,126 @@ class Proxy:
 
     # ------------------------------------------------------------------ entry points
     async def completions(self, ex: Exchange) -> None:
-        """Serve one `/v1/completions` request; the response goes out through `ex`. Bad input
-        raises `APIError` (the server turns it into an OpenAI-style error response)."""
-        body = await read_json(ex)
-        await self._handle(ex, body, parse_completion(body), "/v1/completions")
+        """Serve one `/v1/completions` request; the response goes out through `ex`. Only what
+        routing needs is checked (`parse_for_routing`); the replica judges the rest, and its
+        answer reaches the client unchanged. A body that is not JSON raises `APIError`."""
+        await self._generation(ex, "completion", "/v1/completions")
 
     async def chat(self, ex: Exchange) -> None:
         """`/v1/chat/completions`, as `completions`."""
+        await self._generation(ex, "chat", "/v1/chat/completions")
+
+    async def _generation(self, ex: Exchange, kind: str, path: str) -> None:
         body = await read_json(ex)
-        await self._handle(ex, body, parse_chat(body), "/v1/chat/completions")
+        try:
+            req = parse_for_routing(body, kind, self.retry.failover_max_stop)
+        except APIError:
+            # Nothing to hash (no prompt, a model that is not a string...): a replica chosen by
+            # load answers it, so the client gets the replica's own error, as without a balancer.
+            return await self.forward(ex)
+        await self._handle(ex, body, req, path)
+
+    async def forward(self, ex: Exchange) -> None:
+        """Any other route a replica serves (`/v1/embeddings`, `/v1/responses`, `/tokenize`,
+        `/detokenize`, `/version`, a `/v1/*` route the balancer does not know): sent as the
+        client sent it (method, path, query, body) to the replica with the fewest requests in
+        flight among those serving the body's `model`; retried on another replica while none
+        has answered; the answer relayed as it comes (a stream as a stream)."""
+        arrival = time.perf_counter()
+        request_id = ex.header("X-Request-Id") or f"{self._id_prefix}{next(self._ids)}"
+        payload = await ex.read() if ex.method not in ("GET", "HEAD") else b""
+        model = None
+        if payload and (ex.header("Content-Type") or "").startswith("application/json"):
+            try:
+                body = json.loads(payload)
+            except ValueError:
+                body = None  # the replica says what is wrong with it
+            model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+        if model is not None:
+            self.check_model(GenerationRequest(kind="other", model=model))
+        headers = {"X-Request-Id": request_id}
+        for name in ("Content-Type", "Accept", "Authorization"):
+            value = ex.header(name)
+            if value is not None:
+                headers[name] = value
+        method = "GET" if ex.method == "HEAD" else ex.method  # the server answers a HEAD with the head alone
+        tried: set[str] = set()
+        last: UpstreamFailed | None = None
+        status = 0
+        for attempt in range(self.retry.max_attempts):
+            booking = self.router.route_by_load(model, request_id, frozenset(tried))
+            if booking is None:
+                break
+            replica = booking.replica
+            try:
+                status = await self._forward_once(ex, replica, method, payload, headers)
+            except UpstreamFailed as e:
+                last = e
+                await self._failed(booking, e, tried, attempt)
+                continue
+            except BaseException:
+                booking.fail()
+                raise
+            booking.finish(None)
+            self.metrics.series(self.metrics.requests, replica.replica_id, self.policy_name,
+                                f"{status // 100}xx").inc()
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info("%s %s replica=%s status=%d e2e=%.4fs attempts=%d", ex.method, ex.path,
+                                replica.replica_id, status, time.perf_counter() - arrival, attempt + 1,
+                                extra={"fields": {"request_id": request_id, "path": ex.path, "replica": replica.replica_id,
+                                                  "status": status, "attempts": attempt + 1}})
+            return
+        if last is None:
+            self.metrics.no_replica.inc()
+            raise APIError(503, "no healthy replica is available"
+                                + (f" for model `{model}`" if model else "") + "; check `GET /admin/replicas`")
+        if last.status is not None and last.body is not None:
+            ex.reply(last.status, last.body, {"Content-Type": "application/json", REPLICA_HEADER: last.replica.replica_id})
+            return
+        raise APIError(502, f"every replica tried failed ({len(tried)} tried); last error from "
+                            f"{last.replica.replica_id}: {last.reason}")
+
+    async def _forward_once(self, ex: Exchange, replica: ReplicaState, method: str, payload: bytes,
+                            headers: dict) -> int:
+        upstream = await self._answer(replica, method, ex.target, payload, headers)
+        try:
+            out_headers = relayed_headers(upstream, replica.replica_id, headers["X-Request-Id"])
+            if not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                try:
+                    body = await upstream.read()
+                except UpstreamError as e:
+                    raise UpstreamFailed(replica, f"response cut: {e}") from None
+                self.registry.record_success(replica)
+                ex.reply(upstream.status, body, out_headers)
+                return upstream.status
+            opened = False
+            try:
+                async for chunk in upstream.iter_any():
+                    if not opened:
+                        opened = True
+                        self.registry.record_success(replica)
+                        await ex.open_stream(upstream.status, out_headers)
+                    await write(ex, chunk)
+            except UpstreamError as e:
+                if not opened:
+                    raise UpstreamFailed(replica, f"stream broke before the first byte: {e}") from None
+                self.registry.record_failure(replica, refused=False)
+                await self.failover.give_up(ex, str(e), "only completions and chat completions streams are "
+                                                        "continued on another replica")
+            except ClientGone:
+                return 499
+            if not opened:
+                await ex.open_stream(upstream.status, out_headers)
+            await write(ex)
+            return upstream.status
+        finally:
+            upstream.release()
 
     def check_model(self, req: GenerationRequest) -> None:
-        served = self.model()
-        if req.model is not None and served is not None and req.model != served:
-            raise APIError(404, f"The model `{req.model}` does not exist. This server serves `{served}`.", "model")
+        served = self.models()
+        if req.model is not None and served and req.model not in served:
+            raise APIError(404, f"The model `{req.model}` does not exist. This fleet serves "
+                                f"{', '.join(f'`{m}`' for m in served)} (`GET /v1/models` lists them).", "model")
 
     # ------------------------------------------------------------------ the loop
     async def _handle(self, ex: Exchange, body: dict, req: GenerationRequest, path: str) -> None:
@@ -196,11 +314,9 @@ class Proxy:
 
     async def _route(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
                      request_id: str, arrival: float, t0: float, outcome: _Outcome) -> None:
-        stream_failover = req.stream and self.retry.failover
-        if stream_failover and not req.return_token_ids:
-            payload = json.dumps({**body, "return_token_ids": True}).encode()
-        else:  # unchanged: forward the bytes the client sent (the server keeps them), no re-encoding
-            payload = await ex.read()
+        payload = await ex.read()  # forwarded as the client sent it (the server keeps the bytes)
+        if req.continuable and self.retry.failover and not req.return_token_ids:
+            payload = _with_token_ids(payload, body)  # exact failover needs the token ids
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
         authorization = ex.header("Authorization")
         if authorization is not None:
@@ -222,13 +338,8 @@ class Proxy:
             try:
                 await self._send(ex, booking, path, payload, headers, prepared, arrival, outcome)
             except UpstreamFailed as e:
-                booking.fail()
-                self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
                 last = e
-                tried.add(replica.replica_id)
-                self.registry.record_failure(replica, e.refused)
-                self.metrics.retries.labels(replica.replica_id).inc()
-                await asyncio.sleep(min(self.retry.backoff_s * (2**attempt), self.retry.backoff_max_s))
+                await self._failed(booking, e, tried, attempt)
                 continue
             except BaseException:
                 booking.fail()  # cancelled (the client left) or a bug: the replica owes nothing
@@ -251,20 +362,40 @@ class Proxy:
         raise APIError(502, f"every replica tried failed ({len(tried)} tried); last error from "
                             f"{last.replica.replica_id}: {last.reason}")
 
-    async def _send(self, ex: Exchange, booking: Booking, path: str, payload: bytes, headers: dict,
-                    prepared: Prepared, arrival: float, outcome: _Outcome) -> None:
+    async def _failed(self, booking: Booking, e: UpstreamFailed, tried: set[str], attempt: int) -> None:
+        """An attempt that got no answer: end its booking, tell the breaker, back off."""
         replica = booking.replica
+        booking.fail()
+        self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
+        tried.add(replica.replica_id)
+        self.registry.record_failure(replica, e.refused)
+        self.metrics.retries.labels(replica.replica_id).inc()
+        await asyncio.sleep(min(self.retry.backoff_s * (2**attempt), self.retry.backoff_max_s))
+
+    async def _answer(self, replica: ReplicaState, method: str, target: str, payload: bytes,
+                      headers: dict) -> UpstreamResponse:
+        """The replica's response, once its head is in; `UpstreamFailed` for no answer or a 5xx
+        (worth another replica: the caller retries)."""
         try:
-            upstream = await self.upstream().post(replica.url, path, payload, headers)
+            upstream = await self.upstream().request(method, replica.url, target, payload, headers)
         except ConnectFailed as e:
             raise UpstreamFailed(replica, str(e), refused=True) from None
         except UpstreamError as e:
             raise UpstreamFailed(replica, str(e)) from None
-        try:
-            if upstream.status >= 500:
+        if upstream.status >= 500:
+            try:
                 body = await read_safely(upstream)
-                raise UpstreamFailed(replica, f"HTTP {upstream.status}", status=upstream.status, body=body)
-            if upstream.status >= 400 or not prepared.request.stream:
+            finally:
+                upstream.release()
+            raise UpstreamFailed(replica, f"HTTP {upstream.status}", status=upstream.status, body=body)
+        return upstream
+
+    async def _send(self, ex: Exchange, booking: Booking, path: str, payload: bytes, headers: dict,
+                    prepared: Prepared, arrival: float, outcome: _Outcome) -> None:
+        replica = booking.replica
+        upstream = await self._answer(replica, "POST", path, payload, headers)
+        try:
+            if upstream.status >= 400 or not upstream.headers.get("content-type", "").startswith("text/event-stream"):
                 try:
                     body = await upstream.read()
                 except UpstreamError as e:
@@ -318,8 +449,14 @@ class Proxy:
         if broken is not None:
             self.registry.record_failure(replica, refused=False)
             booking.finish(None, ok=False)  # the lost replica holds nothing of it any more
-            outcome.failovers = await self.failover.continue_stream(ex, replica, prepared, bytes(relayed), broken,
-                                                                    headers["X-Request-Id"])
+            if prepared.request.continuable and self.retry.failover:
+                outcome.failovers = await self.failover.continue_stream(ex, replica, prepared, bytes(relayed),
+                                                                        broken, headers["X-Request-Id"])
+            else:
+                await self.failover.give_up(ex, broken, "it cannot be continued exactly on another replica (it "
+                                            "is not greedy, has n > 1, logprobs or fields whose effect depends "
+                                            "on the output so far)" if self.retry.failover else
+                                            "failover is off (`--no-failover`)")
         else:
             self._note_usage(replica, relayed, outcome)
             # The stream asked for token ids (failover does): count them with one C-level scan.

@@ -60,7 +60,8 @@ class ReplicaState:
     load: ReplicaLoad = ReplicaLoad()  # age_s = inf until the first report
     load_at: float = float("-inf")  # clock time of the last load report
     requests_total: int = 0
-    model: str | None = None  # what the replica says it serves
+    models: frozenset[str] = frozenset()  # what its /v1/models lists (empty: not known yet)
+    models_at: float = float("-inf")  # clock time they were last read
 
     @property
     def replica_id(self) -> str:
@@ -118,11 +119,15 @@ class Registry:
             fn(replica_id, what)
 
     # ------------------------------------------------------------- who may take a request
-    def usable(self, exclude: frozenset[str] = frozenset()) -> list[ReplicaState]:
+    def usable(self, exclude: frozenset[str] = frozenset(), model: str | None = None) -> list[ReplicaState]:
+        """The replicas that may take a request now (for `model`: those that serve it, or
+        have not said yet what they serve)."""
         now = self.clock()
         out = []
         for r in self._replicas.values():
             if r.draining or not r.healthy or (exclude and r.spec.url in exclude):
+                continue
+            if model is not None and r.models and model not in r.models:
                 continue
             if r.breaker is Breaker.OPEN:
                 if now - r.breaker_opened_at < self.breaker_cfg.open_s:
@@ -147,6 +152,10 @@ class Registry:
             out.append(new(ReplicaView, (rid, r.inflight_requests, r.inflight_tokens, r.sent_since_report,
                                          r.sent_tokens_since_report, load, cached_blocks(rid))))
         return out
+
+    def served_models(self) -> list[str]:
+        """Every model a healthy replica lists, sorted (several models may share one fleet)."""
+        return sorted({m for r in self._replicas.values() if r.healthy and not r.draining for m in r.models})
 
     # ------------------------------------------------------------- bookkeeping
     def on_sent(self, r: ReplicaState, tokens: int, uncached_tokens: int) -> None:

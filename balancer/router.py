@@ -28,8 +28,8 @@ from balancer.policies.base import Decision, Policy, RoutingRequest
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry, ReplicaState
 from protocol.hashing import hash_blocks, root_hash, token_bytes
-from protocol.openai_api import APIError, GenerationRequest
-from protocol.tokenizer import apply_chat_template
+from protocol.openai_api import GenerationRequest
+from protocol.tokenizer import CHAT_ROLES, apply_chat_template
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,26 @@ class Prepared:
     block_hashes: tuple[int, ...]
     first_user_message: str | None
     rng_seed: int
+    extra_prompt_tokens: int = 0  # a batched prompt's prompts after the first (routed by the first)
+
+
+def _routing_text(messages) -> str:
+    """The chat template applied to `messages` for hashing. The balancer does not judge a chat
+    body (its replica does): messages this template cannot render (an unknown role, image
+    parts) are rendered from their text alone, so the request still routes by load and by
+    whatever prefix the text shares."""
+    try:
+        return apply_chat_template(list(messages))
+    except ValueError:
+        pass
+    plain = []
+    for m in messages:
+        role = m.get("role")
+        c = m.get("content")
+        if isinstance(c, list):
+            c = "".join(p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
+        plain.append({"role": role if role in CHAT_ROLES else "user", "content": c if isinstance(c, str) else ""})
+    return apply_chat_template(plain)
 
 
 def _first_user_text(messages) -> str | None:
@@ -72,6 +92,7 @@ class Booking:
     tokens: int
     matched_tokens: int
     open: bool = field(default=True)
+    by_policy: bool = True  # False: placed by load alone (`Router.route_by_load`), unknown to the policy
 
     @property
     def replica_id(self) -> str:
@@ -79,7 +100,7 @@ class Booking:
 
     @property
     def uncached_tokens(self) -> int:
-        return max(0, self.rr.prompt_tokens - self.matched_tokens)
+        return max(0, self.rr.prompt_tokens - self.matched_tokens) + self.rr.extra_prefill_tokens
 
     def finish(self, output_tokens: int | None = None, ok: bool = True) -> None:
         """The request ended on its replica, having generated `output_tokens` (None: unknown).
@@ -89,6 +110,8 @@ class Booking:
         self.open = False
         router = self.router
         router.registry.on_done(self.replica, self.tokens)
+        if not self.by_policy:
+            return
         router.policy.on_complete(self.rr, self.replica.replica_id, ok)
         if ok and output_tokens is not None and router.predictor is not None:
             router.predictor.observe_done(self.rr, output_tokens)
@@ -134,10 +157,7 @@ class Router:
     def prepare(self, req: GenerationRequest) -> Prepared:
         first_user = None
         if req.kind == "chat":
-            try:
-                text = apply_chat_template(list(req.messages))
-            except ValueError as e:
-                raise APIError(400, str(e), "messages") from None
+            text = _routing_text(req.messages)
             tokens = self.tokenizer.encode(text)
             first_user = _first_user_text(req.messages)
         elif req.prompt_token_ids is not None:
@@ -155,7 +175,8 @@ class Router:
         if hashes is None:
             hashes = hash_blocks(tokens, self.block_size, self._root(req.cache_salt))
         seed = hashes[-1] if hashes else xxhash.xxh3_64_intdigest(token_bytes(list(tokens)))
-        return Prepared(req, tuple(tokens), text, tuple(hashes), first_user_message, seed)
+        extra = sum(len(p) if isinstance(p, tuple) else len(self.tokenizer.encode(p)) for p in req.more_prompts)
+        return Prepared(req, tuple(tokens), text, tuple(hashes), first_user_message, seed, extra)
 
     def routing_request(self, p: Prepared, request_id: str,
                         predicted_output_tokens: float | None = None) -> RoutingRequest:
@@ -181,6 +202,8 @@ class Router:
             first_user_message=p.first_user_message,
             now=self.clock(),
             rng_seed=p.rng_seed,
+            sequences=p.request.n * (1 + len(p.request.more_prompts)),
+            extra_prefill_tokens=p.extra_prompt_tokens,
         )
 
     def decide(self, rr: RoutingRequest, candidates: Sequence[ReplicaState]) -> Decision:
@@ -194,7 +217,7 @@ class Router:
                ) -> tuple[RoutingRequest | None, list[ReplicaState], Decision | None]:
         """The decision for `p` among the usable replicas not in `exclude`, recording nothing:
         (routing request, candidates, decision); (None, [], None) when no replica is usable."""
-        candidates = self.registry.usable(exclude)
+        candidates = self.registry.usable(exclude, p.request.model)
         if not candidates:
             return None, candidates, None
         rr = self.routing_request(p, request_id, predicted_output_tokens)
@@ -211,12 +234,29 @@ class Router:
         """Record `decision` (made by `choose` for `p`): the second half of `route`."""
         replica = self.registry.get(decision.replica_id)
         matched = rr.matched_blocks.get(decision.replica_id, 0) * rr.block_size
-        max_tokens = p.request.max_tokens
-        booking = Booking(self, rr, decision, replica, rr.prompt_tokens + (max_tokens or 0), matched)
+        work = rr.prompt_tokens + rr.extra_prefill_tokens + (p.request.max_tokens or 0) * rr.sequences
+        booking = Booking(self, rr, decision, replica, work, matched)
         self.registry.on_sent(replica, booking.tokens, booking.uncached_tokens)
         # The policy and the approximate index learn of it now: the next decision, maybe for a
         # request already waiting in this loop turn, must see it.
         self.policy.on_routed(rr, decision)
         if not self.has_events(decision.replica_id):
             self.approx.record(decision.replica_id, rr.block_hashes, self.clock())
+        return booking
+
+    def route_by_load(self, model: str | None, request_id: str, exclude: frozenset[str] = frozenset()
+                      ) -> Booking | None:
+        """A request that is not a generation from a prompt (embeddings, tokenize, a route the
+        balancer does not know): the usable replica serving `model` with the fewest requests in
+        flight from here, the least used on a tie (so an idle fleet takes turns). Booked like any
+        other, so it counts while in flight; the policy neither sees nor learns from it."""
+        candidates = self.registry.usable(exclude, model)
+        if not candidates:
+            return None
+        replica = min(candidates, key=lambda r: (r.inflight_requests, r.requests_total, r.replica_id))
+        rr = RoutingRequest(request_id=request_id, prompt_text="", prompt_tokens=0, block_hashes=(),
+                            block_size=self.block_size, matched_blocks={}, now=self.clock())
+        booking = Booking(self, rr, Decision(replica.replica_id, "fewest requests in flight"), replica, 0, 0,
+                          by_policy=False)
+        self.registry.on_sent(replica, 0, 0)
         return booking

@@ -252,7 +252,7 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Keep-alive connections to any number of replicas; `post` is the one request it makes."""
+    """Keep-alive connections to any number of replicas; `request` (mostly `post`) sends one."""
 
     def __init__(self, cfg: UpstreamConfig = UpstreamConfig()) -> None:
         self.cfg = cfg
@@ -276,8 +276,13 @@ class UpstreamPool:
 
     async def post(self, base_url: str, path: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """POST body to base_url + path; returns once the status line and headers are in."""
+        return await self.request("POST", base_url, path, body, headers)
+
+    async def request(self, method: str, base_url: str, target: str, body: bytes,
+                      headers: dict[str, str]) -> UpstreamResponse:
+        """`method` base_url + target (a path and maybe a query), as `post`."""
         key, host_line = self._target(base_url)
-        head = [f"POST {path} HTTP/1.1\r\n".encode("latin-1"), host_line, self._extra]
+        head = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), host_line, self._extra]
         for k, v in headers.items():
             head.append(f"{k}: {v}\r\n".encode("latin-1"))
         head.append(f"Content-Length: {len(body)}\r\n\r\n".encode("latin-1"))

@@ -49,8 +49,8 @@ def http(method: str, url: str, body: bytes | dict | None = None, headers: dict 
 async def balancer(specs: list[str], **cfg):
     """An in-process balancer on a free port; yields (base_url, Balancer)."""
     health = cfg.pop("health", HealthConfig(interval_s=0.2, timeout_s=0.5))
-    config = BalancerConfig(port=0, replicas=tuple(ReplicaSpec.parse(s) for s in specs), model="tiny",
-                            health=health, **cfg)
+    cfg.setdefault("model", "tiny")
+    config = BalancerConfig(port=0, replicas=tuple(ReplicaSpec.parse(s) for s in specs), health=health, **cfg)
     app = create_app(config)
     listening = await serving.start(app, "127.0.0.1", 0)
     try:

@@ -105,6 +105,10 @@ class GenerationRequest:
     user: str | None = None
     return_token_ids: bool = False  # vLLM's extension: token ids in every choice
     extra: dict[str, Any] = field(default_factory=dict)
+    # What a balancer reads for routing (`parse_for_routing`); a replica's parse leaves the defaults.
+    n: int = 1  # sequences decoded per prompt (max(n, best_of))
+    more_prompts: tuple[str | tuple[int, ...], ...] = ()  # a batched prompt's prompts after the first
+    continuable: bool = False  # a lost stream can be continued exactly elsewhere (`_continuable`)
 
 
 _INT_LIMIT = 2**31 - 1
@@ -264,3 +268,115 @@ def parse_chat(body: Any) -> GenerationRequest:
             continue
         raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
     return GenerationRequest(messages=tuple(messages), **fields)
+
+
+# ------------------------------------------------------------------ the balancer's parse
+# A proxy validates only what routing needs and forwards everything else unchanged: the replica
+# behind it (kvfleet's, vLLM, SGLang) is the judge of the rest, and its 4xx reaches the client
+# as it sent it. `parse_for_routing` reads the prompt to hash, the model, and hints for the load
+# estimate; a hint of the wrong type is ignored here (the replica will refuse it).
+
+# The fields a greedy stream's continuation carries exactly (balancer/failover.py builds it from
+# them); a body with any other field (penalties over the output, guided decoding, logit
+# processors, tools, logprobs...) cannot be continued token-identically on another replica.
+_CONTINUABLE_FIELDS = frozenset({
+    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "stream", "stream_options", "cache_salt",
+    "user", "return_token_ids", "n", "best_of", "logprobs", "top_logprobs", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "request_id", "priority", "skip_special_tokens", "echo",
+})
+# Those among them whose value must be the neutral one (as a client that never sent them).
+_NEUTRAL = (("n", (None, 1)), ("best_of", (None, 1)), ("logprobs", (None, False)), ("top_logprobs", (None, 0)),
+            ("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0)), ("repetition_penalty", (None, 1)),
+            ("echo", (None, False)), ("skip_special_tokens", (None, True)))
+
+
+def _hint_int(body: dict, name: str) -> int | None:
+    v = body.get(name)
+    return v if type(v) is int and 0 < v <= _INT_LIMIT else None
+
+
+def _continuable(body: dict, stop: tuple[str, ...], max_stop: int) -> bool:
+    """True when a stream of this body, cut mid-way, can be continued token for token: greedy
+    (temperature 0 or top_k 1), one sequence, no logprobs, nothing whose effect depends on the
+    output so far, and at most `max_stop` stop strings (the balancer watches them itself)."""
+    if not all(k in _CONTINUABLE_FIELDS for k in body):
+        return False
+    if any(body.get(k) not in ok for k, ok in _NEUTRAL):
+        return False
+    t, k = body.get("temperature"), body.get("top_k")
+    greedy = (type(t) in (int, float) and t == 0) or (type(k) is int and k == 1)
+    return greedy and len(stop) <= max_stop and body.get("stream") is True
+
+
+def _token_prompt(p: list) -> tuple[int, ...] | None:
+    if p and all(type(t) is int and 0 <= t < 2**32 for t in p):
+        return tuple(p)
+    return None
+
+
+def parse_for_routing(body: Any, kind: str, max_failover_stop: int = 64) -> GenerationRequest:
+    """What a balancer needs of a completions (`kind="completion"`) or chat body: the model,
+    the prompt or messages it hashes, and hints (max_tokens, n, stream, sampling for an exact
+    failover). Refuses (400) only what cannot be routed: not a JSON object, a `model` that is
+    not a string, no prompt or messages to hash. A batched prompt is routed by its first prompt."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "'model' must be a string", "model")
+    max_tokens = _hint_int(body, "max_tokens")
+    if kind == "chat":
+        max_tokens = _hint_int(body, "max_completion_tokens") or max_tokens
+    n = max(_hint_int(body, "n") or 1, _hint_int(body, "best_of") or 1)
+    opts = body.get("stream_options")
+    stop = body.get("stop")
+    stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop if isinstance(s, str)) \
+        if isinstance(stop, list) else ()
+    stop_ids = body.get("stop_token_ids")
+    salt, user, seed = body.get("cache_salt"), body.get("user"), body.get("seed")
+    t, top_p, top_k, min_tokens = (body.get("temperature"), body.get("top_p"), body.get("top_k"),
+                                   body.get("min_tokens"))
+    fields: dict[str, Any] = dict(
+        kind=kind, model=model, max_tokens=max_tokens, n=n,
+        temperature=float(t) if type(t) in (int, float) and math.isfinite(t) else 1.0,
+        top_p=float(top_p) if type(top_p) in (int, float) and math.isfinite(top_p) else 1.0,
+        top_k=top_k if type(top_k) is int else 0,
+        seed=seed if type(seed) is int else None,
+        stop=stop,
+        stop_token_ids=tuple(x for x in stop_ids if type(x) is int) if isinstance(stop_ids, list) else (),
+        ignore_eos=body.get("ignore_eos") is True,
+        min_tokens=min_tokens if type(min_tokens) is int and min_tokens > 0 else 0,
+        stream=body.get("stream") is True,
+        include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
+        cache_salt=salt if isinstance(salt, str) else None,
+        user=user if isinstance(user, str) else None,
+        return_token_ids=body.get("return_token_ids") is True,
+        continuable=_continuable(body, stop, max_failover_stop),
+    )
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+        return GenerationRequest(messages=tuple(messages), **fields)
+    prompt = body.get("prompt")
+    prompts = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt) \
+        else [prompt]
+    parsed: list[str | tuple[int, ...]] = []
+    for p in prompts:
+        tokens = _token_prompt(p) if isinstance(p, list) else None
+        if isinstance(p, str):
+            parsed.append(p)
+        elif tokens is not None:
+            parsed.append(tokens)
+        elif p is None:
+            raise APIError(400, "'prompt' is required", "prompt")
+        else:
+            raise APIError(400, "'prompt' must be a string, a list of token ids (0 <= id < 2**32), or a list "
+                                "of those (a batch)", "prompt")
+    if len(parsed) > 1:
+        fields["continuable"] = False
+    first, more = parsed[0], tuple(parsed[1:])
+    if isinstance(first, str):
+        return GenerationRequest(prompt=first, more_prompts=more, **fields)
+    return GenerationRequest(prompt_token_ids=first, more_prompts=more, **fields)

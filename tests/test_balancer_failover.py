@@ -16,6 +16,18 @@ from harness.fleet import balancer, http, read_stream, start_replicas
 pytestmark = pytest.mark.slow
 
 
+class KillAt:
+    """A `read_stream` callback that SIGKILLs `victim` once the stream has `n` token ids."""
+
+    def __init__(self, victim, n: int) -> None:
+        self.victim, self.n, self.done = victim, n, False
+
+    async def __call__(self, ids: int) -> None:
+        if ids >= self.n and not self.done:
+            self.done = True
+            os.kill(self.victim.popen.pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("kind", ["completion", "chat"])
 def test_midstream_failover_is_token_identical_for_greedy(kind):
     reps = start_replicas(2)
@@ -32,18 +44,10 @@ def test_midstream_failover_is_token_identical_for_greedy(kind):
             async with balancer([r.replica_arg for r in reps], policy="round_robin") as (url, b):
                 async with aiohttp.ClientSession() as s:
                     async with s.post(url + path, json={**body, "stream": True}) as r:
-                        serving = r.headers["X-Kvfleet-Replica"]
-                        victim = next(p for p in reps if p.url == serving)
-                        killed = False
-
-                        async def on_chunk(n):
-                            nonlocal killed
-                            if n >= 30 and not killed:
-                                killed = True
-                                os.kill(victim.popen.pid, signal.SIGKILL)
-
-                        ids, text, finish, error = await read_stream(r, on_chunk)
-            assert killed and error is None and finish == "length"
+                        victim = next(p for p in reps if p.url == r.headers["X-Kvfleet-Replica"])
+                        kill = KillAt(victim, 30)
+                        ids, text, finish, error = await read_stream(r, kill)
+            assert kill.done and error is None and finish == "length"
             # The reference: the same greedy request served start to end by the survivor
             # (all replicas are built from the same seed, so any of them is the truth).
             survivor = next(p for p in reps if p is not victim)
@@ -54,6 +58,28 @@ def test_midstream_failover_is_token_identical_for_greedy(kind):
             assert ids == ref_choice["token_ids"]
             ref_text = ref_choice.get("text", (ref_choice.get("message") or {}).get("content"))
             assert text == ref_text, (repr(text), repr(ref_text))
+        asyncio.run(main())
+    finally:
+        for r in reps:
+            r.stop()
+
+
+def test_a_sampled_stream_that_loses_its_replica_ends_with_an_error_event():
+    """Only a greedy stream can be continued exactly; a sampled one gets a clear SSE error."""
+    reps = start_replicas(2)
+    try:
+        async def main():
+            body = {"model": "tiny", "prompt": "Count for me: ", "max_tokens": 120, "temperature": 0.8, "seed": 3, "return_token_ids": True,
+                    "ignore_eos": True, "stream": True}
+            async with balancer([r.replica_arg for r in reps], policy="round_robin") as (url, b):
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(url + "/v1/completions", json=body) as r:
+                        victim = next(p for p in reps if p.url == r.headers["X-Kvfleet-Replica"])
+                        kill = KillAt(victim, 20)
+                        ids, text, finish, error = await read_stream(r, kill)
+                assert b.metrics.failovers.labels(victim.url)._value.get() == 0
+            assert kill.done and finish is None and 20 <= len(ids) < 120
+            assert error is not None and "cannot be continued exactly" in error["message"], error
         asyncio.run(main())
     finally:
         for r in reps:

@@ -66,6 +66,8 @@ class RoutingRequest:
     first_user_message: str | None = None  # chat: first user message text (KubeAI's CHWBL key)
     now: float = 0.0
     rng_seed: int = 0  # for deterministic tie-breaks
+    sequences: int = 1  # sequences it decodes: n (or best_of) per prompt, times the prompts of a batch
+    extra_prefill_tokens: int = 0  # prompt tokens beyond the hashed prompt (a batch's other prompts)
 
     def rng(self) -> random.Random:
         return random.Random(self.rng_seed)

@@ -14,6 +14,7 @@ reports (`balancer.step_learner`: θ0 per step, θtok per new token, θseq per d
     τ    = θ0 + θseq·D + θctx·C           a step's fixed part: overhead + the running decodes
     busy = what is left of the step r is executing (a request joins the step after it)
 
+    U: our uncached prompt tokens (a batched prompt's other prompts count whole)
     ttft   = busy + ceil((Q + U) / k)·(τ + θpctx·(M + U/2)) + θtok·(Q + U) + kv_wait
     kv_wait = the queue is admitted only as KV blocks free up (a replica admits a waiting request
            only when its blocks can be allocated): with F free tokens (evictable cached blocks
@@ -30,6 +31,7 @@ reports (`balancer.step_learner`: θ0 per step, θtok per new token, θseq per d
                                 sequence still there; a running sequence overlaps us for
                                 min(its remaining output, L) steps, R̄ = half the mean
                                 predicted output of what this balancer has running on r
+                                (times the sequences we decode: n, or best_of, per prompt)
     memory = if the blocks we need exceed the free ones: the recompute of what gets preempted
     cost   = ttft + weight · (behind + others) + memory
 
@@ -106,7 +108,8 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
     t_step, t_tok, t_seq, t_ctx, t_pctx = theta
     bs = request.block_size
     matched = request.matched_blocks.get(view.replica_id, 0) * bs
-    u = max(1, request.prompt_tokens - matched)
+    u = max(1, request.prompt_tokens - matched) + request.extra_prefill_tokens
+    seqs = request.sequences
     load = view.load
     if load.age_s <= stale_s:
         q = max(0, load.queued_prefill_tokens - cached_waiting) + view.sent_tokens_since_report
@@ -135,10 +138,10 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
     work = t_tok * u + (u / per_step) * chunk
     behind = fleet_waiting * work
     m = t_tok + t_seq + t_ctx * (request.prompt_tokens + out_tokens / 2)
-    others = d * min(running_remaining, out_tokens) * m
+    others = d * min(running_remaining, out_tokens) * m * seqs
     memory = 0.0
     if have_memory:
-        short = u + out_tokens - free_tokens
+        short = u + out_tokens * seqs - free_tokens
         if short > 0:  # preemption: the newest requests are recomputed later
             memory = t_tok * short * 2 + steps * t_step
     return {"cost": ttft + others_weight * (behind + others) + memory, "ttft": ttft, "behind": behind,
