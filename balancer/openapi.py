@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from balancer.exchange import JSON, Exchange, Handler
+from protocol.openai_api import MAX_BATCH, MAX_LOGPROBS, MAX_N
 
 VERSION = "0.1.0"
 _INT32 = 2**31 - 1
@@ -44,7 +45,8 @@ _SAMPLING = {
     "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}},
     "ignore_eos": {"type": "boolean", "default": False},
     "min_tokens": {"type": "integer", "minimum": 0, "maximum": _INT32, "default": 0},
-    "n": {"type": "integer", "enum": [1], "default": 1},
+    "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1,
+          "description": "samples per prompt (a kvfleet replica shares the prompt's prefill among them)"},
     "stream": {"type": "boolean", "default": False},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "cache_salt": {"type": "string"},
@@ -60,8 +62,13 @@ _COMPLETION_REQUEST = {
             {"type": "string", "minLength": 1},
             {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
              "description": "token ids"},
+            {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": {"type": "string", "minLength": 1},
+             "description": "a batch of prompts: n choices each, index = prompt * n + sample"},
         ]},
         **_SAMPLING,
+        "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_LOGPROBS,
+                     "description": "top logprobs per token (OpenAI's legacy completions shape)"},
+        "echo": {"type": "boolean", "default": False},
     },
     "additionalProperties": True,
 }
@@ -88,6 +95,9 @@ _CHAT_REQUEST = {
         "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
         "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
         **_SAMPLING,
+        "logprobs": {"type": "boolean", "default": False},
+        "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_LOGPROBS,
+                         "description": "needs logprobs: true"},
     },
     "additionalProperties": True,
 }

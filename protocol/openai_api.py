@@ -105,13 +105,18 @@ class GenerationRequest:
     user: str | None = None
     return_token_ids: bool = False  # vLLM's extension: token ids in every choice
     extra: dict[str, Any] = field(default_factory=dict)
-    # What a balancer reads for routing (`parse_for_routing`); a replica's parse leaves the defaults.
-    n: int = 1  # sequences decoded per prompt (max(n, best_of))
+    n: int = 1  # sequences decoded per prompt (the balancer's parse: max(n, best_of))
     more_prompts: tuple[str | tuple[int, ...], ...] = ()  # a batched prompt's prompts after the first
-    continuable: bool = False  # a lost stream can be continued exactly elsewhere (`_continuable`)
+    logprobs: int | None = None  # top logprobs per output token (0: the sampled token's); None: none
+    echo: bool = False  # completions: the prompt precedes the completion in the text
+    # The balancer's parse alone (`parse_for_routing`): a lost stream can be continued exactly.
+    continuable: bool = False
 
 
 _INT_LIMIT = 2**31 - 1
+MAX_N = 128  # sequences per prompt (n)
+MAX_LOGPROBS = 20  # top logprobs per token: vLLM's default max_logprobs
+MAX_BATCH = 256  # prompts in one batched completions request
 
 
 def _get_bool(body: dict, name: str, default: bool) -> bool:
@@ -173,13 +178,17 @@ def _common(body: Any, kind: str) -> dict[str, Any]:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise APIError(400, "'model' must be a string", "model")
-    n = _get_int(body, "n", 1, lo=1)
-    if n != 1:
-        raise APIError(400, "only n=1 is supported; send separate requests for more samples", "n")
-    if body.get("best_of") not in (None, 1):
-        raise APIError(400, "best_of is not supported", "best_of")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
-        raise APIError(400, "logprobs are not supported by this server", "logprobs")
+    n = _get_int(body, "n", 1, lo=1, hi=MAX_N)
+    best_of = _get_int(body, "best_of", None, lo=1, hi=MAX_N)
+    if best_of is not None and best_of != n:  # as vLLM's V1 engine, which dropped best_of
+        raise APIError(400, f"best_of other than n is not supported (got best_of={best_of}, n={n}); "
+                            f"send n samples and pick among them", "best_of")
+    logprobs = _get_logprobs(body, kind)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise APIError(400, "response_format other than {\"type\": \"text\"} (JSON mode, a JSON schema) is not "
+                            "supported by this server: it has no guided decoding; ask for JSON in the prompt",
+                            "response_format")
     max_tokens = _get_int(body, "max_tokens", None, lo=1)
     if kind == "chat":
         mct = _get_int(body, "max_completion_tokens", None, lo=1)
@@ -207,6 +216,9 @@ def _common(body: Any, kind: str) -> dict[str, Any]:
     return dict(
         kind=kind,
         model=model,
+        n=n,
+        logprobs=logprobs,
+        echo=kind == "completion" and _get_bool(body, "echo", False),
         max_tokens=max_tokens,
         temperature=_get_float(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_get_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
@@ -224,24 +236,52 @@ def _common(body: Any, kind: str) -> dict[str, Any]:
     )
 
 
-def parse_completion(body: Any) -> GenerationRequest:
-    fields = _common(body, "completion")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+def _get_logprobs(body: dict, kind: str) -> int | None:
+    """How many top logprobs per token the client wants (0: the sampled token's alone), or
+    None for none. Completions: `logprobs` is that number (OpenAI's legacy API, max 5 there, 20
+    here as vLLM); chat: `logprobs` is a boolean and `top_logprobs` the number."""
+    if kind == "completion":
+        v = body.get("logprobs")
+        if v is None or v is False:
+            return None
+        return _get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    want = _get_bool(body, "logprobs", False)
+    top = _get_int(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    if top and not want:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if want else None
+
+
+def _one_prompt(prompt: Any) -> str | tuple[int, ...]:
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, "'prompt' must not be empty", "prompt")
-        return GenerationRequest(prompt=prompt, **fields)
+        return prompt
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if any(t < 0 or t >= 2**32 for t in prompt):
             raise APIError(400, "token ids in 'prompt' must be non-negative integers", "prompt")
-        return GenerationRequest(prompt_token_ids=tuple(prompt), **fields)
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        raise APIError(400, "batched prompts are not supported; send one request per prompt", "prompt")
+        return tuple(prompt)
+    raise APIError(400, "'prompt' must be a non-empty string, a non-empty list of token ids, or a list of "
+                        "those (a batch)", "prompt")
+
+
+def parse_completion(body: Any) -> GenerationRequest:
+    fields = _common(body, "completion")
+    prompt = body.get("prompt")
     if prompt is None:
         raise APIError(400, "'prompt' is required", "prompt")
-    raise APIError(400, "'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_BATCH:
+            raise APIError(400, f"a batched 'prompt' takes at most {MAX_BATCH} prompts", "prompt")
+        prompts = [_one_prompt(p) for p in prompt]  # a batch (of one, maybe)
+    else:
+        prompts = [_one_prompt(prompt)]
+    first, more = prompts[0], tuple(prompts[1:])
+    if fields["echo"] and fields["logprobs"] is not None:
+        raise APIError(400, "'echo' with 'logprobs' (prompt logprobs) is not supported by this server", "echo")
+    if isinstance(first, str):
+        return GenerationRequest(prompt=first, more_prompts=more, **fields)
+    return GenerationRequest(prompt_token_ids=first, more_prompts=more, **fields)
 
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})

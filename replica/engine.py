@@ -41,6 +41,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    # new_token_ids[-1]'s (logprob, top alternatives as (token id, logprob)), if asked for
+    logprobs: tuple[float, tuple[tuple[int, float], ...]] | None = None
 
 
 class _TextState:
@@ -180,6 +182,7 @@ class LLMEngine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=max(req.num_cached_tokens, 0),
             num_output_tokens=req.num_output_tokens,
+            logprobs=req.new_logprobs,
         )
 
 

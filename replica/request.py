@@ -38,6 +38,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    logprobs: int | None = None  # top logprobs per output token (0: the sampled token's alone)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -54,6 +55,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +77,7 @@ class Request:
         "first_token_time",
         "generator",
         "eos_token_id",
+        "new_logprobs",
     )
 
     def __init__(
@@ -98,6 +102,9 @@ class Request:
         self.first_token_time: float | None = None
         self.generator: Any = None  # per-request torch.Generator when params.seed is set
         self.eos_token_id = eos_token_id
+        # The newest sampled token's (logprob, ((token id, logprob), ...) top alternatives), set by
+        # the runner when params.logprobs is set and taken by the engine's output.
+        self.new_logprobs: tuple[float, tuple[tuple[int, float], ...]] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -23,6 +23,7 @@ from replica.scheduler import SchedulerOutput
 
 
 class ModelRunner:
+    has_logits = True  # it can report logprobs (the simulated executor cannot)
     def __init__(
         self,
         model: LlamaForCausalLM,
@@ -97,6 +98,16 @@ class ModelRunner:
         if not sample_seqs:
             return {}
         sampling = [out.scheduled[i].request for i in sample_seqs]
-        logits = self.model.compute_logits(hidden)  # [N, V]
-        tokens = sample(logits.cpu(), sampling, self.generator)
+        logits = self.model.compute_logits(hidden).cpu()  # [N, V]
+        want = [i for i, r in enumerate(sampling) if r.params.logprobs is not None]
+        # The model's own distribution (vLLM's default "raw_logprobs"), before min_tokens' bans,
+        # temperature, top-k and top-p change the logits that `sample` draws from.
+        logprobs = torch.log_softmax(logits[want].float(), dim=-1) if want else None
+        tokens = sample(logits, sampling, self.generator)
+        for j, i in enumerate(want):
+            req, row = sampling[i], logprobs[j]
+            k = req.params.logprobs
+            top = row.topk(k) if k else None
+            req.new_logprobs = (float(row[tokens[i]]), tuple(zip(top.indices.tolist(), top.values.tolist()))
+                                if top is not None else ())
         return {req.request_id: tok for req, tok in zip(sampling, tokens)}

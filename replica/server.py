@@ -27,6 +27,7 @@ from protocol.openai_api import (APIError, GenerationRequest, decode_json_body, 
 from protocol.tokenizer import apply_chat_template
 from replica import auth, kv_state
 from replica.config import ServerConfig
+from replica.choices import Logprobs, fan_out, merged
 from replica.engine import RequestOutput
 from replica.request import SamplingParams
 from replica.service import EngineService
@@ -135,60 +136,81 @@ class _Handlers:
             raise APIError(503, "this replica is draining (shutting down); send the request to another replica")
         if not self.service.healthy:
             raise APIError(503, "the engine is not running; check the replica's log")
-        prompt_ids = self._prompt_ids(req)
-        params = self._params(req, len(prompt_ids))
+        if req.logprobs is not None and not getattr(self.service.engine.executor, "has_logits", True):
+            raise APIError(400, "this replica runs the simulated executor, which has no logits: logprobs need a "
+                                "torch replica", "logprobs")
+        prompts = [self._prompt_ids(req)] + [self._prompt_ids(dataclasses.replace(
+            req, prompt=p if isinstance(p, str) else None, prompt_token_ids=p if isinstance(p, tuple) else None))
+            for p in req.more_prompts]
+        params = [self._params(req, len(ids)) for ids in prompts]
+        if req.logprobs is not None:
+            params = [dataclasses.replace(p, logprobs=req.logprobs) for p in params]
         prefix = "chatcmpl" if req.kind == "chat" else "cmpl"
         base = request.headers.get("X-Request-Id") or f"{prefix}-{uuid.uuid4().hex}"
         rid = self.service.unique_id(base)
         headers = {"X-Request-Id": base}
-        outputs = self.service.generate(rid, prompt_ids, params)
-        seen = _Seen(start, len(prompt_ids))
+        choices = fan_out(prompts, params, req.n)
+        outputs = merged(self.service, rid, choices)
+        seen = _Seen(start, sum(len(ids) for ids in prompts))
+        echo = [self.tokenizer.decode(ids) for ids in prompts] if req.echo else None
         try:
             if req.stream:
-                return await self._stream(request, req, rid, outputs, headers, seen)
-            return await self._complete(req, rid, outputs, headers, seen)
+                return await self._stream(request, req, rid, outputs, headers, seen, len(choices), echo)
+            return await self._complete(req, rid, outputs, headers, seen, len(choices), echo)
         finally:
             if access_log.isEnabledFor(logging.INFO):
                 _log_access(base, req, seen)
 
-    def _usage(self, last: RequestOutput | None, num_prompt: int) -> dict[str, Any]:
-        completion = last.num_output_tokens if last else 0
-        cached = last.num_cached_tokens if last else 0
+    def _usage(self, finals: dict[int, RequestOutput], n: int) -> dict[str, Any]:
+        """vLLM's accounting: each prompt once (its first sample's prompt and cached tokens),
+        the outputs of every sample."""
+        firsts = [o for i, o in finals.items() if i % n == 0]
+        prompt = sum(o.num_prompt_tokens for o in firsts)
+        completion = sum(o.num_output_tokens for o in finals.values())
         return {
-            "prompt_tokens": num_prompt,
+            "prompt_tokens": prompt,
             "completion_tokens": completion,
-            "total_tokens": num_prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(max(o.num_cached_tokens, 0) for o in firsts)},
         }
 
-    async def _complete(self, req, rid, outputs: AsyncIterator[RequestOutput], headers, seen: "_Seen") -> web.Response:
-        text: list[str] = []
-        token_ids: list[int] = []
-        last = None
-        async for out in outputs:
-            text.append(out.text)
-            token_ids.extend(out.new_token_ids)
-            last = seen.last = out
-        created = int(time.time())
-        body_text = "".join(text)
-        finish = last.finish_reason if last else "abort"
-        stop_reason = last.stop_reason if last else None
-        if req.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": body_text}, "logprobs": None,
-                      "finish_reason": finish, "stop_reason": stop_reason}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": body_text, "logprobs": None, "finish_reason": finish,
-                      "stop_reason": stop_reason}
-            obj = "text_completion"
-        if req.return_token_ids:
-            choice["token_ids"] = token_ids
-        body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice],
-                "usage": self._usage(last, last.num_prompt_tokens if last else 0)}
+    async def _complete(self, req, rid, outputs: AsyncIterator[tuple[int, RequestOutput]], headers, seen: "_Seen",
+                        num_choices: int, echo: list[str] | None) -> web.Response:
+        text: dict[int, list[str]] = {i: [] for i in range(num_choices)}
+        token_ids: dict[int, list[int]] = {i: [] for i in range(num_choices)}
+        outs: dict[int, list[RequestOutput]] = {i: [] for i in range(num_choices)}
+        finals: dict[int, RequestOutput] = {}
+        async for index, out in outputs:
+            text[index].append(out.text)
+            token_ids[index].extend(out.new_token_ids)
+            if req.logprobs is not None:
+                outs[index].append(out)
+            finals[index] = seen.last = out
+        chat = req.kind == "chat"
+        shaper = Logprobs(self.tokenizer, chat)
+        choices = []
+        for index in range(num_choices):
+            last = finals.get(index)
+            body_text = "".join(text[index])
+            if echo is not None:
+                body_text = echo[index // req.n] + body_text
+            finish = last.finish_reason if last else "abort"
+            logprobs = shaper.of(index, outs[index]) if req.logprobs is not None else None
+            if chat:
+                choice = {"index": index, "message": {"role": "assistant", "content": body_text},
+                          "logprobs": logprobs, "finish_reason": finish, "stop_reason": last.stop_reason if last else None}
+            else:
+                choice = {"index": index, "text": body_text, "logprobs": logprobs, "finish_reason": finish,
+                          "stop_reason": last.stop_reason if last else None}
+            if req.return_token_ids:
+                choice["token_ids"] = token_ids[index]
+            choices.append(choice)
+        body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices, "usage": self._usage(finals, req.n)}
         return web.json_response(body, headers=headers)
 
-    async def _stream(self, request, req, rid, outputs: AsyncIterator[RequestOutput], headers,
-                      seen: "_Seen") -> web.StreamResponse:
+    async def _stream(self, request, req, rid, outputs: AsyncIterator[tuple[int, RequestOutput]], headers,
+                      seen: "_Seen", num_choices: int, echo: list[str] | None) -> web.StreamResponse:
         resp = web.StreamResponse(
             status=200, headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -197,6 +219,7 @@ class _Handlers:
         chat = req.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
         model = self.model_name
+        shaper = Logprobs(self.tokenizer, chat) if req.logprobs is not None else None
 
         def chunk(choice: dict | None, usage: dict | None = None) -> bytes:
             body = {"id": rid, "object": obj, "created": created, "model": model,
@@ -205,29 +228,33 @@ class _Handlers:
                 body["usage"] = usage
             return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
-        last = None
+        finals: dict[int, RequestOutput] = {}
         try:
-            if chat:
-                await resp.write(chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                        "finish_reason": None}))
-            async for out in outputs:
-                last = seen.last = out
-                if not out.text and not out.finished and not req.return_token_ids:
-                    continue
+            for index in range(num_choices):
                 if chat:
-                    delta = {"content": out.text} if out.text else {}
-                    choice = {"index": 0, "delta": delta, "logprobs": None,
-                              "finish_reason": out.finish_reason if out.finished else None}
+                    await resp.write(chunk({"index": index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}))
+                elif echo is not None:  # the prompt first, as its own chunk
+                    await resp.write(chunk({"index": index, "text": echo[index // req.n], "logprobs": None,
+                                            "finish_reason": None}))
+            async for index, out in outputs:
+                finals[index] = seen.last = out
+                if not out.text and not out.finished and not req.return_token_ids and shaper is None:
+                    continue
+                logprobs = shaper.of(index, [out]) if shaper is not None else None
+                finish = out.finish_reason if out.finished else None
+                if chat:
+                    choice = {"index": index, "delta": {"content": out.text} if out.text else {},
+                              "logprobs": logprobs, "finish_reason": finish}
                 else:
-                    choice = {"index": 0, "text": out.text, "logprobs": None,
-                              "finish_reason": out.finish_reason if out.finished else None}
+                    choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": finish}
                 if out.finished:
                     choice["stop_reason"] = out.stop_reason
                 if req.return_token_ids:
                     choice["token_ids"] = list(out.new_token_ids)
                 await resp.write(chunk(choice))
             if req.include_usage:
-                await resp.write(chunk(None, self._usage(last, last.num_prompt_tokens if last else 0)))
+                await resp.write(chunk(None, self._usage(finals, req.n)))
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             await outputs.aclose()  # aborts the request in the engine

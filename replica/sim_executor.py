@@ -26,6 +26,7 @@ def sim_token(request_id: str, position: int) -> int:
 
 
 class SimExecutor:
+    has_logits = False  # modelled step times, no model: no logprobs
     def __init__(self, model: StepTimeModel, advance: Callable[[float, SchedulerOutput], None]) -> None:
         self.model = model
         self.advance = advance

@@ -159,6 +159,40 @@ def test_openai_client_streams_through_balancer(fleet):
         assert bal.stop() == 0
 
 
+def test_n_logprobs_and_batches_through_the_balancer_equal_a_replica_alone(fleet):
+    """Issue #20: the openai client (sync, async, streaming) through the real balancer process
+    gets what it gets from a replica directly, for the parameters a vLLM client uses."""
+    bal = procs.start(["balancer", "--port", "0"] + [a for r in fleet for a in ("--replica", r.replica_arg)])
+    try:
+        via = openai.OpenAI(base_url=f"{bal.url}/v1", api_key="unused", max_retries=0)
+        direct = openai.OpenAI(base_url=f"{fleet[1].url}/v1", api_key="unused", max_retries=0)
+        kw = dict(model="tiny", prompt=["Once upon a time", "In a galaxy"], n=2, max_tokens=5, temperature=0,
+                  logprobs=2, extra_body={"ignore_eos": True, "stop_token_ids": [3]})
+        a, b = via.completions.create(**kw), direct.completions.create(**kw)
+        assert [(c.index, c.text, c.logprobs.tokens) for c in a.choices] == \
+            [(c.index, c.text, c.logprobs.tokens) for c in b.choices]
+        assert a.usage.completion_tokens == b.usage.completion_tokens == 20
+
+        async def streamed():
+            client = openai.AsyncOpenAI(base_url=f"{bal.url}/v1", api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=4, temperature=0.9,
+                seed=5, logprobs=True, top_logprobs=1, stream=True, extra_body={"ignore_eos": True})
+            texts: dict[int, str] = {}
+            async for ch in stream:
+                for c in ch.choices:
+                    texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            await client.close()
+            return texts
+
+        texts = asyncio.run(streamed())
+        ref = direct.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=3,
+                                             max_tokens=4, temperature=0.9, seed=5, extra_body={"ignore_eos": True})
+        assert texts == {c.index: c.message.content for c in ref.choices}
+    finally:
+        assert bal.stop() == 0
+
+
 BAD = [
     b"{not json",
     b"\xff\xfe",

@@ -267,3 +267,89 @@ def test_run_replica_serves_in_process_until_stopped(capsys):
     assert unauthorized == 401
     ready = capsys.readouterr().out
     assert f"kvfleet replica ready: engine=sim model=mini blocks=64 block_size=16 listening on {urls[0]}" in ready
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of a metric's samples in the replica's /metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_n_samples_share_one_prefill_and_seeds_spread_as_vllm(replica):
+    c = client(replica)
+    prompt = "A long shared prompt that several samples continue. " * 6  # 313 tokens: 19 full blocks
+    hits = metric(replica.url, "vllm:prefix_cache_hits_total")
+    r = c.completions.create(model="tiny", prompt=prompt, n=4, max_tokens=6, temperature=1.0, seed=11,
+                             extra_body={"ignore_eos": True})
+    full = (r.usage.prompt_tokens // 16) * 16
+    # The prompt was computed once: samples 1-3 found its full blocks in the prefix cache.
+    assert metric(replica.url, "vllm:prefix_cache_hits_total") - hits >= 3 * full
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    assert r.usage.prompt_tokens == len(prompt.encode()) + 1  # counted once, as vLLM does
+    assert r.usage.completion_tokens == 4 * 6
+    texts = [ch.text for ch in r.choices]
+    assert len(set(texts)) > 1  # seed + j per sample (vLLM's ParentRequest): they differ
+    again = c.completions.create(model="tiny", prompt=prompt, n=4, max_tokens=6, temperature=1.0, seed=11,
+                                 extra_body={"ignore_eos": True})
+    assert [ch.text for ch in again.choices] == texts  # and each is reproducible
+    one = c.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=1.0, seed=12,
+                               extra_body={"ignore_eos": True})
+    assert one.choices[0].text == texts[1]  # sample 1 is the request with seed + 1
+
+
+def test_batched_prompts_and_echo(replica):
+    c = client(replica)
+    r = c.completions.create(model="tiny", prompt=["Hello there", [5, 6, 7, 8]], n=2, max_tokens=4, temperature=0)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]  # prompt i, sample j -> i * n + j
+    alone = [c.completions.create(model="tiny", prompt=p, max_tokens=4, temperature=0).choices[0].text
+             for p in ("Hello there", [5, 6, 7, 8])]
+    assert [ch.text for ch in r.choices] == [alone[0], alone[0], alone[1], alone[1]]
+    assert r.usage.prompt_tokens == len(b"Hello there") + 1 + 4
+    echoed = c.completions.create(model="tiny", prompt="Hello there", max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == "Hello there" + alone[0]
+    chunks = list(c.completions.create(model="tiny", prompt=["ab", "cd"], max_tokens=3, temperature=0, stream=True,
+                                       echo=True))
+    by_index = {0: "", 1: ""}
+    for ch in chunks:
+        for choice in ch.choices:
+            by_index[choice.index] += choice.text
+    assert by_index[0].startswith("ab") and by_index[1].startswith("cd")
+
+
+def test_logprobs_in_the_completions_and_chat_shapes(replica):
+    c = client(replica)
+    r = c.completions.create(model="tiny", prompt="Logprobs please", max_tokens=5, temperature=0, logprobs=3,
+                             extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        # Keyed by text, so two tokens that read the same (bytes no character yet) share a key.
+        assert value <= 0 and 1 <= len(top) <= 4 and top[token] >= value
+        assert value == max(top.values())  # greedy took the most likely token
+    assert lp.text_offset == sorted(lp.text_offset)
+    msgs = [{"role": "user", "content": "Hi"}]
+    chat = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0, logprobs=True,
+                                     top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert [t.logprob for t in content] == [t.top_logprobs[0].logprob for t in content]
+    streamed = [t for ch in c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0,
+                                                      logprobs=True, stream=True, extra_body={"ignore_eos": True})
+                if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    plain = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+    code, err = post(replica.url + "/v1/chat/completions", json.dumps(
+        {"model": "tiny", "messages": msgs, "top_logprobs": 2}).encode())
+    assert code == 400 and err["error"]["param"] == "top_logprobs"
+
+
+def test_what_the_replica_cannot_do_is_refused_clearly(replica):
+    for body, param in (({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+                        ({"prompt": "x", "best_of": 3}, "best_of"),
+                        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+                        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo")):
+        code, err = post(replica.url + "/v1/completions", json.dumps({"model": "tiny", **body}).encode())
+        assert code == 400 and err["error"]["param"] == param, (body, err)
