@@ -231,9 +231,10 @@ def routes(b: Balancer, guard: Guard) -> RouteTable:
         # b.proxy exists once the app has started: bound at call time
         "/v1/completions": {"POST": lambda ex: b.proxy.completions(ex)},
         "/v1/chat/completions": {"POST": lambda ex: b.proxy.chat(ex)},
-        # What a vLLM server serves besides generation, forwarded by load (`Proxy.forward`);
+        # What else a vLLM server serves, forwarded by load (`Proxy.forward`);
         # /v1/models is the fleet's own answer (admin.py).
-        **{path: {"POST": forward} for path in ("/v1/embeddings", "/v1/responses", "/tokenize", "/detokenize")},
+        "/v1/responses": {"POST": lambda ex: b.proxy.responses(ex)},
+        **{path: {"POST": forward} for path in ("/v1/embeddings", "/tokenize", "/detokenize")},
         "/version": {"GET": forward},
         **admin.routes(b), **index_state.routes(b), **openapi.routes(),
     }

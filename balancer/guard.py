@@ -48,7 +48,10 @@ from balancer.exchange import Exchange, Handler
 from protocol.auth import UNAUTHORIZED, KeySet, parse_bearer
 from protocol.openai_api import APIError, decode_json_body, error_body
 
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+# The generation routes, with the fields that limit a generation's length (the cap fills in the first).
+_LENGTH_FIELDS = {"/v1/completions": ("max_tokens",), "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+                  "/v1/responses": ("max_output_tokens",)}
+GENERATION_PATHS = frozenset(_LENGTH_FIELDS)
 # Routes the balancer forwards to a replica as they are (balancer/proxy.py `forward`): guarded
 # like generation (keys, limits, admission), every method, and any /v1/* route it does not serve itself.
 FORWARDED_PATHS = frozenset({"/tokenize", "/detokenize", "/version"})
@@ -346,7 +349,7 @@ class Guard:
             return raw  # the proxy answers it with the same 400
         if not isinstance(body, dict):
             return raw
-        capped = _cap_max_tokens(body, cfg.max_tokens_cap, chat=ex.path == "/v1/chat/completions")
+        capped = _cap_max_tokens(body, cfg.max_tokens_cap, _LENGTH_FIELDS[ex.path])
         if isinstance(capped, str):
             self.rejected.labels("max_tokens").inc()
             _refuse(ex, 400, capped, {}, param="max_tokens")
@@ -398,11 +401,10 @@ def _refuse(ex: Exchange, status: int, message: str, headers: dict[str, str], pa
              {"Content-Type": "application/json", **headers})
 
 
-def _cap_max_tokens(body: dict[str, Any], cap: int, chat: bool) -> dict[str, Any] | str | None:
+def _cap_max_tokens(body: dict[str, Any], cap: int, names: tuple[str, ...]) -> dict[str, Any] | str | None:
     """An error message if the body asks for more than `cap` tokens; a new body with the cap
     filled in if it names no limit; None to leave it as it is (including bodies the proxy's
     validation will refuse)."""
-    names = ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",)
     present = False
     for name in names:
         v = body.get(name)
@@ -413,7 +415,7 @@ def _cap_max_tokens(body: dict[str, Any], cap: int, chat: bool) -> dict[str, Any
             return f"'{name}' must be at most {cap} on this server, got {v}"
     if present:
         return None
-    return {**body, "max_tokens": cap}
+    return {**body, names[0]: cap}
 
 
 # ---------------------------------------------------------------------------------- flags

@@ -142,6 +142,12 @@ class Proxy:
         """`/v1/chat/completions`, as `completions`."""
         await self._generation(ex, "chat", "/v1/chat/completions")
 
+    async def responses(self, ex: Exchange) -> None:
+        """`/v1/responses` (OpenAI's Responses API, which vLLM serves): routed by the prefix of
+        the chat it renders to, as `chat`; never continued mid-stream (its events are not
+        completion chunks)."""
+        await self._generation(ex, "responses", "/v1/responses")
+
     async def _generation(self, ex: Exchange, kind: str, path: str) -> None:
         body = await read_json(ex)
         try:
@@ -409,7 +415,8 @@ class Proxy:
                 ex.reply(upstream.status, body, relayed_headers(upstream, replica.replica_id, headers["X-Request-Id"]))
                 return
             try:
-                await self._relay_stream(ex, booking, upstream, headers, prepared, arrival, outcome)
+                await self._relay_stream(ex, booking, upstream, headers, prepared, arrival, outcome,
+                                         ends_with_done=path != "/v1/responses")
             except ClientGone:
                 outcome.status = 499  # the client went away (nginx's code for it)
         finally:
@@ -417,7 +424,8 @@ class Proxy:
 
     # ------------------------------------------------------------------ streaming
     async def _relay_stream(self, ex: Exchange, booking: Booking, upstream: UpstreamResponse,
-                            headers: dict, prepared: Prepared, arrival: float, outcome: _Outcome) -> None:
+                            headers: dict, prepared: Prepared, arrival: float, outcome: _Outcome,
+                            ends_with_done: bool = True) -> None:
         replica = booking.replica
         pending = bytearray()
         relayed = bytearray()
@@ -439,8 +447,8 @@ class Proxy:
                 relayed += complete
         except UpstreamError as e:
             broken = str(e)
-        else:
-            broken = None if relayed.rstrip().endswith(DONE) else "stream ended without [DONE]"
+        else:  # a completions or chat stream ends with [DONE]; a Responses API stream does not
+            broken = None if not ends_with_done or relayed.rstrip().endswith(DONE) else "stream ended without [DONE]"
         if broken is not None and not opened:
             raise UpstreamFailed(replica, f"stream broke before the first event: {broken}")
         if not opened:  # an empty but complete response: nothing to relay

@@ -6,7 +6,8 @@ It serves `/health`, `/v1/models` (one model, NAME) and `/version` as a vLLM ser
 answers any other request (any method, any path) with the exact request it got: method, target
 (path and query, undecoded), headers and the body's bytes (base64), in an OpenAI-shaped body so
 that the openai client parses it — a completion (`choices[0].text`), a chat completion
-(`choices[0].message.content`), or with `"stream": true` server-sent chunks and `[DONE]`. The echo
+(`choices[0].message.content`), or with `"stream": true` server-sent chunks and `[DONE]` (on
+`/v1/responses`: two typed events, `response.output_text.delta` and `response.completed`). The echo
 itself is the top-level `echo` field (and in the first stream chunk). A body holding
 `"echo_status": N` (N >= 400) is refused with status N and an OpenAI error whose message is the
 body's `echo_message`: a refusal by the upstream that the balancer must relay unchanged.
@@ -71,6 +72,12 @@ def make_app(model: str) -> web.Application:
         if isinstance(body, dict) and body.get("stream") is True:
             out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await out.prepare(request)
+            if request.path == "/v1/responses":  # the Responses API's typed events, no [DONE]
+                for name, data in (("response.output_text.delta", {"delta": "hi", "echo": echo}),
+                                   ("response.completed", {"response": {"status": "completed"}})):
+                    await out.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+                await out.write_eof()
+                return out
             first = _completion_shape(request.path, model, echo, chunk=True)
             await out.write(b"data: " + json.dumps(first).encode() + b"\n\n")
             last = _completion_shape(request.path, model, {}, chunk=True)

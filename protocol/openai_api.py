@@ -172,6 +172,13 @@ def _get_stop(body: dict) -> tuple[str, ...]:
     return tuple(v)
 
 
+# What a kvfleet replica cannot honour, with the values that mean "not asked for": refused
+# (400) rather than silently ignored. A balancer forwards them (vLLM and SGLang serve them).
+_UNSUPPORTED = (("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0)), ("repetition_penalty", (None, 1)),
+                ("logit_bias", (None, {})), ("tools", (None, [])), ("guided_json", (None,)), ("guided_regex", (None,)),
+                ("guided_choice", (None,)), ("guided_grammar", (None,)), ("structured_outputs", (None,)))
+
+
 def _common(body: Any, kind: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -184,6 +191,10 @@ def _common(body: Any, kind: str) -> dict[str, Any]:
         raise APIError(400, f"best_of other than n is not supported (got best_of={best_of}, n={n}); "
                             f"send n samples and pick among them", "best_of")
     logprobs = _get_logprobs(body, kind)
+    for name, neutral in _UNSUPPORTED:
+        if body.get(name) not in neutral:
+            raise APIError(400, f"'{name}' is not supported by this server (the tiny engine has no logit "
+                                f"processors, guided decoding or tool parser); leave it out", name)
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise APIError(400, "response_format other than {\"type\": \"text\"} (JSON mode, a JSON schema) is not "
@@ -355,8 +366,31 @@ def _token_prompt(p: list) -> tuple[int, ...] | None:
     return None
 
 
+def _responses_messages(body: dict) -> tuple[dict[str, Any], ...]:
+    """The chat messages a Responses API body stands for: `instructions` as the system message,
+    then `input` (a string, or message items whose content is a string or text parts)."""
+    out: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        out.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    for item in items if isinstance(items, list) else ():
+        if not isinstance(item, dict) or not isinstance(item.get("role"), str):
+            continue  # tool calls and their outputs: not text the prefix is made of
+        content = item.get("content")
+        if isinstance(content, list):
+            content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        if isinstance(content, str):
+            out.append({"role": item["role"], "content": content})
+    if not out:
+        raise APIError(400, "'input' must be a string or a list of message items", "input")
+    return tuple(out)
+
+
 def parse_for_routing(body: Any, kind: str, max_failover_stop: int = 64) -> GenerationRequest:
-    """What a balancer needs of a completions (`kind="completion"`) or chat body: the model,
+    """What a balancer needs of a completions (`kind="completion"`), chat or Responses API
+    (`"responses"`) body: the model,
     the prompt or messages it hashes, and hints (max_tokens, n, stream, sampling for an exact
     failover). Refuses (400) only what cannot be routed: not a JSON object, a `model` that is
     not a string, no prompt or messages to hash. A batched prompt is routed by its first prompt."""
@@ -394,6 +428,9 @@ def parse_for_routing(body: Any, kind: str, max_failover_stop: int = 64) -> Gene
         return_token_ids=body.get("return_token_ids") is True,
         continuable=_continuable(body, stop, max_failover_stop),
     )
+    if kind == "responses":  # OpenAI's Responses API: routed as the chat it renders to
+        fields.update(kind="chat", max_tokens=_hint_int(body, "max_output_tokens"), continuable=False)
+        return GenerationRequest(messages=_responses_messages(body), **fields)
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):

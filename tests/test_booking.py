@@ -193,3 +193,30 @@ def test_choose_records_nothing():
     assert len(candidates) == 2 and d.replica_id in {r.replica_id for r in registry}
     assert all(r.inflight_requests == 0 and r.sent_since_report == 0 for r in registry)
     assert router.approx.match(p.block_hashes, 0.0) == {} and seen == []
+
+
+def test_n_samples_and_a_batch_count_their_decodes_and_prompts_in_the_booking():
+    from protocol.openai_api import parse_for_routing
+
+    router, registry, seen = _router()
+    req = parse_for_routing({"model": MODEL, "prompt": ["a shared prompt " * 8, [1, 2, 3, 4, 5]], "n": 3,
+                             "max_tokens": 10}, "completion")
+    p = router.prepare(req)
+    assert p.extra_prompt_tokens == 5  # the batch's second prompt, routed by the first
+    booking = router.route(p, "r1")
+    assert booking.rr.sequences == 6 and booking.rr.extra_prefill_tokens == 5
+    assert booking.tokens == len(p.token_ids) + 5 + 10 * 6  # prefill once per prompt, decode n per prompt
+    assert booking.uncached_tokens == len(p.token_ids) + 5
+    booking.finish(None)
+    assert all(r.inflight_tokens == 0 for r in registry)
+
+
+def test_a_request_routed_by_load_counts_while_in_flight_and_the_policy_never_sees_it():
+    router, registry, seen = _router()
+    first = router.route_by_load(None, "e1")
+    second = router.route_by_load(None, "e2")
+    assert first.replica_id != second.replica_id  # fewest in flight: an idle fleet takes turns
+    assert first.replica.inflight_requests == 1
+    first.finish(None)
+    second.fail()
+    assert all(r.inflight_requests == 0 for r in registry) and seen == []

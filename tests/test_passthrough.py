@@ -114,6 +114,14 @@ def test_streams_are_relayed_and_only_greedy_ones_ask_for_token_ids(echoes):
             assert arrived(echo) == expect
             assert json.loads(arrived(echo)) == {**json.loads(raw), **({"return_token_ids": True} if raw is greedy
                                                                         else {})}
+        # A Responses API stream has typed events and no [DONE]: relayed as it is, nothing added.
+        raw = b'{"model":"m-b","input":[{"role":"user","content":[{"type":"input_text","text":"hi"}]}],"stream":true}'
+        status, headers, out = await send(s, "POST", url + "/v1/responses", raw)
+        assert status == 200 and headers["X-Kvfleet-Replica"] == echoes[2].url
+        events = [e for e in out.split(b"\n\n") if e]
+        assert [e.split(b"\n")[0] for e in events] == [b"event: response.output_text.delta",
+                                                       b"event: response.completed"]
+        assert arrived(json.loads(events[0].split(b"data: ", 1)[1])["echo"]) == raw
     run(echoes, scenario)
 
 

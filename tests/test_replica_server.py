@@ -350,6 +350,9 @@ def test_what_the_replica_cannot_do_is_refused_clearly(replica):
     for body, param in (({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
                         ({"prompt": "x", "best_of": 3}, "best_of"),
                         ({"prompt": "x", "logprobs": 21}, "logprobs"),
-                        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo")):
+                        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+                        ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+                        ({"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
+                        ({"prompt": "x", "tools": [{"type": "function"}]}, "tools")):
         code, err = post(replica.url + "/v1/completions", json.dumps({"model": "tiny", **body}).encode())
         assert code == 400 and err["error"]["param"] == param, (body, err)
