@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="a HF tokenizer.json (default: the built-in byte tokenizer)")
     p.add_argument("--config", default=None, help="a TOML or JSON file with BalancerConfig keys; flags win")
     p.add_argument("--no-failover", action="store_true", help="do not continue broken streams on another replica")
+    p.add_argument("--failover-max-stop", type=int, default=None, metavar="N",
+                   help="continue a broken stream only if it has at most N stop strings (default "
+                        f"{d.retry.failover_max_stop}); longer lists are still forwarded, their streams end with an "
+                        "error event if the replica is lost. Only greedy, n=1, no-logprobs streams are continued")
     p.add_argument("--no-fast-path", action="store_true",
                    help="serve every route with aiohttp instead of the balancer's lean HTTP front-end (the "
                         "same routes and checks; for comparison, or if you suspect the front-end)")
@@ -84,6 +88,8 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
         cfg = replace(cfg, fast_path=False)
     if args.no_failover:
         cfg = replace(cfg, retry=replace(cfg.retry, failover=False))
+    if args.failover_max_stop is not None:
+        cfg = replace(cfg, retry=replace(cfg.retry, failover_max_stop=args.failover_max_stop))
     cfg = guard.apply_arguments(cfg, args)
     if not cfg.replicas and not cfg.dns:
         raise ValueError("no replicas: give --replica URL (repeatable), --dns HOST:PORT or a --config file")
