@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=_list(int), default=None, help="e.g. 0,1,2")
     ap.add_argument("--policies", type=_list(str), default=None, help="policies to run (must hold the candidate)")
     ap.add_argument("--requests-per-replica", type=int, default=None)
+    ap.add_argument("--load-report-interval-ms", type=float, default=None,
+                    help="how often replicas' load reports reach the balancer (default: a live replica's 100 ms; "
+                         "0: after every step, as before 2026-12-07)")
     ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: the CPU count)")
     ap.add_argument("--out", default="results/bench_routing", help="folder for sweep.md and sweep.json")
     args = ap.parse_args(argv)
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: v for k, v in (("replicas", args.replicas), ("loads", args.loads), ("kv_tokens", args.kv_tokens),
                                        ("seeds", args.seeds), ("policies", args.policies),
                                        ("requests_per_replica", args.requests_per_replica)) if v}
+        if args.load_report_interval_ms is not None:
+            overrides["load_report_interval_s"] = args.load_report_interval_ms / 1e3
         spec = dataclasses.replace(spec, **overrides)
     except (OSError, ValueError) as e:
         print(f"bench_routing: {e}", file=sys.stderr)

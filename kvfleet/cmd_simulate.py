@@ -46,13 +46,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", default="ensemble",
                    help="output-length predictor the policies see: a predictors name, none, or oracle (true lengths)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt materialisation")
-    from simulator.run import DEFAULT_REQUEST_LATENCY_S, DEFAULT_RESPONSE_LATENCY_S, SIM_MAX_MODEL_LEN
+    from simulator.run import (DEFAULT_LOAD_REPORT_INTERVAL_S, DEFAULT_REQUEST_LATENCY_S, DEFAULT_RESPONSE_LATENCY_S,
+                               SIM_MAX_MODEL_LEN)
 
     p.add_argument("--request-latency-ms", type=float, default=1e3 * DEFAULT_REQUEST_LATENCY_S,
                    help="what a live fleet adds from a client's send to the replica's engine queue "
                         "(HTTP, balancer, tokenizing; default: measured on a live sim fleet, docs/benchmarks.md)")
     p.add_argument("--response-latency-ms", type=float, default=1e3 * DEFAULT_RESPONSE_LATENCY_S,
                    help="what a live fleet adds from a token leaving a step to the client (SSE via the balancer)")
+    p.add_argument("--load-report-interval-ms", type=float, default=1e3 * DEFAULT_LOAD_REPORT_INTERVAL_S,
+                   help="how often a replica's load report reaches the balancer (default: a live replica's "
+                        "cadence); 0: after every engine step, fresher than any live fleet")
     p.add_argument("--max-model-len", type=int, default=SIM_MAX_MODEL_LEN,
                    help="longest prompt a replica takes; longer ones are rejected, as by a live sim replica")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds, for goodput")
@@ -131,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
                              args.slo_ttft, args.slo_tpot, predictor=args.predictor,
                              policy_options=tuple((k, tuple(sorted(v.items()))) for k, v in options.items()),
                              request_latency_s=args.request_latency_ms / 1e3,
+                             load_report_interval_s=args.load_report_interval_ms / 1e3,
                              response_latency_s=args.response_latency_ms / 1e3, max_model_len=args.max_model_len)
     except (OSError, ValueError) as e:
         print(f"kvfleet simulate: {e}", file=sys.stderr)

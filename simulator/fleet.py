@@ -3,17 +3,18 @@
 Events are request arrivals and replica step ends, on one virtual clock. Each replica is the
 real `LLMEngine` (scheduler, KV cache manager, block pool) with the `SimExecutor`; routing is
 the balancer's own `Router` and policy objects over a `PrefixIndex` fed by the replicas'
-block-pool events and a `Registry` fed by their load after every step — the code the live
-balancer runs, minus the sockets.
+block-pool events after every step and a `Registry` fed by their load reports at a live
+replica's cadence (`load_report_interval_s`) — the code the live balancer runs, minus the sockets.
 
     arrival(t) ─▶ hash prompt ─▶ Router.route (the proxy's routing transaction) ─▶ engine.add_request
-    step(replica, t): engine.step() advances the replica's clock by the modelled duration;
-                      block events ─▶ index; load ─▶ registry; outputs ─▶ per-request records;
-                      a finished request ─▶ Booking.finish; next step at the new time while the
-                      replica has work.
+    step(replica, t): engine.step() advances the replica's clock by the modelled duration d;
+    at t + d (what the step made is seen when it ends, as live):
+                      block events ─▶ index; a load report when one is due ─▶ registry;
+                      outputs ─▶ per-request records; a finished request ─▶ Booking.finish;
+                      next step while the replica has work (idle: a report within the interval).
 
 A request that arrives while its replica is mid-step joins at the next step, as in a real
-engine. Load reports and events reach the balancer instantly (a live fleet adds ~ms). What a
+engine. Load reports and events reach the balancer when made (a live fleet adds ~ms). What a
 live fleet adds per request outside the engines — the HTTP hops through the balancer to the
 engine queue, and each token's way back — is `request_latency_s` / `response_latency_s`
 (measured on a live sim fleet by bench/bench_sim_agreement.py). Prompts a replica would reject
@@ -109,6 +110,12 @@ class FleetConfig:
     # values measured on a live sim fleet; 0 = the engines alone.
     request_latency_s: float = 0.0
     response_latency_s: float = 0.0
+    # How often a replica's load report reaches the registry (virtual seconds): a live replica
+    # publishes one after a step once this long has passed since the last, and while idle at
+    # least this often (replica.service.ServiceConfig, 0.1 s), with the steps made since. 0 =
+    # after every step (fresher than any live fleet). KV events still arrive after every step,
+    # as a live replica publishes them.
+    load_report_interval_s: float = 0.0
     # Longest prompt + output a replica takes (a live sim replica's default); longer prompts, and
     # prompts needing more KV blocks than a replica has, are rejected at arrival as a replica
     # would reject them (live, the balancer routes them first and relays the 400).
@@ -119,6 +126,8 @@ class FleetConfig:
             raise ValueError("replicas must be at least 1")
         if self.request_latency_s < 0 or self.response_latency_s < 0:
             raise ValueError("request and response latencies must be non-negative")
+        if self.load_report_interval_s < 0:
+            raise ValueError("load_report_interval_s must be >= 0 (0: a report after every step)")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
 
@@ -166,6 +175,9 @@ class _SimReplica:
 
     def _clock(self) -> float:
         return self.now
+
+    reported_at = float("-inf")  # virtual time of the last load report
+    reported_steps = 0  # engine steps the last report held
 
     def _advance(self, duration: float, out=None) -> None:
         self.now += duration
@@ -218,7 +230,8 @@ class FleetSimulation:
         wall = _time.perf_counter()
         heap: list[tuple[float, int, int, object]] = []
         seq = itertools.count()
-        ARRIVE, STEP, ENQUEUE = 0, 1, 2
+        ARRIVE, STEP, ENQUEUE, REPORT, DELIVER = 0, 1, 2, 3, 4
+        interval = self.cfg.load_report_interval_s
         req_lat, resp_lat = self.cfg.request_latency_s, self.cfg.response_latency_s
         for i, r in enumerate(requests):
             heapq.heappush(heap, (r.arrival_s, next(seq), ARRIVE, i))
@@ -251,21 +264,23 @@ class FleetSimulation:
                     rep.busy = True
                     rep.now = max(rep.now, t)
                     heappush(heap, (rep.now, next(seq), STEP, rep))
-            else:
+            elif kind == STEP:  # the step runs from t to rep.now; what it made is seen at rep.now
                 rep = x
                 rep.now = max(rep.now, t)
-                engine = rep.engine
-                touched = engine.step_requests()
+                touched = rep.engine.step_requests()
                 steps += 1
+                # Taken now, before requests that arrive mid-step join the queue (live, they
+                # wait in the engine loop's inbox until the step ends): delivered at its end.
+                report = self._snapshot(rep) if rep.now - rep.reported_at >= interval else None
+                heappush(heap, (rep.now, next(seq), DELIVER, (rep, touched, rep.kv.take_events(), report)))
+            elif kind == DELIVER:
+                rep, touched, events, report = x
                 url = self._url[rep.rid]
-                events = rep.kv.take_events()
                 if events:
                     index.apply_many(url, events)
-                registry.on_load(url, rep.load())
-                if engine.steps:
-                    policy.observe_steps(url, (engine.steps[-1],))
-                now = rep.now
-                seen = now + resp_lat
+                if report is not None:
+                    self._deliver(rep, url, report)
+                seen = t + resp_lat
                 for req in touched:
                     rec, booking = live[req.request_id]
                     if rec.first_token is None:
@@ -276,12 +291,35 @@ class FleetSimulation:
                         rec.output_tokens = req.num_output_tokens
                         booking.finish(req.num_output_tokens)
                         del live[req.request_id]
-                if engine.has_unfinished():
-                    heappush(heap, (now, next(seq), STEP, rep))
+                if rep.engine.has_unfinished():
+                    heappush(heap, (t, next(seq), STEP, rep))
                 else:
                     rep.busy = False
+                    if rep.reported_at < t:  # idle: a live replica reports within the interval
+                        heappush(heap, (max(t, rep.reported_at + interval), next(seq), REPORT, rep))
+            elif kind == REPORT:
+                rep = x
+                if not rep.busy and rep.reported_at < t:
+                    rep.now = max(rep.now, t)
+                    self._deliver(rep, self._url[rep.rid], self._snapshot(rep))
         return SimResult(self.cfg.policy, records, [self._url[r] for r in self.replicas], steps,
                          _time.perf_counter() - wall)
+
+    @staticmethod
+    def _snapshot(rep: "_SimReplica") -> tuple:
+        """A load report as the replica makes it now: its load, the steps made since the last
+        report (at most 16, as a live report carries) and the time it was made."""
+        engine = rep.engine
+        new = min(engine.num_steps - rep.reported_steps, 16, len(engine.steps))
+        steps = list(itertools.islice(reversed(engine.steps), new))[::-1]
+        rep.reported_at, rep.reported_steps = rep.now, engine.num_steps
+        return rep.load(), steps
+
+    def _deliver(self, rep: "_SimReplica", url: str, report: tuple) -> None:
+        load, steps = report
+        self.registry.on_load(url, load)
+        if steps:
+            self.policy.observe_steps(url, steps)
 
     def _arrive(self, i: int, r: SimRequest, t: float):
         memo = r.prompt

@@ -19,6 +19,7 @@ from loadgen.prompts import PromptConfig, prompt_token_ids
 from loadgen.traces import TraceRequest
 from protocol.hashing import hash_blocks, root_hash
 from replica.engine import SIM_MAX_MODEL_LEN
+from replica.service import ServiceConfig
 from replica.step_model import SimPreset
 from simulator.bounds import Bounds, compute_bounds
 from simulator.fleet import MODEL, FleetConfig, FleetSimulation, Prompt, SimRequest, SimResult
@@ -32,6 +33,7 @@ from simulator.fleet import MODEL, FleetConfig, FleetSimulation, Prompt, SimRequ
 # through the balancer). bench/bench_sim_agreement.py measures the sum again on its fleet.
 DEFAULT_REQUEST_LATENCY_S = 0.005
 DEFAULT_RESPONSE_LATENCY_S = 0.002
+DEFAULT_LOAD_REPORT_INTERVAL_S = ServiceConfig().load_report_interval_s
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class SimulateConfig:
     request_latency_s: float = DEFAULT_REQUEST_LATENCY_S
     response_latency_s: float = DEFAULT_RESPONSE_LATENCY_S
     max_model_len: int = SIM_MAX_MODEL_LEN  # longer prompts are rejected, as by a live sim replica
+    # A replica's load reports reach the balancer this often, as a live replica's do
+    # (replica.service.ServiceConfig's default); 0 = after every step (simulator.fleet.FleetConfig).
+    load_report_interval_s: float = DEFAULT_LOAD_REPORT_INTERVAL_S
 
     def __post_init__(self) -> None:
         if self.load is not None and not 0 < self.load <= 10:
@@ -185,6 +190,7 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
                                             client_max_tokens=cfg.client_max_tokens,
                                             request_latency_s=cfg.request_latency_s,
                                             response_latency_s=cfg.response_latency_s,
+                                            load_report_interval_s=cfg.load_report_interval_s,
                                             max_model_len=cfg.max_model_len), predictor=predictor)
         res = fleet.run(reqs)
         out["policies"].append(summarize(res, cfg))

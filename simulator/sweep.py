@@ -77,6 +77,9 @@ class SweepSpec:
     requests_per_replica: int = 125
     max_requests: int = 4000
     predictor: str = "ensemble"
+    # How often replicas' load reports reach the balancer; None: a live replica's cadence
+    # (simulator.run.DEFAULT_LOAD_REPORT_INTERVAL_S), 0: after every step.
+    load_report_interval_s: float | None = None
     # Named policy settings, usable in `policies` like a policy: (label, policy, ((key, value), ...))
     variants: tuple[tuple[str, str, tuple[tuple[str, object], ...]], ...] = ()
 
@@ -194,7 +197,9 @@ def run_pair(spec: SweepSpec, cell: Cell, policy: str) -> dict:
     name, options = spec.resolve(policy)
     cfg = SimulateConfig(cell.replicas, get_preset(spec.preset), (name,), kv_blocks=cell.kv_tokens // BLOCK_TOKENS,
                          load=cell.load, seed=prompt_seed, predictor=spec.predictor,
-                         policy_options=((name, options),) if options else ())
+                         policy_options=((name, options),) if options else (),
+                         **({} if spec.load_report_interval_s is None
+                            else {"load_report_interval_s": spec.load_report_interval_s}))
     out = simulate(trace, cfg)
     return {"policy": out["policies"][0], "bounds": out["bounds"], "config": out["config"]}
 

@@ -182,3 +182,41 @@ def test_client_max_tokens_reaches_the_router_like_loadgens_live_requests():
     assert all(p <= t.output_length for (_, p), t in zip(seen[True], trace))
     out = simulate(trace, SimulateConfig(replicas=2, preset=preset, policies=("predictive",), client_max_tokens=True))
     assert out["config"]["client_max_tokens"] is True
+
+
+def test_load_reports_reach_the_registry_at_a_live_replicas_cadence():
+    from simulator.fleet import FleetConfig, FleetSimulation
+    from simulator.run import sim_requests
+
+    preset = get_preset("llama3-8b-h100")
+    trace = [TraceRequest(arrival_s=0.05 * i, input_length=2000, output_length=60) for i in range(40)]
+    for interval in (0.0, 0.1):
+        fleet = FleetSimulation(FleetConfig(2, preset, "least_request", load_report_interval_s=interval))
+        reports: dict[str, list[tuple[float, int, int]]] = {}
+        on_load = fleet.registry.on_load
+        observed: dict[str, int] = {}
+        observe = fleet.policy.observe_steps
+
+        def record(url, load, age_s=0.0, on_load=on_load, reports=reports, fleet=fleet):
+            reports.setdefault(url, []).append((fleet.now, load.num_running, load.num_waiting))
+            on_load(url, load, age_s)
+
+        def count(url, steps, observed=observed, observe=observe):
+            observed[url] = observed.get(url, 0) + len(steps)
+            observe(url, steps)
+
+        fleet.registry.on_load, fleet.policy.observe_steps = record, count
+        res = fleet.run(sim_requests(trace))
+        assert all(r.first_token is not None for r in res.records)
+        for url, rs in reports.items():
+            times = [t for t, _, _ in rs]
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            assert min(gaps) >= interval - 1e-9
+            assert rs[-1][1:] == (0, 0)  # the last report, made once idle, says so
+        if interval == 0.0:
+            assert sum(len(rs) for rs in reports.values()) == res.steps  # one per step
+            assert sum(observed.values()) == res.steps
+        else:
+            assert sum(len(rs) for rs in reports.values()) < res.steps / 2
+            # Each report carries the steps made since the last one (up to 16), none twice.
+            assert res.steps * 0.5 < sum(observed.values()) <= res.steps
