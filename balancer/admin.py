@@ -95,9 +95,7 @@ def routes(b) -> dict[str, dict[str, Handler]]:
 
     async def undrain(ex: Exchange) -> None:
         rid = _target(await read_json(ex))
-        r = b.registry.get(rid)
-        r.draining = False
-        reply_json(ex, _replica_json(b, r))
+        reply_json(ex, _replica_json(b, b.registry.undrain(rid)))
 
     async def remove(ex: Exchange) -> None:
         rid = _target(ex.query)

@@ -95,8 +95,7 @@ class HealthChecker:
         if isinstance(data, list):
             models = frozenset(m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str))
             if models:
-                r.models = models
-                r.models_at = self.registry.clock()
+                self.registry.set_models(r, models)
 
 
 class DnsWatcher:

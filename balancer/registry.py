@@ -83,6 +83,7 @@ class Registry:
         self.clock = clock
         self._replicas: dict[str, ReplicaState] = {}
         self.on_change: list[Callable[[str, str], None]] = []  # (replica_id, what) listeners
+        self._served: list[str] | None = None  # served_models(), until something changes
 
     # ------------------------------------------------------------- membership
     def __iter__(self) -> Iterator[ReplicaState]:
@@ -114,7 +115,14 @@ class Registry:
         self._notify(replica_id, "draining")
         return state
 
+    def undrain(self, replica_id: str) -> ReplicaState:
+        state = self._replicas[replica_id]
+        state.draining = False
+        self._notify(replica_id, "undrained")
+        return state
+
     def _notify(self, replica_id: str, what: str) -> None:
+        self._served = None  # membership, health or draining changed
         for fn in self.on_change:
             fn(replica_id, what)
 
@@ -154,8 +162,19 @@ class Registry:
         return out
 
     def served_models(self) -> list[str]:
-        """Every model a healthy replica lists, sorted (several models may share one fleet)."""
-        return sorted({m for r in self._replicas.values() if r.healthy and not r.draining for m in r.models})
+        """Every model a healthy replica lists, sorted (several models may share one fleet).
+        Kept between changes (membership, health, draining, a replica's list): asked per request."""
+        if self._served is None:
+            self._served = sorted({m for r in self._replicas.values() if r.healthy and not r.draining
+                                   for m in r.models})
+        return self._served
+
+    def set_models(self, r: ReplicaState, models: frozenset[str]) -> None:
+        """What replica r's /v1/models lists now."""
+        r.models_at = self.clock()
+        if models != r.models:
+            r.models = models
+            self._served = None
 
     # ------------------------------------------------------------- bookkeeping
     def on_sent(self, r: ReplicaState, tokens: int, uncached_tokens: int) -> None:

@@ -220,3 +220,21 @@ def test_a_request_routed_by_load_counts_while_in_flight_and_the_policy_never_se
     first.finish(None)
     second.fail()
     assert all(r.inflight_requests == 0 for r in registry) and seen == []
+
+
+def test_each_model_goes_to_the_replicas_that_serve_it_and_the_list_follows_health():
+    router, registry, _ = _router()
+    a, b = list(registry)
+    registry.set_models(a, frozenset({"m-a"}))
+    assert registry.served_models() == ["m-a"]
+    registry.set_models(b, frozenset({"m-b", "m-a"}))
+    assert registry.served_models() == ["m-a", "m-b"]
+    assert [r.replica_id for r in registry.usable(model="m-b")] == [b.replica_id]
+    assert len(registry.usable(model="m-a")) == 2 and registry.usable(model="m-z") == []
+    for _ in range(registry.health_cfg.unhealthy_after):
+        registry.record_poll(b, ok=False)
+    assert registry.served_models() == ["m-a"]  # b is down: m-b is served by nobody now
+    registry.drain(a.replica_id)
+    assert registry.served_models() == []
+    registry.undrain(a.replica_id)
+    assert registry.served_models() == ["m-a"]
