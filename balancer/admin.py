@@ -5,6 +5,8 @@
     POST   /admin/replicas/drain        {"replica": id} stop sending it new requests
     POST   /admin/replicas/undrain      {"replica": id}
     DELETE /admin/replicas?replica=ID[&timeout=S]   drain, wait for its in-flight requests, remove
+    GET    /admin/decisions?limit=N     the latest routed requests: chosen replica, predicted, best
+                                        offered and delivered cached tokens, mismatch, scores
     POST   /admin/explain               a completions or chat body: the decision and every
                                         replica's score breakdown, without sending anything
 """
@@ -112,6 +114,19 @@ def routes(b) -> dict[str, dict[str, Handler]]:
         b.remove_replica(rid)
         reply_json(ex, {"removed": rid, "inflight_at_removal": left})
 
+    async def decisions(ex: Exchange) -> None:
+        raw = ex.query.get("limit", "20")
+        try:
+            limit = int(raw)
+        except ValueError:
+            raise APIError(400, f"limit must be a whole number of decisions, got {raw!r}", "limit") from None
+        if limit < 1:
+            raise APIError(400, "limit must be at least 1", "limit")
+        reply_json(ex, {"kept": len(b.audit.recent), "keep": b.cfg.audit.keep,
+                        "mismatch_rule": {"min_tokens": b.cfg.audit.mismatch_min_tokens,
+                                          "ratio": b.cfg.audit.mismatch_ratio},
+                        "decisions": b.audit.latest(limit)})
+
     async def explain(ex: Exchange) -> None:
         body = await read_json(ex)
         req = parse_for_routing(body, "chat" if isinstance(body, dict) and "messages" in body else "completion")
@@ -142,4 +157,5 @@ def routes(b) -> dict[str, dict[str, Handler]]:
         "/admin/replicas/drain": {"POST": drain},
         "/admin/replicas/undrain": {"POST": undrain},
         "/admin/explain": {"POST": explain},
+        "/admin/decisions": {"GET": decisions},
     }

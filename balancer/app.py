@@ -21,6 +21,7 @@ from aiohttp import web
 
 from balancer import index_state, openapi
 from balancer.approx_index import ApproxIndex
+from balancer.audit import DecisionAudit
 from balancer.config import BalancerConfig, ReplicaSpec
 from balancer.exchange import RouteTable, web_handler
 from balancer.guard import Guard
@@ -51,6 +52,7 @@ class Balancer:
         self.cfg = cfg
         self.clock = clock
         self.metrics = BalancerMetrics()
+        self.audit = DecisionAudit(cfg.audit, self.metrics)
         self.registry = Registry(cfg.breaker, cfg.health, clock, in_transit_s=cfg.report_transit_s)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
@@ -97,7 +99,7 @@ class Balancer:
                              self.registry, has_events=self.subscribers.__contains__, predictor=predictor,
                              clock=self.clock)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
-                           self.served_models)
+                           self.served_models, self.audit)
         for spec in self.cfg.replicas:
             self.add_replica(spec)
         checker = HealthChecker(self.registry, self.session, self.metrics, self.subscribers.__contains__,
@@ -170,6 +172,7 @@ class Balancer:
         self.index.remove_replica(replica_id)
         self.approx.remove_replica(replica_id)
         self.policy.on_replica_removed(replica_id)
+        self.audit.forget_replica(replica_id)
         self.metrics.forget_replica(replica_id)
         return True
 

@@ -105,6 +105,20 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """Decision accounting (balancer/audit.py)."""
+
+    keep: int = 1000  # decisions kept for GET /admin/decisions
+    mismatch_min_tokens: int = 32  # a prediction below this many cached tokens is never a mismatch
+    mismatch_ratio: float = 0.5  # delivered below this share of the prediction is a mismatch
+    warn_every_s: float = 10.0  # at most one warning per replica this often (the counter counts all)
+
+    def __post_init__(self) -> None:
+        if self.keep < 0 or self.mismatch_min_tokens < 1 or not 0 < self.mismatch_ratio <= 1:
+            raise ValueError("audit: keep >= 0, mismatch_min_tokens >= 1 and 0 < mismatch_ratio <= 1")
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     """A name (e.g. a Kubernetes headless service) whose addresses are the replicas."""
 
@@ -134,6 +148,7 @@ class BalancerConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     approx_ttl_s: float = 300.0  # approximate index entries for replicas that publish no events
     approx_capacity_blocks: int = 100_000
     load_poll_s: float = 0.5  # GET /load for replicas without a load-report stream
@@ -210,7 +225,8 @@ class BalancerConfig:
             kw["replicas"] = tuple(ReplicaSpec.parse(r) if isinstance(r, str) else ReplicaSpec(**r) for r in kw["replicas"])
         if "dns" in kw:
             kw["dns"] = tuple(DnsConfig(name=d) if isinstance(d, str) else DnsConfig(**d) for d in kw["dns"])
-        for name, sub in (("health", HealthConfig), ("breaker", BreakerConfig), ("retry", RetryConfig)):
+        for name, sub in (("health", HealthConfig), ("breaker", BreakerConfig), ("retry", RetryConfig),
+                          ("audit", AuditConfig)):
             if name in kw:
                 kw[name] = sub(**kw[name])
         if "policy_options" in kw and isinstance(kw["policy_options"], dict):

@@ -11,7 +11,9 @@ in tests/test_observability_prometheus.py):
   fleet whose replicas come and go does not grow the balancer's series without bound.
 
 What a fleet overview reads here: request rate (`kvfleet_requests_total`), TTFT and E2E
-histograms, routing decision latency, predicted vs reported cached tokens over prompt tokens,
+histograms, routing decision latency, predicted vs reported cached tokens over prompt tokens
+(and per request: histograms, the share of requests where the index said hit and the engine
+said miss),
 per-replica in-flight, health and circuit state, retries, failovers and KV-index resyncs.
 """
 
@@ -22,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                    40.0, 80.0, 160.0)
 DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3)
+TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 NO_REPLICA = "none"  # the `replica` label of requests that no replica answered
 
 
@@ -50,6 +53,22 @@ class BalancerMetrics:
                                        ("replica",), registry=r)
         self.prompt_tokens = Counter("kvfleet_prompt_tokens_total", "Prompt tokens routed to the replica.",
                                      ("replica",), registry=r)
+        # Decision accounting (balancer/audit.py): per request whose replica reported its cached tokens.
+        self.predicted_cached_hist = Histogram("kvfleet_request_predicted_cached_tokens",
+                                               "Cached prompt tokens the prefix index predicted on the chosen "
+                                               "replica, per request the replica reported on.", ("replica",),
+                                               buckets=TOKEN_BUCKETS, registry=r)
+        self.delivered_cached_hist = Histogram("kvfleet_request_delivered_cached_tokens",
+                                               "Cached prompt tokens the replica reported for the request "
+                                               "(usage.prompt_tokens_details.cached_tokens).", ("replica",),
+                                               buckets=TOKEN_BUCKETS, registry=r)
+        self.cache_accounted = Counter("kvfleet_cache_accounted_requests_total",
+                                       "Requests whose replica reported its cached tokens (the mismatch share's "
+                                       "denominator).", ("replica",), registry=r)
+        self.cache_mismatch = Counter("kvfleet_cache_mismatch_total",
+                                      "Requests where the index predicted a cached prefix and the replica delivered "
+                                      "less than the audit's ratio of it (index said hit, engine said miss).",
+                                      ("replica",), registry=r)
         self.retries = Counter("kvfleet_retries_total",
                                "Attempts that failed before the first byte, by the replica that failed (the request "
                                "goes on to another replica while attempts are left).", ("replica",), registry=r)
@@ -77,7 +96,8 @@ class BalancerMetrics:
         # (metric, label values) -> child: `labels()` costs a few µs (lock, tuple, dict), and the
         # request path touches five series per request.
         self._children: dict[tuple, object] = {}
-        self._per_replica = (self.predicted_cached, self.reported_cached, self.prompt_tokens, self.retries,
+        self._per_replica = (self.predicted_cached, self.reported_cached, self.prompt_tokens, self.predicted_cached_hist,
+                             self.delivered_cached_hist, self.cache_accounted, self.cache_mismatch, self.retries,
                              self.failovers, self.breaker_state, self.healthy, self.inflight, self.kv_events,
                              self.indexed_blocks)
 

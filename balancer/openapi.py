@@ -212,6 +212,12 @@ def document() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "oneOf": [_ref("CompletionRequest"), _ref("ChatCompletionRequest")]}}}},
                 "responses": {"200": ok_json, **_error_responses(400, 401, 404)}}},
+            "/admin/decisions": {"get": {
+                "operationId": "decisions", "tags": ["admin"],
+                "summary": "The latest routed requests: chosen replica, predicted / best offered / delivered cached "
+                           "tokens, whether they disagreed, the policy's reason and scores",
+                "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                "responses": {"200": ok_json, **_error_responses(400, 401)}}},
             "/admin/index": {"get": {
                 "operationId": "indexState", "tags": ["admin"],
                 "summary": "The block hashes the prefix index holds for one replica",

@@ -6,7 +6,8 @@
           4xx ─▶ relayed as is (the client's fault, not the replica's)
           200 ─▶ relay complete SSE events byte for byte (or the JSON body)
                  stream broken mid-way ─▶ balancer/failover.py continues it on another replica
-    once the response is out (`_finish`): usage read, Booking.finish, metrics, access log
+    once the response is out (`_finish`): usage read, the decision audited (balancer/audit.py),
+        Booking.finish, metrics, access log
 
 For streams the balancer asks the replica for `return_token_ids` (vLLM's extension) so that a
 continuation can be built from exact token ids.
@@ -24,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from balancer.audit import DecisionAudit
 from balancer.exchange import Exchange
 from balancer.failover import Failover
 from balancer.metrics import NO_REPLICA, BalancerMetrics
@@ -117,6 +119,7 @@ class Proxy:
         retry,
         policy_name: str,
         models: Callable[[], list[str]],
+        audit: DecisionAudit,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -125,6 +128,7 @@ class Proxy:
         self.retry = retry
         self.policy_name = policy_name
         self.models = models  # every model the fleet serves now
+        self.audit = audit  # predicted against delivered cached tokens, the latest decisions
         # Request ids: a random per-process prefix and a counter (unique across restarts and
         # balancers; a uuid4 per request costs several µs).
         self._id_prefix = f"kvf-{uuid.uuid4().hex[:16]}-"
@@ -300,6 +304,7 @@ class Proxy:
                 self._note_usage(replica, o.body, o)
         booking = o.booking
         if booking is not None:
+            self.audit.record(request_id, path, booking, o.status, o.reported_cached)
             booking.finish(o.output_tokens)
             m = self.metrics
             m.series(m.inflight, booking.replica_id).set(booking.replica.inflight_requests)

@@ -50,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue a broken stream only if it has at most N stop strings (default "
                         f"{d.retry.failover_max_stop}); longer lists are still forwarded, their streams end with an "
                         "error event if the replica is lost. Only greedy, n=1, no-logprobs streams are continued")
+    p.add_argument("--decisions-kept", type=int, default=None, metavar="N",
+                   help=f"routing decisions kept for GET /admin/decisions (default {d.audit.keep}; 0: none)")
+    p.add_argument("--mismatch-ratio", type=float, default=None, metavar="R",
+                   help="a request whose replica reports fewer cached tokens than R times what the prefix index "
+                        f"predicted counts as a cache mismatch, with a warning (default {d.audit.mismatch_ratio}; "
+                        f"predictions under {d.audit.mismatch_min_tokens} tokens never do)")
     p.add_argument("--no-fast-path", action="store_true",
                    help="serve every route with aiohttp instead of the balancer's lean HTTP front-end (the "
                         "same routes and checks; for comparison, or if you suspect the front-end)")
@@ -88,6 +94,10 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
         cfg = replace(cfg, fast_path=False)
     if args.no_failover:
         cfg = replace(cfg, retry=replace(cfg.retry, failover=False))
+    if args.decisions_kept is not None or args.mismatch_ratio is not None:
+        cfg = replace(cfg, audit=replace(cfg.audit, **{k: v for k, v in (("keep", args.decisions_kept),
+                                                                        ("mismatch_ratio", args.mismatch_ratio))
+                                                      if v is not None}))
     if args.failover_max_stop is not None:
         cfg = replace(cfg, retry=replace(cfg.retry, failover_max_stop=args.failover_max_stop))
     cfg = guard.apply_arguments(cfg, args)

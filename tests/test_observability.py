@@ -156,8 +156,8 @@ def test_balancer_metric_names_follow_conventions():
         assert fam.name.startswith("kvfleet_") and fam.documentation, fam.name
         if fam.type == "counter":
             assert {s.name for s in fam.samples} == {fam.name + "_total", fam.name + "_created"}, fam.name
-        if fam.type == "histogram":
-            assert fam.name.endswith("_seconds"), fam.name
+        if fam.type == "histogram":  # a base unit in the name
+            assert fam.name.endswith(("_seconds", "_tokens")), fam.name
         for s in fam.samples:
             assert set(s.labels) <= {"replica", "policy", "status", "reason", "le"}, s.labels
 
