@@ -9,7 +9,10 @@ offered, the policy's decision with its scores) and the cached tokens the replic
     index said hit (>= min_tokens) and the engine delivered < ratio of it ─▶ a mismatch:
         a counter, and a warning naming the request id (at most one per replica per
         `warn_every_s`) — the silent failure of a router and an engine that hash differently
-        (block size, cache salt, chat template, tokenizer, prefix caching off)
+        (cache salt, chat template, tokenizer, prefix caching off)
+    the engine delivered a prefix the index did not predict (< ratio of it) ─▶ "unseen": its
+        counter and the same warning — the index is blind to that replica (its events skipped,
+        e.g. another block size, or lost)
     the last `keep` decisions ─▶ GET /admin/decisions?limit=N
 
 Evictions between routing and serving also make mismatches, so a few are normal; a replica
@@ -73,21 +76,30 @@ class DecisionAudit:
             m.series(m.delivered_cached_hist, rid).observe(delivered)
             m.series(m.cache_accounted, rid).inc()
             mismatch = predicted >= cfg.mismatch_min_tokens and delivered < cfg.mismatch_ratio * predicted
+            unseen = delivered >= cfg.mismatch_min_tokens and predicted < cfg.mismatch_ratio * delivered
             if mismatch:
                 m.series(m.cache_mismatch, rid).inc()
-                now = time.monotonic()
-                if now - self._warned.get(rid, -1e18) >= cfg.warn_every_s:
-                    self._warned[rid] = now
-                    log.warning(
-                        "cache mismatch on %s: request %s was routed there for %d cached prompt tokens, the "
-                        "replica reported %d; if this repeats, the balancer and the replica hash differently "
-                        "(check --block-size, the tokenizer, cache_salt, and that the replica has prefix caching "
-                        "on); GET /admin/decisions shows the latest decisions", rid, request_id, predicted,
-                        delivered, extra={"fields": {"request_id": request_id, "replica": rid,
-                                                     "predicted_cached_tokens": predicted,
-                                                     "delivered_cached_tokens": delivered}})
+                self._warn(rid, request_id, predicted, delivered,
+                           "the balancer and the replica hash differently, or the replica does not cache")
+            elif unseen:  # the engine had it, the index did not know: its events do not reach the index
+                m.series(m.cache_unseen, rid).inc()
+                self._warn(rid, request_id, predicted, delivered,
+                           "the index does not see what the replica caches (its KV events are skipped or lost: "
+                           "`kvfleet_kv_events_total`, GET /admin/index)")
         if self.recent.maxlen:
             self.recent.append(Audited(time.time(), request_id, path, booking, status, delivered, mismatch))
+
+    def _warn(self, rid: str, request_id: str, predicted: int, delivered: int, likely: str) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(rid, -1e18) < self.cfg.warn_every_s:
+            return
+        self._warned[rid] = now
+        log.warning("cache mismatch on %s: request %s was routed there for %d cached prompt tokens, the replica "
+                    "reported %d; if this repeats, %s: check --block-size, the tokenizer, cache_salt and the "
+                    "replica's prefix caching; GET /admin/decisions shows the latest decisions", rid, request_id,
+                    predicted, delivered, likely,
+                    extra={"fields": {"request_id": request_id, "replica": rid, "predicted_cached_tokens": predicted,
+                                      "delivered_cached_tokens": delivered}})
 
     def latest(self, limit: int) -> list[dict]:
         """The newest `limit` decisions, newest first."""

@@ -69,6 +69,10 @@ class BalancerMetrics:
                                       "Requests where the index predicted a cached prefix and the replica delivered "
                                       "less than the audit's ratio of it (index said hit, engine said miss).",
                                       ("replica",), registry=r)
+        self.cache_unseen = Counter("kvfleet_cache_unseen_total",
+                                    "Requests where the replica delivered a cached prefix the index did not predict "
+                                    "(engine said hit, index said miss: the index does not see the replica's blocks).",
+                                    ("replica",), registry=r)
         self.retries = Counter("kvfleet_retries_total",
                                "Attempts that failed before the first byte, by the replica that failed (the request "
                                "goes on to another replica while attempts are left).", ("replica",), registry=r)
@@ -97,7 +101,8 @@ class BalancerMetrics:
         # request path touches five series per request.
         self._children: dict[tuple, object] = {}
         self._per_replica = (self.predicted_cached, self.reported_cached, self.prompt_tokens, self.predicted_cached_hist,
-                             self.delivered_cached_hist, self.cache_accounted, self.cache_mismatch, self.retries,
+                             self.delivered_cached_hist, self.cache_accounted, self.cache_mismatch, self.cache_unseen,
+                             self.retries,
                              self.failovers, self.breaker_state, self.healthy, self.inflight, self.kv_events,
                              self.indexed_blocks)
 

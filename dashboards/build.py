@@ -135,12 +135,16 @@ def fleet_overview() -> dict:
          (ratio("kvfleet_reported_cached_tokens_total", "kvfleet_prompt_tokens_total"), "reported (balancer)"),
          (ratio("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"), "prefix cache (replicas)")]))
     d = d.with_panel(graph(
-        "Index said hit, engine said miss", "Share of requests per replica where the prefix index predicted a cached "
-        "prefix and the replica delivered less than half of it (balancer/audit.py). A few are evictions between "
-        "routing and serving; a replica that stays high hashes differently from the balancer (block size, "
-        "tokenizer, cache salt, prefix caching off): the balancer logs a warning with a request id, and "
+        "Index and engine disagree", "Share of requests per replica where the prefix index predicted a cached "
+        "prefix and the replica delivered less than half of it (hit/miss), or the replica delivered one the index "
+        "did not predict (unseen) (balancer/audit.py). A few are evictions between routing and serving; a replica "
+        "that stays high hashes differently from the balancer (tokenizer, cache salt, prefix caching off) or its "
+        "events do not reach the index (another block size): the balancer logs a warning with a request id, and "
         "GET /admin/decisions shows the decisions.", "percentunit",
-        [(ratio("kvfleet_cache_mismatch_total", "kvfleet_cache_accounted_requests_total", "replica"), "{{replica}}")]))
+        [(ratio("kvfleet_cache_mismatch_total", "kvfleet_cache_accounted_requests_total", "replica"),
+          "hit/miss {{replica}}"),
+         (ratio("kvfleet_cache_unseen_total", "kvfleet_cache_accounted_requests_total", "replica"),
+          "unseen {{replica}}")]))
     d = d.with_panel(graph("Prefix-cache hit rate by replica", "Prompt tokens found cached / looked up, per replica.",
                            "percentunit",
                            [(ratio("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total", "instance"),

@@ -6,6 +6,7 @@ publishes no events, so the balancer's approximate index believes it holds what 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import aiohttp
@@ -40,6 +41,22 @@ async def _twice_then_decisions(url: str) -> tuple[dict, str]:
     return body, metrics
 
 
+def _run(extra_flags: list[str], with_events: bool, caplog=None):
+    """Start one replica with `extra_flags`, put a balancer (precise_prefix) in front of it, send
+    the prompt twice: (decisions, metrics text, the replica's URL, audit warnings)."""
+    (rep,) = start_replicas(1, extra_flags)
+    try:
+        async def main():
+            async with balancer([rep.replica_arg if with_events else rep.url], policy="precise_prefix") as (url, b):
+                return await _twice_then_decisions(url)
+        with caplog.at_level(logging.WARNING, logger="kvfleet.balancer.audit") if caplog else contextlib.nullcontext():
+            body, metrics = asyncio.run(main())
+    finally:
+        rep.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kvfleet.balancer.audit"] if caplog else []
+    return body["decisions"], metrics, rep.url, warnings
+
+
 def _sample(metrics: str, name: str, replica: str) -> float:
     for line in metrics.splitlines():
         if line.startswith(name + "{") and f'replica="{replica}"' in line:
@@ -48,40 +65,36 @@ def _sample(metrics: str, name: str, replica: str) -> float:
 
 
 def test_delivered_cached_tokens_match_the_prediction_on_a_well_configured_replica():
-    (rep,) = start_replicas(1)
-    try:
-        async def main():
-            async with balancer([rep.replica_arg], policy="precise_prefix") as (url, b):
-                return await _twice_then_decisions(url)
-        body, metrics = asyncio.run(main())
-    finally:
-        rep.stop()
-    newest, first = body["decisions"]
+    (newest, first), metrics, url, _ = _run([], with_events=True)
     assert (newest["request_id"], first["request_id"]) == ("audit-1", "audit-0")
     assert first["predicted_cached_tokens"] == 0 and newest["predicted_cached_tokens"] >= 512
     assert newest["delivered_cached_tokens"] >= newest["predicted_cached_tokens"] - 16
-    assert newest["best_offered"] == {"replica": rep.url, "cached_tokens": newest["predicted_cached_tokens"]}
-    assert not newest["mismatch"] and newest["reason"] and rep.url in newest["scores"]
-    assert _sample(metrics, "kvfleet_cache_mismatch_total", rep.url) == 0
-    assert _sample(metrics, "kvfleet_cache_accounted_requests_total", rep.url) == 2
-    assert _sample(metrics, "kvfleet_request_delivered_cached_tokens_count", rep.url) == 2
+    assert newest["best_offered"] == {"replica": url, "cached_tokens": newest["predicted_cached_tokens"]}
+    assert not newest["mismatch"] and newest["reason"] and url in newest["scores"]
+    assert _sample(metrics, "kvfleet_cache_mismatch_total", url) == 0
+    assert _sample(metrics, "kvfleet_cache_unseen_total", url) == 0
+    assert _sample(metrics, "kvfleet_cache_accounted_requests_total", url) == 2
+    assert _sample(metrics, "kvfleet_request_delivered_cached_tokens_count", url) == 2
 
 
 def test_index_says_hit_engine_says_miss_raises_the_alarm(caplog):
-    (rep,) = start_replicas(1, ["--no-prefix-caching"])
-    try:
-        async def main():
-            # No event stream given: the approximate index records what was sent there.
-            async with balancer([rep.url], policy="precise_prefix") as (url, b):
-                return await _twice_then_decisions(url)
-        with caplog.at_level(logging.WARNING, logger="kvfleet.balancer.audit"):
-            body, metrics = asyncio.run(main())
-    finally:
-        rep.stop()
-    newest = body["decisions"][0]
+    # No event stream given: the approximate index records what was sent there.
+    decisions, metrics, url, warnings = _run(["--no-prefix-caching"], with_events=False, caplog=caplog)
+    newest = decisions[0]
     assert newest["predicted_cached_tokens"] >= 512 and newest["delivered_cached_tokens"] == 0
     assert newest["mismatch"] is True
-    assert _sample(metrics, "kvfleet_cache_mismatch_total", rep.url) == 1
-    warnings = [r for r in caplog.records if r.name == "kvfleet.balancer.audit"]
-    assert len(warnings) == 1 and "audit-1" in warnings[0].getMessage() and rep.url in warnings[0].getMessage()
-    assert "--block-size" in warnings[0].getMessage()
+    assert _sample(metrics, "kvfleet_cache_mismatch_total", url) == 1
+    (warning,) = warnings
+    assert "audit-1" in warning and url in warning and "--block-size" in warning
+
+
+def test_a_replica_with_another_block_size_is_caught_as_unseen(caplog):
+    """Its KV events carry 32-token blocks, which the balancer's 16-token index skips: the index
+    never predicts a hit there while the engine delivers one."""
+    decisions, metrics, url, warnings = _run(["--block-size", "32"], with_events=True, caplog=caplog)
+    newest = decisions[0]
+    assert newest["predicted_cached_tokens"] == 0 and newest["delivered_cached_tokens"] >= 512
+    assert _sample(metrics, "kvfleet_cache_unseen_total", url) == 1
+    assert _sample(metrics, "kvfleet_cache_mismatch_total", url) == 0
+    (warning,) = warnings
+    assert "audit-1" in warning and "does not see" in warning
