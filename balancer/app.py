@@ -24,7 +24,7 @@ from balancer.approx_index import ApproxIndex
 from balancer.audit import DecisionAudit
 from balancer.config import BalancerConfig, ReplicaSpec
 from balancer.exchange import RouteTable, web_handler
-from balancer.guard import Guard
+from balancer.guard import FORWARDED_PATHS, Guard
 from balancer.health import DnsWatcher, HealthChecker
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
 from balancer.memtrim import trim_periodically
@@ -237,7 +237,7 @@ def routes(b: Balancer, guard: Guard) -> RouteTable:
         # What else a vLLM server serves, forwarded by load (`Proxy.forward`);
         # /v1/models is the fleet's own answer (admin.py).
         "/v1/responses": {"POST": lambda ex: b.proxy.responses(ex)},
-        **{path: {"POST": forward} for path in ("/v1/embeddings", "/tokenize", "/detokenize")},
+        **{path: {"POST": forward} for path in ("/v1/embeddings", *sorted(FORWARDED_PATHS - {"/version"}))},
         "/version": {"GET": forward},
         **admin.routes(b), **index_state.routes(b), **openapi.routes(),
     }

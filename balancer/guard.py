@@ -54,7 +54,9 @@ _LENGTH_FIELDS = {"/v1/completions": ("max_tokens",), "/v1/chat/completions": ("
 GENERATION_PATHS = frozenset(_LENGTH_FIELDS)
 # Routes the balancer forwards to a replica as they are (balancer/proxy.py `forward`): guarded
 # like generation (keys, limits, admission), every method, and any /v1/* route it does not serve itself.
-FORWARDED_PATHS = frozenset({"/tokenize", "/detokenize", "/version"})
+# vLLM's own routes outside /v1 (its OpenAI-compatible server: tokenizer, pooling and scoring APIs).
+FORWARDED_PATHS = frozenset({"/tokenize", "/detokenize", "/version", "/pooling", "/classify", "/score", "/rerank",
+                             "/v2/rerank", "/invocations"})
 OWN_V1_PATHS = frozenset({"/v1/models"})
 
 

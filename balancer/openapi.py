@@ -174,6 +174,8 @@ def document() -> dict[str, Any]:
             "/tokenize": _forwarded("Tokenize (vLLM)", "tokenize"),
             "/detokenize": _forwarded("Detokenize (vLLM)", "detokenize"),
             "/version": _forwarded("The replicas' server version (vLLM)", "version", "get"),
+            **{path: _forwarded(f"vLLM's {path}", "forward" + path.replace("/", "_")) for path in
+               ("/pooling", "/classify", "/score", "/rerank", "/v2/rerank", "/invocations")},
             "/v1/models": {"get": {"operationId": "listModels", "tags": ["openai"],
                                    "summary": "Every model the healthy replicas serve (their /v1/models, merged)",
                                    "responses": {"200": ok_json, **_error_responses(401)}}},

@@ -158,6 +158,8 @@ def test_every_vllm_route_and_unknown_v1_routes_are_forwarded(echoes):
             ("POST", "/v1/responses", b'{"model": "m-b", "input": "hello", "max_output_tokens": 5}'),
             ("POST", "/tokenize", b'{"model": "m-b", "prompt": "hello"}'),
             ("POST", "/detokenize", b'{"model": "m-b", "tokens": [1, 2]}'),
+            ("POST", "/rerank", b'{"model": "m-b", "query": "q", "documents": ["a", "b"]}'),
+            ("POST", "/pooling", b'{"model": "m-b", "input": "x"}'),
             ("POST", "/v1/audio/some-new-thing?x=1&y=%20z", b'{"model": "m-b", "anything": true}'),
             ("GET", "/v1/models/m-b/extra?verbose=true", None),
             ("DELETE", "/v1/files/file-123", None),
