@@ -351,13 +351,11 @@ def _continuable(body: dict, stop: tuple[str, ...], max_stop: int) -> bool:
     """True when a stream of this body, cut mid-way, can be continued token for token: greedy
     (temperature 0 or top_k 1), one sequence, no logprobs, nothing whose effect depends on the
     output so far, and at most `max_stop` stop strings (the balancer watches them itself)."""
-    if not all(k in _CONTINUABLE_FIELDS for k in body):
-        return False
-    if any(body.get(k) not in ok for k, ok in _NEUTRAL):
-        return False
     t, k = body.get("temperature"), body.get("top_k")
     greedy = (type(t) in (int, float) and t == 0) or (type(k) is int and k == 1)
-    return greedy and len(stop) <= max_stop and body.get("stream") is True
+    if not greedy or body.get("stream") is not True or len(stop) > max_stop:
+        return False  # the cheap checks first: most requests are not greedy streams
+    return _CONTINUABLE_FIELDS.issuperset(body) and not any(body.get(k) not in ok for k, ok in _NEUTRAL)
 
 
 def _token_prompt(p: list) -> tuple[int, ...] | None:
