@@ -424,10 +424,11 @@ def parse_for_routing(body: Any, kind: str, max_failover_stop: int = 64) -> Gene
         cache_salt=salt if isinstance(salt, str) else None,
         user=user if isinstance(user, str) else None,
         return_token_ids=body.get("return_token_ids") is True,
-        continuable=_continuable(body, stop, max_failover_stop),
+        # failover continues completions and chat streams only (a Responses stream has its own events)
+        continuable=kind != "responses" and _continuable(body, stop, max_failover_stop),
     )
     if kind == "responses":  # OpenAI's Responses API: routed as the chat it renders to
-        fields.update(kind="chat", max_tokens=_hint_int(body, "max_output_tokens"), continuable=False)
+        fields.update(kind="chat", max_tokens=_hint_int(body, "max_output_tokens"))
         return GenerationRequest(messages=_responses_messages(body), **fields)
     if kind == "chat":
         messages = body.get("messages")

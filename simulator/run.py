@@ -211,7 +211,12 @@ def table(out: dict) -> str:
     rows.append(["(bound: ideal / infinite cache)", f"{b['ideal_mean_ttft_s']:.3f}", f"{b['ideal_median_ttft_s']:.3f}",
                  f"{b['ideal_p99_ttft_s']:.3f}", "", "", "", f"{b['infinite_cache_hit_rate']:.3f}", "", "", ""])
     rows.append(["(bound: pooled cache)", "", "", "", "", "", "", f"{b['pooled_cache_hit_rate']:.3f}", "", "", ""])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return md_table(rows)
+
+
+def md_table(rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table, columns padded to their widest cell; rows[0] is the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows[1:]])
 

@@ -6,7 +6,8 @@ load × KV × seed) replays the same requests under every policy, each (cell, po
 own worker process, and the table gives per cell the best peer (the policy other than the
 candidate and its variants with the lowest mean TTFT), the candidate, both bounds, the share of the gap
 between best peer and ideal TTFT the candidate closes (mean and p99) and the hit rates, then
-how many cells meet issue #15's goals. Example file (bench/routing_matrix.toml is the full one):
+how many cells meet issue #15's goals; with `[variants]`, a second table puts each variant's
+TTFT, TPOT, E2E and hit rate beside the candidate's and the best peer's. Example file (bench/routing_matrix.toml is the full one):
 
     preset = "llama3-8b-h100"
     candidate = "predictive"
@@ -293,6 +294,8 @@ def _pct(x: float | None) -> str:
 
 
 def sweep_table(out: dict) -> str:
+    from simulator.run import md_table
+
     cand = out["spec"]["candidate"]
     head = ["workload", "repl", "load", "KV tok", "seed", "best peer", "peer mean", f"{cand} mean", "ideal mean",
             "gap closed", "peer p99", f"{cand} p99", "ideal p99", "gap closed p99", "best E2E peer", "peer E2E",
@@ -306,9 +309,7 @@ def sweep_table(out: dict) -> str:
                      _pct(r["gap_closed_p99"]), r["best_e2e_peer"], f"{r['best_peer_mean_e2e_s']:.2f}",
                      f"{r['mean_e2e_s']:.2f}", f"{r['hit_rate']:.3f}", f"{r['peer_hit_rate']:.3f}",
                      f"{r['pooled_hit_rate']:.3f}", f"{r['infinite_hit_rate']:.3f}"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
-    lines = [fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(row) for row in rows[1:]]
+    lines = [md_table(rows)]
     s = out["summary"]
     lines += ["", f"TTFT in seconds; gap closed = (best peer − {cand}) / (best peer − ideal), p99 against the peer "
                   f"with the lowest p99; mean E2E against the peer with the lowest mean E2E; hit rates: {cand}, "
@@ -323,7 +324,30 @@ def sweep_table(out: dict) -> str:
               f"{s['hit_vs_pooled']['cells']} (cells where the bound is above 0.01)",
               f"- {out['simulated_requests']} simulated requests in {out['wall_s']:.0f} s on {out['jobs']} worker processes "
               f"({out['simulated_requests'] / max(out['wall_s'], 1e-9):.0f} requests/s)"]
+    if out["spec"]["variants"]:
+        lines += ["", variants_table(out)]
     return "\n".join(lines)
+
+
+def variants_table(out: dict) -> str:
+    """Per cell, the candidate's variants beside the candidate and the best peer (the main table
+    scores the candidate alone; a variant is how an option of it is A/B-tested)."""
+    from simulator.run import md_table
+
+    cand = out["spec"]["candidate"]
+    shown = [cand, *out["spec"]["variants"]]
+    rows = [["workload", "repl", "load", "KV tok", "seed", "policy", "TTFT mean s", "TTFT p99 s", "TPOT ms",
+             "E2E mean s", "hit"]]
+    for r in out["rows"]:
+        for name in [*shown, r["best_peer"]]:
+            p = r["policies"].get(name)
+            if p is None:
+                continue
+            label = name if name in shown else f"{name} (best peer)"
+            rows.append([r["workload"], str(r["replicas"]), f"{r['load']:.1f}", f"{r['kv_tokens'] // 1000}k",
+                         str(r["seed"]), label, f"{p['mean_ttft_s']:.3f}", f"{p['p99_ttft_s']:.3f}",
+                         f"{1e3 * p['mean_tpot_s']:.1f}", f"{p['mean_e2el_s']:.2f}", f"{p['cache_hit_rate']:.3f}"])
+    return f"{cand} and its variants ([variants] of the sweep file):\n\n" + md_table(rows)
 
 
 def _spec_json(spec: SweepSpec) -> dict:
@@ -343,4 +367,5 @@ def write_sweep(out: dict, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["Cell", "SweepSpec", "Workload", "cell_trace", "load_spec", "run_sweep", "sweep_table", "write_sweep"]
+__all__ = ["Cell", "SweepSpec", "Workload", "cell_trace", "load_spec", "run_sweep", "sweep_table", "variants_table",
+           "write_sweep"]

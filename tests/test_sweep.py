@@ -89,6 +89,11 @@ def test_sweep_is_the_same_in_one_process_or_many_and_holds_the_bounds(spec_file
         assert r["pooled_hit_rate"] <= r["infinite_hit_rate"] + 1e-9
     text = sweep_table(one)
     assert "| tiny " in text and "of 4 cells" in text
+    # the variant's own figures are printed beside the candidate's and the best peer's
+    pred_ttft = one["rows"][0]["policies"]["pred_ttft"]
+    variant_lines = [ln for ln in text.splitlines() if "| pred_ttft " in ln]
+    assert len(variant_lines) == 4 and f"{pred_ttft['mean_ttft_s']:.3f}" in variant_lines[0]
+    assert "(best peer)" in text
     json.dumps(one)  # the whole result is JSON
 
 
