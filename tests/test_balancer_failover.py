@@ -96,13 +96,25 @@ def test_drain_and_remove_without_dropping_inflight():
                             "ignore_eos": True, "stream": True}
                     async with s.post(url + "/v1/completions", json=body) as r:
                         serving = r.headers["X-Kvfleet-Replica"]
-                        removal = asyncio.create_task(
-                            s.delete(url + "/admin/replicas", params={"replica": serving, "timeout": "60"}))
-                        await asyncio.sleep(0.2)
-                        assert b.registry.get(serving).draining
-                        async with s.post(url + "/v1/completions",
-                                          json={"model": "tiny", "prompt": "new", "max_tokens": 2}) as r2:
-                            assert r2.headers["X-Kvfleet-Replica"] != serving
+                        # Freeze the serving replica so its stream stays in flight however fast the
+                        # machine is (a 150-token stream can finish before any sleep would end).
+                        frozen = next(p for p in reps if p.url == serving)
+                        os.kill(frozen.popen.pid, signal.SIGSTOP)
+                        try:
+                            removal = asyncio.create_task(
+                                s.delete(url + "/admin/replicas", params={"replica": serving, "timeout": "60"}))
+                            for _ in range(500):
+                                state = b.registry.get(serving)
+                                if state is None or state.draining:
+                                    break
+                                await asyncio.sleep(0.01)
+                            assert state is not None and state.draining, "removal must drain, not drop, in-flight"
+                            assert not removal.done()
+                            async with s.post(url + "/v1/completions",
+                                              json={"model": "tiny", "prompt": "new", "max_tokens": 2}) as r2:
+                                assert r2.headers["X-Kvfleet-Replica"] != serving
+                        finally:
+                            os.kill(frozen.popen.pid, signal.SIGCONT)
                         ids, text, finish, error = await read_stream(r)
                         assert finish == "length" and error is None and len(ids) == 150
                     resp = await removal
