@@ -124,6 +124,16 @@ def test_kv_pressure_is_a_cost(policy):
     assert d.replica_id == "b" and d.scores["a"]["memory"] > 0 and d.scores["b"]["memory"] == 0
 
 
+def test_the_queue_ahead_takes_its_blocks_first():
+    # Free blocks hold our request but not the queue ahead of it too: the queue is admitted
+    # first, so our sequence is the newest when the cache runs out (preempted, recomputed).
+    queued = view("a", free_blocks=400, num_waiting=3, queued_prefill_tokens=6_000)
+    for default in (make_policy("predictive"), make_policy("predictive", {"queue_in_memory": True})):
+        assert default.select(request({}, prompt=4096), [queued]).scores["a"]["memory"] > 0
+    own_only = make_policy("predictive", {"queue_in_memory": False})
+    assert own_only.select(request({}, prompt=4096), [queued]).scores["a"]["memory"] == 0
+
+
 def test_stale_reports_fall_back_to_inflight_bookkeeping(policy):
     stale_a = ReplicaView("a", inflight_requests=5, inflight_tokens=20_000, load=ReplicaLoad())
     stale_b = ReplicaView("b", inflight_requests=0, inflight_tokens=0, load=ReplicaLoad())

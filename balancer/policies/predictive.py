@@ -32,7 +32,8 @@ reports (`balancer.step_learner`: θ0 per step, θtok per new token, θseq per d
                                 min(its remaining output, L) steps, R̄ = half the mean
                                 predicted output of what this balancer has running on r
                                 (times the sequences we decode: n, or best_of, per prompt)
-    memory = if the blocks we need exceed the free ones: the recompute of what gets preempted
+    memory = if the blocks we need, after those of the queue ahead of us (admitted first, FCFS),
+             exceed the free ones: the recompute of what gets preempted
     cost   = ttft + weight · (behind + others) + memory
 
 All terms are seconds of somebody's latency, so the sum needs no per-term weights: the cost is
@@ -85,6 +86,9 @@ class PredictiveConfig:
     # chat by a third and on a hot prompt by a tenth, and cost 3–11 % mean TTFT there and on
     # agentic traffic.
     ttft_slack: float | None = None
+    # The preemption risk counts the prefill queued ahead of the request (admitted first, so it
+    # takes its blocks first); False: only the request's own blocks against the free ones.
+    queue_in_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.ttft_slack is not None and not self.ttft_slack >= 0:
@@ -99,7 +103,8 @@ class PredictiveConfig:
 
 def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int, out_tokens: float,
              stale_s: float, others_weight: float = 1.0, busy_s: float = 0.0, cached_waiting: int = 0,
-             fleet_waiting: float = 0.0, running_remaining: float = 0.0) -> dict[str, float]:
+             fleet_waiting: float = 0.0, running_remaining: float = 0.0,
+             queue_in_memory: bool = True) -> dict[str, float]:
     """The cost terms for one replica (seconds); see the module docstring. Pure.
 
     busy_s: rest of the step in flight; cached_waiting: prompt tokens of r's waiting requests
@@ -141,7 +146,8 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
     others = d * min(running_remaining, out_tokens) * m * seqs
     memory = 0.0
     if have_memory:
-        short = u + out_tokens * seqs - free_tokens
+        # The queue ahead of us is admitted first (FCFS) and takes its blocks before ours.
+        short = (q if queue_in_memory else 0) + u + out_tokens * seqs - free_tokens
         if short > 0:  # preemption: the newest requests are recomputed later
             memory = t_tok * short * 2 + steps * t_step
     return {"cost": ttft + others_weight * (behind + others) + memory, "ttft": ttft, "behind": behind,
@@ -227,7 +233,8 @@ class PredictivePolicy(Policy):
             k = self.learner.max_step_tokens.get(v.replica_id, cfg.default_step_tokens)
             cached_waiting, remaining = self._inflight_stats(v, out)
             s = estimate(v, request, theta, k, out, cfg.stale_report_s, cfg.others_weight,
-                         self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining)
+                         self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining,
+                         cfg.queue_in_memory)
             scores[v.replica_id] = s
         allowed = scores
         if cfg.ttft_slack is not None:
