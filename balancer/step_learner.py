@@ -111,7 +111,8 @@ class StepLearner:
         self._fleet = _RLS(PRIOR, config.prior_strength, config.forgetting)
         self._replicas: dict[str, _RLS] = {}
         self._last_start: dict[str, float] = {}
-        self.max_step_tokens: dict[str, int] = {}  # largest step seen: the replica's token budget
+        self.max_step_tokens: dict[str, int] = {}  # largest step seen per replica (a lower bound on its budget)
+        self._fleet_max_step = 0  # largest step seen on any replica
         self._last_step: dict[str, tuple[float, float]] = {}  # (end, duration) of the newest step, engine clock
         self._theta: dict[str | None, tuple[float, ...]] = {}  # coefficients as floats, until the next sample
 
@@ -145,6 +146,8 @@ class StepLearner:
             tokens = s.prefill_tokens + s.decode_tokens
             if tokens > self.max_step_tokens.get(replica_id, 0):
                 self.max_step_tokens[replica_id] = tokens
+                if tokens > self._fleet_max_step:
+                    self._fleet_max_step = tokens
             n += 1
         self._last_start[replica_id] = last
         if n:
@@ -168,6 +171,19 @@ class StepLearner:
         if t is None:
             t = self._theta[key] = tuple(float(v) for v in self.coefficients(replica_id))
         return t
+
+    def step_budget(self, replica_id: str, default: int) -> int:
+        """A replica's per-step token budget: the largest step seen, `default` before any.
+
+        The largest step only bounds the budget from below, and a replica that has served only
+        short prompts never shows its budget: taken per replica, that made a fleet of equal
+        replicas look unequal (a replica with 2k-token steps priced a 30k-token prefill at 15
+        steps, not 4), so short requests kept it and long ones avoided it (issue #15's Mooncake
+        loss on 32 replicas). With a fleet-wide model (the default) the largest step seen on any
+        replica stands for all; with per-replica models, the replica's own, never below `default`."""
+        if self.config.per_replica:
+            return max(self.max_step_tokens.get(replica_id, 0), default)
+        return self._fleet_max_step or default
 
     def busy_for(self, replica_id: str, now: float) -> float:
         """Seconds until the replica's newest reported step ends (0 if it has ended).

@@ -144,6 +144,7 @@ class RequestRecord:
     finish: float | None = None
     predicted_cached_tokens: int = 0
     rejected: bool = False  # too long for a replica: never routed
+    preemptions: int = 0  # times the replica preempted it (recomputed later)
 
     @property
     def ttft(self) -> float:
@@ -289,6 +290,7 @@ class FleetSimulation:
                     if req.status.finished:
                         rec.finish = seen
                         rec.output_tokens = req.num_output_tokens
+                        rec.preemptions = req.num_preemptions
                         booking.finish(req.num_output_tokens)
                         del live[req.request_id]
                 if rep.engine.has_unfinished():

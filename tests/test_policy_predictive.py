@@ -134,6 +134,20 @@ def test_the_queue_ahead_takes_its_blocks_first():
     assert own_only.select(request({}, prompt=4096), [queued]).scores["a"]["memory"] == 0
 
 
+def test_a_replica_that_only_saw_short_steps_is_priced_with_the_fleets_step_budget():
+    # b has only run 500-token steps: its largest step is not its budget. Pricing a long prompt
+    # there in 500-token steps made equal replicas look unequal (long prompts avoided b for good).
+    p = make_policy("predictive")
+    big = [Step(float(i), 0.3, 8000, 4, 5, 9000, 1000) for i in range(50)]
+    small = [Step(float(i), 0.03, 500, 4, 5, 1500, 1000) for i in range(50)]
+    p.observe_steps("a", big)
+    p.observe_steps("b", small)
+    assert p.learner.step_budget("b", 2048) == p.learner.step_budget("a", 2048) == 8004
+    s = p.select(request({}, prompt=32_000), [view("a"), view("b")]).scores
+    assert s["a"]["ttft"] - s["a"]["busy"] == pytest.approx(s["b"]["ttft"] - s["b"]["busy"])  # busy: a's last step
+    assert StepLearner().step_budget("x", 2048) == 2048  # nothing seen yet
+
+
 def test_stale_reports_fall_back_to_inflight_bookkeeping(policy):
     stale_a = ReplicaView("a", inflight_requests=5, inflight_tokens=20_000, load=ReplicaLoad())
     stale_b = ReplicaView("b", inflight_requests=0, inflight_tokens=0, load=ReplicaLoad())

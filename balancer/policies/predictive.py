@@ -10,7 +10,8 @@ reports (`balancer.step_learner`: θ0 per step, θtok per new token, θseq per d
     Q    = prefill tokens queued on r: reported (minus the cached prefixes of the waiting
            requests, which the replica counts in full until it admits them) + sent since
     W    = requests waiting on r;  D = sequences running on r, C = their KV context tokens
-    K    = r's per-step token budget (largest step seen);  k = max(K - D, 1) prefill tokens/step
+    K    = the per-step token budget (largest step seen on any replica: a replica that served
+           only short prompts never shows its own);  k = max(K - D, 1) prefill tokens/step
     τ    = θ0 + θseq·D + θctx·C           a step's fixed part: overhead + the running decodes
     busy = what is left of the step r is executing (a request joins the step after it)
 
@@ -230,7 +231,7 @@ class PredictivePolicy(Policy):
         best_key, best = None, None
         for v in sorted(replicas, key=lambda r: r.replica_id):
             theta = self.learner.theta(v.replica_id)
-            k = self.learner.max_step_tokens.get(v.replica_id, cfg.default_step_tokens)
+            k = self.learner.step_budget(v.replica_id, cfg.default_step_tokens)
             cached_waiting, remaining = self._inflight_stats(v, out)
             s = estimate(v, request, theta, k, out, cfg.stale_report_s, cfg.others_weight,
                          self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining,
