@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a policy setting (JSON value), repeatable, e.g. --option others_weight=0.5")
     ap.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "mooncake_synthetic.jsonl"),
                     help="trace file (any format `kvfleet simulate` reads)")
+    ap.add_argument("--generate", choices=("chat", "agentic", "hot"), default=None,
+                    help="instead of --trace, the routing matrix's generated workload of this kind "
+                         "(session_rate 1, 8 tenants, burstiness 0.5, seeded by --seed), as bench/routing_matrix.toml")
     ap.add_argument("--requests", type=int, default=2000, help="the trace's first N requests (default: 2000)")
     ap.add_argument("--replicas", type=int, default=32)
     ap.add_argument("--kv-tokens", type=int, default=120_000, help="KV tokens per replica (default: 120000)")
@@ -67,22 +70,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-replica", action="store_true",
                     help="also print each replica's requests, prompt tokens, hit rate and preemptions")
     args = ap.parse_args(argv)
-    if not Path(args.trace).exists():
-        ap.error(f"no trace at {args.trace}; pass --trace with a path to a trace file")
+    if args.generate:
+        from loadgen.generate import GenerateConfig, generate
 
-    trace = load_trace(args.trace)[:args.requests]
+        trace = generate(GenerateConfig(kind=args.generate, session_rate=1.0, tenants=8, burstiness=0.5,
+                                        num_requests=args.requests, seed=args.seed))
+        args.trace, prompt_seed = f"generated {args.generate}", 0  # as simulator.sweep.cell_trace
+    elif not Path(args.trace).exists():
+        ap.error(f"no trace at {args.trace}; pass --trace with a path to a trace file, or --generate chat")
+    else:
+        trace, prompt_seed = load_trace(args.trace)[:args.requests], args.seed
     t0 = trace[0].arrival_s
     trace = [dataclasses.replace(r, arrival_s=r.arrival_s - t0) for r in trace]
     preset = get_preset(args.preset)
     cfg = SimulateConfig(args.replicas, preset, (args.policy,), kv_blocks=args.kv_tokens // BLOCK, load=args.load,
-                         seed=args.seed, predictor=args.predictor,
+                         seed=prompt_seed, predictor=args.predictor,
                          load_report_interval_s=args.load_report_interval_ms / 1e3)
-    reqs = sorted(sim_requests(trace, args.seed), key=lambda r: r.arrival_s)
+    reqs = sorted(sim_requests(trace, prompt_seed), key=lambda r: r.arrival_s)
     util, _ = offered_load(reqs, cfg)
     reqs = rescale(reqs, util / args.load)
     predictor = None if args.predictor == "oracle" else balancer_predictor(args.predictor, MODEL)
     fleet = FleetSimulation(FleetConfig(args.replicas, preset, args.policy, tuple(args.option),
-                                        kv_blocks=cfg.kv_blocks, seed=args.seed,
+                                        kv_blocks=cfg.kv_blocks, seed=prompt_seed,
                                         oracle_lengths=args.predictor == "oracle",
                                         request_latency_s=cfg.request_latency_s,
                                         response_latency_s=cfg.response_latency_s, max_model_len=cfg.max_model_len,
