@@ -1,25 +1,25 @@
-"""Why a policy wins or loses one simulated cell: its decisions, its estimates and the outcome.
+"""Why a policy wins or loses one cell of a routing sweep: its decisions, estimates and outcome.
 
-Runs one policy on one trace in the simulator (as `kvfleet simulate` does) and reports what the
-summary table cannot show: how often it left a replica that held a longer cached prefix (and
-the cost terms on both sides when it did), how many prompt tokens were matchable at routing
-time, how its TTFT estimate compared with the TTFT delivered (by prompt length, and for
+Runs one policy on one cell of a sweep file (the same requests, fleet and settings as
+`kvfleet simulate --sweep` gives that cell, so the headline figures equal the sweep's row) and
+reports what the sweep table cannot show: how often it left a replica that held a longer cached
+prefix (and the cost terms on both sides when it did), how many prompt tokens were matchable at
+routing time, how its TTFT estimate compared with the TTFT delivered (by prompt length, and for
 requests that were later preempted), TPOT by prompt and output length, preemptions, and how
-evenly requests were spread. Issue #15's Mooncake-32 diagnosis (docs/benchmarks.md) came from:
+evenly requests were spread. Issue #15's diagnoses (docs/benchmarks.md) came from:
 
-    .venv/bin/python bench/diagnose_cell.py --policy predictive
+    .venv/bin/python bench/diagnose_cell.py --policy predictive --per-replica
     .venv/bin/python bench/diagnose_cell.py --policy precise_prefix
-    .venv/bin/python bench/diagnose_cell.py --policy predictive --option prefill_stall=true
+    .venv/bin/python bench/diagnose_cell.py --workload chat --replicas 8 --seed 1 --policy llmd_scorer
 
-Defaults: the Mooncake synthetic trace's first 2,000 requests, 32 Llama-3-8B H100 replicas,
-120k KV tokens each, load 0.8, seed 0, 100 ms load reports. Policy terms are printed for
-policies whose decisions carry numeric scores (predictive's: cost, ttft, behind, others, ...).
+Defaults: bench/routing_matrix.toml's Mooncake cell with 32 replicas, 120k KV tokens each, load
+0.8, seed 0. Policy terms are printed for policies whose decisions carry numeric scores
+(predictive's: cost, ttft, behind, others, ...).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -29,14 +29,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadgen.traces import load_trace  # noqa: E402
-from predictors.adapter import balancer_predictor  # noqa: E402
-from replica.step_model import PRESETS, get_preset  # noqa: E402
-from simulator.fleet import MODEL, FleetConfig, FleetSimulation  # noqa: E402
-from simulator.run import SimulateConfig, offered_load, rescale, sim_requests  # noqa: E402
+from simulator.fleet import FleetSimulation  # noqa: E402
+from simulator.run import fleet_config, make_predictor, offered_load, rescale, sim_requests, summarize  # noqa: E402
+from simulator.sweep import BLOCK_TOKENS as BLOCK, Cell, cell_config, load_spec  # noqa: E402
 
 BUCKETS = ((0, 4000), (4000, 16000), (16000, 64000), (64000, 10**9))
-BLOCK = 16
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -51,51 +48,36 @@ def parse_option(text: str) -> tuple[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", default="predictive", help="the policy to diagnose (default: predictive)")
-    ap.add_argument("--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
-                    help="a policy setting (JSON value), repeatable, e.g. --option others_weight=0.5")
-    ap.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "mooncake_synthetic.jsonl"),
-                    help="trace file (any format `kvfleet simulate` reads)")
-    ap.add_argument("--generate", choices=("chat", "agentic", "hot"), default=None,
-                    help="instead of --trace, the routing matrix's generated workload of this kind "
-                         "(session_rate 1, 8 tenants, burstiness 0.5, seeded by --seed), as bench/routing_matrix.toml")
-    ap.add_argument("--requests", type=int, default=2000, help="the trace's first N requests (default: 2000)")
+    ap.add_argument("--spec", default=str(ROOT / "bench" / "routing_matrix.toml"),
+                    help="sweep file the cell is taken from (default: bench/routing_matrix.toml)")
+    ap.add_argument("--workload", default="mooncake", help="a workload name of the sweep file (default: mooncake)")
     ap.add_argument("--replicas", type=int, default=32)
     ap.add_argument("--kv-tokens", type=int, default=120_000, help="KV tokens per replica (default: 120000)")
     ap.add_argument("--load", type=float, default=0.8, help="utilisation the arrival rate is scaled to")
-    ap.add_argument("--seed", type=int, default=0, help="seed for the prompts' contents")
-    ap.add_argument("--preset", default="llama3-8b-h100", choices=sorted(PRESETS))
-    ap.add_argument("--predictor", default="ensemble", help="output-length predictor, none, or oracle")
-    ap.add_argument("--load-report-interval-ms", type=float, default=100.0)
+    ap.add_argument("--seed", type=int, default=0, help="the cell's seed (trace window or generated workload)")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests in the cell (default: the sweep file's requests_per_replica x replicas, capped)")
+    ap.add_argument("--policy", default="predictive", help="a policy, or a variant label of the sweep file")
+    ap.add_argument("--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
+                    help="a policy setting (JSON value), repeatable, e.g. --option others_weight=0.5")
     ap.add_argument("--per-replica", action="store_true",
                     help="also print each replica's requests, prompt tokens, hit rate and preemptions")
     args = ap.parse_args(argv)
-    if args.generate:
-        from loadgen.generate import GenerateConfig, generate
-
-        trace = generate(GenerateConfig(kind=args.generate, session_rate=1.0, tenants=8, burstiness=0.5,
-                                        num_requests=args.requests, seed=args.seed))
-        args.trace, prompt_seed = f"generated {args.generate}", 0  # as simulator.sweep.cell_trace
-    elif not Path(args.trace).exists():
-        ap.error(f"no trace at {args.trace}; pass --trace with a path to a trace file, or --generate chat")
-    else:
-        trace, prompt_seed = load_trace(args.trace)[:args.requests], args.seed
-    t0 = trace[0].arrival_s
-    trace = [dataclasses.replace(r, arrival_s=r.arrival_s - t0) for r in trace]
-    preset = get_preset(args.preset)
-    cfg = SimulateConfig(args.replicas, preset, (args.policy,), kv_blocks=args.kv_tokens // BLOCK, load=args.load,
-                         seed=prompt_seed, predictor=args.predictor,
-                         load_report_interval_s=args.load_report_interval_ms / 1e3)
-    reqs = sorted(sim_requests(trace, prompt_seed), key=lambda r: r.arrival_s)
-    util, _ = offered_load(reqs, cfg)
-    reqs = rescale(reqs, util / args.load)
-    predictor = None if args.predictor == "oracle" else balancer_predictor(args.predictor, MODEL)
-    fleet = FleetSimulation(FleetConfig(args.replicas, preset, args.policy, tuple(args.option),
-                                        kv_blocks=cfg.kv_blocks, seed=prompt_seed,
-                                        oracle_lengths=args.predictor == "oracle",
-                                        request_latency_s=cfg.request_latency_s,
-                                        response_latency_s=cfg.response_latency_s, max_model_len=cfg.max_model_len,
-                                        load_report_interval_s=cfg.load_report_interval_s), predictor=predictor)
+    try:
+        spec = load_spec(args.spec)
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(f"{e}; pass --spec with a sweep file such as bench/routing_matrix.toml")
+    workloads = {w.name: w for w in spec.workloads}
+    if args.workload not in workloads:
+        ap.error(f"no workload {args.workload!r} in {args.spec}; choose one of {sorted(workloads)}")
+    requests = args.requests or min(spec.requests_per_replica * args.replicas, spec.max_requests)
+    cell = Cell(workloads[args.workload], args.replicas, args.load, args.kv_tokens, args.seed, requests)
+    trace, cfg = cell_config(spec, cell, args.policy, tuple(args.option))
+    name = cfg.policies[0]
+    # As simulate() replays it: prompts materialised once, arrivals scaled to the cell's load.
+    reqs = sorted(sim_requests(trace, cfg.seed), key=lambda r: r.arrival_s)
+    reqs = rescale(reqs, offered_load(reqs, cfg)[0] / cfg.load)
+    fleet = FleetSimulation(fleet_config(cfg, name), predictor=make_predictor(cfg))
 
     decisions: dict[str, tuple] = {}  # request id -> (best matched tokens, chosen matched, chosen terms, best terms)
     select = fleet.policy.select
@@ -117,13 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     tpot = np.array([r.tpot if r.tpot is not None else np.nan for r in recs])
     out_len = np.array([r.output_tokens for r in recs])
     preempted = np.array([r.preemptions > 0 for r in recs])
-    hit = sum(r.cached_tokens for r in recs) / max(prompt.sum(), 1)
-    print(f"{args.policy} {dict(args.option)} on {Path(args.trace).name}[:{args.requests}], {args.replicas} replicas, "
-          f"{args.kv_tokens} KV tokens, load {args.load}, seed {args.seed}")
-    print(f"TTFT mean {ttft.mean():.3f} s, median {np.median(ttft):.3f}, p99 {np.quantile(ttft, 0.99):.3f}; "
-          f"TPOT mean {np.nanmean(tpot) * 1e3:.1f} ms, p90 {np.nanquantile(tpot, 0.9) * 1e3:.1f}; hit rate {hit:.3f}")
-    share = np.array([sum(1 for r in recs if r.replica == rid) for rid in res.replica_ids]) / max(len(recs), 1)
-    print(f"preempted requests {int(preempted.sum())}; share of requests per replica {share.min():.3f}–{share.max():.3f}")
+    summary = summarize(res, cfg)
+    share = summary["replica_share"].values()
+    print(f"{args.policy} {dict(cfg.policy_options).get(name, ())} on {args.workload}, {args.replicas} replicas, "
+          f"{args.kv_tokens} KV tokens, load {args.load}, seed {args.seed}, {requests} requests")
+    print(f"TTFT mean {summary['mean_ttft_s']:.3f} s, median {summary['median_ttft_s']:.3f}, "
+          f"p99 {summary['p99_ttft_s']:.3f}; TPOT mean {summary['mean_tpot_s'] * 1e3:.1f} ms, "
+          f"p90 {np.nanquantile(tpot, 0.9) * 1e3:.1f}; hit rate {summary['cache_hit_rate']:.3f}")
+    print(f"preempted requests {int(preempted.sum())}; share of requests per replica {min(share):.3f}–{max(share):.3f}")
     rows = list(decisions.values())
     off = [d for d in rows if d[0] > d[1] + 10 * BLOCK]
     print(f"decisions {len(rows)}; matchable tokens at routing time {sum(d[0] for d in rows)}; "

@@ -148,6 +148,26 @@ def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
     }
 
 
+def make_predictor(cfg: SimulateConfig):
+    """The output-length predictor the router consults (None for the oracle: the fleet then
+    passes true lengths), fresh per run: it learns online."""
+    if cfg.predictor == "oracle":
+        return None
+    from predictors.adapter import balancer_predictor
+
+    return balancer_predictor(cfg.predictor, MODEL)
+
+
+def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
+    """The fleet one policy's run of `cfg` replays on."""
+    return FleetConfig(cfg.replicas, cfg.preset, policy, dict(cfg.policy_options).get(policy, ()),
+                       kv_blocks=cfg.kv_blocks, seed=cfg.seed, max_num_seqs=cfg.max_num_seqs,
+                       max_num_batched_tokens=cfg.max_num_batched_tokens, oracle_lengths=cfg.predictor == "oracle",
+                       client_max_tokens=cfg.client_max_tokens, request_latency_s=cfg.request_latency_s,
+                       response_latency_s=cfg.response_latency_s, load_report_interval_s=cfg.load_report_interval_s,
+                       max_model_len=cfg.max_model_len)
+
+
 def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
     reqs = sim_requests(trace, cfg.seed)
     reqs.sort(key=lambda r: r.arrival_s)
@@ -177,21 +197,7 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
                       "ideal_p99_ttft_s": bounds.ideal_ttft_p99},
            "policies": []}
     for name in cfg.policies:
-        predictor = None
-        if cfg.predictor != "oracle":  # oracle: the fleet passes true lengths instead
-            from predictors.adapter import balancer_predictor
-
-            predictor = balancer_predictor(cfg.predictor, MODEL)
-        fleet = FleetSimulation(FleetConfig(cfg.replicas, p, name, dict(cfg.policy_options).get(name, ()),
-                                            kv_blocks=cfg.kv_blocks, seed=cfg.seed,
-                                            max_num_seqs=cfg.max_num_seqs,
-                                            max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                            oracle_lengths=cfg.predictor == "oracle",
-                                            client_max_tokens=cfg.client_max_tokens,
-                                            request_latency_s=cfg.request_latency_s,
-                                            response_latency_s=cfg.response_latency_s,
-                                            load_report_interval_s=cfg.load_report_interval_s,
-                                            max_model_len=cfg.max_model_len), predictor=predictor)
+        fleet = FleetSimulation(fleet_config(cfg, name), predictor=make_predictor(cfg))
         res = fleet.run(reqs)
         out["policies"].append(summarize(res, cfg))
         out.setdefault("_results", {})[name] = res

@@ -189,19 +189,28 @@ def cell_trace(cell: Cell) -> tuple[list, int]:
     return [dataclasses.replace(r, arrival_s=r.arrival_s - t0) for r in window], prompt_seed
 
 
-def run_pair(spec: SweepSpec, cell: Cell, policy: str) -> dict:
-    """One policy on one cell (a worker's task): the simulate() summary and the bounds."""
+def cell_config(spec: SweepSpec, cell: Cell, policy: str, extra_options: tuple[tuple[str, object], ...] = ()):
+    """(the cell's requests, the simulate() config of `policy` on it): a variant label resolves
+    to its policy and options; `extra_options` are added to them."""
     from replica.step_model import get_preset
-    from simulator.run import SimulateConfig, simulate
+    from simulator.run import SimulateConfig
 
     trace, prompt_seed = cell_trace(cell)
     name, options = spec.resolve(policy)
+    options = (*options, *extra_options)
     cfg = SimulateConfig(cell.replicas, get_preset(spec.preset), (name,), kv_blocks=cell.kv_tokens // BLOCK_TOKENS,
                          load=cell.load, seed=prompt_seed, predictor=spec.predictor,
                          policy_options=((name, options),) if options else (),
                          **({} if spec.load_report_interval_s is None
                             else {"load_report_interval_s": spec.load_report_interval_s}))
-    out = simulate(trace, cfg)
+    return trace, cfg
+
+
+def run_pair(spec: SweepSpec, cell: Cell, policy: str) -> dict:
+    """One policy on one cell (a worker's task): the simulate() summary and the bounds."""
+    from simulator.run import simulate
+
+    out = simulate(*cell_config(spec, cell, policy))
     return {"policy": out["policies"][0], "bounds": out["bounds"], "config": out["config"]}
 
 
@@ -367,5 +376,5 @@ def write_sweep(out: dict, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["Cell", "SweepSpec", "Workload", "cell_trace", "load_spec", "run_sweep", "sweep_table", "variants_table",
+__all__ = ["Cell", "SweepSpec", "Workload", "cell_config", "cell_trace", "load_spec", "run_sweep", "sweep_table", "variants_table",
            "write_sweep"]

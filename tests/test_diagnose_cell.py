@@ -14,7 +14,7 @@ SPEC.loader.exec_module(diagnose_cell)
 
 @pytest.mark.parametrize("policy", ["predictive", "precise_prefix"])
 def test_reports_every_decision_and_each_replicas_share(policy, capsys):
-    assert diagnose_cell.main(["--generate", "agentic", "--requests", "60", "--replicas", "3", "--kv-tokens", "60000",
+    assert diagnose_cell.main(["--workload", "agentic", "--requests", "60", "--replicas", "3", "--kv-tokens", "60000",
                                "--policy", policy, "--per-replica"]) == 0
     out = capsys.readouterr().out
     assert "decisions 60;" in out
@@ -24,7 +24,11 @@ def test_reports_every_decision_and_each_replicas_share(policy, capsys):
         assert "estimated TTFT mean" in out
 
 
-def test_a_missing_trace_says_what_to_pass(tmp_path, capsys):
+def test_a_missing_sweep_file_or_workload_says_what_to_pass(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        diagnose_cell.main(["--trace", str(tmp_path / "nope.jsonl")])
-    assert "--generate chat" in capsys.readouterr().err
+        diagnose_cell.main(["--spec", str(tmp_path / "nope.toml")])
+    assert "pass --spec" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        diagnose_cell.main(["--workload", "nope"])
+    err = capsys.readouterr().err
+    assert "choose one of" in err and "mooncake" in err
