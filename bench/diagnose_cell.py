@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a policy setting (JSON value), repeatable, e.g. --option others_weight=0.5")
     ap.add_argument("--per-replica", action="store_true",
                     help="also print each replica's requests, prompt tokens, hit rate and preemptions")
+    ap.add_argument("--tail", type=int, default=0, metavar="N",
+                    help="also print the N slowest requests (by TTFT): prompt and cached tokens, the replica, "
+                         "the estimate at routing time and the chosen replica's cost terms")
     args = ap.parse_args(argv)
     try:
         spec = load_spec(args.spec)
@@ -141,6 +144,18 @@ def main(argv: list[str] | None = None) -> int:
             err = (f", TTFT - estimate mean {np.mean([r.ttft - x for r, x in zip([r for r, k in zip(recs, m) if k], e)]):+.3f} s"
                    if est and all(x is not None for x in e) else "")
             print(f"  {name}: {int(m.sum())} requests, TPOT mean {np.nanmean(tpot[m]) * 1e3:.1f} ms{err}")
+    if args.tail:
+        print(f"the {args.tail} slowest requests: index, arrival s, replica, prompt, cached, matched at routing "
+              f"(chosen/best), TTFT, estimate, terms")
+        for r in sorted(recs, key=lambda r: -r.ttft)[:args.tail]:
+            d = decisions.get(str(r.index))
+            terms = d[2] if d and isinstance(d[2], dict) else {}
+            est_s = f"{terms['ttft']:.3f}" if "ttft" in terms else "-"
+            shown = ", ".join(f"{k}={v:.3g}" for k, v in terms.items() if k != "ttft")
+            print(f"  {r.index} {r.arrival:.2f} {r.replica} {r.prompt_tokens} {r.cached_tokens} "
+                  f"{d[1] if d else '-'}/{d[0] if d else '-'} {r.ttft:.3f} {est_s} {shown}")
+            if d and d[0] > d[1] and isinstance(d[3], dict):
+                print("      best-cached replica's terms: " + ", ".join(f"{k}={v:.3g}" for k, v in d[3].items()))
     if args.per_replica:
         print("replica: requests, of which prompts >= 16k, prompt Mtokens, hit rate, preempted, mean TTFT")
         for rid in sorted(res.replica_ids, key=lambda x: -sum(1 for r in recs if r.replica == x)):

@@ -32,3 +32,15 @@ def test_a_missing_sweep_file_or_workload_says_what_to_pass(tmp_path, capsys):
         diagnose_cell.main(["--workload", "nope"])
     err = capsys.readouterr().err
     assert "choose one of" in err and "mooncake" in err
+
+
+def test_tail_lists_the_slowest_requests_slowest_first(capsys):
+    assert diagnose_cell.main(["--workload", "hot", "--requests", "40", "--replicas", "2", "--kv-tokens", "60000",
+                               "--tail", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.startswith("the 5 slowest requests"))
+    rows = [line.split() for line in out[start + 1:] if line.startswith("  ") and not line.startswith("      ")][:5]
+    assert len(rows) == 5
+    ttfts = [float(r[6]) for r in rows]  # index, arrival, replica, prompt, cached, matched, TTFT
+    assert ttfts == sorted(ttfts, reverse=True)
+    assert all("cost=" in " ".join(r) for r in rows)  # predictive's terms at routing time
