@@ -95,8 +95,10 @@ class SweepSpec:
         unknown = [p for p in self.policies if p not in policy_names() and p not in labels]
         if unknown:
             raise ValueError(f"unknown policies {unknown}; choose from {policy_names()}")
-        if self.candidate not in self.policies or len(self.policies) < 2:
-            raise ValueError(f"policies must hold the candidate {self.candidate!r} and at least one peer")
+        own = self.resolve(self.candidate)[0]
+        if self.candidate not in self.policies or all(self.resolve(p)[0] == own for p in self.policies):
+            raise ValueError(f"policies must hold the candidate {self.candidate!r} and at least one peer (a policy "
+                             f"other than {own!r}: the candidate's own variants are not its peers), e.g. round_robin")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
         if not (self.workloads and self.replicas and self.loads and self.kv_tokens and self.seeds):

@@ -186,6 +186,23 @@ def test_ttft_slack_keeps_a_request_where_its_own_wait_is_within_the_factor():
         make_policy("predictive", {"ttft_slack": -1})
 
 
+def test_decode_excess_charges_only_the_running_sequences_above_the_fleets_mean():
+    # a holds the prefix and runs 14 decodes, b and c run 10 and 4 (fleet mean 28/3): charged for
+    # all of D, the decodes on a outweigh the recompute; charged for the excess (14/3 on a, 2/3 on
+    # b, none on c), the cache wins.
+    loads = {"a": 14, "b": 10, "c": 4}
+    views = [view(r, num_running=n, running_decode_tokens=n * 9000) for r, n in loads.items()]
+    theta = np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])
+    full, excess = make_policy("predictive"), make_policy("predictive", {"decode_excess": True})
+    for p in (full, excess):
+        p.observe_steps("a", synthetic_steps(theta))
+    req = request({"a": 250}, prompt=4096, out=400)
+    d_full, d_excess = full.select(req, views), excess.select(req, views)
+    assert d_full.replica_id == "c" and d_excess.replica_id == "a"
+    assert d_excess.scores["c"]["others"] == 0.0 < d_full.scores["c"]["others"]
+    assert d_excess.scores["a"]["others"] == pytest.approx(d_full.scores["a"]["others"] * (14 - 28 / 3) / 14)
+
+
 def test_decode_delay_counts_only_the_overlap_with_running_sequences(policy):
     # What we have running on a is short: its sequences share at most ~10 of our 300 steps.
     a = view("a", num_running=8, running_decode_tokens=16_000)

@@ -67,6 +67,8 @@ def test_seeds_take_consecutive_windows_of_a_trace_and_new_generations(spec_file
     ('policies = ["nope", "predictive"]\n', "unknown policies"),
     ('policies = [\n', "not valid TOML"),
     ('policies = ["round_robin", "predictive"]\n[variants.v]\nothers_weight = 1\n', "needs policy"),
+    # only the candidate and its own variant: no peer to score it against (found after a 7-minute run)
+    ('policies = ["predictive", "v"]\n[variants.v]\npolicy = "predictive"\nothers_weight = 0.5\n', "at least one peer"),
 ])
 def test_bad_spec_files_say_what_is_wrong(tmp_path, text, message):
     (tmp_path / "bad.toml").write_text(text)

@@ -54,6 +54,11 @@ trace sent long prompts to replicas with long token queues but few waiting reque
 (1 + ttft_slack) × the lowest are candidates, so a request is never moved off its cache to a
 replica where its own wait is more than that factor worse, whatever it saves the decodes.
 
+`decode_excess` (off by default) charges `others` only for the running sequences above the
+fleet's mean, max(D − D̄, 0): a request shares its decode steps with about D̄ others wherever it
+goes (later requests fill an idle replica), so only the excess of a busy replica is a cost of
+choosing it rather than another.
+
 Herding is guarded by counting, per replica, the requests and uncached tokens this balancer
 sent after the replica's last report. Replicas that send no load reports are estimated from
 this balancer's in-flight bookkeeping alone.
@@ -90,6 +95,10 @@ class PredictiveConfig:
     # The preemption risk counts the prefill queued ahead of the request (admitted first, so it
     # takes its blocks first); False: only the request's own blocks against the free ones.
     queue_in_memory: bool = True
+    # `others` counts only the running sequences above the fleet's mean (max(D - D̄, 0)): the
+    # decodes a request will share its steps with wherever it goes are not charged to the
+    # replica that happens to run them now. False: all of D.
+    decode_excess: bool = False
 
     def __post_init__(self) -> None:
         if self.ttft_slack is not None and not self.ttft_slack >= 0:
@@ -105,12 +114,13 @@ class PredictiveConfig:
 def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int, out_tokens: float,
              stale_s: float, others_weight: float = 1.0, busy_s: float = 0.0, cached_waiting: int = 0,
              fleet_waiting: float = 0.0, running_remaining: float = 0.0,
-             queue_in_memory: bool = True) -> dict[str, float]:
+             queue_in_memory: bool = True, fleet_running: float | None = None) -> dict[str, float]:
     """The cost terms for one replica (seconds); see the module docstring. Pure.
 
     busy_s: rest of the step in flight; cached_waiting: prompt tokens of r's waiting requests
     that the index held when they were routed (the report counts them as queued);
-    fleet_waiting: W̄; running_remaining: R̄ (output tokens a running sequence still has)."""
+    fleet_waiting: W̄; running_remaining: R̄ (output tokens a running sequence still has);
+    fleet_running: the fleet's mean running sequences, to charge only r's excess over it (None: all)."""
     t_step, t_tok, t_seq, t_ctx, t_pctx = theta
     bs = request.block_size
     matched = request.matched_blocks.get(view.replica_id, 0) * bs
@@ -144,7 +154,8 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
     work = t_tok * u + (u / per_step) * chunk
     behind = fleet_waiting * work
     m = t_tok + t_seq + t_ctx * (request.prompt_tokens + out_tokens / 2)
-    others = d * min(running_remaining, out_tokens) * m * seqs
+    sharing = d if fleet_running is None else max(d - fleet_running, 0.0)
+    others = sharing * min(running_remaining, out_tokens) * m * seqs
     memory = 0.0
     if have_memory:
         # The queue ahead of us is admitted first (FCFS) and takes its blocks before ours.
@@ -227,6 +238,8 @@ class PredictivePolicy(Policy):
         out = self._out_tokens(request)
         fresh = [v for v in replicas if v.load.age_s <= cfg.stale_report_s]
         fleet_waiting = sum(v.load.num_waiting + v.sent_since_report for v in fresh) / len(replicas)
+        fleet_running = (sum(v.load.num_running + v.sent_since_report for v in fresh) / len(replicas)
+                         if cfg.decode_excess else None)
         scores: dict[str, dict[str, float]] = {}
         best_key, best = None, None
         for v in sorted(replicas, key=lambda r: r.replica_id):
@@ -235,7 +248,7 @@ class PredictivePolicy(Policy):
             cached_waiting, remaining = self._inflight_stats(v, out)
             s = estimate(v, request, theta, k, out, cfg.stale_report_s, cfg.others_weight,
                          self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining,
-                         cfg.queue_in_memory)
+                         cfg.queue_in_memory, fleet_running)
             scores[v.replica_id] = s
         allowed = scores
         if cfg.ttft_slack is not None:
