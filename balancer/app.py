@@ -189,6 +189,7 @@ class Balancer:
             age_s=min(max(time.time() - report.ts, 0.0), 1.0) if report.ts else 0.0,
         )
         self.registry.set_loras(replica_id, frozenset(report.loras), report.lora_load_s)
+        self.metrics.series(self.metrics.replica_loras, replica_id).set(len(report.loras))
 
     async def _export_stats(self) -> None:
         exported: dict[tuple[str, str], int] = {}

@@ -78,8 +78,9 @@ class HealthChecker:
                         self.registry.on_load(r.replica_id, load_from_dict(body))
                         loras = body.get("loras")
                         if isinstance(loras, list):
-                            self.registry.set_loras(r.replica_id, frozenset(n for n in loras if isinstance(n, str)),
-                                                    float(body.get("lora_load_s") or 0.0))
+                            names = frozenset(n for n in loras if isinstance(n, str))
+                            self.registry.set_loras(r.replica_id, names, float(body.get("lora_load_s") or 0.0))
+                            self.metrics.series(self.metrics.replica_loras, r.replica_id).set(len(names))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             pass
         if self.registry.get(r.replica_id) is None:
@@ -101,7 +102,8 @@ class HealthChecker:
             entries = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
             models = frozenset(m["id"] for m in entries)
             # vLLM lists a LoRA adapter with `parent` = its base model (`--lora-modules`)
-            adapters = frozenset(m["id"] for m in entries if isinstance(m.get("parent"), str) and m["parent"] != m["id"])
+            adapters = {m["id"]: m["parent"] for m in entries
+                        if isinstance(m.get("parent"), str) and m["parent"] != m["id"]}
             if models:
                 self.registry.set_models(r, models, adapters)
 
