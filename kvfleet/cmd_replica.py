@@ -75,11 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "`lora_alpha` in its metadata; see replica/lora_weights.py). Listed in /v1/models with "
                         "`parent` = the base model")
     p.add_argument("--max-loras", type=int, default=d.max_loras, metavar="N",
-                   help=f"adapters resident at once and in one batch (default {d.max_loras}, as vLLM); the first N "
+                   help="adapters resident at once and in one batch (vLLM's default is 1 too); the first N "
                         "load at start, others on demand (least recently used evicted)")
     p.add_argument("--lora-load-s", type=float, default=d.lora_load_s, metavar="S",
-                   help=f"--engine sim: modelled seconds to load an adapter (default {d.lora_load_s}); the torch "
-                        "engine measures its own loads")
+                   help="--engine sim: modelled seconds to load an adapter; the torch engine measures its own "
+                        "loads")
     logs.add_arguments(p)
 
 

@@ -97,3 +97,27 @@ def test_router_hashes_an_adapters_prompt_under_its_root_and_routes_to_the_holde
         booking.finish(1)
     base = router.prepare_tokens(dataclasses.replace(req, model="tiny"), tokens, "")
     assert base.lora_name is None and router.routing_request(base, "q").matched_blocks == {"http://a:1": 4}
+
+
+def test_lora_slack_from_the_flag_and_the_config_file(tmp_path) -> None:
+    import argparse
+
+    from balancer.config import BalancerConfig
+    from kvfleet import cmd_balancer
+
+    path = tmp_path / "b.toml"
+    path.write_text('replicas = ["http://h:1"]\nlora_slack = 3\n')
+    assert BalancerConfig.from_file(path).lora_slack == 3
+    p = argparse.ArgumentParser()
+    cmd_balancer.add_arguments(p)
+    assert cmd_balancer.build_config(p.parse_args(["--config", str(path), "--lora-slack", "5"])).lora_slack == 5
+    with pytest.raises(ValueError, match="lora_slack"):
+        BalancerConfig(lora_slack=-1)
+
+
+def test_chwbl_keys_an_adapters_request_by_the_adapter_name_first() -> None:
+    from balancer.policies.chwbl import routing_key
+
+    req = RoutingRequest("q", "the prompt", 3, (), 16, {}, first_user_message="hello there", lora_name="sql")
+    assert routing_key(req, 5) == "sqlhello"  # KubeAI: req.Adapter + req.Prefix
+    assert routing_key(dataclasses.replace(req, lora_name=None), 5) == "hello"
