@@ -310,6 +310,9 @@ class PrefixIndex:
         if ev.block_size != bs or len(ev.token_ids) != n * bs or (kind is not None and kind != "full_attention"):
             self.stats.skipped_events += 1
             return True
+        if ev.lora_name is None and ev.lora_id:  # an adapter's blocks, but not which adapter by name:
+            self.stats.skipped_events += 1  # indexed as the base model's, they would match its requests
+            return True
         try:
             raw = token_bytes(ev.token_ids)
         except (ValueError, TypeError):  # a token id outside uint32

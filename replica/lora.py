@@ -44,8 +44,8 @@ class LoraModule:
     lora_id: int
 
     def __post_init__(self) -> None:
-        if not self.name or any(c in self.name for c in "\x00\x01 /") or not self.name.isprintable():
-            raise ValueError(f"LoRA adapter name {self.name!r} must be non-empty, printable, without spaces or '/'")
+        if not self.name or not self.name.isprintable():  # no control characters: root_hash's separators
+            raise ValueError(f"LoRA adapter name {self.name!r} must be non-empty and printable")
         if not self.path:
             raise ValueError(f"LoRA adapter {self.name!r} needs a path (name=path.safetensors)")
         if self.lora_id < 1:

@@ -121,3 +121,12 @@ def test_chwbl_keys_an_adapters_request_by_the_adapter_name_first() -> None:
     req = RoutingRequest("q", "the prompt", 3, (), 16, {}, first_user_message="hello there", lora_name="sql")
     assert routing_key(req, 5) == "sqlhello"  # KubeAI: req.Adapter + req.Prefix
     assert routing_key(dataclasses.replace(req, lora_name=None), 5) == "hello"
+
+
+def test_index_skips_adapter_blocks_it_cannot_name() -> None:
+    index = PrefixIndex(16, "tiny")
+    tokens = tuple(range(32))
+    index.apply("r", BlockStored((1, 2), None, tokens, 16, lora_id=3))  # an id without its name
+    index.apply("r", BlockStored((5, 6), None, tokens, 16, lora_id=0))  # 0: no adapter
+    assert index.stats.skipped_events == 1
+    assert index.match(prompt_hashes(list(tokens), 16, "tiny")) == {"r": 2}
