@@ -20,7 +20,6 @@ from replica.weights import build_model
 from tests.test_engine import dense_greedy, prompts, run_all
 
 TINY = ModelConfig.from_preset("tiny")
-GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from the base model's, and the prefix index keeps adapters' blocks apart."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -109,8 +110,6 @@ def test_requests_for_an_adapter_land_on_the_replica_that_holds_it(fleet, policy
 def test_replica_lists_adapters_and_keeps_their_blocks_apart(fleet):
     a, _ = fleet
     status, _, raw = http("GET", a.url + "/v1/models")
-    import json
-
     data = json.loads(raw)["data"]
     assert status == 200 and [(m["id"], m["parent"]) for m in data] == [("tiny", None), ("sql", "tiny"),
                                                                          ("chat", "tiny")]
