@@ -41,6 +41,8 @@ def _replica_json(b, r) -> dict:
         "load_age_s": None if r.load_at == float("-inf") else round(b.clock() - r.load_at, 3),
         "events_in_sync": None if sub is None else sub.in_sync,
         "models": sorted(r.models),
+        "lora_adapters": sorted(r.adapters),  # of models, the LoRA adapters
+        "loras_resident": sorted(r.loras),  # adapters it reports loaded now
     }
 
 
@@ -58,9 +60,12 @@ def routes(b) -> dict[str, dict[str, Handler]]:
 
     async def models(ex: Exchange) -> None:
         # The union over the healthy replicas (several models may share one fleet), in the
-        # shape of vLLM's answer; `root` as vLLM sets it for a base model.
+        # shape of vLLM's answer; `root` as vLLM sets it for a base model, `parent` = the base
+        # model of a LoRA adapter (None for a base model).
+        parent = b.registry.adapter_parent
         reply_json(ex, {"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "kvfleet", "root": m} for m in b.served_models()]})
+            {"id": m, "object": "model", "created": 0, "owned_by": "kvfleet", "root": m, "parent": parent(m)}
+            for m in b.served_models()]})
 
     async def list_replicas(ex: Exchange) -> None:
         reply_json(ex, {"policy": b.policy.describe(), "model": b.model, "models": b.served_models(),

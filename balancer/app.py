@@ -97,7 +97,7 @@ class Balancer:
         predictor = balancer_predictor(self.cfg.predictor, self.model)
         self.router = Router(self.model, self.cfg.block_size, self.tokenizer, self.index, self.approx, self.policy,
                              self.registry, has_events=self.subscribers.__contains__, predictor=predictor,
-                             clock=self.clock)
+                             clock=self.clock, lora_slack=self.cfg.lora_slack)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
                            self.served_models, self.audit)
         for spec in self.cfg.replicas:
@@ -188,6 +188,8 @@ class Balancer:
             # made when its ts says (unix seconds); a clock skew or a missing ts counts as fresh
             age_s=min(max(time.time() - report.ts, 0.0), 1.0) if report.ts else 0.0,
         )
+        self.registry.set_loras(replica_id, frozenset(report.loras), report.lora_load_s)
+        self.metrics.series(self.metrics.replica_loras, replica_id).set(len(report.loras))
 
     async def _export_stats(self) -> None:
         exported: dict[tuple[str, str], int] = {}

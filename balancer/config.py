@@ -173,6 +173,11 @@ class BalancerConfig:
     # Serve every route on the lean HTTP front-end (balancer/front.py); false: aiohttp serves the
     # same route table (for comparison).
     fast_path: bool = True
+    # A request naming a LoRA adapter goes to a replica that holds it resident unless even the
+    # least busy of those has more than this many requests in flight beyond the least busy
+    # replica that would have to load it (balancer/policies/base.py `adapter_candidates`;
+    # policies that price the load themselves, `predictive`, see every replica).
+    lora_slack: int = 8
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -181,6 +186,8 @@ class BalancerConfig:
             raise ValueError("block_size must be positive")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
+        if self.lora_slack < 0:
+            raise ValueError(f"lora_slack must be >= 0 (requests in flight), got {self.lora_slack}")
         if self.memory_trim_s < 0:
             raise ValueError(f"memory_trim_s must be >= 0 (0 disables it), got {self.memory_trim_s}")
         ids = [r.replica_id for r in self.replicas]

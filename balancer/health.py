@@ -74,7 +74,13 @@ class HealthChecker:
             if ok and poll_load and not self.has_load_stream(r.replica_id):
                 async with self._polls.get(r.url + "/load", timeout=timeout) as resp:
                     if resp.status == 200:
-                        self.registry.on_load(r.replica_id, load_from_dict(await resp.json()))
+                        body = await resp.json()
+                        self.registry.on_load(r.replica_id, load_from_dict(body))
+                        loras = body.get("loras")
+                        if isinstance(loras, list):
+                            names = frozenset(n for n in loras if isinstance(n, str))
+                            self.registry.set_loras(r.replica_id, names, float(body.get("lora_load_s") or 0.0))
+                            self.metrics.series(self.metrics.replica_loras, r.replica_id).set(len(names))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             pass
         if self.registry.get(r.replica_id) is None:
@@ -93,9 +99,13 @@ class HealthChecker:
             body = await resp.json(content_type=None)
         data = body.get("data") if isinstance(body, dict) else None
         if isinstance(data, list):
-            models = frozenset(m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str))
+            entries = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+            models = frozenset(m["id"] for m in entries)
+            # vLLM lists a LoRA adapter with `parent` = its base model (`--lora-modules`)
+            adapters = {m["id"]: m["parent"] for m in entries
+                        if isinstance(m.get("parent"), str) and m["parent"] != m["id"]}
             if models:
-                self.registry.set_models(r, models)
+                self.registry.set_models(r, models, adapters)
 
 
 class DnsWatcher:

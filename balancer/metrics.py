@@ -97,6 +97,16 @@ class BalancerMetrics:
                                  ("replica",), registry=r)
         self.indexed_blocks = Gauge("kvfleet_indexed_blocks", "KV blocks the prefix index holds for the replica.",
                                     ("replica",), registry=r)
+        # LoRA-aware routing: a request naming an adapter went to a replica that held it resident
+        # ("resident") or to one that must load it first ("load"); "unserved": its `model` is
+        # served by no replica (404).
+        self.lora_routed = Counter("kvfleet_lora_routed_total",
+                                   "Requests naming a LoRA adapter, by where they went: resident, load, unserved (404).",
+                                   ("outcome",), registry=r)
+        for outcome in ("resident", "load", "unserved"):
+            self.lora_routed.labels(outcome)
+        self.replica_loras = Gauge("kvfleet_replica_lora_adapters",
+                                   "LoRA adapters the replica reports resident.", ("replica",), registry=r)
         # (metric, label values) -> child: `labels()` costs a few µs (lock, tuple, dict), and the
         # request path touches five series per request.
         self._children: dict[tuple, object] = {}
@@ -104,7 +114,7 @@ class BalancerMetrics:
                              self.delivered_cached_hist, self.cache_accounted, self.cache_mismatch, self.cache_unseen,
                              self.retries,
                              self.failovers, self.breaker_state, self.healthy, self.inflight, self.kv_events,
-                             self.indexed_blocks)
+                             self.indexed_blocks, self.replica_loras)
 
     def add_replica(self, replica_id: str, healthy: bool = True) -> None:
         """Create the replica's series at zero, so that every panel has data from the start."""

@@ -183,9 +183,11 @@ class PrefixIndex:
         self.model = model
         self.max_blocks_per_replica = max_blocks_per_replica
         self.ghost_capacity = ghost_capacity
+        self.salt = salt
         self.root = root_hash(model, salt)
-        # Events with a LoRA adapter are indexed under root_hash(model, lora_name): a request
-        # for that adapter looks up prompt_hashes(tokens, bs, model, salt=lora_name).
+        # Events with a LoRA adapter are indexed under root_hash(model, salt, lora_name): a
+        # request for that adapter looks up prompt_hashes(tokens, bs, model, lora_name=...), so
+        # two adapters (or an adapter and the base model) never match each other's blocks.
         self._roots: dict[str | None, int] = {None: self.root}
         # C tables where the extension is built, whatever the fleet size (module docstring).
         self._table_type = DictTable if _BlockTable is None else _BlockTable
@@ -281,7 +283,7 @@ class PrefixIndex:
     def _root(self, lora_name: str | None) -> int:
         root = self._roots.get(lora_name)
         if root is None:
-            root = self._roots[lora_name] = root_hash(self.model, lora_name)
+            root = self._roots[lora_name] = root_hash(self.model, self.salt, lora_name)
         return root
 
     def _parent_fallback(self, r: _Replica, ev: BlockStored, first_block: bytes) -> int | None:
@@ -307,6 +309,9 @@ class PrefixIndex:
         kind = ev.kv_cache_spec_kind
         if ev.block_size != bs or len(ev.token_ids) != n * bs or (kind is not None and kind != "full_attention"):
             self.stats.skipped_events += 1
+            return True
+        if ev.lora_name is None and ev.lora_id:  # an adapter's blocks, but not which adapter by name:
+            self.stats.skipped_events += 1  # indexed as the base model's, they would match its requests
             return True
         try:
             raw = token_bytes(ev.token_ids)

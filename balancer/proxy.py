@@ -261,6 +261,7 @@ class Proxy:
     def check_model(self, req: GenerationRequest) -> None:
         served = self.models()
         if req.model is not None and served and req.model not in served:
+            self.metrics.lora_routed.labels("unserved").inc()
             raise APIError(404, f"The model `{req.model}` does not exist. This fleet serves "
                                 f"{', '.join(f'`{m}`' for m in served)} (`GET /v1/models` lists them).", "model")
 
@@ -342,6 +343,8 @@ class Proxy:
             decision_s = time.perf_counter() - t0 if attempt == 0 else None
             replica = booking.replica
             self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
+            if prepared.lora_name is not None:
+                self.metrics.lora_routed.labels("resident" if prepared.lora_name in replica.loras else "load").inc()
             asyncio.get_running_loop().call_soon(_attempt_metrics, self.metrics, replica.replica_id,
                                                  booking.matched_tokens, booking.rr.prompt_tokens, decision_s)
             outcome.replica, outcome.attempts, outcome.predicted_cached = (replica.replica_id, attempt + 1,

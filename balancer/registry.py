@@ -62,6 +62,9 @@ class ReplicaState:
     requests_total: int = 0
     models: frozenset[str] = frozenset()  # what its /v1/models lists (empty: not known yet)
     models_at: float = float("-inf")  # clock time they were last read
+    adapters: dict[str, str] = field(default_factory=dict)  # of `models`, the LoRA adapters -> their parent
+    loras: frozenset[str] = frozenset()  # adapters resident now (its last load report)
+    lora_load_s: float = 0.0  # its adapter loads' mean duration, as it reported (0: not measured)
 
     @property
     def replica_id(self) -> str:
@@ -158,7 +161,8 @@ class Registry:
                 load = new(ReplicaLoad, (*load[:-1], now - r.load_at))  # age_s is the last field
             rid = r.spec.url
             out.append(new(ReplicaView, (rid, r.inflight_requests, r.inflight_tokens, r.sent_since_report,
-                                         r.sent_tokens_since_report, load, cached_blocks(rid))))
+                                         r.sent_tokens_since_report, load, cached_blocks(rid), r.loras,
+                                         r.lora_load_s)))
         return out
 
     def served_models(self) -> list[str]:
@@ -169,12 +173,34 @@ class Registry:
                                    for m in r.models})
         return self._served
 
-    def set_models(self, r: ReplicaState, models: frozenset[str]) -> None:
-        """What replica r's /v1/models lists now."""
+    def set_models(self, r: ReplicaState, models: frozenset[str], adapters: dict[str, str] | None = None) -> None:
+        """What replica r's /v1/models lists now (`adapters`: those of them that are LoRA
+        adapters -> the base model they apply to, their `parent` as vLLM lists them)."""
         r.models_at = self.clock()
+        r.adapters = {name: parent for name, parent in (adapters or {}).items() if name in models}
         if models != r.models:
             r.models = models
             self._served = None
+
+    def is_adapter(self, model: str | None) -> bool:
+        """True if some replica lists `model` as a LoRA adapter."""
+        return model is not None and self.adapter_parent(model) is not None
+
+    def adapter_parent(self, model: str) -> str | None:
+        """The base model of LoRA adapter `model`, as a replica lists it; None if none does."""
+        for r in self._replicas.values():
+            parent = r.adapters.get(model)
+            if parent is not None:
+                return parent
+        return None
+
+    def set_loras(self, replica_id: str, loras: frozenset[str], load_s: float) -> None:
+        """The adapters replica_id reports resident, and its adapter loads' mean seconds."""
+        r = self._replicas.get(replica_id)
+        if r is not None:
+            r.loras = loras
+            if load_s > 0:
+                r.lora_load_s = load_s
 
     # ------------------------------------------------------------- bookkeeping
     def on_sent(self, r: ReplicaState, tokens: int, uncached_tokens: int) -> None:

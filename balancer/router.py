@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from balancer.approx_index import ApproxIndex
-from balancer.policies.base import Decision, Policy, RoutingRequest
+from balancer.policies.base import Decision, Policy, RoutingRequest, adapter_candidates
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry, ReplicaState
 from protocol.hashing import hash_blocks, root_hash, token_bytes
@@ -43,6 +43,7 @@ class Prepared:
     first_user_message: str | None
     rng_seed: int
     extra_prompt_tokens: int = 0  # a batched prompt's prompts after the first (routed by the first)
+    lora_name: str | None = None  # the request's `model` when a replica lists it as a LoRA adapter
 
 
 def _routing_text(messages) -> str:
@@ -134,6 +135,7 @@ class Router:
         has_events: Callable[[str], bool],
         predictor=None,
         clock: Callable[[], float] = time.monotonic,
+        lora_slack: int = 8,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -146,12 +148,17 @@ class Router:
         # Only a policy that reads predicted output lengths gets them (and pays for them).
         self.predictor = predictor if policy.uses_predicted_output else None
         self.clock = clock
-        self._roots: dict[str | None, int] = {None: root_hash(model)}
+        # A request for a LoRA adapter goes to a replica holding it unless those are this many
+        # requests in flight busier than one that is not (`adapter_candidates`).
+        self.lora_slack = lora_slack
+        self._roots: dict[tuple[str | None, str | None], int] = {(None, None): root_hash(model)}
 
-    def _root(self, salt: str | None) -> int:
-        root = self._roots.get(salt)
+    def _root(self, salt: str | None, lora_name: str | None = None) -> int:
+        root = self._roots.get((salt, lora_name))
         if root is None:
-            root = self._roots[salt] = root_hash(self.model, salt)
+            if len(self._roots) > 4096:  # salts are the clients': bounded
+                self._roots.clear()
+            root = self._roots[(salt, lora_name)] = root_hash(self.model, salt, lora_name)
         return root
 
     def prepare(self, req: GenerationRequest) -> Prepared:
@@ -172,11 +179,12 @@ class Router:
                        hashes: Sequence[int] | None = None, first_user_message: str | None = None) -> Prepared:
         """`prepare` for a prompt already tokenized (and maybe hashed: the simulator hashes
         each trace prompt once for all its runs)."""
+        lora = req.model if self.registry.is_adapter(req.model) else None
         if hashes is None:
-            hashes = hash_blocks(tokens, self.block_size, self._root(req.cache_salt))
+            hashes = hash_blocks(tokens, self.block_size, self._root(req.cache_salt, lora))
         seed = hashes[-1] if hashes else xxhash.xxh3_64_intdigest(token_bytes(list(tokens)))
         extra = sum(len(p) if isinstance(p, tuple) else len(self.tokenizer.encode(p)) for p in req.more_prompts)
-        return Prepared(req, tuple(tokens), text, tuple(hashes), first_user_message, seed, extra)
+        return Prepared(req, tuple(tokens), text, tuple(hashes), first_user_message, seed, extra, lora)
 
     def routing_request(self, p: Prepared, request_id: str,
                         predicted_output_tokens: float | None = None) -> RoutingRequest:
@@ -204,10 +212,14 @@ class Router:
             rng_seed=p.rng_seed,
             sequences=p.request.n * (1 + len(p.request.more_prompts)),
             extra_prefill_tokens=p.extra_prompt_tokens,
+            lora_name=p.lora_name,
         )
 
     def decide(self, rr: RoutingRequest, candidates: Sequence[ReplicaState]) -> Decision:
-        return self.policy.select(rr, self.registry.views(candidates, self._cached_blocks))
+        views = self.registry.views(candidates, self._cached_blocks)
+        if rr.lora_name is not None and not self.policy.prices_adapter_load:
+            views = adapter_candidates(rr, views, self.lora_slack)
+        return self.policy.select(rr, views)
 
     def _cached_blocks(self, replica_id: str) -> int:
         return self.index.num_blocks(replica_id) if self.has_events(replica_id) else 0

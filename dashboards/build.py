@@ -188,6 +188,19 @@ def fleet_overview() -> dict:
     d = d.with_panel(state("Scrape targets up", "Prometheus' view: 1 when a target's /metrics was scraped.",
                            'up{job=~"kvfleet-.*"}', "{{job}} {{instance}}",
                            {"1": ("up", "green"), "0": ("down", "red")}, w=24))
+
+    # --- LoRA-aware routing (issue #17 part 5): where adapter requests went, what replicas hold
+    d = d.with_row(gdash.Row("LoRA adapters"))
+    d = d.with_panel(graph("LoRA routing", "Requests naming a LoRA adapter per second: sent to a replica that held "
+                           "it resident, sent to one that must load it first, or refused with 404 because no replica "
+                           "serves that model. Many loads: raise the replicas' --max-loras or the balancer's "
+                           "--lora-slack.", "reqps",
+                           [(f"sum by (outcome) (rate(kvfleet_lora_routed_total[{RATE}]))", "{{outcome}}")], w=12))
+    d = d.with_panel(graph("Adapters resident", "LoRA adapters each replica reports resident (its load reports), and "
+                           "adapter loads per second on the replicas.", "short",
+                           [("max by (replica) (kvfleet_replica_lora_adapters)", "resident {{replica}}"),
+                            (f"sum by (instance) (rate(kvfleet_replica_lora_loads_total[{RATE}]))",
+                             "loads/s {{instance}}")], w=12))
     return build_dashboard(d)
 
 
@@ -255,6 +268,17 @@ def replica_detail() -> dict:
                              f"sum(rate(kvfleet_prompt_tokens_total{rsel}[{RATE}]))", "predicted"),
                             (f"sum(rate(kvfleet_reported_cached_tokens_total{rsel}[{RATE}])) / "
                              f"sum(rate(kvfleet_prompt_tokens_total{rsel}[{RATE}]))", "reported")]))
+
+    # --- LoRA adapters (issue #17 part 5): which are resident here, and what loading them costs
+    d = d.with_row(gdash.Row("LoRA adapters"))
+    d = d.with_panel(graph("Adapters resident", "1 while the LoRA adapter is resident on this replica (at most "
+                           "--max-loras at once; the least recently used is evicted for another).", "short",
+                           [(f"max by (lora_name) (kvfleet_replica_lora_resident{sel})", "{{lora_name}}")], w=12))
+    d = d.with_panel(graph("Adapter loads", "Adapter loads per second and the mean seconds one took (a sim replica "
+                           "models it, --lora-load-s).", "short",
+                           [(f"rate(kvfleet_replica_lora_loads_total{sel}[{RATE}])", "loads/s"),
+                            (f"kvfleet_replica_lora_load_seconds_total{sel} / "
+                             f"clamp_min(kvfleet_replica_lora_loads_total{sel}, 1)", "mean load s")], w=12))
     return build_dashboard(d)
 
 

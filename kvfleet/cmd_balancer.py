@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-trim-s", type=float, default=None,
                    help=f"return freed heap memory to the OS every this many seconds (glibc malloc_trim), so RSS "
                         f"does not ratchet up after bursts; 0 disables (default {d.memory_trim_s} s)")
+    p.add_argument("--lora-slack", type=int, default=None, metavar="N",
+                   help="a request for a LoRA adapter goes to a replica that has it loaded unless those have more "
+                        "than N requests in flight beyond the least busy replica that would load it (default "
+                        f"{d.lora_slack}; the predictive policy prices the adapter load instead)")
     guard.add_arguments(p)
     logs.add_arguments(p)
 
@@ -77,7 +81,8 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
         except ValueError:
             options[key] = value
     overrides = dict(host=args.host, port=args.port, policy=args.policy, model=args.model,
-                     block_size=args.block_size, tokenizer=args.tokenizer, memory_trim_s=args.memory_trim_s)
+                     block_size=args.block_size, tokenizer=args.tokenizer, memory_trim_s=args.memory_trim_s,
+                     lora_slack=args.lora_slack)
     replicas = tuple(ReplicaSpec.parse(r) for r in args.replica)
     dns = tuple(DnsConfig(name=n, events_port=args.dns_events_port, replay_port=args.dns_replay_port) for n in args.dns)
     base = BalancerConfig.from_file(args.config) if args.config else BalancerConfig()

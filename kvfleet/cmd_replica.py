@@ -69,12 +69,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(`kvfleet keys` writes one); subscribers need its public key")
     p.add_argument("--kv-events-curve-authorized-keys", default=None, metavar="DIR",
                    help="with CURVE: accept only subscribers whose public key file (*.key) is in DIR")
+    p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters to serve, each under its own name (vLLM's flag): a request whose `model` is "
+                        "NAME runs with the adapter in PATH (one .safetensors file, PEFT tensor names, `r` and "
+                        "`lora_alpha` in its metadata; see replica/lora_weights.py). Listed in /v1/models with "
+                        "`parent` = the base model")
+    p.add_argument("--max-loras", type=int, default=d.max_loras, metavar="N",
+                   help="adapters resident at once and in one batch (vLLM's default is 1 too); the first N "
+                        "load at start, others on demand (least recently used evicted)")
+    p.add_argument("--lora-load-s", type=float, default=d.lora_load_s, metavar="S",
+                   help="--engine sim: modelled seconds to load an adapter; the torch engine measures its own "
+                        "loads")
     logs.add_arguments(p)
 
 
 def replica_config(args: argparse.Namespace) -> ReplicaConfig:
     """The replica's config from its parsed flags (and the files they name: --preset-file, the
     CURVE key). ValueError says which value is wrong."""
+    from replica.lora import parse_lora_modules
     from replica.step_model import get_preset
 
     if args.step_log < 0:
@@ -105,6 +117,9 @@ def replica_config(args: argparse.Namespace) -> ReplicaConfig:
         max_model_len=args.max_model_len,
         device=args.device,
         threads=args.threads,
+        lora_modules=parse_lora_modules(args.lora_modules, args.served_model_name or args.model),
+        max_loras=args.max_loras,
+        lora_load_s=args.lora_load_s,
     )
     server = ServerConfig(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
                           drain_timeout_s=args.drain_timeout, api_keys=tuple(args.api_key))
@@ -143,6 +158,12 @@ def engine_flags(cfg: EngineConfig) -> list[str]:
         flags += ["--kv-cache-memory", str(cfg.kv_cache_memory_bytes)]
     if not cfg.enable_prefix_caching:
         flags.append("--no-prefix-caching")
+    if cfg.lora_modules:
+        flags += ["--lora-modules", *(f"{m.name}={m.path}" for m in cfg.lora_modules)]
+    if cfg.max_loras != d.max_loras:
+        flags += ["--max-loras", str(cfg.max_loras)]
+    if cfg.lora_load_s != d.lora_load_s:
+        flags += ["--lora-load-s", str(cfg.lora_load_s)]
     return flags
 
 

@@ -4,8 +4,8 @@
     h_i = H(h_{i-1}, tokens[i*bs:(i+1)*bs])
     H(parent, block) = xxh3_64(parent as 8 bytes little-endian ‖ block as uint32 little-endian)
 
-Only full blocks are hashed. The root comes from the model name and an optional cache salt /
-adapter name, so two models never share an entry. Everything here is a pure function of its
+Only full blocks are hashed. The root comes from the model name, an optional cache salt and an
+optional LoRA adapter name, so two models (or one model under two adapters) never share an entry. Everything here is a pure function of its
 arguments: no PYTHONHASHSEED, no random seed, identical on every process and machine.
 
 The token bytes of all blocks are produced in one conversion; the chain itself is sequential
@@ -40,9 +40,21 @@ _U64_MASK = (1 << 64) - 1
 _NATIVE_U32 = sys.byteorder == "little" and array("I").itemsize == 4
 
 
-def root_hash(model: str, salt: str | None = None) -> int:
-    """The parent of a chain's first block: a hash of the model name and optional salt."""
-    key = model if salt is None else f"{model}\x00{salt}"
+def root_hash(model: str, salt: str | None = None, lora_name: str | None = None) -> int:
+    """The parent of a chain's first block: a hash of the model name, optional salt and
+    optional LoRA adapter name.
+
+    vLLM mixes the adapter into every block's hash as the first of its extra keys
+    (`vllm/v1/core/kv_cache_utils.py`: `_gen_lora_extra_hash_keys` returns `[lora_name]`, older
+    versions the `lora_int_id`; the cache salt goes only into the first block's keys). In a
+    chain every block hashes its parent, so putting the adapter into the root separates the
+    whole chain the same way. The adapter is tagged with \x01 and the salt with \x00, so a salt
+    can never stand for an adapter name (nor the reverse); without an adapter the key is what
+    it always was.
+    """
+    key = model if lora_name is None else f"{model}\x01{lora_name}"
+    if salt is not None:
+        key = f"{key}\x00{salt}"
     return xxhash.xxh3_64_intdigest(key.encode("utf-8"))
 
 
@@ -126,6 +138,8 @@ def _n_blocks(n_tokens: int, block_size: int, max_blocks: int | None) -> int:
     return n if max_blocks is None else min(n, max_blocks)
 
 
-def prompt_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int, model: str, salt: str | None = None) -> list[int]:
-    """The hash chain of a whole prompt for `model` (what the balancer looks up)."""
-    return hash_blocks(token_ids, block_size, root_hash(model, salt))
+def prompt_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int, model: str, salt: str | None = None,
+                  lora_name: str | None = None) -> list[int]:
+    """The hash chain of a whole prompt for `model` (under adapter `lora_name`, if any): what
+    the balancer looks up."""
+    return hash_blocks(token_ids, block_size, root_hash(model, salt, lora_name))

@@ -92,6 +92,11 @@ class LoadReport:
     num_preemptions_total: int = 0
     steps: tuple[StepSample, ...] = field(default_factory=tuple)
     epoch: int = 0
+    # LoRA adapters resident on the replica now (what a request for one of them finds loaded),
+    # and the seconds its adapter loads took, on average (0: none measured yet). Both absent
+    # from an older replica's reports: it then holds no adapters as far as routing knows.
+    loras: tuple[str, ...] = ()
+    lora_load_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_running", "num_waiting", "queued_prefill_tokens", "running_decode_tokens",
@@ -102,6 +107,8 @@ class LoadReport:
             raise ValueError(f"LoadReport.block_size must be positive, got {self.block_size}")
         if not (0.0 <= self.kv_usage <= 1.0):
             raise ValueError(f"LoadReport.kv_usage must be in [0, 1], got {self.kv_usage}")
+        if not self.lora_load_s >= 0.0:
+            raise ValueError(f"LoadReport.lora_load_s must be >= 0, got {self.lora_load_s}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +164,8 @@ def encode_load(report: LoadReport) -> bytes:
         "num_preemptions_total": report.num_preemptions_total,
         "steps": [[float(s.start), float(s.duration), s.prefill_tokens, s.decode_tokens, s.num_seqs, s.context_tokens,
                    s.decode_context_tokens] for s in report.steps],
+        "loras": list(report.loras),
+        "lora_load_s": float(report.lora_load_s),
     })
 
 
@@ -191,6 +200,9 @@ def decode_load(payload: bytes) -> LoadReport:
     replica_id = obj.get("replica_id")
     if not isinstance(replica_id, str):
         raise EventDecodeError("load report replica_id must be a string")
+    loras = obj.get("loras", ())
+    if not isinstance(loras, tuple) or not all(isinstance(n, str) for n in loras):
+        raise EventDecodeError("load report loras must be an array of adapter names")
     try:
         return LoadReport(
             replica_id=replica_id,
@@ -206,6 +218,8 @@ def decode_load(payload: bytes) -> LoadReport:
             num_preemptions_total=_num(obj, "num_preemptions_total", int, 0),
             steps=tuple(steps),
             epoch=_num(obj, "epoch", int, 0),
+            loras=loras,
+            lora_load_s=_num(obj, "lora_load_s", float, 0.0),
         )
     except ValueError as e:  # LoadReport's own validation
         if isinstance(e, EventDecodeError):

@@ -58,6 +58,8 @@ class KVCacheBlock:
     token_ids: tuple[int, ...] | None = None
     # The previous block's hash; None for a chain's first block (parent = the root hash).
     parent_hash: int | None = None
+    # (lora_id, lora_name) of the adapter whose KV this is; None: the base model's.
+    lora: tuple[int, str] | None = None
     prev_free: KVCacheBlock | None = field(default=None, repr=False)
     next_free: KVCacheBlock | None = field(default=None, repr=False)
 
@@ -254,6 +256,7 @@ class BlockPool:
         block_hashes: Sequence[int],
         token_ids: Sequence[int],
         parent_hash: int | None,
+        lora: tuple[int, str] | None = None,
     ) -> int:
         """Register consecutive newly filled blocks of one chain in the prefix cache.
 
@@ -265,7 +268,8 @@ class BlockPool:
         mapping; that block is skipped and stays unhashed. A block already cached under the same
         hash is skipped too. One `BlockStored` event covers the newly registered blocks; if a
         skipped block splits them, one event per run, each with its true parent. Returns the
-        number of blocks registered.
+        number of blocks registered. `lora` = (lora_id, lora_name) tags the blocks and their
+        events with the chain's adapter (vLLM's BlockStored `lora_id` / `lora_name`).
         """
         bs = self.block_size
         if len(block_hashes) != len(blocks):
@@ -282,21 +286,22 @@ class BlockPool:
         flat = list(map(int, token_ids))  # plain ints (numpy scalars would not serialize)
         for i, (block, block_hash) in enumerate(zip(blocks, block_hashes)):
             tokens = tuple(flat[i * bs : (i + 1) * bs])
-            if self._insert(block, block_hash, tokens, parent):
+            if self._insert(block, block_hash, tokens, parent, lora):
                 if not run_hashes:
                     run_parent = parent
                 run_hashes.append(block_hash)
                 run_tokens.extend(tokens)
                 num_cached += 1
             elif run_hashes:
-                self._emit_stored(run_hashes, run_parent, run_tokens)
+                self._emit_stored(run_hashes, run_parent, run_tokens, lora)
                 run_hashes, run_tokens = [], []
             parent = block_hash
         if run_hashes:
-            self._emit_stored(run_hashes, run_parent, run_tokens)
+            self._emit_stored(run_hashes, run_parent, run_tokens, lora)
         return num_cached
 
-    def _insert(self, block: KVCacheBlock, block_hash: int, tokens: tuple[int, ...], parent: int | None) -> bool:
+    def _insert(self, block: KVCacheBlock, block_hash: int, tokens: tuple[int, ...], parent: int | None,
+                lora: tuple[int, str] | None = None) -> bool:
         if block.ref_cnt <= 0:
             raise ValueError(f"block {block.block_id} is not in use and cannot be cached")
         if block.block_hash is not None:
@@ -308,13 +313,17 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = tokens
         block.parent_hash = parent
+        block.lora = lora
         self._cached[block_hash] = block
         self.cache_version += 1
         return True
 
-    def _emit_stored(self, hashes: list[int], parent: int | None, tokens: list[int]) -> None:
+    def _emit_stored(self, hashes: list[int], parent: int | None, tokens: list[int],
+                     lora: tuple[int, str] | None = None) -> None:
+        lora_id, lora_name = lora if lora is not None else (None, None)
         self._events.append(
-            BlockStored(block_hashes=tuple(hashes), parent_block_hash=parent, token_ids=tuple(tokens), block_size=self.block_size)
+            BlockStored(block_hashes=tuple(hashes), parent_block_hash=parent, token_ids=tuple(tokens),
+                        block_size=self.block_size, lora_id=lora_id, lora_name=lora_name)
         )
 
     def _evict(self, block: KVCacheBlock) -> None:
@@ -322,7 +331,7 @@ class BlockPool:
         assert block_hash is not None
         del self._cached[block_hash]
         self.cache_version += 1
-        block.block_hash = block.token_ids = block.parent_hash = None
+        block.block_hash = block.token_ids = block.parent_hash = block.lora = None
         self._events.append(BlockRemoved(block_hashes=(block_hash,)))
 
     def reset_prefix_cache(self) -> bool:
@@ -334,7 +343,7 @@ class BlockPool:
         if self.free_block_queue.num_free != self.num_blocks:
             return False
         for block in self._cached.values():
-            block.block_hash = block.token_ids = block.parent_hash = None
+            block.block_hash = block.token_ids = block.parent_hash = block.lora = None
         self._cached.clear()
         self.cache_version += 1
         if self.enable_caching:
@@ -385,12 +394,15 @@ class BlockPool:
             tokens: list[int] = []
             for b in run:
                 tokens.extend(b.token_ids or ())
+            lora_id, lora_name = block.lora if block.lora is not None else (None, None)
             events.append(
                 BlockStored(
                     block_hashes=tuple(b.block_hash for b in run),  # type: ignore[misc]
                     parent_block_hash=block.parent_hash,
                     token_ids=tuple(tokens),
                     block_size=self.block_size,
+                    lora_id=lora_id,
+                    lora_name=lora_name,
                 )
             )
             stack.extend(reversed(kids))

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from replica.lora import LoraModule
+
 if TYPE_CHECKING:  # kept out of the import of this module: the CLI's menu imports it
     from replica.publisher import PublisherConfig
     from replica.step_model import SimPreset
@@ -33,6 +35,12 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None = torch's default
+    # LoRA adapters served under their own names (`--lora-modules name=path`, replica/lora.py),
+    # at most `max_loras` resident at once (vLLM's default is 1 too); on `--engine sim` a load
+    # takes `lora_load_s` of modelled time (the torch engine measures its own).
+    lora_modules: tuple[LoraModule, ...] = ()
+    max_loras: int = 1
+    lora_load_s: float = 0.04
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -45,6 +53,13 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be at least 1")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
+        if not self.lora_load_s >= 0:
+            raise ValueError(f"lora_load_s must be >= 0 seconds, got {self.lora_load_s}")
+        names = [m.name for m in self.lora_modules]
+        if len(set(names)) != len(names) or self.model_name in names:
+            raise ValueError("each LoRA adapter needs its own name, other than the base model's")
 
     @property
     def model_name(self) -> str:

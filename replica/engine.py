@@ -21,6 +21,7 @@ from protocol.hashing import root_hash
 from protocol.load import StepSample
 from protocol.tokenizer import IncrementalDetokenizer
 from replica.kv_cache_manager import KVCacheManager
+from replica.lora import AdapterSlots, LoraTag
 from replica.request import Request, RequestStatus, SamplingParams
 from replica.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from replica.step_model import StepRecord, features_of
@@ -95,8 +96,12 @@ class LLMEngine:
         clock: Callable[[], float] = time.monotonic,
         step_history: int = 64,
         detokenize: bool = True,
+        loras: AdapterSlots | None = None,
+        lora_tags: dict[str, LoraTag] | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.loras = loras  # the LoRA adapters served (None: none), shared with the executor
+        self.lora_tags = lora_tags or {}  # adapter name -> its KV tag (id, chain root)
         self.kv: KVCacheManager = scheduler.kv
         self.executor = executor
         self.tokenizer = tokenizer
@@ -111,7 +116,12 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        req = Request(request_id, prompt_token_ids, params, self.clock(), self.tokenizer.eos_token_id)
+        lora = None
+        if params.lora_name is not None:
+            lora = self.lora_tags.get(params.lora_name)
+            if lora is None:
+                raise ValueError(f"this replica serves no LoRA adapter {params.lora_name!r}")
+        req = Request(request_id, prompt_token_ids, params, self.clock(), self.tokenizer.eos_token_id, lora)
         self.scheduler.add_request(req)
         if self.detokenize:
             self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids), params.stop)
@@ -203,9 +213,27 @@ def build_sim_engine(config, preset, time_scale: float = 1.0,
     kv = KVCacheManager(num_blocks, config.block_size, root_hash(config.model_name, config.cache_salt),
                         enable_caching=config.enable_prefix_caching)
     sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                config.max_model_len or SIM_MAX_MODEL_LEN)
+                                config.max_model_len or SIM_MAX_MODEL_LEN, config.max_loras)
     scheduler = Scheduler(sched_cfg, kv, clock)
-    return LLMEngine(scheduler, SimExecutor(preset.model, Pacer(time_scale, clock=clock)), ByteTokenizer(), clock)
+    # A sim adapter has no weights: its load costs modelled time, added to the step that loads it.
+    loras = lora_slots(config, lambda m: None, modelled_load_s=config.lora_load_s)
+    executor = SimExecutor(preset.model, Pacer(time_scale, clock=clock), loras)
+    return LLMEngine(scheduler, executor, ByteTokenizer(), clock, loras=loras, lora_tags=lora_tags(config))
+
+
+def lora_tags(config) -> dict[str, LoraTag]:
+    """Each served adapter's KV tag: its id and its chain root (protocol.hashing.root_hash)."""
+    return {m.name: LoraTag(m.name, m.lora_id, root_hash(config.model_name, config.cache_salt, m.name))
+            for m in config.lora_modules}
+
+
+def lora_slots(config, load, modelled_load_s: float | None = None) -> AdapterSlots | None:
+    """The resident-adapter slots for `config`'s --lora-modules, the first max_loras loaded."""
+    if not config.lora_modules:
+        return None
+    slots = AdapterSlots(config.lora_modules, config.max_loras, load, modelled_load_s)
+    slots.preload()
+    return slots
 
 
 def build_engine(config, clock: Callable[[], float] = time.monotonic) -> LLMEngine:
@@ -214,6 +242,7 @@ def build_engine(config, clock: Callable[[], float] = time.monotonic) -> LLMEngi
 
     from protocol.tokenizer import load_tokenizer
     from replica.kv_cache import allocate_kv_caches, num_blocks_for_budget
+    from replica.lora_weights import load_lora
     from replica.model_config import ModelConfig
     from replica.runner import ModelRunner
     from replica.weights import build_model
@@ -239,7 +268,9 @@ def build_engine(config, clock: Callable[[], float] = time.monotonic) -> LLMEngi
         enable_caching=config.enable_prefix_caching,
     )
     caches = allocate_kv_caches(mcfg, num_blocks, config.block_size, config.device)
-    sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+    sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.max_loras)
     scheduler = Scheduler(sched_cfg, kv, clock)
-    runner = ModelRunner(model, caches, kv, seed=config.seed, device=config.device)
-    return LLMEngine(scheduler, runner, tokenizer, clock)
+    dtype = next(model.parameters()).dtype
+    loras = lora_slots(config, lambda m: load_lora(m.name, m.path, mcfg, dtype, config.device))
+    runner = ModelRunner(model, caches, kv, seed=config.seed, device=config.device, loras=loras)
+    return LLMEngine(scheduler, runner, tokenizer, clock, loras=loras, lora_tags=lora_tags(config))

@@ -38,6 +38,7 @@ from typing import NamedTuple
 from protocol.events import BlockStored, KVEvent
 from protocol.hashing import hash_blocks
 from replica.block_pool import BlockPool, KVCacheBlock
+from replica.lora import LoraTag
 
 
 class ComputedBlocks(NamedTuple):
@@ -58,6 +59,9 @@ class _RequestState:
     # was made at: a request waiting for free blocks is looked up every step, and its answer
     # cannot change until a hash enters or leaves the pool (or the request grows).
     last_lookup: tuple[int, int, "ComputedBlocks"] | None = None
+    # The request's LoRA adapter: its chain starts at the adapter's root, its blocks are tagged
+    # with it; None: the manager's `hash_root` (the base model).
+    lora: LoraTag | None = None
 
 
 class KVCacheManager:
@@ -91,29 +95,40 @@ class KVCacheManager:
 
     # --- the scheduler's calls --------------------------------------------------------------
 
-    def get_computed_blocks(self, req_id: str, token_ids: Sequence[int]) -> ComputedBlocks:
+    def _state(self, req_id: str, lora: LoraTag | None) -> _RequestState:
+        state = self._requests.get(req_id)
+        if state is None:
+            state = _RequestState(lora=lora)
+        elif state.lora != lora:
+            raise ValueError(f"request {req_id!r} changed its LoRA adapter")
+        return state
+
+    def get_computed_blocks(self, req_id: str, token_ids: Sequence[int], lora: LoraTag | None = None) -> ComputedBlocks:
         """The longest cached prefix of `token_ids`, in whole blocks.
 
         Each hit is confirmed by token ids and parent hash. At least one token is always left to
         compute (the last position's logits must come out of the model), so a prompt that is an
         exact multiple of block_size hits at most all but its last block. Does not change ref
-        counts, the free list or events; remembers the request's block hashes.
+        counts, the free list or events; remembers the request's block hashes. Under adapter
+        `lora` the chain starts at the adapter's root, so it never hits another adapter's (or
+        the base model's) blocks.
         """
         if not self.enable_caching:
             return ComputedBlocks([], 0)
         bs = self.block_size
-        state = self._requests.setdefault(req_id, _RequestState())
+        state = self._requests[req_id] = self._state(req_id, lora)
         memo = state.last_lookup
         version = self.pool.cache_version
         if memo is not None and memo[0] == version and memo[1] == len(token_ids):
             return memo[2]
         hashes = self._extend_hashes(state, token_ids, len(token_ids) // bs)
+        tag = None if lora is None else (lora.lora_id, lora.name)
         max_hit = max(len(token_ids) - 1, 0) // bs
         blocks: list[KVCacheBlock] = []
         parent: int | None = None
         for i in range(max_hit):
             block = self.pool.get_cached_block(hashes[i], token_ids[i * bs : (i + 1) * bs], parent_hash=parent)
-            if block is None:
+            if block is None or block.lora != tag:  # another adapter's KV, even on a hash collision
                 break
             blocks.append(block)
             parent = hashes[i]
@@ -128,6 +143,7 @@ class KVCacheManager:
         num_computed_tokens: int,
         num_new_tokens: int,
         new_computed: ComputedBlocks | None = None,
+        lora: LoraTag | None = None,
     ) -> bool:
         """Make `req_id` own blocks for its first `num_computed_tokens + num_new_tokens` tokens.
 
@@ -144,9 +160,7 @@ class KVCacheManager:
             raise ValueError(f"negative token count: computed={num_computed_tokens} new={num_new_tokens}")
         if len(token_ids) < total:
             raise ValueError(f"token_ids holds {len(token_ids)} tokens, allocating for {total}")
-        state = self._requests.get(req_id)
-        if state is None:
-            state = _RequestState()  # registered below, once the call succeeds
+        state = self._state(req_id, lora)  # registered below, once the call succeeds
 
         hit: list[KVCacheBlock] = []
         if new_computed is not None and new_computed.blocks:
@@ -192,6 +206,7 @@ class KVCacheManager:
                 hashes[start:num_full],
                 token_ids[start * bs : num_full * bs],
                 hashes[start - 1] if start else None,
+                None if state.lora is None else (state.lora.lora_id, state.lora.name),
             )
             state.num_cached = num_full
         return True
@@ -254,6 +269,6 @@ class KVCacheManager:
         have = len(hashes)
         if have < num_blocks:
             bs = self.block_size
-            parent = hashes[-1] if have else self.hash_root
+            parent = hashes[-1] if have else (self.hash_root if state.lora is None else state.lora.root)
             hashes.extend(hash_blocks(token_ids[have * bs : num_blocks * bs], bs, parent))
         return hashes

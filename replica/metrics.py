@@ -50,5 +50,27 @@ class ReplicaMetrics:
         self.request_generation_tokens = Histogram("vllm:request_generation_tokens", "Generated tokens per request.", labels, buckets=TOKEN_BUCKETS, registry=r).labels(*lv)
         self.iteration_tokens = Histogram("vllm:iteration_tokens_total", "Tokens processed per engine step.", labels, buckets=TOKEN_BUCKETS, registry=r).labels(*lv)
 
+        # LoRA adapters (kvfleet's names: vLLM exports only an info gauge, vllm:lora_requests_info)
+        self.loras_loaded = Gauge("kvfleet_replica_lora_adapters_loaded", "LoRA adapters resident now.", labels,
+                                  registry=r).labels(*lv)
+        self.lora_loads = Counter("kvfleet_replica_lora_loads_total", "LoRA adapter loads (a batch needed one that "
+                                  "was not resident).", labels, registry=r).labels(*lv)
+        self.lora_load_seconds = Counter("kvfleet_replica_lora_load_seconds_total", "Seconds spent loading LoRA "
+                                         "adapters.", labels, registry=r).labels(*lv)
+        self._lora_resident = Gauge("kvfleet_replica_lora_resident", "1 while the LoRA adapter is resident, else 0.",
+                                    labels + ("lora_name",), registry=r)
+        self._lora_exported = (0, 0.0)  # loads and seconds already counted
+
+    def update_loras(self, slots) -> None:
+        """Export a `replica.lora.AdapterSlots`' state (after a step)."""
+        resident = set(slots.resident)
+        self.loras_loaded.set(len(resident))
+        for name in slots.modules:
+            self._lora_resident.labels(*self._lv, name).set(1 if name in resident else 0)
+        loads, secs = self._lora_exported
+        self.lora_loads.inc(slots.loads_total - loads)
+        self.lora_load_seconds.inc(max(slots.load_seconds_total - secs, 0.0))
+        self._lora_exported = (slots.loads_total, slots.load_seconds_total)
+
     def success(self, finished_reason: str) -> None:
         self._success.labels(*self._lv, finished_reason).inc()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from torch import nn
 
 from kernels import AttentionMetadata, attention, write_kv
 from replica.model_config import ModelConfig, RopeScaling
+
+if TYPE_CHECKING:
+    from replica.lora_weights import LoraBatch
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 # (q [..., Hq, hd], k [..., Hkv, hd], v [..., Hkv, hd]) -> [..., Hq, hd]. In a flat batch q may
@@ -110,18 +114,27 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn, rows: torch.Tensor | None = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn, rows: torch.Tensor | None = None,
+        lora: LoraLayer | None = None,
     ) -> torch.Tensor:
         # x: [..., S, D]; rows: keep only these query rows (of a flat batch), see AttendFn
         hq, hkv = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).unflatten(-1, (hq + 2 * hkv, self.head_dim))  # [..., S, Hq+2Hkv, hd]
+        qkv = self.qkv_proj(x)  # [..., S, q + 2kv]
+        if lora is not None:
+            q, kv = self.q_size, self.kv_size
+            for proj, start, end in (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)):
+                lora.add(proj, x, qkv, start, end)
+        qkv = qkv.unflatten(-1, (hq + 2 * hkv, self.head_dim))  # [..., S, Hq+2Hkv, hd]
         qk = apply_rope(qkv[..., : hq + hkv, :], cos, sin)  # q and k heads rotated at once
         q, k = qk.split([hq, hkv], dim=-2)  # [..., S, Hq, hd], [..., S, Hkv, hd]
         v = qkv[..., hq + hkv :, :]  # [..., S, Hkv, hd]
         if rows is not None:
             q = q[rows]  # [N, Hq, hd]
-        o = attend(q, k, v)  # [..., S or N, Hq, hd]
-        return self.o_proj(o.flatten(-2))
+        o = attend(q, k, v).flatten(-2)  # [..., S or N, Hq*hd]
+        out = self.o_proj(o)
+        if lora is not None:
+            lora.at(rows).add("o_proj", o, out, 0, out.shape[-1])
+        return out
 
 
 class MLP(nn.Module):
@@ -131,9 +144,18 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
+    def forward(self, x: torch.Tensor, lora: LoraLayer | None = None) -> torch.Tensor:
+        i = self.intermediate_size
+        gate_up = self.gate_up_proj(x)
+        if lora is not None:
+            lora.add("gate_proj", x, gate_up, 0, i)
+            lora.add("up_proj", x, gate_up, i, 2 * i)
+        gate, up = gate_up.split(i, dim=-1)
+        h = F.silu(gate).mul_(up)
+        out = self.down_proj(h)
+        if lora is not None:
+            lora.add("down_proj", h, out, 0, out.shape[-1])
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -145,15 +167,33 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn, rows: torch.Tensor | None = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn, rows: torch.Tensor | None = None,
+        lora: LoraLayer | None = None,
     ) -> torch.Tensor:
         """x: [..., S, D] -> [..., S, D], or [N, D] for the query rows `rows` of a flat batch
-        (every row's K/V still reaches `attend`)."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, attend, rows)
+        (every row's K/V still reaches `attend`). `lora`: the batch's adapters at this layer."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attend, rows, lora)
         h += x if rows is None else x[rows]  # fresh tensors: adding in place is safe
-        out = self.mlp(self.post_attention_layernorm(h))
+        out = self.mlp(self.post_attention_layernorm(h), None if lora is None else lora.at(rows))
         out += h
         return out
+
+
+class LoraLayer:
+    """One layer's view of a step's `LoraBatch` (flat batches only: the torch engine's path)."""
+
+    __slots__ = ("batch", "layer")
+
+    def __init__(self, batch: LoraBatch, layer: int) -> None:
+        self.batch = batch
+        self.layer = layer
+
+    def at(self, rows: torch.Tensor | None) -> LoraLayer:
+        """This layer for the query rows `rows` only (None: every row)."""
+        return self if rows is None else LoraLayer(self.batch.select(rows), self.layer)
+
+    def add(self, proj: str, x: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
+        self.batch.add(self.layer, proj, x, out, start, end)
 
 
 # ---------------------------------------------------------------- attend functions
@@ -214,11 +254,12 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         attends: Sequence[AttendFn],
         last_rows: torch.Tensor | None = None,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # [S, 1, hd], shared by all layers
         last = len(self.layers) - 1
         for i, (layer, attend) in enumerate(zip(self.layers, attends, strict=True)):
-            x = layer(x, cos, sin, attend, last_rows if i == last else None)
+            x = layer(x, cos, sin, attend, last_rows if i == last else None, None if lora is None else LoraLayer(lora, i))
         return self.norm(x)
 
     def forward(
@@ -228,13 +269,15 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: Sequence[KVCache],
         meta: AttentionMetadata,
         sample_seqs: Sequence[int] | None = None,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T] int64 (a flat batch, see AttentionMetadata) -> hidden [T, D]
         after the final norm. Writes this step's K/V into `kv_caches` (one pair per layer).
 
         sample_seqs: indices (ascending) of the sequences whose last new token is sampled; the
         result is then only those tokens' hidden states, [len(sample_seqs), D], and the last
-        layer computes nothing else past its K/V."""
+        layer computes nothing else past its K/V. `lora`: the LoRA adapters of the batch's rows
+        (None: the base model for every row)."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
         query_meta = last_rows = None
@@ -247,7 +290,7 @@ class LlamaForCausalLM(nn.Module):
         if query_meta is not None:
             attends[-1] = partial(attends[-1], query_meta=query_meta)
         x = self.embed_tokens(input_ids)  # [T, D]
-        return self._run_layers(x, positions, attends, last_rows)
+        return self._run_layers(x, positions, attends, last_rows, lora)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> logits [N, V] float32"""

@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from replica.lora import LoraTag
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -39,6 +41,10 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # top logprobs per output token (0: the sampled token's alone)
+    # The LoRA adapter to run with (None: the base model). vLLM passes a LoRARequest beside the
+    # params; here it rides with them so that a request's n choices and the service's inbox
+    # carry it unchanged.
+    lora_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -78,6 +84,7 @@ class Request:
         "generator",
         "eos_token_id",
         "new_logprobs",
+        "lora",
     )
 
     def __init__(
@@ -87,6 +94,7 @@ class Request:
         params: SamplingParams,
         arrival_time: float,
         eos_token_id: int | None = None,
+        lora: LoraTag | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
@@ -105,6 +113,11 @@ class Request:
         # The newest sampled token's (logprob, ((token id, logprob), ...) top alternatives), set by
         # the runner when params.logprobs is set and taken by the engine's output.
         self.new_logprobs: tuple[float, tuple[tuple[int, float], ...]] | None = None
+        self.lora = lora  # its LoRA adapter (None: the base model)
+
+    @property
+    def lora_name(self) -> str | None:
+        return None if self.lora is None else self.lora.name
 
     @property
     def num_tokens(self) -> int:

@@ -17,6 +17,8 @@ import torch
 
 from kernels.paged_attention import AttentionMetadata
 from replica.kv_cache_manager import KVCacheManager
+from replica.lora import AdapterSlots
+from replica.lora_weights import LoraBatch
 from replica.model import LlamaForCausalLM
 from replica.sampling import sample
 from replica.scheduler import SchedulerOutput
@@ -31,8 +33,10 @@ class ModelRunner:
         kv: KVCacheManager,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        loras: AdapterSlots | None = None,
     ) -> None:
         self.model = model
+        self.loras = loras  # the served LoRA adapters (their `load` makes `LoraWeights`)
         self.kv_caches = kv_caches
         self.kv = kv
         self.block_size = kv.block_size
@@ -87,14 +91,28 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
         return input_ids, torch.from_numpy(positions).to(dev), meta, sample_seqs
 
+    def _lora_batch(self, out: SchedulerOutput, meta: AttentionMetadata) -> LoraBatch | None:
+        """The step's adapters (loaded now if not resident) and each token row's; None when no
+        scheduled request names one. The scheduler keeps a batch within max_loras adapters."""
+        names = [s.request.lora_name for s in out.scheduled]
+        if self.loras is None or not any(names):
+            return None
+        order = list(dict.fromkeys(n for n in names if n is not None))
+        self.loras.activate(order)
+        index = {n: i for i, n in enumerate(order)}
+        per_seq = torch.tensor([index[n] if n is not None else -1 for n in names], dtype=torch.int64)
+        token_adapter = per_seq.repeat_interleave(torch.tensor(meta.query_lens, dtype=torch.int64))
+        return LoraBatch([self.loras.get(n) for n in order], token_adapter.to(self.device))
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run one step; returns the sampled token of each request that samples."""
         if out.empty:
             return {}
         input_ids, positions, meta, sample_seqs = self._build(out)
+        lora = self._lora_batch(out, meta)
         # hidden: [N, D] for the last token of each sampling sequence only
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, sample_seqs=sample_seqs)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, sample_seqs=sample_seqs, lora=lora)
         if not sample_seqs:
             return {}
         sampling = [out.scheduled[i].request for i in sample_seqs]

@@ -31,6 +31,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    # LoRA adapters one batch may use (vLLM's --max-loras); a waiting request that would need
+    # one more is skipped this step (vLLM v1's scheduler skips it too) and tried again later.
+    max_loras: int = 1
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -39,6 +42,8 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be at least 1")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
+        if self.max_loras < 1:
+            raise ValueError("max_loras must be at least 1")
 
 
 class ScheduledRequest(NamedTuple):
@@ -154,7 +159,8 @@ class Scheduler:
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             allocated = False
             while True:
-                if self.kv.allocate_slots(req.request_id, req.token_ids, req.num_computed_tokens, num_new):
+                if self.kv.allocate_slots(req.request_id, req.token_ids, req.num_computed_tokens, num_new,
+                                          lora=req.lora):
                     allocated = True
                     break
                 victim = self._preempt_newest()
@@ -173,15 +179,23 @@ class Scheduler:
             i += 1
 
         if not preempted:
+            loras = {r.lora_name for r in self.running if r.lora is not None}
+            skipped: list[Request] = []
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                computed = self.kv.get_computed_blocks(req.request_id, req.token_ids)
+                name = req.lora_name
+                if name is not None and name not in loras and len(loras) >= self.config.max_loras:
+                    skipped.append(self.waiting.popleft())  # its adapter would not fit in this batch
+                    continue
+                computed = self.kv.get_computed_blocks(req.request_id, req.token_ids, req.lora)
                 num_new = min(req.num_tokens - computed.num_tokens, budget)
                 if not self.kv.allocate_slots(
-                    req.request_id, req.token_ids, computed.num_tokens, num_new, computed
+                    req.request_id, req.token_ids, computed.num_tokens, num_new, computed, req.lora
                 ):
                     break
                 self.waiting.popleft()
+                if name is not None:
+                    loras.add(name)
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = computed.num_tokens
                     self.prefix_queries_tokens += req.num_prompt_tokens
@@ -193,6 +207,7 @@ class Scheduler:
                 scheduled.append(ScheduledRequest(req, num_new, sample))
                 prefill += num_new
                 budget -= num_new
+            self.waiting.extendleft(reversed(skipped))  # back at the front, in their order
 
         return SchedulerOutput(scheduled, preempted, prefill, decode)
 

@@ -69,11 +69,18 @@ class _Handlers:
         self.max_model_len = service.engine.scheduler.config.max_model_len
         self.tokenizer = service.engine.tokenizer
         self.vocab_size = self.tokenizer.vocab_size
+        self.loras = service.engine.loras  # the LoRA adapters served, each under its own name (or None)
 
     # ------------------------------------------------------------- helpers
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.", "model")
+        if model is not None and model != self.model_name and (self.loras is None or model not in self.loras):
+            served = [self.model_name, *(self.loras.modules if self.loras is not None else ())]
+            raise APIError(404, f"The model `{model}` does not exist. This server serves "
+                                f"{', '.join(f'`{m}`' for m in served)} (`GET /v1/models` lists them).", "model")
+
+    def _lora_name(self, req: GenerationRequest) -> str | None:
+        """The adapter a request runs with: its `model` when that names one (vLLM's way)."""
+        return req.model if req.model is not None and req.model != self.model_name else None
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         if req.kind == "chat":
@@ -145,6 +152,9 @@ class _Handlers:
         params = [self._params(req, len(ids)) for ids in prompts]
         if req.logprobs is not None:
             params = [dataclasses.replace(p, logprobs=req.logprobs) for p in params]
+        lora = self._lora_name(req)
+        if lora is not None:
+            params = [dataclasses.replace(p, lora_name=lora) for p in params]
         prefix = "chatcmpl" if req.kind == "chat" else "cmpl"
         base = request.headers.get("X-Request-Id") or f"{prefix}-{uuid.uuid4().hex}"
         rid = self.service.unique_id(base)
@@ -206,7 +216,7 @@ class _Handlers:
                 choice["token_ids"] = token_ids[index]
             choices.append(choice)
         body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices, "usage": self._usage(finals, req.n)}
+                "model": self._lora_name(req) or self.model_name, "choices": choices, "usage": self._usage(finals, req.n)}
         return web.json_response(body, headers=headers)
 
     async def _stream(self, request, req, rid, outputs: AsyncIterator[tuple[int, RequestOutput]], headers,
@@ -218,7 +228,7 @@ class _Handlers:
         created = int(time.time())
         chat = req.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
-        model = self.model_name
+        model = self._lora_name(req) or self.model_name
         shaper = Logprobs(self.tokenizer, chat) if req.logprobs is not None else None
 
         def chunk(choice: dict | None, usage: dict | None = None) -> bytes:
@@ -268,10 +278,15 @@ class _Handlers:
 
     # ------------------------------------------------------------- other routes
     async def models(self, request: web.Request) -> web.Response:
-        m = self.model_name
-        return web.json_response({"object": "list", "data": [
-            {"id": m, "object": "model", "created": int(time.time()), "owned_by": "kvfleet", "root": m,
-             "parent": None, "max_model_len": self.max_model_len}]})
+        """The base model, then each LoRA adapter with `root` = its file and `parent` = the base
+        model (vLLM's listing for `--lora-modules`)."""
+        m, now = self.model_name, int(time.time())
+        data = [{"id": m, "object": "model", "created": now, "owned_by": "kvfleet", "root": m,
+                 "parent": None, "max_model_len": self.max_model_len}]
+        for mod in (self.loras.modules.values() if self.loras is not None else ()):
+            data.append({"id": mod.name, "object": "model", "created": now, "owned_by": "kvfleet", "root": mod.path,
+                         "parent": m, "max_model_len": self.max_model_len})
+        return web.json_response({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
         if self.service.draining:

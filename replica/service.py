@@ -68,6 +68,8 @@ class EngineService:
         self._last_preempt = 0
         self.draining = False
         self.error: BaseException | None = None
+        if engine.loras is not None:  # the adapters loaded at start are resident from the first scrape
+            metrics.update_loras(engine.loras)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -237,6 +239,8 @@ class EngineService:
         self._last_prefix = (q, h)
         m.preemptions.inc(sched.num_preemptions_total - self._last_preempt)
         self._last_preempt = sched.num_preemptions_total
+        if self.engine.loras is not None:
+            m.update_loras(self.engine.loras)
         if self.engine.steps:
             last = self.engine.steps[-1]
             m.iteration_tokens.observe(last.prefill_tokens + last.decode_tokens)
@@ -246,6 +250,7 @@ class EngineService:
         """The replica's load now (requests still in the inbox count as waiting)."""
         sched = self.engine.scheduler
         kv = self.engine.kv
+        loras = self.engine.loras
         return LoadReport(
             replica_id=self.replica_id,
             ts=time.time(),
@@ -259,6 +264,8 @@ class EngineService:
             kv_usage=min(1.0, max(0.0, kv.usage)),
             num_preemptions_total=sched.num_preemptions_total,
             steps=tuple(list(self.engine.steps)[-16:]),
+            loras=() if loras is None else loras.resident,
+            lora_load_s=0.0 if loras is None else loras.mean_load_s,
         )
 
     def _maybe_report_load(self, force: bool) -> None:

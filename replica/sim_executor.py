@@ -4,7 +4,9 @@ A step takes the time the step-time model gives for what was scheduled, and ever
 token is a deterministic function of (request id, position), so runs repeat exactly. The
 executor does not keep time itself: it hands the duration (and the step's `SchedulerOutput`)
 to `advance`, which moves a virtual clock (the offline simulator) or holds a live sim replica's
-step to its modelled wall-clock time (`Pacer`, optionally sped up by a time scale).
+step to its modelled wall-clock time (`Pacer`, optionally sped up by a time scale). A step
+whose batch needs a LoRA adapter that is not resident takes the adapter's modelled load time
+longer (`replica.lora.AdapterSlots` with `modelled_load_s`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 
 import xxhash
 
+from replica.lora import AdapterSlots
 from replica.scheduler import SchedulerOutput
 from replica.step_model import StepTimeModel, features_of
 
@@ -27,13 +30,17 @@ def sim_token(request_id: str, position: int) -> int:
 
 class SimExecutor:
     has_logits = False  # modelled step times, no model: no logprobs
-    def __init__(self, model: StepTimeModel, advance: Callable[[float, SchedulerOutput], None]) -> None:
+    def __init__(self, model: StepTimeModel, advance: Callable[[float, SchedulerOutput], None],
+                 loras: AdapterSlots | None = None) -> None:
         self.model = model
         self.advance = advance
+        self.loras = loras
         self.last_duration = 0.0
 
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         duration = self.model.duration(features_of(out.scheduled))
+        if self.loras is not None:
+            duration += self.loras.activate(r.lora_name for r, _, _ in out.scheduled if r.lora is not None)
         self.last_duration = duration
         self.advance(duration, out)
         return {req.request_id: sim_token(req.request_id, req.num_tokens)

@@ -40,6 +40,7 @@ from protocol.openai_api import GenerationRequest
 from protocol.tokenizer import ByteTokenizer
 from replica.engine import SIM_MAX_MODEL_LEN, LLMEngine
 from replica.kv_cache_manager import KVCacheManager
+from replica.lora import AdapterSlots, LoraModule, LoraTag
 from replica.request import SamplingParams
 from replica.scheduler import Scheduler, SchedulerConfig
 from replica.sim_executor import SimExecutor
@@ -84,6 +85,7 @@ class SimRequest:
     input_length: int
     tag: str = ""  # tenant / session, for reports
     prompt: Prompt | None = None  # the prompt materialised once (else `token_ids()` at each arrival)
+    lora_name: str | None = None  # the LoRA adapter it names as its model (one of FleetConfig.lora_adapters)
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,17 @@ class FleetConfig:
     # prompts needing more KV blocks than a replica has, are rejected at arrival as a replica
     # would reject them (live, the balancer routes them first and relays the 400).
     max_model_len: int = SIM_MAX_MODEL_LEN
+    # LoRA adapters every replica serves (`--lora-modules`), at most `max_loras` resident per
+    # replica, each load taking `lora_load_s` of modelled time (replica.lora, sim_executor).
+    lora_adapters: tuple[str, ...] = ()
+    max_loras: int = 1
+    lora_load_s: float = 0.04
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError("replicas must be at least 1")
+        if self.max_loras < 1 or self.lora_load_s < 0:
+            raise ValueError("max_loras must be >= 1 and lora_load_s >= 0")
         if self.request_latency_s < 0 or self.response_latency_s < 0:
             raise ValueError("request and response latencies must be non-negative")
         if self.load_report_interval_s < 0:
@@ -169,10 +178,16 @@ class _SimReplica:
         p = cfg.preset
         self.kv = KVCacheManager(cfg.kv_blocks or p.kv_blocks, cfg.block_size, root_hash(MODEL))
         sched_cfg = SchedulerConfig(cfg.max_num_seqs or p.max_num_seqs,
-                                    cfg.max_num_batched_tokens or p.max_num_batched_tokens, cfg.max_model_len)
+                                    cfg.max_num_batched_tokens or p.max_num_batched_tokens, cfg.max_model_len,
+                                    cfg.max_loras)
         clock = self._clock
-        self.engine = LLMEngine(Scheduler(sched_cfg, self.kv, clock), SimExecutor(p.model, self._advance),
-                                ByteTokenizer(), clock, detokenize=False)
+        modules = tuple(LoraModule(name, f"sim/{name}", i + 1) for i, name in enumerate(cfg.lora_adapters))
+        self.loras = AdapterSlots(modules, cfg.max_loras, lambda m: None, cfg.lora_load_s) if modules else None
+        if self.loras is not None:
+            self.loras.preload()
+        tags = {m.name: LoraTag(m.name, m.lora_id, root_hash(MODEL, lora_name=m.name)) for m in modules}
+        self.engine = LLMEngine(Scheduler(sched_cfg, self.kv, clock), SimExecutor(p.model, self._advance, self.loras),
+                                ByteTokenizer(), clock, detokenize=False, loras=self.loras, lora_tags=tags)
 
     def _clock(self) -> float:
         return self.now
@@ -209,7 +224,10 @@ class FleetSimulation:
         # A request reaches the replica's queue request_latency_s after it is routed.
         self.registry = Registry(BreakerConfig(), HealthConfig(), self._clock, in_transit_s=cfg.request_latency_s)
         for rid in self.replicas:
-            self.registry.add(ReplicaSpec(url=f"http://{rid}.sim:80"))
+            state = self.registry.add(ReplicaSpec(url=f"http://{rid}.sim:80"))
+            if cfg.lora_adapters:  # what its /v1/models would list
+                self.registry.set_models(state, frozenset((MODEL, *cfg.lora_adapters)),
+                                         {name: MODEL for name in cfg.lora_adapters})
         # Registry ids are URLs; keep a map both ways.
         self._url = {rid: f"http://{rid}.sim:80" for rid in self.replicas}
         self._rid = {v: k for k, v in self._url.items()}
@@ -219,6 +237,7 @@ class FleetSimulation:
                              ApproxIndex(clock=self._clock), self.policy, self.registry,
                              has_events=lambda rid: True, predictor=predictor, clock=self._clock)
         self.root = root_hash(MODEL)
+        self._lora_roots = {name: root_hash(MODEL, lora_name=name) for name in cfg.lora_adapters}
         self.predictor = predictor
         self.kv_blocks = cfg.kv_blocks or cfg.preset.kv_blocks
 
@@ -315,21 +334,25 @@ class FleetSimulation:
         new = min(engine.num_steps - rep.reported_steps, 16, len(engine.steps))
         steps = list(itertools.islice(reversed(engine.steps), new))[::-1]
         rep.reported_at, rep.reported_steps = rep.now, engine.num_steps
-        return rep.load(), steps
+        loras = None if rep.loras is None else (frozenset(rep.loras.resident), rep.loras.mean_load_s)
+        return rep.load(), steps, loras
 
     def _deliver(self, rep: "_SimReplica", url: str, report: tuple) -> None:
-        load, steps = report
+        load, steps, loras = report
         self.registry.on_load(url, load)
+        if loras is not None:  # the adapters resident when the report was made (LoadReport.loras)
+            self.registry.set_loras(url, *loras)
         if steps:
             self.policy.observe_steps(url, steps)
 
     def _arrive(self, i: int, r: SimRequest, t: float):
         memo = r.prompt
-        if memo is not None and memo.block_size == self.cfg.block_size and memo.root == self.root:
+        root = self.root if r.lora_name is None else self._lora_roots[r.lora_name]
+        if memo is not None and memo.block_size == self.cfg.block_size and memo.root == root:
             tokens, hashes = memo.token_ids(), memo.hashes
         else:
             tokens = r.token_ids()
-            hashes = tuple(hash_blocks(tokens, self.cfg.block_size, self.root))
+            hashes = tuple(hash_blocks(tokens, self.cfg.block_size, root))
         if len(tokens) >= self.cfg.max_model_len or -(-(len(tokens) + 1) // self.cfg.block_size) > self.kv_blocks:
             # Scheduler.add_request's checks, before routing (see FleetConfig.max_model_len).
             return RequestRecord(i, t, "", len(tokens), rejected=True), None, None, None
@@ -337,7 +360,8 @@ class FleetSimulation:
         # honest (the engine still stops at the trace's output length) -- unless the config says
         # the client sends it, as loadgen does live (FleetConfig.client_max_tokens).
         max_tokens = max(1, r.output_length) if self.cfg.client_max_tokens else None
-        req = GenerationRequest(kind="completion", model=MODEL, prompt_token_ids=None, max_tokens=max_tokens)
+        req = GenerationRequest(kind="completion", model=r.lora_name or MODEL, prompt_token_ids=None,
+                                max_tokens=max_tokens)
         text = ""
         if self.policy.needs_text:
             text = memo.text() if memo is not None else ByteTokenizer().decode(tokens)
@@ -346,6 +370,7 @@ class FleetSimulation:
         booking = self.router.route(prepared, str(i), predicted_output_tokens=oracle)
         url = booking.replica_id
         rep = self.replicas[self._rid[url]]
-        params = SamplingParams(max_tokens=max(1, r.output_length), temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=max(1, r.output_length), temperature=0.0, ignore_eos=True,
+                                lora_name=r.lora_name)
         rec = RequestRecord(i, t, url, len(tokens), predicted_cached_tokens=booking.matched_tokens)
         return rec, booking, rep, (str(i), tokens, params)

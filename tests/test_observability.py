@@ -159,7 +159,7 @@ def test_balancer_metric_names_follow_conventions():
         if fam.type == "histogram":  # a base unit in the name
             assert fam.name.endswith(("_seconds", "_tokens")), fam.name
         for s in fam.samples:
-            assert set(s.labels) <= {"replica", "policy", "status", "reason", "le"}, s.labels
+            assert set(s.labels) <= {"replica", "policy", "status", "reason", "le", "outcome"}, s.labels
 
 
 def test_balancer_creates_a_replicas_series_at_zero_and_drops_them_when_it_leaves():

@@ -30,7 +30,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARDS = os.path.join(ROOT, "dashboards")
-SIM_ARGS = ("--preset", "llama3-8b-h100", "--time-scale", "20")
+# Two LoRA adapters on every replica (a sim adapter has no weights: the paths are never read),
+# one resident at a time: the LoRA panels get adapter traffic, loads and evictions.
+SIM_ARGS = ("--preset", "llama3-8b-h100", "--time-scale", "20",
+            "--lora-modules", "sql=/sim/sql.safetensors", "chat=/sim/chat.safetensors")
 SCRAPE_S = 1.0
 RATE_WINDOW = "1m"  # what `$__rate_interval` becomes in the queries
 
@@ -95,6 +98,8 @@ def _request(base: str, i: int) -> int:
     system = SYSTEM_PROMPTS[i % len(SYSTEM_PROMPTS)]
     stream = i % 2 == 1
     extra = {"stream": stream, "max_tokens": 8 + i % 16}
+    if i % 4 == 2:  # a LoRA adapter's request, by its `model` name
+        extra["model"] = ("sql", "chat")[i // 4 % 2]
     if stream:
         extra["stream_options"] = {"include_usage": True}
     if i % 3 == 0:
@@ -255,6 +260,25 @@ def test_the_failure_shows_in_prometheus(loaded_fleet):
     assert failovers and float(failovers[0]["value"][1]) >= 1
     assert retries and float(retries[0]["value"][1]) >= 1
     assert prom.query("sum(kvfleet_kv_resyncs_total)"), "every subscriber resyncs at startup"
+
+
+def test_lora_routing_shows_in_prometheus(loaded_fleet):
+    fleet, _ = loaded_fleet
+    prom = fleet.prometheus
+    status, raw, _ = _post(fleet.balancer.url + "/v1/completions", {"model": "no-such-adapter", "prompt": "x"})
+    assert status == 404 and "no-such-adapter" in json.loads(raw)["error"]["message"]
+    deadline = time.monotonic() + 30
+    while True:  # until Prometheus has scraped the 404
+        routed = {s["metric"]["outcome"]: float(s["value"][1])
+                  for s in prom.query("sum by (outcome) (kvfleet_lora_routed_total)")}
+        if routed.get("unserved", 0) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert routed["resident"] >= 1 and routed["load"] >= 1 and routed["unserved"] >= 1, routed
+    resident = prom.query("sum by (lora_name) (kvfleet_replica_lora_resident)")
+    assert {s["metric"]["lora_name"] for s in resident} == {"sql", "chat"}
+    loads = prom.query("sum(kvfleet_replica_lora_loads_total)")
+    assert loads and float(loads[0]["value"][1]) > len(fleet.replicas)  # the start's preloads, then chat's
 
 
 def test_prometheus_targets_follow_the_fleet(loaded_fleet):

@@ -198,10 +198,10 @@ def test_events_the_index_cannot_use_are_skipped_and_counted() -> None:
 def test_lora_blocks_live_under_the_adapter_root() -> None:
     idx = PrefixIndex(BS, MODEL)
     tokens = toks(2)
-    adapter = hash_blocks(tokens, BS, root_hash(MODEL, "my-lora"))
+    adapter = hash_blocks(tokens, BS, root_hash(MODEL, lora_name="my-lora"))
     idx.apply("r0", BlockStored((5, 6), None, tuple(tokens), BS, lora_name="my-lora"))
     assert idx.match(prompt_hashes(tokens, BS, MODEL)) == {}
-    assert idx.match(prompt_hashes(tokens, BS, MODEL, salt="my-lora")) == {"r0": 2} and adapter[1] in idx.replica_block_hashes("r0")
+    assert idx.match(prompt_hashes(tokens, BS, MODEL, lora_name="my-lora")) == {"r0": 2} and adapter[1] in idx.replica_block_hashes("r0")
 
 
 def test_clear_remove_and_slot_reuse() -> None:

@@ -209,13 +209,15 @@ def test_the_flags_make_one_frozen_replica_config():
 def test_engine_flags_give_back_the_engine_config():
     from kvfleet.cmd_replica import engine_flags
     from replica.config import EngineConfig
+    from replica.lora import parse_lora_modules
 
     for engine in (EngineConfig(),
                    EngineConfig(model="small", served_model_name="m", weights="w.safetensors",
                                 model_config_path="config.json", tokenizer="tokenizer.json", seed=3, block_size=32,
                                 num_blocks=99, kv_cache_memory_bytes=1 << 20, enable_prefix_caching=False,
                                 max_num_seqs=5, max_num_batched_tokens=256, max_model_len=1024, device="cuda",
-                                threads=2)):
+                                threads=2, lora_modules=parse_lora_modules(["a=/x/a.safetensors", "b=b.st"], "m"),
+                                max_loras=2, lora_load_s=0.5)):
         assert _flags_to_config(engine_flags(engine)).engine == engine
 
 

@@ -51,6 +51,8 @@ class ReplicaView(NamedTuple):
     sent_tokens_since_report: int = 0  # and their uncached prompt tokens
     load: ReplicaLoad = ReplicaLoad()
     cached_blocks: int = 0  # blocks the prefix index holds for this replica
+    loras: frozenset[str] = frozenset()  # LoRA adapters resident there (its last load report)
+    lora_load_s: float = 0.0  # seconds its adapter loads took, on average (0: not measured yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,7 @@ class RoutingRequest:
     rng_seed: int = 0  # for deterministic tie-breaks
     sequences: int = 1  # sequences it decodes: n (or best_of) per prompt, times the prompts of a batch
     extra_prefill_tokens: int = 0  # prompt tokens beyond the hashed prompt (a batch's other prompts)
+    lora_name: str | None = None  # the LoRA adapter the request names as its `model`; None: a base model
 
     def rng(self) -> random.Random:
         return random.Random(self.rng_seed)
@@ -110,6 +113,25 @@ class Decision:
         return f"Decision(replica_id={self.replica_id!r}, reason={self.reason!r})"
 
 
+def adapter_candidates(request: RoutingRequest, replicas: Sequence[ReplicaView],
+                       slack: int) -> Sequence[ReplicaView]:
+    """The replicas a request for a LoRA adapter should choose among, for a policy that does
+    not price an adapter load itself: those that hold the adapter resident, unless even the
+    least busy of them has more than `slack` requests in flight beyond the least busy replica
+    that would have to load it (then every replica: a hot adapter must not pile up on the
+    replicas that loaded it first). A request for a base model, or an adapter no replica
+    holds, keeps every replica. Pure; returns `replicas` itself when it keeps them all."""
+    name = request.lora_name
+    if name is None:
+        return replicas
+    holders = [v for v in replicas if name in v.loras]
+    if not holders or len(holders) == len(replicas):
+        return replicas
+    held_min = min(v.inflight_requests for v in holders)
+    cold = min(v.inflight_requests for v in replicas if name not in v.loras)
+    return holders if held_min <= cold + slack else replicas
+
+
 class Policy(ABC):
     """Base class of all routing policies. Subclasses set `name` and implement `select`."""
 
@@ -120,6 +142,10 @@ class Policy(ABC):
     # True if the policy reads `predicted_output_tokens`: the router runs (and trains) the
     # output-length predictor only for such policies, so the others pay nothing for it.
     uses_predicted_output: ClassVar[bool] = False
+    # True if `select` prices loading a LoRA adapter on a replica that does not hold it
+    # (`ReplicaView.loras`, `lora_load_s`); otherwise the router narrows a request for an
+    # adapter to the replicas holding it first (`adapter_candidates`).
+    prices_adapter_load: ClassVar[bool] = False
 
     @abstractmethod
     def select(self, request: RoutingRequest, replicas: Sequence[ReplicaView]) -> Decision:

@@ -6,8 +6,9 @@ group.go, internal/apiutils/request.go, api/k8s/v1/model_types.go. Facts carried
 - The ring holds `replication` virtual nodes per replica; vnode i of replica `name` sits at
   xxhash64(f"{name}{i}") (`chwblEndpointReplicaHashInput` is fmt "%s%d"); the ring is sorted.
 - The key is xxhash64 of the first `prefix_chars` characters (runes) of the first *user* message
-  for chat requests, of the prompt for completions. (KubeAI prepends the LoRA adapter name; a
-  RoutingRequest has none.)
+  for chat requests, of the prompt for completions, after the LoRA adapter's name when the request
+  names one (group.go: `chwblGetAddr(req.Adapter+req.Prefix, ...)`; KubeAI walks only endpoints
+  holding the adapter, which the router's `adapter_candidates` does here).
 - Lookup: the first vnode with hash >= key (wrapping), then clockwise. A replica is acceptable if
   no request is in flight anywhere, or if `load + 1 <= (total + 1) / n * load_factor`, where load
   is its in-flight requests, total the sum over the ring and n the number of replicas
@@ -65,9 +66,10 @@ def chwbl_hash(text: str) -> int:
 
 
 def routing_key(request: RoutingRequest, prefix_chars: int) -> str:
-    """The text KubeAI hashes: the start of the first user message, else of the prompt."""
+    """The text KubeAI hashes: the adapter's name, then the start of the first user message,
+    else of the prompt."""
     source = request.first_user_message if request.first_user_message is not None else request.prompt_text
-    return source[:prefix_chars]  # Python slices by code point, as firstNChars slices runes
+    return (request.lora_name or "") + source[:prefix_chars]  # by code point, as firstNChars slices runes
 
 
 def build_ring(replica_ids: Sequence[str], replication: int) -> tuple[list[int], list[str]]:

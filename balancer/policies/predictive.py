@@ -35,7 +35,10 @@ reports (`balancer.step_learner`: θ0 per step, θtok per new token, θseq per d
                                 (times the sequences we decode: n, or best_of, per prompt)
     memory = if the blocks we need, after those of the queue ahead of us (admitted first, FCFS),
              exceed the free ones: the recompute of what gets preempted
-    cost   = ttft + weight · (behind + others) + memory
+    load   = for a request naming a LoRA adapter that r does not hold resident: the seconds r
+             takes to load one (its reported mean, else `lora_load_s`); the step that loads it
+             is that much longer, so it adds to our TTFT and once to each of the D running
+    cost   = ttft + weight · (behind + others) + memory       (ttft includes load, others D·load)
 
 All terms are seconds of somebody's latency, so the sum needs no per-term weights: the cost is
 the total latency this placement adds (our time to first token, plus the delay our work adds
@@ -99,6 +102,13 @@ class PredictiveConfig:
     # decodes a request will share its steps with wherever it goes are not charged to the
     # replica that happens to run them now. False: all of D.
     decode_excess: bool = False
+    # Seconds a replica needs to load a LoRA adapter it does not hold, until it reports its own
+    # measured mean (`LoadReport.lora_load_s`). An assumption, not a measurement: a rank-16
+    # adapter on every projection of Llama-3-8B is ~84 MB in bf16, ~40 ms from an NVMe disk at
+    # ~2 GB/s (PCIe alone would be ~3 ms). `lora_aware` false: adapters are not priced at all
+    # (the baseline of docs/benchmarks.md's adapter measurement).
+    lora_load_s: float = 0.04
+    lora_aware: bool = True
 
     def __post_init__(self) -> None:
         if self.ttft_slack is not None and not self.ttft_slack >= 0:
@@ -109,17 +119,21 @@ class PredictiveConfig:
             raise ValueError("stale_report_s must be positive")
         if not 0.0 <= self.others_weight <= 10.0:
             raise ValueError("others_weight must be in [0, 10]")
+        if not self.lora_load_s >= 0:
+            raise ValueError("lora_load_s must be >= 0 (seconds to load a LoRA adapter)")
 
 
 def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int, out_tokens: float,
              stale_s: float, others_weight: float = 1.0, busy_s: float = 0.0, cached_waiting: int = 0,
              fleet_waiting: float = 0.0, running_remaining: float = 0.0,
-             queue_in_memory: bool = True, fleet_running: float | None = None) -> dict[str, float]:
+             queue_in_memory: bool = True, adapter_load_s: float = 0.0,
+             fleet_running: float | None = None) -> dict[str, float]:
     """The cost terms for one replica (seconds); see the module docstring. Pure.
 
     busy_s: rest of the step in flight; cached_waiting: prompt tokens of r's waiting requests
     that the index held when they were routed (the report counts them as queued);
     fleet_waiting: W̄; running_remaining: R̄ (output tokens a running sequence still has);
+    adapter_load_s: the LoRA adapter load this request makes r do first (0: none);
     fleet_running: the fleet's mean running sequences, to charge only r's excess over it (None: all)."""
     t_step, t_tok, t_seq, t_ctx, t_pctx = theta
     bs = request.block_size
@@ -150,12 +164,12 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
         shortfall = q + u - free_blocks_tokens  # q holds what was sent since the report, as blocks do not
         if shortfall > 0:
             kv_wait = 2 * max(running_remaining, 1.0) * min(1.0, shortfall / c) * (tau + t_tok * d)
-    ttft = busy_s + steps * chunk + t_tok * (q + u) + kv_wait
+    ttft = busy_s + steps * chunk + t_tok * (q + u) + kv_wait + adapter_load_s
     work = t_tok * u + (u / per_step) * chunk
     behind = fleet_waiting * work
     m = t_tok + t_seq + t_ctx * (request.prompt_tokens + out_tokens / 2)
     sharing = d if fleet_running is None else max(d - fleet_running, 0.0)
-    others = sharing * min(running_remaining, out_tokens) * m * seqs
+    others = sharing * min(running_remaining, out_tokens) * m * seqs + d * adapter_load_s
     memory = 0.0
     if have_memory:
         # The queue ahead of us is admitted first (FCFS) and takes its blocks before ours.
@@ -164,7 +178,8 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
             memory = t_tok * short * 2 + steps * t_step
     return {"cost": ttft + others_weight * (behind + others) + memory, "ttft": ttft, "behind": behind,
             "others": others, "memory": memory, "kv_wait": kv_wait, "busy": busy_s, "uncached_tokens": float(u),
-            "queued_tokens": float(q), "decoding": float(d)}
+            "queued_tokens": float(q), "decoding": float(d),
+            "adapter_load": adapter_load_s}
 
 
 class _Sent:
@@ -198,6 +213,7 @@ class PredictivePolicy(Policy):
     name: ClassVar[str] = "predictive"
     Config: ClassVar[type] = PredictiveConfig
     uses_predicted_output: ClassVar[bool] = True
+    prices_adapter_load: ClassVar[bool] = True
 
     def __init__(self, config: PredictiveConfig | None = None, learner: StepLearner | None = None) -> None:
         self.config = config or PredictiveConfig()
@@ -233,6 +249,12 @@ class PredictivePolicy(Policy):
         remaining = st.out_sum / len(st.out) / 2 if st.out else out / 2  # running: half-way, on average
         return cached, remaining
 
+    def _adapter_load_s(self, request: RoutingRequest, v: ReplicaView) -> float:
+        """Seconds r must spend loading the request's LoRA adapter first (0: none to load)."""
+        if request.lora_name is None or request.lora_name in v.loras or not self.config.lora_aware:
+            return 0.0
+        return v.lora_load_s or self.config.lora_load_s
+
     def select(self, request: RoutingRequest, replicas: Sequence[ReplicaView]) -> Decision:
         cfg = self.config
         out = self._out_tokens(request)
@@ -248,7 +270,7 @@ class PredictivePolicy(Policy):
             cached_waiting, remaining = self._inflight_stats(v, out)
             s = estimate(v, request, theta, k, out, cfg.stale_report_s, cfg.others_weight,
                          self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining,
-                         cfg.queue_in_memory, fleet_running)
+                         cfg.queue_in_memory, self._adapter_load_s(request, v), fleet_running)
             scores[v.replica_id] = s
         allowed = scores
         if cfg.ttft_slack is not None:
@@ -266,7 +288,8 @@ class PredictivePolicy(Policy):
         reason = (f"lowest estimated cost {s['cost'] * 1e3:.1f} ms: TTFT {s['ttft'] * 1e3:.1f} ms "
                   f"({s['uncached_tokens']:.0f} uncached + {s['queued_tokens']:.0f} queued tokens), "
                   f"delay to queued {s['behind'] * 1e3:.1f} ms, to running {s['others'] * 1e3:.1f} ms, "
-                  f"memory {s['memory'] * 1e3:.1f} ms; output ~{out:.0f} tokens")
+                  f"memory {s['memory'] * 1e3:.1f} ms; output ~{out:.0f} tokens"
+                  + (f"; loads adapter {request.lora_name} ({s['adapter_load'] * 1e3:.0f} ms)" if s["adapter_load"] else ""))
         return Decision(chosen, reason, scores)
 
     def on_routed(self, request: RoutingRequest, decision: Decision) -> None:
