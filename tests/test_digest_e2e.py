@@ -1,0 +1,87 @@
+"""Compact cache digests end to end (issue #17 part 2): real replica subprocesses publish digests
+of their prefix caches, a balancer with `index_source = "digests"` follows no KV-event stream and
+routes a repeated prefix to the replica that holds it, from the digests alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from harness.fleet import balancer, http, start_replicas
+
+pytestmark = pytest.mark.slow
+
+HELD_BEFORE = "A system prompt that one replica cached before the balancer started. " * 12  # ~800 tokens
+LEARNED = "Another long prompt, first sent through the balancer, then repeated. " * 12
+
+
+async def _complete(s: aiohttp.ClientSession, url: str, prompt: str) -> str:
+    async with s.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 1,
+                                                     "temperature": 0}) as r:
+        assert r.status == 200, await r.text()
+        return r.headers["X-Kvfleet-Replica"]
+
+
+async def _until(cond, timeout: float = 20.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if cond():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def _sample(metrics: str, name: str, replica: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and f'replica="{replica}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} for {replica}")
+
+
+def test_balancer_in_digest_mode_routes_a_repeated_prefix_to_its_holder():
+    reps = start_replicas(2, ["--kv-digest-interval", "0.5"])
+    try:
+        holder = reps[1]
+        # cached on replica 1 before any balancer exists: a late-joining balancer must learn it
+        status, _, body = http("POST", holder.url + "/v1/completions",
+                               {"model": "tiny", "prompt": HELD_BEFORE, "max_tokens": 1, "temperature": 0})
+        assert status == 200, body
+
+        async def main():
+            async with balancer([r.replica_arg for r in reps], policy="precise_prefix",
+                                index_source="digests") as (url, b):
+                assert b.subscribers == {} and set(b.digest_feeds) == {r.url for r in reps}
+                await _until(lambda: all(b.digests.fresh(r.url) for r in reps))
+                async with aiohttp.ClientSession() as s:
+                    late = [await _complete(s, url, HELD_BEFORE) for _ in range(3)]
+                    first = await _complete(s, url, LEARNED)
+                    seen = b.digests.stats.received
+                    for _ in range(200):  # until a periodic digest of `first` holds the prompt's blocks
+                        async with s.post(url + "/admin/explain", json={"model": "tiny", "prompt": LEARNED}) as r:
+                            explain = await r.json()
+                        if explain["matched_blocks"].get(first, 0) >= 40:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert b.digests.stats.received > seen  # periodic ones, unasked
+                    repeated = [await _complete(s, url, LEARNED) for _ in range(4)]
+                    await asyncio.sleep(1.2)  # the stats export runs every second
+                    async with s.get(url + "/metrics") as r:
+                        metrics = await r.text()
+                return late, first, repeated, explain, metrics
+
+        late, first, repeated, explain, metrics = asyncio.run(main())
+    finally:
+        for r in reps:
+            r.stop()
+    assert late == [holder.url] * 3
+    assert repeated == [first] * 4
+    assert explain["decision"] == first, explain
+    # ~800 tokens: 50 full blocks, of which the replica cached all but the last one it computed
+    assert explain["matched_blocks"][first] >= 40, explain
+    for r in reps:
+        assert _sample(metrics, "kvfleet_digest_received_total", r.url) >= 2
+        assert _sample(metrics, "kvfleet_digest_in_use", r.url) == 1
+        assert 0 <= _sample(metrics, "kvfleet_digest_age_seconds", r.url) < 30
+    assert _sample(metrics, "kvfleet_digest_size_bytes", first) > 100
+    assert _sample(metrics, "kvfleet_digest_blocks", first) >= 40
