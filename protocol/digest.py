@@ -12,9 +12,10 @@ Properties (tests/test_digest.py checks them):
 - false positives at the filter's rate: ~1/256 (0.39 %) for `binary_fuse8`, ~1/65536 (0.0015 %)
   for `binary_fuse16` (the library's and the paper's figures); a chain's prefix is over-counted
   by k blocks with probability about rate**k, since each false block must follow a true one;
-- size: ~1.13 bytes per block for `binary_fuse8`, ~2.26 for `binary_fuse16`, plus a 44-byte
-  header (bench/bench_digest.py measures it); a digest never exceeds its `max_bytes`: a replica
-  holding more blocks digests the ones it will keep longest (replica/block_pool.py).
+- size: ~1.13 bytes per block for `binary_fuse8`, ~2.26 for `binary_fuse16` at a million blocks
+  (more for small sets: `filter_bytes` follows the library's sizing; bench/bench_digest.py
+  measures it); a digest never exceeds its `max_bytes`: a replica holding more blocks than fit
+  digests the ones it will keep longest (replica/block_pool.py `digest_hashes`).
 
 The keys are kvfleet's own chained block hashes (protocol/hashing.py), already uniform 64-bit
 values, so they go into the filter as they are; the filter mixes them with its own seed.
@@ -40,6 +41,7 @@ and answers with its end marker alone: "this publisher has no digests".
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,18 +61,48 @@ FILTER_KINDS: dict[str, tuple[str, int]] = {
     "binary_fuse16": ("binary_fuse16", 16),
 }
 EMPTY = "empty"  # no blocks: no filter, every lookup misses
-HEADER_BYTES = 64  # what a digest adds to its filter on the wire, rounded up (msgpack keys and fields)
+HEADER_BYTES = 192  # what a digest adds to its filter's bytes on the wire, at most (msgpack map)
+_FILTER_HEADER = 28  # the library's serialized header: Seed (u64) and five u32 fields
 
 
-def bytes_per_block(kind: str) -> float:
-    """Upper estimate of a large filter's bytes per key (binary fuse: 1.125 x fingerprint, plus
-    segment rounding), for sizing a digest under `max_bytes` before building it."""
-    return FILTER_KINDS[kind][1] / 8 * 1.2
+def fingerprints_for(n: int) -> int:
+    """At most how many fingerprints a binary fuse filter (arity 3) allocates for `n` keys, after
+    the sizing in xor_singleheader's binaryfusefilter.h (`binary_fuse8_allocate`): a capacity of
+    n x max(1.125, 0.875 + 0.25 ln 1e6 / ln n), rounded up to whole segments of at most
+    2**floor(ln n / ln 3.33 + 2.25) (and 2**18), at least three segments. The library may choose
+    shorter segments for some n (then it allocates up to a segment less), never longer ones:
+    tests/test_digest.py checks the bound against the library."""
+    if n <= 1:
+        return 12 if n == 1 else 0
+    seg = min(1 << int(math.floor(math.log(n) / math.log(3.33) + 2.25)), 262144)
+    capacity = round(n * max(1.125, 0.875 + 0.25 * math.log(1e6) / math.log(n)))
+    return max(-(-capacity // seg) * seg, 3 * seg)
+
+
+def filter_bytes(kind: str, n: int) -> int:
+    """At most the serialized size of a `kind` filter over `n` distinct keys (0 for none); the
+    16-bit kind's serialization counts 4 bytes more than its fields."""
+    if n == 0:
+        return 0
+    bits = FILTER_KINDS[kind][1]
+    return _FILTER_HEADER + fingerprints_for(n) * bits // 8 + (4 if bits == 16 else 0)
+
+
+def bytes_per_block(kind: str, n: int = 1_000_000) -> float:
+    """Wire bytes per block of a `kind` digest over `n` blocks (~1.13 / 2.26 at a million)."""
+    return (filter_bytes(kind, n) + HEADER_BYTES) / n
 
 
 def max_blocks_for(kind: str, max_bytes: int) -> int:
-    """How many blocks a digest of `kind` may hold and stay within `max_bytes`."""
-    return max(0, int((max_bytes - HEADER_BYTES - 256) / bytes_per_block(kind)))
+    """The most blocks a digest of `kind` may hold and stay within `max_bytes` on the wire."""
+    lo, hi = 0, max(0, max_bytes * 8 // FILTER_KINDS[kind][1])  # at least 1 fingerprint per key
+    while lo < hi:  # the size grows with n (up to segment steps): the largest n that fits
+        mid = (lo + hi + 1) // 2
+        if filter_bytes(kind, mid) + HEADER_BYTES <= max_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class BlockFilter:
@@ -126,13 +158,13 @@ class BlockFilter:
         # The library reads its header and then the fingerprints without a bounds check: accept
         # only a buffer that holds as many fingerprints as that header says.
         ptr = ffi.new(f"{prefix}_t *")
-        if len(data) < 28:
+        if len(data) < _FILTER_HEADER:
             raise EventDecodeError(f"{kind} filter data too short ({len(data)} bytes)")
         # binary_fuse*_serialize: Seed (u64), then Size, SegmentLength, SegmentCount,
         # SegmentCountLength, ArrayLength (u32 each), then ArrayLength fingerprints (the 16-bit
         # kind's serialization_bytes counts 4 bytes more than it writes).
         array_length = int(np.frombuffer(data, dtype="<u4", count=7)[6])
-        need = 28 + array_length * (FILTER_KINDS[kind][1] // 8)
+        need = _FILTER_HEADER + array_length * (FILTER_KINDS[kind][1] // 8)
         if not need <= len(data) <= need + 8:
             raise EventDecodeError(f"{kind} filter data is {len(data)} bytes, its header says {need}")
         getattr(lib, f"{prefix}_deserialize")(ptr, ffi.from_buffer(data))
