@@ -42,7 +42,7 @@ and answers with its end marker alone: "this publisher has no digests".
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,12 +127,18 @@ class BlockFilter:
             self._free = getattr(lib, f"{prefix}_free")
 
     @classmethod
-    def build(cls, kind: str, hashes: np.ndarray | Sequence[int]) -> BlockFilter:
-        """A filter of `kind` over `hashes` (uint64; duplicates allowed). ValueError for an
-        unknown kind; MemoryError if the library cannot allocate."""
+    def build(cls, kind: str, hashes: np.ndarray | Collection[int], distinct: bool = False) -> BlockFilter:
+        """A filter of `kind` over `hashes` (uint64; duplicates allowed unless `distinct` says
+        there are none, e.g. a hash map's keys). ValueError for an unknown kind; MemoryError if
+        the library cannot allocate."""
         if kind not in FILTER_KINDS:
             raise ValueError(f"unknown digest filter {kind!r}; use one of {sorted(FILTER_KINDS)}")
-        keys = np.unique(np.asarray(hashes, dtype=np.uint64))  # the C populate wants distinct keys
+        if isinstance(hashes, np.ndarray):
+            keys = hashes.astype(np.uint64, copy=False)
+        else:
+            keys = np.fromiter(hashes, dtype=np.uint64, count=len(hashes))
+        if not distinct:
+            keys = np.unique(keys)  # the C populate wants distinct keys
         if len(keys) == 0:
             return cls(kind, 0, None)
         prefix = FILTER_KINDS[kind][0]
@@ -179,6 +185,13 @@ class BlockFilter:
         buf = ffi.new("char[]", getattr(lib, f"{prefix}_serialization_bytes")(self._ptr))
         getattr(lib, f"{prefix}_serialize")(self._ptr, buf)
         return bytes(ffi.buffer(buf))
+
+    @property
+    def size_bytes(self) -> int:
+        """What `to_bytes` returns the length of, without serializing."""
+        if self._ptr is None:
+            return 0
+        return getattr(lib, f"{FILTER_KINDS[self.kind][0]}_serialization_bytes")(self._ptr)
 
     @property
     def kind_on_wire(self) -> str:

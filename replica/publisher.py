@@ -447,7 +447,7 @@ class KVEventPublisher:
         while True:  # the size estimate is an upper bound; shrink in the rare case it was not
             payload = encode_digest(CacheDigest(ts=ts, epoch=self.epoch, kv_seq=kv_seq, block_size=block_size,
                                                 num_blocks=num_blocks,
-                                                filter=BlockFilter.build(cfg.digest_filter, hashes)))
+                                                filter=BlockFilter.build(cfg.digest_filter, hashes, distinct=True)))
             if len(payload) <= cfg.digest_max_bytes or not hashes:
                 break
             hashes = hashes[: len(hashes) * 9 // 10]
