@@ -9,7 +9,8 @@ import asyncio
 import aiohttp
 import pytest
 
-from harness.fleet import balancer, http, start_replicas
+from harness import procs
+from harness.fleet import REPLICA_ARGS, balancer, http, start_replicas
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +86,39 @@ def test_balancer_in_digest_mode_routes_a_repeated_prefix_to_its_holder():
         assert 0 <= _sample(metrics, "kvfleet_digest_age_seconds", r.url) < 30
     assert _sample(metrics, "kvfleet_digest_size_bytes", first) > 100
     assert _sample(metrics, "kvfleet_digest_blocks", first) >= 40
+
+
+def test_with_both_a_late_balancer_routes_from_digests_until_its_event_index_is_exact():
+    """Replicas without a replay socket: a balancer that joins late cannot snapshot their caches,
+    so its event index never holds what they cached before it joined (not exact). With
+    `index_source = "both"` it routes those replicas from their periodic digests, which do."""
+    args = REPLICA_ARGS[: REPLICA_ARGS.index("--kv-events-replay-endpoint")] + ["--kv-digest-interval", "0.5"]
+    reps = [procs.start(args) for _ in range(2)]
+    try:
+        holder = reps[0]
+        assert holder.replay is None
+        status, _, body = http("POST", holder.url + "/v1/completions",
+                               {"model": "tiny", "prompt": HELD_BEFORE, "max_tokens": 1, "temperature": 0})
+        assert status == 200, body
+
+        async def main():
+            async with balancer([r.replica_arg for r in reps], policy="precise_prefix",
+                                index_source="both") as (url, b):
+                assert set(b.subscribers) == set(b.digest_feeds) == {r.url for r in reps}
+                await _until(lambda: all(b.digests.fresh(r.url) for r in reps))
+                exact = {rid: s.exact for rid, s in b.subscribers.items()}
+                in_use = {r.url: b._uses_digest(r.url) for r in reps}
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(url + "/admin/explain", json={"model": "tiny", "prompt": HELD_BEFORE}) as r:
+                        explain = await r.json()
+                    routed = [await _complete(s, url, HELD_BEFORE) for _ in range(3)]
+                return exact, in_use, explain, routed, b.index.num_blocks(holder.url)
+
+        exact, in_use, explain, routed, indexed = asyncio.run(main())
+    finally:
+        for r in reps:
+            r.stop()
+    assert exact == {r.url: False for r in reps} and in_use == {r.url: True for r in reps}
+    assert indexed == 0  # the events said nothing of the blocks cached before the balancer joined
+    assert explain["matched_blocks"].get(holder.url, 0) >= 40, explain
+    assert routed == [holder.url] * 3
