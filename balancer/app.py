@@ -103,7 +103,7 @@ class Balancer:
         self.router = Router(self.model, self.cfg.block_size, self.tokenizer, self.index, self.approx, self.policy,
                              self.registry, has_events=self._has_feed, predictor=predictor,
                              clock=self.clock, digests=self.digests if self.cfg.index_source != "events" else None,
-                             uses_digest=self._uses_digest)
+                             uses_digest=self.uses_digest)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
                            self.served_models, self.audit)
         for spec in self.cfg.replicas:
@@ -189,13 +189,17 @@ class Balancer:
         """The replica tells what it caches (KV events or digests) and sends load reports."""
         return replica_id in self.subscribers or replica_id in self.digest_feeds
 
-    def _uses_digest(self, replica_id: str) -> bool:
+    def uses_digest(self, replica_id: str) -> bool:
         """Prefix matching for the replica reads its digest: always with index_source "digests";
         with "both" until its event index is exact (a balancer that joined late)."""
         if replica_id not in self.digest_feeds:
             return False
         sub = self.subscribers.get(replica_id)
         return sub is None or not sub.exact
+
+    def digest_in_use(self, replica_id: str) -> bool:
+        """Routing reads the replica's digest now: it should, and holds a fresh one."""
+        return self.uses_digest(replica_id) and self.digests.fresh(replica_id)
 
     def remove_replica(self, replica_id: str) -> bool:
         if self.registry.remove(replica_id) is None:
@@ -255,7 +259,7 @@ class Balancer:
         latest = d.latest(rid)
         m.digest_bytes.labels(rid).set(d.wire_bytes(rid))
         m.digest_blocks.labels(rid).set(0 if latest is None else latest.num_blocks)
-        m.digest_in_use.labels(rid).set(1 if self._uses_digest(rid) and d.fresh(rid) else 0)
+        m.digest_in_use.labels(rid).set(1 if self.digest_in_use(rid) else 0)
 
 
 @web.middleware

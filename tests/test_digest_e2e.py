@@ -25,7 +25,7 @@ async def _complete(s: aiohttp.ClientSession, url: str, prompt: str) -> str:
         return r.headers["X-Kvfleet-Replica"]
 
 
-async def _until(cond, timeout: float = 20.0) -> None:
+async def _until(cond, timeout: float = 60.0) -> None:  # an upper bound for a loaded machine
     for _ in range(int(timeout / 0.05)):
         if cond():
             return
@@ -58,14 +58,19 @@ def test_balancer_in_digest_mode_routes_a_repeated_prefix_to_its_holder():
                     late = [await _complete(s, url, HELD_BEFORE) for _ in range(3)]
                     first = await _complete(s, url, LEARNED)
                     seen = b.digests.stats.received
-                    for _ in range(200):  # until a periodic digest of `first` holds the prompt's blocks
+                    for _ in range(600):  # until a periodic digest of `first` holds the prompt's blocks
                         async with s.post(url + "/admin/explain", json={"model": "tiny", "prompt": LEARNED}) as r:
                             explain = await r.json()
                         if explain["matched_blocks"].get(first, 0) >= 40:
                             break
                         await asyncio.sleep(0.1)
+                    assert explain["matched_blocks"].get(first, 0) >= 40, (explain, b.digests.stats)
                     assert b.digests.stats.received > seen  # periodic ones, unasked
                     repeated = [await _complete(s, url, LEARNED) for _ in range(4)]
+                    async with s.get(url + "/admin/replicas") as r:
+                        listed = {x["id"]: x["digest"] for x in (await r.json())["replicas"]}
+                    assert listed[first]["in_use"] and listed[first]["blocks"] >= 40, listed
+                    assert listed[first]["filter"] == "binary_fuse8" and listed[first]["bytes"] > 40
                     await asyncio.sleep(1.2)  # the stats export runs every second
                     async with s.get(url + "/metrics") as r:
                         metrics = await r.text()
@@ -107,7 +112,7 @@ def test_with_both_a_late_balancer_routes_from_digests_until_its_event_index_is_
                 assert set(b.subscribers) == set(b.digest_feeds) == {r.url for r in reps}
                 await _until(lambda: all(b.digests.fresh(r.url) for r in reps))
                 exact = {rid: s.exact for rid, s in b.subscribers.items()}
-                in_use = {r.url: b._uses_digest(r.url) for r in reps}
+                in_use = {r.url: b.uses_digest(r.url) for r in reps}
                 async with aiohttp.ClientSession() as s:
                     async with s.post(url + "/admin/explain", json={"model": "tiny", "prompt": HELD_BEFORE}) as r:
                         explain = await r.json()
