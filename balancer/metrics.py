@@ -129,6 +129,7 @@ class BalancerMetrics:
         for metric in self._per_replica:
             metric.labels(replica_id)
         self.healthy.labels(replica_id).set(1 if healthy else 0)
+        self.digest_age.labels(replica_id).set(-1.0)  # no digest yet (or none followed)
 
     def series(self, metric, *labels: str):
         """`metric.labels(*labels)`, cached (forget_replica drops a replica's entries)."""

@@ -155,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     rejected = max((s.get("rejected", 0) for s in out["policies"]), default=0)
     if rejected:
         print(f"{rejected} requests longer than --max-model-len {args.max_model_len} rejected (not in the figures)")
+    if c["index_source"] == "digests":
+        print(f"policies see each replica's cache digest ({c['digest_filter']}) every {c['digest_interval_s']:g} s")
     print(f"{c['requests']} requests, {c['replicas']} replicas of {c['preset']}, {c['kv_blocks']} KV blocks each; "
           f"trace utilisation {c['trace_utilisation']:.2f}" +
           (f", rescaled ×{c['time_factor']:.2f} to load {c['load']}" if c["load"] else ""))

@@ -196,7 +196,10 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
     out = {"config": {"replicas": cfg.replicas, "preset": p.description, "kv_blocks": cfg.kv_blocks or p.kv_blocks,
                       "load": cfg.load, "trace_utilisation": util, "time_factor": factor,
                       "mean_demand_s": demand, "requests": len(reqs), "seed": cfg.seed,
-                      "predictor": cfg.predictor, "client_max_tokens": cfg.client_max_tokens},
+                      "predictor": cfg.predictor, "client_max_tokens": cfg.client_max_tokens,
+                      "index_source": cfg.index_source,
+                      **({"digest_interval_s": cfg.digest_interval_s, "digest_filter": cfg.digest_filter}
+                         if cfg.index_source == "digests" else {})},
            "bounds": {"infinite_cache_hit_rate": bounds.infinite_cache_hit_rate,
                       "pooled_cache_hit_rate": bounds.pooled_cache_hit_rate,
                       "ideal_mean_ttft_s": bounds.ideal_ttft_mean, "ideal_median_ttft_s": bounds.ideal_ttft_p50,

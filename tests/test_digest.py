@@ -347,3 +347,24 @@ def test_feed_learns_digests_and_stops_asking_a_router_that_serves_none():
             ctx.term()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_simulate_command_runs_the_policies_on_digests(tmp_path, capsys):
+    import argparse
+    import json
+
+    from kvfleet import cmd_simulate
+    from loadgen.traces import TraceRequest, write_mooncake
+
+    trace = tmp_path / "t.jsonl"
+    write_mooncake(trace, [TraceRequest(arrival_s=0.2 * i, input_length=1000, output_length=4, hash_ids=(1, 2),
+                                        hash_block_tokens=512) for i in range(12)])
+    p = argparse.ArgumentParser()
+    cmd_simulate.add_arguments(p)
+    args = p.parse_args(["--trace", str(trace), "--replicas", "2", "--kv-blocks", "2000", "--policies",
+                         "precise_prefix", "--predictor", "none", "--index-source", "digests", "--digest-interval",
+                         "0.5", "--out", str(tmp_path / "out")])
+    assert cmd_simulate.run(args) == 0
+    assert "cache digest (binary_fuse8) every 0.5 s" in capsys.readouterr().out
+    config = json.loads((tmp_path / "out" / "simulate.json").read_text())["config"]
+    assert (config["index_source"], config["digest_interval_s"]) == ("digests", 0.5)
