@@ -5,13 +5,16 @@ Part 1, the filter (protocol/digest.py): for each filter kind and set size, the 
 wire per million blocks, the false-positive rate measured over a million probes that are not in
 the set, the build time and the lookup time per block.
 
-Part 2, the simulator: cells of issue #15's matrix (bench/routing_matrix.toml, the same
+Part 2, the lookups: `DigestIndex.match` (what the router asks per request) over R replicas'
+digests, and what the balancer holds per block.
+
+Part 3, the simulator: cells of issue #15's matrix (bench/routing_matrix.toml, the same
 requests, fleet and load) run with the policies reading exact events, then each replica's
 digest taken every T virtual seconds; the table gives mean and p99 TTFT and the predicted hit
 rate of each, and the change against events.
 
-    .venv/bin/python bench/bench_digest.py                      # both parts
-    .venv/bin/python bench/bench_digest.py --part filter
+    .venv/bin/python bench/bench_digest.py                      # every part
+    .venv/bin/python bench/bench_digest.py --part filter        # or lookup, or sim
     .venv/bin/python bench/bench_digest.py --part sim --workloads mooncake,chat --intervals 1,5
 """
 
@@ -61,6 +64,36 @@ def filter_rows(sizes: tuple[int, ...], probes: int) -> list[list]:
     return rows
 
 
+def lookup_rows(replicas: tuple[int, ...], blocks: int, chain_blocks: int, repeats: int) -> list[list]:
+    """`DigestIndex.match` of a `chain_blocks` chain over R replicas' digests (`blocks` each):
+    one replica holds the whole chain, the others none of it, as for a request whose prefix
+    one replica cached."""
+    from balancer.digest_index import DigestIndex
+    from protocol.digest import CacheDigest
+
+    rng = np.random.default_rng(1)
+    chain = rng.integers(0, 1 << 64, size=chain_blocks, dtype=np.uint64)
+    rows = []
+    for r in replicas:
+        idx = DigestIndex(16, 1e9, time.monotonic)
+        for i in range(r):
+            keys = rng.integers(0, 1 << 64, size=blocks, dtype=np.uint64)
+            if i == 0:
+                keys[:chain_blocks] = chain
+            idx.update(f"r{i}", CacheDigest(0.0, 0, None, 16, blocks, BlockFilter.build("binary_fuse8", keys)))
+        hashes = chain.tolist()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            got = idx.match(hashes)
+            times.append(time.perf_counter() - t)
+        assert got["r0"] == chain_blocks
+        held = sum(idx.latest(f"r{i}").filter.size_bytes for i in range(r))
+        rows.append([r, blocks, chain_blocks, round(float(np.median(times)) * 1e6), round(float(np.quantile(times, 0.99)) * 1e6),
+                     round(held / (r * blocks), 2)])
+    return rows
+
+
 def _sim_one(args: tuple) -> dict:
     spec_path, workload, replicas, load, kv, seed, policy, source, interval = args
     from simulator.run import simulate
@@ -98,7 +131,9 @@ def sim_rows(a: argparse.Namespace) -> list[list]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("filter", "sim", "both"), default="both")
+    ap.add_argument("--part", choices=("filter", "lookup", "sim", "all"), default="all")
+    ap.add_argument("--lookup-replicas", type=_list(int), default=(16, 64, 256))
+    ap.add_argument("--lookup-blocks", type=int, default=100_000, help="blocks in each replica's digest")
     ap.add_argument("--sizes", type=_list(int), default=(100_000, 1_000_000), help="blocks per filter")
     ap.add_argument("--probes", type=int, default=1_000_000, help="non-member lookups for the FP rate")
     ap.add_argument("--spec", default=str(MATRIX), help="sweep file whose cells to run (default: issue #15's)")
@@ -112,12 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="results/bench_digest")
     a = ap.parse_args(argv)
-    if a.part in ("filter", "both"):
+    if a.part in ("filter", "all"):
         report("Cache digest filters: size, false positives, cost",
                ["filter", "blocks", "wire bytes", "bits/block", "MiB per 1M blocks", "FP rate", "FP hits",
                 "build ms", "lookup ns", "512-block walk µs"],
                filter_rows(a.sizes, a.probes), out=f"{a.out}/filters.json")
-    if a.part in ("sim", "both"):
+    if a.part in ("lookup", "all"):
+        report("Routing lookups from digests (one replica holds the chain)",
+               ["replicas", "blocks per digest", "chain blocks", "match p50 µs", "match p99 µs",
+                "balancer bytes per block"],
+               lookup_rows(a.lookup_replicas, a.lookup_blocks, 512, 200), out=f"{a.out}/lookup.json")
+    if a.part in ("sim", "all"):
         report(f"TTFT: routing from digests vs events ({a.replicas} replicas, load {a.load}, {a.kv_tokens} KV "
                f"tokens, seed {a.seed})",
                ["workload", "policy", "index", "TTFT mean s", "vs events", "TTFT p99 s", "vs events",
