@@ -175,8 +175,9 @@ class DigestFeed:
         if reply.seq is None:  # an end marker: this ROUTER serves replays only (vLLM)
             self.stats.supported = False
             self._asked_at = None
-            log.info("replica %s serves no cache digests on its replay socket; using periodic ones only",
-                     self.config.replica_id)
+            log.warning("replica %s answers digest requests with a replay end marker (a vLLM-style publisher): "
+                        "its cache is known only from periodic digests, if it publishes any; for a replica "
+                        "without digests use --index-source events or both", self.config.replica_id)
         elif reply.topic == self.config.digest_topic:
             self._on_digest(reply.payload)
         else:
