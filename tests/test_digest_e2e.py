@@ -127,3 +127,33 @@ def test_with_both_a_late_balancer_routes_from_digests_until_its_event_index_is_
     assert indexed == 0  # the events said nothing of the blocks cached before the balancer joined
     assert explain["matched_blocks"].get(holder.url, 0) >= 40, explain
     assert routed == [holder.url] * 3
+
+
+def test_with_both_the_event_index_takes_over_once_it_is_exact():
+    """Replicas with a replay socket: the late balancer's event index becomes exact from their
+    snapshots, and from then on routing reads it, not the digests it still receives."""
+    reps = start_replicas(2, ["--kv-digest-interval", "0.5"])
+    try:
+        holder = reps[1]
+        status, _, body = http("POST", holder.url + "/v1/completions",
+                               {"model": "tiny", "prompt": HELD_BEFORE, "max_tokens": 1, "temperature": 0})
+        assert status == 200, body
+
+        async def main():
+            async with balancer([r.replica_arg for r in reps], policy="precise_prefix",
+                                index_source="both") as (url, b):
+                await _until(lambda: all(s.exact for s in b.subscribers.values())
+                             and all(b.digests.fresh(r.url) for r in reps))
+                async with aiohttp.ClientSession() as s:
+                    routed = [await _complete(s, url, HELD_BEFORE) for _ in range(2)]
+                    async with s.get(url + "/admin/replicas") as r:
+                        listed = {x["id"]: x["digest"] for x in (await r.json())["replicas"]}
+                return routed, listed, {r.url: b.uses_digest(r.url) for r in reps}, b.index.num_blocks(holder.url)
+
+        routed, listed, uses, indexed = asyncio.run(main())
+    finally:
+        for r in reps:
+            r.stop()
+    assert uses == {r.url: False for r in reps}
+    assert all(d is not None and not d["in_use"] and d["blocks"] is not None for d in listed.values()), listed
+    assert indexed >= 40 and routed == [holder.url] * 2
