@@ -5,12 +5,13 @@ routes a repeated prefix to the replica that holds it, from the digests alone.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 import pytest
 
 from harness import procs
-from harness.fleet import REPLICA_ARGS, balancer, http, start_replicas
+from harness.fleet import REPLICA_ARGS, balancer, http
 
 pytestmark = pytest.mark.slow
 
@@ -40,15 +41,27 @@ def _sample(metrics: str, name: str, replica: str) -> float:
     raise AssertionError(f"no {name} for {replica}")
 
 
-def test_balancer_in_digest_mode_routes_a_repeated_prefix_to_its_holder():
-    reps = start_replicas(2, ["--kv-digest-interval", "0.5"])
+DIGEST_EVERY = ["--kv-digest-interval", "0.5"]
+
+
+@contextlib.contextmanager
+def _two_replicas(args: list[str]):
+    """Two replica subprocesses started with `args`; the second has cached HELD_BEFORE before
+    any balancer exists (sent to it directly): yields (replicas, that holder)."""
+    reps = [procs.start(args) for _ in range(2)]
     try:
         holder = reps[1]
-        # cached on replica 1 before any balancer exists: a late-joining balancer must learn it
         status, _, body = http("POST", holder.url + "/v1/completions",
                                {"model": "tiny", "prompt": HELD_BEFORE, "max_tokens": 1, "temperature": 0})
         assert status == 200, body
+        yield reps, holder
+    finally:
+        for r in reps:
+            r.stop()
 
+
+def test_balancer_in_digest_mode_routes_a_repeated_prefix_to_its_holder():
+    with _two_replicas(REPLICA_ARGS + DIGEST_EVERY) as (reps, holder):  # a late balancer must learn it
         async def main():
             async with balancer([r.replica_arg for r in reps], policy="precise_prefix",
                                 index_source="digests") as (url, b):
@@ -77,9 +90,6 @@ def test_balancer_in_digest_mode_routes_a_repeated_prefix_to_its_holder():
                 return late, first, repeated, explain, metrics
 
         late, first, repeated, explain, metrics = asyncio.run(main())
-    finally:
-        for r in reps:
-            r.stop()
     assert late == [holder.url] * 3
     assert repeated == [first] * 4
     assert explain["decision"] == first, explain
@@ -97,14 +107,9 @@ def test_with_both_a_late_balancer_routes_from_digests_until_its_event_index_is_
     """Replicas without a replay socket: a balancer that joins late cannot snapshot their caches,
     so its event index never holds what they cached before it joined (not exact). With
     `index_source = "both"` it routes those replicas from their periodic digests, which do."""
-    args = REPLICA_ARGS[: REPLICA_ARGS.index("--kv-events-replay-endpoint")] + ["--kv-digest-interval", "0.5"]
-    reps = [procs.start(args) for _ in range(2)]
-    try:
-        holder = reps[0]
+    with _two_replicas(REPLICA_ARGS[: REPLICA_ARGS.index("--kv-events-replay-endpoint")] + DIGEST_EVERY) \
+            as (reps, holder):
         assert holder.replay is None
-        status, _, body = http("POST", holder.url + "/v1/completions",
-                               {"model": "tiny", "prompt": HELD_BEFORE, "max_tokens": 1, "temperature": 0})
-        assert status == 200, body
 
         async def main():
             async with balancer([r.replica_arg for r in reps], policy="precise_prefix",
@@ -120,9 +125,6 @@ def test_with_both_a_late_balancer_routes_from_digests_until_its_event_index_is_
                 return exact, in_use, explain, routed, b.index.num_blocks(holder.url)
 
         exact, in_use, explain, routed, indexed = asyncio.run(main())
-    finally:
-        for r in reps:
-            r.stop()
     assert exact == {r.url: False for r in reps} and in_use == {r.url: True for r in reps}
     assert indexed == 0  # the events said nothing of the blocks cached before the balancer joined
     assert explain["matched_blocks"].get(holder.url, 0) >= 40, explain
@@ -132,13 +134,7 @@ def test_with_both_a_late_balancer_routes_from_digests_until_its_event_index_is_
 def test_with_both_the_event_index_takes_over_once_it_is_exact():
     """Replicas with a replay socket: the late balancer's event index becomes exact from their
     snapshots, and from then on routing reads it, not the digests it still receives."""
-    reps = start_replicas(2, ["--kv-digest-interval", "0.5"])
-    try:
-        holder = reps[1]
-        status, _, body = http("POST", holder.url + "/v1/completions",
-                               {"model": "tiny", "prompt": HELD_BEFORE, "max_tokens": 1, "temperature": 0})
-        assert status == 200, body
-
+    with _two_replicas(REPLICA_ARGS + DIGEST_EVERY) as (reps, holder):
         async def main():
             async with balancer([r.replica_arg for r in reps], policy="precise_prefix",
                                 index_source="both") as (url, b):
@@ -151,9 +147,6 @@ def test_with_both_the_event_index_takes_over_once_it_is_exact():
                 return routed, listed, {r.url: b.uses_digest(r.url) for r in reps}, b.index.num_blocks(holder.url)
 
         routed, listed, uses, indexed = asyncio.run(main())
-    finally:
-        for r in reps:
-            r.stop()
     assert uses == {r.url: False for r in reps}
     assert all(d is not None and not d["in_use"] and d["blocks"] is not None for d in listed.values()), listed
     assert indexed >= 40 and routed == [holder.url] * 2
