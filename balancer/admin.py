@@ -40,10 +40,23 @@ def _replica_json(b, r) -> dict:
         "load": {k: v for k, v in r.load._asdict().items() if k != "age_s"},
         "load_age_s": None if r.load_at == float("-inf") else round(b.clock() - r.load_at, 3),
         "events_in_sync": None if sub is None else sub.in_sync,
+        "digest": _digest_json(b, r.replica_id),
         "models": sorted(r.models),
         "lora_adapters": sorted(r.adapters),  # of models, the LoRA adapters
         "loras_resident": sorted(r.loras),  # adapters it reports loaded now
     }
+
+
+def _digest_json(b, replica_id: str) -> dict | None:
+    """The replica's cache digest as routing sees it (None: the balancer follows no digests of it)."""
+    if replica_id not in b.digest_feeds:
+        return None
+    latest, age = b.digests.latest(replica_id), b.digests.age_s(replica_id)
+    return {"in_use": b.digest_in_use(replica_id),
+            "age_s": None if age is None else round(age, 3),
+            "blocks": None if latest is None else latest.num_blocks,
+            "filter": None if latest is None else latest.filter.kind_on_wire,
+            "bytes": b.digests.wire_bytes(replica_id)}
 
 
 def routes(b) -> dict[str, dict[str, Handler]]:

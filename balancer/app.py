@@ -23,6 +23,8 @@ from balancer import index_state, openapi
 from balancer.approx_index import ApproxIndex
 from balancer.audit import DecisionAudit
 from balancer.config import BalancerConfig, ReplicaSpec
+from balancer.digest_feed import DigestFeed, DigestFeedConfig
+from balancer.digest_index import DigestIndex
 from balancer.exchange import RouteTable, web_handler
 from balancer.guard import FORWARDED_PATHS, Guard
 from balancer.health import DnsWatcher, HealthChecker
@@ -58,6 +60,9 @@ class Balancer:
         self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
         self.model: str | None = cfg.model
         self.subscribers: dict[str, ReplicaEventSubscriber] = {}
+        # Cache digests (cfg.index_source "digests" or "both"): one feed per replica that publishes.
+        self.digest_feeds: dict[str, DigestFeed] = {}
+        self.digests = DigestIndex(cfg.block_size, cfg.digest_max_age_s, clock)
         self.index: PrefixIndex | None = None
         self.approx = ApproxIndex(capacity_per_replica=cfg.approx_capacity_blocks, ttl_s=cfg.approx_ttl_s, clock=clock)
         self.router: Router | None = None
@@ -96,13 +101,15 @@ class Balancer:
 
         predictor = balancer_predictor(self.cfg.predictor, self.model)
         self.router = Router(self.model, self.cfg.block_size, self.tokenizer, self.index, self.approx, self.policy,
-                             self.registry, has_events=self.subscribers.__contains__, predictor=predictor,
-                             clock=self.clock, lora_slack=self.cfg.lora_slack)
+                             self.registry, has_events=self._has_feed, predictor=predictor,
+                             clock=self.clock, lora_slack=self.cfg.lora_slack,
+                             digests=self.digests if self.cfg.index_source != "events" else None,
+                             uses_digest=self.uses_digest)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
                            self.served_models, self.audit)
         for spec in self.cfg.replicas:
             self.add_replica(spec)
-        checker = HealthChecker(self.registry, self.session, self.metrics, self.subscribers.__contains__,
+        checker = HealthChecker(self.registry, self.session, self.metrics, self._has_feed,
                                 self.cfg.load_poll_s)
         self._tasks.append(asyncio.create_task(checker.run(), name="health"))
         for dns in self.cfg.dns:
@@ -119,9 +126,11 @@ class Balancer:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
-        await asyncio.gather(*(s.stop() for s in self.subscribers.values()), *self._stopping,
+        await asyncio.gather(*(s.stop() for s in self.subscribers.values()),
+                             *(f.stop() for f in self.digest_feeds.values()), *self._stopping,
                              return_exceptions=True)
         self.subscribers.clear()
+        self.digest_feeds.clear()
         if self._session is not None:
             await self._session.close()
         if self._upstream is not None:
@@ -149,7 +158,8 @@ class Balancer:
     def add_replica(self, spec: ReplicaSpec) -> None:
         self.registry.add(spec)
         self.metrics.add_replica(spec.replica_id)
-        if spec.events:
+        source = self.cfg.index_source
+        if spec.events and source != "digests":
             sub = ReplicaEventSubscriber(
                 SubscriberConfig(replica_id=spec.replica_id, endpoint=spec.events, replay_endpoint=spec.replay,
                                  topic=spec.topic.encode(),
@@ -160,16 +170,48 @@ class Balancer:
             )
             self.subscribers[spec.replica_id] = sub
             sub.start()
+        if spec.events and source != "events":
+            feed = DigestFeed(
+                DigestFeedConfig(replica_id=spec.replica_id, endpoint=spec.events, replay_endpoint=spec.replay,
+                                 # with "both" the event subscriber reads the load reports
+                                 **({"load_topic": None} if source == "both" else {}),
+                                 max_age_s=self.cfg.digest_max_age_s,
+                                 request_timeout_s=self.cfg.digest_request_timeout_s,
+                                 curve=curve.client_keys(spec.curve_server_key or self.cfg.curve_server_key,
+                                                         self._curve_keypair)),
+                self.digests,
+                on_load=lambda report, rid=spec.replica_id: self._on_load(rid, report),
+                clock=self.clock,
+            )
+            self.digest_feeds[spec.replica_id] = feed
+            feed.start()
+
+    def _has_feed(self, replica_id: str) -> bool:
+        """The replica tells what it caches (KV events or digests) and sends load reports."""
+        return replica_id in self.subscribers or replica_id in self.digest_feeds
+
+    def uses_digest(self, replica_id: str) -> bool:
+        """Prefix matching for the replica reads its digest: always with index_source "digests";
+        with "both" until its event index is exact (a balancer that joined late)."""
+        if replica_id not in self.digest_feeds:
+            return False
+        sub = self.subscribers.get(replica_id)
+        return sub is None or not sub.exact
+
+    def digest_in_use(self, replica_id: str) -> bool:
+        """Routing reads the replica's digest now: it should, and holds a fresh one."""
+        return self.uses_digest(replica_id) and self.digests.fresh(replica_id)
 
     def remove_replica(self, replica_id: str) -> bool:
         if self.registry.remove(replica_id) is None:
             return False
-        sub = self.subscribers.pop(replica_id, None)
-        if sub is not None:
-            task = asyncio.create_task(sub.stop())
-            self._stopping.append(task)
-            task.add_done_callback(self._stopping.remove)
+        for feed in (self.subscribers.pop(replica_id, None), self.digest_feeds.pop(replica_id, None)):
+            if feed is not None:
+                task = asyncio.create_task(feed.stop())
+                self._stopping.append(task)
+                task.add_done_callback(self._stopping.remove)
         self.index.remove_replica(replica_id)
+        self.digests.remove_replica(replica_id)
         self.approx.remove_replica(replica_id)
         self.policy.on_replica_removed(replica_id)
         self.audit.forget_replica(replica_id)
@@ -194,6 +236,7 @@ class Balancer:
     async def _export_stats(self) -> None:
         exported: dict[tuple[str, str], int] = {}
         events: dict[str, int] = {}
+        digests: dict[str, int] = {}
         while True:
             for rid, sub in list(self.subscribers.items()):
                 for reason, n in sub.stats.resyncs.items():
@@ -205,7 +248,21 @@ class Balancer:
                 self.metrics.indexed_blocks.labels(rid).set(self.index.num_blocks(rid))
             for r in self.registry:
                 self.metrics.breaker_state.labels(r.replica_id).set(r.breaker.value)
+            for rid, feed in list(self.digest_feeds.items()):
+                self._export_digest(rid, feed, digests)
             await asyncio.sleep(1.0)
+
+
+    def _export_digest(self, rid: str, feed: DigestFeed, exported: dict[str, int]) -> None:
+        m, d = self.metrics, self.digests
+        m.digests_received.labels(rid).inc(feed.stats.received - exported.get(rid, 0))
+        exported[rid] = feed.stats.received
+        age = d.age_s(rid)
+        m.digest_age.labels(rid).set(-1.0 if age is None else age)
+        latest = d.latest(rid)
+        m.digest_bytes.labels(rid).set(d.wire_bytes(rid))
+        m.digest_blocks.labels(rid).set(0 if latest is None else latest.num_blocks)
+        m.digest_in_use.labels(rid).set(1 if self.digest_in_use(rid) else 0)
 
 
 @web.middleware

@@ -13,6 +13,9 @@ from balancer.guard import GuardConfig
 from protocol.curve import load_public_key
 
 
+INDEX_SOURCES = ("events", "digests", "both")
+
+
 @dataclass(frozen=True)
 class ReplicaSpec:
     """One replica: its HTTP base URL and, optionally, its KV-event endpoints."""
@@ -152,6 +155,15 @@ class BalancerConfig:
     approx_ttl_s: float = 300.0  # approximate index entries for replicas that publish no events
     approx_capacity_blocks: int = 100_000
     load_poll_s: float = 0.5  # GET /load for replicas without a load-report stream
+    # Where each replica's cached prefix comes from (balancer/digest_index.py): "events" (the
+    # exact index from its KV-event stream), "digests" (only its periodic cache digest: no event
+    # stream is followed, for fleets too large to follow them all), or "both" (events, and the
+    # digest while the event index is not exact yet, e.g. a balancer that joined late).
+    index_source: str = "events"
+    # A digest older than this (seconds since it arrived) is not routed from: ask the replica for
+    # a fresh one. Set it above the replicas' --kv-digest-interval.
+    digest_max_age_s: float = 30.0
+    digest_request_timeout_s: float = 2.0  # no answer to a digest request: ask again
     # From a send to the request being in the replica's queue (the hop, the replica's parsing
     # and tokenizing): a load report made sooner after a send cannot hold it yet, so the policy
     # keeps counting the send on top of that report (balancer/registry.py). The simulator uses
@@ -188,6 +200,10 @@ class BalancerConfig:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.lora_slack < 0:
             raise ValueError(f"lora_slack must be >= 0 (requests in flight), got {self.lora_slack}")
+        if self.index_source not in INDEX_SOURCES:
+            raise ValueError(f"index_source must be one of {INDEX_SOURCES}, got {self.index_source!r}")
+        if self.digest_max_age_s <= 0 or self.digest_request_timeout_s <= 0:
+            raise ValueError("digest_max_age_s and digest_request_timeout_s must be positive")
         if self.memory_trim_s < 0:
             raise ValueError(f"memory_trim_s must be >= 0 (0 disables it), got {self.memory_trim_s}")
         ids = [r.replica_id for r in self.replicas]

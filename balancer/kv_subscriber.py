@@ -39,6 +39,7 @@ from balancer.kv_sync import (
 )
 from balancer.prefix_index import PrefixIndex
 from protocol.curve import CurveClientKeys
+from protocol.digest import DEFAULT_DIGEST_TOPIC
 from protocol.events import (
     EventDecodeError,
     decode_batch,
@@ -72,6 +73,9 @@ class SubscriberConfig:
     topic: bytes = b""  # vLLM's default
     load_topic: bytes = DEFAULT_LOAD_TOPIC
     snapshot_topic: bytes = DEFAULT_SNAPSHOT_TOPIC
+    # Cache digests (protocol/digest.py) reach this SUB too when the KV topic is empty; a digest
+    # feed (balancer/digest_feed.py) reads them, here they are skipped without being counted.
+    digest_topic: bytes = DEFAULT_DIGEST_TOPIC
     replay_timeout_s: float = 2.0
     snapshot_timeout_s: float = 10.0  # the engine answers between steps
     resync_interval_s: float = 1.0  # at most one index-triggered resync per interval
@@ -312,6 +316,8 @@ class ReplicaEventSubscriber:
     def _on_extras(self, frames: list[bytes]) -> None:
         try:
             topic, _seq, payload = split_extras_message(frames)
+            if topic == self.config.digest_topic:
+                return
             if topic != self.config.load_topic:
                 self.stats.foreign_messages += 1
                 return

@@ -107,6 +107,23 @@ class BalancerMetrics:
             self.lora_routed.labels(outcome)
         self.replica_loras = Gauge("kvfleet_replica_lora_adapters",
                                    "LoRA adapters the replica reports resident.", ("replica",), registry=r)
+        # --- compact cache digests (issue #17 part 2; balancer/digest_feed.py, digest_index.py) ---
+        self.digests_received = Counter("kvfleet_digest_received_total",
+                                        "Cache digests received from the replica (periodic and on request).",
+                                        ("replica",), registry=r)
+        self.digest_age = Gauge("kvfleet_digest_age_seconds",
+                                "Seconds since the replica's latest cache digest arrived (-1: none yet).",
+                                ("replica",), registry=r)
+        self.digest_bytes = Gauge("kvfleet_digest_size_bytes", "Size on the wire of the replica's latest cache digest.",
+                                  ("replica",), registry=r)
+        self.digest_blocks = Gauge("kvfleet_digest_blocks",
+                                   "KV blocks the replica held when it took its latest cache digest.",
+                                   ("replica",), registry=r)
+        self.digest_in_use = Gauge("kvfleet_digest_in_use",
+                                   "1 while prefix matching for the replica reads its cache digest instead of the "
+                                   "event index (index_source digests, or both before the event index is exact).",
+                                   ("replica",), registry=r)
+        # --- end of cache digests ---
         # (metric, label values) -> child: `labels()` costs a few µs (lock, tuple, dict), and the
         # request path touches five series per request.
         self._children: dict[tuple, object] = {}
@@ -114,13 +131,15 @@ class BalancerMetrics:
                              self.delivered_cached_hist, self.cache_accounted, self.cache_mismatch, self.cache_unseen,
                              self.retries,
                              self.failovers, self.breaker_state, self.healthy, self.inflight, self.kv_events,
-                             self.indexed_blocks, self.replica_loras)
+                             self.indexed_blocks, self.replica_loras, self.digests_received, self.digest_age,
+                             self.digest_bytes, self.digest_blocks, self.digest_in_use)
 
     def add_replica(self, replica_id: str, healthy: bool = True) -> None:
         """Create the replica's series at zero, so that every panel has data from the start."""
         for metric in self._per_replica:
             metric.labels(replica_id)
         self.healthy.labels(replica_id).set(1 if healthy else 0)
+        self.digest_age.labels(replica_id).set(-1.0)  # no digest yet (or none followed)
 
     def series(self, metric, *labels: str):
         """`metric.labels(*labels)`, cached (forget_replica drops a replica's entries)."""

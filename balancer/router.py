@@ -4,7 +4,8 @@
 full blocks). `Router.route` is the routing transaction, the one way a request is placed:
 
     route(prepared, request_id, exclude) ─▶ usable replicas ─▶ match (exact index for replicas
-        that publish KV events, approximate one for the rest) ─▶ predict output ─▶ policy.select
+        that publish KV events, their cache digest for those routed from digests, approximate
+        index for the rest) ─▶ predict output ─▶ policy.select
         ─▶ record: registry in-flight work, policy.on_routed, approximate-index insert ─▶ Booking
     Booking.finish(output_tokens) / Booking.fail(): in-flight work released, policy.on_complete,
         the output-length predictor learns (finish with a known length)
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from balancer.approx_index import ApproxIndex
+from balancer.digest_index import DigestIndex
 from balancer.policies.base import Decision, Policy, RoutingRequest, adapter_candidates
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry, ReplicaState
@@ -136,6 +138,8 @@ class Router:
         predictor=None,
         clock: Callable[[], float] = time.monotonic,
         lora_slack: int = 8,
+        digests: DigestIndex | None = None,
+        uses_digest: Callable[[str], bool] = lambda rid: False,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -144,7 +148,11 @@ class Router:
         self.approx = approx
         self.policy = policy
         self.registry = registry
-        self.has_events = has_events  # replica id -> True if its KV events feed `index`
+        self.has_events = has_events  # replica id -> True if its KV events (or digests) feed the index
+        # Replicas whose cached prefix comes from their latest cache digest instead of `index`
+        # (balancer/digest_index.py; BalancerConfig.index_source): uses_digest(replica id).
+        self.digests = digests
+        self.uses_digest = uses_digest
         # Only a policy that reads predicted output lengths gets them (and pays for them).
         self.predictor = predictor if policy.uses_predicted_output else None
         self.clock = clock
@@ -191,6 +199,8 @@ class Router:
         """What the policy sees of `p`: the cached prefix per replica and the predicted output
         length (`predicted_output_tokens` overrides the predictor: the simulator's oracle mode)."""
         matched = self.index.match(p.block_hashes)
+        if self.digests is not None:
+            self.digests.overlay(matched, p.block_hashes, self.uses_digest)
         approx = self.approx.match(p.block_hashes, self.clock())
         for rid, n in approx.items():
             if not self.has_events(rid):
@@ -222,7 +232,11 @@ class Router:
         return self.policy.select(rr, views)
 
     def _cached_blocks(self, replica_id: str) -> int:
-        return self.index.num_blocks(replica_id) if self.has_events(replica_id) else 0
+        if not self.has_events(replica_id):
+            return 0
+        if self.digests is not None and self.uses_digest(replica_id) and self.digests.fresh(replica_id):
+            return self.digests.num_blocks(replica_id)
+        return self.index.num_blocks(replica_id)
 
     def choose(self, p: Prepared, request_id: str, exclude: frozenset[str] = frozenset(),
                predicted_output_tokens: float | None = None

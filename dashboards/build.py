@@ -201,6 +201,24 @@ def fleet_overview() -> dict:
                            [("max by (replica) (kvfleet_replica_lora_adapters)", "resident {{replica}}"),
                             (f"sum by (instance) (rate(kvfleet_replica_lora_loads_total[{RATE}]))",
                              "loads/s {{instance}}")], w=12))
+    # --- compact cache digests (issue #17 part 2: balancer/digest_feed.py, digest_index.py) ---
+    d = d.with_row(gdash.Row("Cache digests"))
+    d = d.with_panel(graph("Cache digests received", "Digests received per interval from each replica (periodic, "
+                           "every --kv-digest-interval, and on request), and whether the replica's cached prefix is "
+                           "read from its digest (1: index_source digests, or both before the event index is "
+                           "exact).", "short",
+                           [(f"sum by (replica) (increase(kvfleet_digest_received_total[{RATE}]))",
+                             "received {{replica}}"),
+                            ("max by (replica) (kvfleet_digest_in_use)", "in use {{replica}}")]))
+    d = d.with_panel(graph("Digest age", "Seconds since each replica's latest digest arrived. Routing ignores a "
+                           "digest older than --digest-max-age; a growing age means the replica stopped publishing "
+                           "or the link is cut.", "s",
+                           [("max by (replica) (kvfleet_digest_age_seconds)", "{{replica}}")]))
+    d = d.with_panel(graph("Digest size", "Size on the wire of each replica's latest digest and the KV blocks it "
+                           "covers (binary_fuse8: ~1.13 bytes per block).", "bytes",
+                           [("max by (replica) (kvfleet_digest_size_bytes)", "bytes {{replica}}"),
+                            ("max by (replica) (kvfleet_digest_blocks)", "blocks {{replica}}")]))
+    # --- end of cache digests ---
     return build_dashboard(d)
 
 

@@ -45,6 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help=f"KV block size of the replicas (default {d.block_size})")
     p.add_argument("--tokenizer", default=None, help="a HF tokenizer.json (default: the built-in byte tokenizer)")
     p.add_argument("--config", default=None, help="a TOML or JSON file with BalancerConfig keys; flags win")
+    p.add_argument("--index-source", default=None, choices=("events", "digests", "both"),
+                   help="where a replica's cached prefix comes from: events (its exact KV-event stream), digests "
+                        "(only the compact cache digest it publishes every --kv-digest-interval: for fleets too large "
+                        "to follow every stream), both (events, and the digest until the event index is exact, e.g. "
+                        f"after joining late) (default {d.index_source})")
+    p.add_argument("--digest-max-age", type=float, default=None, metavar="S", dest="digest_max_age_s",
+                   help=f"route from a digest only while it is younger than S seconds (default {d.digest_max_age_s}); "
+                        "keep it above the replicas' --kv-digest-interval")
     p.add_argument("--no-failover", action="store_true", help="do not continue broken streams on another replica")
     p.add_argument("--failover-max-stop", type=int, default=None, metavar="N",
                    help="continue a broken stream only if it has at most N stop strings (default "
@@ -82,7 +90,8 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
             options[key] = value
     overrides = dict(host=args.host, port=args.port, policy=args.policy, model=args.model,
                      block_size=args.block_size, tokenizer=args.tokenizer, memory_trim_s=args.memory_trim_s,
-                     lora_slack=args.lora_slack)
+                     lora_slack=args.lora_slack, index_source=args.index_source,
+                     digest_max_age_s=args.digest_max_age_s)
     replicas = tuple(ReplicaSpec.parse(r) for r in args.replica)
     dns = tuple(DnsConfig(name=n, events_port=args.dns_events_port, replay_port=args.dns_replay_port) for n in args.dns)
     base = BalancerConfig.from_file(args.config) if args.config else BalancerConfig()

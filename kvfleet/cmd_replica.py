@@ -56,6 +56,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-events-replay-endpoint", default=None,
                    help="serve replay and snapshots on this ZMQ ROUTER address, e.g. tcp://*:5558")
     p.add_argument("--kv-events-topic", default="", help="topic of KV-event messages (vLLM default: empty)")
+    p.add_argument("--kv-digest-interval", type=float, default=5.0, metavar="S",
+                   help="publish a compact digest of the cached block hashes (a binary fuse filter) on the "
+                        "PUB socket every S seconds, for balancers started with --index-source digests|both "
+                        "(0 = only when a balancer asks on the replay socket)")
+    p.add_argument("--kv-digest-filter", default="binary_fuse8", choices=("binary_fuse8", "binary_fuse16"),
+                   help="digest filter: binary_fuse8 ~9 bits/block, 0.39%% false positives; binary_fuse16 ~18 "
+                        "bits/block, 0.0015%%")
+    p.add_argument("--kv-digest-max-bytes", type=int, default=16 * 1024 * 1024, metavar="N",
+                   help="largest digest on the wire; a cache too large for it is digested blocks-kept-longest first")
     p.add_argument("--step-log", type=int, default=0, metavar="N",
                    help="keep the last N engine steps with their step-model features and serve them at "
                         "GET /step_log (`kvfleet calibrate` reads them; 0 = off)")
@@ -132,7 +141,9 @@ def replica_config(args: argparse.Namespace) -> ReplicaConfig:
             if args.kv_events_curve_secret_key_file else None
         publisher = PublisherConfig(endpoint=args.kv_events_endpoint, replay_endpoint=args.kv_events_replay_endpoint,
                                     topic=args.kv_events_topic.encode(), bind=True, curve_secret_key=secret,
-                                    curve_authorized_clients=args.kv_events_curve_authorized_keys)
+                                    curve_authorized_clients=args.kv_events_curve_authorized_keys,
+                                    digest_interval_s=args.kv_digest_interval, digest_filter=args.kv_digest_filter,
+                                    digest_max_bytes=args.kv_digest_max_bytes)
     return ReplicaConfig(engine=engine, server=server, publisher=publisher, sim_preset=preset,
                          time_scale=args.time_scale, step_log=args.step_log)
 

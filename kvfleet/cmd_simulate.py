@@ -59,6 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "cadence); 0: after every engine step, fresher than any live fleet")
     p.add_argument("--max-model-len", type=int, default=SIM_MAX_MODEL_LEN,
                    help="longest prompt a replica takes; longer ones are rejected, as by a live sim replica")
+    p.add_argument("--index-source", default="events", choices=("events", "digests"),
+                   help="what the policies see of the replicas' caches: exact KV events after every step, or "
+                        "each replica's cache digest (a binary fuse filter) taken every --digest-interval, as a "
+                        "balancer started with --index-source digests sees them")
+    p.add_argument("--digest-interval", type=float, default=1.0, metavar="S",
+                   help="with --index-source digests: virtual seconds between a replica's digests")
+    p.add_argument("--digest-filter", default="binary_fuse8", choices=("binary_fuse8", "binary_fuse16"),
+                   help="with --index-source digests: the filter (8 or 16-bit fingerprints)")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds, for goodput")
     p.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT SLO in seconds, for goodput")
     p.add_argument("--out", default="results/simulate", help="folder for the JSON, markdown table and plot")
@@ -136,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
                              policy_options=tuple((k, tuple(sorted(v.items()))) for k, v in options.items()),
                              request_latency_s=args.request_latency_ms / 1e3,
                              load_report_interval_s=args.load_report_interval_ms / 1e3,
-                             response_latency_s=args.response_latency_ms / 1e3, max_model_len=args.max_model_len)
+                             response_latency_s=args.response_latency_ms / 1e3, max_model_len=args.max_model_len,
+                             index_source=args.index_source, digest_interval_s=args.digest_interval,
+                             digest_filter=args.digest_filter)
     except (OSError, ValueError) as e:
         print(f"kvfleet simulate: {e}", file=sys.stderr)
         return 2
@@ -145,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     rejected = max((s.get("rejected", 0) for s in out["policies"]), default=0)
     if rejected:
         print(f"{rejected} requests longer than --max-model-len {args.max_model_len} rejected (not in the figures)")
+    if c["index_source"] == "digests":
+        print(f"policies see each replica's cache digest ({c['digest_filter']}) every {c['digest_interval_s']:g} s")
     print(f"{c['requests']} requests, {c['replicas']} replicas of {c['preset']}, {c['kv_blocks']} KV blocks each; "
           f"trace utilisation {c['trace_utilisation']:.2f}" +
           (f", rescaled ×{c['time_factor']:.2f} to load {c['load']}" if c["load"] else ""))

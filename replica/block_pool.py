@@ -137,6 +137,13 @@ class FreeBlockQueue:
             yield block
             block = block.next_free
 
+    def __reversed__(self) -> Iterator[KVCacheBlock]:
+        """Blocks from tail (evicted last) to head; lazy, so a caller may stop early."""
+        block = self._tail.prev_free
+        while block is not None and block is not self._head:
+            yield block
+            block = block.prev_free
+
     def check_integrity(self) -> list[KVCacheBlock]:
         """Validate the links and the count; return the blocks in order."""
         out: list[KVCacheBlock] = []
@@ -365,6 +372,23 @@ class BlockPool:
         """Return the pending events, oldest first, and clear them."""
         events, self._events = self._events, []
         return events
+
+    def digest_hashes(self, limit: int) -> list[int]:
+        """The cached block hashes for a digest (protocol/digest.py), at most `limit` of them.
+
+        All of them when they fit; otherwise the ones this pool will keep longest: blocks in use
+        first, then free cached blocks from the free list's tail (evicted last) towards its head.
+        Does not change the pool.
+        """
+        if len(self._cached) <= limit:
+            return list(self._cached)
+        out = [h for h, b in self._cached.items() if b.ref_cnt > 0][:limit]
+        for block in reversed(self.free_block_queue):
+            if len(out) >= limit:
+                break
+            if block.block_hash is not None:
+                out.append(block.block_hash)
+        return out
 
     def snapshot_events(self) -> list[BlockStored]:
         """The whole prefix cache as `BlockStored` events, each parent before its children.

@@ -239,6 +239,9 @@ class KVCacheManager:
     def snapshot_events(self) -> list[BlockStored]:
         return self.pool.snapshot_events()
 
+    def digest_hashes(self, limit: int) -> list[int]:
+        return self.pool.digest_hashes(limit)
+
     def check_integrity(self) -> None:
         """Pool invariants plus: ref_cnt == number of requests holding the block, hashes agree."""
         self.pool.check_integrity()

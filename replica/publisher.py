@@ -1,5 +1,6 @@
 """The replica's KV event publisher: vLLM 0.33's ZMQ PUB + ROUTER protocol, plus kvfleet's load
-reports and cache snapshots (protocol/events.py and protocol/load.py describe the frames).
+reports, cache snapshots and cache digests (protocol/events.py, protocol/load.py and
+protocol/digest.py describe the frames).
 
 Like vLLM's `ZmqEventPublisher` (vllm/distributed/kv_events.py), one thread owns the sockets and
 is fed by a queue, so the engine never blocks on the network. Unlike it, the thread sleeps in a
@@ -12,6 +13,8 @@ How the engine calls it, between steps, on its own thread:
     if publisher.snapshot_requested():             # a subscriber joined late or lost track
         publisher.publish_snapshot(kv.snapshot_events())
     publisher.publish_load(report)                 # every ~100 ms-1 s
+    if publisher.digest_due():                     # every digest_interval_s, or on request
+        publisher.publish_digest(kv.digest_hashes(publisher.digest_limit), num_blocks, block_size)
     ...
     publisher.close()                              # on shutdown
 
@@ -47,6 +50,15 @@ from protocol.events import (
     encode_seq,
     replay_end_frames,
 )
+from protocol.digest import (
+    DEFAULT_DIGEST_TOPIC,
+    DIGEST_REQUEST,
+    FILTER_KINDS,
+    BlockFilter,
+    CacheDigest,
+    encode_digest,
+    max_blocks_for,
+)
 from protocol.load import (
     DEFAULT_LOAD_TOPIC,
     DEFAULT_SNAPSHOT_TOPIC,
@@ -76,6 +88,13 @@ class PublisherConfig:
     data_parallel_rank: int = 0  # written into every batch, as vLLM's publisher does
     load_topic: bytes = DEFAULT_LOAD_TOPIC
     snapshot_topic: bytes = DEFAULT_SNAPSHOT_TOPIC
+    # Compact cache digests (protocol/digest.py): a filter of the cached block hashes, on PUB
+    # every `digest_interval_s` (0: only when a subscriber asks on the ROUTER socket), at most
+    # `digest_max_bytes` on the wire (a cache too large for it is digested most-kept first).
+    digest_topic: bytes = DEFAULT_DIGEST_TOPIC
+    digest_interval_s: float = 5.0
+    digest_filter: str = "binary_fuse8"
+    digest_max_bytes: int = 16 * 1024 * 1024
     # None: vLLM's heuristic (bind when the endpoint has a wildcard or is ipc/inproc, else
     # connect to e.g. a proxy). True/False force it; tests bind "tcp://127.0.0.1:0".
     bind: bool | None = None
@@ -93,16 +112,23 @@ class PublisherConfig:
             value = getattr(self, name)
             if value is not None and not value.startswith(_SCHEMES):
                 raise ValueError(f"{name} must start with one of {_SCHEMES}, got {value!r}")
-        for name in ("topic", "load_topic", "snapshot_topic"):
+        extras = ("load_topic", "snapshot_topic", "digest_topic")
+        for name in ("topic", *extras):
             if not isinstance(getattr(self, name), bytes):
                 raise ValueError(f"{name} must be bytes")
-        if not self.load_topic or not self.snapshot_topic:
-            raise ValueError("load_topic and snapshot_topic must be non-empty")
-        if len({self.topic, self.load_topic, self.snapshot_topic}) != 3:
-            raise ValueError("topic, load_topic and snapshot_topic must differ")
-        if self.topic and (self.load_topic.startswith(self.topic) or self.snapshot_topic.startswith(self.topic)):
+        if not all(getattr(self, name) for name in extras):
+            raise ValueError("load_topic, snapshot_topic and digest_topic must be non-empty")
+        if len({self.topic, self.load_topic, self.snapshot_topic, self.digest_topic}) != 4:
+            raise ValueError("topic, load_topic, snapshot_topic and digest_topic must differ")
+        if self.topic and any(getattr(self, name).startswith(self.topic) for name in extras):
             # A reader subscribed to the KV topic would receive them (ZMQ matches prefixes).
-            raise ValueError("load_topic and snapshot_topic must not start with the KV topic")
+            raise ValueError("load_topic, snapshot_topic and digest_topic must not start with the KV topic")
+        if self.digest_interval_s < 0:
+            raise ValueError(f"digest_interval_s must be >= 0 (0: digests only on request), got {self.digest_interval_s}")
+        if self.digest_filter not in FILTER_KINDS:
+            raise ValueError(f"digest_filter must be one of {sorted(FILTER_KINDS)}, got {self.digest_filter!r}")
+        if self.digest_max_bytes < 4096:
+            raise ValueError(f"digest_max_bytes must be at least 4096, got {self.digest_max_bytes}")
         if self.buffer_steps < 1:
             raise ValueError(f"buffer_steps must be >= 1, got {self.buffer_steps}")
         if self.hwm < 0 or self.max_queue_size < 1:
@@ -145,6 +171,12 @@ class KVEventPublisher:
         # Random per process: a subscriber that sees it change knows the replica restarted.
         self.epoch = int.from_bytes(os.urandom(8), "big") >> 1
         self._snapshot_wanted = threading.Event()
+        self._digest_wanted = threading.Event()
+        # The first periodic digest goes out one interval after start (a subscriber that wants
+        # one sooner asks); engine thread only.
+        self._digest_last = time.monotonic()
+        # Most blocks a digest may hold and stay within digest_max_bytes.
+        self.digest_limit = max_blocks_for(config.digest_filter, config.digest_max_bytes)
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._endpoints: PublisherEndpoints | None = None
@@ -161,6 +193,8 @@ class KVEventPublisher:
         self.wakeups = 0  # times the thread's poll returned (an idle publisher: ~5 per second)
         self.snapshots_sent = 0
         self.replays_served = 0
+        self.digests_sent = 0
+        self.last_digest_bytes = 0
         self._authenticator = None
         if config.curve_authorized_clients is not None:
             from zmq.auth.thread import ThreadAuthenticator
@@ -202,6 +236,22 @@ class KVEventPublisher:
         self._snapshot_wanted.clear()
         self._put(("snapshot", time.time(), tuple(events)))
 
+    def digest_due(self) -> bool:
+        """True when a digest should be queued now: a subscriber asked for one, or the periodic
+        interval has passed (engine thread, between steps)."""
+        if self._digest_wanted.is_set():
+            return True
+        interval = self.config.digest_interval_s
+        return interval > 0 and time.monotonic() - self._digest_last >= interval
+
+    def publish_digest(self, hashes: list[int], num_blocks: int, block_size: int) -> None:
+        """Queue a digest of `hashes` (the cache holds `num_blocks`; at most `digest_limit` are
+        passed) for PUB and every pending requester. The filter is built on the publisher's
+        thread; like a snapshot it is consistent with the KV batches queued before it."""
+        self._digest_wanted.clear()
+        self._digest_last = time.monotonic()
+        self._put(("digest", time.time(), hashes, num_blocks, block_size))
+
     def sources_info(self) -> dict[str, Any]:
         """The body for `GET /kv_event_sources`.
 
@@ -223,6 +273,9 @@ class KVEventPublisher:
                     "load_topic": self.config.load_topic.decode("utf-8", "replace"),
                     "snapshot_topic": self.config.snapshot_topic.decode("utf-8", "replace"),
                     "snapshots": ep.replay_endpoint is not None,
+                    "digest_topic": self.config.digest_topic.decode("utf-8", "replace"),
+                    "digest_filter": self.config.digest_filter,
+                    "digest_interval_s": self.config.digest_interval_s,
                 }
             ]
         }
@@ -369,6 +422,8 @@ class KVEventPublisher:
                     state.load_seq += 1
                 elif kind == "snapshot":
                     self._send_snapshot(router, state, item[1], item[2])
+                elif kind == "digest":
+                    self._send_digest(pub, router, state, *item[1:])
             except Exception:  # one bad item must not kill the publisher
                 log.exception("KV event publisher: failed to send a %s message", item[0])
 
@@ -385,6 +440,29 @@ class KVEventPublisher:
         self.snapshots_sent += 1
         self._snapshot_wanted.clear()
 
+    def _send_digest(self, pub: zmq.Socket, router: zmq.Socket | None, state: _ThreadState, ts: float,
+                     hashes: list[int], num_blocks: int, block_size: int) -> None:
+        cfg = self.config
+        kv_seq = state.kv_seq - 1 if state.kv_seq else None
+        while True:  # the size estimate is an upper bound; shrink in the rare case it was not
+            payload = encode_digest(CacheDigest(ts=ts, epoch=self.epoch, kv_seq=kv_seq, block_size=block_size,
+                                                num_blocks=num_blocks,
+                                                filter=BlockFilter.build(cfg.digest_filter, hashes, distinct=True)))
+            if len(payload) <= cfg.digest_max_bytes or not hashes:
+                break
+            hashes = hashes[: len(hashes) * 9 // 10]
+        seq = state.digest_seq
+        state.digest_seq += 1
+        if time.monotonic() >= self.mute_until:
+            pub.send_multipart(encode_extras_message(cfg.digest_topic, seq, payload))
+        if router is not None:
+            frames = [b"", cfg.digest_topic, encode_seq(seq), payload]
+            for identity in state.digest_waiters:
+                router.send_multipart([identity, *frames])
+        state.digest_waiters.clear()
+        self.digests_sent += 1
+        self.last_digest_bytes = len(payload)
+
     def _serve_router(self, router: zmq.Socket, state: _ThreadState) -> None:
         while True:
             try:
@@ -400,6 +478,11 @@ class KVEventPublisher:
                     state.snapshot_waiters.append(identity)
                 self._snapshot_wanted.set()
                 continue
+            if body == DIGEST_REQUEST:
+                if identity not in state.digest_waiters:
+                    state.digest_waiters.append(identity)
+                self._digest_wanted.set()
+                continue
             start = int.from_bytes(body, "big")  # vLLM reads any length the same way
             self.replays_served += 1
             buf = state.buffer
@@ -412,12 +495,14 @@ class KVEventPublisher:
 class _ThreadState:
     """Counters and buffers touched only by the publisher thread."""
 
-    __slots__ = ("kv_seq", "load_seq", "snapshot_seq", "buffer", "snapshot_waiters")
+    __slots__ = ("kv_seq", "load_seq", "snapshot_seq", "digest_seq", "buffer", "snapshot_waiters", "digest_waiters")
 
     def __init__(self, config: PublisherConfig) -> None:
         self.kv_seq = 0  # next KV seq to assign
         self.load_seq = 0
         self.snapshot_seq = 0
+        self.digest_seq = 0
+        self.digest_waiters: list[bytes] = []
         self.buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
         self.snapshot_waiters: list[bytes] = []
 

@@ -184,6 +184,10 @@ class EngineService:
             self.publisher.publish(events)
         if self.publisher.snapshot_requested():
             self.publisher.publish_snapshot(self.engine.kv.snapshot_events())
+        if self.publisher.digest_due():
+            kv = self.engine.kv
+            self.publisher.publish_digest(kv.digest_hashes(self.publisher.digest_limit),
+                                          len(kv.pool.cached_blocks()), kv.block_size)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 
 from balancer.approx_index import ApproxIndex
 from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
+from balancer.digest_index import DigestIndex
 from balancer.policies import make_policy
 from balancer.policies.base import ReplicaLoad
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry
 from balancer.router import Booking, Router
+from protocol.digest import HEADER_BYTES, BlockFilter, CacheDigest
 from protocol.hashing import hash_blocks, root_hash
 from protocol.openai_api import GenerationRequest
 from protocol.tokenizer import ByteTokenizer
@@ -127,8 +129,19 @@ class FleetConfig:
     lora_adapters: tuple[str, ...] = ()
     max_loras: int = 1
     lora_load_s: float = 0.04
+    # Where the policies' cached prefixes come from (the balancer's index_source): "events" (the
+    # exact index, fed after every step) or "digests" (each replica's cache digest, taken every
+    # `digest_interval_s` virtual seconds, the replicas' phases spread over the interval, and
+    # read as the live balancer reads them: balancer/digest_index.py).
+    index_source: str = "events"
+    digest_interval_s: float = 1.0
+    digest_filter: str = "binary_fuse8"
 
     def __post_init__(self) -> None:
+        if self.index_source not in ("events", "digests"):
+            raise ValueError(f"index_source must be events or digests, got {self.index_source!r}")
+        if self.digest_interval_s <= 0:
+            raise ValueError("digest_interval_s must be positive")
         if self.replicas < 1:
             raise ValueError("replicas must be at least 1")
         if self.max_loras < 1 or self.lora_load_s < 0:
@@ -193,6 +206,9 @@ class _SimReplica:
         return self.now
 
     reported_at = float("-inf")  # virtual time of the last load report
+    digest = None  # the latest cache digest (digest mode), rebuilt only when the cache changed
+    digest_version = -1
+    digest_bytes = 0
     reported_steps = 0  # engine steps the last report held
 
     def _advance(self, duration: float, out=None) -> None:
@@ -233,9 +249,12 @@ class FleetSimulation:
         self._rid = {v: k for k, v in self._url.items()}
         self.index = PrefixIndex(cfg.block_size, MODEL)
         self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
+        # Digest mode: no digest ages out (each replica sends one every interval, none is lost).
+        self.digests = DigestIndex(cfg.block_size, float("inf"), self._clock) if cfg.index_source == "digests" else None
         self.router = Router(MODEL, cfg.block_size, ByteTokenizer(), self.index,
                              ApproxIndex(clock=self._clock), self.policy, self.registry,
-                             has_events=lambda rid: True, predictor=predictor, clock=self._clock)
+                             has_events=lambda rid: True, predictor=predictor, clock=self._clock,
+                             digests=self.digests, uses_digest=lambda rid: True)
         self.root = root_hash(MODEL)
         self._lora_roots = {name: root_hash(MODEL, lora_name=name) for name in cfg.lora_adapters}
         self.predictor = predictor
@@ -250,11 +269,17 @@ class FleetSimulation:
         wall = _time.perf_counter()
         heap: list[tuple[float, int, int, object]] = []
         seq = itertools.count()
-        ARRIVE, STEP, ENQUEUE, REPORT, DELIVER = 0, 1, 2, 3, 4
+        ARRIVE, STEP, ENQUEUE, REPORT, DELIVER, DIGEST = 0, 1, 2, 3, 4, 5
         interval = self.cfg.load_report_interval_s
         req_lat, resp_lat = self.cfg.request_latency_s, self.cfg.response_latency_s
         for i, r in enumerate(requests):
             heapq.heappush(heap, (r.arrival_s, next(seq), ARRIVE, i))
+        digests = self.digests
+        if digests is not None:  # phases spread over the interval, as unsynchronised replicas
+            period = self.cfg.digest_interval_s
+            for j, rep in enumerate(self.replicas.values()):
+                heapq.heappush(heap, (period * j / len(self.replicas), next(seq), DIGEST, rep))
+        pending_digests = len(self.replicas) if digests is not None else 0  # DIGEST events in the heap
         records: list[RequestRecord] = []
         live: dict[str, tuple[RequestRecord, Booking]] = {}
         steps = 0
@@ -263,6 +288,13 @@ class FleetSimulation:
         while heap:
             t, _, kind, x = heappop(heap)
             self.now = t
+            if kind == DIGEST:
+                self._take_digest(x)
+                pending_digests -= 1
+                if len(heap) > pending_digests:  # other work is left: the replica digests again
+                    heappush(heap, (t + self.cfg.digest_interval_s, next(seq), DIGEST, x))
+                    pending_digests += 1
+                continue
             if kind == ARRIVE:
                 rec, booking, rep, add = self._arrive(x, requests[x], t)
                 records.append(rec)
@@ -296,7 +328,7 @@ class FleetSimulation:
             elif kind == DELIVER:
                 rep, touched, events, report = x
                 url = self._url[rep.rid]
-                if events:
+                if events and digests is None:
                     index.apply_many(url, events)
                 if report is not None:
                     self._deliver(rep, url, report)
@@ -325,6 +357,18 @@ class FleetSimulation:
                     self._deliver(rep, self._url[rep.rid], self._snapshot(rep))
         return SimResult(self.cfg.policy, records, [self._url[r] for r in self.replicas], steps,
                          _time.perf_counter() - wall)
+
+    def _take_digest(self, rep: "_SimReplica") -> None:
+        """The replica's cache digest as its publisher makes it now, delivered at once."""
+        pool = rep.kv.pool
+        if rep.digest is None or rep.digest_version != pool.cache_version:
+            cached = pool.cached_blocks()
+            filt = BlockFilter.build(self.cfg.digest_filter, cached.keys(), distinct=True)
+            rep.digest = CacheDigest(ts=self.now, epoch=0, kv_seq=None, block_size=self.cfg.block_size,
+                                     num_blocks=len(cached), filter=filt)
+            rep.digest_version = pool.cache_version
+            rep.digest_bytes = filt.size_bytes + HEADER_BYTES
+        self.digests.update(self._url[rep.rid], rep.digest, rep.digest_bytes)
 
     @staticmethod
     def _snapshot(rep: "_SimReplica") -> tuple:

@@ -58,6 +58,11 @@ class SimulateConfig:
     # A replica's load reports reach the balancer this often, as a live replica's do
     # (replica.service.ServiceConfig's default); 0 = after every step (simulator.fleet.FleetConfig).
     load_report_interval_s: float = DEFAULT_LOAD_REPORT_INTERVAL_S
+    # The policies see exact events, or each replica's cache digest every digest_interval_s
+    # (simulator.fleet.FleetConfig).
+    index_source: str = "events"
+    digest_interval_s: float = 1.0
+    digest_filter: str = "binary_fuse8"
 
     def __post_init__(self) -> None:
         if self.load is not None and not 0 < self.load <= 10:
@@ -165,7 +170,8 @@ def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
                        max_num_batched_tokens=cfg.max_num_batched_tokens, oracle_lengths=cfg.predictor == "oracle",
                        client_max_tokens=cfg.client_max_tokens, request_latency_s=cfg.request_latency_s,
                        response_latency_s=cfg.response_latency_s, load_report_interval_s=cfg.load_report_interval_s,
-                       max_model_len=cfg.max_model_len)
+                       max_model_len=cfg.max_model_len, index_source=cfg.index_source,
+                       digest_interval_s=cfg.digest_interval_s, digest_filter=cfg.digest_filter)
 
 
 def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
@@ -190,7 +196,10 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
     out = {"config": {"replicas": cfg.replicas, "preset": p.description, "kv_blocks": cfg.kv_blocks or p.kv_blocks,
                       "load": cfg.load, "trace_utilisation": util, "time_factor": factor,
                       "mean_demand_s": demand, "requests": len(reqs), "seed": cfg.seed,
-                      "predictor": cfg.predictor, "client_max_tokens": cfg.client_max_tokens},
+                      "predictor": cfg.predictor, "client_max_tokens": cfg.client_max_tokens,
+                      "index_source": cfg.index_source,
+                      **({"digest_interval_s": cfg.digest_interval_s, "digest_filter": cfg.digest_filter}
+                         if cfg.index_source == "digests" else {})},
            "bounds": {"infinite_cache_hit_rate": bounds.infinite_cache_hit_rate,
                       "pooled_cache_hit_rate": bounds.pooled_cache_hit_rate,
                       "ideal_mean_ttft_s": bounds.ideal_ttft_mean, "ideal_median_ttft_s": bounds.ideal_ttft_p50,

@@ -220,3 +220,28 @@ def test_load_reports_reach_the_registry_at_a_live_replicas_cadence():
             assert sum(len(rs) for rs in reports.values()) < res.steps / 2
             # Each report carries the steps made since the last one (up to 16), none twice.
             assert res.steps * 0.5 < sum(observed.values()) <= res.steps
+
+
+def test_digest_mode_sees_the_cache_only_as_of_each_replicas_last_digest():
+    """With index_source digests the policies see a replica's cache through the digest it took
+    last (every digest_interval_s): a prefix repeated before the next digest is a miss to the
+    router, one repeated after it a hit; the exact index is never fed."""
+    from simulator.fleet import FleetConfig, FleetSimulation
+    from simulator.run import sim_requests
+
+    preset = get_preset("llama3-8b-h100")
+    hashes = tuple(range(8))  # one 512-token prompt, three times
+    trace = [TraceRequest(arrival_s=t, input_length=8 * 64, output_length=2, hash_ids=hashes, hash_block_tokens=64)
+             for t in (0.0, 0.3, 3.0)]
+    seen = {}
+    for source in ("events", "digests"):
+        fleet = FleetSimulation(FleetConfig(2, preset, "precise_prefix", kv_blocks=2000, index_source=source,
+                                            digest_interval_s=1.0))
+        res = fleet.run(sim_requests(trace))
+        seen[source] = [r.predicted_cached_tokens for r in res.records]
+        if source == "digests":
+            assert fleet.index.num_entries() == 0 and fleet.digests.stats.received >= 4
+    assert seen["events"][0] == 0 and seen["events"][1] > 0 and seen["events"][2] > 0
+    assert seen["digests"][:2] == [0, 0] and seen["digests"][2] == seen["events"][2]
+    with pytest.raises(ValueError, match="index_source"):
+        FleetConfig(2, preset, "precise_prefix", index_source="both")
