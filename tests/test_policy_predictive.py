@@ -193,7 +193,7 @@ def test_decode_excess_charges_only_the_running_sequences_above_the_fleets_mean(
     loads = {"a": 14, "b": 10, "c": 4}
     views = [view(r, num_running=n, running_decode_tokens=n * 9000) for r, n in loads.items()]
     theta = np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])
-    full, excess = make_policy("predictive"), make_policy("predictive", {"decode_excess": True})
+    full, excess = make_policy("predictive", {"decode_excess": False}), make_policy("predictive", {"decode_excess": True})
     for p in (full, excess):
         p.observe_steps("a", synthetic_steps(theta))
     req = request({"a": 250}, prompt=4096, out=400)
@@ -203,13 +203,16 @@ def test_decode_excess_charges_only_the_running_sequences_above_the_fleets_mean(
     assert d_excess.scores["a"]["others"] == pytest.approx(d_full.scores["a"]["others"] * (14 - 28 / 3) / 14)
 
 
-def test_decode_delay_counts_only_the_overlap_with_running_sequences(policy):
+def test_decode_delay_counts_only_the_overlap_with_running_sequences():
     # What we have running on a is short: its sequences share at most ~10 of our 300 steps.
+    # (All of a's decodes are charged: with one replica there is no excess over the fleet's mean.)
+    policy = make_policy("predictive", {"decode_excess": False})
+    policy.observe_steps("a", synthetic_steps(seed=sum(map(ord, "a"))))
     a = view("a", num_running=8, running_decode_tokens=16_000)
     for i in range(8):
         policy.on_routed(dataclasses.replace(request({}, out=20), request_id=f"s{i}"), Decision("a"))
     short = policy.select(request({}, out=300), [a]).scores["a"]["others"]
-    long = make_policy("predictive")
+    long = make_policy("predictive", {"decode_excess": False})
     long.learner = policy.learner
     unknown = long.select(request({}, out=300), [a]).scores["a"]["others"]  # assumed like this request
     assert 0 < short < unknown / 10
