@@ -1,0 +1,99 @@
+"""An Envoy bootstrap that puts a picker in front of a fleet: what the tests run, and what
+`kvfleet picker --print-envoy-config` prints for a user to start from.
+
+    client ─▶ listener ─▶ header_mutation (drops a client's own x-gateway-destination-endpoint)
+                       ─▶ ext_proc (the picker, FULL_DUPLEX_STREAMED bodies) ─▶ router
+    route 1: the header is present (the picker set it) ─▶ cluster `picked`: ORIGINAL_DST, the
+             address taken from the header (`original_dst_lb_config.use_http_header`)
+    route 2: no header (the picker is down and `failure_mode_allow` let the request through):
+             fail-open ─▶ cluster `fallback`, round robin over the replicas;
+             fail-closed ─▶ 503 (and ext_proc's own `status_on_error` is 503 too)
+
+The picker's answer sets `clear_route_cache`, so Envoy picks the route again after the header
+is set. The processing mode is the one llm-d's and the Inference Extension's manifests use
+(headers SEND, bodies FULL_DUPLEX_STREAMED, trailers SEND); `served_by_header` adds Envoy's own
+record of the upstream address to each response (`%UPSTREAM_REMOTE_ADDRESS%`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from balancer.picker.config import DESTINATION_HEADER
+
+_T = "type.googleapis.com/envoy."
+HTTP2_ONLY = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+    "explicit_http_config": {"http2_protocol_options": {}}}}
+
+
+def _address(host: str, port: int) -> dict:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _split(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _static_cluster(name: str, endpoints: Sequence[str], connect_timeout_s: float, **extra) -> dict:
+    return {"name": name, "type": "STATIC", "connect_timeout": f"{connect_timeout_s}s", "lb_policy": "ROUND_ROBIN",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": _address(*_split(e))}} for e in endpoints]}]}, **extra}
+
+
+def bootstrap(listen: str, picker: str, replicas: Sequence[str], fail_open: bool = True,
+              admin: str | None = None, header: str = DESTINATION_HEADER, message_timeout_s: float = 10.0,
+              route_timeout_s: float = 600.0, served_by_header: str | None = "x-kvfleet-upstream") -> dict:
+    """The bootstrap (as a dict; `json.dumps` it for `envoy -c`). `listen`, `picker`, `admin` and
+    each of `replicas` are `host:port`; `replicas` serve the fail-open fallback."""
+    if fail_open and not replicas:
+        raise ValueError("fail-open needs the replicas' host:port list for its round-robin fallback")
+    served = [{"header": {"key": served_by_header, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
+               "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}] if served_by_header else []
+    timeout = f"{route_timeout_s}s"
+    routes = [{"match": {"prefix": "/", "headers": [{"name": header, "present_match": True}]},
+               "route": {"cluster": "picked", "timeout": timeout}, "response_headers_to_add": served}]
+    if fail_open:
+        routes.append({"match": {"prefix": "/"}, "route": {"cluster": "fallback", "timeout": timeout},
+                       "response_headers_to_add": served})
+    else:
+        body = {"error": {"message": "the endpoint picker did not answer and this gateway fails closed; check "
+                                     "`kvfleet picker` (its /health and logs)", "type": "ServiceUnavailableError",
+                          "param": None, "code": 503}}
+        routes.append({"match": {"prefix": "/"},
+                       "direct_response": {"status": 503, "body": {"inline_string": json.dumps(body)}}})
+    filters = [
+        {"name": "envoy.filters.http.header_mutation", "typed_config": {
+            "@type": _T + "extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [{"remove": header}]}}},
+        {"name": "envoy.filters.http.ext_proc", "typed_config": {
+            "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "picker"}},
+            "failure_mode_allow": fail_open,
+            "status_on_error": {"code": 503},
+            "message_timeout": f"{message_timeout_s}s",
+            "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
+                                "request_body_mode": "FULL_DUPLEX_STREAMED",
+                                "response_body_mode": "FULL_DUPLEX_STREAMED",
+                                "request_trailer_mode": "SEND", "response_trailer_mode": "SEND"}}},
+        {"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}},
+    ]
+    listener = {"name": "inference", "address": _address(*_split(listen)), "filter_chains": [{"filters": [{
+        "name": "envoy.filters.network.http_connection_manager", "typed_config": {
+            "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "inference", "http_filters": filters,
+            "route_config": {"name": "inference", "virtual_hosts": [{"name": "fleet", "domains": ["*"],
+                                                                     "routes": routes}]}}}]}]}
+    clusters = [
+        _static_cluster("picker", [picker], 1.0, typed_extension_protocol_options=HTTP2_ONLY),
+        {"name": "picked", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s",
+         "original_dst_lb_config": {"use_http_header": True, "http_header_name": header}},
+    ]
+    if fail_open:
+        clusters.append(_static_cluster("fallback", replicas, 2.0))
+    out = {"static_resources": {"listeners": [listener], "clusters": clusters}}
+    if admin is not None:
+        out["admin"] = {"address": _address(*_split(admin))}
+    return out
