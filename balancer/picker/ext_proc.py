@@ -315,8 +315,8 @@ class RequestStream:
         if data:
             if self.ttft_s is None:
                 self.ttft_s = time.perf_counter() - self.arrival
-            if self.sse:
-                self.events += data.count(b"data:")
+            if self.sse:  # an event's "data:" may straddle two chunks: count across the seam
+                self.events += (bytes(self.tail[-4:]) + data).count(b"data:")
             self.tail += data
             if len(self.tail) > _TAIL_BYTES:
                 del self.tail[:-_TAIL_BYTES]

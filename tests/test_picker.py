@@ -1,0 +1,350 @@
+"""`kvfleet picker`'s ext_proc phases, driven over a real gRPC channel on loopback.
+
+The test plays Envoy: it opens `ExternalProcessor.Process` streams as Envoy does in the
+endpoint-picker protocol's streaming mode (headers, then the body in chunks, then the response
+phases), sends the request to the replica the picker named (real `--engine sim` replica
+subprocesses, KV events on), and feeds the replica's real response back through the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from balancer.picker.config import PickerConfig
+from balancer.picker.envoy import bootstrap
+from harness import procs
+from harness.envoy import picker
+from harness.fleet import balancer, http
+
+SIM = ["replica", "--port", "0", "--engine", "sim", "--preset", "llama3-8b-h100", "--model", "tiny",
+       "--num-blocks", "1024", "--max-model-len", "2048", "--kv-events-endpoint", "tcp://127.0.0.1:0",
+       "--kv-events-replay-endpoint", "tcp://127.0.0.1:0"]
+DEST = "x-gateway-destination-endpoint"
+SHARED = "System: you are a careful assistant who answers briefly and cites sources. " * 10  # ~740 tokens
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    reps = [procs.start(SIM) for _ in range(2)]
+    yield reps
+    for r in reps:
+        r.stop()
+
+
+def addr(proc) -> str:
+    return proc.url.split("//", 1)[1]
+
+
+def headers_msg(path: str, method: str = "POST", eos: bool = False, request_id: str | None = None,
+                subset: list[str] | None = None, **extra: str) -> pb.ProcessingRequest:
+    hs = {":path": path, ":method": method, ":authority": "gateway", ":scheme": "http",
+          "content-type": "application/json", **({"x-request-id": request_id} if request_id else {}),
+          **{k.replace("_", "-"): v for k, v in extra.items()}}
+    msg = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in hs.items()]), end_of_stream=eos))
+    if subset is not None:  # the data plane's subset hint (endpoint-picker protocol, "Endpoint Subset")
+        hint = struct_pb2.Struct()
+        hint.update({"x-gateway-destination-endpoint-subset": subset})
+        msg.metadata_context.filter_metadata["envoy.lb.subset_hint"].CopyFrom(hint)
+    return msg
+
+
+def body_msg(data: bytes, eos: bool, response: bool = False) -> pb.ProcessingRequest:
+    body = pb.HttpBody(body=data, end_of_stream=eos)
+    return pb.ProcessingRequest(response_body=body) if response else pb.ProcessingRequest(request_body=body)
+
+
+def response_headers_msg(status: int, content_type: str) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=":status", raw_value=str(status).encode()),
+        base_pb2.HeaderValue(key="content-type", raw_value=content_type.encode())])))
+
+
+def set_headers(common: pb.CommonResponse) -> dict[str, tuple[str, int]]:
+    return {h.header.key: (h.header.raw_value.decode(), h.append_action) for h in common.header_mutation.set_headers}
+
+
+async def read_body_answers(call, which: str) -> bytes:
+    """Streamed body answers until end_of_stream: their bytes."""
+    out = b""
+    while True:
+        answer = await call.read()
+        assert answer.WhichOneof("response") == which, answer
+        streamed = getattr(answer, which).response.body_mutation.streamed_response
+        out += streamed.body
+        if streamed.end_of_stream:
+            return out
+
+
+async def pick(stub, body: dict, path: str = "/v1/completions", request_id: str | None = None, split: int = 2,
+               subset: list[str] | None = None):
+    """Open a stream, send headers and the body in `split` chunks; the open call, the answer to the
+    headers, and the body as the picker sent it back (None for a refusal)."""
+    call = stub.Process()
+    raw = json.dumps(body).encode()
+    await call.write(headers_msg(path, request_id=request_id, subset=subset))
+    step = max(1, len(raw) // split)
+    pieces = [raw[i:i + step] for i in range(0, len(raw), step)]
+    for i, piece in enumerate(pieces):
+        await call.write(body_msg(piece, eos=i == len(pieces) - 1))
+    first = await call.read()
+    if first.WhichOneof("response") == "immediate_response":
+        return call, first, None
+    return call, first, await read_body_answers(call, "request_body")
+
+
+def send(endpoint: str, path: str, raw: bytes) -> tuple[int, str, bytes]:
+    """What Envoy does next: the request, as the picker passed it back, to the picked endpoint."""
+    req = urllib.request.Request(f"http://{endpoint}{path}", data=raw, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.status, r.headers.get("Content-Type", ""), r.read()
+
+
+async def through(stub, body: dict, path: str = "/v1/completions", chunks: int = 3, **kw) -> tuple[str, bytes]:
+    """One request end to end with the test as Envoy: (picked endpoint, the response's bytes)."""
+    call, first, raw = await pick(stub, body, path, **kw)
+    endpoint = set_headers(first.request_headers.response)[DEST][0]
+    status, ctype, data = await asyncio.to_thread(send, endpoint, path, raw)
+    await call.write(response_headers_msg(status, ctype))
+    assert (await call.read()).WhichOneof("response") == "response_headers"
+    step = max(1, len(data) // chunks)
+    pieces = [data[i:i + step] for i in range(0, len(data), step)]
+    relayed = b""
+    for i, piece in enumerate(pieces):
+        await call.write(body_msg(piece, eos=i == len(pieces) - 1, response=True))
+        answer = await call.read()
+        relayed += answer.response_body.response.body_mutation.streamed_response.body
+    assert relayed == data
+    await call.done_writing()
+    return endpoint, data
+
+
+async def wait_for(condition, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def ahttp(*args, **kw) -> tuple[int, dict, bytes]:
+    """`http` off the event loop (the picker and balancer under test serve on this loop)."""
+    return await asyncio.to_thread(http, *args, **kw)
+
+
+def channel(p) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(p.grpc_target)
+
+
+# ---------------------------------------------------------------------------------- tests
+
+def test_phases_answered_in_order_and_booking_held_until_the_response_ends(fleet):
+    body = {"model": "tiny", "prompt": SHARED + "Q0", "max_tokens": 4, "temperature": 0}
+
+    async def main():
+        async with picker([r.replica_arg for r in fleet], policy="precise_prefix") as p, channel(p) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            b = p.balancer
+            call, first, raw = await pick(stub, body, request_id="req-phases-1", split=3)
+            # The headers' answer carries the pick (made from the body, so it waits for it):
+            # the header (overwriting a client's own), the route cache cleared, the same in metadata.
+            assert first.WhichOneof("response") == "request_headers"
+            common = first.request_headers.response
+            endpoint, action = set_headers(common)[DEST]
+            assert endpoint in {addr(r) for r in fleet}
+            assert action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+            assert common.clear_route_cache
+            assert first.dynamic_metadata.fields["envoy.lb"].struct_value.fields[DEST].string_value == endpoint
+            assert raw == json.dumps(body).encode()  # the body goes on as it came
+            replica = next(r for r in b.registry if r.url.endswith(endpoint))
+            assert replica.inflight_requests == 1  # booked while the request is in flight
+
+            status, ctype, data = await asyncio.to_thread(send, endpoint, "/v1/completions", raw)
+            await call.write(response_headers_msg(status, ctype))
+            answer = await call.read()
+            assert set_headers(answer.response_headers.response)["x-kvfleet-replica"][0] == replica.replica_id
+            await call.write(body_msg(data[:10], eos=False, response=True))
+            part = (await call.read()).response_body.response.body_mutation.streamed_response
+            assert (part.body, part.end_of_stream) == (data[:10], False)
+            assert replica.inflight_requests == 1
+            await call.write(body_msg(data[10:], eos=True, response=True))
+            part = (await call.read()).response_body.response.body_mutation.streamed_response
+            assert (part.body, part.end_of_stream) == (data[10:], True)
+            await call.done_writing()
+            await wait_for(lambda: replica.inflight_requests == 0)
+            decision = b.audit.latest(1)[0]
+            assert decision["request_id"] == "req-phases-1" and decision["replica"] == replica.replica_id
+            usage = json.loads(data)["usage"]
+            assert decision["delivered_cached_tokens"] == (usage.get("prompt_tokens_details") or {}).get(
+                "cached_tokens", 0)
+    asyncio.run(main())
+
+
+def test_prefix_affinity_and_the_same_pick_as_the_balancer(fleet):
+    """A shared prefix goes where its blocks are (KV events feed the picker's index), and the
+    picker picks what `kvfleet balancer` over the same fleet would (its /admin/explain)."""
+    async def main():
+        async with picker([r.replica_arg for r in fleet], policy="precise_prefix") as p, channel(p) as ch, \
+                balancer([r.replica_arg for r in fleet], policy="precise_prefix") as (burl, _):
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            shared = "Affinity: " + SHARED
+            holder, _ = await through(stub, {"model": "tiny", "prompt": shared + "Q0", "max_tokens": 2})
+            holder_id = next(r.replica_id for r in p.balancer.registry if r.url.endswith(holder))
+            blocks = len(shared.encode()) // 16 - 1
+            await wait_for(lambda: p.balancer.index.num_blocks(holder_id) >= blocks)
+            for i in range(1, 5):
+                probe = {"model": "tiny", "prompt": shared + f"Q{i}", "max_tokens": 2, "temperature": 0}
+                for _ in range(200):  # the balancer's index catches up with the same events
+                    explained = json.loads((await ahttp("POST", burl + "/admin/explain", probe))[2])
+                    if explained["decision"] == holder_id:
+                        break
+                    await asyncio.sleep(0.05)
+                assert explained["decision"] == holder_id
+                endpoint, data = await through(stub, probe)
+                assert endpoint == holder
+                assert json.loads(data)["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0.9 * len(shared)
+    asyncio.run(main())
+
+
+def test_streams_pass_through_and_output_lengths_are_learned(fleet):
+    """SSE responses go back chunk by chunk as they came; the picker learns each request's output
+    length (from a stream without a usage chunk: its events, split anywhere by Envoy) and
+    predicts the next one by it."""
+    prompt = "Summarise the incident report in one word. " * 8
+
+    async def main():
+        async with picker([r.replica_arg for r in fleet], policy="predictive") as p, channel(p) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            probe = {"model": "tiny", "prompt": prompt, "max_tokens": 200}
+            before = json.loads((await ahttp("POST", p.http_url + "/admin/explain", probe))[2])["predicted_output_tokens"]
+            for _ in range(8):  # no usage chunk asked for: the picker counts the stream's events
+                body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                        "stream": True}
+                _, data = await through(stub, body, chunks=7)
+                assert data.rstrip().endswith(b"data: [DONE]")
+            await asyncio.sleep(0.1)
+            after = json.loads((await ahttp("POST", p.http_url + "/admin/explain", probe))[2])["predicted_output_tokens"]
+            assert before > 6 and after <= 6, (before, after)
+    asyncio.run(main())
+
+
+def test_refusals_are_immediate_openai_errors(fleet):
+    async def main():
+        async with picker([r.replica_arg for r in fleet], max_body_bytes=4096) as p, channel(p) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+
+            async def refused(path: str, raw: bytes) -> tuple[int, dict]:
+                call = stub.Process()
+                await call.write(headers_msg(path))
+                await call.write(body_msg(raw, eos=True))
+                answer = (await call.read()).immediate_response
+                assert {h.header.key: h.header.raw_value for h in answer.headers.set_headers}["content-type"] \
+                    == b"application/json"
+                return answer.status.code, json.loads(answer.body)
+
+            status, err = await refused("/v1/completions", b"{not json")
+            assert status == 400 and "JSON" in err["error"]["message"]
+            status, err = await refused("/v1/completions", json.dumps({"model": "nope", "prompt": "hi"}).encode())
+            assert status == 404 and "tiny" in err["error"]["message"]  # says which models are served
+            status, err = await refused("/v1/completions", b'{"prompt": "' + b"x" * 5000 + b'"}')
+            assert status == 413 and "smaller" in err["error"]["message"]
+            # A request without a body (headers end the stream) is placed by load at once.
+            call = stub.Process()
+            await call.write(headers_msg("/v1/models", method="GET", eos=True))
+            answer = await call.read()
+            assert set_headers(answer.request_headers.response)[DEST][0] in {addr(r) for r in fleet}
+            # Something to hash is missing: placed by load, the replica answers what is wrong.
+            call, first, raw = await pick(stub, {"model": "tiny"})
+            assert set_headers(first.request_headers.response)[DEST][0] in {addr(r) for r in fleet}
+            assert raw == b'{"model": "tiny"}'
+            metrics = (await ahttp("GET", p.http_url + "/metrics"))[2].decode()
+            for outcome in ("bad_request", "not_found", "too_large", "load"):
+                assert f'kvfleet_picker_picks_total{{outcome="{outcome}"}}' in metrics
+    asyncio.run(main())
+
+
+def test_subset_hint_and_no_replica_answer_503(fleet):
+    dead = f"http://127.0.0.1:{procs.free_port()}"
+
+    async def main():
+        async with picker([r.replica_arg for r in fleet], policy="precise_prefix") as p, channel(p) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            only = addr(fleet[1])
+            for i in range(4):  # unrelated prompts would spread; the hint keeps them on one endpoint
+                _, first, _ = await pick(stub, {"model": "tiny", "prompt": f"{i} unrelated {i * 31}"}, subset=[only])
+                assert set_headers(first.request_headers.response)[DEST][0] == only
+            _, first, _ = await pick(stub, {"model": "tiny", "prompt": "hi"}, subset=["10.9.9.9:80"])
+            assert first.immediate_response.status.code == 503
+            assert "subset" in json.loads(first.immediate_response.body)["error"]["message"]
+        async with picker([dead]) as p, channel(p) as ch:
+            await wait_for(lambda: not p.balancer.registry.get(dead).healthy)
+            _, first, _ = await pick(pb_grpc.ExternalProcessorStub(ch), {"model": "tiny", "prompt": "hi"})
+            assert first.immediate_response.status.code == 503
+            check = health_pb2_grpc.HealthStub(ch).Check
+            live = await check(health_pb2.HealthCheckRequest(service="liveness"))
+            assert live.status == health_pb2.HealthCheckResponse.SERVING
+
+            async def readiness():
+                return (await check(health_pb2.HealthCheckRequest(service="readiness"))).status
+            for _ in range(100):  # re-read every health_refresh_s
+                if await readiness() == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            assert await readiness() == health_pb2.HealthCheckResponse.NOT_SERVING
+    asyncio.run(main())
+
+
+def test_a_stream_that_ends_early_releases_its_booking(fleet):
+    """Envoy cancels the ext_proc call when the client goes away mid-response: the booking ends
+    (as failed), nothing stays counted in flight."""
+    async def main():
+        async with picker([r.replica_arg for r in fleet]) as p, channel(p) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            call, first, _ = await pick(stub, {"model": "tiny", "prompt": "hello", "max_tokens": 50})
+            endpoint = set_headers(first.request_headers.response)[DEST][0]
+            replica = next(r for r in p.balancer.registry if r.url.endswith(endpoint))
+            assert replica.inflight_requests == 1
+            await call.write(response_headers_msg(200, "text/event-stream"))
+            await call.read()
+            call.cancel()
+            await wait_for(lambda: replica.inflight_requests == 0)
+            metrics = (await ahttp("GET", p.http_url + "/metrics"))[2].decode()
+            assert "kvfleet_picker_aborted_total 1.0" in metrics
+            assert "kvfleet_picker_streams 0.0" in metrics
+    asyncio.run(main())
+
+
+def test_config_file_and_envoy_bootstrap_validate(tmp_path, fleet):
+    """The config file's `picker` table, and the bootstrap the picker prints passes the real
+    Envoy's own validation (fail-open and fail-closed)."""
+    import subprocess
+
+    from harness.envoy import envoy_binary
+
+    f = tmp_path / "picker.toml"
+    f.write_text('policy = "precise_prefix"\nreplicas = ["http://127.0.0.1:8001"]\n[picker]\ngrpc_port = 9102\n')
+    cfg = PickerConfig.from_file(f)
+    assert (cfg.grpc_port, cfg.fleet.policy, cfg.fleet.port) == (9102, "precise_prefix", 9090)
+    f.write_text('[picker]\ngrpc_prot = 1\n')
+    with pytest.raises(ValueError, match="grpc_port"):
+        PickerConfig.from_file(f)
+    f.write_text('api_keys = ["k1"]\n')  # Envoy carries the requests: the gateway must check keys
+    with pytest.raises(ValueError, match="ext_authz"):
+        PickerConfig.from_file(f)
+    for fail_open in (True, False):
+        path = tmp_path / f"envoy-{fail_open}.json"
+        path.write_text(json.dumps(bootstrap("127.0.0.1:8080", "127.0.0.1:9002", [addr(r) for r in fleet],
+                                             fail_open=fail_open, admin="127.0.0.1:9901")))
+        out = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
