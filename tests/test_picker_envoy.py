@@ -122,6 +122,31 @@ def test_requests_land_where_the_picker_said_and_keep_their_prefix(gateway, kind
     assert status == 404 and "tiny" in json.loads(data)["error"]["message"]
 
 
+def test_a_hung_picker_holds_no_request(gateway):
+    """A picker that accepts connections but never answers (SIGSTOP): the fail-open gateway
+    goes on without it after its message_timeout (2 s here); the fail-closed one, in full-duplex
+    mode where Envoy enforces no message timeout, answers 503 once its HTTP/2 PINGs to the
+    picker go unanswered (~2 s). Then the picker resumes and picks again."""
+    picker = gateway["picker"][0]
+    body = {"model": "tiny", "prompt": "hello to a gateway whose picker hangs", "max_tokens": 3}
+    picker.popen.send_signal(signal.SIGSTOP)
+    try:
+        status, h, _ = complete(gateway["open"], body)  # BOUND_S: a hang fails here
+        assert status == 200 and "x-kvfleet-replica" not in h
+        assert stream(gateway["open"], body)[0] == 200
+        status, _, _ = complete(gateway["closed"], body)
+        assert status == 503
+    finally:
+        picker.popen.send_signal(signal.SIGCONT)
+    for url in (gateway["open"], gateway["closed"]):
+        for _ in range(100):
+            status, h, _ = complete(url, body)
+            if status == 200 and "x-kvfleet-replica" in h:
+                break
+            time.sleep(0.1)
+        assert status == 200 and "x-kvfleet-replica" in h
+
+
 def test_picker_down_fails_open_or_closed_as_configured_and_recovers(gateway):
     reps, picker = gateway["replicas"], gateway["picker"][0]
     picker.stop(sig=signal.SIGKILL)

@@ -26,9 +26,16 @@ from collections.abc import Sequence
 from balancer.picker.config import DESTINATION_HEADER
 
 _T = "type.googleapis.com/envoy."
-HTTP2_ONLY = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-    "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-    "explicit_http_config": {"http2_protocol_options": {}}}}
+
+
+def _http2_to_picker(keepalive_s: float) -> dict:
+    """HTTP/2 to the picker, with PINGs: a picker that is stopped but whose socket is open (hung,
+    SIGSTOP, a lost peer) fails its streams within ~2 × keepalive_s. Needed in full-duplex mode,
+    where Envoy enforces no message_timeout; without it such a request waits for the route timeout."""
+    ping = {"interval": f"{keepalive_s}s", "timeout": f"{keepalive_s}s"}
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {"connection_keepalive": ping}}}}
 
 
 def _address(host: str, port: int) -> dict:
@@ -56,7 +63,8 @@ BUFFERED_MODE = {**FULL_DUPLEX_MODE, "request_body_mode": "BUFFERED", "response_
 def bootstrap(listen: str, picker: str, replicas: Sequence[str], fail_open: bool = True,
               admin: str | None = None, header: str = DESTINATION_HEADER, message_timeout_s: float = 10.0,
               route_timeout_s: float = 600.0, served_by_header: str | None = "x-kvfleet-upstream",
-              body_mode: str | None = None, max_body_bytes: int = 16 * 1024 * 1024) -> dict:
+              body_mode: str | None = None, max_body_bytes: int = 16 * 1024 * 1024,
+              picker_keepalive_s: float = 1.0) -> dict:
     """The bootstrap (as a dict; `json.dumps` it for `envoy -c`). `listen`, `picker`, `admin` and
     each of `replicas` are `host:port`; `replicas` serve the fail-open fallback. `body_mode`:
     "full_duplex" (the protocol's streaming mode) or "buffered" (request body buffered, response
@@ -103,7 +111,7 @@ def bootstrap(listen: str, picker: str, replicas: Sequence[str], fail_open: bool
             "route_config": {"name": "inference", "virtual_hosts": [{"name": "fleet", "domains": ["*"],
                                                                      "routes": routes}]}}}]}]}
     clusters = [
-        _static_cluster("picker", [picker], 1.0, typed_extension_protocol_options=HTTP2_ONLY),
+        _static_cluster("picker", [picker], 1.0, typed_extension_protocol_options=_http2_to_picker(picker_keepalive_s)),
         {"name": "picked", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s",
          "original_dst_lb_config": {"use_http_header": True, "http_header_name": header}},
     ]
