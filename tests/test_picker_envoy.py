@@ -75,6 +75,17 @@ def stream(url: str, body: dict) -> tuple[int, dict, list[dict]]:
         return r.status, headers, events
 
 
+def picks_again(gateway, body: dict) -> None:
+    """Both gateways route by the picker's picks again (within ~10 s of it coming back)."""
+    for url in (gateway["open"], gateway["closed"]):
+        for _ in range(100):
+            status, h, _ = complete(url, body)
+            if status == 200 and "x-kvfleet-replica" in h:
+                break
+            time.sleep(0.1)
+        assert status == 200 and h["x-kvfleet-replica"].split("//", 1)[1] == h["x-kvfleet-upstream"]
+
+
 def decision(picker: procs.Proc, request_id: str) -> dict:
     _, _, data = http("GET", picker.url + "/admin/decisions?limit=50")
     return next(d for d in json.loads(data)["decisions"] if d["request_id"] == request_id)
@@ -138,13 +149,7 @@ def test_a_hung_picker_holds_no_request(gateway):
         assert status == 503
     finally:
         picker.popen.send_signal(signal.SIGCONT)
-    for url in (gateway["open"], gateway["closed"]):
-        for _ in range(100):
-            status, h, _ = complete(url, body)
-            if status == 200 and "x-kvfleet-replica" in h:
-                break
-            time.sleep(0.1)
-        assert status == 200 and "x-kvfleet-replica" in h
+    picks_again(gateway, body)
 
 
 def test_picker_down_fails_open_or_closed_as_configured_and_recovers(gateway):
@@ -165,10 +170,4 @@ def test_picker_down_fails_open_or_closed_as_configured_and_recovers(gateway):
         assert status == 503, data
     # The picker comes back on its port: the gateways route by its picks again.
     gateway["picker"][0] = picker = start_picker(reps, gateway["grpc_port"])
-    for url in (gateway["open"], gateway["closed"]):
-        for _ in range(100):
-            status, h, _ = complete(url, body)
-            if status == 200 and "x-kvfleet-replica" in h:
-                break
-            time.sleep(0.1)
-        assert status == 200 and h["x-kvfleet-replica"].split("//", 1)[1] == h["x-kvfleet-upstream"]
+    picks_again(gateway, body)
