@@ -60,7 +60,7 @@ FULL_DUPLEX_MODE = {"request_header_mode": "SEND", "response_header_mode": "SEND
 BUFFERED_MODE = {**FULL_DUPLEX_MODE, "request_body_mode": "BUFFERED", "response_body_mode": "STREAMED"}
 
 
-def bootstrap(listen: str, picker: str, replicas: Sequence[str], fail_open: bool = True,
+def bootstrap(listen: str, picker: str | None, replicas: Sequence[str], fail_open: bool = True,
               admin: str | None = None, header: str = DESTINATION_HEADER, message_timeout_s: float = 10.0,
               route_timeout_s: float = 600.0, served_by_header: str | None = "x-kvfleet-upstream",
               body_mode: str | None = None, max_body_bytes: int = 16 * 1024 * 1024,
@@ -70,7 +70,10 @@ def bootstrap(listen: str, picker: str, replicas: Sequence[str], fail_open: bool
     "full_duplex" (the protocol's streaming mode) or "buffered" (request body buffered, response
     streamed chunk by chunk); default: buffered when failing open (Envoy fails open in full-duplex
     mode only until the first body chunk reached the picker), full duplex when failing closed.
-    `max_body_bytes` is Envoy's buffer per connection (what a buffered request body may reach)."""
+    `max_body_bytes` is Envoy's buffer per connection (what a buffered request body may reach).
+    `picker=None`: no picker at all, round robin over `replicas` (Envoy alone, for comparison)."""
+    if picker is None:
+        fail_open = True
     if fail_open and not replicas:
         raise ValueError("fail-open needs the replicas' host:port list for its round-robin fallback")
     body_mode = body_mode or ("buffered" if fail_open else "full_duplex")
@@ -103,6 +106,8 @@ def bootstrap(listen: str, picker: str, replicas: Sequence[str], fail_open: bool
             "processing_mode": BUFFERED_MODE if body_mode == "buffered" else FULL_DUPLEX_MODE}},
         {"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}},
     ]
+    if picker is None:
+        filters, routes = filters[-1:], routes[-1:]
     listener = {"name": "inference", "address": _address(*_split(listen)),
                 "per_connection_buffer_limit_bytes": max_body_bytes, "filter_chains": [{"filters": [{
         "name": "envoy.filters.network.http_connection_manager", "typed_config": {
@@ -110,7 +115,7 @@ def bootstrap(listen: str, picker: str, replicas: Sequence[str], fail_open: bool
             "stat_prefix": "inference", "http_filters": filters,
             "route_config": {"name": "inference", "virtual_hosts": [{"name": "fleet", "domains": ["*"],
                                                                      "routes": routes}]}}}]}]}
-    clusters = [
+    clusters = [] if picker is None else [
         _static_cluster("picker", [picker], 1.0, typed_extension_protocol_options=_http2_to_picker(picker_keepalive_s)),
         {"name": "picked", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s",
          "original_dst_lb_config": {"use_http_header": True, "http_header_name": header}},
