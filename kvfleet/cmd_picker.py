@@ -104,6 +104,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvfleet picker: {e}; install the picker extra: pip install 'kvfleet[picker]'", file=sys.stderr)
         return 2
     try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
         return asyncio.run(serve(cfg))
     except ImportError as e:
         print(f"kvfleet picker: {e}; install the picker extra: pip install 'kvfleet[picker]'", file=sys.stderr)

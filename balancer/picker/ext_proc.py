@@ -269,6 +269,8 @@ class RequestStream:
                                           dynamic_metadata=metadata)]
         if self.request_mode != FULL_DUPLEX:  # buffered: the headers were answered; Envoy keeps the body
             return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=route), dynamic_metadata=metadata)]
+        # Full duplex: Envoy sends the body upstream chunked (Transfer-Encoding), whatever the
+        # client sent; a Content-Length set here is not applied (Envoy 1.40).
         headers = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=route), dynamic_metadata=metadata)
         return [headers, *_body_chunks(bytes(self.body), end=not trailers, request=True)]
 
