@@ -49,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fail-closed", action="store_true",
                    help="with --print-envoy-config: answer 503 while the picker is unreachable (default: fail "
                         "open, round robin over the replicas)")
+    g.add_argument("--envoy-body-mode", choices=("buffered", "full_duplex"), default=None,
+                   help="with --print-envoy-config: how Envoy sends bodies to the picker (default: buffered when "
+                        "failing open, since Envoy cannot fail open in full duplex once a body chunk reached the "
+                        "picker; full_duplex, the protocol's streaming mode, when failing closed)")
 
 
 def build_config(args: argparse.Namespace) -> PickerConfig:
@@ -63,13 +67,13 @@ def build_config(args: argparse.Namespace) -> PickerConfig:
     return replace(base, fleet=fleet, **own)
 
 
-def envoy_config(cfg: PickerConfig, listen: str, fail_open: bool) -> dict:
+def envoy_config(cfg: PickerConfig, listen: str, fail_open: bool, body_mode: str | None = None) -> dict:
     from balancer.picker.envoy import bootstrap
     from balancer.picker.ext_proc import endpoint_address
 
     replicas = [endpoint_address(r.url) for r in cfg.fleet.replicas]
     return bootstrap(listen, f"{cfg.grpc_host}:{cfg.grpc_port}", replicas, fail_open=fail_open,
-                     header=cfg.destination_header)
+                     header=cfg.destination_header, body_mode=body_mode, max_body_bytes=cfg.fleet.max_body_bytes)
 
 
 async def serve(cfg: PickerConfig) -> int:
@@ -95,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
         make_policy(cfg.fleet.policy, dict(cfg.fleet.policy_options))  # fail early on bad options
         if args.print_envoy_config:
-            print(json.dumps(envoy_config(cfg, args.listen, fail_open=not args.fail_closed), indent=2))
+            print(json.dumps(envoy_config(cfg, args.listen, fail_open=not args.fail_closed,
+                                          body_mode=args.envoy_body_mode), indent=2))
             return 0
     except (ValueError, OSError) as e:
         print(f"kvfleet picker: {e}", file=sys.stderr)

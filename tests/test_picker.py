@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import urllib.request
 
 import grpc
@@ -333,13 +334,26 @@ def test_config_file_and_envoy_bootstrap_validate(tmp_path, fleet):
     f.write_text('api_keys = ["k1"]\n')  # Envoy carries the requests: the gateway must check keys
     with pytest.raises(ValueError, match="ext_authz"):
         PickerConfig.from_file(f)
-    for fail_open in (True, False):
-        path = tmp_path / f"envoy-{fail_open}.json"
-        path.write_text(json.dumps(bootstrap("127.0.0.1:8080", "127.0.0.1:9002", [addr(r) for r in fleet],
-                                             fail_open=fail_open, admin="127.0.0.1:9901")))
+    configs = {f"{fail_open}-{mode}": bootstrap("127.0.0.1:8080", "127.0.0.1:9002", [addr(r) for r in fleet],
+                                                fail_open=fail_open, admin="127.0.0.1:9901", body_mode=mode)
+               for fail_open in (True, False) for mode in ("buffered", "full_duplex")}
+    # what `kvfleet picker --print-envoy-config` prints (a host name resolved to the address)
+    printed = subprocess.run([sys.executable, "-m", "kvfleet.cli", "picker", "--print-envoy-config",
+                              "--replica", "http://localhost:8001", "--replica", fleet[0].url],
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    configs["printed"] = json.loads(printed.stdout)
+    fallback = next(c for c in configs["printed"]["static_resources"]["clusters"] if c["name"] == "fallback")
+    listed = [e["endpoint"]["address"]["socket_address"] for e in fallback["load_assignment"]["endpoints"][0]
+              ["lb_endpoints"]]
+    assert listed[0]["address"] in ("127.0.0.1", "::1") and listed[0]["port_value"] == 8001
+    assert listed[1] == {"address": "127.0.0.1", "port_value": int(addr(fleet[0]).rsplit(":", 1)[1])}
+    for name, cfg_json in configs.items():
+        path = tmp_path / f"envoy-{name}.json"
+        path.write_text(json.dumps(cfg_json))
         out = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
                              capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.returncode == 0, (name, out.stderr[-2000:])
 
 
 def test_buffered_mode_answers_headers_at_once_and_picks_on_the_body(fleet):
