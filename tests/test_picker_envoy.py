@@ -171,3 +171,40 @@ def test_picker_down_fails_open_or_closed_as_configured_and_recovers(gateway):
     # The picker comes back on its port: the gateways route by its picks again.
     gateway["picker"][0] = picker = start_picker(reps, gateway["grpc_port"])
     picks_again(gateway, body)
+
+
+def test_a_lost_replica_costs_one_request_then_is_avoided(gateway):
+    """The picked replica refuses Envoy's connection (it died between health checks): Envoy
+    answers 503 for that one request, its response flags (UF) tell the picker the connection was
+    refused, the breaker opens at once, and the next requests go to the replica that is left."""
+    extra = procs.start(SIM)
+    other = gateway["replicas"][0]
+    grpc_port = procs.free_port()
+    picker = start_picker([extra, other], grpc_port)
+    listen, admin = procs.free_port(), procs.free_port()
+    envoy = start_envoy(bootstrap(f"127.0.0.1:{listen}", f"127.0.0.1:{grpc_port}", [], fail_open=False,
+                                  admin=f"127.0.0.1:{admin}"), admin)
+    url = f"http://127.0.0.1:{listen}"
+    try:
+        shared = "Lost: " + SHARED
+        # The shared prefix is cached on `extra` only (the module's replica drained meanwhile), so
+        # the picker keeps sending it there: the replica this test kills.
+        assert http("POST", picker.url + "/admin/replicas/drain", {"replica": other.url})[0] == 200
+        status, h, _ = complete(url, {"model": "tiny", "prompt": shared, "max_tokens": 2})
+        assert http("POST", picker.url + "/admin/replicas/undrain", {"replica": other.url})[0] == 200
+        assert status == 200 and h["x-kvfleet-replica"] == extra.url
+        assert "x-kvfleet-envoy-flags" not in h  # the picker removes Envoy's flags
+        victim = extra
+        time.sleep(0.3)  # its KV events reach the picker: the shared prefix now pulls towards it
+        victim.popen.kill()
+        victim.popen.wait()
+        statuses = []
+        for i in range(4):
+            status, h, _ = complete(url, {"model": "tiny", "prompt": shared + f"Q{i}", "max_tokens": 2})
+            statuses.append((status, h.get("x-kvfleet-replica")))
+        assert statuses[0] == (503, victim.url)
+        assert statuses[1:] == [(200, other.url)] * 3
+    finally:
+        envoy.stop()
+        picker.stop()
+        extra.stop()

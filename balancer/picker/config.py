@@ -19,6 +19,9 @@ DESTINATION_HEADER = "x-gateway-destination-endpoint"
 METADATA_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+# Added by kvfleet's Envoy bootstraps to each picked response: Envoy's %RESPONSE_FLAGS% (UF: the
+# replica refused the connection, UC/UR: it reset it, ...), read and removed by the picker.
+ENVOY_FLAGS_HEADER = "x-kvfleet-envoy-flags"
 # The reference EPP's ports: 9002 for ext_proc, 9090 for metrics (the HTTP port here).
 GRPC_PORT = 9002
 HTTP_PORT = 9090

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from balancer.picker.config import DESTINATION_HEADER
+from balancer.picker.config import DESTINATION_HEADER, ENVOY_FLAGS_HEADER
 
 _T = "type.googleapis.com/envoy."
 
@@ -81,9 +81,13 @@ def bootstrap(listen: str, picker: str | None, replicas: Sequence[str], fail_ope
         raise ValueError(f"body_mode must be buffered or full_duplex, got {body_mode!r}")
     served = [{"header": {"key": served_by_header, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}] if served_by_header else []
+    # Envoy's response flags (e.g. UF: the picked replica refused the connection), for the picker
+    # to read in the response phase (ext_proc.ENVOY_FLAGS_HEADER) and to drop before the client.
+    flags = [{"header": {"key": ENVOY_FLAGS_HEADER, "value": "%RESPONSE_FLAGS%"},
+              "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
     timeout = f"{route_timeout_s}s"
     routes = [{"match": {"prefix": "/", "headers": [{"name": header, "present_match": True}]},
-               "route": {"cluster": "picked", "timeout": timeout}, "response_headers_to_add": served}]
+               "route": {"cluster": "picked", "timeout": timeout}, "response_headers_to_add": served + flags}]
     if fail_open:
         routes.append({"match": {"prefix": "/"}, "route": {"cluster": "fallback", "timeout": timeout},
                        "response_headers_to_add": served})

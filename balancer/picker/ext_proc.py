@@ -17,7 +17,9 @@ answer before the next phase's):
     response_headers ─▶ status, content type; the answer adds `X-Kvfleet-Replica`
     response_body × n ─▶ passed back as they came; the tail kept for `usage`
       end of stream ─▶ the booking ends: usage (cached and completion tokens), the decision
-        audited, Booking.finish; a 5xx counts against the replica and ends it as failed
+        audited, Booking.finish; a 5xx counts against the replica and ends it as failed (Envoy's
+        response flags, `x-kvfleet-envoy-flags` from kvfleet's bootstraps, say whether the replica
+        refused the connection: then the breaker opens at once; the header is removed)
     the gRPC stream closes before that (client gone, upstream reset) ─▶ Booking.finish(ok=False)
 
 Body modes. Envoy says its modes in the stream's first message (`protocol_config`; absent, the
@@ -66,7 +68,7 @@ from balancer.relay import REPLICA_HEADER
 from balancer.router import Booking
 from protocol.openai_api import APIError, GenerationRequest, decode_json_body, error_body, parse_for_routing
 
-from balancer.picker.config import SUBSET_KEY, SUBSET_NAMESPACE, PickerConfig
+from balancer.picker.config import ENVOY_FLAGS_HEADER, SUBSET_KEY, SUBSET_NAMESPACE, PickerConfig
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("kvfleet.picker.access")
@@ -180,6 +182,7 @@ class RequestStream:
         self.prompt_tokens = 0
         self.status = 0
         self.sse = False
+        self.refused = False  # the picked replica refused Envoy's connection (its 503 is Envoy's)
         self.tail = bytearray()
         self.events = 0  # SSE data events relayed, [DONE] included
         self.ttft_s: float | None = None
@@ -341,7 +344,10 @@ class RequestStream:
         except ValueError:
             self.status = 0
         self.sse = headers.get("content-type", "").startswith("text/event-stream")
+        self.refused = "UF" in headers.get(ENVOY_FLAGS_HEADER, "").split(",")
         mutation = _set_headers((REPLICA_HEADER.lower(), self.booking.replica_id)) if self.booking else None
+        if mutation is not None:
+            mutation.remove_headers.append(ENVOY_FLAGS_HEADER)
         out = [pb.ProcessingResponse(response_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation)))]
         if msg.end_of_stream or self.response_mode == NONE:  # NONE: no body phase follows
@@ -383,8 +389,8 @@ class RequestStream:
             # vLLM and kvfleet replicas send one event per decoded token, so this is the output
             # length but for tokens a stop string held back; the predictor learns from it.
             output = self.events - 1
-        if self.status >= 500:
-            b.registry.record_failure(replica, refused=False)
+        if self.status >= 500:  # refused (Envoy's UF flag): the breaker opens at once, as in the balancer
+            b.registry.record_failure(replica, refused=self.refused)
             booking.fail()
         else:
             b.registry.record_success(replica)
