@@ -7,7 +7,6 @@ tests/test_observability_prometheus.py's fixture when missing."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
