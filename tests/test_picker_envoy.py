@@ -44,11 +44,11 @@ def gateway():
             listen, admin = procs.free_port(), procs.free_port()
             cfg = bootstrap(f"127.0.0.1:{listen}", f"127.0.0.1:{grpc_port}", endpoints, fail_open=fail_open,
                             admin=f"127.0.0.1:{admin}", message_timeout_s=2.0)
-            envoys[fail_open] = (f"http://127.0.0.1:{listen}", start_envoy(cfg, admin))
+            envoys[fail_open] = (f"http://127.0.0.1:{listen}", start_envoy(cfg, admin), f"http://127.0.0.1:{admin}")
         yield {"replicas": reps, "picker": [picker], "grpc_port": grpc_port, "open": envoys[True][0],
-               "closed": envoys[False][0]}
+               "closed": envoys[False][0], "admins": [e[2] for e in envoys.values()]}
     finally:
-        for _, proc in envoys.values():
+        for _, proc, _ in envoys.values():
             proc.stop()
         for p in [picker, *reps]:
             p.stop()
@@ -131,6 +131,20 @@ def test_requests_land_where_the_picker_said_and_keep_their_prefix(gateway, kind
     # Refusals come from the picker as OpenAI-style errors through Envoy.
     status, _, data = complete(url, {"model": "nope", "prompt": "hi"})
     assert status == 404 and "tiny" in json.loads(data)["error"]["message"]
+
+
+def test_an_idle_gateway_keeps_its_connection_to_the_picker(gateway):
+    """Envoy PINGs the picker every second; the picker's gRPC server must accept that (gRPC's
+    defaults answer frequent pings without data with GOAWAY "too_many_pings", which closed the
+    connection every few seconds and let new requests race the close)."""
+    body = {"model": "tiny", "prompt": "hello after a pause", "max_tokens": 2}
+    for url in (gateway["open"], gateway["closed"]):
+        assert complete(url, body)[0] == 200
+    time.sleep(8)  # idle: only Envoy's PINGs (gRPC GOAWAYs after 2 strikes: ~3-8 s here)
+    for url, admin in zip((gateway["open"], gateway["closed"]), gateway["admins"]):
+        assert complete(url, body)[0] == 200
+        stats = http("GET", admin + "/stats?filter=cluster.picker.upstream_cx_(close_notify|total)")[2].decode()
+        assert "cluster.picker.upstream_cx_close_notify: 0" in stats, stats
 
 
 def test_a_hung_picker_holds_no_request(gateway):

@@ -38,6 +38,16 @@ from balancer.picker.ext_proc import ExternalProcessor, PickerMetrics, Picking
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 GRACE_S = 5.0  # ext_proc streams in flight at shutdown get this long to finish
+GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a second picker on the same port fails instead of sharing it
+    # Envoy PINGs the picker every second (balancer/picker/envoy.py: how a hung picker is found).
+    # gRPC's defaults answer pings more often than every 5 min without data with GOAWAY
+    # ("too_many_pings"), which closed an idle gateway's connection every few seconds (a new
+    # request could race the close). Accept them.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
 class Picker:
@@ -68,8 +78,7 @@ class Picker:
         cfg = self.cfg
         await self.balancer.start()
         try:
-            # so_reuseport off: a second picker on the same port fails instead of sharing it.
-            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            server = grpc.aio.server(options=GRPC_OPTIONS)
             pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.picking), server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             port = server.add_insecure_port(f"{cfg.grpc_host}:{cfg.grpc_port}")
