@@ -31,7 +31,11 @@ from kvfleet import cmd_balancer, logs
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cmd_balancer.add_arguments(p)
-    p.set_defaults(port=None)
+    for action in p._actions:  # the balancer's listener is the picker's HTTP port
+        if "--port" in action.option_strings:
+            action.help = f"HTTP port for /metrics, /health and /admin (default {HTTP_PORT}; 0 picks a free one)"
+        elif "--host" in action.option_strings:
+            action.help = "address of the HTTP port (default 127.0.0.1)"
     g = p.add_argument_group("endpoint picker")
     d = PickerConfig()
     g.add_argument("--grpc-host", default=None, help=f"address of the ext_proc gRPC listener (default {d.grpc_host})")
@@ -56,10 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> PickerConfig:
-    base = PickerConfig.from_file(args.config) if args.config else PickerConfig()
-    if args.port is None:
-        args.port = base.fleet.port
-    args.config = None  # read above, with its picker table
+    base = PickerConfig.from_file(args.config) if args.config else PickerConfig()  # its `picker` table too
     fleet = cmd_balancer.build_config(args, base=base.fleet)
     own = {k: v for k, v in (("grpc_host", args.grpc_host), ("grpc_port", args.grpc_port),
                              ("destination_header", args.destination_header),
