@@ -271,11 +271,14 @@ class RequestStream:
             return [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=route),
                                           dynamic_metadata=metadata)]
         if self.request_mode != FULL_DUPLEX:  # buffered: the headers were answered; Envoy keeps the body
+            self.body = bytearray()
             return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=route), dynamic_metadata=metadata)]
         # Full duplex: Envoy sends the body upstream chunked (Transfer-Encoding), whatever the
         # client sent; a Content-Length set here is not applied (Envoy 1.40).
         headers = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=route), dynamic_metadata=metadata)
-        return [headers, *_body_chunks(bytes(self.body), end=not trailers, request=True)]
+        out = [headers, *_body_chunks(bytes(self.body), end=not trailers, request=True)]
+        self.body = bytearray()  # not needed again: a long stream does not hold its prompt
+        return out
 
     def _book(self) -> tuple[Booking, str]:
         """The booking for this request, as the balancer would make it; APIError for a refusal."""
