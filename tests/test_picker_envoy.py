@@ -133,6 +133,45 @@ def test_requests_land_where_the_picker_said_and_keep_their_prefix(gateway, kind
     assert status == 404 and "tiny" in json.loads(data)["error"]["message"]
 
 
+def test_concurrent_requests_leave_nothing_booked(gateway):
+    """24 requests at once through each gateway, unary and streamed, some cut by the client
+    mid-stream: every one answered or cut, and the picker's books end at zero (nothing in
+    flight on any replica, no ext_proc stream open)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    picker = gateway["picker"][0]
+
+    def one(args) -> int:
+        url, i = args
+        body = {"model": "tiny", "prompt": f"Concurrent {i % 3}: " + SHARED[:200] + str(i), "max_tokens": 8,
+                "ignore_eos": True}
+        if i % 4 == 3:  # the client leaves after the first event
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True,
+                                                                                   "max_tokens": 200}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=BOUND_S) as r:
+                r.readline()
+                return r.status
+        if i % 2:
+            return stream(url, body)[0]
+        return complete(url, body)[0]
+
+    jobs = [(url, i) for url in (gateway["open"], gateway["closed"]) for i in range(24)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        assert set(pool.map(one, jobs)) == {200}
+    for _ in range(100):
+        replicas = json.loads(http("GET", picker.url + "/admin/replicas")[2])["replicas"]
+        metrics = http("GET", picker.url + "/metrics")[2].decode()
+        if all(r["inflight_requests"] == 0 for r in replicas) and "kvfleet_picker_streams 0.0" in metrics:
+            break
+        time.sleep(0.1)
+    assert [r["inflight_requests"] for r in replicas] == [0, 0]
+    assert "kvfleet_picker_streams 0.0" in metrics
+    aborted = next(float(line.split()[1]) for line in metrics.splitlines()
+                   if line.startswith("kvfleet_picker_aborted_total "))
+    assert aborted >= 1  # the streams the clients left were released as failed
+
+
 def test_an_idle_gateway_keeps_its_connection_to_the_picker(gateway):
     """Envoy PINGs the picker every second; the picker's gRPC server must accept that (gRPC's
     defaults answer frequent pings without data with GOAWAY "too_many_pings", which closed the
