@@ -44,9 +44,9 @@ def start_envoy(config: dict, admin_port: int, timeout: float = 30.0) -> procs.P
 
 
 @contextlib.asynccontextmanager
-async def picker(specs: list[str], grpc_port: int = 0, **fleet):
+async def picker(specs: list[str], grpc_port: int = 0, fallback_endpoints: int = 0, **fleet):
     """An in-process picker for replicas `specs` (`URL[=EVENTS[,REPLAY]]`) on free ports (or
-    `grpc_port`); yields the started `balancer.picker.server.Picker`."""
+    `grpc_port`), `fleet` the BalancerConfig's fields; yields the started `balancer.picker.server.Picker`."""
     from balancer.config import BalancerConfig, HealthConfig, ReplicaSpec
     from balancer.picker.config import PickerConfig
     from balancer.picker.server import Picker
@@ -54,7 +54,7 @@ async def picker(specs: list[str], grpc_port: int = 0, **fleet):
     fleet.setdefault("health", HealthConfig(interval_s=0.2, timeout_s=0.5))
     fleet.setdefault("model", "tiny")
     cfg = PickerConfig(fleet=BalancerConfig(port=0, replicas=tuple(ReplicaSpec.parse(s) for s in specs), **fleet),
-                       grpc_port=grpc_port)
+                       grpc_port=grpc_port, fallback_endpoints=fallback_endpoints)
     p = Picker(cfg)
     await p.start()
     try:

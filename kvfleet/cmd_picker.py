@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"header (and dynamic-metadata key) naming the picked endpoint (default {DESTINATION_HEADER})")
     g.add_argument("--metadata-namespace", default=None,
                    help=f"dynamic-metadata namespace of the pick (default {METADATA_NAMESPACE})")
+    g.add_argument("--fallback-endpoints", type=int, default=None, metavar="N",
+                   help="list the policy's next N choices after the pick (ip:port,ip:port,...), for a gateway that "
+                        "retries down the list: Envoy's override_host policy (--envoy-lb override_host); default 0")
+    g.add_argument("--envoy-lb", choices=("original_dst", "override_host"), default="original_dst",
+                   help="with --print-envoy-config: the cluster that reads the pick (original_dst: one address, any "
+                        "host; override_host: the listed replicas, retried down the picker's list)")
     g.add_argument("--print-envoy-config", action="store_true",
                    help="print an Envoy bootstrap (JSON) for this picker and its --replica list, and exit")
     g.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
@@ -64,17 +70,20 @@ def build_config(args: argparse.Namespace) -> PickerConfig:
     fleet = cmd_balancer.build_config(args, base=base.fleet)
     own = {k: v for k, v in (("grpc_host", args.grpc_host), ("grpc_port", args.grpc_port),
                              ("destination_header", args.destination_header),
-                             ("metadata_namespace", args.metadata_namespace)) if v is not None}
+                             ("metadata_namespace", args.metadata_namespace),
+                             ("fallback_endpoints", args.fallback_endpoints)) if v is not None}
     return replace(base, fleet=fleet, **own)
 
 
-def envoy_config(cfg: PickerConfig, listen: str, fail_open: bool, body_mode: str | None = None) -> dict:
+def envoy_config(cfg: PickerConfig, listen: str, fail_open: bool, body_mode: str | None = None,
+                 lb: str = "original_dst") -> dict:
     from balancer.picker.envoy import bootstrap
     from balancer.picker.ext_proc import endpoint_address
 
     replicas = [endpoint_address(r.url) for r in cfg.fleet.replicas]
     return bootstrap(listen, f"{cfg.grpc_host}:{cfg.grpc_port}", replicas, fail_open=fail_open,
-                     header=cfg.destination_header, body_mode=body_mode, max_body_bytes=cfg.fleet.max_body_bytes)
+                     header=cfg.destination_header, body_mode=body_mode, max_body_bytes=cfg.fleet.max_body_bytes,
+                     lb=lb)
 
 
 async def serve(cfg: PickerConfig) -> int:
@@ -101,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         make_policy(cfg.fleet.policy, dict(cfg.fleet.policy_options))  # fail early on bad options
         if args.print_envoy_config:
             print(json.dumps(envoy_config(cfg, args.listen, fail_open=not args.fail_closed,
-                                          body_mode=args.envoy_body_mode), indent=2))
+                                          body_mode=args.envoy_body_mode, lb=args.envoy_lb), indent=2))
             return 0
     except (ValueError, OSError) as e:
         print(f"kvfleet picker: {e}", file=sys.stderr)

@@ -65,10 +65,10 @@ def body_msg(data: bytes, eos: bool, response: bool = False) -> pb.ProcessingReq
     return pb.ProcessingRequest(response_body=body) if response else pb.ProcessingRequest(request_body=body)
 
 
-def response_headers_msg(status: int, content_type: str) -> pb.ProcessingRequest:
+def response_headers_msg(status: int, content_type: str, **extra: str) -> pb.ProcessingRequest:
+    hs = {":status": str(status), "content-type": content_type, **{k.replace("_", "-"): v for k, v in extra.items()}}
     return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
-        base_pb2.HeaderValue(key=":status", raw_value=str(status).encode()),
-        base_pb2.HeaderValue(key="content-type", raw_value=content_type.encode())])))
+        base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in hs.items()])))
 
 
 def set_headers(common: pb.CommonResponse) -> dict[str, tuple[str, int]]:
@@ -334,9 +334,10 @@ def test_config_file_and_envoy_bootstrap_validate(tmp_path, fleet):
     f.write_text('api_keys = ["k1"]\n')  # Envoy carries the requests: the gateway must check keys
     with pytest.raises(ValueError, match="ext_authz"):
         PickerConfig.from_file(f)
-    configs = {f"{fail_open}-{mode}": bootstrap("127.0.0.1:8080", "127.0.0.1:9002", [addr(r) for r in fleet],
-                                                fail_open=fail_open, admin="127.0.0.1:9901", body_mode=mode)
-               for fail_open in (True, False) for mode in ("buffered", "full_duplex")}
+    configs = {f"{fail_open}-{mode}-{lb}": bootstrap("127.0.0.1:8080", "127.0.0.1:9002", [addr(r) for r in fleet],
+                                                     fail_open=fail_open, admin="127.0.0.1:9901", body_mode=mode, lb=lb)
+               for fail_open in (True, False) for mode in ("buffered", "full_duplex")
+               for lb in ("original_dst", "override_host")}
     # what `kvfleet picker --print-envoy-config` prints (a host name resolved to the address)
     printed = subprocess.run([sys.executable, "-m", "kvfleet.cli", "picker", "--print-envoy-config",
                               "--replica", "http://localhost:8001", "--replica", fleet[0].url],
@@ -404,4 +405,33 @@ def test_buffered_mode_answers_headers_at_once_and_picks_on_the_body(fleet):
             refusal = (await call.read()).immediate_response
             assert refusal.status.code == 500
             assert "FULL_DUPLEX_STREAMED or BUFFERED" in json.loads(refusal.body)["error"]["message"]
+    asyncio.run(main())
+
+
+def test_fallback_list_and_a_request_served_by_a_fallback(fleet):
+    """With fallback_endpoints=1 the answer lists the pick and the policy's next choice
+    (`ip:port,ip:port`, header and metadata alike); when the response says Envoy sent it to the
+    fallback (its retry after the pick refused the connection), the picker books it there and
+    releases the pick as failed."""
+    async def main():
+        async with picker([r.replica_arg for r in fleet], fallback_endpoints=1) as p, channel(p) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            call, first, raw = await pick(stub, {"model": "tiny", "prompt": "Fallback: " + SHARED, "max_tokens": 2})
+            listed = set_headers(first.request_headers.response)[DEST][0]
+            assert first.dynamic_metadata.fields["envoy.lb"].struct_value.fields[DEST].string_value == listed
+            picked, fallback = listed.split(",")
+            assert {picked, fallback} == {addr(r) for r in fleet}
+            reg = p.balancer.registry
+            by_addr = {addr(r): reg.get(r.url) for r in fleet}
+            assert (by_addr[picked].inflight_requests, by_addr[fallback].inflight_requests) == (1, 0)
+            status, ctype, data = await asyncio.to_thread(send, fallback, "/v1/completions", raw)
+            await call.write(response_headers_msg(status, ctype, x_kvfleet_upstream=fallback))
+            answer = await call.read()
+            assert set_headers(answer.response_headers.response)["x-kvfleet-replica"][0] == by_addr[fallback].replica_id
+            assert (by_addr[picked].inflight_requests, by_addr[fallback].inflight_requests) == (0, 1)
+            await call.write(body_msg(data, eos=True, response=True))
+            await call.read()
+            await call.done_writing()
+            await wait_for(lambda: by_addr[fallback].inflight_requests == 0)
+            assert p.balancer.audit.latest(1)[0]["replica"] == by_addr[fallback].replica_id
     asyncio.run(main())

@@ -27,9 +27,9 @@ SHARED = "System: you answer questions about the gateway's routing, briefly and 
 BOUND_S = 20  # every request through a gateway must end within this (a hang fails the test)
 
 
-def start_picker(replicas, grpc_port: int) -> procs.Proc:
+def start_picker(replicas, grpc_port: int, *extra: str) -> procs.Proc:
     return procs.start(["picker", "--port", "0", "--grpc-port", str(grpc_port), "--policy", "precise_prefix",
-                        "--model", "tiny", *[a for r in replicas for a in ("--replica", r.replica_arg)]])
+                        "--model", "tiny", *[a for r in replicas for a in ("--replica", r.replica_arg)], *extra])
 
 
 @pytest.fixture(scope="module")
@@ -226,17 +226,22 @@ def test_picker_down_fails_open_or_closed_as_configured_and_recovers(gateway):
     picks_again(gateway, body)
 
 
-def test_a_lost_replica_costs_one_request_then_is_avoided(gateway):
-    """The picked replica refuses Envoy's connection (it died between health checks): Envoy
-    answers 503 for that one request, its response flags (UF) tell the picker the connection was
-    refused, the breaker opens at once, and the next requests go to the replica that is left."""
+@pytest.mark.parametrize("lb", ["original_dst", "override_host"])
+def test_a_lost_replica_costs_at_most_one_request_then_is_avoided(gateway, lb):
+    """The picked replica refuses Envoy's connection (it died between health checks).
+    original_dst (one address): Envoy answers 503 for that request, its response flags (UF) tell
+    the picker the connection was refused, the breaker opens at once, the next requests go to the
+    replica that is left. override_host with the picker's fallback list (--fallback-endpoints 1):
+    Envoy retries the next endpoint of the list, so even that request is served, and the picker
+    books it where it was served."""
     extra = procs.start(SIM)
     other = gateway["replicas"][0]
     grpc_port = procs.free_port()
-    picker = start_picker([extra, other], grpc_port)
+    picker = start_picker([extra, other], grpc_port, *(["--fallback-endpoints", "1"] if lb == "override_host" else []))
     listen, admin = procs.free_port(), procs.free_port()
-    envoy = start_envoy(bootstrap(f"127.0.0.1:{listen}", f"127.0.0.1:{grpc_port}", [], fail_open=False,
-                                  admin=f"127.0.0.1:{admin}"), admin)
+    envoy = start_envoy(bootstrap(f"127.0.0.1:{listen}", f"127.0.0.1:{grpc_port}",
+                                  [r.url.split("//", 1)[1] for r in (extra, other)], fail_open=False,
+                                  admin=f"127.0.0.1:{admin}", lb=lb), admin)
     url = f"http://127.0.0.1:{listen}"
     try:
         shared = "Lost: " + SHARED
@@ -255,8 +260,15 @@ def test_a_lost_replica_costs_one_request_then_is_avoided(gateway):
         for i in range(4):
             status, h, _ = complete(url, {"model": "tiny", "prompt": shared + f"Q{i}", "max_tokens": 2})
             statuses.append((status, h.get("x-kvfleet-replica")))
-        assert statuses[0] == (503, victim.url)
-        assert statuses[1:] == [(200, other.url)] * 3
+        if lb == "original_dst":
+            assert statuses[0] == (503, victim.url)
+            assert statuses[1:] == [(200, other.url)] * 3
+        else:
+            assert statuses == [(200, other.url)] * 4
+            metrics = http("GET", picker.url + "/metrics")[2].decode()
+            assert f'kvfleet_retries_total{{replica="{victim.url}"}} 1.0' in metrics  # booked again, where served
+        replicas = json.loads(http("GET", picker.url + "/admin/replicas")[2])["replicas"]
+        assert [r["inflight_requests"] for r in replicas] == [0, 0]  # the failed pick was released
     finally:
         envoy.stop()
         picker.stop()

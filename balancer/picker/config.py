@@ -20,8 +20,11 @@ METADATA_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 # Added by kvfleet's Envoy bootstraps to each picked response: Envoy's %RESPONSE_FLAGS% (UF: the
-# replica refused the connection, UC/UR: it reset it, ...), read and removed by the picker.
+# replica refused the connection, UC/UR: it reset it, ...), read and removed by the picker; and
+# the address Envoy sent the request to (%UPSTREAM_REMOTE_ADDRESS%), read by the picker to see
+# which endpoint of its answer's list served it.
 ENVOY_FLAGS_HEADER = "x-kvfleet-envoy-flags"
+SERVED_HEADER = "x-kvfleet-upstream"
 # The reference EPP's ports: 9002 for ext_proc, 9090 for metrics (the HTTP port here).
 GRPC_PORT = 9002
 HTTP_PORT = 9090
@@ -36,6 +39,10 @@ class PickerConfig:
     metadata_namespace: str = METADATA_NAMESPACE
     # How often the gRPC health service re-reads the fleet (readiness: some replica is usable).
     health_refresh_s: float = 0.5
+    # Endpoints after the pick in the answer (`ip:port,ip:port,...`: the protocol's fallback list),
+    # the policy's next choices, for a gateway that retries down the list (Envoy's override_host
+    # load-balancing policy with a retry policy); ORIGINAL_DST takes one address: keep 0 there.
+    fallback_endpoints: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port < 65536:
@@ -47,6 +54,9 @@ class PickerConfig:
             raise ValueError("metadata_namespace must be non-empty (the protocol's default is envoy.lb)")
         if self.health_refresh_s <= 0:
             raise ValueError("health_refresh_s must be positive")
+        if isinstance(self.fallback_endpoints, bool) or not isinstance(self.fallback_endpoints, int) \
+                or not 0 <= self.fallback_endpoints <= 8:
+            raise ValueError(f"fallback_endpoints must be an integer in [0, 8], got {self.fallback_endpoints!r}")
         g = self.fleet.guard
         if (g.api_keys or g.rate_limit_rps or g.max_concurrency_per_key or g.max_inflight_per_replica
                 or g.max_tokens_cap or g.body_timeout_s):

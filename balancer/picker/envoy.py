@@ -4,7 +4,9 @@
     client ─▶ listener ─▶ header_mutation (drops a client's own x-gateway-destination-endpoint)
                        ─▶ ext_proc (the picker) ─▶ router
     route 1: the header is present (the picker set it) ─▶ cluster `picked`: ORIGINAL_DST, the
-             address taken from the header (`original_dst_lb_config.use_http_header`)
+             address taken from the header (`original_dst_lb_config.use_http_header`); or, with
+             lb="override_host", Envoy's override_host policy over the replicas, which takes the
+             picker's list (`--fallback-endpoints`) and retries down it on a refused connection
     route 2: no header (the picker is down and `failure_mode_allow` let the request through):
              fail-open ─▶ cluster `fallback`, round robin over the replicas;
              fail-closed ─▶ 503 (and ext_proc's own `status_on_error` is 503 too)
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from balancer.picker.config import DESTINATION_HEADER, ENVOY_FLAGS_HEADER
+from balancer.picker.config import DESTINATION_HEADER, ENVOY_FLAGS_HEADER, SERVED_HEADER
 
 _T = "type.googleapis.com/envoy."
 
@@ -47,6 +49,14 @@ def _split(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _policy(name: str, config: dict) -> dict:
+    """A cluster `load_balancing_policy` of one typed extension, e.g. ("round_robin", {})."""
+    camel = "".join(w.capitalize() for w in name.split("_"))
+    return {"policies": [{"typed_extension_config": {
+        "name": f"envoy.load_balancing_policies.{name}",
+        "typed_config": {"@type": _T + f"extensions.load_balancing_policies.{name}.v3.{camel}", **config}}}]}
+
+
 def _static_cluster(name: str, endpoints: Sequence[str], connect_timeout_s: float, **extra) -> dict:
     return {"name": name, "type": "STATIC", "connect_timeout": f"{connect_timeout_s}s", "lb_policy": "ROUND_ROBIN",
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
@@ -62,16 +72,24 @@ BUFFERED_MODE = {**FULL_DUPLEX_MODE, "request_body_mode": "BUFFERED", "response_
 
 def bootstrap(listen: str, picker: str | None, replicas: Sequence[str], fail_open: bool = True,
               admin: str | None = None, header: str = DESTINATION_HEADER, message_timeout_s: float = 10.0,
-              route_timeout_s: float = 600.0, served_by_header: str | None = "x-kvfleet-upstream",
+              route_timeout_s: float = 600.0, served_by_header: str | None = SERVED_HEADER,
               body_mode: str | None = None, max_body_bytes: int = 16 * 1024 * 1024,
-              picker_keepalive_s: float = 1.0) -> dict:
+              picker_keepalive_s: float = 1.0, lb: str = "original_dst") -> dict:
     """The bootstrap (as a dict; `json.dumps` it for `envoy -c`). `listen`, `picker`, `admin` and
     each of `replicas` are `host:port`; `replicas` serve the fail-open fallback. `body_mode`:
     "full_duplex" (the protocol's streaming mode) or "buffered" (request body buffered, response
     streamed chunk by chunk); default: buffered when failing open (Envoy fails open in full-duplex
     mode only until the first body chunk reached the picker), full duplex when failing closed.
     `max_body_bytes` is Envoy's buffer per connection (what a buffered request body may reach).
-    `picker=None`: no picker at all, round robin over `replicas` (Envoy alone, for comparison)."""
+    `picker=None`: no picker at all, round robin over `replicas` (Envoy alone, for comparison).
+    `lb`: how the `picked` cluster reads the pick. "original_dst": any `ip:port` the header names
+    (one address). "override_host": Envoy's override_host policy over `replicas`, which takes the
+    protocol's list `ip:port,ip:port,...` and, with the route's retry policy (a refused or reset
+    connection), tries the next endpoint of the list (the picker's `fallback_endpoints`)."""
+    if lb not in ("original_dst", "override_host"):
+        raise ValueError(f"lb must be original_dst or override_host, got {lb!r}")
+    if lb == "override_host" and not replicas:
+        raise ValueError("override_host needs the replicas' host:port list (its cluster's hosts)")
     if picker is None:
         fail_open = True
     if fail_open and not replicas:
@@ -86,8 +104,11 @@ def bootstrap(listen: str, picker: str | None, replicas: Sequence[str], fail_ope
     flags = [{"header": {"key": ENVOY_FLAGS_HEADER, "value": "%RESPONSE_FLAGS%"},
               "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
     timeout = f"{route_timeout_s}s"
+    picked_route = {"cluster": "picked", "timeout": timeout}
+    if lb == "override_host":  # down the picker's list when the endpoint refuses or resets the connection
+        picked_route["retry_policy"] = {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2}
     routes = [{"match": {"prefix": "/", "headers": [{"name": header, "present_match": True}]},
-               "route": {"cluster": "picked", "timeout": timeout}, "response_headers_to_add": served + flags}]
+               "route": picked_route, "response_headers_to_add": served + flags}]
     if fail_open:
         routes.append({"match": {"prefix": "/"}, "route": {"cluster": "fallback", "timeout": timeout},
                        "response_headers_to_add": served})
@@ -119,10 +140,17 @@ def bootstrap(listen: str, picker: str | None, replicas: Sequence[str], fail_ope
             "stat_prefix": "inference", "http_filters": filters,
             "route_config": {"name": "inference", "virtual_hosts": [{"name": "fleet", "domains": ["*"],
                                                                      "routes": routes}]}}}]}]}
+    if lb == "override_host":
+        picked = _static_cluster("picked", replicas, 2.0, load_balancing_policy=_policy(
+            "override_host", {"override_host_sources": [{"header": header}],
+                              "fallback_policy": _policy("round_robin", {})}))
+        del picked["lb_policy"]
+    else:
+        picked = {"name": "picked", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s",
+                  "original_dst_lb_config": {"use_http_header": True, "http_header_name": header}}
     clusters = [] if picker is None else [
         _static_cluster("picker", [picker], 1.0, typed_extension_protocol_options=_http2_to_picker(picker_keepalive_s)),
-        {"name": "picked", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s",
-         "original_dst_lb_config": {"use_http_header": True, "http_header_name": header}},
+        picked,
     ]
     if fail_open:
         clusters.append(_static_cluster("fallback", replicas, 2.0))

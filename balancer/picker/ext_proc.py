@@ -68,7 +68,7 @@ from balancer.relay import REPLICA_HEADER
 from balancer.router import Booking
 from protocol.openai_api import APIError, GenerationRequest, decode_json_body, error_body, parse_for_routing
 
-from balancer.picker.config import ENVOY_FLAGS_HEADER, SUBSET_KEY, SUBSET_NAMESPACE, PickerConfig
+from balancer.picker.config import ENVOY_FLAGS_HEADER, SERVED_HEADER, SUBSET_KEY, SUBSET_NAMESPACE, PickerConfig
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("kvfleet.picker.access")
@@ -179,6 +179,8 @@ class RequestStream:
         self.booking: Booking | None = None
         self.endpoint: str | None = None
         self.req: GenerationRequest | None = None
+        self.prepared = None  # the request as the router saw it (a policy pick), for a rebooking
+        self.alternates: list = []  # the policy's next choices (Decisions), listed after the pick
         self.prompt_tokens = 0
         self.status = 0
         self.sse = False
@@ -264,9 +266,11 @@ class RequestStream:
             attempt_metrics(m, booking.replica_id, booking.matched_tokens, booking.rr.prompt_tokens,
                             time.perf_counter() - started)
         header = self.p.cfg.destination_header
+        # The pick, then its fallbacks: `ip:port,ip:port` (the protocol's list), the same in both forms.
+        value = ",".join([addr, *(self.p.address(r) for r in self._alternate_replicas())])
         metadata = struct_pb2.Struct()
-        metadata.update({self.p.cfg.metadata_namespace: {header: addr}})
-        route = pb.CommonResponse(header_mutation=_set_headers((header, addr)), clear_route_cache=True)
+        metadata.update({self.p.cfg.metadata_namespace: {header: value}})
+        route = pb.CommonResponse(header_mutation=_set_headers((header, value)), clear_route_cache=True)
         if not body:
             return [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=route),
                                           dynamic_metadata=metadata)]
@@ -309,6 +313,14 @@ class RequestStream:
                 booking = b.router.route(prepared, self.request_id, exclude)
                 if booking is None:
                     raise self._no_replica(self.req.model)
+                self.prepared = prepared
+                tried = set(exclude) | {booking.replica_id}
+                for _ in range(self.p.cfg.fallback_endpoints):  # decisions only: booked if Envoy uses one
+                    _, _, alt = b.router.choose(prepared, self.request_id, frozenset(tried))
+                    if alt is None:
+                        break
+                    tried.add(alt.replica_id)
+                    self.alternates.append(alt)
                 return booking, "policy"
             model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
         elif not self.partial:
@@ -319,6 +331,28 @@ class RequestStream:
         if booking is None:
             raise self._no_replica(model)
         return booking, "load"
+
+    def _alternate_replicas(self) -> list[ReplicaState]:
+        reg = self.p.b.registry
+        return [r for r in (reg.get(d.replica_id) for d in self.alternates) if r is not None]
+
+    def _moved(self, served: str) -> None:
+        """Envoy went down the answer's list (the pick refused or reset its connection, and the
+        route retried): book the endpoint that served, release the pick as failed."""
+        d = next((d for d, r in zip(self.alternates, self._alternate_replicas()) if self.p.address(r) == served), None)
+        if d is None or self.prepared is None:
+            return
+        b = self.p.b
+        old = self.booking
+        # Envoy retried it for a connect failure or a reset before any response: as the balancer
+        # treats a refused attempt (the breaker opens at once; health polls confirm).
+        b.registry.record_failure(old.replica, refused=True)
+        old.fail()
+        m = b.metrics
+        m.series(m.inflight, old.replica_id).set(old.replica.inflight_requests)
+        m.retries.labels(old.replica_id).inc()
+        self.booking = b.router.book(self.prepared, old.rr, d)
+        self.endpoint = served
 
     def _no_replica(self, model: str | None) -> APIError:
         self.p.b.metrics.no_replica.inc()
@@ -348,6 +382,9 @@ class RequestStream:
             self.status = 0
         self.sse = headers.get("content-type", "").startswith("text/event-stream")
         self.refused = "UF" in headers.get(ENVOY_FLAGS_HEADER, "").split(",")
+        served = headers.get(SERVED_HEADER)
+        if self.alternates and self.booking is not None and served and served != self.endpoint:
+            self._moved(served)
         mutation = _set_headers((REPLICA_HEADER.lower(), self.booking.replica_id)) if self.booking else None
         if mutation is not None:
             mutation.remove_headers.append(ENVOY_FLAGS_HEADER)
