@@ -104,13 +104,16 @@ def bootstrap(listen: str, picker: str | None, replicas: Sequence[str], fail_ope
     flags = [{"header": {"key": ENVOY_FLAGS_HEADER, "value": "%RESPONSE_FLAGS%"},
               "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
     timeout = f"{route_timeout_s}s"
-    picked_route = {"cluster": "picked", "timeout": timeout}
+    # A unary completion sends no byte until it is done: the idle timeout (HCM default 5 min) is
+    # the route's whole timeout too.
+    picked_route = {"cluster": "picked", "timeout": timeout, "idle_timeout": timeout}
     if lb == "override_host":  # down the picker's list when the endpoint refuses or resets the connection
         picked_route["retry_policy"] = {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2}
     routes = [{"match": {"prefix": "/", "headers": [{"name": header, "present_match": True}]},
                "route": picked_route, "response_headers_to_add": served + flags}]
     if fail_open:
-        routes.append({"match": {"prefix": "/"}, "route": {"cluster": "fallback", "timeout": timeout},
+        routes.append({"match": {"prefix": "/"}, "route": {"cluster": "fallback", "timeout": timeout,
+                                                           "idle_timeout": timeout},
                        "response_headers_to_add": served})
     else:
         body = {"error": {"message": "the endpoint picker did not answer and this gateway fails closed; check "
