@@ -57,7 +57,7 @@ access_log = logging.getLogger("kvfleet.balancer.access")
 _USAGE_OBJECT = re.compile(rb"\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}")
 
 
-def _tail_usage(data: bytes | bytearray) -> dict | None:
+def tail_usage(data: bytes | bytearray) -> dict | None:
     """The last `"usage": {...}` object in data, parsed alone (without parsing the body)."""
     tail = bytes(data[-2048:])
     at = tail.rfind(b'"usage"')
@@ -95,7 +95,7 @@ class _Outcome:
     body: bytes | None = None  # a 200 body, to read `usage` from
 
 
-def _attempt_metrics(m: BalancerMetrics, replica_id: str, matched: int, prompt_tokens: int,
+def attempt_metrics(m: BalancerMetrics, replica_id: str, matched: int, prompt_tokens: int,
                      decision_s: float | None) -> None:
     """An attempt's metrics; called soon after the request is written (they need not delay it)."""
     if decision_s is not None:
@@ -171,13 +171,7 @@ class Proxy:
         arrival = time.perf_counter()
         request_id = ex.header("X-Request-Id") or f"{self._id_prefix}{next(self._ids)}"
         payload = await ex.read() if ex.method not in ("GET", "HEAD") else b""
-        model = None
-        if payload and (ex.header("Content-Type") or "").startswith("application/json"):
-            try:
-                body = json.loads(payload)
-            except ValueError:
-                body = None  # the replica says what is wrong with it
-            model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+        model = json_model(payload, ex.header("Content-Type"))
         if model is not None:
             self.check_model(GenerationRequest(kind="other", model=model))
         headers = {"X-Request-Id": request_id}
@@ -345,7 +339,7 @@ class Proxy:
             self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
             if prepared.lora_name is not None:
                 self.metrics.lora_routed.labels("resident" if prepared.lora_name in replica.loras else "load").inc()
-            asyncio.get_running_loop().call_soon(_attempt_metrics, self.metrics, replica.replica_id,
+            asyncio.get_running_loop().call_soon(attempt_metrics, self.metrics, replica.replica_id,
                                                  booking.matched_tokens, booking.rr.prompt_tokens, decision_s)
             outcome.replica, outcome.attempts, outcome.predicted_cached = (replica.replica_id, attempt + 1,
                                                                            booking.matched_tokens)
@@ -488,14 +482,34 @@ class Proxy:
         await ex.open_stream(upstream.status, relayed_headers(upstream, replica.replica_id, headers["X-Request-Id"]))
 
     def _note_usage(self, replica: ReplicaState, data: bytes | bytearray, outcome: _Outcome) -> None:
-        """Read the `usage` object at the end of a JSON body or of an SSE stream (its usage
-        chunk) without parsing the rest: cached tokens for the metrics and the access log,
-        completion tokens for the output-length predictor."""
-        usage = _tail_usage(data)
-        if usage is None:
-            return
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        self.metrics.series(self.metrics.reported_cached, replica.replica_id).inc(cached)
-        outcome.reported_cached = cached
-        if isinstance(usage.get("completion_tokens"), int):
-            outcome.output_tokens = usage["completion_tokens"]
+        cached, completion = note_usage(self.metrics, replica.replica_id, data)
+        if cached is not None:
+            outcome.reported_cached = cached
+        if completion is not None:
+            outcome.output_tokens = completion
+
+
+def json_model(payload: bytes, content_type: str | None) -> str | None:
+    """The `model` string of a JSON body (None: no JSON, or no such string), for a request that
+    is routed by load among the replicas serving its model."""
+    if not payload or not (content_type or "").startswith("application/json"):
+        return None
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return None  # the replica says what is wrong with it
+    return body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+
+
+def note_usage(m: BalancerMetrics, replica_id: str, data: bytes | bytearray) -> tuple[int | None, int | None]:
+    """Read the `usage` object at the end of a JSON body or of an SSE stream (its usage chunk)
+    without parsing the rest: (cached prompt tokens, counted in the metrics; completion tokens,
+    for the output-length predictor), None for what the response does not say. The proxy and
+    the endpoint picker (balancer/picker/) read responses with it."""
+    usage = tail_usage(data)
+    if usage is None:
+        return None, None
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    m.series(m.reported_cached, replica_id).inc(cached)
+    completion = usage.get("completion_tokens")
+    return cached, completion if isinstance(completion, int) else None

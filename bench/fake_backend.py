@@ -12,7 +12,7 @@ a few microseconds per request and is never the bottleneck of the measurement:
     GET /load                       an idle replica's load (what kvfleet's balancer polls)
     GET /get_server_info, /get_model_info   small JSON (what some routers ask a worker)
 
-Not a general HTTP server: no chunked request bodies, no Expect: 100-continue. Requests on one
+Not a general HTTP server: chunked request bodies without trailers only, no Expect: 100-continue. Requests on one
 connection are answered in order (a pipelined request waits for the stream before it).
 
     .venv/bin/python bench/fake_backend.py --port 0        # prints "listening on http://..."
@@ -39,6 +39,23 @@ def _response(status: str, body: bytes, ctype: bytes = b"application/json") -> b
 def _chunk(data: bytes) -> bytes:
     """One HTTP/1.1 chunk (RFC 9112 §7.1)."""
     return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
+def _dechunk(buf: bytearray, at: int) -> tuple[bytes, int] | None:
+    """A chunked body (RFC 9112 §7.1, no trailers) starting at `at`: (body, end offset), or None
+    while incomplete."""
+    body = bytearray()
+    while True:
+        eol = buf.find(b"\r\n", at)
+        if eol < 0:
+            return None
+        size = int(bytes(buf[at:eol]).split(b";", 1)[0], 16)
+        if size == 0:
+            return (bytes(body), eol + 4) if len(buf) >= eol + 4 else None
+        if len(buf) < eol + 2 + size + 2:
+            return None
+        body += buf[eol + 2 : eol + 2 + size]
+        at = eol + 2 + size + 2
 
 
 class Backend:
@@ -130,7 +147,7 @@ class Conn(asyncio.Protocol):
                 self.transport.close()
                 return
             length = 0
-            close = False
+            close = chunked = False
             for line in head[1:]:
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
@@ -138,10 +155,19 @@ class Conn(asyncio.Protocol):
                     length = int(value)
                 elif name == b"connection" and value.strip().lower() == b"close":
                     close = True
-            if len(buf) < end + 4 + length:
-                return
-            body = bytes(buf[end + 4 : end + 4 + length])
-            del buf[: end + 4 + length]
+                elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+            if chunked:  # what Envoy sends when an ext_proc filter streams the request body
+                parsed = _dechunk(buf, end + 4)
+                if parsed is None:
+                    return
+                body, stop = parsed
+                del buf[:stop]
+            else:
+                if len(buf) < end + 4 + length:
+                    return
+                body = bytes(buf[end + 4 : end + 4 + length])
+                del buf[: end + 4 + length]
             self.b.served += 1
             self._answer(method, path.split(b"?", 1)[0], body)
             if close:

@@ -8,6 +8,8 @@
   load, KV usage and queue, retries, failovers, resyncs, health.
 - replica-detail.json: one replica (the `replica` variable: a scrape `instance`), its vLLM
   metrics, and how the balancer sees it. Any vLLM server scraped by Prometheus works here too.
+- picker-overview.json: `kvfleet picker` behind Envoy: picks by outcome, streams open and aborted,
+  decision and response latency seen by the picker, predicted vs reported cache hits.
 - prometheus.yml: the scrape config (file-based service discovery), from kvfleet/prometheus.py.
 
 Every panel's queries use only `$__rate_interval` and `$replica`; the acceptance test
@@ -300,6 +302,54 @@ def replica_detail() -> dict:
     return build_dashboard(d)
 
 
+# ---------------------------------------------------------------------------------- endpoint picker
+# `kvfleet picker` (balancer/picker/, issue #18): its own series (`kvfleet_picker_*`) beside the
+# balancer metrics it shares (the picker books requests through the same Router, so the
+# `kvfleet_requests_total`, decision and cache series mean the same). Scrape the picker's HTTP
+# port as a balancer target. Proven on a real Prometheus by tests/test_picker_prometheus.py.
+def picker_overview() -> dict:
+    d = _base("kvfleet / Endpoint picker", "kvfleet-endpoint-picker",
+              "kvfleet picker behind an Envoy gateway: what it picked, refused and lost, how long the picks "
+              "took, and what the requests it placed delivered.")
+    d = d.with_row(gdash.Row("Picks"))
+    d = d.with_panel(graph("Picks by outcome", "ext_proc requests answered per second: `policy` (a generation "
+                           "placed by the routing policy), `load` (another route, by load), or the refusal sent "
+                           "instead (bad_request, not_found, too_large, no_replica, misconfigured).", "reqps",
+                           [(f"sum by (outcome) (rate(kvfleet_picker_picks_total[{RATE}]))", "{{outcome}}")]))
+    d = d.with_panel(graph("Requests by replica", "Requests per second whose response ended, by the replica the "
+                           "picker chose and its status class.", "reqps",
+                           [(f"sum by (replica, status) (rate(kvfleet_requests_total[{RATE}]))",
+                             "{{replica}} {{status}}")]))
+    d = d.with_panel(graph("ext_proc streams", "Streams open now (one per request in Envoy) and streams that "
+                           "closed before their response ended, per interval (client gone, upstream reset, "
+                           "Envoy timeout).", "short",
+                           [("sum(kvfleet_picker_streams)", "open"),
+                            (f"sum(increase(kvfleet_picker_aborted_total[{RATE}]))", "aborted")]))
+    d = d.with_row(gdash.Row("Latency (seen by the picker)"))
+    d = d.with_panel(quantiles("Routing decision", "Tokenize, hash, prefix-index lookup and policy scoring of one "
+                               "request.", "kvfleet_routing_decision_seconds_bucket"))
+    d = d.with_panel(quantiles("To the first response byte", "The request's headers at the picker to the first "
+                               "response body chunk Envoy passed to it.", "kvfleet_time_to_first_token_seconds_bucket"))
+    d = d.with_panel(quantiles("To the response's end", "The request's headers at the picker to the end of its "
+                               "response.", "kvfleet_e2e_request_latency_seconds_bucket"))
+    d = d.with_row(gdash.Row("Cache and load"))
+    d = d.with_panel(graph("Cache hit rate: predicted vs reported", "Share of picked prompt tokens the prefix index "
+                           "predicted the chosen replica holds, and what the replicas reported (usage.cached_tokens, "
+                           "read from the responses through Envoy).", "percentunit",
+                           [(ratio("kvfleet_predicted_cached_tokens_total", "kvfleet_prompt_tokens_total"),
+                             "predicted"),
+                            (ratio("kvfleet_reported_cached_tokens_total", "kvfleet_prompt_tokens_total"),
+                             "reported")]))
+    d = d.with_panel(graph("In flight by replica", "Requests the picker placed on each replica whose response has "
+                           "not ended.", "short",
+                           [("sum by (replica) (kvfleet_replica_inflight_requests)", "{{replica}}")]))
+    d = d.with_panel(graph("Prefix index", "KV blocks the picker's prefix index holds per replica (from the "
+                           "replicas' KV events).", "short",
+                           [("sum by (replica) (kvfleet_indexed_blocks)", "{{replica}}")]))
+    return build_dashboard(d)
+# ---------------------------------------------------------------------------------- end of endpoint picker
+
+
 # ---------------------------------------------------------------------------------- files
 def render() -> dict[str, str]:
     """Every generated file: name (relative to dashboards/) -> content."""
@@ -309,6 +359,7 @@ def render() -> dict[str, str]:
     return {
         "fleet-overview.json": dump(fleet_overview()),
         "replica-detail.json": dump(replica_detail()),
+        "picker-overview.json": dump(picker_overview()),  # kvfleet picker (issue #18)
         "prometheus.yml": scrape_config("targets", STATIC_SCRAPE_INTERVAL_S),
     }
 

@@ -4,6 +4,7 @@ the user's local fleet: kvfleet/fleet.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import urllib.error
@@ -78,3 +79,12 @@ async def read_stream(resp: aiohttp.ClientResponse, on_chunk=None) -> tuple[list
         if on_chunk:
             await on_chunk(len(ids))
     return ids, text, finish, error
+
+
+async def wait_for(condition, timeout: float = 20.0) -> None:
+    """Poll until condition() holds (health polls run every 0.2 s; a loaded machine is slower)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)

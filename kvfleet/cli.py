@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "replica": ("kvfleet.cmd_replica", "serve a model with the paged-attention engine (OpenAI-compatible HTTP)"),
     "balancer": ("kvfleet.cmd_balancer", "run the KV-cache-aware balancer in front of replicas (OpenAI-compatible HTTP)"),
+    "picker": ("kvfleet.cmd_picker", "route for an Envoy gateway: an ext_proc endpoint picker (Gateway API Inference Extension)"),
     "fleet": ("kvfleet.cmd_fleet", "start a local fleet of replicas and the balancer; Ctrl-C stops it"),
     "loadgen": ("kvfleet.cmd_loadgen", "replay a trace or synthetic load against an OpenAI endpoint and report"),
     "predict": ("kvfleet.cmd_predict", "evaluate output-length predictors on a trace, online and in time order"),

@@ -78,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     logs.add_arguments(p)
 
 
-def build_config(args: argparse.Namespace) -> BalancerConfig:
+def build_config(args: argparse.Namespace, base: BalancerConfig | None = None) -> BalancerConfig:
+    """The config the flags say, over `base` (default: the --config file's, or the defaults)."""
     options = {}
     for item in args.policy_option:
         key, sep, value = item.partition("=")
@@ -94,7 +95,8 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
                      digest_max_age_s=args.digest_max_age_s)
     replicas = tuple(ReplicaSpec.parse(r) for r in args.replica)
     dns = tuple(DnsConfig(name=n, events_port=args.dns_events_port, replay_port=args.dns_replay_port) for n in args.dns)
-    base = BalancerConfig.from_file(args.config) if args.config else BalancerConfig()
+    if base is None:
+        base = BalancerConfig.from_file(args.config) if args.config else BalancerConfig()
     from dataclasses import replace
 
     cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -131,15 +133,20 @@ async def serve(cfg: BalancerConfig) -> int:
     front = "lean front-end" if listening.front else "aiohttp"
     print(f"kvfleet balancer ready: model={b.model} policy={b.policy.name} replicas={len(b.registry)} "
           f"listening on {' '.join(addrs)} ({front})", flush=True)
+    try:
+        await until_signalled()
+    finally:
+        await listening.close()
+    return 0
+
+
+async def until_signalled() -> None:
+    """Return on SIGTERM or SIGINT (the server then shuts down in order)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await listening.close()
-    return 0
+    await stop.wait()
 
 
 def run(args: argparse.Namespace) -> int:

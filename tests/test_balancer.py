@@ -15,7 +15,7 @@ import pytest
 
 from balancer.policies import policy_names
 from harness import procs
-from harness.fleet import balancer, http, read_stream, start_replicas
+from harness.fleet import balancer, http, read_stream, start_replicas, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +34,6 @@ def dead_url() -> str:
     port = s.getsockname()[1]
     s.close()
     return f"http://127.0.0.1:{port}"
-
-
-async def wait_for(condition, timeout: float = 20.0) -> None:
-    """Poll until condition() holds (health polls run every 0.2 s; a loaded machine is slower)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def post_json(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, dict, dict]:

@@ -27,7 +27,7 @@ from replica.metrics import ReplicaMetrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARDS = os.path.join(ROOT, "dashboards")
-DASHBOARD_FILES = ("fleet-overview.json", "replica-detail.json")
+DASHBOARD_FILES = ("fleet-overview.json", "replica-detail.json", "picker-overview.json")
 
 
 def load_build():
