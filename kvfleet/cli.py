@@ -7,8 +7,10 @@ so `kvfleet --help` stays a short menu and `kvfleet CMD --help` says everything 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import sys
+from collections.abc import Callable, Coroutine
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -27,6 +29,27 @@ COMMANDS = {
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Keeps the examples in a command's description as written, and shows defaults."""
+
+
+def run_server(command: str, main: Callable[[], Coroutine], hint: tuple[type[BaseException], str] | None = None) -> int:
+    """Run a serving command's `main()` on uvloop (when installed) until it returns: its exit
+    status, 1 with the message for a RuntimeError, 2 for `hint`'s exception type with its advice."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        return asyncio.run(main())
+    except RuntimeError as e:
+        print(f"kvfleet {command}: {e}", file=sys.stderr)
+        return 1
+    except BaseException as e:
+        if hint is None or not isinstance(e, hint[0]):
+            raise
+        print(f"kvfleet {command}: {e}; {hint[1]}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ import sys
 from balancer import guard
 from balancer.config import BalancerConfig, DnsConfig, ReplicaSpec
 from kvfleet import logs
+from kvfleet.cli import run_server
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -159,14 +160,4 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"kvfleet balancer: {e}", file=sys.stderr)
         return 2
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        return asyncio.run(serve(cfg))
-    except RuntimeError as e:
-        print(f"kvfleet balancer: {e}", file=sys.stderr)
-        return 1
+    return run_server("balancer", lambda: serve(cfg))

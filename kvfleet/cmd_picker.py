@@ -20,13 +20,15 @@ Metrics, /health and the admin API (explain, decisions, replicas) are on --port.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from dataclasses import replace
 
 from balancer.picker.config import DESTINATION_HEADER, GRPC_PORT, HTTP_PORT, METADATA_NAMESPACE, PickerConfig
 from kvfleet import cmd_balancer, logs
+from kvfleet.cli import run_server
+
+EXTRA_HINT = "install the picker extra: pip install 'kvfleet[picker]'"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,19 +118,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvfleet picker: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
-        print(f"kvfleet picker: {e}; install the picker extra: pip install 'kvfleet[picker]'", file=sys.stderr)
+        print(f"kvfleet picker: {e}; {EXTRA_HINT}", file=sys.stderr)
         return 2
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        return asyncio.run(serve(cfg))
-    except ImportError as e:
-        print(f"kvfleet picker: {e}; install the picker extra: pip install 'kvfleet[picker]'", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"kvfleet picker: {e}", file=sys.stderr)
-        return 1
+    return run_server("picker", lambda: serve(cfg), (ImportError, EXTRA_HINT))

@@ -10,10 +10,10 @@ the same preset and seed is identical. Example:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from kvfleet import logs
+from kvfleet.cli import run_server
 from replica.config import EngineConfig, ReplicaConfig, ServerConfig
 
 
@@ -187,10 +187,4 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from replica.app import run_replica
 
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    return asyncio.run(run_replica(cfg))
+    return run_server("replica", lambda: run_replica(cfg))
