@@ -28,13 +28,14 @@ from balancer.guard import FORWARDED_PATHS, Guard
 from balancer.health import DnsWatcher, HealthChecker
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
 from balancer.memtrim import trim_periodically
-from balancer.metrics import BalancerMetrics
+from balancer.metrics import BalancerMetrics, SessionCollector
 from balancer.policies import make_policy
 from balancer.policies.base import ReplicaLoad
 from balancer.prefix_index import PrefixIndex
 from balancer.proxy import Proxy
 from balancer.registry import Registry
 from balancer.router import Router
+from balancer.sessions import Sessions
 from balancer.upstream import UpstreamConfig, UpstreamPool
 from protocol import curve
 from protocol.load import LoadReport
@@ -53,6 +54,8 @@ class Balancer:
         self.clock = clock
         self.metrics = BalancerMetrics()
         self.audit = DecisionAudit(cfg.audit, self.metrics)
+        self.sessions = Sessions(cfg.sessions)  # sticky sessions' table (empty while they are off)
+        self.metrics.registry.register(SessionCollector(self.sessions, clock))
         self.registry = Registry(cfg.breaker, cfg.health, clock, in_transit_s=cfg.report_transit_s)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
@@ -97,7 +100,7 @@ class Balancer:
         predictor = balancer_predictor(self.cfg.predictor, self.model)
         self.router = Router(self.model, self.cfg.block_size, self.tokenizer, self.index, self.approx, self.policy,
                              self.registry, has_events=self.subscribers.__contains__, predictor=predictor,
-                             clock=self.clock)
+                             clock=self.clock, sessions=self.sessions)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
                            self.served_models, self.audit)
         for spec in self.cfg.replicas:

@@ -5,7 +5,10 @@ full blocks). `Router.route` is the routing transaction, the one way a request i
 
     route(prepared, request_id, exclude) ─▶ usable replicas ─▶ match (exact index for replicas
         that publish KV events, approximate one for the rest) ─▶ predict output ─▶ policy.select
-        ─▶ record: registry in-flight work, policy.on_routed, approximate-index insert ─▶ Booking
+        (a request with a session key: `Sessions.decide`, which keeps it on its home or moves it,
+        asking the policy only where it places one: balancer/sessions.py)
+        ─▶ record: registry in-flight work, policy.on_routed, session home, approximate-index insert
+        ─▶ Booking
     Booking.finish(output_tokens) / Booking.fail(): in-flight work released, policy.on_complete,
         the output-length predictor learns (finish with a known length)
 
@@ -27,6 +30,7 @@ from balancer.approx_index import ApproxIndex
 from balancer.policies.base import Decision, Policy, RoutingRequest
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry, ReplicaState
+from balancer.sessions import SessionDecision, Sessions
 from protocol.hashing import hash_blocks, root_hash, token_bytes
 from protocol.openai_api import GenerationRequest
 from protocol.tokenizer import CHAT_ROLES, apply_chat_template
@@ -43,6 +47,7 @@ class Prepared:
     first_user_message: str | None
     rng_seed: int
     extra_prompt_tokens: int = 0  # a batched prompt's prompts after the first (routed by the first)
+    session: str | None = None  # the session key (balancer/sessions.py); None: not in a session
 
 
 def _routing_text(messages) -> str:
@@ -134,6 +139,7 @@ class Router:
         has_events: Callable[[str], bool],
         predictor=None,
         clock: Callable[[], float] = time.monotonic,
+        sessions: Sessions | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -146,6 +152,7 @@ class Router:
         # Only a policy that reads predicted output lengths gets them (and pays for them).
         self.predictor = predictor if policy.uses_predicted_output else None
         self.clock = clock
+        self.sessions = sessions  # sticky sessions: requests with a session key keep to their replica
         self._roots: dict[str | None, int] = {None: root_hash(model)}
 
     def _root(self, salt: str | None) -> int:
@@ -154,7 +161,7 @@ class Router:
             root = self._roots[salt] = root_hash(self.model, salt)
         return root
 
-    def prepare(self, req: GenerationRequest) -> Prepared:
+    def prepare(self, req: GenerationRequest, session: str | None = None) -> Prepared:
         first_user = None
         if req.kind == "chat":
             text = _routing_text(req.messages)
@@ -166,17 +173,18 @@ class Router:
         else:
             text = req.prompt
             tokens = self.tokenizer.encode(text)
-        return self.prepare_tokens(req, tokens, text, first_user_message=first_user)
+        return self.prepare_tokens(req, tokens, text, first_user_message=first_user, session=session)
 
     def prepare_tokens(self, req: GenerationRequest, tokens: Sequence[int], text: str,
-                       hashes: Sequence[int] | None = None, first_user_message: str | None = None) -> Prepared:
+                       hashes: Sequence[int] | None = None, first_user_message: str | None = None,
+                       session: str | None = None) -> Prepared:
         """`prepare` for a prompt already tokenized (and maybe hashed: the simulator hashes
         each trace prompt once for all its runs)."""
         if hashes is None:
             hashes = hash_blocks(tokens, self.block_size, self._root(req.cache_salt))
         seed = hashes[-1] if hashes else xxhash.xxh3_64_intdigest(token_bytes(list(tokens)))
         extra = sum(len(p) if isinstance(p, tuple) else len(self.tokenizer.encode(p)) for p in req.more_prompts)
-        return Prepared(req, tuple(tokens), text, tuple(hashes), first_user_message, seed, extra)
+        return Prepared(req, tuple(tokens), text, tuple(hashes), first_user_message, seed, extra, session)
 
     def routing_request(self, p: Prepared, request_id: str,
                         predicted_output_tokens: float | None = None) -> RoutingRequest:
@@ -221,6 +229,9 @@ class Router:
         if not candidates:
             return None, candidates, None
         rr = self.routing_request(p, request_id, predicted_output_tokens)
+        if p.session is not None and self.sessions is not None:
+            views = self.registry.views(candidates, self._cached_blocks)
+            return rr, candidates, self.sessions.decide(p.session, rr, views, self.policy.select)
         return rr, candidates, self.decide(rr, candidates)
 
     def route(self, p: Prepared, request_id: str, exclude: frozenset[str] = frozenset(),
@@ -240,6 +251,8 @@ class Router:
         # The policy and the approximate index learn of it now: the next decision, maybe for a
         # request already waiting in this loop turn, must see it.
         self.policy.on_routed(rr, decision)
+        if isinstance(decision, SessionDecision):
+            self.sessions.record(decision, rr.now)
         if not self.has_events(decision.replica_id):
             self.approx.record(decision.replica_id, rr.block_hashes, self.clock())
         return booking

@@ -21,7 +21,7 @@ import json
 import signal
 import sys
 
-from balancer import guard
+from balancer import guard, sessions
 from balancer.config import BalancerConfig, DnsConfig, ReplicaSpec
 from kvfleet import logs
 
@@ -63,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"return freed heap memory to the OS every this many seconds (glibc malloc_trim), so RSS "
                         f"does not ratchet up after bursts; 0 disables (default {d.memory_trim_s} s)")
     guard.add_arguments(p)
+    sessions.add_arguments(p)
     logs.add_arguments(p)
 
 
@@ -101,6 +102,7 @@ def build_config(args: argparse.Namespace) -> BalancerConfig:
     if args.failover_max_stop is not None:
         cfg = replace(cfg, retry=replace(cfg.retry, failover_max_stop=args.failover_max_stop))
     cfg = guard.apply_arguments(cfg, args)
+    cfg = sessions.apply_arguments(cfg, args)
     if not cfg.replicas and not cfg.dns:
         raise ValueError("no replicas: give --replica URL (repeatable), --dns HOST:PORT or a --config file")
     return cfg

@@ -35,6 +35,7 @@ from balancer.policies.base import ReplicaLoad
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry
 from balancer.router import Booking, Router
+from balancer.sessions import SessionConfig, Sessions
 from protocol.hashing import hash_blocks, root_hash
 from protocol.openai_api import GenerationRequest
 from protocol.tokenizer import ByteTokenizer
@@ -84,6 +85,7 @@ class SimRequest:
     input_length: int
     tag: str = ""  # tenant / session, for reports
     prompt: Prompt | None = None  # the prompt materialised once (else `token_ids()` at each arrival)
+    session: str = ""  # the conversation it belongs to: its session key when sessions are on ("": none)
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,9 @@ class FleetConfig:
     # prompts needing more KV blocks than a replica has, are rejected at arrival as a replica
     # would reject them (live, the balancer routes them first and relays the 400).
     max_model_len: int = SIM_MAX_MODEL_LEN
+    # Sticky sessions (balancer/sessions.py): with `enabled`, each request's `session` is its
+    # session key, as a live client's session header.
+    sessions: SessionConfig = SessionConfig()
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -215,9 +220,11 @@ class FleetSimulation:
         self._rid = {v: k for k, v in self._url.items()}
         self.index = PrefixIndex(cfg.block_size, MODEL)
         self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
+        self.sessions = Sessions(cfg.sessions)
         self.router = Router(MODEL, cfg.block_size, ByteTokenizer(), self.index,
                              ApproxIndex(clock=self._clock), self.policy, self.registry,
-                             has_events=lambda rid: True, predictor=predictor, clock=self._clock)
+                             has_events=lambda rid: True, predictor=predictor, clock=self._clock,
+                             sessions=self.sessions)
         self.root = root_hash(MODEL)
         self.predictor = predictor
         self.kv_blocks = cfg.kv_blocks or cfg.preset.kv_blocks
@@ -304,8 +311,9 @@ class FleetSimulation:
                 if not rep.busy and rep.reported_at < t:
                     rep.now = max(rep.now, t)
                     self._deliver(rep, self._url[rep.rid], self._snapshot(rep))
+        extra = {"sessions": dict(self.sessions.routed)} if self.cfg.sessions.enabled else {}
         return SimResult(self.cfg.policy, records, [self._url[r] for r in self.replicas], steps,
-                         _time.perf_counter() - wall)
+                         _time.perf_counter() - wall, extra)
 
     @staticmethod
     def _snapshot(rep: "_SimReplica") -> tuple:
@@ -341,7 +349,8 @@ class FleetSimulation:
         text = ""
         if self.policy.needs_text:
             text = memo.text() if memo is not None else ByteTokenizer().decode(tokens)
-        prepared = self.router.prepare_tokens(req, tokens, text, hashes)
+        session = r.session if r.session and self.cfg.sessions.enabled else None
+        prepared = self.router.prepare_tokens(req, tokens, text, hashes, session=session)
         oracle = float(r.output_length) if self.cfg.oracle_lengths else None
         booking = self.router.route(prepared, str(i), predicted_output_tokens=oracle)
         url = booking.replica_id

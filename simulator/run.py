@@ -21,6 +21,7 @@ from protocol.hashing import hash_blocks, root_hash
 from replica.engine import SIM_MAX_MODEL_LEN
 from replica.service import ServiceConfig
 from replica.step_model import SimPreset
+from balancer.sessions import SessionConfig
 from simulator.bounds import Bounds, compute_bounds
 from simulator.fleet import MODEL, FleetConfig, FleetSimulation, Prompt, SimRequest, SimResult
 
@@ -58,6 +59,7 @@ class SimulateConfig:
     # A replica's load reports reach the balancer this often, as a live replica's do
     # (replica.service.ServiceConfig's default); 0 = after every step (simulator.fleet.FleetConfig).
     load_report_interval_s: float = DEFAULT_LOAD_REPORT_INTERVAL_S
+    sessions: SessionConfig = SessionConfig()  # sticky sessions, keyed by the trace's session ids
 
     def __post_init__(self) -> None:
         if self.load is not None and not 0 < self.load <= 10:
@@ -89,7 +91,7 @@ def sim_requests(trace: Sequence[TraceRequest], seed: int = 0, block_size: int =
         tokens = lazy(t, i)
         memo = Prompt(tokens(), block_size, root) if memoize else None
         out.append(SimRequest(t.arrival_s, memo.token_ids if memo else tokens, t.output_length, t.input_length,
-                              t.tenant or t.session_id or "", memo))
+                              t.tenant or t.session_id or "", memo, t.session_id or ""))
     return out
 
 
@@ -145,6 +147,7 @@ def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
         "predicted_hit_rate": sum(r.predicted_cached_tokens for r in recs) / max(prompt, 1),
         "replica_share": {k: v / max(len(recs), 1) for k, v in share.items()},
         "steps": res.steps, "wall_s": res.wall_s,
+        **({"sessions": res.extra["sessions"]} if "sessions" in res.extra else {}),
     }
 
 
@@ -165,7 +168,7 @@ def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
                        max_num_batched_tokens=cfg.max_num_batched_tokens, oracle_lengths=cfg.predictor == "oracle",
                        client_max_tokens=cfg.client_max_tokens, request_latency_s=cfg.request_latency_s,
                        response_latency_s=cfg.response_latency_s, load_report_interval_s=cfg.load_report_interval_s,
-                       max_model_len=cfg.max_model_len)
+                       max_model_len=cfg.max_model_len, sessions=cfg.sessions)
 
 
 def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
@@ -190,7 +193,8 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
     out = {"config": {"replicas": cfg.replicas, "preset": p.description, "kv_blocks": cfg.kv_blocks or p.kv_blocks,
                       "load": cfg.load, "trace_utilisation": util, "time_factor": factor,
                       "mean_demand_s": demand, "requests": len(reqs), "seed": cfg.seed,
-                      "predictor": cfg.predictor, "client_max_tokens": cfg.client_max_tokens},
+                      "predictor": cfg.predictor, "client_max_tokens": cfg.client_max_tokens,
+                      "sessions": cfg.sessions.enabled},
            "bounds": {"infinite_cache_hit_rate": bounds.infinite_cache_hit_rate,
                       "pooled_cache_hit_rate": bounds.pooled_cache_hit_rate,
                       "ideal_mean_ttft_s": bounds.ideal_ttft_mean, "ideal_median_ttft_s": bounds.ideal_ttft_p50,
