@@ -274,7 +274,7 @@ class Proxy:
             self.check_model(req)
             t0 = time.perf_counter()
             sessions = self.router.sessions
-            prepared = self.router.prepare(req, sessions.key_of(ex.header, req) if sessions else None)
+            prepared = self.router.prepare(req, sessions.key_of(ex.header, req) if sessions is not None else None)
             prompt_tokens = len(prepared.token_ids)
             await self._route(ex, body, req, path, prepared, request_id, arrival, t0, outcome)
         except APIError as e:
