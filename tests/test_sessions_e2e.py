@@ -169,7 +169,7 @@ async def _two_balancers(reps, bases: list[str]) -> None:
         for base in bases:
             await _wait_in_sync(s, base, len(reps))
         chat = Conversation("shared-conv")
-        served = [await chat.send(s, bases[i % 2]) for i in range(6)]
+        served = [await _turn(s, chat, bases[i % 2]) for i in range(6)]
         assert len(set(served)) == 1, served
         # the second balancer never saw the first turn: it found the home by the events
         assert await metric(s, bases[1], "kvfleet_session_routed_total", outcome="new") == 1
@@ -177,7 +177,7 @@ async def _two_balancers(reps, bases: list[str]) -> None:
         victim = next(p for p in reps if p.url == home)
         victim.popen.kill()
         victim.popen.wait()
-        after = [await chat.send(s, bases[i % 2]) for i in range(6)]
+        after = [await _turn(s, chat, bases[i % 2]) for i in range(6)]
         assert len(set(after)) == 1 and after[0] != home, after
         outcomes = []
         for base in bases:
@@ -187,6 +187,22 @@ async def _two_balancers(reps, bases: list[str]) -> None:
         # checks not yet failed) saw the first's new home hold more of the conversation: followed.
         assert outcomes[0]["moved_gone"] == 1, outcomes
         assert outcomes[1]["moved_gone"] + outcomes[1]["followed"] == 1, outcomes
+
+
+async def _turn(s: aiohttp.ClientSession, chat: Conversation, base: str, timeout: float = 20.0) -> str:
+    """The conversation's next turn through `base`, once that balancer's index holds the last
+    turn's prompt somewhere (its KV events arrived: a user reads the answer before replying)."""
+    if chat.turn:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            async with s.post(base + "/admin/explain", json={"model": MODEL, "prompt": chat.prompt}) as r:
+                out = await r.json()
+            if max(out["matched_blocks"].values(), default=0) == out["full_blocks"]:
+                break
+            assert loop.time() < deadline, f"{base} never indexed the last turn: {out}"
+            await asyncio.sleep(0.02)
+    return await chat.send(s, base)
 
 
 async def _wait_in_sync(s: aiohttp.ClientSession, base: str, n: int, timeout: float = 30.0) -> None:

@@ -1,0 +1,78 @@
+"""Do sticky sessions (balancer/sessions.py) change TTFT? The simulator, on issue #15's `chat`
+workload (bench/routing_matrix.toml: multi-turn sessions, each turn carrying the earlier ones;
+`--workload agentic|hot` for the others),
+each policy with sessions off and on (keyed by the trace's session ids, default settings):
+mean / p99 TTFT, mean TPOT, cache hit rate, and the sessions' outcomes.
+
+    .venv/bin/python bench/bench_sessions.py                     # 8 replicas, loads 0.8/1.0, KV 120k, seed 0
+    .venv/bin/python bench/bench_sessions.py --loads 0.6,0.9 --seeds 1 --policies predictive,round_robin
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine  # noqa: E402
+from simulator.sweep import Cell, cell_config, load_spec  # noqa: E402
+
+MATRIX = Path(__file__).resolve().parent / "routing_matrix.toml"
+
+
+def _list(kind):
+    return lambda s: tuple(kind(x) for x in s.split(",") if x.strip())
+
+
+def run_one(args: tuple) -> dict:
+    from balancer.sessions import SessionConfig
+    from simulator.run import simulate
+
+    spec, cell, policy, sessions = args
+    trace, cfg = cell_config(spec, cell, policy)
+    cfg = dataclasses.replace(cfg, sessions=SessionConfig(enabled=sessions))
+    t0 = time.perf_counter()
+    out = simulate(trace, cfg)["policies"][0]
+    return {"load": cell.load, "seed": cell.seed, "replicas": cell.replicas, "kv": cell.kv_tokens, "policy": policy,
+            "sticky": sessions, "wall_s": time.perf_counter() - t0, **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default="chat", help="a workload of bench/routing_matrix.toml (chat, agentic, hot)")
+    ap.add_argument("--policies", type=_list(str), default=("predictive", "least_request"))
+    ap.add_argument("--replicas", type=int, default=8)
+    ap.add_argument("--loads", type=_list(float), default=(0.8, 1.0))
+    ap.add_argument("--kv-tokens", type=int, default=120_000)
+    ap.add_argument("--seeds", type=_list(int), default=(0,))
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes")
+    a = ap.parse_args(argv)
+    spec = load_spec(MATRIX)
+    chat = next((w for w in spec.workloads if w.name == a.workload), None)
+    if chat is None or chat.trace is not None:
+        ap.error(f"--workload must name a generated workload of {MATRIX.name} (its sessions are known)")
+    n = min(spec.requests_per_replica * a.replicas, spec.max_requests)
+    tasks = [(spec, Cell(chat, a.replicas, load, a.kv_tokens, seed, n), p, on)
+             for seed in a.seeds for load in a.loads for p in a.policies for on in (False, True)]
+    print(f"# sticky sessions on the {a.workload} workload: {a.replicas} replicas, KV {a.kv_tokens} tokens, {n} requests, "
+          f"preset {spec.preset}\n# {machine()}")
+    with ProcessPoolExecutor(a.jobs) as pool:
+        rows = list(pool.map(run_one, tasks))
+    print("| seed | load | policy | sessions | TTFT mean s | TTFT p99 s | TPOT ms | hit rate | outcomes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        outcomes = ", ".join(f"{k} {v}" for k, v in r.get("sessions", {}).items() if v) or "-"
+        print(f"| {r['seed']} | {r['load']} | {r['policy']} | {'on' if r['sticky'] else 'off'} "
+              f"| {r['mean_ttft_s']:.3f} | {r['p99_ttft_s']:.3f} | {1e3 * r['mean_tpot_s']:.1f} "
+              f"| {r['cache_hit_rate']:.3f} | {outcomes} |")
+    print(f"# wall {sum(r['wall_s'] for r in rows):.0f} s of simulation")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
