@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -19,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from balancer.sessions import SessionConfig  # noqa: E402
 from bench.common import machine  # noqa: E402
 from simulator.sweep import Cell, cell_config, load_spec  # noqa: E402
 
@@ -30,12 +32,11 @@ def _list(kind):
 
 
 def run_one(args: tuple) -> dict:
-    from balancer.sessions import SessionConfig
     from simulator.run import simulate
 
-    spec, cell, policy, sessions = args
+    spec, cell, policy, sessions, options = args
     trace, cfg = cell_config(spec, cell, policy)
-    cfg = dataclasses.replace(cfg, sessions=SessionConfig(enabled=sessions))
+    cfg = dataclasses.replace(cfg, sessions=SessionConfig(enabled=sessions, **(options if sessions else {})))
     t0 = time.perf_counter()
     out = simulate(trace, cfg)["policies"][0]
     return {"load": cell.load, "seed": cell.seed, "replicas": cell.replicas, "kv": cell.kv_tokens, "policy": policy,
@@ -51,16 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-tokens", type=int, default=120_000)
     ap.add_argument("--seeds", type=_list(int), default=(0,))
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
+    ap.add_argument("--session-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a SessionConfig setting for the runs with sessions on, e.g. overload_factor=1.5 (repeatable)")
     a = ap.parse_args(argv)
     spec = load_spec(MATRIX)
     chat = next((w for w in spec.workloads if w.name == a.workload), None)
     if chat is None or chat.trace is not None:
         ap.error(f"--workload must name a generated workload of {MATRIX.name} (its sessions are known)")
     n = min(spec.requests_per_replica * a.replicas, spec.max_requests)
-    tasks = [(spec, Cell(chat, a.replicas, load, a.kv_tokens, seed, n), p, on)
+    options = {}
+    for item in a.session_option:
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value)
+    tasks = [(spec, Cell(chat, a.replicas, load, a.kv_tokens, seed, n), p, on, options)
              for seed in a.seeds for load in a.loads for p in a.policies for on in (False, True)]
     print(f"# sticky sessions on the {a.workload} workload: {a.replicas} replicas, KV {a.kv_tokens} tokens, {n} requests, "
-          f"preset {spec.preset}\n# {machine()}")
+          f"preset {spec.preset}, session options {options or 'the defaults'}\n# {machine()}")
     with ProcessPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(run_one, tasks))
     print("| seed | load | policy | sessions | TTFT mean s | TTFT p99 s | TPOT ms | hit rate | outcomes |")
