@@ -240,24 +240,27 @@ class Sessions:
                 holder = self.holder(rr, eligible or views)
                 if holder is not None and holder != previous:
                     return SessionDecision(holder, key, "followed", previous,
-                                           f"session {key!r}: {holder} holds more of its prompt than {previous} "
-                                           f"(moved by another balancer)")
+                                           lambda: f"session {key!r}: {holder} holds more of its prompt than "
+                                                   f"{previous} (moved by another balancer)")
                 why = "overloaded, but no other replica is usable and not overloaded" if previous in over \
                     else "not overloaded"
-                return SessionDecision(previous, key, "stuck", previous, f"session {key!r}: its home {previous} "
-                                                                         f"is {why}")
+                return SessionDecision(previous, key, "stuck", previous,
+                                       lambda: f"session {key!r}: its home {previous} is {why}")
             outcome = "moved_gone" if here is None else "moved_overloaded"
             eligible = others
         eligible = eligible or views  # every usable replica is overloaded: place among them all
         holder = self.holder(rr, eligible)
-        where = "" if previous is None else f" (was on {previous}: {'gone' if outcome == 'moved_gone' else 'overloaded'})"
+        def where() -> str:
+            return "" if previous is None else \
+                f" (was on {previous}: {'gone' if outcome == 'moved_gone' else 'overloaded'})"
+
         if holder is not None:
             return SessionDecision(holder, key, outcome, previous,
-                                   f"session {key!r}{where}: {holder} holds {rr.matched_blocks[holder]} of its "
-                                   f"{len(rr.block_hashes)} prompt blocks")
+                                   lambda: f"session {key!r}{where()}: {holder} holds {rr.matched_blocks[holder]} "
+                                           f"of its {len(rr.block_hashes)} prompt blocks")
         d = select(rr, eligible)
         return SessionDecision(d.replica_id, key, outcome, previous,
-                               lambda: f"session {key!r}{where}: policy: {d.reason}", lambda: d.scores)
+                               lambda: f"session {key!r}{where()}: policy: {d.reason}", lambda: d.scores)
 
 
 def _requests(v: ReplicaView) -> int:

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         options[key] = json.loads(value)
     tasks = [(spec, Cell(chat, a.replicas, load, a.kv_tokens, seed, n), p, on, options)
              for seed in a.seeds for load in a.loads for p in a.policies for on in (False, True)]
-    print(f"# sticky sessions on the {a.workload} workload: {a.replicas} replicas, KV {a.kv_tokens} tokens, {n} requests, "
-          f"preset {spec.preset}, session options {options or 'the defaults'}\n# {machine()}")
+    print(f"# sticky sessions on the {a.workload} workload: {a.replicas} replicas, KV {a.kv_tokens} tokens, "
+          f"{n} requests, preset {spec.preset}, session options {options or 'the defaults'}\n# {machine()}")
     with ProcessPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(run_one, tasks))
     print("| seed | load | policy | sessions | TTFT mean s | TTFT p99 s | TPOT ms | hit rate | outcomes |")

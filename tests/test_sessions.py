@@ -253,3 +253,17 @@ def test_the_simulator_keeps_chat_sessions_on_their_replicas():
     multi = [k for k, v in homes[False].items() if len(v) > 1]
     assert multi, "round robin spreads a session's turns"
     assert sum(len(v) for v in homes[True].values()) < sum(len(v) for v in homes[False].values())
+
+
+def test_loadgen_sends_the_trace_session_as_the_user_field():
+    import json
+
+    from loadgen.client import LoadConfig, build_body
+    from loadgen.traces import TraceRequest
+
+    req = TraceRequest(arrival_s=0.0, input_length=20, output_length=4, session_id="t0-s3")
+    assert "user" not in json.loads(build_body(req, 0, LoadConfig(model=MODEL)))
+    body = json.loads(build_body(req, 0, LoadConfig(model=MODEL, session_user=True)))
+    assert body["user"] == "t0-s3"
+    assert Sessions(SessionConfig(enabled=True)).key_of({}.get, GenerationRequest(
+        kind="completion", model=MODEL, prompt="x", user=body["user"])) == "t0-s3"
