@@ -6,6 +6,12 @@ mean / p99 TTFT, mean TPOT, cache hit rate, and the sessions' outcomes.
 
     .venv/bin/python bench/bench_sessions.py                     # 8 replicas, loads 0.8/1.0, KV 120k, seed 0
     .venv/bin/python bench/bench_sessions.py --loads 0.6,0.9 --seeds 1 --policies predictive,round_robin
+
+`--live` runs the same cell (first load and seed, `--requests` of it) on a live fleet of sim
+replicas behind the real balancer as well (bench/bench_live_order.py's `run_live`: loadgen sends
+token prompts with max_tokens, and with sessions on each request's session id as its `user`;
+`--time-scale` slows the replicas so the machine keeps up), beside the simulator's figures for
+the same requests.
 """
 
 from __future__ import annotations
@@ -52,10 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-tokens", type=int, default=120_000)
     ap.add_argument("--seeds", type=_list(int), default=(0,))
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
+    ap.add_argument("--live", action="store_true", help="also run the cell on a live fleet (see above)")
+    ap.add_argument("--requests", type=int, default=500, help="--live: requests of the cell")
+    ap.add_argument("--time-scale", type=float, default=0.25, help="--live: replica speed (bench_live_order.py)")
     ap.add_argument("--session-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a SessionConfig setting for the runs with sessions on, e.g. overload_factor=1.5 (repeatable)")
     a = ap.parse_args(argv)
     spec = load_spec(MATRIX)
+    if a.live:
+        return live(a, spec)
     chat = next((w for w in spec.workloads if w.name == a.workload), None)
     if chat is None or chat.trace is not None:
         ap.error(f"--workload must name a generated workload of {MATRIX.name} (its sessions are known)")
@@ -78,6 +89,34 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['mean_ttft_s']:.3f} | {r['p99_ttft_s']:.3f} | {1e3 * r['mean_tpot_s']:.1f} "
               f"| {r['cache_hit_rate']:.3f} | {outcomes} |")
     print(f"# wall {sum(r['wall_s'] for r in rows):.0f} s of simulation")
+    return 0
+
+
+def live(a, spec) -> int:
+    """One cell live and simulated, each policy with sessions off and on."""
+    from bench.bench_live_order import run_live
+    from replica.step_model import get_preset
+    from simulator.run import SimulateConfig, simulate
+    from simulator.sweep import cell_trace
+
+    chat = next(w for w in spec.workloads if w.name == a.workload)
+    trace, prompt_seed = cell_trace(Cell(chat, a.replicas, a.loads[0], a.kv_tokens, a.seeds[0], a.requests))
+    a.preset = spec.preset
+    print(f"# live vs simulated, {a.workload}: {a.replicas} sim replicas, load {a.loads[0]}, KV {a.kv_tokens}, "
+          f"{a.requests} requests, seed {a.seeds[0]}, time scale {a.time_scale}\n# {machine()}")
+    print("| policy | sessions | live TTFT mean / p99 s | simulated TTFT mean / p99 s | live ok |")
+    print("|---|---|---|---|---|")
+    for policy in a.policies:
+        for on in (False, True):
+            cfg = SimulateConfig(a.replicas, get_preset(spec.preset), (policy,), kv_blocks=a.kv_tokens // 16,
+                                 load=a.loads[0], seed=prompt_seed, predictor=spec.predictor, client_max_tokens=True,
+                                 sessions=SessionConfig(enabled=on))
+            off = simulate(trace, cfg)
+            scaled = [dataclasses.replace(r, arrival_s=r.arrival_s * off["config"]["time_factor"]) for r in trace]
+            sim = off["policies"][0]
+            got = run_live(scaled, policy, a, prompt_seed, sessions=on)
+            print(f"| {policy} | {'on' if on else 'off'} | {got['mean_ttft_s']:.3f} / {got['p99_ttft_s']:.3f} "
+                  f"| {sim['mean_ttft_s']:.3f} / {sim['p99_ttft_s']:.3f} | {got['ok']}/{got['sent']} |", flush=True)
     return 0
 
 
