@@ -36,7 +36,8 @@ Overloaded (`Sessions.overloaded`), each against the mean over the usable replic
 
 TTL without a task per session: the table is ordered by last use, so the expired entries are
 at its front; every lookup drops them first (amortised O(1)). `max_sessions` bounds it (the
-least recently used goes). `release` forgets a session at once (`DELETE /admin/sessions`).
+least recently used goes). `release` forgets a session at once (`DELETE /admin/sessions`, or a
+request whose `release_header` is true: its last turn, routed first).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class SessionConfig:
 
     enabled: bool = False
     header: str = "X-Session-Id"  # the session key's header
+    release_header: str = "X-Session-Release"  # `true` on a request: forget its session once it is routed
     user_field: bool = True  # the OpenAI `user` field is the key when the header is absent
     ttl_s: float = 1800.0  # a session unused this long is forgotten
     max_sessions: int = 100_000  # beyond this, the least recently used session is forgotten
@@ -74,8 +76,9 @@ class SessionConfig:
     evidence_share: float = 0.5
 
     def __post_init__(self) -> None:
-        if not isinstance(self.header, str) or not self.header or any(c in self.header for c in " :\r\n"):
-            raise ValueError(f"sessions.header must be an HTTP header name, got {self.header!r}")
+        for name in (self.header, self.release_header):
+            if not isinstance(name, str) or not name or any(c in name for c in " :\r\n"):
+                raise ValueError(f"sessions.header and release_header must be HTTP header names, got {name!r}")
         if not self.ttl_s > 0:
             raise ValueError(f"sessions.ttl_s must be positive (seconds), got {self.ttl_s}")
         if self.max_sessions < 1 or self.max_key_length < 1:
@@ -136,6 +139,16 @@ class Sessions:
             return key
         user = req.user if self.cfg.user_field else None
         return user if user and len(user) <= self.cfg.max_key_length else None
+
+    def releases(self, header: Callable[[str], str | None]) -> bool:
+        """Whether the request asks to end its session (the release header is true)."""
+        value = header(self.cfg.release_header)
+        if value is None or value.strip().lower() in ("0", "false", "no", ""):
+            return False
+        if value.strip().lower() in ("1", "true", "yes"):
+            return True
+        raise APIError(400, f"the {self.cfg.release_header} header must be true or false, got {value[:40]!r}",
+                       self.cfg.release_header)
 
     # ------------------------------------------------------------------ the table
     def __len__(self) -> int:
@@ -274,6 +287,8 @@ def _requests(v: ReplicaView) -> int:
 # ---------------------------------------------------------------------------------------- CLI
 _FLAG_HELP = {  # field -> help; each is --session-<field> (the config file's [sessions] table has the same keys)
     "header": "the header carrying the session key",
+    "release_header": "a request with this header set to true ends its session once routed (as DELETE "
+                      "/admin/sessions?key=... does)",
     "ttl_s": "forget a session unused this many seconds",
     "max_sessions": "sessions remembered at most (the least recently used is forgotten)",
     "max_key_length": "longest session key; a longer header is refused with 400, a longer `user` is no key",

@@ -83,6 +83,11 @@ def test_the_key_is_the_header_then_the_user_field_and_nothing_when_off():
     assert e.value.status == 400 and "at most 256" in e.value.body()["error"]["message"]
     long_user = GenerationRequest(kind="completion", model=MODEL, prompt="x", user="u" * 300)
     assert on.key_of({}.get, long_user) is None
+    assert [on.releases({"X-Session-Release": v}.get) for v in ("true", "1", "YES", "false", "0")] == \
+        [True, True, True, False, False]
+    assert on.releases({}.get) is False
+    with pytest.raises(APIError, match="true or false"):
+        on.releases({"X-Session-Release": "maybe"}.get)
 
 
 def test_config_from_a_file_table_and_flags():

@@ -141,6 +141,17 @@ async def _stays_moves_released(reps):
             listing = await r.json()
         assert listing["active"] == 1 and listing["sessions"][0]["key"] == "conv-1"
 
+        # The last turn can end the session itself (X-Session-Release: true); a bad value is a 400.
+        body = {"model": MODEL, "prompt": chat.prompt + "User: bye.", "max_tokens": 1}
+        async with s.post(base + "/v1/completions", json=body,
+                          headers={"X-Session-Id": "conv-1", "X-Session-Release": "maybe"}) as r:
+            assert r.status == 400 and "true or false" in (await r.json())["error"]["message"]
+        async with s.post(base + "/v1/completions", json=body,
+                          headers={"X-Session-Id": "conv-1", "X-Session-Release": "true"}) as r:
+            assert r.status == 200 and r.headers["X-Kvfleet-Replica"] == third
+        assert await metric(s, base, "kvfleet_sessions_ended_total", reason="released") == 2
+        assert await metric(s, base, "kvfleet_sessions_active") == 0
+
 
 async def _long_stream(s: aiohttp.ClientSession, url: str) -> None:
     body = {"model": MODEL, "prompt": "a long story " * 20, "max_tokens": 4000, "ignore_eos": True, "stream": True}
