@@ -59,11 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=_list(int), default=(0,))
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--live", action="store_true", help="also run the cell on a live fleet (see above)")
+    ap.add_argument("--decision-cost", action="store_true",
+                    help="only time Router.route for a prepared 8k-token prompt over 16 replicas, without and with "
+                         "a session key (the prompt's blocks on one replica; every keyed request sticks)")
     ap.add_argument("--requests", type=int, default=500, help="--live: requests of the cell")
     ap.add_argument("--time-scale", type=float, default=0.25, help="--live: replica speed (bench_live_order.py)")
     ap.add_argument("--session-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a SessionConfig setting for the runs with sessions on, e.g. overload_factor=1.5 (repeatable)")
     a = ap.parse_args(argv)
+    if a.decision_cost:
+        return decision_cost(a.policies)
     spec = load_spec(MATRIX)
     if a.live:
         return live(a, spec)
@@ -89,6 +94,48 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['mean_ttft_s']:.3f} | {r['p99_ttft_s']:.3f} | {1e3 * r['mean_tpot_s']:.1f} "
               f"| {r['cache_hit_rate']:.3f} | {outcomes} |")
     print(f"# wall {sum(r['wall_s'] for r in rows):.0f} s of simulation")
+    return 0
+
+
+def decision_cost(policies, replicas: int = 16, rounds: int = 5000) -> int:
+    import statistics
+
+    from balancer.approx_index import ApproxIndex
+    from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
+    from balancer.policies import make_policy
+    from balancer.prefix_index import PrefixIndex
+    from balancer.registry import Registry
+    from balancer.router import Router
+    from balancer.sessions import Sessions
+    from protocol.events import BlockStored
+    from protocol.openai_api import GenerationRequest
+    from protocol.tokenizer import ByteTokenizer
+
+    print(f"# Router.route + finish, 8,192-token prompt, {replicas} replicas, {rounds} rounds\n# {machine()}")
+    print("| policy | no session µs (median) | session µs (median) |")
+    print("|---|---|---|")
+    tokens = [(i * 7919) % 251 for i in range(8192)]
+    for name in policies:
+        registry = Registry(BreakerConfig(), HealthConfig(), time.monotonic)
+        for i in range(replicas):
+            registry.add(ReplicaSpec(url=f"http://r{i}:80"))
+        index = PrefixIndex(16, "m")
+        router = Router("m", 16, ByteTokenizer(), index, ApproxIndex(), make_policy(name), registry,
+                        has_events=lambda rid: True, sessions=Sessions(SessionConfig(enabled=True)))
+        index.apply("http://r3:80", BlockStored(tuple(range(512)), None, tuple(tokens), 16))
+        req = GenerationRequest(kind="completion", model="m", prompt_token_ids=tuple(tokens), max_tokens=128)
+        cells = []
+        for session in (None, "conv"):
+            p = router.prepare(req, session)
+            for k in range(500):  # warm-up
+                router.route(p, f"w{k}").finish(16)
+            times = []
+            for k in range(rounds):
+                t0 = time.perf_counter()
+                router.route(p, f"r{k}").finish(16)
+                times.append(time.perf_counter() - t0)
+            cells.append(f"{1e6 * statistics.median(times):.1f}")
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
     return 0
 
 
