@@ -9,6 +9,10 @@
                                         offered and delivered cached tokens, mismatch, scores
     POST   /admin/explain               a completions or chat body: the decision and every
                                         replica's score breakdown, without sending anything
+                                        (a session key in its header or `user`: the session's outcome)
+    GET    /admin/sessions?limit=N      sticky sessions (balancer/sessions.py), most recently used first
+    GET    /admin/sessions?key=K        one session: its home replica
+    DELETE /admin/sessions?key=K        release it: its next request is a new session
 """
 
 from __future__ import annotations
@@ -145,11 +149,52 @@ def routes(b) -> dict[str, dict[str, Handler]]:
                                           "ratio": b.cfg.audit.mismatch_ratio},
                         "decisions": b.audit.latest(limit)})
 
+    def _session_json(key: str, home, now: float) -> dict:
+        return {"key": key, "replica": home.replica_id, "home_for_s": round(now - home.since, 3),
+                "idle_s": round(now - home.used_at, 3),
+                "expires_in_s": round(home.used_at + b.cfg.sessions.ttl_s - now, 3), "routed": home.routed}
+
+    def _session_key(ex: Exchange) -> str:
+        key = ex.query.get("key")
+        if not key:
+            raise APIError(400, "give the session as ?key=KEY (GET /admin/sessions lists them)", "key")
+        return key
+
+    async def list_sessions(ex: Exchange) -> None:
+        now = b.clock()
+        if "key" in ex.query:
+            key = _session_key(ex)
+            home = b.sessions.get(key, now)
+            if home is None:
+                raise APIError(404, f"no session {key!r} is remembered (never seen, expired or released); "
+                                    "GET /admin/sessions lists them", "key")
+            return reply_json(ex, _session_json(key, home, now))
+        raw = ex.query.get("limit", "100")
+        try:
+            limit = int(raw)
+        except ValueError:
+            raise APIError(400, f"limit must be a whole number of sessions, got {raw!r}", "limit") from None
+        if limit < 1:
+            raise APIError(400, "limit must be at least 1", "limit")
+        cfg = b.cfg.sessions
+        reply_json(ex, {"enabled": cfg.enabled, "header": cfg.header, "ttl_s": cfg.ttl_s,
+                        "active": b.sessions.active(now), "routed": dict(b.sessions.routed),
+                        "ended": dict(b.sessions.ended),
+                        "sessions": [_session_json(k, h, now) for k, h in b.sessions.homes(now, limit)]})
+
+    async def release_session(ex: Exchange) -> None:
+        key = _session_key(ex)
+        home = b.sessions.release(key)
+        if home is None:
+            raise APIError(404, f"no session {key!r} is remembered (never seen, expired or released already); "
+                                "GET /admin/sessions lists them", "key")
+        reply_json(ex, {"released": key, "replica": home.replica_id})
+
     async def explain(ex: Exchange) -> None:
         body = await read_json(ex)
         req = parse_for_routing(body, "chat" if isinstance(body, dict) and "messages" in body else "completion")
         b.proxy.check_model(req)
-        prepared = b.router.prepare(req)
+        prepared = b.router.prepare(req, b.sessions.key_of(ex.header, req))
         rr, candidates, d = b.router.choose(prepared, "explain")
         out = {
             "prompt_tokens": len(prepared.token_ids),
@@ -157,6 +202,7 @@ def routes(b) -> dict[str, dict[str, Handler]]:
             "block_size": b.cfg.block_size,
             "usable": [r.replica_id for r in candidates],
             "policy": b.policy.describe(),
+            "session": prepared.session,
         }
         if d is None:
             out.update(matched_blocks={}, predicted_output_tokens=None, decision=None, reason="no usable replica")
@@ -164,7 +210,8 @@ def routes(b) -> dict[str, dict[str, Handler]]:
         out.update(matched_blocks=dict(rr.matched_blocks),
                    # null unless the policy reads predicted output lengths (e.g. `predictive`)
                    predicted_output_tokens=rr.predicted_output_tokens,
-                   decision=d.replica_id, reason=d.reason, scores={k: dict(v) for k, v in d.scores.items()})
+                   decision=d.replica_id, reason=d.reason, scores={k: dict(v) for k, v in d.scores.items()},
+                   session_outcome=getattr(d, "outcome", None))
         reply_json(ex, out)
 
     return {
@@ -176,4 +223,5 @@ def routes(b) -> dict[str, dict[str, Handler]]:
         "/admin/replicas/undrain": {"POST": undrain},
         "/admin/explain": {"POST": explain},
         "/admin/decisions": {"GET": decisions},
+        "/admin/sessions": {"GET": list_sessions, "DELETE": release_session},
     }

@@ -30,13 +30,14 @@ from balancer.guard import FORWARDED_PATHS, Guard
 from balancer.health import DnsWatcher, HealthChecker
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
 from balancer.memtrim import trim_periodically
-from balancer.metrics import BalancerMetrics
+from balancer.metrics import BalancerMetrics, SessionCollector
 from balancer.policies import make_policy
 from balancer.policies.base import ReplicaLoad
 from balancer.prefix_index import PrefixIndex
 from balancer.proxy import Proxy
 from balancer.registry import Registry
 from balancer.router import Router
+from balancer.sessions import Sessions
 from balancer.upstream import UpstreamConfig, UpstreamPool
 from protocol import curve
 from protocol.load import LoadReport
@@ -55,6 +56,8 @@ class Balancer:
         self.clock = clock
         self.metrics = BalancerMetrics()
         self.audit = DecisionAudit(cfg.audit, self.metrics)
+        self.sessions = Sessions(cfg.sessions)  # sticky sessions' table (empty while they are off)
+        self.metrics.registry.register(SessionCollector(self.sessions, clock))
         self.registry = Registry(cfg.breaker, cfg.health, clock, in_transit_s=cfg.report_transit_s)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
@@ -104,7 +107,7 @@ class Balancer:
                              self.registry, has_events=self._has_feed, predictor=predictor,
                              clock=self.clock, lora_slack=self.cfg.lora_slack,
                              digests=self.digests if self.cfg.index_source != "events" else None,
-                             uses_digest=self.uses_digest)
+                             uses_digest=self.uses_digest, sessions=self.sessions)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
                            self.served_models, self.audit)
         for spec in self.cfg.replicas:

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from balancer.guard import GuardConfig
+from balancer.sessions import SessionConfig
 from protocol.curve import load_public_key
 
 
@@ -152,6 +153,7 @@ class BalancerConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    sessions: SessionConfig = field(default_factory=SessionConfig)  # sticky sessions (balancer/sessions.py)
     approx_ttl_s: float = 300.0  # approximate index entries for replicas that publish no events
     approx_capacity_blocks: int = 100_000
     load_poll_s: float = 0.5  # GET /load for replicas without a load-report stream
@@ -249,9 +251,12 @@ class BalancerConfig:
         if "dns" in kw:
             kw["dns"] = tuple(DnsConfig(name=d) if isinstance(d, str) else DnsConfig(**d) for d in kw["dns"])
         for name, sub in (("health", HealthConfig), ("breaker", BreakerConfig), ("retry", RetryConfig),
-                          ("audit", AuditConfig)):
+                          ("audit", AuditConfig), ("sessions", SessionConfig)):
             if name in kw:
-                kw[name] = sub(**kw[name])
+                try:
+                    kw[name] = sub(**kw[name])
+                except TypeError as e:
+                    raise ValueError(f"{name}: {e}; its keys are {sorted(f.name for f in fields(sub))}") from None
         if "policy_options" in kw and isinstance(kw["policy_options"], dict):
             kw["policy_options"] = tuple(sorted(kw["policy_options"].items()))
         cfg = cls(**kw)

@@ -102,7 +102,7 @@ class Failover:
         tokens = prepared.token_ids + tuple(generated)
         req = GenerationRequest(kind="completion", model=prepared.request.model, prompt_token_ids=tokens,
                                 max_tokens=remaining, cache_salt=prepared.request.cache_salt)
-        return self.router.prepare(req)
+        return self.router.prepare(req, session=prepared.session)
 
     async def _relay(self, out: Exchange, booking: Booking, body: dict, req: GenerationRequest, progress,
                      generated_before: int, prompt_tokens: int, request_id: str) -> tuple[bool, list[int]]:

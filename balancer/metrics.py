@@ -19,7 +19,10 @@ per-replica in-flight, health and circuit state, retries, failovers and KV-index
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                    40.0, 80.0, 160.0)
@@ -161,6 +164,32 @@ class BalancerMetrics:
         for metric, names in ((self.requests, ("replica", "policy", "status")), (self.resyncs, ("replica", "reason"))):
             for values in _children_of(metric, names, replica_id):
                 metric.remove(*values)
+
+
+class SessionCollector:
+    """Sticky sessions' series (balancer/sessions.py), read from the session table at scrape
+    time: the table keeps plain counts (the simulator runs it without Prometheus)."""
+
+    def __init__(self, sessions, clock: Callable[[], float]) -> None:
+        self.sessions, self.clock = sessions, clock
+
+    def collect(self):
+        s = self.sessions
+        routed = CounterMetricFamily("kvfleet_session_routed", "Requests with a session key routed, by outcome: "
+                                     "new (no home known), stuck (kept on its home), followed (another replica "
+                                     "holds more of it: moved by another balancer), moved_overloaded, moved_gone.",
+                                     labels=("outcome",))
+        for outcome, n in s.routed.items():
+            routed.add_metric((outcome,), n)
+        ended = CounterMetricFamily("kvfleet_sessions_ended", "Sessions forgotten, by reason: expired (unused for "
+                                    "the TTL), released (DELETE /admin/sessions), evicted (over max_sessions).",
+                                    labels=("reason",))
+        for reason, n in s.ended.items():
+            ended.add_metric((reason,), n)
+        yield routed
+        yield ended
+        yield GaugeMetricFamily("kvfleet_sessions_active", "Sessions with a remembered home (used within the TTL).",
+                                value=s.active(self.clock()))
 
 
 def _children_of(metric, names: tuple[str, ...], replica_id: str) -> set[tuple[str, ...]]:

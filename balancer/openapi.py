@@ -220,6 +220,18 @@ def document() -> dict[str, Any]:
                            "tokens, whether they disagreed, the policy's reason and scores",
                 "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
                 "responses": {"200": ok_json, **_error_responses(400, 401)}}},
+            "/admin/sessions": {
+                "get": {"operationId": "listSessions", "tags": ["admin"],
+                        "summary": "Sticky sessions and their home replicas, most recently used first (?key=K: one)",
+                        "parameters": [{"name": "key", "in": "query", "schema": {"type": "string"}},
+                                       {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                        "responses": {"200": ok_json, **_error_responses(400, 401, 404)}},
+                "delete": {"operationId": "releaseSession", "tags": ["admin"],
+                           "summary": "Release a sticky session: its next request is a new session",
+                           "parameters": [{"name": "key", "in": "query", "required": True,
+                                           "schema": {"type": "string"}}],
+                           "responses": {"200": ok_json, **_error_responses(400, 401, 404)}},
+            },
             "/admin/index": {"get": {
                 "operationId": "indexState", "tags": ["admin"],
                 "summary": "The block hashes the prefix index holds for one replica",

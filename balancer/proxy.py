@@ -268,9 +268,16 @@ class Proxy:
         try:
             self.check_model(req)
             t0 = time.perf_counter()
-            prepared = self.router.prepare(req)
+            sessions = self.router.sessions
+            key = sessions.key_of(ex.header, req) if sessions is not None else None
+            last_turn = key is not None and sessions.releases(ex.header)  # checked (400) before routing
+            prepared = self.router.prepare(req, key)
             prompt_tokens = len(prepared.token_ids)
-            await self._route(ex, body, req, path, prepared, request_id, arrival, t0, outcome)
+            try:
+                await self._route(ex, body, req, path, prepared, request_id, arrival, t0, outcome)
+            finally:
+                if last_turn:
+                    sessions.release(key)
         except APIError as e:
             outcome.status = e.status
             raise

@@ -6,7 +6,10 @@ full blocks). `Router.route` is the routing transaction, the one way a request i
     route(prepared, request_id, exclude) ─▶ usable replicas ─▶ match (exact index for replicas
         that publish KV events, their cache digest for those routed from digests, approximate
         index for the rest) ─▶ predict output ─▶ policy.select
-        ─▶ record: registry in-flight work, policy.on_routed, approximate-index insert ─▶ Booking
+        (a request with a session key: `Sessions.decide`, which keeps it on its home or moves it,
+        asking the policy only where it places one: balancer/sessions.py)
+        ─▶ record: registry in-flight work, policy.on_routed, session home, approximate-index insert
+        ─▶ Booking
     Booking.finish(output_tokens) / Booking.fail(): in-flight work released, policy.on_complete,
         the output-length predictor learns (finish with a known length)
 
@@ -29,6 +32,7 @@ from balancer.digest_index import DigestIndex
 from balancer.policies.base import Decision, Policy, RoutingRequest, adapter_candidates
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry, ReplicaState
+from balancer.sessions import SessionDecision, Sessions
 from protocol.hashing import hash_blocks, root_hash, token_bytes
 from protocol.openai_api import GenerationRequest
 from protocol.tokenizer import CHAT_ROLES, apply_chat_template
@@ -46,6 +50,7 @@ class Prepared:
     rng_seed: int
     extra_prompt_tokens: int = 0  # a batched prompt's prompts after the first (routed by the first)
     lora_name: str | None = None  # the request's `model` when a replica lists it as a LoRA adapter
+    session: str | None = None  # the session key (balancer/sessions.py); None: not in a session
 
 
 def _routing_text(messages) -> str:
@@ -140,6 +145,7 @@ class Router:
         lora_slack: int = 8,
         digests: DigestIndex | None = None,
         uses_digest: Callable[[str], bool] = lambda rid: False,
+        sessions: Sessions | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -156,6 +162,7 @@ class Router:
         # Only a policy that reads predicted output lengths gets them (and pays for them).
         self.predictor = predictor if policy.uses_predicted_output else None
         self.clock = clock
+        self.sessions = sessions  # sticky sessions: requests with a session key keep to their replica
         # A request for a LoRA adapter goes to a replica holding it unless those are this many
         # requests in flight busier than one that is not (`adapter_candidates`).
         self.lora_slack = lora_slack
@@ -169,7 +176,7 @@ class Router:
             root = self._roots[(salt, lora_name)] = root_hash(self.model, salt, lora_name)
         return root
 
-    def prepare(self, req: GenerationRequest) -> Prepared:
+    def prepare(self, req: GenerationRequest, session: str | None = None) -> Prepared:
         first_user = None
         if req.kind == "chat":
             text = _routing_text(req.messages)
@@ -181,10 +188,11 @@ class Router:
         else:
             text = req.prompt
             tokens = self.tokenizer.encode(text)
-        return self.prepare_tokens(req, tokens, text, first_user_message=first_user)
+        return self.prepare_tokens(req, tokens, text, first_user_message=first_user, session=session)
 
     def prepare_tokens(self, req: GenerationRequest, tokens: Sequence[int], text: str,
-                       hashes: Sequence[int] | None = None, first_user_message: str | None = None) -> Prepared:
+                       hashes: Sequence[int] | None = None, first_user_message: str | None = None,
+                       session: str | None = None) -> Prepared:
         """`prepare` for a prompt already tokenized (and maybe hashed: the simulator hashes
         each trace prompt once for all its runs)."""
         lora = req.model if self.registry.is_adapter(req.model) else None
@@ -192,7 +200,7 @@ class Router:
             hashes = hash_blocks(tokens, self.block_size, self._root(req.cache_salt, lora))
         seed = hashes[-1] if hashes else xxhash.xxh3_64_intdigest(token_bytes(list(tokens)))
         extra = sum(len(p) if isinstance(p, tuple) else len(self.tokenizer.encode(p)) for p in req.more_prompts)
-        return Prepared(req, tuple(tokens), text, tuple(hashes), first_user_message, seed, extra, lora)
+        return Prepared(req, tuple(tokens), text, tuple(hashes), first_user_message, seed, extra, lora, session)
 
     def routing_request(self, p: Prepared, request_id: str,
                         predicted_output_tokens: float | None = None) -> RoutingRequest:
@@ -225,10 +233,12 @@ class Router:
             lora_name=p.lora_name,
         )
 
-    def decide(self, rr: RoutingRequest, candidates: Sequence[ReplicaState]) -> Decision:
+    def decide(self, rr: RoutingRequest, candidates: Sequence[ReplicaState], session: str | None = None) -> Decision:
         views = self.registry.views(candidates, self._cached_blocks)
         if rr.lora_name is not None and not self.policy.prices_adapter_load:
             views = adapter_candidates(rr, views, self.lora_slack)
+        if session is not None and self.sessions is not None:
+            return self.sessions.decide(session, rr, views, self.policy.select)
         return self.policy.select(rr, views)
 
     def _cached_blocks(self, replica_id: str) -> int:
@@ -247,7 +257,7 @@ class Router:
         if not candidates:
             return None, candidates, None
         rr = self.routing_request(p, request_id, predicted_output_tokens)
-        return rr, candidates, self.decide(rr, candidates)
+        return rr, candidates, self.decide(rr, candidates, p.session)
 
     def route(self, p: Prepared, request_id: str, exclude: frozenset[str] = frozenset(),
               predicted_output_tokens: float | None = None) -> Booking | None:
@@ -266,6 +276,8 @@ class Router:
         # The policy and the approximate index learn of it now: the next decision, maybe for a
         # request already waiting in this loop turn, must see it.
         self.policy.on_routed(rr, decision)
+        if isinstance(decision, SessionDecision):
+            self.sessions.record(decision, rr.now)
         if not self.has_events(decision.replica_id):
             self.approx.record(decision.replica_id, rr.block_hashes, self.clock())
         return booking

@@ -36,7 +36,9 @@ SPEC = Path(__file__).resolve().parent / "routing_matrix.toml"
 DEFAULT_POLICIES = "round_robin,least_request,llmd_scorer,dynamo_kv,predictive"
 
 
-def run_live(trace, policy: str, args, prompt_seed: int) -> dict:
+def run_live(trace, policy: str, args, prompt_seed: int, sessions: bool = False) -> dict:
+    """`trace` through a fresh live fleet running `policy` (with `sessions`: sticky sessions on,
+    loadgen sending each request's session id as its `user`)."""
     import numpy as np
 
     from kvfleet.fleet import FleetSpec, LocalFleet
@@ -46,12 +48,14 @@ def run_live(trace, policy: str, args, prompt_seed: int) -> dict:
 
     replica_args = ("--preset", args.preset, "--num-blocks", str(args.kv_tokens // 16),
                     "--time-scale", str(args.time_scale))
-    spec = FleetSpec(replicas=args.replicas, engine="sim", policy=policy, balancer_port=0, replica_args=replica_args)
+    spec = FleetSpec(replicas=args.replicas, engine="sim", policy=policy, balancer_port=0, replica_args=replica_args,
+                     balancer_args=("--sessions",) if sessions else ())
     stretched = [dataclasses.replace(r, arrival_s=r.arrival_s / args.time_scale) for r in trace]
     with LocalFleet(spec) as fleet:
         t0 = time.perf_counter()
         res = asyncio.run(run_load(fleet.balancer.url, stretched,
-                                   LoadConfig(model="tiny", prompt=PromptConfig(seed=prompt_seed), progress=False)))
+                                   LoadConfig(model="tiny", prompt=PromptConfig(seed=prompt_seed), progress=False,
+                                              session_user=sessions)))
         wall = time.perf_counter() - t0
     summary = summarize(res, percentiles=(99,))
     if not summary["completed"]:

@@ -167,6 +167,21 @@ def fleet_overview() -> dict:
     d = d.with_panel(graph("KV-cache usage", "Share of each replica's KV blocks in use (1 = full).", "percentunit",
                            [("max by (instance) (vllm:kv_cache_usage_perc)", "{{instance}}")]))
 
+    # --- sticky sessions (issue #17 part 3, balancer/sessions.py) -----------------------------
+    d = d.with_row(gdash.Row("Sticky sessions"))
+    d = d.with_panel(graph(
+        "Session routing", "Requests with a session key per second, by outcome: stuck (kept on its home), new (no "
+        "home known), followed (another replica holds more of it: another balancer moved it), moved_overloaded (its "
+        "home was above the overload bar), moved_gone (its home left, failed or is unhealthy). Many moves: the "
+        "overload bar (--session-overload-factor) is tight or replicas are failing.", "reqps",
+        [(f"sum by (outcome) (rate(kvfleet_session_routed_total[{RATE}]))", "{{outcome}}")]))
+    d = d.with_panel(graph(
+        "Sessions", "Sessions with a remembered home (used within the TTL), and sessions forgotten per interval by "
+        "reason: expired, released (DELETE /admin/sessions), evicted (over --session-max-sessions).", "short",
+        [("sum(kvfleet_sessions_active)", "active"),
+         (f"sum by (reason) (increase(kvfleet_sessions_ended_total[{RATE}]))", "ended {{reason}}")]))
+    # --- end of sticky sessions ---------------------------------------------------------------
+
     d = d.with_row(gdash.Row("Reliability"))
     d = d.with_panel(graph("Retries and failovers", "Attempts that failed before the first byte (retried elsewhere), "
                            "streams continued on another replica after theirs was lost, streams no replica could "

@@ -75,6 +75,10 @@ def _add_client(p: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds without a byte before a request fails")
     g.add_argument("--seed", type=int, default=0, help="seed for prompts, synthetic workloads and tick spreading")
     g.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    g.add_argument("--session-user", action="store_true",
+                   help="send each request's session id (generated chat/agentic traces, Bailian, BurstGPT, "
+                        "ShareGPT) as the OpenAI `user` field: a balancer with --sessions keeps each session on its "
+                        "replica")
 
 
 def _add_output(p: argparse.ArgumentParser) -> None:
@@ -221,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
                          token_prompts=args.token_prompts and args.endpoint == "completions",
                          prompt=PromptConfig(seed=args.seed, prepend_bos=args.prepend_bos),
                          concurrency=args.concurrency, request_timeout_s=args.request_timeout,
-                         progress=False if args.no_progress else None)
+                         progress=False if args.no_progress else None, session_user=args.session_user)
         base = build_workload(args)
     except FileNotFoundError as e:
         return _err(str(e))

@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --index-source digests: the filter (8 or 16-bit fingerprints)")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds, for goodput")
     p.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT SLO in seconds, for goodput")
+    p.add_argument("--sessions", action="store_true",
+                   help="sticky sessions (balancer/sessions.py, default settings), keyed by the trace's session ids "
+                        "(kvfleet's generated chat/agentic traces, Bailian's chat ids)")
     p.add_argument("--out", default="results/simulate", help="folder for the JSON, markdown table and plot")
 
 
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         print("kvfleet simulate: give --trace FILE (a trace to replay) or --sweep FILE (a matrix); "
               "see kvfleet simulate --help", file=sys.stderr)
         return 2
+    from balancer import sessions
     from loadgen.traces import load_trace
     from replica.step_model import get_preset
     from simulator.run import SimulateConfig, simulate, table, write
@@ -146,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
                              load_report_interval_s=args.load_report_interval_ms / 1e3,
                              response_latency_s=args.response_latency_ms / 1e3, max_model_len=args.max_model_len,
                              index_source=args.index_source, digest_interval_s=args.digest_interval,
-                             digest_filter=args.digest_filter)
+                             digest_filter=args.digest_filter,
+                             sessions=sessions.SessionConfig(enabled=args.sessions))
     except (OSError, ValueError) as e:
         print(f"kvfleet simulate: {e}", file=sys.stderr)
         return 2

@@ -62,6 +62,9 @@ class LoadConfig:
     max_connections: int = 0  # 0 = no limit (open loop needs one connection per request in flight)
     extra_body: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    # Each request's trace session id as the OpenAI `user` field: the session key of a balancer
+    # run with sticky sessions (`kvfleet balancer --sessions`, balancer/sessions.py).
+    session_user: bool = False
     progress: bool | None = None  # None: a progress bar when stderr is a TTY
 
     def __post_init__(self) -> None:
@@ -136,6 +139,8 @@ def build_body(req: TraceRequest, index: int, cfg: LoadConfig) -> bytes:
         body["prompt"] = prompt_token_ids(req, index, cfg.prompt).tolist()
     else:
         body["prompt"] = prompt_text(req, index, cfg.prompt)
+    if cfg.session_user and req.session_id:
+        body["user"] = req.session_id
     body.update(cfg.extra_body)
     return json.dumps(body, separators=(",", ":")).encode()
 

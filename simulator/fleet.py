@@ -37,6 +37,7 @@ from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry
 from balancer.router import Booking, Router
 from protocol.digest import HEADER_BYTES, BlockFilter, CacheDigest
+from balancer.sessions import SessionConfig, Sessions
 from protocol.hashing import hash_blocks, root_hash
 from protocol.openai_api import GenerationRequest
 from protocol.tokenizer import ByteTokenizer
@@ -88,6 +89,7 @@ class SimRequest:
     tag: str = ""  # tenant / session, for reports
     prompt: Prompt | None = None  # the prompt materialised once (else `token_ids()` at each arrival)
     lora_name: str | None = None  # the LoRA adapter it names as its model (one of FleetConfig.lora_adapters)
+    session: str = ""  # the conversation it belongs to: its session key when sessions are on ("": none)
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,9 @@ class FleetConfig:
     index_source: str = "events"
     digest_interval_s: float = 1.0
     digest_filter: str = "binary_fuse8"
+    # Sticky sessions (balancer/sessions.py): with `enabled`, each request's `session` is its
+    # session key, as a live client's session header.
+    sessions: SessionConfig = SessionConfig()
 
     def __post_init__(self) -> None:
         if self.index_source not in ("events", "digests"):
@@ -251,10 +256,11 @@ class FleetSimulation:
         self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
         # Digest mode: no digest ages out (each replica sends one every interval, none is lost).
         self.digests = DigestIndex(cfg.block_size, float("inf"), self._clock) if cfg.index_source == "digests" else None
+        self.sessions = Sessions(cfg.sessions)
         self.router = Router(MODEL, cfg.block_size, ByteTokenizer(), self.index,
                              ApproxIndex(clock=self._clock), self.policy, self.registry,
                              has_events=lambda rid: True, predictor=predictor, clock=self._clock,
-                             digests=self.digests, uses_digest=lambda rid: True)
+                             digests=self.digests, uses_digest=lambda rid: True, sessions=self.sessions)
         self.root = root_hash(MODEL)
         self._lora_roots = {name: root_hash(MODEL, lora_name=name) for name in cfg.lora_adapters}
         self.predictor = predictor
@@ -355,8 +361,9 @@ class FleetSimulation:
                 if not rep.busy and rep.reported_at < t:
                     rep.now = max(rep.now, t)
                     self._deliver(rep, self._url[rep.rid], self._snapshot(rep))
+        extra = {"sessions": dict(self.sessions.routed)} if self.cfg.sessions.enabled else {}
         return SimResult(self.cfg.policy, records, [self._url[r] for r in self.replicas], steps,
-                         _time.perf_counter() - wall)
+                         _time.perf_counter() - wall, extra)
 
     def _take_digest(self, rep: "_SimReplica") -> None:
         """The replica's cache digest as its publisher makes it now, delivered at once."""
@@ -409,7 +416,8 @@ class FleetSimulation:
         text = ""
         if self.policy.needs_text:
             text = memo.text() if memo is not None else ByteTokenizer().decode(tokens)
-        prepared = self.router.prepare_tokens(req, tokens, text, hashes)
+        session = r.session if r.session and self.cfg.sessions.enabled else None
+        prepared = self.router.prepare_tokens(req, tokens, text, hashes, session=session)
         oracle = float(r.output_length) if self.cfg.oracle_lengths else None
         booking = self.router.route(prepared, str(i), predicted_output_tokens=oracle)
         url = booking.replica_id

@@ -21,6 +21,7 @@ from protocol.hashing import hash_blocks, root_hash
 from replica.engine import SIM_MAX_MODEL_LEN
 from replica.service import ServiceConfig
 from replica.step_model import SimPreset
+from balancer.sessions import SessionConfig
 from simulator.bounds import Bounds, compute_bounds
 from simulator.fleet import MODEL, FleetConfig, FleetSimulation, Prompt, SimRequest, SimResult
 
@@ -63,6 +64,7 @@ class SimulateConfig:
     index_source: str = "events"
     digest_interval_s: float = 1.0
     digest_filter: str = "binary_fuse8"
+    sessions: SessionConfig = SessionConfig()  # sticky sessions, keyed by the trace's session ids
 
     def __post_init__(self) -> None:
         if self.load is not None and not 0 < self.load <= 10:
@@ -94,7 +96,7 @@ def sim_requests(trace: Sequence[TraceRequest], seed: int = 0, block_size: int =
         tokens = lazy(t, i)
         memo = Prompt(tokens(), block_size, root) if memoize else None
         out.append(SimRequest(t.arrival_s, memo.token_ids if memo else tokens, t.output_length, t.input_length,
-                              t.tenant or t.session_id or "", memo))
+                              t.tenant or t.session_id or "", memo, session=t.session_id or ""))
     return out
 
 
@@ -150,6 +152,7 @@ def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
         "predicted_hit_rate": sum(r.predicted_cached_tokens for r in recs) / max(prompt, 1),
         "replica_share": {k: v / max(len(recs), 1) for k, v in share.items()},
         "steps": res.steps, "wall_s": res.wall_s,
+        **({"sessions": res.extra["sessions"]} if "sessions" in res.extra else {}),
     }
 
 
@@ -171,7 +174,8 @@ def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
                        client_max_tokens=cfg.client_max_tokens, request_latency_s=cfg.request_latency_s,
                        response_latency_s=cfg.response_latency_s, load_report_interval_s=cfg.load_report_interval_s,
                        max_model_len=cfg.max_model_len, index_source=cfg.index_source,
-                       digest_interval_s=cfg.digest_interval_s, digest_filter=cfg.digest_filter)
+                       digest_interval_s=cfg.digest_interval_s, digest_filter=cfg.digest_filter,
+                       sessions=cfg.sessions)
 
 
 def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
@@ -197,7 +201,7 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
                       "load": cfg.load, "trace_utilisation": util, "time_factor": factor,
                       "mean_demand_s": demand, "requests": len(reqs), "seed": cfg.seed,
                       "predictor": cfg.predictor, "client_max_tokens": cfg.client_max_tokens,
-                      "index_source": cfg.index_source,
+                      "index_source": cfg.index_source, "sessions": cfg.sessions.enabled,
                       **({"digest_interval_s": cfg.digest_interval_s, "digest_filter": cfg.digest_filter}
                          if cfg.index_source == "digests" else {})},
            "bounds": {"infinite_cache_hit_rate": bounds.infinite_cache_hit_rate,

@@ -84,8 +84,9 @@ SYSTEM_PROMPTS = [f"System prompt {i}: you are assistant number {i}. " + f"Rule 
                   for i in range(4)]
 
 
-def _post(url: str, body: dict, timeout: float = 60) -> tuple[int, bytes, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def _post(url: str, body: dict, timeout: float = 60, headers: dict | None = None) -> tuple[int, bytes, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read(), dict(r.headers)
@@ -106,8 +107,10 @@ def _request(base: str, i: int) -> int:
         body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}],
                 **extra}
         status, raw, _ = _post(base + "/v1/chat/completions", body)
-    else:
-        status, raw, _ = _post(base + "/v1/completions", {"prompt": system + f"question {i}", **extra})
+    else:  # every fourth completion in a sticky session, conv-1 or conv-2 (the balancer runs with --sessions)
+        session = {"X-Session-Id": f"conv-{i % 3}"} if i % 4 == 1 else None
+        status, raw, _ = _post(base + "/v1/completions", {"prompt": system + f"question {i}", **extra},
+                               headers=session)
     if stream:
         assert raw.rstrip().endswith(b"data: [DONE]"), raw[-200:]
     return status
@@ -179,7 +182,7 @@ def _kill_mid_stream(fleet: LocalFleet) -> str:
 
 @pytest.fixture(scope="module")
 def loaded_fleet(prometheus_tools):
-    spec = FleetSpec(replicas=3, engine="sim", balancer_port=0, replica_args=SIM_ARGS,
+    spec = FleetSpec(replicas=3, engine="sim", balancer_port=0, replica_args=SIM_ARGS, balancer_args=("--sessions",),
                      prometheus=PrometheusConfig(port=0, scrape_interval_s=SCRAPE_S))
     with LocalFleet(spec) as fleet:
         base = fleet.balancer.url
@@ -279,6 +282,16 @@ def test_lora_routing_shows_in_prometheus(loaded_fleet):
     assert {s["metric"]["lora_name"] for s in resident} == {"sql", "chat"}
     loads = prom.query("sum(kvfleet_replica_lora_loads_total)")
     assert loads and float(loads[0]["value"][1]) > len(fleet.replicas)  # the start's preloads, then chat's
+
+
+def test_sticky_sessions_show_in_prometheus(loaded_fleet):
+    fleet, _ = loaded_fleet
+    prom = fleet.prometheus
+    routed = {s["metric"]["outcome"]: float(s["value"][1])
+              for s in prom.query("sum by (outcome) (kvfleet_session_routed_total)")}
+    assert routed["new"] >= 1 and routed["stuck"] >= 1, routed
+    active = prom.query("max_over_time(kvfleet_sessions_active[5m])")
+    assert active and float(active[0]["value"][1]) >= 1
 
 
 def test_prometheus_targets_follow_the_fleet(loaded_fleet):
