@@ -63,6 +63,8 @@ class SimulateConfig:
     index_source: str = "events"
     digest_interval_s: float = 1.0
     digest_filter: str = "binary_fuse8"
+    # Uncoordinated balancer instances in front of the fleet (simulator.fleet.FleetConfig).
+    balancers: int = 1
 
     def __post_init__(self) -> None:
         if self.load is not None and not 0 < self.load <= 10:
@@ -171,7 +173,8 @@ def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
                        client_max_tokens=cfg.client_max_tokens, request_latency_s=cfg.request_latency_s,
                        response_latency_s=cfg.response_latency_s, load_report_interval_s=cfg.load_report_interval_s,
                        max_model_len=cfg.max_model_len, index_source=cfg.index_source,
-                       digest_interval_s=cfg.digest_interval_s, digest_filter=cfg.digest_filter)
+                       digest_interval_s=cfg.digest_interval_s, digest_filter=cfg.digest_filter,
+                       balancers=cfg.balancers)
 
 
 def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
