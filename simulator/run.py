@@ -141,6 +141,8 @@ def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
     prompt = sum(r.prompt_tokens for r in recs)
     return {
         "policy": res.policy,
+        **({"balancers": res.extra["balancers"], "agreement": res.extra["agreement"]}
+           if "agreement" in res.extra else {}),
         "completed": len(recs),
         "rejected": sum(1 for r in res.records if r.rejected),
         "mean_ttft_s": float(ttft.mean()), "median_ttft_s": float(np.median(ttft)),

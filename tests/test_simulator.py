@@ -281,3 +281,12 @@ def test_several_balancers_diverge_on_in_flight_bookkeeping():
     assert "agreement" not in one.extra
     res = FleetSimulation(FleetConfig(2, preset, "least_request", balancers=2)).run(sim_requests(trace))
     assert res.extra["agreement"] < 1.0
+
+
+def test_simulate_reports_the_instances_agreement():
+    preset = get_preset("llama3-8b-h100")
+    trace = [TraceRequest(arrival_s=0.0, input_length=256, output_length=8) for _ in range(8)]
+    out = simulate(trace, SimulateConfig(2, preset, ("least_request",), balancers=2))
+    s = out["policies"][0]
+    assert s["balancers"] == 2 and 0.0 <= s["agreement"] < 1.0
+    assert "agreement" not in simulate(trace, SimulateConfig(2, preset, ("least_request",)))["policies"][0]
