@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(HTTP, balancer, tokenizing; default: measured on a live sim fleet, docs/benchmarks.md)")
     p.add_argument("--response-latency-ms", type=float, default=1e3 * DEFAULT_RESPONSE_LATENCY_S,
                    help="what a live fleet adds from a token leaving a step to the client (SSE via the balancer)")
+    p.add_argument("--balancers", type=int, default=1,
+                   help="uncoordinated balancer instances, requests round robin over them; >1 reports their "
+                        "agreement in the JSON output (default 1)")
     p.add_argument("--load-report-interval-ms", type=float, default=1e3 * DEFAULT_LOAD_REPORT_INTERVAL_S,
                    help="how often a replica's load report reaches the balancer (default: a live replica's "
                         "cadence); 0: after every engine step, fresher than any live fleet")
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                              response_latency_s=args.response_latency_ms / 1e3, max_model_len=args.max_model_len,
                              index_source=args.index_source, digest_interval_s=args.digest_interval,
                              digest_filter=args.digest_filter,
-                             sessions=sessions.SessionConfig(enabled=args.sessions))
+                             sessions=sessions.SessionConfig(enabled=args.sessions), balancers=args.balancers)
     except (OSError, ValueError) as e:
         print(f"kvfleet simulate: {e}", file=sys.stderr)
         return 2

@@ -141,8 +141,16 @@ class FleetConfig:
     # Sticky sessions (balancer/sessions.py): with `enabled`, each request's `session` is its
     # session key, as a live client's session header.
     sessions: SessionConfig = SessionConfig()
+    # Balancer instances in front of the fleet (issue #18 part 3), uncoordinated: each has its
+    # own registry bookkeeping (in-flight, sent-since-report), index and policy, all fed the same
+    # KV events and load reports; request i goes to instance i mod N (round robin). With N > 1,
+    # SimResult.extra["agreement"] is the share of routed requests for which every other instance,
+    # asked at that moment without booking (Router.choose), would have picked the same replica.
+    balancers: int = 1
 
     def __post_init__(self) -> None:
+        if self.balancers < 1:
+            raise ValueError("balancers must be at least 1")
         if self.index_source not in ("events", "digests"):
             raise ValueError(f"index_source must be events or digests, got {self.index_source!r}")
         if self.digest_interval_s <= 0:
@@ -242,25 +250,14 @@ class FleetSimulation:
         self.cfg = cfg
         self.now = 0.0
         self.replicas = {f"r{i}": _SimReplica(f"r{i}", cfg) for i in range(cfg.replicas)}
-        # A request reaches the replica's queue request_latency_s after it is routed.
-        self.registry = Registry(BreakerConfig(), HealthConfig(), self._clock, in_transit_s=cfg.request_latency_s)
-        for rid in self.replicas:
-            state = self.registry.add(ReplicaSpec(url=f"http://{rid}.sim:80"))
-            if cfg.lora_adapters:  # what its /v1/models would list
-                self.registry.set_models(state, frozenset((MODEL, *cfg.lora_adapters)),
-                                         {name: MODEL for name in cfg.lora_adapters})
         # Registry ids are URLs; keep a map both ways.
         self._url = {rid: f"http://{rid}.sim:80" for rid in self.replicas}
         self._rid = {v: k for k, v in self._url.items()}
-        self.index = PrefixIndex(cfg.block_size, MODEL)
-        self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
-        # Digest mode: no digest ages out (each replica sends one every interval, none is lost).
-        self.digests = DigestIndex(cfg.block_size, float("inf"), self._clock) if cfg.index_source == "digests" else None
-        self.sessions = Sessions(cfg.sessions)
-        self.router = Router(MODEL, cfg.block_size, ByteTokenizer(), self.index,
-                             ApproxIndex(clock=self._clock), self.policy, self.registry,
-                             has_events=lambda rid: True, predictor=predictor, clock=self._clock,
-                             digests=self.digests, uses_digest=lambda rid: True, sessions=self.sessions)
+        self.instances = [self._instance(predictor) for _ in range(cfg.balancers)]
+        # The first instance under the names a single-balancer run has always used.
+        self.registry, self.index, self.policy, self.digests, self.router = self.instances[0]
+        self.agreed = self.compared = 0
+        self.sessions = self.router.sessions  # the first instance's table (each instance has its own)
         self.root = root_hash(MODEL)
         self._lora_roots = {name: root_hash(MODEL, lora_name=name) for name in cfg.lora_adapters}
         self.predictor = predictor
@@ -268,6 +265,26 @@ class FleetSimulation:
 
     def _clock(self) -> float:
         return self.now
+
+    def _instance(self, predictor):
+        """One balancer instance: (registry, index, policy, digests, router)."""
+        cfg = self.cfg
+        # A request reaches the replica's queue request_latency_s after it is routed.
+        registry = Registry(BreakerConfig(), HealthConfig(), self._clock, in_transit_s=cfg.request_latency_s)
+        for rid in self.replicas:
+            state = registry.add(ReplicaSpec(url=f"http://{rid}.sim:80"))
+            if cfg.lora_adapters:  # what its /v1/models would list
+                registry.set_models(state, frozenset((MODEL, *cfg.lora_adapters)),
+                                    {name: MODEL for name in cfg.lora_adapters})
+        index = PrefixIndex(cfg.block_size, MODEL)
+        policy = make_policy(cfg.policy, dict(cfg.policy_options))
+        # Digest mode: no digest ages out (each replica sends one every interval, none is lost).
+        digests = DigestIndex(cfg.block_size, float("inf"), self._clock) if cfg.index_source == "digests" else None
+        router = Router(MODEL, cfg.block_size, ByteTokenizer(), index,
+                        ApproxIndex(clock=self._clock), policy, registry,
+                        has_events=lambda rid: True, predictor=predictor, clock=self._clock,
+                        digests=digests, uses_digest=lambda rid: True, sessions=Sessions(cfg.sessions))
+        return registry, index, policy, digests, router
 
     def run(self, requests: Sequence[SimRequest]) -> SimResult:
         import time as _time
@@ -335,7 +352,8 @@ class FleetSimulation:
                 rep, touched, events, report = x
                 url = self._url[rep.rid]
                 if events and digests is None:
-                    index.apply_many(url, events)
+                    for inst in self.instances:
+                        inst[1].apply_many(url, events)
                 if report is not None:
                     self._deliver(rep, url, report)
                 seen = t + resp_lat
@@ -361,7 +379,11 @@ class FleetSimulation:
                 if not rep.busy and rep.reported_at < t:
                     rep.now = max(rep.now, t)
                     self._deliver(rep, self._url[rep.rid], self._snapshot(rep))
-        extra = {"sessions": dict(self.sessions.routed)} if self.cfg.sessions.enabled else {}
+        extra = {"balancers": len(self.instances)}
+        if self.cfg.sessions.enabled:
+            extra["sessions"] = dict(self.sessions.routed)
+        if len(self.instances) > 1:
+            extra["agreement"] = self.agreed / self.compared if self.compared else 1.0
         return SimResult(self.cfg.policy, records, [self._url[r] for r in self.replicas], steps,
                          _time.perf_counter() - wall, extra)
 
@@ -375,7 +397,8 @@ class FleetSimulation:
                                      num_blocks=len(cached), filter=filt)
             rep.digest_version = pool.cache_version
             rep.digest_bytes = filt.size_bytes + HEADER_BYTES
-        self.digests.update(self._url[rep.rid], rep.digest, rep.digest_bytes)
+        for inst in self.instances:
+            inst[3].update(self._url[rep.rid], rep.digest, rep.digest_bytes)
 
     @staticmethod
     def _snapshot(rep: "_SimReplica") -> tuple:
@@ -390,11 +413,12 @@ class FleetSimulation:
 
     def _deliver(self, rep: "_SimReplica", url: str, report: tuple) -> None:
         load, steps, loras = report
-        self.registry.on_load(url, load)
-        if loras is not None:  # the adapters resident when the report was made (LoadReport.loras)
-            self.registry.set_loras(url, *loras)
-        if steps:
-            self.policy.observe_steps(url, steps)
+        for registry, _, policy, _, _ in self.instances:  # every instance gets every report
+            registry.on_load(url, load)
+            if loras is not None:  # the adapters resident when the report was made (LoadReport.loras)
+                registry.set_loras(url, *loras)
+            if steps:
+                policy.observe_steps(url, steps)
 
     def _arrive(self, i: int, r: SimRequest, t: float):
         memo = r.prompt
@@ -419,8 +443,17 @@ class FleetSimulation:
         session = r.session if r.session and self.cfg.sessions.enabled else None
         prepared = self.router.prepare_tokens(req, tokens, text, hashes, session=session)
         oracle = float(r.output_length) if self.cfg.oracle_lengths else None
-        booking = self.router.route(prepared, str(i), predicted_output_tokens=oracle)
+        router = self.instances[i % len(self.instances)][4]
+        if router is not self.router:  # each instance prepares with its own root/tokenizer state
+            prepared = router.prepare_tokens(req, tokens, text, hashes)
+        booking = router.route(prepared, str(i), predicted_output_tokens=oracle)
         url = booking.replica_id
+        if len(self.instances) > 1:  # would every other instance have sent it there now?
+            others = (inst[4] for inst in self.instances if inst[4] is not router)
+            self.compared += 1
+            self.agreed += all(getattr(o.choose(o.prepare_tokens(req, tokens, text, hashes), str(i),
+                                                predicted_output_tokens=oracle)[2], "replica_id", None) == url
+                               for o in others)
         rep = self.replicas[self._rid[url]]
         params = SamplingParams(max_tokens=max(1, r.output_length), temperature=0.0, ignore_eos=True,
                                 lora_name=r.lora_name)

@@ -65,6 +65,8 @@ class SimulateConfig:
     digest_interval_s: float = 1.0
     digest_filter: str = "binary_fuse8"
     sessions: SessionConfig = SessionConfig()  # sticky sessions, keyed by the trace's session ids
+    # Uncoordinated balancer instances in front of the fleet (simulator.fleet.FleetConfig).
+    balancers: int = 1
 
     def __post_init__(self) -> None:
         if self.load is not None and not 0 < self.load <= 10:
@@ -141,6 +143,8 @@ def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
     prompt = sum(r.prompt_tokens for r in recs)
     return {
         "policy": res.policy,
+        **({"balancers": res.extra["balancers"], "agreement": res.extra["agreement"]}
+           if "agreement" in res.extra else {}),
         "completed": len(recs),
         "rejected": sum(1 for r in res.records if r.rejected),
         "mean_ttft_s": float(ttft.mean()), "median_ttft_s": float(np.median(ttft)),
@@ -175,7 +179,8 @@ def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
                        response_latency_s=cfg.response_latency_s, load_report_interval_s=cfg.load_report_interval_s,
                        max_model_len=cfg.max_model_len, index_source=cfg.index_source,
                        digest_interval_s=cfg.digest_interval_s, digest_filter=cfg.digest_filter,
-                       sessions=cfg.sessions)
+                       sessions=cfg.sessions,
+                       balancers=cfg.balancers)
 
 
 def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:

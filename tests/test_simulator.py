@@ -245,3 +245,48 @@ def test_digest_mode_sees_the_cache_only_as_of_each_replicas_last_digest():
     assert seen["digests"][:2] == [0, 0] and seen["digests"][2] == seen["events"][2]
     with pytest.raises(ValueError, match="index_source"):
         FleetConfig(2, preset, "precise_prefix", index_source="both")
+
+
+def test_several_balancers_fed_the_same_events_agree_when_nothing_is_in_flight():
+    """Issue #18 part 3: N uncoordinated instances, each with its own index, registry and policy,
+    all fed the same KV events and load reports. With requests far apart nothing is in flight at
+    any instance, so every instance decides alike (agreement 1.0) and all indexes hold the same."""
+    from simulator.fleet import FleetConfig, FleetSimulation
+    from simulator.run import sim_requests
+
+    preset = get_preset("llama3-8b-h100")
+    trace = [TraceRequest(arrival_s=10.0 * i, input_length=8 * 64, output_length=2,
+                          hash_ids=tuple(range(i % 3, i % 3 + 8)), hash_block_tokens=64) for i in range(8)]
+    one = FleetSimulation(FleetConfig(3, preset, "precise_prefix")).run(sim_requests(trace))
+    fleet = FleetSimulation(FleetConfig(3, preset, "precise_prefix", balancers=3))
+    res = fleet.run(sim_requests(trace))
+    assert res.extra == {"balancers": 3, "agreement": 1.0}
+    assert [r.replica for r in res.records] == [r.replica for r in one.records]
+    entries = {inst[1].num_entries() for inst in fleet.instances}
+    assert len(entries) == 1 and entries.pop() > 0
+    with pytest.raises(ValueError, match="balancers"):
+        FleetConfig(2, preset, "precise_prefix", balancers=0)
+
+
+def test_several_balancers_diverge_on_in_flight_bookkeeping():
+    """What no shared event carries: each instance counts only its own sends. A burst at one
+    moment, spread round robin over two instances, makes least_request's in-flight counts
+    differ between them, so some decisions disagree."""
+    from simulator.fleet import FleetConfig, FleetSimulation
+    from simulator.run import sim_requests
+
+    preset = get_preset("llama3-8b-h100")
+    trace = [TraceRequest(arrival_s=0.0, input_length=256, output_length=8) for _ in range(8)]
+    one = FleetSimulation(FleetConfig(2, preset, "least_request")).run(sim_requests(trace))
+    assert "agreement" not in one.extra
+    res = FleetSimulation(FleetConfig(2, preset, "least_request", balancers=2)).run(sim_requests(trace))
+    assert res.extra["agreement"] < 1.0
+
+
+def test_simulate_reports_the_instances_agreement():
+    preset = get_preset("llama3-8b-h100")
+    trace = [TraceRequest(arrival_s=0.0, input_length=256, output_length=8) for _ in range(8)]
+    out = simulate(trace, SimulateConfig(2, preset, ("least_request",), balancers=2))
+    s = out["policies"][0]
+    assert s["balancers"] == 2 and 0.0 <= s["agreement"] < 1.0
+    assert "agreement" not in simulate(trace, SimulateConfig(2, preset, ("least_request",)))["policies"][0]
