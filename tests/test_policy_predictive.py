@@ -203,6 +203,27 @@ def test_decode_excess_charges_only_the_running_sequences_above_the_fleets_mean(
     assert d_excess.scores["a"]["others"] == pytest.approx(d_full.scores["a"]["others"] * (14 - 28 / 3) / 14)
 
 
+def test_recompute_waste_charges_the_decodes_stalled_by_tokens_another_replica_holds():
+    # The decode_excess pair: a holds 4,000 of the 4,096 prompt tokens and runs 14 decodes, c holds
+    # nothing and runs 4. Charged for the decodes alone, c wins; charged also for the 4,000 tokens
+    # c would recompute in the steps of its 4 running decodes (the best-cached replica wastes
+    # nothing), the cache wins.
+    loads = {"a": 14, "b": 10, "c": 4}
+    views = [view(r, num_running=n, running_decode_tokens=n * 9000) for r, n in loads.items()]
+    plain, waste = make_policy("predictive", {"recompute_waste": False}), make_policy("predictive", {"recompute_waste": True})
+    for p in (plain, waste):
+        p.observe_steps("a", synthetic_steps(np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])))
+    req = request({"a": 250}, prompt=4096, out=400)
+    d_plain, d_waste = plain.select(req, views), waste.select(req, views)
+    assert d_plain.replica_id == "c" and d_waste.replica_id == "a"
+    assert d_waste.scores["a"]["others"] == pytest.approx(d_plain.scores["a"]["others"])
+    t_tok = waste.learner.theta("c")[1]
+    assert d_waste.scores["c"]["others"] - d_plain.scores["c"]["others"] == pytest.approx(4 * t_tok * 4000)
+    # where no replica holds more of the prompt than another, nothing changes
+    cold = request({}, prompt=4096, out=400)
+    assert waste.select(cold, views).scores == plain.select(cold, views).scores
+
+
 def test_decode_delay_counts_only_the_overlap_with_running_sequences():
     # What we have running on a is short: its sequences share at most ~10 of our 300 steps.
     # (All of a's decodes are charged: with one replica there is no excess over the fleet's mean.)

@@ -62,6 +62,14 @@ fleet's mean, max(D − D̄, 0): a request shares its decode steps with about D�
 goes (later requests fill an idle replica), so only the excess of a busy replica is a cost of
 choosing it rather than another.
 
+`recompute_waste` (issue #15, see docs/benchmarks.md for the default) adds to `others` the
+running decodes stalled by the recompute a placement chooses: D · θtok · (u − u_min), u_min the
+uncached tokens on the replica holding the most of the prompt. Unlike the D·work term above it
+charges nothing where the prompt is equally cold everywhere (the prefill stalls somebody's
+decodes wherever it goes), only the tokens another replica already holds: moving a multi-turn
+conversation off its replica to spare its decodes costs the decodes of the new replica the
+whole history's recompute.
+
 Herding is guarded by counting, per replica, the requests and uncached tokens this balancer
 sent after the replica's last report. Replicas that send no load reports are estimated from
 this balancer's in-flight bookkeeping alone.
@@ -102,6 +110,10 @@ class PredictiveConfig:
     # decodes a request will share its steps with wherever it goes are not charged to the
     # replica that happens to run them now. False: all of D.
     decode_excess: bool = False
+    # `others` also counts the recompute this placement wastes: the uncached tokens it computes
+    # beyond the best-cached replica's stall r's D running decodes (θtok each), and where no
+    # replica holds more of the prompt than another it adds nothing. False: not counted.
+    recompute_waste: bool = False
     # Seconds a replica needs to load a LoRA adapter it does not hold, until it reports its own
     # measured mean (`LoadReport.lora_load_s`). An assumption, not a measurement: a rank-16
     # adapter on every projection of Llama-3-8B is ~84 MB in bf16, ~40 ms from an NVMe disk at
@@ -127,7 +139,7 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
              stale_s: float, others_weight: float = 1.0, busy_s: float = 0.0, cached_waiting: int = 0,
              fleet_waiting: float = 0.0, running_remaining: float = 0.0,
              queue_in_memory: bool = True, adapter_load_s: float = 0.0,
-             fleet_running: float | None = None) -> dict[str, float]:
+             fleet_running: float | None = None, min_uncached: int | None = None) -> dict[str, float]:
     """The cost terms for one replica (seconds); see the module docstring. Pure.
 
     busy_s: rest of the step in flight; cached_waiting: prompt tokens of r's waiting requests
@@ -170,6 +182,8 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
     m = t_tok + t_seq + t_ctx * (request.prompt_tokens + out_tokens / 2)
     sharing = d if fleet_running is None else max(d - fleet_running, 0.0)
     others = sharing * min(running_remaining, out_tokens) * m * seqs + d * adapter_load_s
+    if min_uncached is not None:
+        others += d * t_tok * (u - min_uncached)
     memory = 0.0
     if have_memory:
         # The queue ahead of us is admitted first (FCFS) and takes its blocks before ours.
@@ -262,6 +276,10 @@ class PredictivePolicy(Policy):
         fleet_waiting = sum(v.load.num_waiting + v.sent_since_report for v in fresh) / len(replicas)
         fleet_running = (sum(v.load.num_running + v.sent_since_report for v in fresh) / len(replicas)
                          if cfg.decode_excess else None)
+        min_uncached = None
+        if cfg.recompute_waste:
+            most = max(request.matched_blocks.get(v.replica_id, 0) for v in replicas) * request.block_size
+            min_uncached = max(1, request.prompt_tokens - most) + request.extra_prefill_tokens
         scores: dict[str, dict[str, float]] = {}
         best_key, best = None, None
         for v in sorted(replicas, key=lambda r: r.replica_id):
@@ -270,7 +288,8 @@ class PredictivePolicy(Policy):
             cached_waiting, remaining = self._inflight_stats(v, out)
             s = estimate(v, request, theta, k, out, cfg.stale_report_s, cfg.others_weight,
                          self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining,
-                         cfg.queue_in_memory, self._adapter_load_s(request, v), fleet_running)
+                         cfg.queue_in_memory, self._adapter_load_s(request, v), fleet_running,
+                         min_uncached)
             scores[v.replica_id] = s
         allowed = scores
         if cfg.ttft_slack is not None:
