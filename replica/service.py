@@ -245,6 +245,9 @@ class EngineService:
         self._last_preempt = sched.num_preemptions_total
         if self.engine.loras is not None:
             m.update_loras(self.engine.loras)
+        if self.engine.kv.offload is not None:
+            m.update_offload(self.engine.kv.offload, self.engine.kv.block_size, sched.external_queries_tokens,
+                             sched.external_hit_tokens)
         if self.engine.steps:
             last = self.engine.steps[-1]
             m.iteration_tokens.observe(last.prefill_tokens + last.decode_tokens)
