@@ -28,6 +28,10 @@ from replica.step_model import StepRecord, features_of
 
 
 class Executor(Protocol):
+    # True when `execute` drains and applies (or prices) the KV cache manager's queued offload
+    # copies (`KVCacheManager.take_transfers`); an engine with offload tiers needs one that does.
+    moves_kv: bool
+
     def execute(self, out: SchedulerOutput) -> dict[str, int]: ...
 
 
@@ -103,6 +107,9 @@ class LLMEngine:
         self.loras = loras  # the LoRA adapters served (None: none), shared with the executor
         self.lora_tags = lora_tags or {}  # adapter name -> its KV tag (id, chain root)
         self.kv: KVCacheManager = scheduler.kv
+        if self.kv.offload is not None and not getattr(executor, "moves_kv", False):
+            raise ValueError("the KV cache has offload tiers but the executor does not move their blocks: build a "
+                             "ModelRunner with tier_store= or a SimExecutor with kv=")
         self.executor = executor
         self.tokenizer = tokenizer
         self.clock = clock

@@ -101,14 +101,19 @@ def test_host_lru_eviction_cascades_to_disk_and_drops_below_it() -> None:
     mgr.check_integrity()
 
 
-def test_pinned_blocks_are_not_evicted_by_the_allocation_that_loads_them() -> None:
-    mgr = make(4, host=2)
+def spill_a(mgr: KVCacheManager) -> KVCacheManager:
+    """Run A, then B, which evicts A's two full blocks into the host tier; drain events and copies."""
     admit(mgr, "a", A)
     mgr.free("a")
-    admit(mgr, "b", B)  # a's two blocks fill the host tier
+    admit(mgr, "b", B)
     mgr.free("b")
     mgr.take_events()
     mgr.take_transfers()
+    return mgr
+
+
+def test_pinned_blocks_are_not_evicted_by_the_allocation_that_loads_them() -> None:
+    mgr = spill_a(make(4, host=2))  # a's two blocks fill the host tier
     hit = mgr.get_computed_blocks("a2", A)
     assert len(hit.tier_blocks) == 2
     assert mgr.allocate_slots("a2", A, 8, 1, hit)  # evicts two of b's blocks: the full, pinned tier refuses them
@@ -119,33 +124,27 @@ def test_pinned_blocks_are_not_evicted_by_the_allocation_that_loads_them() -> No
 
 
 def test_already_held_block_is_touched_not_copied_again() -> None:
-    mgr = make(4, host=4)
-    admit(mgr, "a", A)
-    mgr.free("a")
-    admit(mgr, "b", B)
-    mgr.free("b")
-    admit(mgr, "a2", A)  # loaded back; the host keeps its copy
+    mgr = spill_a(make(4, host=4))
+    admit(mgr, "a2", A)  # loaded back into device blocks 0 and 1; the host keeps its copy
     mgr.free("a2")
     mgr.take_events()
     mgr.take_transfers()
-    admit(mgr, "b2", B[:5] + [7] * 8)  # b2 hits hb[0] on the device, then evicts a2's blocks
-    stored = [e for e in mgr.take_events() if isinstance(e, BlockStored) and e.medium == "CPU"]
-    assert all(chain(A)[0] not in e.block_hashes and chain(A)[1] not in e.block_hashes for e in stored)
-    assert not any(t.src_medium == "GPU" and t.dst_medium == "CPU" and t.src in (0, 1) for t in mgr.take_transfers())
+    host = mgr.offload.tier("CPU")
+    before = host.stats.stored_blocks
+    admit(mgr, "c", list(range(200, 216)))  # 4 blocks: evicts every block on the device
+    assert not any(t.src in (0, 1) for t in mgr.take_transfers())  # a's blocks are not copied twice
+    stored = {h for e in mgr.take_events() if isinstance(e, BlockStored) and e.medium == "CPU" for h in e.block_hashes}
+    assert not stored & set(chain(A)) and host.stats.stored_blocks == before + len(stored)
+    assert [b.block_hash for b in host.held()][-2:] == chain(A)[::-1]  # touched: most recently used
     mgr.check_integrity()
 
 
 def test_reset_clears_tiers_and_snapshot_lists_them() -> None:
-    mgr = make(4, host=4)
-    admit(mgr, "a", A)
-    mgr.free("a")
-    admit(mgr, "b", B)
-    mgr.free("b")
+    mgr = spill_a(make(4, host=4))
     snap = mgr.snapshot_events()
     host = [e for e in snap if e.medium == "CPU"]
     assert {e.block_hashes[0] for e in host} == set(chain(A))
     assert all(len(e.token_ids) == BS for e in host)
-    mgr.take_events()
     assert mgr.reset_prefix_cache()
     assert mgr.take_events() == [AllBlocksCleared()]
     assert len(mgr.offload.tier("CPU")) == 0 and mgr.take_transfers() == []
@@ -164,6 +163,31 @@ def test_config_validation() -> None:
     assert EngineConfig(host_kv_blocks=8, disk_kv_blocks=4).kv_tiers == (TierSpec("CPU", 8), TierSpec("Disk", 4))
     # Without prefix caching nothing is cached, so nothing is offloaded.
     assert KVCacheManager(4, BS, ROOT, enable_caching=False, tiers=tier_specs(4, 0)).offload is None
+
+
+def test_replica_flags_map_to_the_config_and_back_and_bad_ones_say_what_to_do(tmp_path) -> None:
+    import argparse
+
+    from kvfleet import cmd_replica
+
+    p = argparse.ArgumentParser()
+    cmd_replica.add_arguments(p)
+    flags = ["--kv-offload-host-blocks", "64", "--kv-offload-disk-blocks", "32", "--kv-offload-disk-path",
+             str(tmp_path / "kv.bin")]
+    engine = cmd_replica.replica_config(p.parse_args(flags)).engine
+    assert (engine.host_kv_blocks, engine.disk_kv_blocks, engine.disk_kv_path) == (64, 32, str(tmp_path / "kv.bin"))
+    assert cmd_replica.engine_flags(engine)[-6:] == flags
+    for bad, message in ((["--kv-offload-disk-blocks", "8"], "needs a host tier above it"),
+                         (["--kv-offload-host-blocks", "8", "--kv-offload-disk-blocks", "8"], "--kv-offload-disk-path"),
+                         (["--kv-offload-host-blocks", "8", "--kv-offload-disk-blocks", "8",
+                           "--kv-offload-disk-path", str(tmp_path / "nowhere" / "kv.bin")], "does not exist"),
+                         (["--kv-offload-host-blocks", "-1"], ">= 0 blocks")):
+        with pytest.raises(ValueError, match=message):
+            cmd_replica.replica_config(p.parse_args(bad))
+    # A sim replica models the disk tier without a file.
+    sim = cmd_replica.replica_config(p.parse_args(["--engine", "sim", "--kv-offload-host-blocks", "8",
+                                                   "--kv-offload-disk-blocks", "8"]))
+    assert sim.engine.kv_tiers == (TierSpec("CPU", 8), TierSpec("Disk", 8))
 
 
 # --- property test: contents follow the copies ------------------------------------------------
