@@ -150,9 +150,13 @@ class LLMEngine:
         ones with their final status). `step` wraps it; the offline simulator, which has no
         text or stop strings, reads the requests directly."""
         sched = self.scheduler
+        offload = self.kv.offload
+        loaded = offload.loaded_blocks_total if offload is not None else 0
         out = sched.schedule()
         if out.empty:
             return []
+        if offload is not None:  # blocks this step's admissions load from a tier (not computed)
+            loaded = (offload.loaded_blocks_total - loaded) * self.kv.block_size
         start = self.clock()
         context = decode_context = 0
         for req, num_new, _ in out.scheduled:
@@ -165,7 +169,7 @@ class LLMEngine:
         end = self.clock()
         self.steps.append(
             StepSample(start, end - start, out.num_prefill_tokens, out.num_decode_tokens, len(out.scheduled), context,
-                       decode_context)
+                       decode_context, loaded)
         )
         if features is not None:
             self.step_log.append(StepRecord(self.num_steps, start, end - start, features, sched.has_unfinished()))

@@ -71,6 +71,8 @@ def test_prefix_loaded_from_host_or_disk_is_token_identical_to_recompute(tmp_pat
     tier = host.kv.offload.tier("CPU")
     assert tier.stats.loaded_blocks == 5 and host.scheduler.external_hit_tokens == 80
     assert host.kv.offload.totals.blocks["CPU_to_GPU"] == 5
+    # The step that loaded them says so in its sample (load reports carry it to the balancer).
+    assert [s.loaded_tokens for s in host.steps if s.loaded_tokens] == [80]
 
     # A 4-block host tier: most of the prefix went on down to the disk tier's file.
     disk = _tiny(host_kv_blocks=4, disk_kv_blocks=64, disk_kv_path=str(tmp_path / "kv.bin"))
@@ -172,6 +174,9 @@ def test_replica_process_offloads_to_host_reports_cached_and_publishes_medium_cp
         assert _metric(metrics, "kvfleet_replica_kv_offload_hits_total", medium="CPU") == 28 * 16
         assert _metric(metrics, "vllm:external_prefix_cache_hits_total") == 28 * 16
         assert _metric(metrics, "vllm:kv_offload_total_bytes_total", transfer_type="CPU_to_GPU") > 0
+        with urllib.request.urlopen(proc.url + "/load", timeout=30) as r:
+            (tier,) = json.loads(r.read())["tiers"]
+        assert tier["medium"] == "CPU" and tier["capacity"] == 128 and tier["blocks"] >= 28
     finally:
         sub.close(0)
         ctx.term()
