@@ -69,6 +69,18 @@ class StepSample:
     num_seqs: int
     context_tokens: int = 0  # KV tokens the batch attended to
     decode_context_tokens: int = 0  # of which, the context of single-token decode sequences
+    # Prompt tokens whose KV this step loaded from an offload tier (host memory, disk) into the
+    # pool before it ran, instead of computing them (replica/kv_offload.py); 0 without tiers.
+    loaded_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TierUsage:
+    """One KV offload tier of a replica in its load report: medium as in the KV events."""
+
+    medium: str  # "CPU" (host memory) or "Disk"
+    blocks: int  # held now
+    capacity: int  # blocks it can hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +109,8 @@ class LoadReport:
     # from an older replica's reports: it then holds no adapters as far as routing knows.
     loras: tuple[str, ...] = ()
     lora_load_s: float = 0.0
+    # The replica's KV offload tiers, host first (absent from an older replica's reports: none).
+    tiers: tuple[TierUsage, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_running", "num_waiting", "queued_prefill_tokens", "running_decode_tokens",
@@ -142,7 +156,8 @@ def split_extras_message(frames: Sequence[bytes]) -> tuple[bytes, int, bytes]:
 
 # --- load reports -------------------------------------------------------------------------------
 
-_STEP_FIELDS = ("start", "duration", "prefill_tokens", "decode_tokens", "num_seqs", "context_tokens")
+_STEP_FIELDS = ("start", "duration", "prefill_tokens", "decode_tokens", "num_seqs", "context_tokens",
+                "decode_context_tokens", "loaded_tokens")
 
 
 def encode_load(report: LoadReport) -> bytes:
@@ -163,9 +178,10 @@ def encode_load(report: LoadReport) -> bytes:
         "kv_usage": float(report.kv_usage),
         "num_preemptions_total": report.num_preemptions_total,
         "steps": [[float(s.start), float(s.duration), s.prefill_tokens, s.decode_tokens, s.num_seqs, s.context_tokens,
-                   s.decode_context_tokens] for s in report.steps],
+                   s.decode_context_tokens, s.loaded_tokens] for s in report.steps],
         "loras": list(report.loras),
         "lora_load_s": float(report.lora_load_s),
+        "tiers": [[t.medium, t.blocks, t.capacity] for t in report.tiers],
     })
 
 
@@ -196,13 +212,19 @@ def decode_load(payload: bytes) -> LoadReport:
         if not isinstance(raw, tuple) or len(raw) < 5:
             raise EventDecodeError(f"a step sample is an array {_STEP_FIELDS}, got {raw!r}")
         steps.append(StepSample(float(raw[0]), float(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]),
-                                int(raw[5]) if len(raw) > 5 else 0, int(raw[6]) if len(raw) > 6 else 0))
+                                int(raw[5]) if len(raw) > 5 else 0, int(raw[6]) if len(raw) > 6 else 0,
+                                int(raw[7]) if len(raw) > 7 else 0))
     replica_id = obj.get("replica_id")
     if not isinstance(replica_id, str):
         raise EventDecodeError("load report replica_id must be a string")
     loras = obj.get("loras", ())
     if not isinstance(loras, tuple) or not all(isinstance(n, str) for n in loras):
         raise EventDecodeError("load report loras must be an array of adapter names")
+    tiers = obj.get("tiers", ())
+    if not isinstance(tiers, tuple) or not all(
+            isinstance(t, tuple) and len(t) == 3 and isinstance(t[0], str) and type(t[1]) is int and type(t[2]) is int
+            for t in tiers):
+        raise EventDecodeError("load report tiers must be an array of [medium, blocks, capacity]")
     try:
         return LoadReport(
             replica_id=replica_id,
@@ -220,6 +242,7 @@ def decode_load(payload: bytes) -> LoadReport:
             epoch=_num(obj, "epoch", int, 0),
             loras=loras,
             lora_load_s=_num(obj, "lora_load_s", float, 0.0),
+            tiers=tuple(TierUsage(*t) for t in tiers),
         )
     except ValueError as e:  # LoadReport's own validation
         if isinstance(e, EventDecodeError):
