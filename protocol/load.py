@@ -69,6 +69,9 @@ class StepSample:
     num_seqs: int
     context_tokens: int = 0  # KV tokens the batch attended to
     decode_context_tokens: int = 0  # of which, the context of single-token decode sequences
+    # Prompt tokens whose KV the step loaded from a lower tier (host memory, disk) instead of
+    # computing them: what a replica's load time per token is learned from (0: no offload tier).
+    loaded_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +145,8 @@ def split_extras_message(frames: Sequence[bytes]) -> tuple[bytes, int, bytes]:
 
 # --- load reports -------------------------------------------------------------------------------
 
-_STEP_FIELDS = ("start", "duration", "prefill_tokens", "decode_tokens", "num_seqs", "context_tokens")
+_STEP_FIELDS = ("start", "duration", "prefill_tokens", "decode_tokens", "num_seqs", "context_tokens",
+                "decode_context_tokens", "loaded_tokens")
 
 
 def encode_load(report: LoadReport) -> bytes:
@@ -163,7 +167,7 @@ def encode_load(report: LoadReport) -> bytes:
         "kv_usage": float(report.kv_usage),
         "num_preemptions_total": report.num_preemptions_total,
         "steps": [[float(s.start), float(s.duration), s.prefill_tokens, s.decode_tokens, s.num_seqs, s.context_tokens,
-                   s.decode_context_tokens] for s in report.steps],
+                   s.decode_context_tokens, s.loaded_tokens] for s in report.steps],
         "loras": list(report.loras),
         "lora_load_s": float(report.lora_load_s),
     })
@@ -196,7 +200,8 @@ def decode_load(payload: bytes) -> LoadReport:
         if not isinstance(raw, tuple) or len(raw) < 5:
             raise EventDecodeError(f"a step sample is an array {_STEP_FIELDS}, got {raw!r}")
         steps.append(StepSample(float(raw[0]), float(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]),
-                                int(raw[5]) if len(raw) > 5 else 0, int(raw[6]) if len(raw) > 6 else 0))
+                                int(raw[5]) if len(raw) > 5 else 0, int(raw[6]) if len(raw) > 6 else 0,
+                                int(raw[7]) if len(raw) > 7 else 0))
     replica_id = obj.get("replica_id")
     if not isinstance(replica_id, str):
         raise EventDecodeError("load report replica_id must be a string")
