@@ -41,6 +41,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from --kv-cache-memory)")
     p.add_argument("--kv-cache-memory", type=int, default=d.kv_cache_memory_bytes, help="KV cache budget in bytes when --num-blocks is not given")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--kv-offload-host-blocks", dest="host_kv_blocks", type=int, default=d.host_kv_blocks,
+                   metavar="N",
+                   help="KV offload: keep up to N blocks the KV pool evicts in host memory (their own LRU) and "
+                        "load a prompt's prefix back from there instead of recomputing it; published as KV "
+                        "events with medium CPU, as vLLM's offloading connector does (0 = off). Size: N x "
+                        "the pool's bytes per block (the ready line prints blocks)")
+    p.add_argument("--kv-offload-disk-blocks", dest="disk_kv_blocks", type=int, default=d.disk_kv_blocks,
+                   metavar="N",
+                   help="KV offload: below the host tier, keep up to N blocks the host tier evicts in a file "
+                        "(--kv-offload-disk-path; medium Disk in KV events); needs --kv-offload-host-blocks "
+                        "(0 = off)")
+    p.add_argument("--kv-offload-disk-path", dest="disk_kv_path", default=None, metavar="FILE",
+                   help="the disk tier's file (created, or truncated, at start: the tier starts empty); its "
+                        "directory must exist. Needed with --kv-offload-disk-blocks on --engine torch")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help=f"most requests in one running batch (default {d.max_num_seqs}; sim: the preset's)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -129,7 +143,12 @@ def replica_config(args: argparse.Namespace) -> ReplicaConfig:
         lora_modules=parse_lora_modules(args.lora_modules, args.served_model_name or args.model),
         max_loras=args.max_loras,
         lora_load_s=args.lora_load_s,
+        host_kv_blocks=args.host_kv_blocks,
+        disk_kv_blocks=args.disk_kv_blocks,
+        disk_kv_path=args.disk_kv_path,
     )
+    if engine.disk_kv_blocks and not engine.disk_kv_path and args.engine == "torch":
+        raise ValueError("--kv-offload-disk-blocks needs a file for the tier: give --kv-offload-disk-path FILE")
     server = ServerConfig(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
                           drain_timeout_s=args.drain_timeout, api_keys=tuple(args.api_key))
     publisher = None
@@ -175,6 +194,12 @@ def engine_flags(cfg: EngineConfig) -> list[str]:
         flags += ["--max-loras", str(cfg.max_loras)]
     if cfg.lora_load_s != d.lora_load_s:
         flags += ["--lora-load-s", str(cfg.lora_load_s)]
+    if cfg.host_kv_blocks:
+        flags += ["--kv-offload-host-blocks", str(cfg.host_kv_blocks)]
+    if cfg.disk_kv_blocks:
+        flags += ["--kv-offload-disk-blocks", str(cfg.disk_kv_blocks)]
+    if cfg.disk_kv_path:
+        flags += ["--kv-offload-disk-path", cfg.disk_kv_path]
     return flags
 
 

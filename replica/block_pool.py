@@ -36,7 +36,7 @@ pool knows nothing of ZMQ. Replaying the event stream in order yields exactly th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -171,9 +171,11 @@ class BlockPool:
     Blocks 0..N-1 start free in id order. See the module docstring for invariants and eviction.
     """
 
-    __slots__ = ("num_blocks", "block_size", "enable_caching", "blocks", "free_block_queue", "_cached", "cache_version", "_events")
+    __slots__ = ("num_blocks", "block_size", "enable_caching", "blocks", "free_block_queue", "_cached", "cache_version",
+                 "_events", "on_evict")
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 on_evict: Callable[[KVCacheBlock], None] | None = None) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         if block_size <= 0:
@@ -188,6 +190,9 @@ class BlockPool:
         # version gives the same blocks (the KV cache manager memoises a waiting request's).
         self.cache_version = 0
         self._events: list[KVEvent] = []
+        # Called with a cached block about to lose its hash to reuse (before its BlockRemoved):
+        # the KV cache manager spills it into an offload tier (replica/kv_offload.py).
+        self.on_evict = on_evict
 
     # --- lookup -----------------------------------------------------------------------------
 
@@ -336,6 +341,8 @@ class BlockPool:
     def _evict(self, block: KVCacheBlock) -> None:
         block_hash = block.block_hash
         assert block_hash is not None
+        if self.on_evict is not None:
+            self.on_evict(block)
         del self._cached[block_hash]
         self.cache_version += 1
         block.block_hash = block.token_ids = block.parent_hash = block.lora = None
@@ -367,6 +374,11 @@ class BlockPool:
     def usage(self) -> float:
         """Fraction of blocks in use (ref_cnt > 0). Free cached blocks count as unused."""
         return 1.0 - self.free_block_queue.num_free / self.num_blocks
+
+    def emit(self, event: KVEvent) -> None:
+        """Append an event of another tier of this cache (an offload tier), so every event of
+        the replica stays in the order it happened."""
+        self._events.append(event)
 
     def take_events(self) -> list[KVEvent]:
         """Return the pending events, oldest first, and clear them."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from replica.kv_offload import TierSpec, tier_specs
 from replica.lora import LoraModule
 
 if TYPE_CHECKING:  # kept out of the import of this module: the CLI's menu imports it
@@ -41,6 +42,13 @@ class EngineConfig:
     lora_modules: tuple[LoraModule, ...] = ()
     max_loras: int = 1
     lora_load_s: float = 0.04
+    # KV offload tiers (replica/kv_offload.py): blocks the device pool evicts spill into a host-
+    # memory tier of `host_kv_blocks` blocks, and what that evicts into a disk tier of
+    # `disk_kv_blocks` blocks kept in the file `disk_kv_path` (torch engine; a sim engine models
+    # the tier without a file). 0 = no such tier. A prefix found in a tier is loaded back.
+    host_kv_blocks: int = 0
+    disk_kv_blocks: int = 0
+    disk_kv_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -57,6 +65,7 @@ class EngineConfig:
             raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
         if not self.lora_load_s >= 0:
             raise ValueError(f"lora_load_s must be >= 0 seconds, got {self.lora_load_s}")
+        tier_specs(self.host_kv_blocks, self.disk_kv_blocks)  # raises on a bad combination
         names = [m.name for m in self.lora_modules]
         if len(set(names)) != len(names) or self.model_name in names:
             raise ValueError("each LoRA adapter needs its own name, other than the base model's")
@@ -64,6 +73,11 @@ class EngineConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+    @property
+    def kv_tiers(self) -> tuple[TierSpec, ...]:
+        """The offload tiers below the device pool, host first (empty: none)."""
+        return tier_specs(self.host_kv_blocks, self.disk_kv_blocks)
 
 
 @dataclass(frozen=True)

@@ -211,14 +211,24 @@ def build_sim_engine(config, preset, time_scale: float = 1.0,
         preset = get_preset(preset)
     num_blocks = config.num_blocks or preset.kv_blocks
     kv = KVCacheManager(num_blocks, config.block_size, root_hash(config.model_name, config.cache_salt),
-                        enable_caching=config.enable_prefix_caching)
+                        enable_caching=config.enable_prefix_caching, tiers=config.kv_tiers)
     sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                 config.max_model_len or SIM_MAX_MODEL_LEN, config.max_loras)
     scheduler = Scheduler(sched_cfg, kv, clock)
     # A sim adapter has no weights: its load costs modelled time, added to the step that loads it.
     loras = lora_slots(config, lambda m: None, modelled_load_s=config.lora_load_s)
-    executor = SimExecutor(preset.model, Pacer(time_scale, clock=clock), loras)
+    executor = SimExecutor(preset.model, Pacer(time_scale, clock=clock), loras, kv=kv,
+                           tier_cost=sim_tier_cost(preset, config.block_size))
     return LLMEngine(scheduler, executor, ByteTokenizer(), clock, loras=loras, lora_tags=lora_tags(config))
+
+
+def sim_tier_cost(preset, block_size: int):
+    """The preset's offload transfer costs for blocks of `block_size` tokens (the preset's
+    figures are per block of its own block_size)."""
+    from dataclasses import replace
+
+    cost = preset.tier_cost
+    return replace(cost, block_bytes=cost.block_bytes * block_size // preset.block_size)
 
 
 def lora_tags(config) -> dict[str, LoraTag]:
@@ -266,11 +276,18 @@ def build_engine(config, clock: Callable[[], float] = time.monotonic) -> LLMEngi
         config.block_size,
         root_hash(config.model_name, config.cache_salt),
         enable_caching=config.enable_prefix_caching,
+        tiers=config.kv_tiers,
     )
     caches = allocate_kv_caches(mcfg, num_blocks, config.block_size, config.device)
+    tier_store = None
+    if kv.offload is not None:
+        from replica.kv_offload_store import TierStore
+
+        tier_store = TierStore(mcfg, config.block_size, kv.offload, caches, config.disk_kv_path)
     sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.max_loras)
     scheduler = Scheduler(sched_cfg, kv, clock)
     dtype = next(model.parameters()).dtype
     loras = lora_slots(config, lambda m: load_lora(m.name, m.path, mcfg, dtype, config.device))
-    runner = ModelRunner(model, caches, kv, seed=config.seed, device=config.device, loras=loras)
+    runner = ModelRunner(model, caches, kv, seed=config.seed, device=config.device, loras=loras,
+                         tier_store=tier_store)
     return LLMEngine(scheduler, runner, tokenizer, clock, loras=loras, lora_tags=lora_tags(config))

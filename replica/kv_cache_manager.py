@@ -38,14 +38,18 @@ from typing import NamedTuple
 from protocol.events import BlockStored, KVEvent
 from protocol.hashing import hash_blocks
 from replica.block_pool import BlockPool, KVCacheBlock
+from replica.kv_offload import OffloadTiers, TierBlock, TierSpec, Transfer
 from replica.lora import LoraTag
 
 
 class ComputedBlocks(NamedTuple):
-    """The cached prefix found for a request: its blocks (not yet referenced) and token count."""
+    """The cached prefix found for a request: its device blocks (not yet referenced), then the
+    blocks found in offload tiers after them (to be loaded), and the token count of both."""
 
     blocks: list[KVCacheBlock]
     num_tokens: int
+    tier_blocks: tuple[TierBlock, ...] = ()
+    num_tier_tokens: int = 0  # of num_tokens, those in tier_blocks (vLLM's "external" hits)
 
 
 @dataclass(slots=True)
@@ -67,13 +71,30 @@ class _RequestState:
 class KVCacheManager:
     """Maps requests to blocks of one `BlockPool`, with prefix caching from `hash_root`."""
 
-    __slots__ = ("pool", "hash_root", "enable_caching", "_requests")
+    __slots__ = ("pool", "hash_root", "enable_caching", "_requests", "offload")
 
-    def __init__(self, num_blocks: int, block_size: int, hash_root: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, hash_root: int, enable_caching: bool = True,
+                 tiers: Sequence[TierSpec] = ()) -> None:
         self.pool = BlockPool(num_blocks, block_size, enable_caching)
         self.hash_root = hash_root
         self.enable_caching = enable_caching
         self._requests: dict[str, _RequestState] = {}
+        # Offload tiers below the pool (replica/kv_offload.py); None: evicted blocks are gone.
+        # Without prefix caching nothing is ever cached, so there is nothing to offload.
+        self.offload: OffloadTiers | None = None
+        if tiers and enable_caching:
+            self.offload = OffloadTiers(tiers, block_size, self.pool.emit)
+            self.pool.on_evict = self._spill
+
+    def _spill(self, block: KVCacheBlock) -> None:
+        assert self.offload is not None and block.block_hash is not None and block.token_ids is not None
+        self.offload.spill(block.block_id, block.block_hash, block.token_ids, block.parent_hash, block.lora)
+
+    def _version(self) -> int:
+        """Changes whenever a prefix lookup's answer may: a hash entered or left the pool or a tier."""
+        if self.offload is None:
+            return self.pool.cache_version
+        return self.pool.cache_version + (self.offload.version << 40)
 
     # --- properties -------------------------------------------------------------------------
 
@@ -118,7 +139,7 @@ class KVCacheManager:
         bs = self.block_size
         state = self._requests[req_id] = self._state(req_id, lora)
         memo = state.last_lookup
-        version = self.pool.cache_version
+        version = self._version()
         if memo is not None and memo[0] == version and memo[1] == len(token_ids):
             return memo[2]
         hashes = self._extend_hashes(state, token_ids, len(token_ids) // bs)
@@ -132,7 +153,10 @@ class KVCacheManager:
                 break
             blocks.append(block)
             parent = hashes[i]
-        computed = ComputedBlocks(blocks, len(blocks) * bs)
+        tier_blocks: tuple[TierBlock, ...] = ()
+        if self.offload is not None and len(blocks) < max_hit:
+            tier_blocks = tuple(self.offload.lookup(hashes, token_ids, len(blocks), max_hit, parent, tag))
+        computed = ComputedBlocks(blocks, (len(blocks) + len(tier_blocks)) * bs, tier_blocks, len(tier_blocks) * bs)
         state.last_lookup = (version, len(token_ids), computed)
         return computed
 
@@ -150,8 +174,10 @@ class KVCacheManager:
         On the request's first call `new_computed` (from `get_computed_blocks`, with
         `num_computed_tokens == new_computed.num_tokens`) is referenced first. Returns False and
         changes nothing if too few blocks are free; a free cached block counts as free, except
-        the ones in `new_computed`, which this call revives rather than evicts. Then every block
-        that is full within those tokens is registered in the prefix cache (BlockStored events).
+        the ones in `new_computed`, which this call revives rather than evicts. Blocks found in
+        an offload tier get new device blocks, and their copies are queued (`take_transfers`):
+        they must be applied before the step runs. Then every block that is full within those
+        tokens is registered in the prefix cache (BlockStored events).
         `token_ids` must hold at least that many tokens. Raises ValueError on misuse.
         """
         bs = self.block_size
@@ -163,21 +189,25 @@ class KVCacheManager:
         state = self._state(req_id, lora)  # registered below, once the call succeeds
 
         hit: list[KVCacheBlock] = []
-        if new_computed is not None and new_computed.blocks:
+        loaded: tuple[TierBlock, ...] = ()
+        if new_computed is not None and (new_computed.blocks or new_computed.tier_blocks):
             if state.blocks:
                 raise ValueError(f"request {req_id!r} already holds blocks; new_computed is for its first call")
             if num_computed_tokens != new_computed.num_tokens:
                 raise ValueError(f"num_computed_tokens={num_computed_tokens} != new_computed.num_tokens={new_computed.num_tokens}")
             hit = new_computed.blocks
+            loaded = new_computed.tier_blocks
             # A hit evicted since get_computed_blocks would hand over someone else's KV (it cannot
             # be when no hash has left the pool since that lookup: the memo's version says so).
             memo = state.last_lookup
-            fresh = memo is not None and memo[2] is new_computed and memo[0] == self.pool.cache_version
-            if not fresh and (len(state.hashes) < len(hit)
-                              or any(b.block_hash != h for b, h in zip(hit, state.hashes))):
+            fresh = memo is not None and memo[2] is new_computed and memo[0] == self._version()
+            if not fresh and (len(state.hashes) < len(hit) + len(loaded)
+                              or any(b.block_hash != h for b, h in zip(hit, state.hashes))
+                              or any(not self.offload.is_held(b) or b.block_hash != state.hashes[len(hit) + i]
+                                     for i, b in enumerate(loaded))):  # type: ignore[union-attr]
                 raise ValueError(f"request {req_id!r}: stale ComputedBlocks (a hit block was evicted or reused)")
         num_held = len(state.blocks) + len(hit)
-        if num_computed_tokens > num_held * bs:
+        if num_computed_tokens > (num_held + len(loaded)) * bs:
             raise ValueError(f"request {req_id!r}: {num_computed_tokens} computed tokens but only {num_held} blocks")
 
         num_needed = -(-total // bs) - num_held
@@ -195,7 +225,20 @@ class KVCacheManager:
             state.blocks.extend(hit)
             state.num_cached = len(hit)
         if num_needed > 0:
-            state.blocks.extend(self.pool.get_new_blocks(num_needed))
+            if loaded:
+                # The new blocks' evictions may spill into a full tier: keep the blocks to load.
+                assert self.offload is not None
+                self.offload.pin(loaded)
+                try:
+                    new = self.pool.get_new_blocks(num_needed)
+                finally:
+                    self.offload.unpin(loaded)
+                # Queued after the spills those evictions made: applied in order, each device
+                # block is copied out before it is loaded into.
+                self.offload.load(loaded, [b.block_id for b in new[: len(loaded)]])
+            else:
+                new = self.pool.get_new_blocks(num_needed)
+            state.blocks.extend(new)
 
         num_full = total // bs
         if self.enable_caching and num_full > state.num_cached:
@@ -230,21 +273,39 @@ class KVCacheManager:
     # --- cache-wide -------------------------------------------------------------------------
 
     def take_events(self) -> list[KVEvent]:
+        """The pool's and the offload tiers' events, in the order they happened."""
         return self.pool.take_events()
 
+    def take_transfers(self) -> list[Transfer]:
+        """The copies between the pool and the tiers queued since the last call, in the order they
+        must be applied (before the next forward pass); [] without tiers."""
+        return [] if self.offload is None else self.offload.take_transfers()
+
     def reset_prefix_cache(self) -> bool:
-        """Drop the whole prefix cache; False (nothing changed) while any request holds blocks."""
-        return self.pool.reset_prefix_cache()
+        """Drop the whole prefix cache, offload tiers included (one AllBlocksCleared covers all
+        media); False (nothing changed) while any request holds blocks."""
+        if not self.pool.reset_prefix_cache():
+            return False
+        if self.offload is not None:
+            self.offload.clear()
+        return True
 
     def snapshot_events(self) -> list[BlockStored]:
-        return self.pool.snapshot_events()
+        """The pool's blocks, then every tier's (medium set), as BlockStored events."""
+        events = self.pool.snapshot_events()
+        if self.offload is not None:
+            events.extend(self.offload.snapshot_events())
+        return events
 
     def digest_hashes(self, limit: int) -> list[int]:
         return self.pool.digest_hashes(limit)
 
     def check_integrity(self) -> None:
-        """Pool invariants plus: ref_cnt == number of requests holding the block, hashes agree."""
+        """Pool invariants plus: ref_cnt == number of requests holding the block, hashes agree;
+        the offload tiers' own invariants."""
         self.pool.check_integrity()
+        if self.offload is not None:
+            self.offload.check_integrity()
         holders: Counter[int] = Counter()
         for req_id, state in self._requests.items():
             ids = [b.block_id for b in state.blocks]

@@ -17,6 +17,7 @@ import torch
 
 from kernels.paged_attention import AttentionMetadata
 from replica.kv_cache_manager import KVCacheManager
+from replica.kv_offload_store import TierStore
 from replica.lora import AdapterSlots
 from replica.lora_weights import LoraBatch
 from replica.model import LlamaForCausalLM
@@ -34,8 +35,12 @@ class ModelRunner:
         seed: int = 0,
         device: str | torch.device = "cpu",
         loras: AdapterSlots | None = None,
+        tier_store: TierStore | None = None,
     ) -> None:
         self.model = model
+        # The KV offload tiers' bytes (replica/kv_offload_store.py): the copies the KV cache
+        # manager queued are made before each forward pass. None: no tiers.
+        self.tier_store = tier_store
         self.loras = loras  # the served LoRA adapters (their `load` makes `LoraWeights`)
         self.kv_caches = kv_caches
         self.kv = kv
@@ -107,6 +112,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run one step; returns the sampled token of each request that samples."""
+        if self.tier_store is not None:
+            self.tier_store.apply(self.kv.take_transfers())
         if out.empty:
             return {}
         input_ids, positions, meta, sample_seqs = self._build(out)

@@ -78,7 +78,11 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions_total = 0
         self.prefix_queries_tokens = 0  # prompt tokens looked up in the prefix cache
-        self.prefix_hit_tokens = 0  # of which found cached
+        self.prefix_hit_tokens = 0  # of which found cached in the device pool
+        # With offload tiers, as vLLM counts a KV connector's hits: prompt tokens looked up (the
+        # whole prompt) and of which found in a tier (loaded, not recomputed).
+        self.external_queries_tokens = 0
+        self.external_hit_tokens = 0
 
     # ---------------------------------------------------------------- queue management
     def add_request(self, request: Request) -> None:
@@ -199,7 +203,10 @@ class Scheduler:
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = computed.num_tokens
                     self.prefix_queries_tokens += req.num_prompt_tokens
-                    self.prefix_hit_tokens += computed.num_tokens
+                    self.prefix_hit_tokens += computed.num_tokens - computed.num_tier_tokens
+                    if self.kv.offload is not None:
+                        self.external_queries_tokens += req.num_prompt_tokens
+                        self.external_hit_tokens += computed.num_tier_tokens
                 req.num_computed_tokens = computed.num_tokens
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)

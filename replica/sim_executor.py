@@ -6,19 +6,24 @@ executor does not keep time itself: it hands the duration (and the step's `Sched
 to `advance`, which moves a virtual clock (the offline simulator) or holds a live sim replica's
 step to its modelled wall-clock time (`Pacer`, optionally sped up by a time scale). A step
 whose batch needs a LoRA adapter that is not resident takes the adapter's modelled load time
-longer (`replica.lora.AdapterSlots` with `modelled_load_s`).
+longer (`replica.lora.AdapterSlots` with `modelled_load_s`). With KV offload tiers (`kv` given,
+its manager built with tiers), the step also takes the modelled time of loading the prefixes it
+found in a tier (`step_model.TierCost`: block bytes over the link's bandwidth); copies into the
+tiers overlap compute and cost the step nothing. Both are added to the tiers' transfer totals.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import xxhash
 
+from replica.kv_cache_manager import KVCacheManager
 from replica.lora import AdapterSlots
 from replica.scheduler import SchedulerOutput
-from replica.step_model import StepTimeModel, features_of
+from replica.step_model import StepTimeModel, TierCost, features_of
 
 # Printable ASCII: the byte tokenizer turns sim output into readable text.
 _TOKEN_LO, _TOKEN_SPAN = 32, 95
@@ -31,20 +36,37 @@ def sim_token(request_id: str, position: int) -> int:
 class SimExecutor:
     has_logits = False  # modelled step times, no model: no logprobs
     def __init__(self, model: StepTimeModel, advance: Callable[[float, SchedulerOutput], None],
-                 loras: AdapterSlots | None = None) -> None:
+                 loras: AdapterSlots | None = None, kv: KVCacheManager | None = None,
+                 tier_cost: TierCost | None = None) -> None:
         self.model = model
         self.advance = advance
         self.loras = loras
+        self.kv = kv if kv is not None and kv.offload is not None else None
+        self.tier_cost = tier_cost or TierCost()
         self.last_duration = 0.0
 
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         duration = self.model.duration(features_of(out.scheduled))
         if self.loras is not None:
             duration += self.loras.activate(r.lora_name for r, _, _ in out.scheduled if r.lora is not None)
+        if self.kv is not None:
+            duration += self._transfers()
         self.last_duration = duration
         self.advance(duration, out)
         return {req.request_id: sim_token(req.request_id, req.num_tokens)
                 for req, _, sample in out.scheduled if sample}
+
+    def _transfers(self) -> float:
+        """Price the queued tier copies; returns the step-blocking (load) seconds."""
+        assert self.kv is not None and self.kv.offload is not None
+        transfers = self.kv.take_transfers()
+        if not transfers:
+            return 0.0
+        cost, totals = self.tier_cost, self.kv.offload.totals
+        counts = Counter((t.src_medium, t.dst_medium) for t in transfers)
+        for (src, dst), n in counts.items():
+            totals.add(f"{src}_to_{dst}", n, n * cost.block_bytes, cost.seconds(src, dst, n))
+        return cost.load_seconds(transfers)
 
 
 class Pacer:

@@ -184,8 +184,37 @@ def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class TierCost:
+    """What moving KV blocks between the device pool and the offload tiers costs
+    (replica/kv_offload.py): `block_bytes` per block over the link's effective bandwidth.
+
+    Only loads (a tier to the device) lengthen a step: the request cannot run before its prefix
+    is back. Stores (device to host, host to disk) overlap compute, as vLLM's offloading worker
+    copies on its own CUDA stream; they are priced for the transfer metrics only.
+    """
+
+    block_bytes: int = 0  # one block of the preset's block_size, all layers, K and V
+    host_bytes_per_s: float = 0.0  # host memory <-> device (PCIe); 0 = free
+    disk_bytes_per_s: float = 0.0  # local disk -> device (through host memory); 0 = free
+
+    def __post_init__(self) -> None:
+        if self.block_bytes < 0 or self.host_bytes_per_s < 0 or self.disk_bytes_per_s < 0:
+            raise ValueError("tier cost figures must be non-negative")
+
+    def seconds(self, src_medium: str, dst_medium: str, num_blocks: int) -> float:
+        """Modelled time of copying `num_blocks` blocks from `src_medium` to `dst_medium`
+        ("GPU", "CPU", "Disk"); a copy touching the disk runs at the disk's bandwidth."""
+        bw = self.disk_bytes_per_s if "Disk" in (src_medium, dst_medium) else self.host_bytes_per_s
+        return num_blocks * self.block_bytes / bw if bw > 0 else 0.0
+
+    def load_seconds(self, transfers: Iterable) -> float:
+        """The step-blocking part of `transfers` (replica.kv_offload.Transfer): loads into the device."""
+        return sum(self.seconds(t.src_medium, t.dst_medium, 1) for t in transfers if t.dst_medium == "GPU")
+
+
+@dataclass(frozen=True)
 class SimPreset:
-    """A simulated GPU set-up: its step-time model and KV capacity."""
+    """A simulated GPU set-up: its step-time model, KV capacity and KV transfer costs."""
 
     model: StepTimeModel
     kv_blocks: int  # of 16 tokens
@@ -193,10 +222,22 @@ class SimPreset:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     description: str = ""
+    tier_cost: TierCost = TierCost()  # offload tiers' transfer costs (free unless the preset says)
 
 
 _HBM = 3.35e12 * 0.7  # bytes/s, effective (H100 SXM datasheet × 70 %)
 _FLOPS = 989e12 * 0.5  # bf16 dense, effective (datasheet × 50 %)
+# Host memory <-> one H100 over PCIe Gen5 x16: 32 GT/s × 16 lanes ≈ 64 GB/s per direction (the
+# NVIDIA H100 datasheet's "PCIe Gen5: 128 GB/s" is both directions), ~50 GB/s achievable with
+# pinned memory (× 0.8, as the derating above).
+_PCIE = 64e9 * 0.8
+# A local NVMe SSD (PCIe Gen4 x4; e.g. Samsung 990 PRO datasheet: 7,450 MB/s sequential read),
+# × 0.75 for block-sized reads; the disk is shared by a node's GPUs.
+_NVME = 7.45e9 * 0.75
+
+# Host tier <-> device pool copy rate of the tiny preset on this project's 2-core AMD EPYC VM
+# (bench/bench_offload.py, "copy GB/s" row; docs/benchmarks.md).
+TINY_CPU_COPY_BYTES_PER_S = 2.0e9
 
 PRESETS = MappingProxyType({
     # Llama-3-70B on H100s: prefill terms are Preble's published fit (design §8; Preble
@@ -209,7 +250,9 @@ PRESETS = MappingProxyType({
         StepTimeModel(28.93e-3, 0.1822e-3, 2.55e-9, 0.0040e-3, 327_680 / (4 * _HBM),
                       source="Preble fit (prefill) + HBM roofline (decode), Llama-3-70B, 4×H100 TP4"),
         kv_blocks=28_000, max_num_seqs=128, max_num_batched_tokens=4096,
-        description="Llama-3-70B bf16 on 4×H100 (TP4)"),
+        description="Llama-3-70B bf16 on 4×H100 (TP4)",
+        # A block is 16 × 320 KiB; under TP4 each GPU loads its quarter over its own link.
+        tier_cost=TierCost(16 * 327_680, 4 * _PCIE, _NVME)),
     # Llama-3-8B on one H100, all terms derived: base = 16 GB of weights / _HBM (6.8 ms);
     # per token = 2 × 8.0e9 FLOPs / _FLOPS; attention per (query, key) pair = 4 × 32 layers ×
     # 4096 FLOPs / _FLOPS; decode reads 128 KiB of KV per context token (32 × 8 × 128 × 2 × 2 B)
@@ -219,7 +262,8 @@ PRESETS = MappingProxyType({
         StepTimeModel(16e9 / _HBM, 2 * 8.0e9 / _FLOPS, 4 * 32 * 4096 / _FLOPS, 0.0, 131_072 / _HBM,
                       source="HBM/FLOP roofline, Llama-3-8B, 1×H100"),
         kv_blocks=27_000, max_num_seqs=256, max_num_batched_tokens=8192,
-        description="Llama-3-8B bf16 on 1×H100"),
+        description="Llama-3-8B bf16 on 1×H100",
+        tier_cost=TierCost(16 * 131_072, _PCIE, _NVME)),  # a block is 16 × 128 KiB
     # The tiny preset on this project's 2-core CPU machines, from `kvfleet calibrate`
     # (see docs/benchmarks.md for the run); used to check the simulator against torch replicas.
     "tiny-cpu": SimPreset(
@@ -232,7 +276,10 @@ PRESETS = MappingProxyType({
         StepTimeModel(3.606e-3, 7.223e-5, 5.253e-8, 2.369e-6, 5.538e-7, 5.783e-5,
                       source="kvfleet calibrate, tiny preset, 1 thread, AMD EPYC 2-core CPU"),
         kv_blocks=512, max_num_seqs=64, max_num_batched_tokens=2048,
-        description="the tiny torch preset on a 2-core CPU"),
+        description="the tiny torch preset on a 2-core CPU",
+        # A tiny block is 64 KiB (4 layers × 2 × 16 × 4 heads × 32 × 4 B); host "transfers" are
+        # memory copies, TINY_CPU_COPY_BYTES_PER_S measured by bench/bench_offload.py.
+        tier_cost=TierCost(65_536, TINY_CPU_COPY_BYTES_PER_S, TINY_CPU_COPY_BYTES_PER_S)),
 })
 
 
