@@ -143,9 +143,13 @@ class LLMEngine:
         ones with their final status). `step` wraps it; the offline simulator, which has no
         text or stop strings, reads the requests directly."""
         sched = self.scheduler
+        external = sched.external_hit_tokens
         out = sched.schedule()
         if out.empty:
             return []
+        # Prompt tokens this step's admissions found in an offload tier: the executor loads them
+        # before the forward pass (StepSample.loaded_tokens, what the balancer prices loads by).
+        loaded = sched.external_hit_tokens - external
         start = self.clock()
         context = decode_context = 0
         for req, num_new, _ in out.scheduled:
@@ -158,7 +162,7 @@ class LLMEngine:
         end = self.clock()
         self.steps.append(
             StepSample(start, end - start, out.num_prefill_tokens, out.num_decode_tokens, len(out.scheduled), context,
-                       decode_context)
+                       decode_context, loaded)
         )
         if features is not None:
             self.step_log.append(StepRecord(self.num_steps, start, end - start, features, sched.has_unfinished()))
