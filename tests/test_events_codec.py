@@ -294,7 +294,8 @@ def _report() -> LoadReport:
         replica_id="r0", ts=1700000000.25, num_running=3, num_waiting=2, queued_prefill_tokens=4096,
         running_decode_tokens=900, free_blocks=10, total_blocks=100, block_size=16, kv_usage=0.9,
         num_preemptions_total=1,
-        steps=(StepSample(10.0, 0.021, 512, 3, 4, 2048), StepSample(10.03, 0.008, 0, 3, 3, 1500)),
+        steps=(StepSample(10.0, 0.021, 512, 3, 4, 2048), StepSample(10.03, 0.008, 0, 3, 3, 1500),
+               StepSample(10.04, 0.03, 64, 0, 1, 1088, 0, 1024)),  # loaded 1024 tokens from a tier
         epoch=77,
     )
 

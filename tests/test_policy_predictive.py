@@ -320,6 +320,14 @@ def test_learner_fits_the_load_time_per_token_from_step_reports():
     assert learner.load_cost("other") == learner.load_cost("a")  # fleet-wide, like θ
     # A load is not mistaken for prefill work: the compute coefficients are still θ.
     np.testing.assert_allclose(learner.coefficients("a")[:2], THETA[:2], rtol=0.1)
+    # Per-replica models (heterogeneous fleets) fit their own θload: a replica with a slower link.
+    from balancer.step_learner import LearnerConfig
+
+    own = StepLearner(LearnerConfig(per_replica=True, min_samples=100))
+    own.observe("fast", loading_steps(3e-6, seed=1))
+    own.observe("slow", loading_steps(3e-5, seed=2))
+    assert own.load_cost("fast") == pytest.approx(3e-6, rel=0.2)
+    assert own.load_cost("slow") == pytest.approx(3e-5, rel=0.2)
 
 
 def test_steps_without_loads_leave_the_compute_model_exactly_as_before():
