@@ -153,6 +153,12 @@ def fleet_overview() -> dict:
                              "{{instance}}")]))
     d = d.with_panel(graph("Prefix index", "KV blocks the balancer's prefix index holds per replica.", "short",
                            [("sum by (replica) (kvfleet_indexed_blocks)", "{{replica}}")]))
+    # KV offload tiers (issue #19): where cached prompt tokens came from, whole fleet
+    d = d.with_panel(graph("Cached prompt tokens by tier", "Prompt tokens per second found in the replicas' KV pool "
+                           "(device) and loaded back from their offload tiers (CPU: host memory, Disk) instead of "
+                           "recomputed (replicas started with --kv-offload-host-blocks).", "short",
+                           [(f"sum(rate(vllm:prefix_cache_hits_total[{RATE}]))", "device"),
+                            (f"sum by (medium) (rate(kvfleet_replica_kv_offload_hits_total[{RATE}]))", "{{medium}}")]))
 
     d = d.with_row(gdash.Row("Load"))
     d = d.with_panel(graph("In flight at the balancer", "Requests the balancer has sent to each replica and not "
@@ -303,6 +309,28 @@ def replica_detail() -> dict:
                              f"sum(rate(kvfleet_prompt_tokens_total{rsel}[{RATE}]))", "predicted"),
                             (f"sum(rate(kvfleet_reported_cached_tokens_total{rsel}[{RATE}])) / "
                              f"sum(rate(kvfleet_prompt_tokens_total{rsel}[{RATE}]))", "reported")]))
+
+    # --- KV offload tiers (issue #19 part 1): the host (CPU) and disk tiers below the KV pool
+    d = d.with_row(gdash.Row("KV offload tiers"))
+    d = d.with_panel(graph("Tier hits", "Prompt tokens per second loaded back from each offload tier instead of "
+                           "recomputed, and prompt tokens looked up in the tiers (vLLM's external prefix cache).",
+                           "short",
+                           [(f"sum by (medium) (rate(kvfleet_replica_kv_offload_hits_total{sel}[{RATE}]))",
+                             "hit {{medium}}"),
+                            (f"rate(vllm:external_prefix_cache_queries_total{sel}[{RATE}])", "queried")]))
+    d = d.with_panel(graph("Tier traffic", "Bytes per second copied between the KV pool and the tiers, by vLLM's "
+                           "transfer_type (GPU_to_CPU: spills; CPU_to_GPU: loads; a sim replica models them).",
+                           "Bps",
+                           [(f"sum by (transfer_type) (rate(vllm:kv_offload_total_bytes_total{sel}[{RATE}]))",
+                             "{{transfer_type}}")]))
+    d = d.with_panel(graph("Tier fill and churn", "Share of each tier's blocks in use (left), and blocks per second "
+                           "entering and evicted from it.", "short",
+                           [(f"sum by (medium) (kvfleet_replica_kv_offload_blocks{sel}) / sum by (medium) "
+                             f"(kvfleet_replica_kv_offload_capacity_blocks{sel})", "fill {{medium}}"),
+                            (f"sum by (medium) (rate(kvfleet_replica_kv_offload_stores_total{sel}[{RATE}]))",
+                             "stored/s {{medium}}"),
+                            (f"sum by (medium) (rate(kvfleet_replica_kv_offload_evictions_total{sel}[{RATE}]))",
+                             "evicted/s {{medium}}")]))
 
     # --- LoRA adapters (issue #17 part 5): which are resident here, and what loading them costs
     d = d.with_row(gdash.Row("LoRA adapters"))

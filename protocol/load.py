@@ -69,9 +69,18 @@ class StepSample:
     num_seqs: int
     context_tokens: int = 0  # KV tokens the batch attended to
     decode_context_tokens: int = 0  # of which, the context of single-token decode sequences
-    # Prompt tokens whose KV the step loaded from a lower tier (host memory, disk) instead of
-    # computing them: what a replica's load time per token is learned from (0: no offload tier).
+    # Prompt tokens whose KV this step loaded from an offload tier (host memory, disk) into the
+    # pool before it ran, instead of computing them (replica/kv_offload.py); 0 without tiers.
     loaded_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TierUsage:
+    """One KV offload tier of a replica in its load report: medium as in the KV events."""
+
+    medium: str  # "CPU" (host memory) or "Disk"
+    blocks: int  # held now
+    capacity: int  # blocks it can hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +109,8 @@ class LoadReport:
     # from an older replica's reports: it then holds no adapters as far as routing knows.
     loras: tuple[str, ...] = ()
     lora_load_s: float = 0.0
+    # The replica's KV offload tiers, host first (absent from an older replica's reports: none).
+    tiers: tuple[TierUsage, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_running", "num_waiting", "queued_prefill_tokens", "running_decode_tokens",
@@ -170,6 +181,7 @@ def encode_load(report: LoadReport) -> bytes:
                    s.decode_context_tokens, s.loaded_tokens] for s in report.steps],
         "loras": list(report.loras),
         "lora_load_s": float(report.lora_load_s),
+        "tiers": [[t.medium, t.blocks, t.capacity] for t in report.tiers],
     })
 
 
@@ -208,6 +220,11 @@ def decode_load(payload: bytes) -> LoadReport:
     loras = obj.get("loras", ())
     if not isinstance(loras, tuple) or not all(isinstance(n, str) for n in loras):
         raise EventDecodeError("load report loras must be an array of adapter names")
+    tiers = obj.get("tiers", ())
+    if not isinstance(tiers, tuple) or not all(
+            isinstance(t, tuple) and len(t) == 3 and isinstance(t[0], str) and type(t[1]) is int and type(t[2]) is int
+            for t in tiers):
+        raise EventDecodeError("load report tiers must be an array of [medium, blocks, capacity]")
     try:
         return LoadReport(
             replica_id=replica_id,
@@ -225,6 +242,7 @@ def decode_load(payload: bytes) -> LoadReport:
             epoch=_num(obj, "epoch", int, 0),
             loras=loras,
             lora_load_s=_num(obj, "lora_load_s", float, 0.0),
+            tiers=tuple(TierUsage(*t) for t in tiers),
         )
     except ValueError as e:  # LoadReport's own validation
         if isinstance(e, EventDecodeError):

@@ -32,7 +32,8 @@ def build_replica(cfg: ReplicaConfig) -> web.Application:
         engine.step_log = deque(maxlen=cfg.step_log)
     publisher = KVEventPublisher(cfg.publisher) if cfg.publisher is not None else None
     model = cfg.engine.model_name
-    service = EngineService(engine, ReplicaMetrics(model), publisher=publisher,
+    tiers = [t.medium for t in engine.kv.offload.tiers] if engine.kv.offload is not None else []
+    service = EngineService(engine, ReplicaMetrics(model, kv_tiers=tiers), publisher=publisher,
                             replica_id=f"{cfg.server.host}:{cfg.server.port}")
     return create_app(service, cfg.server, model)
 
@@ -40,11 +41,13 @@ def build_replica(cfg: ReplicaConfig) -> web.Application:
 def ready_line(cfg: ReplicaConfig, service: EngineService, urls: list[str]) -> str:
     """What `kvfleet replica` prints once it listens (launchers wait for it: kvfleet/procs.py)."""
     events = ""
+    offload = service.engine.kv.offload
+    tiers = "".join(f" {t.medium.lower()}_blocks={t.num_blocks}" for t in offload.tiers) if offload is not None else ""
     if service.publisher is not None:
         ep = service.publisher.endpoints
         events = f" kv-events={ep.endpoint}" + (f" kv-replay={ep.replay_endpoint}" if ep.replay_endpoint else "")
     return (f"kvfleet replica ready: engine={cfg.kind} model={cfg.engine.model_name} "
-            f"blocks={service.engine.kv.num_blocks} block_size={cfg.engine.block_size}{events} "
+            f"blocks={service.engine.kv.num_blocks} block_size={cfg.engine.block_size}{tiers}{events} "
             f"listening on {' '.join(urls)}")
 
 

@@ -28,6 +28,10 @@ from replica.step_model import StepRecord, features_of
 
 
 class Executor(Protocol):
+    # True when `execute` drains and applies (or prices) the KV cache manager's queued offload
+    # copies (`KVCacheManager.take_transfers`); an engine with offload tiers needs one that does.
+    moves_kv: bool
+
     def execute(self, out: SchedulerOutput) -> dict[str, int]: ...
 
 
@@ -103,6 +107,9 @@ class LLMEngine:
         self.loras = loras  # the LoRA adapters served (None: none), shared with the executor
         self.lora_tags = lora_tags or {}  # adapter name -> its KV tag (id, chain root)
         self.kv: KVCacheManager = scheduler.kv
+        if self.kv.offload is not None and not getattr(executor, "moves_kv", False):
+            raise ValueError("the KV cache has offload tiers but the executor does not move their blocks: build a "
+                             "ModelRunner with tier_store= or a SimExecutor with kv=")
         self.executor = executor
         self.tokenizer = tokenizer
         self.clock = clock
@@ -143,13 +150,13 @@ class LLMEngine:
         ones with their final status). `step` wraps it; the offline simulator, which has no
         text or stop strings, reads the requests directly."""
         sched = self.scheduler
-        external = sched.external_hit_tokens
+        offload = self.kv.offload
+        loaded = offload.loaded_blocks_total if offload is not None else 0
         out = sched.schedule()
         if out.empty:
             return []
-        # Prompt tokens this step's admissions found in an offload tier: the executor loads them
-        # before the forward pass (StepSample.loaded_tokens, what the balancer prices loads by).
-        loaded = sched.external_hit_tokens - external
+        if offload is not None:  # blocks this step's admissions load from a tier (not computed)
+            loaded = (offload.loaded_blocks_total - loaded) * self.kv.block_size
         start = self.clock()
         context = decode_context = 0
         for req, num_new, _ in out.scheduled:

@@ -332,6 +332,11 @@ class OffloadTiers:
         return out
 
     @property
+    def loaded_blocks_total(self) -> int:
+        """Blocks loaded from any tier into the device pool since start."""
+        return sum(t.stats.loaded_blocks for t in self.tiers)
+
+    @property
     def num_pending_transfers(self) -> int:
         return len(self._transfers)
 

@@ -2,7 +2,8 @@
 
     GET  /kv_cache_state                  the hashes of every cached block, with the KV-event seq
                                           they correspond to (compare with the balancer's
-                                          `GET /admin/index?replica=ID`)
+                                          `GET /admin/index?replica=ID`), and of every block in
+                                          an offload tier, by medium
     POST /_test/mute_kv_events?seconds=S  only with KVFLEET_TEST_HOOKS=1 in the environment: the
                                           publisher sends nothing on PUB for S seconds (KV batches
                                           are still numbered and kept for replay), which is what a
@@ -36,6 +37,7 @@ def cache_state(service: EngineService) -> dict:
     """The cached block hashes and the seq they match. Call between steps (see `between_steps`)."""
     pool = service.engine.kv.pool
     pub = service.publisher
+    tiers = service.engine.kv.offload.tiers if service.engine.kv.offload is not None else ()
     return {
         "kv_seq": (pub.kv_batches_queued - 1) if pub is not None else None,
         "pending_events": len(pool._events),
@@ -43,6 +45,8 @@ def cache_state(service: EngineService) -> dict:
         "total_blocks": pool.num_blocks,
         "num_cached_blocks": len(pool.cached_blocks()),
         "block_hashes": sorted(f"{h:016x}" for h in pool.cached_blocks()),
+        # The offload tiers' blocks by medium ("CPU", "Disk"; replica/kv_offload.py), at the same seq.
+        "tier_block_hashes": {t.medium: sorted(f"{b.block_hash:016x}" for b in t.held()) for t in tiers},
     }
 
 

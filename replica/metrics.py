@@ -12,6 +12,8 @@ nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Bucket boundaries as in vLLM v1's PrometheusStatLogger.
@@ -25,7 +27,8 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 
 
 class ReplicaMetrics:
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None,
+                 kv_tiers: Sequence[str] = ()) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         labels = ("model_name", "engine")
         lv = (model_name, "0")
@@ -60,6 +63,13 @@ class ReplicaMetrics:
         self._lora_resident = Gauge("kvfleet_replica_lora_resident", "1 while the LoRA adapter is resident, else 0.",
                                     labels + ("lora_name",), registry=r)
         self._lora_exported = (0, 0.0)  # loads and seconds already counted
+        self._offload: _OffloadMetrics | None = _OffloadMetrics(r, labels, lv, kv_tiers) if kv_tiers else None
+
+    def update_offload(self, offload, block_size: int, external_queries: int, external_hits: int) -> None:
+        """Export a `replica.kv_offload.OffloadTiers`' state and the scheduler's external
+        prefix-cache counters (after a step); a no-op for a replica without tiers."""
+        if self._offload is not None:
+            self._offload.update(offload, block_size, external_queries, external_hits)
 
     def update_loras(self, slots) -> None:
         """Export a `replica.lora.AdapterSlots`' state (after a step)."""
@@ -74,3 +84,79 @@ class ReplicaMetrics:
 
     def success(self, finished_reason: str) -> None:
         self._success.labels(*self._lv, finished_reason).inc()
+
+
+class _OffloadMetrics:
+    """KV offload tiers (replica/kv_offload.py). vLLM's names where vLLM has the series: the KV
+    connector's prefix-cache counters (`vllm:external_prefix_cache_queries` / `_hits`, vLLM v1
+    loggers.py) and the offloading connector's transfer counters (`vllm:kv_offload_total_bytes`
+    / `_total_time` by `transfer_type`, e.g. GPU_to_CPU, CPU_to_GPU; vLLM's offloading/metrics.py).
+    Per-tier block counts are kvfleet's (`medium` = "CPU" or "Disk", as in the KV events). Every
+    series exists from the start (zero), so rates and dashboards have data before the first spill."""
+
+    def __init__(self, r: CollectorRegistry, labels: tuple[str, ...], lv: tuple[str, ...], media: Sequence[str]) -> None:
+        self.media = tuple(media)
+        self.external_queries = Counter("vllm:external_prefix_cache_queries", "Prompt tokens looked up in the KV "
+                                        "offload tiers (the whole prompt of each admitted request).", labels,
+                                        registry=r).labels(*lv)
+        self.external_hits = Counter("vllm:external_prefix_cache_hits", "Prompt tokens found in a KV offload tier "
+                                     "and loaded back instead of recomputed.", labels, registry=r).labels(*lv)
+        mlabels = labels + ("medium",)
+        tlabels = labels + ("transfer_type",)
+        self._bytes = Counter("vllm:kv_offload_total_bytes", "Bytes copied between the KV pool and the offload "
+                              "tiers, by transfer type.", tlabels, registry=r)
+        self._time = Counter("vllm:kv_offload_total_time", "Seconds spent copying between the KV pool and the "
+                             "offload tiers, by transfer type (a sim replica: modelled).", tlabels, registry=r)
+        self._hits = Counter("kvfleet_replica_kv_offload_hits", "Prompt tokens found in this tier and loaded back.",
+                             mlabels, registry=r)
+        self._stores = Counter("kvfleet_replica_kv_offload_stores", "Blocks that entered this tier (spilled from "
+                               "the tier above).", mlabels, registry=r)
+        self._loads = Counter("kvfleet_replica_kv_offload_loads", "Blocks loaded from this tier into the KV pool.",
+                              mlabels, registry=r)
+        self._evictions = Counter("kvfleet_replica_kv_offload_evictions", "Blocks this tier evicted (least "
+                                  "recently used; spilled into the tier below, if any).", mlabels, registry=r)
+        self._skipped = Counter("kvfleet_replica_kv_offload_skipped_stores", "Blocks not stored because every "
+                                "block of the full tier was pinned by a load.", mlabels, registry=r)
+        self._blocks = Gauge("kvfleet_replica_kv_offload_blocks", "Blocks held in this tier now.", mlabels, registry=r)
+        self._capacity = Gauge("kvfleet_replica_kv_offload_capacity_blocks", "Blocks this tier can hold.", mlabels,
+                               registry=r)
+        self._lv = lv
+        types = ["GPU_to_CPU", "CPU_to_GPU"] + (["CPU_to_Disk", "Disk_to_GPU"] if "Disk" in self.media else [])
+        for t in types:
+            self._bytes.labels(*lv, t)
+            self._time.labels(*lv, t)
+        for m in self.media:
+            for c in (self._hits, self._stores, self._loads, self._evictions, self._skipped, self._blocks,
+                      self._capacity):
+                c.labels(*lv, m)
+        self._seen: dict[tuple[str, str], float] = {}  # totals already counted
+
+    def _inc(self, metric: Counter, label: str, key: str, total: float) -> None:
+        done = self._seen.get((key, label), 0)
+        if total > done:
+            metric.labels(*self._lv, label).inc(total - done)
+            self._seen[(key, label)] = total
+
+    def update(self, offload, block_size: int, external_queries: int, external_hits: int) -> None:
+        self._inc_plain(self.external_queries, "queries", external_queries)
+        self._inc_plain(self.external_hits, "hits", external_hits)
+        for t in offload.tiers:
+            st = t.stats
+            self._inc(self._hits, t.medium, "hits", st.loaded_blocks * block_size)
+            self._inc(self._stores, t.medium, "stores", st.stored_blocks)
+            self._inc(self._loads, t.medium, "loads", st.loaded_blocks)
+            self._inc(self._evictions, t.medium, "evictions", st.evicted_blocks)
+            self._inc(self._skipped, t.medium, "skipped", st.skipped_stores)
+            self._blocks.labels(*self._lv, t.medium).set(len(t))
+            self._capacity.labels(*self._lv, t.medium).set(t.num_blocks)
+        totals = offload.totals
+        for kind, n in totals.bytes.items():
+            self._inc(self._bytes, kind, "bytes", n)
+        for kind, sec in totals.seconds.items():
+            self._inc(self._time, kind, "seconds", sec)
+
+    def _inc_plain(self, metric, key: str, total: int) -> None:
+        done = self._seen.get((key, ""), 0)
+        if total > done:
+            metric.inc(total - done)
+            self._seen[(key, "")] = total

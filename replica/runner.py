@@ -41,6 +41,7 @@ class ModelRunner:
         # The KV offload tiers' bytes (replica/kv_offload_store.py): the copies the KV cache
         # manager queued are made before each forward pass. None: no tiers.
         self.tier_store = tier_store
+        self.moves_kv = tier_store is not None
         self.loras = loras  # the served LoRA adapters (their `load` makes `LoraWeights`)
         self.kv_caches = kv_caches
         self.kv = kv

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.load import LoadReport
+from protocol.load import LoadReport, TierUsage
 from replica.engine import LLMEngine, RequestOutput
 from replica.metrics import ReplicaMetrics
 from replica.request import SamplingParams
@@ -245,6 +245,9 @@ class EngineService:
         self._last_preempt = sched.num_preemptions_total
         if self.engine.loras is not None:
             m.update_loras(self.engine.loras)
+        if self.engine.kv.offload is not None:
+            m.update_offload(self.engine.kv.offload, self.engine.kv.block_size, sched.external_queries_tokens,
+                             sched.external_hit_tokens)
         if self.engine.steps:
             last = self.engine.steps[-1]
             m.iteration_tokens.observe(last.prefill_tokens + last.decode_tokens)
@@ -270,6 +273,8 @@ class EngineService:
             steps=tuple(list(self.engine.steps)[-16:]),
             loras=() if loras is None else loras.resident,
             lora_load_s=0.0 if loras is None else loras.mean_load_s,
+            tiers=() if kv.offload is None else tuple(TierUsage(t.medium, len(t), t.num_blocks)
+                                                      for t in kv.offload.tiers),
         )
 
     def _maybe_report_load(self, force: bool) -> None:

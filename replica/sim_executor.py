@@ -42,6 +42,7 @@ class SimExecutor:
         self.advance = advance
         self.loras = loras
         self.kv = kv if kv is not None and kv.offload is not None else None
+        self.moves_kv = self.kv is not None  # it drains (prices) the tiers' queued copies
         self.tier_cost = tier_cost or TierCost()
         self.last_duration = 0.0
 

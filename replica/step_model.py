@@ -235,9 +235,9 @@ _PCIE = 64e9 * 0.8
 # × 0.75 for block-sized reads; the disk is shared by a node's GPUs.
 _NVME = 7.45e9 * 0.75
 
-# Host tier <-> device pool copy rate of the tiny preset on this project's 2-core AMD EPYC VM
-# (bench/bench_offload.py, "copy GB/s" row; docs/benchmarks.md).
-TINY_CPU_COPY_BYTES_PER_S = 2.0e9
+# Host tier <-> device pool copy rate of the tiny preset on this project's 2-core VM
+# (bench/bench_offload.py: 1.11 GB/s on a quiet run, 0.56 under load average 8; docs/benchmarks.md).
+TINY_CPU_COPY_BYTES_PER_S = 1.1e9
 
 PRESETS = MappingProxyType({
     # Llama-3-70B on H100s: prefill terms are Preble's published fit (design §8; Preble

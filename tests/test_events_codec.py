@@ -32,6 +32,7 @@ from protocol.load import (
     LoadReport,
     Snapshot,
     StepSample,
+    TierUsage,
     decode_load,
     decode_snapshot,
     encode_extras_message,
@@ -294,9 +295,8 @@ def _report() -> LoadReport:
         replica_id="r0", ts=1700000000.25, num_running=3, num_waiting=2, queued_prefill_tokens=4096,
         running_decode_tokens=900, free_blocks=10, total_blocks=100, block_size=16, kv_usage=0.9,
         num_preemptions_total=1,
-        steps=(StepSample(10.0, 0.021, 512, 3, 4, 2048), StepSample(10.03, 0.008, 0, 3, 3, 1500),
-               StepSample(10.04, 0.03, 64, 0, 1, 1088, 0, 1024)),  # loaded 1024 tokens from a tier
-        epoch=77,
+        steps=(StepSample(10.0, 0.021, 512, 3, 4, 2048, 0, 256), StepSample(10.03, 0.008, 0, 3, 3, 1500)),
+        epoch=77, tiers=(TierUsage("CPU", 40, 512), TierUsage("Disk", 0, 4096)),
     )
 
 
@@ -314,6 +314,21 @@ def test_load_report_round_trip_and_tolerance() -> None:
         decode_load(encode_batch(EventBatch(ts=1.0)))  # a KV batch is not a load report
     with pytest.raises(ValueError):
         LoadReport("r", 0.0, -1, 0, 0, 0, 0, 1, 16, 0.0)
+
+
+def test_load_report_offload_fields_and_an_older_replicas_report() -> None:
+    """Tier loads per step and tier usage (issue #19); a report without them (a replica from
+    before) reads as no tiers and nothing loaded."""
+    raw = msgpack.unpackb(encode_load(_report()))
+    assert raw["steps"][0][7] == 256 and raw["tiers"] == [["CPU", 40, 512], ["Disk", 0, 4096]]
+    del raw["tiers"]
+    raw["steps"] = [step[:7] for step in raw["steps"]]
+    old = decode_load(pack(raw))
+    assert old.tiers == () and [s.loaded_tokens for s in old.steps] == [0, 0]
+    for bad in ([["CPU", 1]], [[1, 2, 3]], "CPU"):
+        raw["tiers"] = bad
+        with pytest.raises(EventDecodeError, match="tiers"):
+            decode_load(pack(raw))
 
 
 def test_snapshot_round_trip() -> None:

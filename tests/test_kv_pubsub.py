@@ -24,6 +24,7 @@ from protocol.events import AllBlocksCleared, BlockStored, encode_seq
 from protocol.hashing import hash_blocks, prompt_hashes, root_hash
 from protocol.load import LoadReport
 from replica.kv_cache_manager import KVCacheManager
+from replica.kv_offload import tier_specs
 from replica.publisher import KVEventPublisher, PublisherConfig
 
 BS = 4
@@ -644,13 +645,10 @@ op_strategy = st.one_of(
 )
 
 
-@settings(max_examples=25, deadline=None)
-@given(ops=st.lists(op_strategy, min_size=1, max_size=25))
-def test_index_tracks_a_real_kv_cache_manager_step_by_step(live_pair, ops) -> None:
+def _publish_and_sync(live_pair, mgr: KVCacheManager):
+    """publish(events) through the live pair, and sync(): wait until the subscriber applied the
+    last batch, then check the index holds exactly the manager's blocks, per medium."""
     pub, sub, index, loop, published = live_pair
-    mgr = KVCacheManager(16, BS, ROOT)
-    live: dict[str, list[int]] = {}
-    n = 0
 
     def publish(events: list) -> None:
         pub.publish(events)
@@ -664,8 +662,44 @@ def test_index_tracks_a_real_kv_cache_manager_step_by_step(live_pair, ops) -> No
             time.sleep(0.0005)
         view = loop.call(index.replica_block_hashes, "prop")
         assert view == set(mgr.pool.cached_blocks())
+        for tier in mgr.offload.tiers if mgr.offload is not None else ():
+            assert loop.call(index.replica_block_hashes, "prop", tier.medium) == {b.block_hash for b in tier.held()}
         loop.call(index.check_integrity)
 
+    return publish, sync
+
+
+def test_index_tracks_offload_tiers(live_pair) -> None:
+    """A replica with host and disk KV tiers (replica/kv_offload.py): the index's "CPU" and "Disk"
+    tables follow the tiers step by step, spills, loads and evictions included."""
+    mgr = KVCacheManager(8, BS, ROOT, tiers=tier_specs(4, 4))
+    publish, sync = _publish_and_sync(live_pair, mgr)
+    publish([AllBlocksCleared()])
+    sync()
+    rng = random.Random(7)
+    for n in range(60):
+        tokens = FAMILIES[rng.randrange(3)][: rng.choice((8, 16, 24))] + [rng.randrange(1, 700)]
+        hit = mgr.get_computed_blocks(f"t{n}", tokens)
+        assert mgr.allocate_slots(f"t{n}", tokens, hit.num_tokens, len(tokens) - hit.num_tokens, hit)
+        mgr.free(f"t{n}")
+        mgr.take_transfers()  # no bytes here: only the bookkeeping and its events
+        publish(mgr.take_events())
+        sync()
+    tiers = {t.medium: t.stats for t in mgr.offload.tiers}
+    assert tiers["CPU"].evicted_blocks > 0 and tiers["Disk"].evicted_blocks > 0
+    assert tiers["CPU"].loaded_blocks > 0 and tiers["Disk"].loaded_blocks > 0
+    assert live_pair[2].stats.unknown_parent == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=st.lists(op_strategy, min_size=1, max_size=25))
+def test_index_tracks_a_real_kv_cache_manager_step_by_step(live_pair, ops) -> None:
+    pub, sub, index, loop, published = live_pair
+    mgr = KVCacheManager(16, BS, ROOT)
+    live: dict[str, list[int]] = {}
+    n = 0
+
+    publish, sync = _publish_and_sync(live_pair, mgr)
     publish([AllBlocksCleared()])  # a fresh replica for this example
     sync()
     for op in ops:

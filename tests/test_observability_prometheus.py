@@ -31,9 +31,11 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARDS = os.path.join(ROOT, "dashboards")
 # Two LoRA adapters on every replica (a sim adapter has no weights: the paths are never read),
-# one resident at a time: the LoRA panels get adapter traffic, loads and evictions.
+# one resident at a time: the LoRA panels get adapter traffic, loads and evictions. A host KV
+# tier on every replica: the offload panels' series exist (their values are rates, zero here).
 SIM_ARGS = ("--preset", "llama3-8b-h100", "--time-scale", "20",
-            "--lora-modules", "sql=/sim/sql.safetensors", "chat=/sim/chat.safetensors")
+            "--lora-modules", "sql=/sim/sql.safetensors", "chat=/sim/chat.safetensors",
+            "--kv-offload-host-blocks", "4096")
 SCRAPE_S = 1.0
 RATE_WINDOW = "1m"  # what `$__rate_interval` becomes in the queries
 
