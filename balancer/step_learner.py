@@ -17,9 +17,9 @@ from host memory (or disk) instead of computing them. Their cost is a sixth coef
 θload seconds per loaded token (`load_cost`), fitted jointly with the others: the model gains
 the feature when the first step that loaded arrives (θload starts at LOAD_PRIOR, independent of
 the others, which is what an RLS with that prior would have held until then, since the feature
-was 0), and from then on every step is fitted on six features (in Python: the C step is for
-five). A fleet that never loads keeps the five-feature model, exactly as before. One sample is ~1 µs in C (balancer/_rls.c), ~8 µs in
-its Python oracle.
+was 0), and from then on every step is fitted on six features (the C step takes
+five and six features, balancer/_rls.c). A fleet that never loads keeps the five-feature model,
+exactly as before. One sample is ~1 µs in C (balancer/_rls.c), ~8 µs in its Python oracle.
 """
 
 from __future__ import annotations
@@ -64,11 +64,13 @@ class LearnerConfig:
 _SCALE = (1.0, 1e-3, 1e-2, 1e-5, 1e-5, 1e-3)  # the sixth: loaded tokens (scaled as prefill ones)
 
 try:  # the C step (balancer/_rls.c); the Python one below is its oracle and the fallback
+    from balancer import _rls
     from balancer._rls import update as _update_native
 
     NATIVE = True
+    _update6_native = getattr(_rls, "update6", None)  # None: an extension built before the load feature
 except ImportError:  # pragma: no cover - built on install where a C compiler exists
-    _update_native = None
+    _update_native = _update6_native = None
     NATIVE = False
 
 
@@ -118,6 +120,9 @@ class _RLS:
         if len(self.theta) == 5:
             self.update_fn(self.theta, self.p, x[0] * _SCALE[0], x[1] * _SCALE[1], x[2] * _SCALE[2],
                            x[3] * _SCALE[3], x[4] * _SCALE[4], float(y), self.lam, _P_MAX)
+        elif self.update_fn is _update_native and _update6_native is not None:
+            _update6_native(self.theta, self.p, x[0] * _SCALE[0], x[1] * _SCALE[1], x[2] * _SCALE[2],
+                            x[3] * _SCALE[3], x[4] * _SCALE[4], x[5] * _SCALE[5], float(y), self.lam, _P_MAX)
         else:
             _update_n(self.theta, self.p, [v * sc for v, sc in zip(x, _SCALE)], float(y), self.lam, _P_MAX)
         self.n += 1

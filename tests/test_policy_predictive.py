@@ -289,6 +289,19 @@ def test_native_rls_step_matches_its_python_oracle():
     np.testing.assert_allclose(np.frombuffer(native.theta), np.frombuffer(oracle.theta), rtol=1e-9, atol=0)
     np.testing.assert_allclose(np.frombuffer(native.p), np.frombuffer(oracle.p), rtol=1e-9, atol=1e-12)
     assert np.isfinite(native.coef()).all()
+    # With the load time as a sixth feature (update6 in C, _update_n in Python).
+    native.add_load_feature(1e-2)
+    oracle.add_load_feature(1e-2)
+    for i in range(2000):
+        p = rng.choice([0, 0, rng.randint(1, 8192)])
+        loaded = rng.choice([0, rng.randint(16, 8192)]) if p else 0
+        x = (1.0, p, rng.randint(0, 256), rng.randint(0, 2_000_000), (rng.randint(0, 50_000) if p else 0) + loaded, loaded)
+        y = rng.uniform(1e-3, 0.5) if i % 701 != 3 else 1e300
+        native.update(x, y)
+        oracle.update(x, y)
+    np.testing.assert_allclose(np.frombuffer(native.theta), np.frombuffer(oracle.theta), rtol=1e-9, atol=0)
+    np.testing.assert_allclose(np.frombuffer(native.p), np.frombuffer(oracle.p), rtol=1e-9, atol=1e-12)
+    assert len(native.theta) == 6 and np.isfinite(native.coef()).all()
 
 
 # --- lower KV tiers (issue #19 part 2) ----------------------------------------------------------
