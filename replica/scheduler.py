@@ -79,7 +79,8 @@ class Scheduler:
         self.num_preemptions_total = 0
         self.prefix_queries_tokens = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hit_tokens = 0  # of which found cached in the device pool
-        # With offload tiers, as vLLM counts a KV connector's hits: prompt tokens looked up (the
+        # With offload tiers, as vLLM counts a KV connector's hits (v1 scheduler,
+        # `_update_connector_prefix_cache_stats`): prompt tokens looked up (the
         # whole prompt) and of which found in a tier (loaded, not recomputed).
         self.external_queries_tokens = 0
         self.external_hit_tokens = 0
