@@ -1,66 +1,79 @@
 /* One recursive-least-squares step for balancer/step_learner.py: the same arithmetic as its
- * pure-Python `_update_py` (the test oracle), on two array('d') buffers updated in place, without
+ * pure-Python `_update_n` (the test oracle), on two array('d') buffers updated in place, without
  * numpy's per-call overhead on 5-element vectors (a sample per replica step: the simulator feeds
  * tens of thousands a run).
  *
  *   update(theta: array('d', 5), p: array('d', 25, row-major), x0..x4, y, lam, p_max) -> bool
+ *   update6(theta: array('d', 6), p: array('d', 36, row-major), x0..x5, y, lam, p_max) -> bool
  *
- * x is already scaled. Returns False (and leaves both buffers alone) when the step would make
- * either non-finite. */
+ * (update6: the model with a replica's KV-tier load time as a sixth feature.) x is already
+ * scaled. Returns False (and leaves both buffers alone) when the step would make either
+ * non-finite. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 
-#define N 5
+#define NMAX 6
 
-static PyObject *rls_update(PyObject *self, PyObject *args) {
-    Py_buffer tb, pb;
-    double x[N], y, lam, pmax;
-    if (!PyArg_ParseTuple(args, "w*w*dddddddd", &tb, &pb, &x[0], &x[1], &x[2], &x[3], &x[4], &y, &lam, &pmax))
-        return NULL;
-    PyObject *result = NULL;
-    if (tb.len != N * (Py_ssize_t)sizeof(double) || pb.len != N * N * (Py_ssize_t)sizeof(double) ||
-        tb.itemsize != sizeof(double) || pb.itemsize != sizeof(double)) {
-        PyErr_SetString(PyExc_ValueError, "theta must be array('d') of 5 and p array('d') of 25");
-        goto done;
-    }
-    double *t = (double *)tb.buf, *p = (double *)pb.buf;
-    double px[N], k[N], th[N], q[N * N];
+/* The step for n features on t (n) and p (n*n) in place; 1 if applied, 0 if non-finite. */
+static int rls_step(int n, double *t, double *p, const double *x, double y, double lam, double pmax) {
+    double px[NMAX], k[NMAX], th[NMAX], q[NMAX * NMAX];
     double den = lam, pred = 0.0;
-    for (int i = 0; i < N; i++) {
+    for (int i = 0; i < n; i++) {
         double s = 0.0;
-        for (int j = 0; j < N; j++) s += p[i * N + j] * x[j];
+        for (int j = 0; j < n; j++) s += p[i * n + j] * x[j];
         px[i] = s;
     }
-    for (int i = 0; i < N; i++) { den += x[i] * px[i]; pred += x[i] * t[i]; }
+    for (int i = 0; i < n; i++) { den += x[i] * px[i]; pred += x[i] * t[i]; }
     double err = y - pred, inv = 1.0 / lam, tr = 0.0;
     int finite = 1;
-    for (int i = 0; i < N; i++) {
+    for (int i = 0; i < n; i++) {
         k[i] = px[i] / den;
         th[i] = t[i] + k[i] * err;
         finite &= isfinite(th[i]);
     }
-    for (int i = 0; i < N; i++)
-        for (int j = 0; j < N; j++) q[i * N + j] = (p[i * N + j] - k[i] * px[j]) * inv;
-    for (int i = 0; i < N; i++) tr += q[i * N + i];
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) q[i * n + j] = (p[i * n + j] - k[i] * px[j]) * inv;
+    for (int i = 0; i < n; i++) tr += q[i * n + i];
     if (tr > pmax) {
         double f = pmax / tr;
-        for (int i = 0; i < N * N; i++) q[i] *= f;
+        for (int i = 0; i < n * n; i++) q[i] *= f;
     }
-    for (int i = 0; i < N * N; i++) finite &= isfinite(q[i]);
+    for (int i = 0; i < n * n; i++) finite &= isfinite(q[i]);
     if (finite) {
-        for (int i = 0; i < N; i++) t[i] = th[i];
-        for (int i = 0; i < N * N; i++) p[i] = q[i];
+        for (int i = 0; i < n; i++) t[i] = th[i];
+        for (int i = 0; i < n * n; i++) p[i] = q[i];
     }
-    result = PyBool_FromLong(finite);
+    return finite;
+}
+
+static PyObject *rls_update_n(PyObject *args, int n, const char *format) {
+    Py_buffer tb, pb;
+    double x[NMAX], y, lam, pmax;
+    int ok = n == 5 ? PyArg_ParseTuple(args, format, &tb, &pb, &x[0], &x[1], &x[2], &x[3], &x[4], &y, &lam, &pmax)
+                    : PyArg_ParseTuple(args, format, &tb, &pb, &x[0], &x[1], &x[2], &x[3], &x[4], &x[5], &y, &lam, &pmax);
+    if (!ok)
+        return NULL;
+    PyObject *result = NULL;
+    if (tb.len != n * (Py_ssize_t)sizeof(double) || pb.len != n * n * (Py_ssize_t)sizeof(double) ||
+        tb.itemsize != sizeof(double) || pb.itemsize != sizeof(double)) {
+        PyErr_Format(PyExc_ValueError, "theta must be array('d') of %d and p array('d') of %d", n, n * n);
+        goto done;
+    }
+    result = PyBool_FromLong(rls_step(n, (double *)tb.buf, (double *)pb.buf, x, y, lam, pmax));
 done:
     PyBuffer_Release(&tb);
     PyBuffer_Release(&pb);
     return result;
 }
 
+static PyObject *rls_update(PyObject *self, PyObject *args) { return rls_update_n(args, 5, "w*w*dddddddd"); }
+
+static PyObject *rls_update6(PyObject *self, PyObject *args) { return rls_update_n(args, 6, "w*w*ddddddddd"); }
+
 static PyMethodDef methods[] = {
     {"update", rls_update, METH_VARARGS, "One RLS step on array('d') theta (5) and p (25), in place."},
+    {"update6", rls_update6, METH_VARARGS, "One RLS step on array('d') theta (6) and p (36), in place."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -205,9 +205,12 @@ def routes(b) -> dict[str, dict[str, Handler]]:
             "session": prepared.session,
         }
         if d is None:
-            out.update(matched_blocks={}, predicted_output_tokens=None, decision=None, reason="no usable replica")
+            out.update(matched_blocks={}, offloaded_blocks={}, predicted_output_tokens=None, decision=None,
+                       reason="no usable replica")
             return reply_json(ex, out)
         out.update(matched_blocks=dict(rr.matched_blocks),
+                   # per replica, blocks after its device prefix held in a lower KV tier (host, disk)
+                   offloaded_blocks=dict(rr.offloaded_blocks),
                    # null unless the policy reads predicted output lengths (e.g. `predictive`)
                    predicted_output_tokens=rr.predicted_output_tokens,
                    decision=d.replica_id, reason=d.reason, scores={k: dict(v) for k, v in d.scores.items()},

@@ -7,10 +7,21 @@ kvfleet replica our hash equals the engine hash; for vLLM (sha256-based) it does
 here assumes either.
 
     tables[medium]  : our_hash -> bitmask of replica slots holding it      (one dict per medium)
+    any             : our_hash -> bitmask of replica slots holding it in any medium
+                      (only once some replica has published a medium other than GPU)
     replica.media[m]: engine_hash -> our_hash, for the blocks it holds      (one dict per replica)
 
 `match(chain)` walks the chain once, AND-ing masks; a replica's bit drops out at its first
 missing block, and the walk stops when no bit is left.
+
+Tiers: a replica with a KV offload tier publishes its host (or disk) blocks under their own
+medium ("CPU", as vLLM's OffloadingConnector does), and a block may sit in several media at
+once. `match(chain)` is the device (GPU) prefix; `match_offloaded(chain, device)` walks the
+`any` table once more and reports, per replica, the blocks right after its device prefix that
+continue the chain in some tier: those its engine loads instead of recomputing (the chain is
+device prefix first, then the lower tiers, as Dynamo's tiered lookup and vLLM's scheduler,
+which asks the connector only past the device hit, do). While no replica publishes a
+non-GPU medium `any` does not exist and tiers cost nothing: no table, no second walk.
 Memory per held block: one entry in the replica's engine map, plus one table entry shared by
 the replicas holding the block.
 
@@ -29,6 +40,7 @@ Invariants (`check_integrity`):
   `multi[m][h]` counts the extra engine hashes of one replica that map to the same h (e.g. a
   vLLM block salted with extra_keys we cannot see), so a removal clears the bit only when the
   last one goes;
+- `any` (when it exists) is the OR of the media tables, entry by entry;
 - no table entry has an empty mask; a replica holds at most `max_blocks_per_replica` blocks;
 - every table is of one kind: a C BlockTable where the extension is built, else a DictTable.
 
@@ -52,7 +64,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, repeat, takewhile
 from operator import and_, neg
@@ -192,6 +204,7 @@ class PrefixIndex:
         # C tables where the extension is built, whatever the fleet size (module docstring).
         self._table_type = DictTable if _BlockTable is None else _BlockTable
         self._tables: dict[str, _Table] = {DEFAULT_MEDIUM: self._table_type()}
+        self._any: _Table | None = None  # every medium together, built with the first non-GPU one
         self._replicas: dict[str, _Replica] = {}
         self._owners: list[str | None] = []  # slot -> replica id
         self.stats = IndexStats()
@@ -344,6 +357,9 @@ class PrefixIndex:
         table = self._tables.get(medium)
         if table is None:
             table = self._tables[medium] = self._table_type()
+            if self._any is None and medium != DEFAULT_MEDIUM:
+                self._build_any()
+        any_set = None if self._any is None else self._any.set_bit
         emap = m.emap
         set_bit = table.set_bit
         slot = r.slot
@@ -368,6 +384,8 @@ class PrefixIndex:
             emap[oh if eh == oh else eh] = oh  # share one int object when the ids coincide
             if not set_bit(oh, slot):  # the replica already holds oh under another engine id
                 m.multi[oh] = m.multi.get(oh, 1) + 1
+            elif any_set is not None:
+                any_set(oh, slot)  # False when another medium of the replica holds it already
             stored += 1
         r.num_blocks += stored
         self.stats.blocks_stored += stored
@@ -394,7 +412,29 @@ class PrefixIndex:
                     del multi[oh]
                 return True
         table.clear_bit(oh, r.slot)
+        if self._any is not None:
+            self._drop_any(r, m, oh)
         return True
+
+    def _drop_any(self, r: _Replica, m: _Medium, oh: int) -> None:
+        """`oh` left medium `m` of `r`: clear its `any` bit unless another medium still holds it."""
+        slot = r.slot
+        for medium, other in r.media.items():
+            if other is not m and self._tables[medium].get(oh, 0) >> slot & 1:
+                return
+        self._any.clear_bit(oh, slot)  # type: ignore[union-attr]
+
+    def _build_any(self) -> None:
+        """The `any` table from the media tables (once, when the first lower tier appears)."""
+        union = self._table_type()
+        set_bit = union.set_bit
+        for table in self._tables.values():
+            for oh, mask in table.items():
+                while mask:
+                    low = mask & -mask
+                    set_bit(oh, low.bit_length() - 1)
+                    mask ^= low
+        self._any = union
 
     def _remove(self, r: _Replica, ev: BlockRemoved) -> None:
         medium = ev.medium or DEFAULT_MEDIUM
@@ -412,10 +452,13 @@ class PrefixIndex:
 
     def _clear(self, r: _Replica) -> None:
         slot = r.slot
+        any_clear = None if self._any is None else self._any.clear_bit
         for medium, m in r.media.items():
             clear_bit = self._tables[medium].clear_bit
             for oh in m.emap.values():
                 clear_bit(oh, slot)  # False for a block cleared already through another engine id
+                if any_clear is not None:
+                    any_clear(oh, slot)
         r.media.clear()
         r.num_blocks = 0
         r.ghosts.clear()
@@ -434,6 +477,26 @@ class PrefixIndex:
         if not table or not hashes:
             return {}
         return table.match(hashes, self._owners)
+
+    def match_offloaded(self, hashes: Sequence[int], device: Mapping[str, int]) -> dict[str, int]:
+        """For each replica: how many blocks right after its device prefix (`device[r]`, what
+        `match(hashes)` returned) continue the chain in any of its media: the lower-tier hit
+        (host, disk) its engine loads instead of recomputing. Replicas with none are absent.
+
+        {} at once while no replica has published a non-GPU medium. One more walk otherwise.
+        A block past the device prefix counts as a lower-tier one even where the device holds
+        it too (after a gap in the device prefix): the engine stops its device match at the gap.
+        Does not modify the index."""
+        union = self._any
+        if union is None or not hashes:
+            return {}
+        out: dict[str, int] = {}
+        get = device.get
+        for rid, n in union.match(hashes, self._owners).items():
+            extra = n - get(rid, 0)
+            if extra > 0:
+                out[rid] = extra
+        return out
 
     def replica_block_hashes(self, replica_id: str, medium: str = DEFAULT_MEDIUM) -> set[int]:
         """Our hashes of every block the replica holds in `medium` (a copy; for tests)."""
@@ -474,6 +537,16 @@ class PrefixIndex:
                 raise RuntimeError(f"replica {replica_id!r}: num_blocks {r.num_blocks} but holds {total}")
             if total > self.max_blocks_per_replica:
                 raise RuntimeError(f"replica {replica_id!r}: {total} blocks over the bound")
+        if self._any is not None:
+            union: dict[int, int] = {}
+            for exp in expected.values():
+                for oh, mask in exp.items():
+                    union[oh] = union.get(oh, 0) | mask
+            if type(self._any) is not self._table_type or self._any != union:
+                bad = next((h for h in set(self._any) | set(union) if self._any.get(h) != union.get(h)), None)
+                raise RuntimeError(f"any-medium table: {bad!r} has mask {self._any.get(bad)!r}, expected {union.get(bad)!r}")
+        elif any(medium != DEFAULT_MEDIUM for medium in self._tables):
+            raise RuntimeError("a non-GPU medium is indexed but there is no any-medium table")
         for medium, table in self._tables.items():
             if type(table) is not self._table_type:
                 raise RuntimeError(f"{medium} table is a {type(table).__name__}, not a {self._table_type.__name__}")

@@ -207,8 +207,11 @@ class Router:
         """What the policy sees of `p`: the cached prefix per replica and the predicted output
         length (`predicted_output_tokens` overrides the predictor: the simulator's oracle mode)."""
         matched = self.index.match(p.block_hashes)
+        offloaded = self.index.match_offloaded(p.block_hashes, matched)  # {} without lower tiers
         if self.digests is not None:
             self.digests.overlay(matched, p.block_hashes, self.uses_digest)
+            for rid in [rid for rid in offloaded if self.uses_digest(rid)]:
+                del offloaded[rid]  # a digest describes one tier: its replicas' index entries are unused
         approx = self.approx.match(p.block_hashes, self.clock())
         for rid, n in approx.items():
             if not self.has_events(rid):
@@ -231,6 +234,7 @@ class Router:
             sequences=p.request.n * (1 + len(p.request.more_prompts)),
             extra_prefill_tokens=p.extra_prompt_tokens,
             lora_name=p.lora_name,
+            offloaded_blocks=offloaded,
         )
 
     def decide(self, rr: RoutingRequest, candidates: Sequence[ReplicaState], session: str | None = None) -> Decision:

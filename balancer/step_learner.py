@@ -10,8 +10,16 @@ chunks, which the chunks attend to)
 
 per replica with exponentially forgotten RLS (a fleet-wide model serves a replica until it has
 enough samples of its own), so the balancer knows what a prefill token and a decode step cost
-on each replica without anyone setting it. One sample is ~1 µs in C (balancer/_rls.c), ~8 µs in
-its Python oracle.
+on each replica without anyone setting it.
+
+A replica with a KV offload tier also reports, per step, the prompt tokens whose KV it loaded
+from host memory (or disk) instead of computing them. Their cost is a sixth coefficient,
+θload seconds per loaded token (`load_cost`), fitted jointly with the others: the model gains
+the feature when the first step that loaded arrives (θload starts at LOAD_PRIOR, independent of
+the others, which is what an RLS with that prior would have held until then, since the feature
+was 0), and from then on every step is fitted on six features (the C step takes
+five and six features, balancer/_rls.c). A fleet that never loads keeps the five-feature model,
+exactly as before. One sample is ~1 µs in C (balancer/_rls.c), ~8 µs in its Python oracle.
 """
 
 from __future__ import annotations
@@ -27,6 +35,11 @@ import numpy as np
 # replicas matter while all use it; it is forgotten as soon as steps are observed.
 PRIOR = np.array([0.010, 1.0e-4, 2.0e-4, 1.0e-7, 1.0e-7])
 _P_MAX = 1e4  # cap on trace(P) in scaled units (the prior starts at 5 / prior_strength = 500)
+# Seconds per token loaded from a lower KV tier, before any load was seen: as generic as PRIOR,
+# a tenth of its prefill token (copying a token's KV over PCIe costs about that fraction of
+# computing it: Llama-3-8B holds 128 KiB per token, ~2.6 µs at ~50 GB/s, against ~30 µs of
+# compute on an H100).
+LOAD_PRIOR = 1.0e-5
 
 
 @dataclass(frozen=True)
@@ -48,14 +61,16 @@ class LearnerConfig:
             raise ValueError("min_samples must be >= 1 and prior_strength > 0")
 
 
-_SCALE = (1.0, 1e-3, 1e-2, 1e-5, 1e-5)
+_SCALE = (1.0, 1e-3, 1e-2, 1e-5, 1e-5, 1e-3)  # the sixth: loaded tokens (scaled as prefill ones)
 
 try:  # the C step (balancer/_rls.c); the Python one below is its oracle and the fallback
+    from balancer import _rls
     from balancer._rls import update as _update_native
 
     NATIVE = True
+    _update6_native = getattr(_rls, "update6", None)  # None: an extension built before the load feature
 except ImportError:  # pragma: no cover - built on install where a C compiler exists
-    _update_native = None
+    _update_native = _update6_native = None
     NATIVE = False
 
 
@@ -63,14 +78,19 @@ def _update_py(theta: array, p: array, x0: float, x1: float, x2: float, x3: floa
                lam: float, p_max: float) -> bool:
     """One RLS step on `theta` (5) and `p` (5×5, row-major) in place, x already scaled; False (and
     nothing changed) if it would leave either non-finite. The arithmetic of balancer/_rls.c."""
-    x = (x0, x1, x2, x3, x4)
-    px = [sum(p[5 * i + j] * x[j] for j in range(5)) for i in range(5)]
+    return _update_n(theta, p, (x0, x1, x2, x3, x4), y, lam, p_max)
+
+
+def _update_n(theta: array, p: array, x: Sequence[float], y: float, lam: float, p_max: float) -> bool:
+    """`_update_py` for any number n = len(theta) of features (`p` n×n)."""
+    n = len(theta)
+    px = [sum(p[n * i + j] * x[j] for j in range(n)) for i in range(n)]
     den = lam + sum(a * b for a, b in zip(x, px))
     err = y - sum(a * b for a, b in zip(x, theta))
     k = [v / den for v in px]
     th = [t + ki * err for t, ki in zip(theta, k)]
-    q = [(p[5 * i + j] - k[i] * px[j]) / lam for i in range(5) for j in range(5)]
-    tr = sum(q[6 * i] for i in range(5))
+    q = [(p[n * i + j] - k[i] * px[j]) / lam for i in range(n) for j in range(n)]
+    tr = sum(q[(n + 1) * i] for i in range(n))
     if tr > p_max:
         q = [v * (p_max / tr) for v in q]
     if not all(math.isfinite(v) for v in th + q):
@@ -97,12 +117,32 @@ class _RLS:
         # Anti-windup (in the step): with forgetting, directions the data never excites (e.g.
         # only decode steps for a while) make P grow by 1/λ per sample without bound; its trace
         # is capped at _P_MAX.
-        self.update_fn(self.theta, self.p, x[0] * _SCALE[0], x[1] * _SCALE[1], x[2] * _SCALE[2],
-                       x[3] * _SCALE[3], x[4] * _SCALE[4], float(y), self.lam, _P_MAX)
+        if len(self.theta) == 5:
+            self.update_fn(self.theta, self.p, x[0] * _SCALE[0], x[1] * _SCALE[1], x[2] * _SCALE[2],
+                           x[3] * _SCALE[3], x[4] * _SCALE[4], float(y), self.lam, _P_MAX)
+        elif self.update_fn is _update_native and _update6_native is not None:
+            _update6_native(self.theta, self.p, x[0] * _SCALE[0], x[1] * _SCALE[1], x[2] * _SCALE[2],
+                            x[3] * _SCALE[3], x[4] * _SCALE[4], x[5] * _SCALE[5], float(y), self.lam, _P_MAX)
+        else:
+            _update_n(self.theta, self.p, [v * sc for v, sc in zip(x, _SCALE)], float(y), self.lam, _P_MAX)
         self.n += 1
 
+    def add_load_feature(self, strength: float) -> None:
+        """Add θload (prior LOAD_PRIOR, uncorrelated with the rest: P gains a diagonal entry)."""
+        n = len(self.theta)
+        p = array("d", [0.0]) * ((n + 1) * (n + 1))
+        for i in range(n):
+            p[(n + 1) * i : (n + 1) * i + n] = self.p[n * i : n * i + n]
+        p[(n + 1) * n + n] = 1.0 / strength
+        self.p = p
+        self.theta.append(LOAD_PRIOR / _SCALE[n])
+
     def coef(self) -> np.ndarray:
-        return np.maximum(np.frombuffer(self.theta, dtype=float) * np.asarray(_SCALE), 0.0)
+        return np.maximum(np.frombuffer(self.theta, dtype=float) * np.asarray(_SCALE[: len(self.theta)]), 0.0)
+
+    def load_coef(self) -> float:
+        """θload in seconds per loaded token (LOAD_PRIOR while the model has no such feature)."""
+        return max(self.theta[5] * _SCALE[5], 0.0) if len(self.theta) > 5 else LOAD_PRIOR
 
 
 class StepLearner:
@@ -125,6 +165,7 @@ class StepLearner:
             r = self._replicas.get(replica_id)
             if r is None:
                 r = self._replicas[replica_id] = _RLS(PRIOR, self.config.prior_strength, self.config.forgetting)
+        fleet = self._fleet
         n = 0
         for s in steps:
             if s.start <= last:
@@ -138,11 +179,19 @@ class StepLearner:
             # on cold prefills — collinear, and with forgetting the prefill-token coefficient
             # drifted to 0 over long decode-only stretches.
             pctx = max(0, s.context_tokens - dctx - s.prefill_tokens - s.decode_tokens)
-            x = (1.0, s.prefill_tokens, s.decode_tokens, dctx, pctx)
+            loaded = getattr(s, "loaded_tokens", 0)
+            if loaded and len(fleet.theta) == 5:  # the first load seen: θload joins the model
+                fleet.add_load_feature(self.config.prior_strength)
+            if len(fleet.theta) == 5:
+                x: tuple = (1.0, s.prefill_tokens, s.decode_tokens, dctx, pctx)
+            else:
+                x = (1.0, s.prefill_tokens, s.decode_tokens, dctx, pctx, loaded)
             if r is not None:
+                if len(r.theta) < len(x):
+                    r.add_load_feature(self.config.prior_strength)
                 r.update(x, s.duration)
             s_end, s_dur = s.start + s.duration, s.duration
-            self._fleet.update(x, s.duration)
+            fleet.update(x, s.duration)
             tokens = s.prefill_tokens + s.decode_tokens
             if tokens > self.max_step_tokens.get(replica_id, 0):
                 self.max_step_tokens[replica_id] = tokens
@@ -155,13 +204,16 @@ class StepLearner:
             self._theta.clear()
         return n
 
+    def _model(self, replica_id: str) -> _RLS:
+        r = self._replicas.get(replica_id)
+        if self.config.per_replica and r is not None and r.n >= self.config.min_samples:
+            return r
+        return self._fleet
+
     def coefficients(self, replica_id: str) -> np.ndarray:
         """[per step, per prefill token, per decode sequence, per decode-context token,
         per prefill-context token] in seconds."""
-        r = self._replicas.get(replica_id)
-        if self.config.per_replica and r is not None and r.n >= self.config.min_samples:
-            return r.coef()
-        return self._fleet.coef()
+        return self._model(replica_id).coef()[:5]
 
     def theta(self, replica_id: str) -> tuple[float, ...]:
         """`coefficients` as a tuple of floats, cached between samples (the routing hot path)."""
@@ -171,6 +223,12 @@ class StepLearner:
         if t is None:
             t = self._theta[key] = tuple(float(v) for v in self.coefficients(replica_id))
         return t
+
+    def load_cost(self, replica_id: str) -> float:
+        """θload: seconds per prompt token the replica loads from a lower KV tier instead of
+        computing it (LOAD_PRIOR until a step that loaded was seen), from the same model as
+        `coefficients` (fleet-wide, or the replica's own)."""
+        return self._model(replica_id).load_coef()
 
     def step_budget(self, replica_id: str, default: int) -> int:
         """A replica's per-step token budget: the largest step seen, `default` before any.

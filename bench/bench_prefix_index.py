@@ -206,6 +206,34 @@ def bench_lookup(index: PrefixIndex, probes: list[list[int]], rounds: int, with_
     return statistics.median(samples) * 1e6, samples[int(0.99 * (len(samples) - 1))] * 1e6
 
 
+def add_host_tier(index: PrefixIndex, probes: dict[int, list[list[int]]], rids: list[str]) -> None:
+    """The replicas holding each probe's first half also hold its second half in host memory
+    (medium CPU, as vLLM's OffloadingConnector publishes it): a lower-tier hit to walk."""
+    for n_tokens, count in PROBES.items():
+        for k, tokens in enumerate(probes[n_tokens]):
+            ours = hash_blocks(tokens, BS, ROOT)
+            half = len(ours) // 2
+            for j in (2, 3):
+                rid = rids[(k * 4 + j) % len(rids)]
+                index.apply(rid, BlockStored(tuple(ours[half:]), ours[half - 1], tuple(tokens[half * BS : len(ours) * BS]),
+                                             BS, medium="CPU"))
+
+
+def bench_tiered_lookup(index: PrefixIndex, probes: list[list[int]], rounds: int) -> tuple[float, float]:
+    """p50/p99 in us of what the router does per request: match, then match_offloaded (cold caches)."""
+    chains = [prompt_hashes(t, BS, MODEL) for t in probes]
+    samples = []
+    match, offloaded = index.match, index.match_offloaded
+    for chain in chains * rounds:
+        t0 = time.perf_counter()
+        device = match(chain)
+        lower = offloaded(chain, device)
+        samples.append(time.perf_counter() - t0)
+        assert len(device) == 4 and sum(lower.values()) in (0, 2 * (len(chain) - len(chain) // 2)), lower
+    samples.sort()
+    return statistics.median(samples) * 1e6, samples[int(0.99 * (len(samples) - 1))] * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--blocks", type=int, default=1_000_000)
@@ -242,6 +270,10 @@ def main() -> None:
                      f"{args.replicas} replicas)", f"{per_block:.0f} B"])
         if kvfleet:
             continue
+        for n_tokens in PROBES:  # the router's per-request lookup, no replica offloading: one walk
+            p50, p99 = bench_tiered_lookup(index, probes[n_tokens], args.rounds)
+            rows.append([f"lookup {n_tokens // 1024}k tokens, match + match_offloaded, no lower tier, cold caches",
+                         f"p50 {p50:,.0f} us, p99 {p99:,.0f} us"])
         for n_tokens in PROBES:
             for warm in (True, False):
                 for with_hashing in (False, True):
@@ -249,6 +281,11 @@ def main() -> None:
                     what = "hash + match" if with_hashing else "match only"
                     rows.append([f"lookup {n_tokens // 1024}k tokens ({n_tokens // BS} blocks), {what}, "
                                  f"{'warm' if warm else 'cold'} caches", f"p50 {p50:,.0f} us, p99 {p99:,.0f} us"])
+        add_host_tier(index, probes, [f"replica-{i}" for i in range(args.replicas)])
+        for n_tokens in PROBES:  # with a host tier: the any-medium table is walked as well
+            p50, p99 = bench_tiered_lookup(index, probes[n_tokens], args.rounds)
+            rows.append([f"lookup {n_tokens // 1024}k tokens, match + match_offloaded, half of it in a host tier, "
+                         f"cold caches", f"p50 {p50:,.0f} us, p99 {p99:,.0f} us"])
         del index, probes
         gc.collect()
 

@@ -8,6 +8,7 @@ many cells meet each goal. Flags narrow the matrix (a slice for a quick look):
 
     .venv/bin/python bench/bench_routing.py                                 # the whole matrix
     .venv/bin/python bench/bench_routing.py --replicas 8 --seeds 0 --loads 0.8,0.9
+    .venv/bin/python bench/bench_routing.py --spec bench/routing_matrix_tiers.toml   # host-tier rows
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicas", type=_list(int), default=None, help="e.g. 8,32")
     ap.add_argument("--loads", type=_list(float), default=None, help="e.g. 0.6,0.8,0.9,1.0")
     ap.add_argument("--kv-tokens", type=_list(int), default=None, help="KV tokens per replica, e.g. 120000,400000")
+    ap.add_argument("--host-kv-tokens", type=_list(int), default=None,
+                    help="KV offload tier per replica in tokens, e.g. 0,480000 (0: none; "
+                         "bench/routing_matrix_tiers.toml is the host-tier matrix)")
     ap.add_argument("--seeds", type=_list(int), default=None, help="e.g. 0,1,2")
     ap.add_argument("--policies", type=_list(str), default=None, help="policies to run (must hold the candidate)")
     ap.add_argument("--requests-per-replica", type=int, default=None)
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = dataclasses.replace(spec, workloads=tuple(w for w in spec.workloads if w.name in args.workloads))
         overrides = {k: v for k, v in (("replicas", args.replicas), ("loads", args.loads), ("kv_tokens", args.kv_tokens),
                                        ("seeds", args.seeds), ("policies", args.policies),
+                                       ("host_kv_tokens", args.host_kv_tokens),
                                        ("requests_per_replica", args.requests_per_replica)) if v}
         if args.load_report_interval_ms is not None:
             overrides["load_report_interval_s"] = args.load_report_interval_ms / 1e3

@@ -38,6 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default="round_robin,least_request,precise_prefix",
                    help=f"comma-separated policies; any of: {', '.join(policy_names())}")
     p.add_argument("--kv-blocks", type=int, default=None, help="KV blocks (16 tokens) per replica (default: the preset's)")
+    p.add_argument("--kv-offload-host-blocks", type=int, default=0, metavar="N",
+                   help="a host-memory KV tier of N blocks below each replica's device pool: evicted blocks spill "
+                        "there and are loaded back on a hit (as `kvfleet replica --kv-offload-host-blocks`; 0: none)")
+    p.add_argument("--kv-offload-disk-blocks", type=int, default=0, metavar="N",
+                   help="a disk KV tier of N blocks below the host tier (needs --kv-offload-host-blocks; 0: none)")
+    p.add_argument("--host-link", default="", choices=("", "pcie4", "pcie5", "nvlink-c2c"),
+                   help="the host tier's link to the GPU (simulator/tiers.py gives each figure's source; "
+                        "default: the preset's PCIe Gen5)")
     p.add_argument("--load", type=float, default=None,
                    help="scale the arrival rate to this utilisation of the fleet (e.g. 0.8); default: trace timestamps")
     p.add_argument("--max-requests", type=int, default=None, help="use only the first N requests")
@@ -154,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
                              response_latency_s=args.response_latency_ms / 1e3, max_model_len=args.max_model_len,
                              index_source=args.index_source, digest_interval_s=args.digest_interval,
                              digest_filter=args.digest_filter,
-                             sessions=sessions.SessionConfig(enabled=args.sessions), balancers=args.balancers)
+                             sessions=sessions.SessionConfig(enabled=args.sessions), balancers=args.balancers,
+                             host_kv_blocks=args.kv_offload_host_blocks, disk_kv_blocks=args.kv_offload_disk_blocks,
+                             host_link=args.host_link)
     except (OSError, ValueError) as e:
         print(f"kvfleet simulate: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,11 @@ replica's cadence (`load_report_interval_s`) — the code the live balancer runs
                       outputs ─▶ per-request records; a finished request ─▶ Booking.finish;
                       next step while the replica has work (idle: a report within the interval).
 
+With KV offload tiers (FleetConfig.host_kv_blocks, simulator/tiers.py) each replica's pool
+spills evicted blocks to host memory and loads a prefix found there back, the step taking the
+transfer's modelled time; the tiers' events (medium CPU / Disk) reach the index like the pool's,
+and each step's loaded tokens reach the policy in the load reports.
+
 A request that arrives while its replica is mid-step joins at the next step, as in a real
 engine. Load reports and events reach the balancer when made (a live fleet adds ~ms). What a
 live fleet adds per request outside the engines — the HTTP hops through the balancer to the
@@ -48,6 +53,7 @@ from replica.request import SamplingParams
 from replica.scheduler import Scheduler, SchedulerConfig
 from replica.sim_executor import SimExecutor
 from replica.step_model import SimPreset
+from simulator.tiers import fleet_tier_cost, fleet_tiers
 
 MODEL = "sim"
 
@@ -147,8 +153,17 @@ class FleetConfig:
     # SimResult.extra["agreement"] is the share of routed requests for which every other instance,
     # asked at that moment without booking (Router.choose), would have picked the same replica.
     balancers: int = 1
+    # KV offload tiers below each replica's device pool (simulator/tiers.py): blocks the pool
+    # evicts spill to a host tier of `host_kv_blocks` (then a disk tier of `disk_kv_blocks`), are
+    # published with medium CPU / Disk, and a prefix found there is loaded back at the tier
+    # link's bandwidth (the preset's PCIe / NVMe figures, or `host_link`). 0: no such tier.
+    host_kv_blocks: int = 0
+    disk_kv_blocks: int = 0
+    host_link: str = ""
 
     def __post_init__(self) -> None:
+        fleet_tiers(self.host_kv_blocks, self.disk_kv_blocks)  # raises on a bad combination
+        fleet_tier_cost(self.preset, self.block_size, self.host_link)  # ... and on an unknown link
         if self.balancers < 1:
             raise ValueError("balancers must be at least 1")
         if self.index_source not in ("events", "digests"):
@@ -202,7 +217,8 @@ class _SimReplica:
         self.now = 0.0
         self.busy = False
         p = cfg.preset
-        self.kv = KVCacheManager(cfg.kv_blocks or p.kv_blocks, cfg.block_size, root_hash(MODEL))
+        self.kv = KVCacheManager(cfg.kv_blocks or p.kv_blocks, cfg.block_size, root_hash(MODEL),
+                                 tiers=fleet_tiers(cfg.host_kv_blocks, cfg.disk_kv_blocks))
         sched_cfg = SchedulerConfig(cfg.max_num_seqs or p.max_num_seqs,
                                     cfg.max_num_batched_tokens or p.max_num_batched_tokens, cfg.max_model_len,
                                     cfg.max_loras)
@@ -212,7 +228,9 @@ class _SimReplica:
         if self.loras is not None:
             self.loras.preload()
         tags = {m.name: LoraTag(m.name, m.lora_id, root_hash(MODEL, lora_name=m.name)) for m in modules}
-        self.engine = LLMEngine(Scheduler(sched_cfg, self.kv, clock), SimExecutor(p.model, self._advance, self.loras),
+        executor = SimExecutor(p.model, self._advance, self.loras, kv=self.kv,
+                               tier_cost=fleet_tier_cost(p, cfg.block_size, cfg.host_link))
+        self.engine = LLMEngine(Scheduler(sched_cfg, self.kv, clock), executor,
                                 ByteTokenizer(), clock, detokenize=False, loras=self.loras, lora_tags=tags)
 
     def _clock(self) -> float:

@@ -67,12 +67,20 @@ class SimulateConfig:
     sessions: SessionConfig = SessionConfig()  # sticky sessions, keyed by the trace's session ids
     # Uncoordinated balancer instances in front of the fleet (simulator.fleet.FleetConfig).
     balancers: int = 1
+    # KV offload tiers per replica and the host link (simulator.fleet.FleetConfig, simulator/tiers.py).
+    host_kv_blocks: int = 0
+    disk_kv_blocks: int = 0
+    host_link: str = ""
 
     def __post_init__(self) -> None:
         if self.load is not None and not 0 < self.load <= 10:
             raise ValueError("load must be in (0, 10]")
         if not self.policies:
             raise ValueError("give at least one policy")
+        from simulator.tiers import fleet_tier_cost, fleet_tiers
+
+        fleet_tiers(self.host_kv_blocks, self.disk_kv_blocks)  # ValueError naming what to give
+        fleet_tier_cost(self.preset, 16, self.host_link)
 
 
 # Prompts are materialised once and shared by every policy's run (and the bounds) up to this
@@ -180,7 +188,8 @@ def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
                        max_model_len=cfg.max_model_len, index_source=cfg.index_source,
                        digest_interval_s=cfg.digest_interval_s, digest_filter=cfg.digest_filter,
                        sessions=cfg.sessions,
-                       balancers=cfg.balancers)
+                       balancers=cfg.balancers, host_kv_blocks=cfg.host_kv_blocks,
+                       disk_kv_blocks=cfg.disk_kv_blocks, host_link=cfg.host_link)
 
 
 def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
@@ -207,6 +216,8 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
                       "mean_demand_s": demand, "requests": len(reqs), "seed": cfg.seed,
                       "predictor": cfg.predictor, "client_max_tokens": cfg.client_max_tokens,
                       "index_source": cfg.index_source, "sessions": cfg.sessions.enabled,
+                      **({"host_kv_blocks": cfg.host_kv_blocks, "disk_kv_blocks": cfg.disk_kv_blocks,
+                          "host_link": cfg.host_link or "preset"} if cfg.host_kv_blocks else {}),
                       **({"digest_interval_s": cfg.digest_interval_s, "digest_filter": cfg.digest_filter}
                          if cfg.index_source == "digests" else {})},
            "bounds": {"infinite_cache_hit_rate": bounds.infinite_cache_hit_rate,

@@ -2,7 +2,7 @@
 
 A sweep file (TOML) names workloads — trace files, or kvfleet's own generators — and the axes
 to cross: fleet sizes, loads, KV tokens per replica, seeds. Every cell (workload × replicas ×
-load × KV × seed) replays the same requests under every policy, each (cell, policy) pair in its
+load × KV × host tier × seed) replays the same requests under every policy, each (cell, policy) pair in its
 own worker process, and the table gives per cell the best peer (the policy other than the
 candidate and its variants with the lowest mean TTFT), the candidate, both bounds, the share of the gap
 between best peer and ideal TTFT the candidate closes (mean and p99) and the hit rates, then
@@ -26,6 +26,9 @@ TTFT, TPOT, E2E and hit rate beside the candidate's and the best peer's. Example
     [variants.pred_w05]               # a policy with settings, named for `policies`/`candidate`
     policy = "predictive"
     others_weight = 0.5
+
+`host_kv_tokens = [0, 480000]` adds a KV offload tier of that many tokens below each replica's
+device pool (simulator/tiers.py; the KV column reads "120k+480k"), `host_link` its link.
 
 Seeds: a generated workload is generated from the seed; a trace is cut into windows of
 consecutive requests, seed k taking the k-th (and the first one, with other prompt contents,
@@ -83,6 +86,10 @@ class SweepSpec:
     load_report_interval_s: float | None = None
     # Named policy settings, usable in `policies` like a policy: (label, policy, ((key, value), ...))
     variants: tuple[tuple[str, str, tuple[tuple[str, object], ...]], ...] = ()
+    # KV offload tier below each replica's device pool, in tokens (an axis, like kv_tokens; 0: no
+    # host tier), and the host link (simulator/tiers.py HOST_LINKS; "": the preset's PCIe Gen5).
+    host_kv_tokens: tuple[int, ...] = (0,)
+    host_link: str = ""
 
     def __post_init__(self) -> None:
         from balancer.policies import policy_names
@@ -105,6 +112,13 @@ class SweepSpec:
             raise ValueError("workloads, replicas, loads, kv_tokens and seeds must each have at least one entry")
         if len({w.name for w in self.workloads}) != len(self.workloads):
             raise ValueError("workload names must be unique")
+        if not self.host_kv_tokens or min(self.host_kv_tokens) < 0:
+            raise ValueError("host_kv_tokens must list at least one size >= 0 (0: no host tier)")
+        if self.host_link:
+            from simulator.tiers import HOST_LINKS
+
+            if self.host_link not in HOST_LINKS:
+                raise ValueError(f"unknown host_link {self.host_link!r}; choose one of {sorted(HOST_LINKS)}")
         if min(self.kv_tokens) < BLOCK_TOKENS or self.requests_per_replica < 1 or self.max_requests < 1:
             raise ValueError("kv_tokens must hold a block; requests_per_replica and max_requests must be positive")
 
@@ -116,9 +130,9 @@ class SweepSpec:
         return label, ()
 
     def cells(self) -> list[Cell]:
-        return [Cell(w, n, load, kv, seed, min(self.requests_per_replica * n, self.max_requests))
-                for w, n, load, kv, seed in itertools.product(self.workloads, self.replicas, self.loads,
-                                                              self.kv_tokens, self.seeds)]
+        return [Cell(w, n, load, kv, seed, min(self.requests_per_replica * n, self.max_requests), host)
+                for w, n, load, kv, host, seed in itertools.product(self.workloads, self.replicas, self.loads,
+                                                                    self.kv_tokens, self.host_kv_tokens, self.seeds)]
 
 
 @dataclass(frozen=True)
@@ -129,10 +143,17 @@ class Cell:
     kv_tokens: int
     seed: int
     requests: int
+    host_kv_tokens: int = 0  # the host tier below each device pool (0: none)
 
     @property
     def key(self) -> tuple:
-        return (self.workload.name, self.replicas, self.load, self.kv_tokens, self.seed)
+        base = (self.workload.name, self.replicas, self.load, self.kv_tokens, self.seed)
+        return base + (self.host_kv_tokens,) if self.host_kv_tokens else base
+
+    @property
+    def kv_label(self) -> str:
+        """KV tokens per replica for tables: "120k", or "120k+480k" with a host tier."""
+        return f"{self.kv_tokens // 1000}k" + (f"+{self.host_kv_tokens // 1000}k" if self.host_kv_tokens else "")
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -203,6 +224,7 @@ def cell_config(spec: SweepSpec, cell: Cell, policy: str, extra_options: tuple[t
     cfg = SimulateConfig(cell.replicas, get_preset(spec.preset), (name,), kv_blocks=cell.kv_tokens // BLOCK_TOKENS,
                          load=cell.load, seed=prompt_seed, predictor=spec.predictor,
                          policy_options=((name, options),) if options else (),
+                         host_kv_blocks=cell.host_kv_tokens // BLOCK_TOKENS, host_link=spec.host_link,
                          **({} if spec.load_report_interval_s is None
                             else {"load_report_interval_s": spec.load_report_interval_s}))
     return trace, cfg
@@ -263,7 +285,7 @@ def cell_row(spec: SweepSpec, cell: Cell, by_policy: dict[str, dict]) -> dict:
     peer = peers[best]
     return {
         "workload": cell.workload.name, "replicas": cell.replicas, "load": cell.load, "kv_tokens": cell.kv_tokens,
-        "seed": cell.seed, "requests": cand["completed"] + cand["rejected"],
+        "host_kv_tokens": cell.host_kv_tokens, "kv_label": cell.kv_label, "seed": cell.seed, "requests": cand["completed"] + cand["rejected"],
         "best_peer": best, "peer_mean_ttft_s": peer["mean_ttft_s"], "peer_p99_ttft_s": peer["p99_ttft_s"],
         "best_p99_peer": best_p99, "best_peer_p99_ttft_s": peers[best_p99]["p99_ttft_s"],
         "mean_ttft_s": cand["mean_ttft_s"], "p99_ttft_s": cand["p99_ttft_s"],
@@ -300,6 +322,11 @@ def summarize_rows(rows: Sequence[dict]) -> dict:
     }
 
 
+def _kv(row: dict) -> str:
+    """A row's KV column (rows written before host tiers have no kv_label)."""
+    return row.get("kv_label") or f"{row['kv_tokens'] // 1000}k"
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:+.0f} %"
 
@@ -313,7 +340,7 @@ def sweep_table(out: dict) -> str:
             f"{cand} E2E", "hit", "peer hit", "pooled", "inf"]
     rows = [head]
     for r in out["rows"]:
-        rows.append([r["workload"], str(r["replicas"]), f"{r['load']:.1f}", f"{r['kv_tokens'] // 1000}k", str(r["seed"]),
+        rows.append([r["workload"], str(r["replicas"]), f"{r['load']:.1f}", _kv(r), str(r["seed"]),
                      r["best_peer"], f"{r['peer_mean_ttft_s']:.3f}", f"{r['mean_ttft_s']:.3f}",
                      f"{r['ideal_mean_ttft_s']:.3f}", _pct(r["gap_closed_mean"]),
                      f"{r['best_peer_p99_ttft_s']:.3f}", f"{r['p99_ttft_s']:.3f}", f"{r['ideal_p99_ttft_s']:.3f}",
@@ -355,7 +382,7 @@ def variants_table(out: dict) -> str:
             if p is None:
                 continue
             label = name if name in shown else f"{name} (best peer)"
-            rows.append([r["workload"], str(r["replicas"]), f"{r['load']:.1f}", f"{r['kv_tokens'] // 1000}k",
+            rows.append([r["workload"], str(r["replicas"]), f"{r['load']:.1f}", _kv(r),
                          str(r["seed"]), label, f"{p['mean_ttft_s']:.3f}", f"{p['p99_ttft_s']:.3f}",
                          f"{1e3 * p['mean_tpot_s']:.1f}", f"{p['mean_e2el_s']:.2f}", f"{p['cache_hit_rate']:.3f}"])
     return f"{cand} and its variants ([variants] of the sweep file):\n\n" + md_table(rows)

@@ -238,3 +238,23 @@ def test_each_model_goes_to_the_replicas_that_serve_it_and_the_list_follows_heal
     assert registry.served_models() == []
     registry.undrain(a.replica_id)
     assert registry.served_models() == ["m-a"]
+
+
+def test_routing_request_carries_each_replicas_lower_tier_hit():
+    """The router hands policies the device prefix and, beside it, the blocks after it that a
+    replica holds in host memory (events with medium CPU), as PrefixIndex reports them."""
+    from protocol.events import BlockRemoved, BlockStored
+    from protocol.hashing import hash_blocks, root_hash
+
+    router, registry, _ = _router("predictive")
+    p = router.prepare(_request("tiered prompt " * 12))
+    hashes = list(p.block_hashes)
+    tokens = list(p.token_ids[: len(hashes) * 16])
+    assert hashes == hash_blocks(tokens, 16, root_hash(MODEL))
+    url = "http://r1:80"
+    router.index.apply(url, BlockStored(tuple(hashes), None, tuple(tokens), 16))
+    router.index.apply(url, BlockStored(tuple(hashes[2:]), hashes[1], tuple(tokens[32:]), 16, medium="CPU"))
+    router.index.apply(url, BlockRemoved(tuple(hashes[2:])))  # evicted from the GPU, kept on the host
+    rr, _, decision = router.choose(p, "q1")
+    assert rr.matched_blocks == {url: 2} and rr.offloaded_blocks == {url: len(hashes) - 2}
+    assert decision.scores[url]["loaded_tokens"] == (len(hashes) - 2) * 16

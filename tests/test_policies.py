@@ -38,6 +38,7 @@ def req(
     seed: int | None = None,
     max_tokens: int | None = None,
     predicted: float | None = None,
+    offloaded: dict[str, int] | None = None,
 ) -> RoutingRequest:
     tokens = tokens if tokens is not None else max(1, len(prompt) // 4)
     blocks = blocks if blocks is not None else tokens // BS
@@ -53,6 +54,7 @@ def req(
         first_user_message=first_user,
         now=now,
         rng_seed=seed if seed is not None else xxhash.xxh64_intdigest(prompt.encode()),
+        offloaded_blocks=offloaded or {},
     )
 
 
@@ -279,7 +281,8 @@ def test_factory_options_reach_the_policy_and_configs_are_frozen():
     assert policy.describe()["balance_abs_threshold"] == 32
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.config.cache_threshold = 0.1  # type: ignore[misc]
-    assert policy_options("dynamo_kv") == {"overlap_score_weight": 1.0, "router_temperature": 0.0}
+    assert policy_options("dynamo_kv") == {"overlap_score_weight": 1.0, "router_temperature": 0.0,
+                                           "host_cache_hit_weight": 0.75}
 
 
 def test_published_defaults():
@@ -288,7 +291,8 @@ def test_published_defaults():
         "cache_threshold": 0.3, "balance_abs_threshold": 64, "balance_rel_threshold": 1.5,
         "eviction_interval_s": 120.0, "max_tree_size": 2**26,
     }
-    assert policy_options("llmd_scorer") == {"prefix_weight": 3.0, "queue_weight": 2.0, "kv_cache_weight": 2.0}
+    assert policy_options("llmd_scorer") == {"prefix_weight": 3.0, "queue_weight": 2.0, "kv_cache_weight": 2.0,
+                                             "cpu_weight": 0.8}
     assert policy_options("preble_e2")["window_s"] == 180.0
 
 
@@ -452,6 +456,18 @@ def test_dynamo_counts_queued_prefill_and_what_was_sent_since_the_report():
     assert d.replica_id == "b"
 
 
+def test_dynamo_credits_host_tier_blocks_at_its_published_weight():
+    # Dynamo's tiered overlap: device + 0.75 x host (KvRouterConfig::default host_cache_hit_weight)
+    policy = make_policy("dynamo_kv")
+    request = req(tokens=128, blocks=8, matched={"w1": 2, "w2": 2}, offloaded={"w2": 4})
+    d = policy.select(request, [view("w1"), view("w2")])
+    assert d.scores["w1"]["prefill_blocks"] == 6.0  # (128 - 2 x 16) / 16
+    assert d.scores["w2"]["overlap_blocks"] == 5.0 and d.scores["w2"]["prefill_blocks"] == 3.0  # 2 + 0.75 x 4
+    assert d.replica_id == "w2"
+    none = make_policy("dynamo_kv", {"host_cache_hit_weight": 0.0}).select(request, [view("w1"), view("w2")])
+    assert none.scores["w2"]["prefill_blocks"] == 6.0
+
+
 def test_dynamo_ties_go_to_the_smaller_cache():
     policy = make_policy("dynamo_kv")
     request = req(tokens=64, blocks=4)
@@ -495,6 +511,14 @@ def test_llmd_weighted_sum_exact_numbers():
     assert d.scores["c"]["total"] == pytest.approx(4.0)
     assert d.replica_id == "b"
     assert (d.scores["b"]["prefix"], d.scores["b"]["queue"], d.scores["b"]["kv_cache"]) == pytest.approx((0.5, 0.5, 0.8))
+
+
+def test_llmd_weighs_cpu_blocks_as_llm_d_kv_cache_does():
+    # LongestPrefixScorer with the default backends gpu 1.0, cpu 0.8: 4 GPU + 5 CPU blocks of 10
+    policy = make_policy("llmd_scorer")
+    d = policy.select(req(tokens=160, blocks=10, matched={"a": 4, "b": 8}, offloaded={"a": 5}), [view("a"), view("b")])
+    assert d.scores["a"]["prefix"] == pytest.approx((4 + 0.8 * 5) / 10)
+    assert d.scores["b"]["prefix"] == pytest.approx(0.8)
 
 
 def test_llmd_equal_queues_score_one_and_ties_are_random():
@@ -582,6 +606,9 @@ def test_precise_prefix_longest_match_then_least_loaded():
     assert policy.select(req(tokens=160, blocks=10, matched={"a": 8}), [view("a", 50), view("b", 0)]).replica_id == "a"
     # a miss goes to the least loaded
     assert policy.select(req(tokens=160, blocks=10), [view("a", 3), view("b", 1), view("c", 2)]).replica_id == "b"
+    # a lower-tier hit is no hit: device blocks only
+    assert policy.select(req(tokens=160, blocks=10, matched={"a": 2}, offloaded={"b": 9}),
+                         [view("a", 0), view("b", 0)]).replica_id == "a"
 
 
 def test_registry_views_carry_every_field_by_name():

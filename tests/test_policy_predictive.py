@@ -310,3 +310,102 @@ def test_native_rls_step_matches_its_python_oracle():
     np.testing.assert_allclose(np.frombuffer(native.theta), np.frombuffer(oracle.theta), rtol=1e-9, atol=0)
     np.testing.assert_allclose(np.frombuffer(native.p), np.frombuffer(oracle.p), rtol=1e-9, atol=1e-12)
     assert np.isfinite(native.coef()).all()
+    # With the load time as a sixth feature (update6 in C, _update_n in Python).
+    native.add_load_feature(1e-2)
+    oracle.add_load_feature(1e-2)
+    for i in range(2000):
+        p = rng.choice([0, 0, rng.randint(1, 8192)])
+        loaded = rng.choice([0, rng.randint(16, 8192)]) if p else 0
+        x = (1.0, p, rng.randint(0, 256), rng.randint(0, 2_000_000), (rng.randint(0, 50_000) if p else 0) + loaded, loaded)
+        y = rng.uniform(1e-3, 0.5) if i % 701 != 3 else 1e300
+        native.update(x, y)
+        oracle.update(x, y)
+    np.testing.assert_allclose(np.frombuffer(native.theta), np.frombuffer(oracle.theta), rtol=1e-9, atol=0)
+    np.testing.assert_allclose(np.frombuffer(native.p), np.frombuffer(oracle.p), rtol=1e-9, atol=1e-12)
+    assert len(native.theta) == 6 and np.isfinite(native.coef()).all()
+
+
+# --- lower KV tiers (issue #19 part 2) ----------------------------------------------------------
+
+
+@dataclass
+class LoadingStep(Step):
+    loaded_tokens: int = 0
+
+
+def loading_steps(theta_load: float, theta=THETA, n=400, seed=0):
+    """`synthetic_steps` where one prefill step in three also loaded part of its context from a
+    lower tier: duration = θ·x + θload·loaded, the loaded tokens being context of the chunk."""
+    rng = random.Random(seed)
+    out = []
+    for s in synthetic_steps(theta, n, seed):
+        loaded = rng.randint(64, 4096) if s.prefill_tokens and rng.random() < 0.33 else 0
+        duration = s.duration + (theta_load + theta[4]) * loaded
+        out.append(LoadingStep(s.start, duration, s.prefill_tokens, s.decode_tokens,
+                               s.num_seqs, s.context_tokens + loaded, s.decode_context_tokens, loaded))
+    return out
+
+
+def test_learner_fits_the_load_time_per_token_from_step_reports():
+    learner = StepLearner()
+    assert learner.load_cost("a") == pytest.approx(1e-5)  # the prior, before any load
+    learner.observe("a", loading_steps(3e-6))
+    assert learner.load_cost("a") == pytest.approx(3e-6, rel=0.1)
+    assert learner.load_cost("other") == learner.load_cost("a")  # fleet-wide, like θ
+    # A load is not mistaken for prefill work: the compute coefficients are still θ.
+    np.testing.assert_allclose(learner.coefficients("a")[:2], THETA[:2], rtol=0.1)
+    # Per-replica models (heterogeneous fleets) fit their own θload: a replica with a slower link.
+    from balancer.step_learner import LearnerConfig
+
+    own = StepLearner(LearnerConfig(per_replica=True, min_samples=100))
+    own.observe("fast", loading_steps(3e-6, seed=1))
+    own.observe("slow", loading_steps(3e-5, seed=2))
+    assert own.load_cost("fast") == pytest.approx(3e-6, rel=0.2)
+    assert own.load_cost("slow") == pytest.approx(3e-5, rel=0.2)
+
+
+def test_steps_without_loads_leave_the_compute_model_exactly_as_before():
+    plain, tiered = StepLearner(), StepLearner()
+    steps = synthetic_steps()
+    plain.observe("a", steps)
+    tiered.observe("a", [LoadingStep(*dataclasses.astuple(s), 0) for s in steps])
+    assert plain.theta("a") == tiered.theta("a")
+
+
+def tier_request(device: dict[str, int], lower: dict[str, int], prompt: int = 8192) -> RoutingRequest:
+    return RoutingRequest("r", "", prompt, tuple(range(prompt // 16)), 16, device, predicted_output_tokens=100,
+                          offloaded_blocks=lower)
+
+
+def test_prefers_a_host_tier_hit_over_recompute_when_loading_is_cheaper():
+    # b holds the prompt's first 448 blocks in host memory (its device holds 32 of them) and has
+    # a little more queued; a holds nothing. Loading 7k tokens at the learned 3 µs each beats
+    # computing them at 180 µs each.
+    policy = make_policy("predictive")
+    for rid in ("a", "b"):
+        policy.observe_steps(rid, loading_steps(3e-6, seed=sum(map(ord, rid))))
+    req = tier_request({"b": 32}, {"b": 416})
+    views = [view("a"), view("b", queued_prefill_tokens=2000)]
+    d = policy.select(req, views)
+    assert d.replica_id == "b"
+    assert d.scores["b"]["loaded_tokens"] == 416 * 16
+    assert d.scores["b"]["uncached_tokens"] == 8192 - 448 * 16
+    assert d.scores["b"]["tier_load"] == pytest.approx(416 * 16 * policy.learner.load_cost("b"))
+    assert "lower KV tier" in d.reason
+    # Tier-blind (tier_aware false), the host hit is a recompute: b's bigger queue loses.
+    blind = make_policy("predictive", {"tier_aware": False})
+    blind.learner = policy.learner
+    d = blind.select(req, views)
+    assert d.replica_id == "a" and d.scores["b"]["loaded_tokens"] == 0
+
+
+def test_a_slow_tier_learned_from_step_reports_loses_to_recompute():
+    # The same request and fleet, but the replicas' reports show loads costing 1 ms per token
+    # (a disk far slower than recompute): the policy now computes the prefix on a instead.
+    policy = make_policy("predictive")
+    for rid in ("a", "b"):
+        policy.observe_steps(rid, loading_steps(1e-3, seed=sum(map(ord, rid))))
+    assert policy.learner.load_cost("b") == pytest.approx(1e-3, rel=0.1)
+    d = policy.select(tier_request({"b": 32}, {"b": 416}), [view("a"), view("b", queued_prefill_tokens=2000)])
+    assert d.replica_id == "a"
+    assert d.scores["b"]["tier_load"] > d.scores["a"]["ttft"]

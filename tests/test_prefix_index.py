@@ -186,6 +186,51 @@ def test_media_are_separate() -> None:
     idx.check_integrity()
 
 
+def test_tier_of_each_block_per_replica() -> None:
+    """vLLM's OffloadingConnector flow: a block is stored on the GPU, copied to host memory
+    (BlockStored medium CPU), then evicted from the GPU: the replica's device prefix shrinks and
+    the rest of its chain is a host-tier hit."""
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(4)
+    ours = hash_blocks(tokens, BS, ROOT)
+    idx.apply("r0", BlockStored(tuple(ours), None, tuple(tokens), BS))
+    idx.apply("r1", BlockStored(tuple(ours[:1]), None, tuple(tokens[:4]), BS))
+    assert idx.match_offloaded(ours, idx.match(ours)) == {}  # no lower tier published yet
+    idx.apply("r0", BlockStored(tuple(ours[1:]), ours[0], tuple(tokens[4:]), BS, medium="CPU"))
+    idx.check_integrity()
+    device = idx.match(ours)
+    assert device == {"r0": 4, "r1": 1} and idx.match_offloaded(ours, device) == {}  # all on the GPU still
+    idx.apply("r0", BlockRemoved(tuple(ours[2:]), medium="GPU"))
+    device = idx.match(ours)
+    assert device == {"r0": 2, "r1": 1}
+    assert idx.match_offloaded(ours, device) == {"r0": 2}  # blocks 2, 3 from host memory
+    assert idx.replica_block_hashes("r0", "CPU") == set(ours[1:])
+    idx.check_integrity()
+    # The host copy goes too: the chain ends at the device prefix.
+    idx.apply("r0", BlockRemoved((ours[3],), medium="CPU"))
+    assert idx.match_offloaded(ours, idx.match(ours)) == {"r0": 1}
+    idx.apply("r0", BlockRemoved((ours[1],), medium="GPU"))  # block 1 now only on the host
+    assert idx.match(ours) == {"r0": 1, "r1": 1} and idx.match_offloaded(ours, idx.match(ours)) == {"r0": 2}
+    idx.check_integrity()
+    idx.clear_replica("r0")
+    assert idx.match_offloaded(ours, idx.match(ours)) == {}
+    idx.check_integrity()
+
+
+def test_a_lower_tier_after_many_device_blocks_builds_the_union_once() -> None:
+    idx = PrefixIndex(BS, MODEL)
+    chains = [toks(3, 1 + 1000 * i) for i in range(5)]
+    for i, tokens in enumerate(chains):
+        ours = hash_blocks(tokens, BS, ROOT)
+        idx.apply(f"r{i % 3}", BlockStored(tuple(ours), None, tuple(tokens), BS))
+    idx.apply("r0", BlockStored((7, 8), None, tuple(toks(2, 9000)), BS, medium="CPU"))
+    idx.check_integrity()
+    ours = hash_blocks(chains[1], BS, ROOT)
+    idx.apply("r1", BlockRemoved(tuple(ours[1:])))
+    idx.check_integrity()
+    assert idx.match(ours) == {"r1": 1} and idx.match_offloaded(ours, idx.match(ours)) == {}
+
+
 def test_events_the_index_cannot_use_are_skipped_and_counted() -> None:
     idx = PrefixIndex(BS, MODEL)
     idx.apply("r0", BlockStored((1,), None, tuple(toks(2)), 2 * BS, ))  # another block size
@@ -310,6 +355,63 @@ def test_random_streams_match_a_brute_force_model(stream) -> None:
                 if k:
                     expected[r] = k
             assert idx.match(chain) == expected
+
+
+@st.composite
+def tier_ops(draw):
+    kind = draw(st.sampled_from(["store", "store", "store", "remove", "remove", "clear"]))
+    replica = draw(st.sampled_from(["a", "b"]))
+    medium = draw(st.sampled_from(["GPU", "CPU", "DISK"]))
+    if kind == "store":
+        chain = draw(st.integers(0, len(PREFIXES) - 1))
+        start = draw(st.integers(0, 4))
+        return ("store", replica, medium, chain, start, draw(st.integers(1, 6 - start)))
+    if kind == "remove":
+        return ("remove", replica, medium, draw(st.integers(0, 2)), draw(st.integers(0, 5)))
+    return ("clear", replica)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(tier_ops(), max_size=40))
+def test_random_tiered_streams_match_a_brute_force_model(stream) -> None:
+    """Blocks in several media (vLLM names a block by one id, a function of its content, in
+    every medium): the device
+    prefix is the GPU one, the lower-tier hit the rest of the chain held in any medium."""
+    idx = PrefixIndex(BS, MODEL)
+    truth: dict[tuple[str, str], set[int]] = {(r, m): set() for r in "ab" for m in ("GPU", "CPU", "DISK")}
+    ours = [hash_blocks(p, BS, ROOT) for p in PREFIXES]
+    for op in stream:
+        if op[0] == "store":
+            _, r, medium, c, start, n = op
+            held = set().union(*(truth[(r, m)] for m in ("GPU", "CPU", "DISK")))
+            if start and ours[c][start - 1] not in held:
+                continue  # a parent the engine never announced
+            parent = None if start == 0 else vllm_id(ours[c][start - 1])
+            idx.apply(r, BlockStored(tuple(vllm_id(ours[c][i]) for i in range(start, start + n)), parent,
+                                     tuple(PREFIXES[c][start * BS : (start + n) * BS]), BS, medium=medium))
+            truth[(r, medium)].update(ours[c][start : start + n])
+        elif op[0] == "remove":
+            _, r, medium, c, i = op
+            if ours[c][i] in truth[(r, medium)]:
+                idx.apply(r, BlockRemoved((vllm_id(ours[c][i]),), medium=medium))
+                truth[(r, medium)].discard(ours[c][i])
+        else:
+            idx.apply(op[1], AllBlocksCleared())
+            for m in ("GPU", "CPU", "DISK"):
+                truth[(op[1], m)].clear()
+        idx.check_integrity()
+        for chain in ours:
+            device, lower = {}, {}
+            for r in "ab":
+                anywhere = set().union(*(truth[(r, m)] for m in ("GPU", "CPU", "DISK")))
+                d = next((k for k, h in enumerate(chain) if h not in truth[(r, "GPU")]), len(chain))
+                a = next((k for k, h in enumerate(chain) if h not in anywhere), len(chain))
+                if d:
+                    device[r] = d
+                if a > d:
+                    lower[r] = a - d
+            assert idx.match(chain) == device
+            assert idx.match_offloaded(chain, device) == lower
 
 
 def test_more_than_64_replicas(table_kind: str) -> None:

@@ -290,3 +290,38 @@ def test_simulate_reports_the_instances_agreement():
     s = out["policies"][0]
     assert s["balancers"] == 2 and 0.0 <= s["agreement"] < 1.0
     assert "agreement" not in simulate(trace, SimulateConfig(2, preset, ("least_request",)))["policies"][0]
+
+
+def test_a_host_tier_holds_what_the_device_evicts_and_the_balancer_learns_its_load_time():
+    """A prompt pushed out of a 40-block device pool by another spills to the host tier: the index
+    sees its blocks under medium CPU, the router hands the lower-tier hit to the policy, the
+    replica loads it back (the step says how many tokens), and predictive's θload is fitted from
+    those steps, replacing its prior."""
+    from balancer.step_learner import LOAD_PRIOR
+    from simulator.fleet import FleetConfig, FleetSimulation
+    from simulator.run import sim_requests
+
+    preset = get_preset("llama3-8b-h100")
+    a, b = tuple(range(8)), tuple(range(100, 108))  # two 512-token prompts (32 blocks each)
+    trace = [TraceRequest(arrival_s=t, input_length=8 * 64, output_length=2, hash_ids=h, hash_block_tokens=64)
+             for t, h in ((0.0, a), (1.0, b), (2.0, a))]
+    fleet = FleetSimulation(FleetConfig(1, preset, "predictive", kv_blocks=40, host_kv_blocks=200))
+    seen = []
+    choose = fleet.router.choose
+    fleet.router.choose = lambda *args, **kw: seen.append(choose(*args, **kw)) or seen[-1]
+    res = fleet.run(sim_requests(trace))
+    (url,) = res.replica_ids
+    rr = seen[2][0]
+    device, lower = rr.matched_blocks.get(url, 0), rr.offloaded_blocks.get(url, 0)
+    assert lower > 0 and device + lower == 32  # the whole prompt, in two tiers
+    # The replica reuses all but the last block (its last token is always computed): the device
+    # part and the rest loaded from host memory, not recomputed.
+    assert res.records[2].cached_tokens == 31 * 16
+    rep = fleet.replicas["r0"]
+    assert sum(s.loaded_tokens for s in rep.engine.steps) == (31 - device) * 16
+    assert fleet.index.num_entries("CPU") > 0
+    assert fleet.policy.learner.load_cost(url) != LOAD_PRIOR
+    with pytest.raises(ValueError, match="host tier"):
+        FleetConfig(1, preset, "predictive", disk_kv_blocks=10)
+    with pytest.raises(ValueError, match="host link"):
+        FleetConfig(1, preset, "predictive", host_kv_blocks=10, host_link="pcie9")

@@ -62,7 +62,7 @@ class RoutingRequest:
     prompt_tokens: int
     block_hashes: tuple[int, ...]  # chained hashes of the prompt's full blocks
     block_size: int
-    matched_blocks: Mapping[str, int]  # replica id -> leading blocks of block_hashes it holds
+    matched_blocks: Mapping[str, int]  # replica id -> leading blocks of block_hashes it holds (on the device)
     max_tokens: int | None = None
     predicted_output_tokens: float | None = None
     first_user_message: str | None = None  # chat: first user message text (KubeAI's CHWBL key)
@@ -71,6 +71,10 @@ class RoutingRequest:
     sequences: int = 1  # sequences it decodes: n (or best_of) per prompt, times the prompts of a batch
     extra_prefill_tokens: int = 0  # prompt tokens beyond the hashed prompt (a batch's other prompts)
     lora_name: str | None = None  # the LoRA adapter the request names as its `model`; None: a base model
+    # replica id -> blocks right after its device prefix that it holds in a lower KV tier (host
+    # memory, disk), continuing the chain: what its engine would load instead of recompute
+    # (PrefixIndex.match_offloaded). Empty where no replica publishes a non-GPU medium.
+    offloaded_blocks: Mapping[str, int] = field(default_factory=dict)
 
     def rng(self) -> random.Random:
         return random.Random(self.rng_seed)

@@ -15,7 +15,8 @@ Facts carried over:
 - Prefill time is a fitted step-time model of (new tokens, context); decode time is
   output_tokens x TPOT.
 
-Mapping to kvfleet: the cached prefix of each replica is `request.matched_blocks` (Preble keeps
+Mapping to kvfleet: the cached prefix of each replica is `request.matched_blocks`, device blocks
+only (Preble models no lower KV tier; `request.offloaded_blocks` is not read) (Preble keeps
 its own token radix tree of routed prompts; here the prefix index, exact or approximate, plays
 that part); the window is kept per replica in `on_routed` with `request.now`, the running set in
 `on_routed` / `on_complete`. Preble's per-prefix-node bookkeeping (miss rate x request count x

@@ -6,6 +6,9 @@ fewest requests in flight at this balancer, then the least queued prefill (repor
 tokens plus the uncached tokens sent since that report); a remaining tie is drawn with
 `request.rng()`.
 
+Only device (GPU) blocks count: a lower-tier hit (`request.offloaded_blocks`) is ignored, as a
+prefix router that knows no tiers ignores it.
+
 This is the baseline that design §8's first failure mode is about: a prefix every request shares
 (a system prompt) sends everything to whichever replica cached it first.
 """

@@ -38,7 +38,16 @@ reports (`balancer.step_learner`: θ0 per step, θtok per new token, θseq per d
     load   = for a request naming a LoRA adapter that r does not hold resident: the seconds r
              takes to load one (its reported mean, else `lora_load_s`); the step that loads it
              is that much longer, so it adds to our TTFT and once to each of the D running
-    cost   = ttft + weight · (behind + others) + memory       (ttft includes load, others D·load)
+    tier   = for the H tokens after r's device prefix that r holds in a lower KV tier (host
+             memory, disk: `request.offloaded_blocks`), which r loads instead of computing: they
+             leave U (and join M as context) and cost θload·H, θload seconds per loaded token
+             learned from the replicas' step reports like the other coefficients
+             (StepLearner.load_cost); the step that loads is that much longer, so it adds to our
+             TTFT, to `work`, and once to each of the D running. Loaded blocks need device
+             blocks as computed ones do (kv_wait, memory count U + H). `tier_aware` false: H
+             counts as uncached, recomputed (what a tier-blind policy assumes).
+    cost   = ttft + weight · (behind + others) + memory       (ttft includes load and tier,
+                                                              others D·(load + tier))
 
 All terms are seconds of somebody's latency, so the sum needs no per-term weights: the cost is
 the total latency this placement adds (our time to first token, plus the delay our work adds
@@ -121,6 +130,10 @@ class PredictiveConfig:
     # (the baseline of docs/benchmarks.md's adapter measurement).
     lora_load_s: float = 0.04
     lora_aware: bool = True
+    # Price a lower-tier hit (host memory, disk) by its learned load time (module docstring,
+    # `tier`). False: those blocks count as uncached, the baseline of docs/benchmarks.md's
+    # host-tier rows.
+    tier_aware: bool = True
 
     def __post_init__(self) -> None:
         if self.ttft_slack is not None and not self.ttft_slack >= 0:
@@ -139,17 +152,26 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
              stale_s: float, others_weight: float = 1.0, busy_s: float = 0.0, cached_waiting: int = 0,
              fleet_waiting: float = 0.0, running_remaining: float = 0.0,
              queue_in_memory: bool = True, adapter_load_s: float = 0.0,
-             fleet_running: float | None = None, min_uncached: int | None = None) -> dict[str, float]:
+             fleet_running: float | None = None, load_per_token: float | None = None,
+             min_uncached: int | None = None) -> dict[str, float]:
     """The cost terms for one replica (seconds); see the module docstring. Pure.
 
     busy_s: rest of the step in flight; cached_waiting: prompt tokens of r's waiting requests
     that the index held when they were routed (the report counts them as queued);
     fleet_waiting: W̄; running_remaining: R̄ (output tokens a running sequence still has);
     adapter_load_s: the LoRA adapter load this request makes r do first (0: none);
-    fleet_running: the fleet's mean running sequences, to charge only r's excess over it (None: all)."""
+    fleet_running: the fleet's mean running sequences, to charge only r's excess over it (None: all);
+    load_per_token: θload, seconds per token loaded from a lower KV tier (None: such a hit is
+    recomputed, not loaded)."""
     t_step, t_tok, t_seq, t_ctx, t_pctx = theta
     bs = request.block_size
-    matched = request.matched_blocks.get(view.replica_id, 0) * bs
+    rid = view.replica_id
+    matched = request.matched_blocks.get(rid, 0) * bs
+    loaded = 0  # H: prompt tokens r loads from a lower tier, always leaving one to compute
+    if load_per_token is not None and request.offloaded_blocks:
+        loaded = min(request.offloaded_blocks.get(rid, 0) * bs, max(request.prompt_tokens - matched - 1, 0))
+    tier_s = loaded * load_per_token if loaded else 0.0
+    matched += loaded
     u = max(1, request.prompt_tokens - matched) + request.extra_prefill_tokens
     seqs = request.sequences
     load = view.load
@@ -173,27 +195,27 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
     chunk = tau + t_pctx * (matched + u / 2)  # one of our prefill steps, less its new tokens
     kv_wait = 0.0
     if have_memory and d > 0 and c > 0:
-        shortfall = q + u - free_blocks_tokens  # q holds what was sent since the report, as blocks do not
+        shortfall = q + u + loaded - free_blocks_tokens  # q holds what was sent since the report, as blocks do not
         if shortfall > 0:
             kv_wait = 2 * max(running_remaining, 1.0) * min(1.0, shortfall / c) * (tau + t_tok * d)
-    ttft = busy_s + steps * chunk + t_tok * (q + u) + kv_wait + adapter_load_s
-    work = t_tok * u + (u / per_step) * chunk
+    ttft = busy_s + steps * chunk + t_tok * (q + u) + kv_wait + adapter_load_s + tier_s
+    work = t_tok * u + (u / per_step) * chunk + tier_s
     behind = fleet_waiting * work
     m = t_tok + t_seq + t_ctx * (request.prompt_tokens + out_tokens / 2)
     sharing = d if fleet_running is None else max(d - fleet_running, 0.0)
-    others = sharing * min(running_remaining, out_tokens) * m * seqs + d * adapter_load_s
+    others = sharing * min(running_remaining, out_tokens) * m * seqs + d * (adapter_load_s + tier_s)
     if min_uncached is not None:
-        others += d * t_tok * (u - min_uncached)
+        others += d * t_tok * max(u - min_uncached, 0)
     memory = 0.0
     if have_memory:
         # The queue ahead of us is admitted first (FCFS) and takes its blocks before ours.
-        short = (q if queue_in_memory else 0) + u + out_tokens * seqs - free_tokens
+        short = (q if queue_in_memory else 0) + u + loaded + out_tokens * seqs - free_tokens
         if short > 0:  # preemption: the newest requests are recomputed later
             memory = t_tok * short * 2 + steps * t_step
     return {"cost": ttft + others_weight * (behind + others) + memory, "ttft": ttft, "behind": behind,
             "others": others, "memory": memory, "kv_wait": kv_wait, "busy": busy_s, "uncached_tokens": float(u),
             "queued_tokens": float(q), "decoding": float(d),
-            "adapter_load": adapter_load_s}
+            "adapter_load": adapter_load_s, "loaded_tokens": float(loaded), "tier_load": tier_s}
 
 
 class _Sent:
@@ -276,19 +298,23 @@ class PredictivePolicy(Policy):
         fleet_waiting = sum(v.load.num_waiting + v.sent_since_report for v in fresh) / len(replicas)
         fleet_running = (sum(v.load.num_running + v.sent_since_report for v in fresh) / len(replicas)
                          if cfg.decode_excess else None)
+        tiers = cfg.tier_aware and bool(request.offloaded_blocks)
         min_uncached = None
         if cfg.recompute_waste:
-            most = max(request.matched_blocks.get(v.replica_id, 0) for v in replicas) * request.block_size
+            held = request.matched_blocks.get
+            off = request.offloaded_blocks.get if tiers else (lambda rid, default: 0)
+            most = max(held(v.replica_id, 0) + off(v.replica_id, 0) for v in replicas) * request.block_size
             min_uncached = max(1, request.prompt_tokens - most) + request.extra_prefill_tokens
         scores: dict[str, dict[str, float]] = {}
         best_key, best = None, None
         for v in sorted(replicas, key=lambda r: r.replica_id):
             theta = self.learner.theta(v.replica_id)
+            load = self.learner.load_cost(v.replica_id) if tiers else None
             k = self.learner.step_budget(v.replica_id, cfg.default_step_tokens)
             cached_waiting, remaining = self._inflight_stats(v, out)
             s = estimate(v, request, theta, k, out, cfg.stale_report_s, cfg.others_weight,
                          self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining,
-                         cfg.queue_in_memory, self._adapter_load_s(request, v), fleet_running,
+                         cfg.queue_in_memory, self._adapter_load_s(request, v), fleet_running, load,
                          min_uncached)
             scores[v.replica_id] = s
         allowed = scores
@@ -308,15 +334,20 @@ class PredictivePolicy(Policy):
                   f"({s['uncached_tokens']:.0f} uncached + {s['queued_tokens']:.0f} queued tokens), "
                   f"delay to queued {s['behind'] * 1e3:.1f} ms, to running {s['others'] * 1e3:.1f} ms, "
                   f"memory {s['memory'] * 1e3:.1f} ms; output ~{out:.0f} tokens"
-                  + (f"; loads adapter {request.lora_name} ({s['adapter_load'] * 1e3:.0f} ms)" if s["adapter_load"] else ""))
+                  + (f"; loads adapter {request.lora_name} ({s['adapter_load'] * 1e3:.0f} ms)" if s["adapter_load"] else "")
+                  + (f"; loads {s['loaded_tokens']:.0f} tokens from a lower KV tier ({s['tier_load'] * 1e3:.1f} ms)"
+                     if s["loaded_tokens"] else ""))
         return Decision(chosen, reason, scores)
 
     def on_routed(self, request: RoutingRequest, decision: Decision) -> None:
         st = self._sent.get(decision.replica_id)
         if st is None:
             st = self._sent[decision.replica_id] = _Sent()
-        st.add(request.request_id, request.matched_blocks.get(decision.replica_id, 0) * request.block_size,
-               self._out_tokens(request))
+        rid = decision.replica_id
+        cached = request.matched_blocks.get(rid, 0)
+        if self.config.tier_aware:
+            cached += request.offloaded_blocks.get(rid, 0)  # the replica queues these in full too
+        st.add(request.request_id, cached * request.block_size, self._out_tokens(request))
 
     def on_complete(self, request: RoutingRequest, replica_id: str, ok: bool) -> None:
         st = self._sent.get(replica_id)
