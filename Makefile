@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: any other spec may pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[replica,loadgen,dev,dashboards,picker]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[replica,loadgen,dev,dashboards,picker,k8s,deploy]'
 	touch $(STAMP)
 
 # The C extensions (protocol/_hashchain.c, balancer/_blocktable.c, kernels/_cpu_decode.c) are

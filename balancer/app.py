@@ -106,7 +106,11 @@ class Balancer:
 
             pool = self._pool_watcher = InferencePoolWatcher(
                 self.cfg.inference_pool, Membership(self.registry, self.add_replica, self.remove_replica))
-            discovered = await pool.start()
+            try:
+                discovered = await pool.start()
+            except BaseException:
+                await self.stop()  # closes the sessions opened above
+                raise
         if self.model is None:
             self.model = await self._discover_model([*self.cfg.replicas, *discovered])
         self.index = PrefixIndex(self.cfg.block_size, self.model)

@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -133,7 +134,7 @@ def api_client(cfg: InferencePoolConfig) -> Any:
                 raise config.ConfigException(f"no such file: {cfg.kubeconfig}")
             config.load_kube_config(config_file=cfg.kubeconfig, context=cfg.context, client_configuration=conf,
                                     persist_config=False)
-    except (config.ConfigException, OSError, ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # ConfigException, a YAML error, a file that cannot be read, ...
         where = (f"the kubeconfig {cfg.kubeconfig}" if cfg.kubeconfig else
                  "Kubernetes credentials (not in a pod: KUBERNETES_SERVICE_HOST is unset; and no usable kubeconfig at "
                  f"{os.environ.get('KUBECONFIG') or '~/.kube/config'})")
@@ -156,6 +157,7 @@ class InferencePoolWatcher:
         self._rv: str | None = None  # resourceVersion to watch from
         self._resp: Any = None  # the watch response in flight (shut down on cancel)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancelled = threading.Event()
         self._following = False
 
     # ------------------------------------------------------------------ the API, in a thread
@@ -165,6 +167,7 @@ class InferencePoolWatcher:
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
+            self._cancelled.set()  # a watch that starts after this returns at once (see _watch_pods)
             resp = self._resp
             if resp is not None:
                 with contextlib.suppress(Exception):
@@ -212,6 +215,8 @@ class InferencePoolWatcher:
             _request_timeout=(10, timeout + 30))
         self._resp = resp
         try:
+            if self._cancelled.is_set():  # cancelled before _resp was set: no one will shut it down
+                return
             for line in iter_resp_lines(resp):
                 if line:
                     ev = json.loads(line)
