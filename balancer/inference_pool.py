@@ -57,10 +57,11 @@ class PoolError(ValueError):
 
 
 class PoolTarget(NamedTuple):
-    """What a pool selects: pods with all these labels, served on this port."""
+    """What a pool selects: pods with all these labels, each port of each pod one replica
+    (v1: "every port will be treated as a distinctive endpoint", `podIP:portNumber`)."""
 
     labels: tuple[tuple[str, str], ...]
-    port: int
+    ports: tuple[int, ...]
 
     @property
     def label_selector(self) -> str:
@@ -79,15 +80,15 @@ def pool_target(pool: dict) -> PoolTarget:
             isinstance(k, str) and isinstance(v, str) for k, v in selector.items()):
         raise PoolError("the InferencePool's spec.selector (v1: spec.selector.matchLabels) must be a non-empty map of "
                         "labels: without one it would select every pod in the namespace")
-    ports = spec.get("targetPorts")
-    if isinstance(ports, list) and ports and isinstance(ports[0], dict):  # v1
-        port = ports[0].get("number")
+    listed = spec.get("targetPorts")
+    if isinstance(listed, list) and listed:  # v1
+        ports = [p.get("number") if isinstance(p, dict) else None for p in listed]
     else:  # v1alpha2
-        port = spec.get("targetPortNumber")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise PoolError("the InferencePool names no port in [1, 65535]: spec.targetPorts[0].number (v1) or "
+        ports = [spec.get("targetPortNumber")]
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports):
+        raise PoolError("the InferencePool names no port in [1, 65535]: spec.targetPorts[].number (v1) or "
                         "spec.targetPortNumber (v1alpha2)")
-    return PoolTarget(tuple(sorted(selector.items())), port)
+    return PoolTarget(tuple(sorted(selector.items())), tuple(ports))
 
 
 def _named_port(pod: dict, name: str) -> int | None:
@@ -98,10 +99,21 @@ def _named_port(pod: dict, name: str) -> int | None:
     return None
 
 
+def pod_replicas(pod: dict, ports: tuple[int, ...], events_port: int | None = None,
+                 replay_port: int | None = None) -> list[ReplicaSpec]:
+    """The replicas pod `pod` serves, one per port (KV events only with the first: a pod has one
+    publisher); none while it may not take requests."""
+    first = pod_replica(pod, ports[0], events_port, replay_port)
+    if first is None:
+        return []
+    return [first, *(pod_replica(pod, p, -1, -1) for p in ports[1:])]
+
+
 def pod_replica(pod: dict, port: int, events_port: int | None = None,
                 replay_port: int | None = None) -> ReplicaSpec | None:
     """The replica pod `pod` is, or None while it may not take requests: not Ready, no IP yet,
-    or being deleted (a terminating pod drains; the gateway stops sending to it too)."""
+    or being deleted (a terminating pod drains; the gateway stops sending to it too).
+    `events_port` -1: none (not even a named port)."""
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
     ip = status.get("podIP")
@@ -110,8 +122,10 @@ def pod_replica(pod: dict, port: int, events_port: int | None = None,
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
     if not ready:
         return None
-    return replica_at(ip, port, events_port or _named_port(pod, EVENTS_PORT_NAME),
-                      replay_port or _named_port(pod, REPLAY_PORT_NAME))
+    def port_of(given: int | None, name: str) -> int | None:
+        return None if given == -1 else given or _named_port(pod, name)
+
+    return replica_at(ip, port, port_of(events_port, EVENTS_PORT_NAME), port_of(replay_port, REPLAY_PORT_NAME))
 
 
 class _Gone(Exception):
@@ -153,7 +167,7 @@ class InferencePoolWatcher:
         self.api_version: tuple[str, str] | None = None  # (group, version) the pool was found under
         self.target: PoolTarget | None = None
         self._api: Any = None
-        self._pods: dict[str, ReplicaSpec | None] = {}  # pod name -> its replica (None: not Ready)
+        self._pods: dict[str, list[ReplicaSpec]] = {}  # pod name -> its replicas (none while not Ready)
         self._rv: str | None = None  # resourceVersion to watch from
         self._resp: Any = None  # the watch response in flight (shut down on cancel)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,7 +208,7 @@ class InferencePoolWatcher:
                         f"inferencePool.enabled=true does; `kubectl get inferencepools -n {self.cfg.namespace}` lists "
                         "them) or fix --inference-pool NAMESPACE/NAME")
 
-    def _list_pods(self, target: PoolTarget) -> tuple[dict[str, ReplicaSpec | None], str]:
+    def _list_pods(self, target: PoolTarget) -> tuple[dict[str, list[ReplicaSpec]], str]:
         from kubernetes import client
 
         resp = client.CoreV1Api(self._api).list_namespaced_pod(
@@ -225,8 +239,8 @@ class InferencePoolWatcher:
             self._resp = None
             resp.release_conn()
 
-    def _replica(self, pod: dict, target: PoolTarget) -> ReplicaSpec | None:
-        return pod_replica(pod, target.port, self.cfg.events_port, self.cfg.replay_port)
+    def _replica(self, pod: dict, target: PoolTarget) -> list[ReplicaSpec]:
+        return pod_replicas(pod, target.ports, self.cfg.events_port, self.cfg.replay_port)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> list[ReplicaSpec]:
@@ -244,7 +258,7 @@ class InferencePoolWatcher:
         return self.replicas()
 
     def replicas(self) -> list[ReplicaSpec]:
-        return sorted((s for s in self._pods.values() if s is not None), key=lambda s: s.replica_id)
+        return sorted((s for specs in self._pods.values() for s in specs), key=lambda s: s.replica_id)
 
     async def _refresh(self) -> None:
         """Read the pool; list its pods again when it is new or its selector or port changed."""
@@ -253,8 +267,8 @@ class InferencePoolWatcher:
         if target != self.target or self._rv is None:
             self._pods, self._rv = await self._call(lambda: self._list_pods(target))
             if self.target is not None and target != self.target:
-                log.info("inference pool %s now selects %s on port %d", self.cfg.ref, target.label_selector,
-                         target.port)
+                log.info("inference pool %s now selects %s on ports %s", self.cfg.ref, target.label_selector,
+                         target.ports)
             self.target = target
 
     def _on_event(self, kind: str, obj: dict) -> None:

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("kubernetes", reason="the [k8s] extra (make install installs it)")
 
 from balancer.config import BalancerConfig, InferencePoolConfig, ReplicaSpec
-from balancer.inference_pool import PoolError, pod_replica, pool_target
+from balancer.inference_pool import PoolError, pod_replica, pod_replicas, pool_target
 from balancer.membership import Membership
 from harness import procs
 from harness.fleet import balancer, wait_for
@@ -32,7 +32,9 @@ def test_pool_target_reads_both_published_versions():
     alpha = {"spec": {"selector": {"a": "1", "b": "2"}, "targetPortNumber": 8000, "extensionRef": {"name": "epp"}}}
     assert pool_target(v1) == pool_target(alpha)
     assert pool_target(v1).label_selector == "a=1,b=2"
-    assert pool_target(v1).port == 8000
+    assert pool_target(v1).ports == (8000,)
+    two = {"spec": {**v1["spec"], "targetPorts": [{"number": 8000}, {"number": 8001}]}}
+    assert pool_target(two).ports == (8000, 8001)
 
 
 @pytest.mark.parametrize("spec, says", [
@@ -63,6 +65,11 @@ def test_pod_replica_only_for_ready_running_pods_with_an_ip():
     terminating = _pod()
     terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     assert pod_replica(terminating, 8000) is None
+    # v1 pools may list several target ports: one replica per port, KV events with the first
+    both = pod_replicas(_pod(), (8000, 8001))
+    assert [(r.url, r.events) for r in both] == [("http://10.1.2.3:8000", "tcp://10.1.2.3:5557"),
+                                                 ("http://10.1.2.3:8001", None)]
+    assert pod_replicas(_pod(podIP=None), (8000, 8001)) == []
 
 
 def test_membership_touches_only_what_its_source_added():
