@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a Gateway API Inference Extension InferencePool whose Ready pods are the replicas (its "
                         "selector and target port), followed through the Kubernetes API; KV events are read from the "
                         "pods' container ports named kv-events / kv-replay. Needs get/list/watch on pods and "
-                        "inferencepools (the Helm chart's Role) and the kubernetes client (pip install 'kvfleet[k8s]')")
+                        "inferencepools (the Helm chart's Role) and the kubernetes client (pip install 'kvfleet[k8s]'). In a "
+                        "--config file: inference_pool = \"NAMESPACE/NAME\", or a table with pool, kubeconfig, "
+                        "context, events_port, replay_port, resync_s")
     p.add_argument("--kubeconfig", default=None, metavar="PATH",
                    help="with --inference-pool: the kubeconfig to use (default: the pod's service account inside a "
                         "cluster, else $KUBECONFIG or ~/.kube/config, as kubectl)")

@@ -250,3 +250,38 @@ def test_config_file_and_flags(tmp_path):
         assert build(args).inference_pool == InferencePoolConfig("ns", "p", kubeconfig="/k", context="c")
         with pytest.raises(ValueError, match="need --inference-pool"):
             build(parser.parse_args([cmd, "--replica", "http://h:1", "--kubeconfig", "/k"]))
+
+
+@pytest.mark.slow
+def test_the_picker_follows_the_pool_and_is_ready_once_a_pod_is(kube, echoes):
+    """`kvfleet picker --inference-pool`: its gRPC readiness (what the chart's probe asks) is
+    NOT_SERVING while the pool has no Ready pod, SERVING once one is."""
+    pytest.importorskip("grpc", reason="the [picker] extra")
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from harness.envoy import picker
+
+    port = echoes
+    kube.put_pool("pool", LABELS, port)
+    kube.put_pod("r-0", "127.0.0.2", LABELS, ready=False)
+    pool = InferencePoolConfig("default", "pool", kubeconfig=kube.kubeconfig_path, resync_s=1)
+
+    async def scenario():
+        async with picker([], inference_pool=pool, model="m") as p:
+            async with grpc.aio.insecure_channel(p.grpc_target) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+
+                async def status() -> int:
+                    return (await stub.Check(health_pb2.HealthCheckRequest(service="readiness"))).status
+
+                assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+                kube.put_pod("r-0", "127.0.0.2", LABELS, ready=True)
+                await wait_for(lambda: _ids(p.balancer) == [f"http://127.0.0.2:{port}"])
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 20
+                while await status() != health_pb2.HealthCheckResponse.SERVING:
+                    assert loop.time() < deadline, "the picker never became ready"
+                    await asyncio.sleep(0.1)
+
+    asyncio.run(scenario())
