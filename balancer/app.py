@@ -126,6 +126,8 @@ class Balancer:
                            self.served_models, self.audit)
         for spec in self.cfg.replicas:
             self.add_replica(spec)
+        if pool is not None:
+            pool.membership.reconcile(discovered)  # in the registry before the app serves
         checker = HealthChecker(self.registry, self.session, self.metrics, self._has_feed,
                                 self.cfg.load_poll_s)
         self._tasks.append(asyncio.create_task(checker.run(), name="health"))

@@ -149,9 +149,13 @@ def api_client(cfg: InferencePoolConfig) -> Any:
             config.load_kube_config(config_file=cfg.kubeconfig, context=cfg.context, client_configuration=conf,
                                     persist_config=False)
     except Exception as e:  # ConfigException, a YAML error, a file that cannot be read, ...
-        where = (f"the kubeconfig {cfg.kubeconfig}" if cfg.kubeconfig else
-                 "Kubernetes credentials (not in a pod: KUBERNETES_SERVICE_HOST is unset; and no usable kubeconfig at "
-                 f"{os.environ.get('KUBECONFIG') or '~/.kube/config'})")
+        if cfg.kubeconfig:
+            where = f"the kubeconfig {cfg.kubeconfig}"
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            where = "the pod's service account (KUBERNETES_SERVICE_HOST is set; is a token mounted?)"
+        else:
+            where = ("Kubernetes credentials (not in a pod: KUBERNETES_SERVICE_HOST is unset; and no usable kubeconfig "
+                     f"at {os.environ.get('KUBECONFIG') or '~/.kube/config'})")
         raise RuntimeError(f"cannot load {where}: {e}; pass --kubeconfig PATH to a working kubeconfig "
                            "(`kubectl config view` shows yours), or run inside a pod with a service account") from None
     conf.retries = 1  # fail fast: the watcher retries on its own schedule
@@ -205,7 +209,7 @@ class InferencePoolWatcher:
             return (group, version), json.loads(resp.data)
         versions = " and ".join(f"{g}/{v}" for g, v in API_VERSIONS)
         raise PoolError(f"InferencePool {self.cfg.ref} not found (looked under {versions}): create it (the chart's "
-                        f"inferencePool.enabled=true does; `kubectl get inferencepools -n {self.cfg.namespace}` lists "
+                        f"inferencePool.create=true does; `kubectl get inferencepools -n {self.cfg.namespace}` lists "
                         "them) or fix --inference-pool NAMESPACE/NAME")
 
     def _list_pods(self, target: PoolTarget) -> tuple[dict[str, list[ReplicaSpec]], str]:
@@ -237,6 +241,7 @@ class InferencePoolWatcher:
                     on_event(ev.get("type", ""), ev.get("object") or {})
         finally:
             self._resp = None
+            resp.close()  # not back to the pool: the stream may have been left mid-way
             resp.release_conn()
 
     def _replica(self, pod: dict, target: PoolTarget) -> list[ReplicaSpec]:

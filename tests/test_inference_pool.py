@@ -215,6 +215,12 @@ def test_a_bad_kubeconfig_says_what_to_pass(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     msg = _start_error(InferencePoolConfig("default", "pool"))
     assert "not in a pod" in msg and "--kubeconfig PATH" in msg
+    # "in a pod" without a service-account token (automountServiceAccountToken: false)
+    if not os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"):
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+        msg = _start_error(InferencePoolConfig("default", "pool"))
+        assert "the pod's service account" in msg and "token" in msg, msg
 
 
 def test_refused_credentials_say_what_rbac_to_grant(kube, tmp_path):
