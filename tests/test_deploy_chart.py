@@ -94,6 +94,10 @@ def test_values_that_cannot_work_fail_with_what_to_set():
     assert any("needs picker.enabled=true" in p for p in problems), problems
     problems = check.check({"replicas": {"enabled": False}})
     assert any("set replicas.dnsName" in p for p in problems), problems
+    # values.schema.json: a misspelt key or a value outside its set is refused by name
+    problems = check.check({"picker": {"enable": True}, "balancer": {"discovery": "DNS"}})
+    assert any("'enable' not allowed" in p for p in problems), problems
+    assert any("/balancer/discovery" in p and "'dns', 'inferencePool'" in p for p in problems), problems
 
 
 # ------------------------------------------------------------------------------ the wiring
