@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvfleet-installed
 NATIVE := $(VENV)/.kvfleet-native
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast deploy-check bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The Helm chart (deploy/helm/kvfleet): helm lint --strict, render, schema-check every manifest.
+deploy-check: install
+	$(PY) deploy/check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -103,7 +103,7 @@ def test_values_that_cannot_work_fail_with_what_to_set():
 # ------------------------------------------------------------------------------ the wiring
 def test_every_container_runs_with_kvfleets_own_flags(rendered):
     """The args parse with `kvfleet`'s own parser and build a valid config (a renamed flag fails here)."""
-    from kvfleet import cli, cmd_balancer, cmd_picker
+    from kvfleet import cli, cmd_balancer, cmd_picker, cmd_replica
 
     name, values, docs = rendered
     parser = cli.build_parser()
@@ -115,6 +115,8 @@ def test_every_container_runs_with_kvfleets_own_flags(rendered):
         elif component == "picker":
             cfg = cmd_picker.build_config(args).fleet
         else:
+            replica = cmd_replica.replica_config(args)
+            assert replica.server.host == "0.0.0.0"
             continue
         assert cfg.host == "0.0.0.0" and cfg.model == values.get("model", "tiny")
         pool = cfg.inference_pool
