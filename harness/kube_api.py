@@ -16,8 +16,10 @@ Objects are plain dicts; every change bumps one resourceVersion counter, as etcd
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -36,9 +38,10 @@ def _matches(obj: dict, selector: dict[str, str]) -> bool:
 
 
 class KubeAPI:
-    def __init__(self, token: str | None = "test-token", host: str = "127.0.0.1") -> None:
+    def __init__(self, token: str | None = "test-token", host: str = "127.0.0.1", port: int = 0) -> None:
         self.token = token
         self.host = host
+        self.port = port  # 0: a free one
         # (group, version, plural) -> namespace -> name -> object
         self._objects: dict[tuple[str, str, str], dict[str, dict[str, dict]]] = {}
         self._events: list[tuple[int, str, tuple[str, str, str], str, dict]] = []  # rv, type, kind, ns, object
@@ -46,6 +49,7 @@ class KubeAPI:
         self._compacted = 0  # versions at or below this are gone
         self._cond = threading.Condition()
         self._stopping = False
+        self._conns: set[socket.socket] = set()  # open client connections, cut by stop()
         self.requests: list[str] = []  # paths asked, in order (with their query)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -62,19 +66,31 @@ class KubeAPI:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, and chunked watch streams as a real server sends
 
+            def setup(self):
+                super().setup()
+                with api._cond:
+                    api._conns.add(self.connection)
+
+            def finish(self):
+                with api._cond:
+                    api._conns.discard(self.connection)
+                super().finish()
+
             def do_GET(self):  # noqa: N802 - http.server's name
                 api._handle(self)
 
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        # HTTPServer sets SO_REUSEADDR: a new server may take a stopped one's port (a restart)
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="kube-api", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop listening and cut every open connection (keep-alive ones too): an outage."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -82,6 +98,11 @@ class KubeAPI:
             self._server.shutdown()
             self._server.server_close()
             self._thread.join(timeout=10)
+            with self._cond:
+                conns = list(self._conns)
+            for c in conns:
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> "KubeAPI":
         return self.start()

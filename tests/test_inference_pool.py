@@ -291,3 +291,32 @@ def test_the_picker_follows_the_pool_and_is_ready_once_a_pod_is(kube, echoes):
                     await asyncio.sleep(0.1)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_an_api_server_outage_keeps_the_replicas_and_the_watch_resumes(kube, echoes, caplog, tmp_path):
+    port = echoes
+    kube.put_pool("pool", LABELS, port)
+    kube.put_pod("r-0", "127.0.0.2", LABELS)
+    pool = InferencePoolConfig("default", "pool", kubeconfig=kube.kubeconfig_path, resync_s=0.5)
+    a, b = f"http://127.0.0.2:{port}", f"http://127.0.0.3:{port}"
+    api_port = int(kube.url.rsplit(":", 1)[1])
+
+    async def scenario():
+        async with balancer([], inference_pool=pool, model="m") as (url, bal):
+            assert _ids(bal) == [a]
+            kube.stop()  # the API server goes away
+            await wait_for(lambda: any("cannot reach the Kubernetes API server" in r.getMessage()
+                                       and "keeping the current replicas" in r.getMessage() for r in caplog.records))
+            assert _ids(bal) == [a] and await _served_by(url) == a  # still served
+            back = KubeAPI(port=api_port).start()  # back, with another pod Ready meanwhile
+            try:
+                back.put_pool("pool", LABELS, port)
+                back.put_pod("r-0", "127.0.0.2", LABELS)
+                back.put_pod("r-1", "127.0.0.3", LABELS)
+                await wait_for(lambda: _ids(bal) == [a, b])
+            finally:
+                back.stop()
+
+    with caplog.at_level("WARNING", logger="balancer.inference_pool"):
+        asyncio.run(scenario())
