@@ -92,6 +92,9 @@ def test_the_schema_check_catches_broken_manifests():
 def test_values_that_cannot_work_fail_with_what_to_set():
     problems = check.check({"inferencePool": {"create": True}})
     assert any("needs picker.enabled=true" in p for p in problems), problems
+    problems = check.check({"picker": {"enabled": True}})  # its default discovery needs a pool
+    assert any("set inferencePool.create=true" in p for p in problems), problems
+    assert check.check({"picker": {"enabled": True}, "inferencePool": {"name": "existing"}}) == []
     problems = check.check({"replicas": {"enabled": False}})
     assert any("set replicas.dnsName" in p for p in problems), problems
     # values.schema.json: a misspelt key or a value outside its set is refused by name

@@ -68,6 +68,9 @@ true
 {{- define "kvfleet.discoveryArgs" -}}
 {{- $root := .root -}}
 {{- if eq .discovery "inferencePool" }}
+{{- if not (or $root.Values.inferencePool.create $root.Values.inferencePool.name) }}
+{{- fail "discovery=inferencePool needs a pool: set inferencePool.create=true (with picker.enabled=true), or inferencePool.name to an existing InferencePool in this namespace" }}
+{{- end }}
 - --inference-pool
 - {{ printf "%s/%s" $root.Release.Namespace (include "kvfleet.poolName" $root) | quote }}
 {{- else if eq .discovery "dns" }}
