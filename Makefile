@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvfleet-installed
 NATIVE := $(VENV)/.kvfleet-native
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast deploy-check bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: any other spec may pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[replica,loadgen,dev,dashboards,picker]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[replica,loadgen,dev,dashboards,picker,k8s,deploy]'
 	touch $(STAMP)
 
 # The C extensions (protocol/_hashchain.c, balancer/_blocktable.c, kernels/_cpu_decode.c) are
@@ -33,6 +33,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The Helm chart (deploy/helm/kvfleet): helm lint --strict, render, schema-check every manifest.
+deploy-check: install
+	$(PY) deploy/check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -3,7 +3,7 @@
 `Balancer` owns the runtime state; `create_app` builds its one route table (every route an
 `Exchange` handler behind the guard's checks: balancer/exchange.py) and an aiohttp application
 with one cleanup context that starts every long-lived task (health polls, DNS, KV-event
-subscribers, stats export) and cancels and awaits them on shutdown, with one `ClientSession` for
+InferencePool, subscribers, stats export) and cancels and awaits them on shutdown, with one `ClientSession` for
 the app's lifetime. balancer/serving.py serves the table with the lean front-end, or registers
 it on the aiohttp application with `fast_path = false`.
 """
@@ -29,6 +29,7 @@ from balancer.exchange import RouteTable, web_handler
 from balancer.guard import FORWARDED_PATHS, Guard
 from balancer.health import DnsWatcher, HealthChecker
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
+from balancer.membership import Membership
 from balancer.memtrim import trim_periodically
 from balancer.metrics import BalancerMetrics, SessionCollector
 from balancer.policies import make_policy
@@ -73,6 +74,7 @@ class Balancer:
         self._session: aiohttp.ClientSession | None = None  # health polls, model discovery
         self._upstream: UpstreamPool | None = None  # the data path: requests to the replicas
         self._tasks: list[asyncio.Task] = []
+        self._pool_watcher = None  # balancer.inference_pool.InferencePoolWatcher, with cfg.inference_pool
         self._stopping: list[asyncio.Task] = []
         self._curve_keypair = curve.client_keypair(cfg.curve_client_key_file)  # for CURVE event sockets
 
@@ -97,8 +99,20 @@ class Balancer:
         self._upstream = UpstreamPool(UpstreamConfig(
             connect_timeout_s=r.connect_timeout_s, read_timeout_s=r.read_timeout_s,
             headers=(("Authorization", f"Bearer {self.cfg.replica_api_key}"),) if self.cfg.replica_api_key else ()))
+        pool = None
+        discovered: list[ReplicaSpec] = []
+        if self.cfg.inference_pool is not None:  # its pods now, before the model is asked from them
+            from balancer.inference_pool import InferencePoolWatcher
+
+            pool = self._pool_watcher = InferencePoolWatcher(
+                self.cfg.inference_pool, Membership(self.registry, self.add_replica, self.remove_replica))
+            try:
+                discovered = await pool.start()
+            except BaseException:
+                await self.stop()  # closes the sessions opened above
+                raise
         if self.model is None:
-            self.model = await self._discover_model()
+            self.model = await self._discover_model([*self.cfg.replicas, *discovered])
         self.index = PrefixIndex(self.cfg.block_size, self.model)
         from predictors.adapter import balancer_predictor
 
@@ -112,12 +126,16 @@ class Balancer:
                            self.served_models, self.audit)
         for spec in self.cfg.replicas:
             self.add_replica(spec)
+        if pool is not None:
+            pool.membership.reconcile(discovered)  # in the registry before the app serves
         checker = HealthChecker(self.registry, self.session, self.metrics, self._has_feed,
                                 self.cfg.load_poll_s)
         self._tasks.append(asyncio.create_task(checker.run(), name="health"))
         for dns in self.cfg.dns:
-            watcher = DnsWatcher(dns, self.registry, self.add_replica, self.remove_replica)
+            watcher = DnsWatcher(dns, Membership(self.registry, self.add_replica, self.remove_replica))
             self._tasks.append(asyncio.create_task(watcher.run(), name=f"dns:{dns.name}"))
+        if pool is not None:
+            self._tasks.append(asyncio.create_task(pool.run(), name=f"inference-pool:{pool.cfg.ref}"))
         self._tasks.append(asyncio.create_task(self._export_stats(), name="stats"))
         if self.cfg.memory_trim_s > 0:
             self._tasks.append(asyncio.create_task(trim_periodically(self.cfg.memory_trim_s), name="memtrim"))
@@ -129,6 +147,8 @@ class Balancer:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+        if self._pool_watcher is not None:
+            await self._pool_watcher.close()
         await asyncio.gather(*(s.stop() for s in self.subscribers.values()),
                              *(f.stop() for f in self.digest_feeds.values()), *self._stopping,
                              return_exceptions=True)
@@ -144,9 +164,9 @@ class Balancer:
         (or first discovered) model while no replica has listed its own."""
         return self.registry.served_models() or ([self.model] if self.model else [])
 
-    async def _discover_model(self, attempts: int = 20) -> str:
+    async def _discover_model(self, replicas: list[ReplicaSpec], attempts: int = 20) -> str:
         for _ in range(attempts):
-            for spec in self.cfg.replicas:
+            for spec in replicas:
                 try:
                     async with self.session().get(spec.url + "/v1/models",
                                                   timeout=aiohttp.ClientTimeout(total=2)) as resp:

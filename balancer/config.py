@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -138,11 +139,58 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class InferencePoolConfig:
+    """A Gateway API Inference Extension `InferencePool` whose Ready pods are the replicas
+    (balancer/inference_pool.py), read through the Kubernetes API."""
+
+    namespace: str
+    name: str
+    # A kubeconfig file; None: the pod's service account (in-cluster), else $KUBECONFIG or
+    # ~/.kube/config, as kubectl does.
+    kubeconfig: str | None = None
+    context: str | None = None  # a context of the kubeconfig (None: its current-context)
+    # KV-event ports on every pod; None: the pod's container port named `kv-events` / `kv-replay`
+    # (the chart names them so), else the replica publishes none.
+    events_port: int | None = None
+    replay_port: int | None = None
+    # Each pod watch ends after this long; then the pool is read again (a changed selector or
+    # port re-lists the pods). Also the retry period while the API server cannot be reached.
+    resync_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        dns1123 = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+        for what in ("namespace", "name"):
+            v = getattr(self, what)
+            if not isinstance(v, str) or not dns1123.match(v) or len(v) > 253:
+                raise ValueError(f"inference pool {what} must be a Kubernetes name (lower-case letters, digits, "
+                                 f"'-', '.'), got {v!r}; give the pool as NAMESPACE/NAME")
+        for what in ("events_port", "replay_port"):
+            v = getattr(self, what)
+            if v is not None and not 0 < v < 65536:
+                raise ValueError(f"inference pool {what} must be in [1, 65535], got {v}")
+        if not self.resync_s > 0:
+            raise ValueError(f"inference pool resync_s must be positive, got {self.resync_s}")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @classmethod
+    def parse(cls, text: str, **kw: Any) -> "InferencePoolConfig":
+        """`NAMESPACE/NAME`, e.g. `default/llama-pool`."""
+        namespace, sep, name = text.partition("/")
+        if not sep:
+            raise ValueError(f"inference pool must be NAMESPACE/NAME (e.g. default/my-pool), got {text!r}")
+        return cls(namespace=namespace, name=name, **kw)
+
+
+@dataclass(frozen=True)
 class BalancerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     replicas: tuple[ReplicaSpec, ...] = ()
     dns: tuple[DnsConfig, ...] = ()
+    inference_pool: InferencePoolConfig | None = None  # replicas from an InferencePool's pods
     policy: str = "precise_prefix"
     policy_options: tuple[tuple[str, Any], ...] = ()
     model: str | None = None  # served model name; None = ask the first replica
@@ -250,6 +298,17 @@ class BalancerConfig:
             kw["replicas"] = tuple(ReplicaSpec.parse(r) if isinstance(r, str) else ReplicaSpec(**r) for r in kw["replicas"])
         if "dns" in kw:
             kw["dns"] = tuple(DnsConfig(name=d) if isinstance(d, str) else DnsConfig(**d) for d in kw["dns"])
+        pool = kw.get("inference_pool")
+        if isinstance(pool, str):
+            kw["inference_pool"] = InferencePoolConfig.parse(pool)
+        elif isinstance(pool, dict):
+            pool = dict(pool)
+            try:
+                kw["inference_pool"] = (InferencePoolConfig.parse(pool.pop("pool"), **pool) if "pool" in pool
+                                        else InferencePoolConfig(**pool))
+            except TypeError as e:
+                raise ValueError(f"inference_pool: {e}; its keys are pool (NAMESPACE/NAME) or namespace and name, "
+                                 f"and {sorted(f.name for f in fields(InferencePoolConfig))}") from None
         for name, sub in (("health", HealthConfig), ("breaker", BreakerConfig), ("retry", RetryConfig),
                           ("audit", AuditConfig), ("sessions", SessionConfig)):
             if name in kw:

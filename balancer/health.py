@@ -1,4 +1,5 @@
-"""Background watchers of the fleet: active health polls, /load polls, DNS re-resolution.
+"""Background watchers of the fleet: active health polls, /load polls, DNS re-resolution
+(InferencePool discovery: balancer/inference_pool.py).
 
 Each is one cancellable asyncio task started and awaited by the app's cleanup context.
 """
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import aiohttp
 
 from balancer.config import DnsConfig, ReplicaSpec
+from balancer.membership import Membership
 from balancer.metrics import BalancerMetrics
 from balancer.policies.base import ReplicaLoad
 from balancer.registry import Registry, ReplicaState
@@ -109,15 +111,11 @@ class HealthChecker:
 
 
 class DnsWatcher:
-    """Keeps the registry equal to the addresses a name resolves to (a headless service)."""
+    """Keeps the replicas a name resolves to (a headless service) in the registry."""
 
-    def __init__(self, dns: DnsConfig, registry: Registry, add: Callable[[ReplicaSpec], None],
-                 remove: Callable[[str], None]) -> None:
+    def __init__(self, dns: DnsConfig, membership: Membership) -> None:
         self.dns = dns
-        self.registry = registry
-        self.add = add
-        self.remove = remove
-        self._mine: set[str] = set()
+        self.membership = membership
 
     async def run(self) -> None:
         host, _, port = self.dns.name.rpartition(":")
@@ -130,21 +128,16 @@ class DnsWatcher:
                 log.warning("cannot resolve %s: %s (keeping the current replicas)", self.dns.name, e)
                 addrs = None
             if addrs is not None:
-                self._reconcile(addrs, int(port))
+                self.membership.reconcile(self.specs(addrs, int(port)))
             await asyncio.sleep(self.dns.interval_s)
 
-    def _reconcile(self, addrs: list[str], port: int) -> None:
-        want = {}
-        for a in addrs:
-            h = f"[{a}]" if ":" in a else a
-            events = f"tcp://{h}:{self.dns.events_port}" if self.dns.events_port else None
-            replay = f"tcp://{h}:{self.dns.replay_port}" if self.dns.replay_port else None
-            spec = ReplicaSpec(url=f"http://{h}:{port}", events=events, replay=replay)
-            want[spec.replica_id] = spec
-        for rid in self._mine - set(want):
-            self.remove(rid)
-            self._mine.discard(rid)
-        for rid, spec in want.items():
-            if rid not in self._mine and self.registry.get(rid) is None:
-                self.add(spec)
-                self._mine.add(rid)
+    def specs(self, addrs: list[str], port: int) -> list[ReplicaSpec]:
+        return [replica_at(a, port, self.dns.events_port, self.dns.replay_port) for a in addrs]
+
+
+def replica_at(address: str, port: int, events_port: int | None, replay_port: int | None) -> ReplicaSpec:
+    """The replica at IP `address` (v4 or v6): HTTP on `port`, KV events on the other ports if given."""
+    h = f"[{address}]" if ":" in address else address
+    return ReplicaSpec(url=f"http://{h}:{port}",
+                       events=f"tcp://{h}:{events_port}" if events_port else None,
+                       replay=f"tcp://{h}:{replay_port}" if replay_port else None)

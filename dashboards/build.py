@@ -11,6 +11,7 @@
 - picker-overview.json: `kvfleet picker` behind Envoy: picks by outcome, streams open and aborted,
   decision and response latency seen by the picker, predicted vs reported cache hits.
 - prometheus.yml: the scrape config (file-based service discovery), from kvfleet/prometheus.py.
+- deploy/helm/kvfleet/dashboards/: the three dashboards again, for the Helm chart's ConfigMap.
 
 Every panel's queries use only `$__rate_interval` and `$replica`; the acceptance test
 (tests/test_observability_prometheus.py) substitutes them and runs each query on a real
@@ -40,6 +41,7 @@ RATE = "$__rate_interval"
 TAGS = ["kvfleet", "llm-inference"]
 QUANTILES = (0.5, 0.9, 0.99)
 STATIC_SCRAPE_INTERVAL_S = 5.0  # dashboards/prometheus.yml, for a Prometheus of your own
+CHART_DASHBOARDS = os.path.join("..", "deploy", "helm", "kvfleet", "dashboards")  # relative to dashboards/
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -399,12 +401,14 @@ def render() -> dict[str, str]:
     def dump(d: dict) -> str:
         return json.dumps(d, indent=2, sort_keys=False) + "\n"
 
-    return {
+    dashboards = {
         "fleet-overview.json": dump(fleet_overview()),
         "replica-detail.json": dump(replica_detail()),
         "picker-overview.json": dump(picker_overview()),  # kvfleet picker (issue #18)
-        "prometheus.yml": scrape_config("targets", STATIC_SCRAPE_INTERVAL_S),
     }
+    # The Helm chart ships the same dashboards in a ConfigMap (Helm reads only files inside a chart).
+    in_chart = {os.path.join(CHART_DASHBOARDS, name): text for name, text in dashboards.items()}
+    return {**dashboards, "prometheus.yml": scrape_config("targets", STATIC_SCRAPE_INTERVAL_S), **in_chart}
 
 
 def main(argv: list[str] | None = None) -> int:

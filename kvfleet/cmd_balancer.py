@@ -1,8 +1,9 @@
 """Run the KV-cache-aware balancer in front of a fleet of replicas.
 
 Replicas come from --replica flags (repeatable), a --config file (TOML or JSON with the same
-keys as the flags), --dns names re-resolved periodically (a Kubernetes headless service), and
-the admin API at run time. A replica may be a kvfleet replica, vLLM or SGLang: give its KV-event
+keys as the flags), --dns names re-resolved periodically (a Kubernetes headless service), the
+Ready pods of an --inference-pool (Gateway API Inference Extension, through the Kubernetes API),
+and the admin API at run time. A replica may be a kvfleet replica, vLLM or SGLang: give its KV-event
 endpoints after `=` so the balancer knows exactly what it caches. Example:
 
     kvfleet balancer --port 8080 --policy precise_prefix \\
@@ -22,7 +23,7 @@ import signal
 import sys
 
 from balancer import guard, sessions
-from balancer.config import BalancerConfig, DnsConfig, ReplicaSpec
+from balancer.config import BalancerConfig, DnsConfig, InferencePoolConfig, ReplicaSpec
 from kvfleet import logs
 from kvfleet.cli import run_server
 
@@ -39,6 +40,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a name whose addresses are replicas, re-resolved every few seconds (repeatable)")
     p.add_argument("--dns-events-port", type=int, default=None, help="KV-event PUB port on DNS-discovered replicas")
     p.add_argument("--dns-replay-port", type=int, default=None, help="replay port on DNS-discovered replicas")
+    p.add_argument("--inference-pool", default=None, metavar="NAMESPACE/NAME",
+                   help="a Gateway API Inference Extension InferencePool whose Ready pods are the replicas (its "
+                        "selector and target port), followed through the Kubernetes API; KV events are read from the "
+                        "pods' container ports named kv-events / kv-replay. Needs get/list/watch on pods and "
+                        "inferencepools (the Helm chart's Role) and the kubernetes client (pip install 'kvfleet[k8s]'). In a "
+                        "--config file: inference_pool = \"NAMESPACE/NAME\", or a table with pool, kubeconfig, "
+                        "context, events_port, replay_port, resync_s")
+    p.add_argument("--kubeconfig", default=None, metavar="PATH",
+                   help="with --inference-pool: the kubeconfig to use (default: the pod's service account inside a "
+                        "cluster, else $KUBECONFIG or ~/.kube/config, as kubectl)")
+    p.add_argument("--kube-context", default=None, metavar="NAME",
+                   help="with --inference-pool: the kubeconfig context (default: its current-context)")
     p.add_argument("--policy", default=None, choices=policy_names(), help=f"routing policy (default {d.policy})")
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a policy setting (JSON value), e.g. cache_threshold=0.5 (repeatable)")
@@ -120,8 +133,16 @@ def build_config(args: argparse.Namespace, base: BalancerConfig | None = None) -
         cfg = replace(cfg, retry=replace(cfg.retry, failover_max_stop=args.failover_max_stop))
     cfg = guard.apply_arguments(cfg, args)
     cfg = sessions.apply_arguments(cfg, args)
-    if not cfg.replicas and not cfg.dns:
-        raise ValueError("no replicas: give --replica URL (repeatable), --dns HOST:PORT or a --config file")
+    if args.inference_pool:
+        cfg = replace(cfg, inference_pool=InferencePoolConfig.parse(args.inference_pool))
+    if cfg.inference_pool is not None and (args.kubeconfig or args.kube_context):
+        cfg = replace(cfg, inference_pool=replace(cfg.inference_pool, **{k: v for k, v in (
+            ("kubeconfig", args.kubeconfig), ("context", args.kube_context)) if v}))
+    elif args.kubeconfig or args.kube_context:
+        raise ValueError("--kubeconfig and --kube-context need --inference-pool NAMESPACE/NAME")
+    if not cfg.replicas and not cfg.dns and cfg.inference_pool is None:
+        raise ValueError("no replicas: give --replica URL (repeatable), --dns HOST:PORT, --inference-pool "
+                         "NAMESPACE/NAME or a --config file")
     return cfg
 
 

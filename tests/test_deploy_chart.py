@@ -1,0 +1,231 @@
+"""The Helm chart (deploy/helm/kvfleet), checked without a cluster: Helm's own linter and renderer
+(helm-python-sdk), every rendered manifest against the Kubernetes schemas (kubernetes-validate,
+strict) and the custom resources' schemas (deploy/schemas/), and the wiring between the pieces:
+the flags each container runs with are kvfleet's, Services select their pods and name real ports,
+the pool selects the replica pods, the ServiceMonitor's jobs are the dashboards' jobs, the Role
+grants what `--inference-pool` reads."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import platform
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+check = _load("deploy/check.py", "deploy_check")
+
+try:
+    import helm_python  # noqa: F401
+    import kubernetes_validate  # noqa: F401
+except ImportError as e:
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        raise ImportError(f"{e}: {check.HINT}") from None
+    pytest.skip("helm-python-sdk ships Linux x86_64 wheels only", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", params=sorted(check.VALUE_SETS))
+def rendered(request) -> tuple[str, dict, list[dict]]:
+    values = check.VALUE_SETS[request.param]
+    return request.param, values, check.render(values)
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def containers(docs: list[dict]) -> dict[str, dict]:
+    """component -> (its workload, its one container)"""
+    out = {}
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            (c,) = d["spec"]["template"]["spec"]["containers"]
+            out[d["metadata"]["labels"]["app.kubernetes.io/component"]] = {"workload": d, "container": c}
+    return out
+
+
+# ------------------------------------------------------------------------------ schema checks
+def test_the_chart_lints_strict(rendered):
+    name, values, _ = rendered
+    assert check.lint(values) == [], name
+
+
+def test_every_rendered_manifest_matches_its_schema(rendered):
+    name, _, docs = rendered
+    assert docs
+    problems = [p for d in docs for p in check.validate(d)]
+    assert problems == [], name
+
+
+def test_the_schema_check_catches_broken_manifests():
+    """Not vacuous: a wrong type, an unknown field, a bad enum and a bad duration are all refused."""
+    docs = check.render(check.VALUE_SETS["gateway"])
+    sts = copy.deepcopy(by_kind(docs, "StatefulSet")[0])
+    sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "8000"
+    assert any("containerPort" in p for p in check.validate(sts))
+    svc = copy.deepcopy(by_kind(docs, "Service")[0])
+    svc["spec"]["selektor"] = {}
+    assert check.validate(svc)
+    pool = copy.deepcopy(by_kind(docs, "InferencePool")[0])
+    pool["spec"]["endpointPickerRef"]["failureMode"] = "Open"
+    assert any("failureMode" in p for p in check.validate(pool))
+    pool["spec"]["targetPortNumber"] = 8000  # the v1alpha2 field: not in v1
+    assert any("targetPortNumber" in p for p in check.validate(pool))
+    sm = copy.deepcopy(by_kind(docs, "ServiceMonitor")[0])
+    sm["spec"]["endpoints"][0]["interval"] = "15 seconds"
+    assert any("interval" in p for p in check.validate(sm))
+    assert check.validate({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}})
+
+
+def test_values_that_cannot_work_fail_with_what_to_set():
+    problems = check.check({"inferencePool": {"create": True}})
+    assert any("needs picker.enabled=true" in p for p in problems), problems
+    problems = check.check({"picker": {"enabled": True}})  # its default discovery needs a pool
+    assert any("set inferencePool.create=true" in p for p in problems), problems
+    assert check.check({"picker": {"enabled": True}, "inferencePool": {"name": "existing"}}) == []
+    problems = check.check({"replicas": {"enabled": False}})
+    assert any("set replicas.dnsName" in p for p in problems), problems
+    # values.schema.json: a misspelt key or a value outside its set is refused by name
+    problems = check.check({"picker": {"enable": True}, "balancer": {"discovery": "DNS"}})
+    assert any("'enable' not allowed" in p for p in problems), problems
+    assert any("/balancer/discovery" in p and "'dns', 'inferencePool'" in p for p in problems), problems
+
+
+# ------------------------------------------------------------------------------ the wiring
+def test_every_container_runs_with_kvfleets_own_flags(rendered):
+    """The args parse with `kvfleet`'s own parser and build a valid config (a renamed flag fails here)."""
+    from kvfleet import cli, cmd_balancer, cmd_picker, cmd_replica
+
+    name, values, docs = rendered
+    parser = cli.build_parser()
+    for component, c in containers(docs).items():
+        args = parser.parse_args(c["container"]["args"])
+        assert args.command == component, (name, component)
+        if component == "balancer":
+            cfg = cmd_balancer.build_config(args)
+        elif component == "picker":
+            cfg = cmd_picker.build_config(args).fleet
+        else:
+            replica = cmd_replica.replica_config(args)
+            assert replica.server.host == "0.0.0.0"
+            continue
+        assert cfg.host == "0.0.0.0" and cfg.model == values.get("model", "tiny")
+        pool = cfg.inference_pool
+        if pool is not None:
+            assert pool.namespace == check.NAMESPACE and pool.kubeconfig is None  # in-cluster credentials
+        else:
+            assert cfg.dns, (name, component)
+
+
+def test_services_select_their_pods_and_name_real_ports(rendered):
+    name, _, docs = rendered
+    pods = containers(docs)
+    for svc in by_kind(docs, "Service"):
+        sel = svc["spec"]["selector"]
+        matched = [c for c in pods.values()
+                   if sel.items() <= c["workload"]["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(matched) == 1, (name, svc["metadata"]["name"])
+        (c,) = matched
+        names = {p["name"] for p in c["container"]["ports"]}
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= names
+        workload = c["workload"]
+        assert sel.items() <= workload["spec"]["selector"]["matchLabels"].items()
+        if workload["kind"] == "StatefulSet":
+            assert workload["spec"]["serviceName"] == svc["metadata"]["name"]
+            assert svc["spec"]["clusterIP"] == "None"  # headless: DNS lists every Ready pod
+
+
+def test_dns_discovery_names_the_headless_service_and_event_ports():
+    docs = check.render({})
+    args = containers(docs)["balancer"]["container"]["args"]
+    svc = by_kind(docs, "Service")
+    headless = next(s for s in svc if s["spec"].get("clusterIP") == "None")
+    ports = {p["name"]: p["port"] for p in headless["spec"]["ports"]}
+    host = f"{headless['metadata']['name']}.{check.NAMESPACE}.svc.cluster.local:{ports['http']}"
+    assert args[args.index("--dns") + 1] == host
+    assert args[args.index("--dns-events-port") + 1] == str(ports["kv-events"])
+    assert args[args.index("--dns-replay-port") + 1] == str(ports["kv-replay"])
+
+
+def test_the_gateway_objects_point_at_each_other():
+    docs = check.render(check.VALUE_SETS["gateway"])
+    (pool,) = by_kind(docs, "InferencePool")
+    (route,) = by_kind(docs, "HTTPRoute")
+    pods = containers(docs)
+    replica = pods["replica"]
+    # the pool selects the replica pods, on their HTTP port, and names the picker's gRPC Service port
+    assert pool["spec"]["selector"]["matchLabels"].items() <= \
+        replica["workload"]["spec"]["template"]["metadata"]["labels"].items()
+    http = {p["name"]: p["containerPort"] for p in replica["container"]["ports"]}
+    assert pool["spec"]["targetPorts"] == [{"number": http["http"]}]
+    picker_svc = next(s for s in by_kind(docs, "Service") if s["metadata"]["name"] == pool["spec"]["endpointPickerRef"]["name"])
+    assert pool["spec"]["endpointPickerRef"]["port"]["number"] in {p["port"] for p in picker_svc["spec"]["ports"]}
+    # ... and the KV-event ports are named as balancer/inference_pool.py reads them
+    from balancer.inference_pool import EVENTS_PORT_NAME, REPLAY_PORT_NAME
+
+    assert {EVENTS_PORT_NAME, REPLAY_PORT_NAME} <= set(http)
+    # the picker and balancer read this pool
+    for component in ("picker", "balancer"):
+        args = pods[component]["container"]["args"]
+        assert args[args.index("--inference-pool") + 1] == f"{check.NAMESPACE}/{pool['metadata']['name']}"
+    (backend,) = route["spec"]["rules"][0]["backendRefs"]
+    assert (backend["group"], backend["kind"], backend["name"]) == (
+        "inference.networking.k8s.io", "InferencePool", pool["metadata"]["name"])
+    # the picker's probes ask the gRPC health services it serves
+    probes = pods["picker"]["container"]
+    assert probes["readinessProbe"]["grpc"]["service"] == "readiness"
+    assert probes["livenessProbe"]["grpc"]["service"] == "liveness"
+
+
+def test_the_role_grants_what_inference_pool_discovery_reads():
+    from balancer.inference_pool import API_VERSIONS, PLURAL
+
+    docs = check.render(check.VALUE_SETS["gateway"])
+    (role,) = by_kind(docs, "Role")
+    (binding,) = by_kind(docs, "RoleBinding")
+    grants = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+              for v in rule["verbs"]}
+    needed = {("", "pods", v) for v in ("list", "watch")} | {(g, PLURAL, "get") for g, _ in API_VERSIONS}
+    assert needed <= grants
+    assert all(v in ("get", "list", "watch") for _, _, v in grants)  # read-only
+    (subject,) = binding["subjects"]
+    for c in containers(docs).values():
+        if c["workload"]["metadata"]["labels"]["app.kubernetes.io/component"] != "replica":
+            assert c["workload"]["spec"]["template"]["spec"]["serviceAccountName"] == subject["name"]
+    assert not by_kind(check.render({}), "Role")  # DNS discovery reads no API: no Role
+
+
+def test_the_service_monitor_scrapes_every_component_under_the_dashboards_job_names():
+    from kvfleet.prometheus import BALANCER_JOB, REPLICA_JOB
+
+    docs = check.render(check.VALUE_SETS["gateway"])
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    sel = sm["spec"]["selector"]["matchLabels"]
+    scraped = [s for s in by_kind(docs, "Service") if sel.items() <= s["metadata"]["labels"].items()]
+    jobs = {s["metadata"]["labels"][sm["spec"]["jobLabel"]] for s in scraped}
+    assert jobs == {REPLICA_JOB, BALANCER_JOB, "kvfleet-picker"}  # the fleet panels' job=~"kvfleet-.*"
+    endpoint_ports = {e["port"] for e in sm["spec"]["endpoints"]}
+    for s in scraped:  # each Service has a port some endpoint scrapes, and it serves /metrics
+        assert endpoint_ports & {p["name"] for p in s["spec"]["ports"]}, s["metadata"]["name"]
+
+
+def test_the_dashboards_configmap_holds_what_dashboards_build_py_makes():
+    build = _load("dashboards/build.py", "dashboards_build")
+    docs = check.render(check.VALUE_SETS["gateway"])
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    made = {os.path.basename(k): v for k, v in build.render().items() if k.endswith(".json") and "deploy" not in k}
+    assert cm["data"] == made
