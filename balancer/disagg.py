@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 from balancer.policies.base import Decision, ReplicaView, RoutingRequest
 from balancer.policies.predictive import PredictiveConfig, estimate
+from balancer.router import Booking
 from balancer.step_learner import LearnerConfig, StepLearner
 
 PREFILL, DECODE, BOTH = "prefill", "decode", "both"
@@ -220,12 +221,25 @@ class PairBooking(NamedTuple):
     ends; each ends once (balancer/router.py's `Booking`)."""
 
     decision: PairDecision
-    prefill: Any  # balancer.router.Booking
-    decode: Any
+    prefill: Booking
+    decode: Booking
 
     @property
     def unified(self) -> bool:
         return self.decision.unified
+
+
+class DecodeBooking(Booking):
+    """The decode side of a split pair: ending it with a known length teaches the router's
+    output-length predictor, as a routed request's booking does (a split request is never shown
+    to the policy, but its output length is the same evidence)."""
+
+    def finish(self, output_tokens: int | None = None, ok: bool = True) -> None:
+        was_open = self.open
+        super().finish(output_tokens, ok)
+        predictor = self.router.predictor
+        if was_open and ok and output_tokens is not None and predictor is not None:
+            predictor.observe_done(self.rr, output_tokens)
 
 
 def route_pair(router, selector: PairSelector, prepared, request_id: str, roles: Mapping[str, str],
@@ -239,8 +253,6 @@ def route_pair(router, selector: PairSelector, prepared, request_id: str, roles:
     arrives). A unified pair is booked once, through the router's policy, exactly as
     `Router.route` would book it, so a request that stays whole is indistinguishable from a
     routed one. Neither side of a split pair is shown to the policy (`by_policy=False`)."""
-    from balancer.router import Booking  # the router imports nothing from here: no cycle
-
     candidates = router.registry.usable(exclude, prepared.request.model)
     if not candidates:
         return None
@@ -261,8 +273,8 @@ def route_pair(router, selector: PairSelector, prepared, request_id: str, roles:
                   prompt, matched, by_policy=False)
     registry.on_sent(pstate, pre.tokens, pre.uncached_tokens)
     work = prompt + (prepared.request.max_tokens or 0) * rr.sequences
-    dec = Booking(router, rr, Decision(decision.decode, decision.reason, decision.decode_scores), dstate,
-                  work, rr.prompt_tokens, by_policy=False)
+    dec = DecodeBooking(router, rr, Decision(decision.decode, decision.reason, decision.decode_scores), dstate,
+                        work, rr.prompt_tokens, by_policy=False)
     # The decode replica computes no prompt, but the hand-over takes its blocks: counted as
     # sent tokens, which the decode side reads as memory already spoken for.
     registry.on_sent(dstate, dec.tokens, prompt)

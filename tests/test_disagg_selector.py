@@ -102,13 +102,13 @@ def test_roles_and_config_are_validated():
     assert not is_disaggregated({"a": BOTH}) and is_disaggregated({"a": BOTH, "b": DECODE})
 
 
-def _router(policy="predictive"):
+def _router(policy="predictive", predictor=None):
     registry = Registry(BreakerConfig(), HealthConfig(), clock=lambda: 0.0)
     for rid in ("p1", "p2", "d1", "d2"):
         registry.add(ReplicaSpec(url=f"http://{rid}:80"))
     index = PrefixIndex(BS, MODEL)
     router = Router(MODEL, BS, ByteTokenizer(), index, ApproxIndex(clock=lambda: 0.0), make_policy(policy), registry,
-                    has_events=lambda rid: True, clock=lambda: 0.0)
+                    has_events=lambda rid: True, clock=lambda: 0.0, predictor=predictor)
     return router, registry, index
 
 
@@ -116,7 +116,13 @@ URL_ROLES = {f"http://{rid}:80": role for rid, role in ROLES.items()}
 
 
 def test_route_pair_books_both_sides_and_releases_each_once():
-    router, registry, index = _router()
+    from predictors.adapter import balancer_predictor
+
+    learned = []
+    predictor = balancer_predictor("global_median", MODEL)
+    observe = predictor.observe_done
+    predictor.observe_done = lambda rr, n: (learned.append((rr.request_id, n)), observe(rr, n))
+    router, registry, index = _router(predictor=predictor)
     prompt = "a prompt that both sides will hold " * 6
     tokens = ByteTokenizer().encode(prompt)
     n = len(tokens) // BS
@@ -138,7 +144,9 @@ def test_route_pair_books_both_sides_and_releases_each_once():
     pair.decode.finish(10)
     pair2.prefill.fail()
     pair2.decode.finish(10)
+    pair2.decode.finish(10)
     assert all(r.inflight_requests == 0 and r.inflight_tokens == 0 for r in registry)
+    assert learned == [("q1", 10), ("q2", 10)]  # the predictor learns each output length once
 
 
 def test_route_pair_on_a_unified_fleet_books_like_the_router():
