@@ -31,9 +31,12 @@ and `both` (a unified replica, which can take either side or the whole request).
 
 When the decode side's choice is the prefill replica the pair is `unified`: the request runs
 there whole, like any routed request. The selector is pure: no I/O, no clock of its own, no
-state but the step learner it reads. The live balancer and the simulator both place a pair with
-`route_pair`, which books both replicas in the registry (so the next decision sees them, as the
-routing transaction does for one replica: balancer/router.py) and returns a `PairBooking`.
+state but the step learner it reads. `route_pair` is the pair's routing transaction, for the
+live proxy and the simulator alike (the simulator uses it; the proxy's hand-over flow is issue
+#19 part 3's other half): it books both replicas in the registry (so the next decision sees them,
+as the routing transaction does for one replica: balancer/router.py) and returns a `PairBooking`.
+Replica ids are the registry's (replica URLs); a replica missing from `roles` is `both`. Not
+applied to pairs (yet): sticky sessions and the LoRA-adapter narrowing of `Router.decide`.
 """
 
 from __future__ import annotations
