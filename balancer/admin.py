@@ -35,6 +35,7 @@ def _replica_json(b, r) -> dict:
         "url": r.url,
         "events": r.spec.events,
         "replay": r.spec.replay,
+        "role": r.role,
         "healthy": r.healthy,
         "draining": r.draining,
         "breaker": r.breaker.name.lower(),

@@ -27,7 +27,7 @@ from balancer.digest_feed import DigestFeed, DigestFeedConfig
 from balancer.digest_index import DigestIndex
 from balancer.exchange import RouteTable, web_handler
 from balancer.guard import FORWARDED_PATHS, Guard
-from balancer.health import DnsWatcher, HealthChecker
+from balancer.health import DnsWatcher, HealthChecker, note_role
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
 from balancer.memtrim import trim_periodically
 from balancer.metrics import BalancerMetrics, SessionCollector
@@ -235,6 +235,7 @@ class Balancer:
         )
         self.registry.set_loras(replica_id, frozenset(report.loras), report.lora_load_s)
         self.metrics.series(self.metrics.replica_loras, replica_id).set(len(report.loras))
+        note_role(self.registry, self.metrics, replica_id, report.role)
 
     async def _export_stats(self) -> None:
         exported: dict[tuple[str, str], int] = {}

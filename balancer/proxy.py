@@ -16,6 +16,7 @@ continuation can be built from exact token ids.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import re
@@ -25,10 +26,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from balancer import handover
 from balancer.audit import DecisionAudit
 from balancer.exchange import Exchange
 from balancer.failover import Failover
 from balancer.metrics import NO_REPLICA, BalancerMetrics
+from balancer.policies.base import Decision
 from balancer.registry import Registry, ReplicaState
 from balancer.relay import REPLICA_HEADER, ClientGone, UpstreamFailed, read_safely, relayed_headers, write
 from balancer.router import Booking, Prepared, Router
@@ -336,6 +339,9 @@ class Proxy:
             headers["Authorization"] = authorization
 
         tried: set[str] = set()
+        if handover.wanted(path, body, prepared) and handover.fleet_disaggregated(self.registry):
+            if await self._disaggregated(ex, body, req, path, prepared, request_id, headers, arrival, outcome, tried):
+                return
         last: UpstreamFailed | None = None
         for attempt in range(self.retry.max_attempts):
             booking = self.router.route(prepared, request_id, frozenset(tried))
@@ -376,6 +382,70 @@ class Proxy:
         self.metrics.series(self.metrics.requests, last.replica.replica_id, self.policy_name, "5xx").inc()
         raise APIError(502, f"every replica tried failed ({len(tried)} tried); last error from "
                             f"{last.replica.replica_id}: {last.reason}")
+
+    async def _disaggregated(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
+                             request_id: str, headers: dict, arrival: float, outcome: _Outcome,
+                             tried: set[str]) -> bool:
+        """Serve the request through a prefill/decode pair (balancer/handover.py): True once it
+        is answered; False when no pair is usable or a member failed before the client got
+        anything (a failed member is then in `tried`): the caller serves it on one replica."""
+        m = self.metrics
+        pair = handover.interim_pair(self.registry.usable(frozenset(tried), req.model))
+        if pair is None:
+            m.disagg.labels("fallback_no_pair").inc()
+            return False
+        prefill, decode = pair
+        rr = self.router.routing_request(prepared, request_id)
+        booking = self.router.book(prepared, rr, Decision(prefill.replica_id, "prefill of a disaggregated pair"))
+        started = time.perf_counter()
+        try:
+            params = await self._prefill(booking, path, body, headers)
+        except UpstreamFailed as e:
+            await self._failed(booking, e, tried, 0)
+            m.disagg.labels("fallback_prefill").inc()
+            return False
+        except BaseException:
+            booking.fail()
+            raise
+        booking.finish(None)  # its one token is not the request's output: the predictor learns nothing
+        if params is None:
+            m.disagg.labels("fallback_prefill").inc()
+            return False
+        m.disagg_prefill.observe(time.perf_counter() - started)
+        # The decode replica holds the handed-over blocks when it starts: book it (and audit its
+        # reported cached tokens) as a replica that caches them.
+        held = max(rr.matched_blocks.get(decode.replica_id, 0), handover.handed_blocks(params, rr))
+        rr = dataclasses.replace(rr, matched_blocks={**rr.matched_blocks, decode.replica_id: held})
+        booking = self.router.book(prepared, rr, Decision(decode.replica_id, "decode of a disaggregated pair"))
+        outcome.replica, outcome.attempts, outcome.predicted_cached = decode.replica_id, 1, booking.matched_tokens
+        payload = handover.decode_payload(body, params, req.continuable and self.retry.failover
+                                          and not req.return_token_ids)
+        try:
+            await self._send(ex, booking, path, payload, headers, prepared, arrival, outcome)
+        except UpstreamFailed as e:
+            await self._failed(booking, e, tried, 0)
+            m.disagg.labels("fallback_decode").inc()
+            return False
+        except BaseException:
+            booking.fail()
+            raise
+        outcome.booking = booking  # ended once the response is out (`_finish`)
+        m.disagg.labels("disaggregated").inc()
+        return True
+
+    async def _prefill(self, booking: Booking, path: str, body: dict, headers: dict) -> dict | None:
+        """The prefill leg: its kv_transfer_params, None when its answer has none (a 4xx, or a
+        replica that cannot hand over); `UpstreamFailed` when it gave no answer."""
+        replica = booking.replica
+        upstream = await self._answer(replica, "POST", path, handover.prefill_payload(body), headers)
+        try:
+            raw = await upstream.read()
+        except UpstreamError as e:
+            raise UpstreamFailed(replica, f"prefill answer cut: {e}") from None
+        finally:
+            upstream.release()
+        self.registry.record_success(replica)
+        return handover.params_of(raw) if upstream.status == 200 else None
 
     async def _failed(self, booking: Booking, e: UpstreamFailed, tried: set[str], attempt: int) -> None:
         """An attempt that got no answer: end its booking, tell the breaker, back off."""

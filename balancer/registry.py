@@ -65,6 +65,7 @@ class ReplicaState:
     adapters: dict[str, str] = field(default_factory=dict)  # of `models`, the LoRA adapters -> their parent
     loras: frozenset[str] = frozenset()  # adapters resident now (its last load report)
     lora_load_s: float = 0.0  # its adapter loads' mean duration, as it reported (0: not measured)
+    role: str = "both"  # prefill | decode | both, as its load reports say (balancer/handover.py)
 
     @property
     def replica_id(self) -> str:
@@ -201,6 +202,14 @@ class Registry:
             r.loras = loras
             if load_s > 0:
                 r.lora_load_s = load_s
+
+    def set_role(self, replica_id: str, role: str) -> bool:
+        """The role replica_id reports (`kvfleet replica --role`); True when it changed."""
+        r = self._replicas.get(replica_id)
+        if r is None or r.role == role:
+            return False
+        r.role = role
+        return True
 
     # ------------------------------------------------------------- bookkeeping
     def on_sent(self, r: ReplicaState, tokens: int, uncached_tokens: int) -> None:

@@ -52,6 +52,7 @@ SNAPSHOT_REQUEST = b"kvfleet.snapshot"  # 16 bytes: never mistaken for an 8-byte
 DEFAULT_LOAD_TOPIC = b"kvfleet.load"
 DEFAULT_SNAPSHOT_TOPIC = b"kvfleet.snapshot"
 WIRE_VERSION = 1
+ROLES = ("prefill", "decode", "both")  # a replica's part in prefill/decode disaggregation
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,10 @@ class LoadReport:
     # from an older replica's reports: it then holds no adapters as far as routing knows.
     loras: tuple[str, ...] = ()
     lora_load_s: float = 0.0
+    # What the replica is for in a disaggregated fleet (`kvfleet replica --role`): "prefill",
+    # "decode" or "both" (vLLM's kv_producer / kv_consumer / kv_both). Absent from an older
+    # replica's reports: "both".
+    role: str = "both"
 
     def __post_init__(self) -> None:
         for name in ("num_running", "num_waiting", "queued_prefill_tokens", "running_decode_tokens",
@@ -109,6 +114,8 @@ class LoadReport:
             raise ValueError(f"LoadReport.kv_usage must be in [0, 1], got {self.kv_usage}")
         if not self.lora_load_s >= 0.0:
             raise ValueError(f"LoadReport.lora_load_s must be >= 0, got {self.lora_load_s}")
+        if self.role not in ROLES:
+            raise ValueError(f"LoadReport.role must be one of {ROLES}, got {self.role!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +173,7 @@ def encode_load(report: LoadReport) -> bytes:
                    s.decode_context_tokens] for s in report.steps],
         "loras": list(report.loras),
         "lora_load_s": float(report.lora_load_s),
+        "role": report.role,
     })
 
 
@@ -203,6 +211,9 @@ def decode_load(payload: bytes) -> LoadReport:
     loras = obj.get("loras", ())
     if not isinstance(loras, tuple) or not all(isinstance(n, str) for n in loras):
         raise EventDecodeError("load report loras must be an array of adapter names")
+    role = obj.get("role", "both")
+    if role not in ROLES:
+        raise EventDecodeError(f"load report role must be one of {ROLES}, got {role!r}")
     try:
         return LoadReport(
             replica_id=replica_id,
@@ -220,6 +231,7 @@ def decode_load(payload: bytes) -> LoadReport:
             epoch=_num(obj, "epoch", int, 0),
             loras=loras,
             lora_load_s=_num(obj, "lora_load_s", float, 0.0),
+            role=role,
         )
     except ValueError as e:  # LoadReport's own validation
         if isinstance(e, EventDecodeError):
