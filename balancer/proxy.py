@@ -398,15 +398,10 @@ class Proxy:
         rr = self.router.routing_request(prepared, request_id)
         booking = self.router.book(prepared, rr, Decision(prefill.replica_id, "prefill of a disaggregated pair"))
         started = time.perf_counter()
-        try:
-            params = await self._prefill(booking, path, body, headers)
-        except UpstreamFailed as e:
-            await self._failed(booking, e, tried, 0)
-            m.disagg.labels("fallback_prefill").inc()
+        answered, params = await self._leg(booking, self._prefill(booking, path, body, headers), tried,
+                                           "fallback_prefill")
+        if not answered:
             return False
-        except BaseException:
-            booking.fail()
-            raise
         booking.finish(None)  # its one token is not the request's output: the predictor learns nothing
         if params is None:
             m.disagg.labels("fallback_prefill").inc()
@@ -420,18 +415,26 @@ class Proxy:
         outcome.replica, outcome.attempts, outcome.predicted_cached = decode.replica_id, 1, booking.matched_tokens
         payload = handover.decode_payload(body, params, req.continuable and self.retry.failover
                                           and not req.return_token_ids)
-        try:
-            await self._send(ex, booking, path, payload, headers, prepared, arrival, outcome)
-        except UpstreamFailed as e:
-            await self._failed(booking, e, tried, 0)
-            m.disagg.labels("fallback_decode").inc()
+        answered, _ = await self._leg(booking, self._send(ex, booking, path, payload, headers, prepared, arrival,
+                                                          outcome), tried, "fallback_decode")
+        if not answered:
             return False
-        except BaseException:
-            booking.fail()
-            raise
         outcome.booking = booking  # ended once the response is out (`_finish`)
         m.disagg.labels("disaggregated").inc()
         return True
+
+    async def _leg(self, booking: Booking, leg, tried: set[str], failed: str) -> tuple[bool, object]:
+        """Await one leg of a disaggregated request: (True, its result); (False, None) when its
+        replica gave no answer (the booking failed, the replica in `tried`, `failed` counted)."""
+        try:
+            return True, await leg
+        except UpstreamFailed as e:
+            await self._failed(booking, e, tried, 0)
+            self.metrics.disagg.labels(failed).inc()
+            return False, None
+        except BaseException:
+            booking.fail()
+            raise
 
     async def _prefill(self, booking: Booking, path: str, body: dict, headers: dict) -> dict | None:
         """The prefill leg: its kv_transfer_params, None when its answer has none (a 4xx, or a

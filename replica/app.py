@@ -41,7 +41,7 @@ def build_replica(cfg: ReplicaConfig) -> web.Application:
     if cfg.sim_preset is None:  # the KV hand-over moves tensors: the torch engine's
         from replica.kv_transfer import KVReceiver, KVSender
 
-        if role in ("prefill", "both"):
+        if role == "prefill":
             sender = KVSender(cfg.kv_transfer, service, service.metrics)
         receiver = KVReceiver(cfg.kv_transfer, service, service.metrics)
     app = create_app(service, cfg.server, model, sender, receiver)
@@ -51,7 +51,9 @@ def build_replica(cfg: ReplicaConfig) -> web.Application:
 
 def ready_line(cfg: ReplicaConfig, service: EngineService, urls: list[str], sender: KVSender | None = None) -> str:
     """What `kvfleet replica` prints once it listens (launchers wait for it: kvfleet/procs.py)."""
-    events = f" role={service.role}" + (f" kv-transfer={sender.endpoint}" if sender is not None else "")
+    events = "" if service.role == "both" else f" role={service.role}"
+    if sender is not None:
+        events += f" kv-transfer={sender.endpoint}"
     if service.publisher is not None:
         ep = service.publisher.endpoints
         events += f" kv-events={ep.endpoint}" + (f" kv-replay={ep.replay_endpoint}" if ep.replay_endpoint else "")

@@ -233,10 +233,11 @@ class KVCacheManager:
         """Hold `req_id`'s blocks when it is freed, for a decode replica to pull."""
         self._keep.add(req_id)
 
-    def kept_blocks(self, req_id: str) -> list[int] | None:
-        """The block ids held for `req_id` in token order; None when nothing is held for it."""
+    def kept_blocks(self, req_id: str) -> list[tuple[int, int | None]] | None:
+        """(block id, chain hash or None) of the blocks held for `req_id`, in token order; None
+        when nothing is held for it."""
         blocks = self._kept.get(req_id)
-        return None if blocks is None else [b.block_id for b in blocks]
+        return None if blocks is None else [(b.block_id, b.block_hash) for b in blocks]
 
     def release_kept(self, req_id: str, forget: bool = True) -> bool:
         """Release the blocks held for `req_id` (they stay cached, as any freed block); with

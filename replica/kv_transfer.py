@@ -10,7 +10,9 @@ The request flow is vLLM's disaggregated-serving proxy pattern (vLLM's
    `kv_transfer_params`: `do_remote_prefill: true, do_remote_decode: false, remote_engine_id,
    remote_request_id, remote_block_ids` (the prompt's full blocks, as NixlConnector sends them),
    `remote_host, remote_port` (this module's ROUTER socket), `remote_block_size`, and kvfleet's
-   `remote_kv_layout` (dtype and block shape: a decode replica of another model never reads it).
+   `remote_kv_layout` (dtype and block shape) and `remote_block_hashes` (the blocks' chain hashes,
+   design §3): a decode replica installs blocks only under a prompt of its own that hashes the
+   same, so KV of another model, tokenizer or prompt is never used.
 2. proxy → decode replica: the original request with those `kv_transfer_params`. `KVReceiver.prepare`
    pulls the blocks its own prefix cache lacks, checks each block's checksum as it arrives and,
    between two engine steps, installs them as cached blocks of its pool just before the request
@@ -118,15 +120,22 @@ class Faults:
     stalled: int = 0
 
 
-class KVSender:
-    """The prefill side: holds finished prefills' blocks and serves pulls on a ZMQ ROUTER."""
+class _Side:
+    """What both sides of a hand-over hold: the config, the engine's service and caches, metrics."""
 
     def __init__(self, cfg: KVTransferConfig, service, metrics) -> None:
         self.cfg = cfg
         self.service = service
         self.metrics = metrics
-        self.caches = service.engine.executor.kv_caches
+        self.caches = service.engine.executor.kv_caches  # [(k, v)] per layer, [blocks, bs, Hkv, D]
         self.layout = cache_layout(self.caches)
+
+
+class KVSender(_Side):
+    """The prefill side: holds finished prefills' blocks and serves pulls on a ZMQ ROUTER."""
+
+    def __init__(self, cfg: KVTransferConfig, service, metrics) -> None:
+        super().__init__(cfg, service, metrics)
         self.engine_id = uuid.uuid4().hex  # NixlConnector's remote_engine_id: this process
         self.port = cfg.port
         self.faults = Faults()
@@ -136,6 +145,7 @@ class KVSender:
         self._tasks: set[asyncio.Task] = set()
         self._serve_task: asyncio.Task | None = None
         self._sweep_task: asyncio.Task | None = None
+        self._closing = False
 
     @property
     def endpoint(self) -> str:
@@ -153,6 +163,9 @@ class KVSender:
         self._sweep_task = asyncio.create_task(self._sweep(), name="kv-transfer-sweep")
 
     async def stop(self) -> None:
+        # No more releases: the engine stops next, and an inbox op arriving while its loop is
+        # being cancelled can swallow that cancellation (Python 3.11's wait_for race).
+        self._closing = True
         tasks = [t for t in (self._serve_task, self._sweep_task, *self._tasks) if t is not None]
         for t in tasks:
             t.cancel()
@@ -176,17 +189,26 @@ class KVSender:
         its full prompt blocks, held for `keep_s` or until pulled."""
         kv = self.service.engine.kv
         held = kv.kept_blocks(request_id) or []
-        full = held[: num_prompt_tokens // kv.block_size]
+        full = []  # the prompt's full blocks, up to the first one not in the prefix cache
+        for block_id, block_hash in held[: num_prompt_tokens // kv.block_size]:
+            if block_hash is None:
+                break
+            full.append((block_id, block_hash))
         if full:
-            self._parked[request_id] = _Parked(full, time.monotonic() + self.cfg.keep_s)
+            self._parked[request_id] = _Parked([b for b, _ in full], time.monotonic() + self.cfg.keep_s)
         else:  # nothing worth sending (a prompt shorter than a block, or the hold expired)
             self._release(request_id)
+        # `remote_block_hashes` (kvfleet's): the blocks' chain hashes (design §3), so a decode
+        # replica installs them only under a prompt that hashes the same (same model, same tokens).
         return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
-                "remote_request_id": request_id, "remote_block_ids": full, "remote_host": self.cfg.host,
+                "remote_request_id": request_id, "remote_block_ids": [b for b, _ in full],
+                "remote_block_hashes": [f"{h:016x}" for _, h in full], "remote_host": self.cfg.host,
                 "remote_port": self.port, "remote_block_size": kv.block_size, "remote_kv_layout": self.layout}
 
     def _release(self, request_id: str) -> None:
         self._parked.pop(request_id, None)
+        if self._closing:
+            return
         kv = self.service.engine.kv
         task = asyncio.ensure_future(self.service.between_steps(lambda: kv.release_kept(request_id)))
         self._tasks.add(task)
@@ -257,15 +279,11 @@ class Pulled:
     nbytes: int = 0
 
 
-class KVReceiver:
+class KVReceiver(_Side):
     """The decode side: pulls a prefill's blocks and installs them before its request runs."""
 
     def __init__(self, cfg: KVTransferConfig, service, metrics) -> None:
-        self.cfg = cfg
-        self.service = service
-        self.metrics = metrics
-        self.caches = service.engine.executor.kv_caches
-        self.layout = cache_layout(self.caches)
+        super().__init__(cfg, service, metrics)
         k = self.caches[0][0]
         self.block_nbytes = 2 * len(self.caches) * k[0].numel() * k.element_size()
         self._ctx = zmq.asyncio.Context()
@@ -295,6 +313,12 @@ class KVReceiver:
             return None
         root = kv.hash_root if lora is None else lora.root
         hashes = hash_blocks(prompt_ids[: wanted * bs], bs, root)
+        wanted = _agreeing(hashes, params.get("remote_block_hashes"))
+        if wanted == 0:
+            log.warning("the prefill's blocks hash differently from this prompt's (another model or tokenizer?): "
+                        "computing the prompt")
+            return None
+        hashes = hashes[:wanted]
         have = await self.service.between_steps(lambda: _cached_run(kv, hashes))
         if have >= wanted:
             return None  # this replica holds the prefix already
@@ -365,6 +389,19 @@ def _remote(params: dict) -> tuple[str, int, str, list, int]:
                             "response gives them; send the prefill's kv_transfer_params unchanged",
                        "kv_transfer_params")
     return host, port, rid, ids, bs
+
+
+def _agreeing(hashes: list[int], remote) -> int:
+    """How many leading blocks hash the same here and on the prefill replica (none when it sent
+    no hashes: KV of unknown tokens is never installed)."""
+    if not isinstance(remote, list):
+        return 0
+    n = 0
+    for mine, theirs in zip(hashes, remote):
+        if not isinstance(theirs, str) or theirs != f"{mine:016x}":
+            break
+        n += 1
+    return n
 
 
 def _cached_run(kv, hashes: list[int]) -> int:

@@ -3,6 +3,7 @@ accept, the exact bytes kvfleet writes, round trips, frames, and kvfleet's extra
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import msgpack
@@ -313,6 +314,17 @@ def test_load_report_round_trip_and_tolerance() -> None:
         decode_load(encode_batch(EventBatch(ts=1.0)))  # a KV batch is not a load report
     with pytest.raises(ValueError):
         LoadReport("r", 0.0, -1, 0, 0, 0, 0, 1, 16, 0.0)
+
+
+def test_a_load_report_carries_the_replica_role() -> None:
+    report = dataclasses.replace(_report(), role="decode")
+    assert decode_load(encode_load(report)).role == "decode"
+    raw = msgpack.unpackb(encode_load(report))
+    del raw["role"]  # an older replica's report: a unified replica
+    assert decode_load(pack(raw)).role == "both"
+    raw["role"] = "router"
+    with pytest.raises(EventDecodeError):
+        decode_load(pack(raw))
 
 
 def test_snapshot_round_trip() -> None:
