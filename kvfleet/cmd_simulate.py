@@ -57,6 +57,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balancers", type=int, default=1,
                    help="uncoordinated balancer instances, requests round robin over them; >1 reports their "
                         "agreement in the JSON output (default 1)")
+    from simulator.kv_link import KV_LINKS
+
+    p.add_argument("--prefill-replicas", type=int, default=0, metavar="N",
+                   help="disaggregate: N of the --replicas only prefill (a request's prompt and first token), "
+                        "handing its KV to a decode replica over --kv-link; 0 and --decode-replicas 0: a unified fleet")
+    p.add_argument("--decode-replicas", type=int, default=0, metavar="N",
+                   help="disaggregate: N of the --replicas only decode, from KV a prefill replica handed over; "
+                        "the rest of the --replicas do both (e.g. --replicas 8 --prefill-replicas 2 "
+                        "--decode-replicas 6)")
+    p.add_argument("--kv-link", default="ib-ndr", choices=tuple(KV_LINKS),
+                   help="the modelled link KV hand-overs take: " + "; ".join(
+                       f"{k}: {v.bandwidth_Bps / 1e9:g} GB/s per GPU, {v.latency_s * 1e6:g} us ({v.source})"
+                       for k, v in KV_LINKS.items()))
+    p.add_argument("--kv-bytes-per-token", type=int, default=None, metavar="B",
+                   help="KV bytes of one token, for the hand-over time (default: the --preset model's, e.g. "
+                        "131072 for Llama-3-8B bf16; with --preset-file, 131072)")
     p.add_argument("--load-report-interval-ms", type=float, default=1e3 * DEFAULT_LOAD_REPORT_INTERVAL_S,
                    help="how often a replica's load report reaches the balancer (default: a live replica's "
                         "cadence); 0: after every engine step, fresher than any live fleet")
@@ -146,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
             preset = load_preset_file(args.preset_file)
         else:
             preset = get_preset(args.preset)
+        from simulator.kv_link import get_link, preset_kv
+
+        kv_bytes, kv_lanes = (131_072, 1) if args.preset_file else preset_kv(args.preset)
         cfg = SimulateConfig(args.replicas, preset, policies, args.kv_blocks, args.load, args.seed,
                              args.slo_ttft, args.slo_tpot, predictor=args.predictor,
                              policy_options=tuple((k, tuple(sorted(v.items()))) for k, v in options.items()),
@@ -154,7 +173,14 @@ def run(args: argparse.Namespace) -> int:
                              response_latency_s=args.response_latency_ms / 1e3, max_model_len=args.max_model_len,
                              index_source=args.index_source, digest_interval_s=args.digest_interval,
                              digest_filter=args.digest_filter,
-                             sessions=sessions.SessionConfig(enabled=args.sessions), balancers=args.balancers)
+                             sessions=sessions.SessionConfig(enabled=args.sessions), balancers=args.balancers,
+                             prefill_replicas=args.prefill_replicas, decode_replicas=args.decode_replicas,
+                             kv_link=get_link(args.kv_link), kv_bytes_per_token=args.kv_bytes_per_token or kv_bytes,
+                             kv_lanes=kv_lanes)
+        # The fleet's own checks (roles against --replicas), before the trace is replayed.
+        from simulator.run import fleet_config
+
+        fleet_config(cfg, policies[0])
     except (OSError, ValueError) as e:
         print(f"kvfleet simulate: {e}", file=sys.stderr)
         return 2

@@ -115,14 +115,34 @@ class LLMEngine:
         self.step_log: deque[StepRecord] | None = None
 
     # ---------------------------------------------------------------- requests
+    def _lora(self, params: SamplingParams) -> LoraTag | None:
+        if params.lora_name is None:
+            return None
+        lora = self.lora_tags.get(params.lora_name)
+        if lora is None:
+            raise ValueError(f"this replica serves no LoRA adapter {params.lora_name!r}")
+        return lora
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        lora = None
-        if params.lora_name is not None:
-            lora = self.lora_tags.get(params.lora_name)
-            if lora is None:
-                raise ValueError(f"this replica serves no LoRA adapter {params.lora_name!r}")
-        req = Request(request_id, prompt_token_ids, params, self.clock(), self.tokenizer.eos_token_id, lora)
+        req = Request(request_id, prompt_token_ids, params, self.clock(), self.tokenizer.eos_token_id,
+                      self._lora(params))
         self.scheduler.add_request(req)
+        if self.detokenize:
+            self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids), params.stop)
+        return req
+
+    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], sampled: list[int],
+                      params: SamplingParams) -> Request | None:
+        """A request handed over by a prefill replica: its prompt's KV arrived with the tokens
+        the prefill sampled (`sampled`, at least the first); it decodes from there
+        (`Scheduler.add_prefilled`). None when there is no room now: try again after a step."""
+        if not sampled:
+            raise ValueError("a handed-over request carries at least the first sampled token")
+        req = Request(request_id, prompt_token_ids, params, self.clock(), self.tokenizer.eos_token_id,
+                      self._lora(params))
+        req.token_ids.extend(sampled)
+        if not self.scheduler.add_prefilled(req):
+            return None
         if self.detokenize:
             self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids), params.stop)
         return req

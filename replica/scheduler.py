@@ -98,6 +98,34 @@ class Scheduler:
         self.waiting.append(request)
         self.requests[request.request_id] = request
 
+    def add_prefilled(self, request: Request) -> bool:
+        """Admit a request whose prompt KV was computed elsewhere (a prefill replica handed it
+        over, balancer/disagg.py): its blocks are taken now (the prefix this cache already holds
+        is reused, the rest are the handed-over KV) and it runs at once, decoding from its last
+        token, without a prefill chunk here. `request.token_ids` is the prompt plus the tokens
+        the prefill sampled (its first output token). False, with nothing changed, when the
+        blocks or a running slot are not free now: the caller retries after a step.
+        Raises ValueError as `add_request` does for a request this replica could never hold."""
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.num_tokens >= self.config.max_model_len:
+            raise ValueError(f"request has {request.num_tokens} tokens; the model's context is "
+                             f"{self.config.max_model_len}")
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        ready = request.num_tokens - 1  # the KV of every token but the newest (decoded next)
+        hit = self.kv.get_computed_blocks(request.request_id, request.token_ids, request.lora)
+        if not self.kv.allocate_slots(request.request_id, request.token_ids, hit.num_tokens,
+                                      ready - hit.num_tokens, hit, request.lora):
+            self.kv.free(request.request_id)  # forget the lookup: nothing is held
+            return False
+        request.num_cached_tokens = hit.num_tokens
+        request.num_computed_tokens = ready
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.requests[request.request_id] = request
+        return True
+
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """Remove a request (aborted, or stopped by a stop string) and free its blocks."""
         req = self.requests.pop(request_id, None)

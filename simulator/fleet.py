@@ -27,10 +27,12 @@ import heapq
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from balancer.approx_index import ApproxIndex
 from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
 from balancer.digest_index import DigestIndex
+from balancer.disagg import BOTH, DECODE, PREFILL, PairBooking, PairConfig, PairSelector, route_pair
 from balancer.policies import make_policy
 from balancer.policies.base import ReplicaLoad
 from balancer.prefix_index import PrefixIndex
@@ -48,6 +50,7 @@ from replica.request import SamplingParams
 from replica.scheduler import Scheduler, SchedulerConfig
 from replica.sim_executor import SimExecutor
 from replica.step_model import SimPreset
+from simulator.kv_link import KV_LINKS, KvLink
 
 MODEL = "sim"
 
@@ -147,10 +150,42 @@ class FleetConfig:
     # SimResult.extra["agreement"] is the share of routed requests for which every other instance,
     # asked at that moment without booking (Router.choose), would have picked the same replica.
     balancers: int = 1
+    # Prefill/decode disaggregation (issue #19 part 3): of the `replicas`, the first
+    # `prefill_replicas` only prefill, the next `decode_replicas` only decode, the rest do both.
+    # A request split over a pair (balancer/disagg.py picks it) prefills on one with max_tokens 1,
+    # its prompt's KV (the tokens the decode replica does not cache) goes over `kv_link` —
+    # `kv_bytes_per_token` over `kv_lanes` parallel links (simulator/kv_link.py) — and it decodes
+    # on the other from its first token. 0 and 0: a unified fleet, every request routed whole.
+    prefill_replicas: int = 0
+    decode_replicas: int = 0
+    kv_link: KvLink = KV_LINKS["ib-ndr"]
+    kv_bytes_per_token: int = 131_072  # Llama-3-8B bf16 (simulator/kv_link.py PRESET_KV)
+    kv_lanes: int = 1
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill_replicas > 0 or self.decode_replicas > 0
+
+    def role(self, i: int) -> str:
+        """The role of replica i."""
+        if i < self.prefill_replicas:
+            return PREFILL
+        return DECODE if i < self.prefill_replicas + self.decode_replicas else BOTH
 
     def __post_init__(self) -> None:
         if self.balancers < 1:
             raise ValueError("balancers must be at least 1")
+        if self.prefill_replicas < 0 or self.decode_replicas < 0:
+            raise ValueError("prefill_replicas and decode_replicas must be >= 0")
+        if self.prefill_replicas + self.decode_replicas > self.replicas:
+            raise ValueError(f"{self.prefill_replicas} prefill + {self.decode_replicas} decode replicas exceed the "
+                             f"fleet's {self.replicas}; give replicas >= their sum (the rest do both)")
+        if self.disaggregated and (self.prefill_replicas == self.replicas or self.decode_replicas == self.replicas):
+            raise ValueError("a disaggregated fleet needs replicas that can prefill and replicas that can decode")
+        if self.disaggregated and (self.balancers > 1 or self.lora_adapters):
+            raise ValueError("disaggregated fleets are simulated with one balancer and no LoRA adapters")
+        if self.kv_bytes_per_token < 1 or self.kv_lanes < 1:
+            raise ValueError("kv_bytes_per_token and kv_lanes must be positive")
         if self.index_source not in ("events", "digests"):
             raise ValueError(f"index_source must be events or digests, got {self.index_source!r}")
         if self.digest_interval_s <= 0:
@@ -180,6 +215,8 @@ class RequestRecord:
     predicted_cached_tokens: int = 0
     rejected: bool = False  # too long for a replica: never routed
     preemptions: int = 0  # times the replica preempted it (recomputed later)
+    prefill_replica: str = ""  # split over a pair: where it prefilled (`replica` decoded it)
+    transfer_s: float = 0.0  # split: from its prefill's end to its KV being on the decode replica
 
     @property
     def ttft(self) -> float:
@@ -197,8 +234,12 @@ class RequestRecord:
 
 
 class _SimReplica:
-    def __init__(self, rid: str, cfg: FleetConfig) -> None:
+    def __init__(self, rid: str, cfg: FleetConfig, role: str = BOTH) -> None:
         self.rid = rid
+        self.role = role
+        self.pending: list[tuple] = []  # hand-overs arrived while it had no room, oldest first
+        self.egress_free = self.ingress_free = 0.0  # when its KV link is next free, each way
+        self.prefill_tokens_run = 0  # prompt tokens its steps computed (0 on a decode replica)
         self.now = 0.0
         self.busy = False
         p = cfg.preset
@@ -249,7 +290,7 @@ class FleetSimulation:
     def __init__(self, cfg: FleetConfig, predictor=None) -> None:
         self.cfg = cfg
         self.now = 0.0
-        self.replicas = {f"r{i}": _SimReplica(f"r{i}", cfg) for i in range(cfg.replicas)}
+        self.replicas = {f"r{i}": _SimReplica(f"r{i}", cfg, cfg.role(i)) for i in range(cfg.replicas)}
         # Registry ids are URLs; keep a map both ways.
         self._url = {rid: f"http://{rid}.sim:80" for rid in self.replicas}
         self._rid = {v: k for k, v in self._url.items()}
@@ -262,6 +303,14 @@ class FleetSimulation:
         self._lora_roots = {name: root_hash(MODEL, lora_name=name) for name in cfg.lora_adapters}
         self.predictor = predictor
         self.kv_blocks = cfg.kv_blocks or cfg.preset.kv_blocks
+        # The pair selector prices the hand-over as the link does, on the policy's step learner
+        # when it has one (predictive), else its own, fed the same load reports.
+        self.roles = {self._url[rid]: rep.role for rid, rep in self.replicas.items()}
+        link = cfg.kv_link
+        self.selector = PairSelector(PairConfig(transfer_s_per_token=link.seconds_per_token(
+            cfg.kv_bytes_per_token, cfg.kv_lanes), transfer_latency_s=link.latency_s),
+            getattr(self.policy, "learner", None)) if cfg.disaggregated else None
+        self._own_learner = self.selector is not None and getattr(self.policy, "learner", None) is None
 
     def _clock(self) -> float:
         return self.now
@@ -292,7 +341,7 @@ class FleetSimulation:
         wall = _time.perf_counter()
         heap: list[tuple[float, int, int, object]] = []
         seq = itertools.count()
-        ARRIVE, STEP, ENQUEUE, REPORT, DELIVER, DIGEST = 0, 1, 2, 3, 4, 5
+        ARRIVE, STEP, ENQUEUE, REPORT, DELIVER, DIGEST, HANDOVER = 0, 1, 2, 3, 4, 5, 6
         interval = self.cfg.load_report_interval_s
         req_lat, resp_lat = self.cfg.request_latency_s, self.cfg.response_latency_s
         for i, r in enumerate(requests):
@@ -304,7 +353,8 @@ class FleetSimulation:
                 heapq.heappush(heap, (period * j / len(self.replicas), next(seq), DIGEST, rep))
         pending_digests = len(self.replicas) if digests is not None else 0  # DIGEST events in the heap
         records: list[RequestRecord] = []
-        live: dict[str, tuple[RequestRecord, Booking]] = {}
+        live: dict[str, tuple[RequestRecord, Booking]] = {}  # the booking to finish when it ends
+        splits: dict[str, _Split] = {}  # requests split over a pair, until their prefill ends
         steps = 0
         index, registry, policy = self.index, self.registry, self.policy
         heappush, heappop = heapq.heappush, heapq.heappop
@@ -323,6 +373,9 @@ class FleetSimulation:
                 records.append(rec)
                 if rec.rejected:
                     continue
+                if isinstance(booking, _Split):  # prefill here, decode there
+                    splits[str(x)] = booking
+                    booking = booking.pair.decode
                 live[str(x)] = (rec, booking)
                 if req_lat > 0:  # routed now, in the replica's queue later
                     heappush(heap, (t + req_lat, next(seq), ENQUEUE, (rep, add)))
@@ -339,10 +392,25 @@ class FleetSimulation:
                     rep.busy = True
                     rep.now = max(rep.now, t)
                     heappush(heap, (rep.now, next(seq), STEP, rep))
+            elif kind == HANDOVER:  # a split request's KV is on its decode replica
+                rep, item = x
+                live[item[0]][0].transfer_s = t - item[3]
+                if self._admit(rep, item, t, live):
+                    if not rep.busy:
+                        rep.busy = True
+                        rep.now = max(rep.now, t)
+                        heappush(heap, (rep.now, next(seq), STEP, rep))
+                elif not rep.busy:
+                    raise RuntimeError(f"replica {rep.rid} is idle but cannot take hand-over {item[0]}")
+                else:
+                    rep.pending.append(item)  # no blocks or slot now: retried after its steps
             elif kind == STEP:  # the step runs from t to rep.now; what it made is seen at rep.now
                 rep = x
                 rep.now = max(rep.now, t)
+                before = rep.engine.num_steps
                 touched = rep.engine.step_requests()
+                if rep.engine.num_steps > before:
+                    rep.prefill_tokens_run += rep.engine.steps[-1].prefill_tokens
                 steps += 1
                 # Taken now, before requests that arrive mid-step join the queue (live, they
                 # wait in the engine loop's inbox until the step ends): delivered at its end.
@@ -358,6 +426,13 @@ class FleetSimulation:
                     self._deliver(rep, url, report)
                 seen = t + resp_lat
                 for req in touched:
+                    split = splits.get(req.request_id)
+                    if split is not None and rep is split.prefill:
+                        if req.status.finished:  # prefill done, first token sampled: hand over
+                            del splits[req.request_id]
+                            self._hand_over(split, req, t, live, lambda at, item: heappush(
+                                heap, (at, next(seq), HANDOVER, item)))
+                        continue
                     rec, booking = live[req.request_id]
                     if rec.first_token is None:
                         rec.first_token = seen
@@ -365,9 +440,11 @@ class FleetSimulation:
                     if req.status.finished:
                         rec.finish = seen
                         rec.output_tokens = req.num_output_tokens
-                        rec.preemptions = req.num_preemptions
+                        rec.preemptions += req.num_preemptions  # a split request's prefill ones too
                         booking.finish(req.num_output_tokens)
                         del live[req.request_id]
+                while rep.pending and self._admit(rep, rep.pending[0], t, live):
+                    rep.pending.pop(0)
                 if rep.engine.has_unfinished():
                     heappush(heap, (t, next(seq), STEP, rep))
                 else:
@@ -384,8 +461,49 @@ class FleetSimulation:
             extra["sessions"] = dict(self.sessions.routed)
         if len(self.instances) > 1:
             extra["agreement"] = self.agreed / self.compared if self.compared else 1.0
+        if self.cfg.disaggregated:
+            split = [r for r in records if r.prefill_replica]
+            extra["disagg"] = {
+                "roles": dict(self.roles),
+                "split_requests": len(split),
+                "mean_transfer_s": sum(r.transfer_s for r in split) / len(split) if split else 0.0,
+                # prompt tokens each replica's steps computed (a decode replica's only from preemptions)
+                "prefill_tokens": {self._url[rid]: rep.prefill_tokens_run for rid, rep in self.replicas.items()},
+            }
         return SimResult(self.cfg.policy, records, [self._url[r] for r in self.replicas], steps,
                          _time.perf_counter() - wall, extra)
+
+    def _hand_over(self, split: "_Split", req, t: float, live: dict, push: Callable) -> None:
+        """`req` ended its prefill on split.prefill at t: release that side and send its KV to
+        the decode replica over the link (the blocks the decode replica already caches stay)."""
+        rec, _ = live[req.request_id]
+        split.pair.prefill.finish(1)
+        rec.cached_tokens = max(req.num_cached_tokens, 0)
+        rec.preemptions += req.num_preemptions
+        sampled = req.output_token_ids
+        if split.output_length <= len(sampled):  # nothing left to decode: it ends here
+            rec.first_token = rec.finish = t + self.cfg.response_latency_s
+            rec.output_tokens = len(sampled)
+            split.pair.decode.finish(len(sampled))
+            del live[req.request_id]
+            return
+        dec, cfg = split.decode, self.cfg
+        tokens = split.tokens
+        moved = len(tokens) - _cached_prefix_tokens(dec.kv, split.hashes, tokens)
+        busy_s = moved * cfg.kv_link.seconds_per_token(cfg.kv_bytes_per_token, cfg.kv_lanes)
+        start = max(t, split.prefill.egress_free, dec.ingress_free)  # one hand-over at a time each way
+        split.prefill.egress_free = dec.ingress_free = start + busy_s
+        params = SamplingParams(max_tokens=split.output_length, temperature=0.0, ignore_eos=True)
+        push(start + busy_s + cfg.kv_link.latency_s, (dec, (req.request_id, tokens, sampled, t, params)))
+
+    def _admit(self, rep: "_SimReplica", item: tuple, t: float, live: dict) -> bool:
+        """Try to start a handed-over request on its decode replica; its first token reaches the
+        client then (the decode replica streams it, having the prefill's token with the KV)."""
+        request_id, tokens, sampled, _, params = item
+        if rep.engine.add_prefilled(request_id, tokens, sampled, params) is None:
+            return False
+        live[request_id][0].first_token = t + self.cfg.response_latency_s
+        return True
 
     def _take_digest(self, rep: "_SimReplica") -> None:
         """The replica's cache digest as its publisher makes it now, delivered at once."""
@@ -419,6 +537,8 @@ class FleetSimulation:
                 registry.set_loras(url, *loras)
             if steps:
                 policy.observe_steps(url, steps)
+        if steps and self._own_learner:
+            self.selector.observe_steps(url, steps)
 
     def _arrive(self, i: int, r: SimRequest, t: float):
         memo = r.prompt
@@ -446,6 +566,8 @@ class FleetSimulation:
         router = self.instances[i % len(self.instances)][4]
         if router is not self.router:  # each instance prepares with its own root/tokenizer state
             prepared = router.prepare_tokens(req, tokens, text, hashes)
+        if self.selector is not None:
+            return self._arrive_pair(i, r, t, prepared, tokens, hashes, oracle)
         booking = router.route(prepared, str(i), predicted_output_tokens=oracle)
         url = booking.replica_id
         if len(self.instances) > 1:  # would every other instance have sent it there now?
@@ -459,3 +581,44 @@ class FleetSimulation:
                                 lora_name=r.lora_name)
         rec = RequestRecord(i, t, url, len(tokens), predicted_cached_tokens=booking.matched_tokens)
         return rec, booking, rep, (str(i), tokens, params)
+
+    def _arrive_pair(self, i: int, r: SimRequest, t: float, prepared, tokens: list[int], hashes: Sequence[int],
+                     oracle: float | None):
+        """`_arrive` on a disaggregated fleet: the pair selector places it (balancer/disagg.py).
+        Split, it goes first to the prefill replica for its first token only, and the booking
+        slot carries its `_Split`; kept whole, it is booked and sent like any routed request."""
+        pair = route_pair(self.router, self.selector, prepared, str(i), self.roles, predicted_output_tokens=oracle)
+        d = pair.decision  # never None here: FleetConfig checks both sides exist, all are usable
+        rep = self.replicas[self._rid[d.prefill]]
+        out = max(1, r.output_length) if pair.unified else 1
+        params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
+        rec = RequestRecord(i, t, d.decode, len(tokens), predicted_cached_tokens=pair.prefill.matched_tokens,
+                            prefill_replica="" if pair.unified else d.prefill)
+        booking = pair.prefill if pair.unified else _Split(pair, rep, self.replicas[self._rid[d.decode]],
+                                                             max(1, r.output_length), tokens, hashes)
+        return rec, booking, rep, (str(i), tokens, params)
+
+
+class _Split(NamedTuple):
+    """A request split over a pair, from its arrival to the end of its prefill."""
+
+    pair: PairBooking
+    prefill: _SimReplica
+    decode: _SimReplica
+    output_length: int
+    tokens: list[int]
+    hashes: Sequence[int]
+
+
+def _cached_prefix_tokens(kv: KVCacheManager, hashes: Sequence[int], tokens: Sequence[int]) -> int:
+    """Leading prompt tokens whose blocks `kv` caches now (as its lookup would find them, at
+    most all but the last token): the KV a hand-over need not move. Changes nothing."""
+    bs, pool = kv.block_size, kv.pool
+    parent = None
+    n = 0
+    for h in hashes[: max(len(tokens) - 1, 0) // bs]:
+        if pool.get_cached_block(h, tokens[n * bs:(n + 1) * bs], parent_hash=parent) is None:
+            break
+        parent = h
+        n += 1
+    return n * bs

@@ -24,6 +24,7 @@ from replica.step_model import SimPreset
 from balancer.sessions import SessionConfig
 from simulator.bounds import Bounds, compute_bounds
 from simulator.fleet import MODEL, FleetConfig, FleetSimulation, Prompt, SimRequest, SimResult
+from simulator.kv_link import KV_LINKS, KvLink
 
 
 # What a live fleet adds per request outside the engines, measured on this project's 2-core
@@ -67,6 +68,13 @@ class SimulateConfig:
     sessions: SessionConfig = SessionConfig()  # sticky sessions, keyed by the trace's session ids
     # Uncoordinated balancer instances in front of the fleet (simulator.fleet.FleetConfig).
     balancers: int = 1
+    # Prefill/decode disaggregation over a modelled KV link (simulator.fleet.FleetConfig); the
+    # offered load is the same as for `replicas` unified ones, so the two compare on one trace.
+    prefill_replicas: int = 0
+    decode_replicas: int = 0
+    kv_link: KvLink = KV_LINKS["ib-ndr"]
+    kv_bytes_per_token: int = 131_072
+    kv_lanes: int = 1
 
     def __post_init__(self) -> None:
         if self.load is not None and not 0 < self.load <= 10:
@@ -150,6 +158,7 @@ def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
         "mean_ttft_s": float(ttft.mean()), "median_ttft_s": float(np.median(ttft)),
         "p99_ttft_s": float(np.quantile(ttft, 0.99)),
         "mean_tpot_s": float(tpots.mean()) if tpots.size else 0.0,
+        "p99_tpot_s": float(np.quantile(tpots, 0.99)) if tpots.size else 0.0,
         "mean_e2el_s": float(e2e.mean()), "p99_e2el_s": float(np.quantile(e2e, 0.99)),
         "request_goodput": good / span, "goodput_fraction": good / max(len(recs), 1),
         "cache_hit_rate": sum(r.cached_tokens for r in recs) / max(prompt, 1),
@@ -157,6 +166,7 @@ def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
         "replica_share": {k: v / max(len(recs), 1) for k, v in share.items()},
         "steps": res.steps, "wall_s": res.wall_s,
         **({"sessions": res.extra["sessions"]} if "sessions" in res.extra else {}),
+        **({"disagg": {k: v for k, v in res.extra["disagg"].items() if k != "roles"}} if "disagg" in res.extra else {}),
     }
 
 
@@ -180,7 +190,9 @@ def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
                        max_model_len=cfg.max_model_len, index_source=cfg.index_source,
                        digest_interval_s=cfg.digest_interval_s, digest_filter=cfg.digest_filter,
                        sessions=cfg.sessions,
-                       balancers=cfg.balancers)
+                       balancers=cfg.balancers, prefill_replicas=cfg.prefill_replicas,
+                       decode_replicas=cfg.decode_replicas, kv_link=cfg.kv_link,
+                       kv_bytes_per_token=cfg.kv_bytes_per_token, kv_lanes=cfg.kv_lanes)
 
 
 def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
@@ -207,6 +219,10 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
                       "mean_demand_s": demand, "requests": len(reqs), "seed": cfg.seed,
                       "predictor": cfg.predictor, "client_max_tokens": cfg.client_max_tokens,
                       "index_source": cfg.index_source, "sessions": cfg.sessions.enabled,
+                      **({"prefill_replicas": cfg.prefill_replicas, "decode_replicas": cfg.decode_replicas,
+                          "kv_link": cfg.kv_link.name, "kv_bytes_per_token": cfg.kv_bytes_per_token,
+                          "kv_lanes": cfg.kv_lanes}
+                         if cfg.prefill_replicas or cfg.decode_replicas else {}),
                       **({"digest_interval_s": cfg.digest_interval_s, "digest_filter": cfg.digest_filter}
                          if cfg.index_source == "digests" else {})},
            "bounds": {"infinite_cache_hit_rate": bounds.infinite_cache_hit_rate,

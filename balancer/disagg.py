@@ -1,0 +1,285 @@
+"""Prefill/decode disaggregation: which pair of replicas serves a request (issue #19 part 3).
+
+A disaggregated fleet has replicas of three roles: `prefill` (computes a prompt's KV and its
+first token, then hands the KV to a decode replica), `decode` (continues from a handed-over KV)
+and `both` (a unified replica, which can take either side or the whole request). For one request
+`PairSelector.select` picks
+
+    prefill side, among prefill / both replicas: the lowest time to first token, from the
+        exact prefix hit (uncached tokens to compute) and the prefill queue ahead of it, plus
+        the delay its prefill adds to the requests queued behind it — predictive's `estimate`
+        (balancer/policies/predictive.py) with a one-token output, so the same learned step
+        coefficients price it;
+    decode side, among decode / both replicas, given the prefill replica: the lowest decode
+        cost, from free KV memory (the request's prompt + output must fit, else the recompute of
+        what gets preempted) and decode load (its own inter-token time over its output, and the
+        delay it adds to the sequences already decoding there), plus the hand-over: the prompt
+        tokens the decode replica does not already cache, times `transfer_s_per_token`
+        (0 when the decode side is the prefill replica itself: a `both` replica keeps its KV).
+
+    decode cost = L·tpot + others_weight·D·R̄·m + memory + transfer
+        tpot = θ0 + θseq·(D+1) + θctx·(C + P + L/2)   one decode step with us in it
+        m    = θseq + θctx·(P + L/2)                  what we add to each of the D's steps
+        L: predicted output tokens, P: prompt tokens, D/C: sequences decoding there / their KV
+        tokens, R̄ = L/2 (a running sequence is half-way, on average); memory: when P + L
+        exceeds the free KV tokens, the wait for running sequences to free them plus the
+        recompute of what gets preempted (predictive's kv_wait and memory terms)
+
+When the decode side's choice is the prefill replica the pair is `unified`: the request runs
+there whole, like any routed request. The selector is pure: no I/O, no clock of its own, no
+state but the step learner it reads. The live balancer and the simulator both place a pair with
+`route_pair`, which books both replicas in the registry (so the next decision sees them, as the
+routing transaction does for one replica: balancer/router.py) and returns a `PairBooking`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+from balancer.policies.base import Decision, ReplicaView, RoutingRequest
+from balancer.policies.predictive import PredictiveConfig, estimate
+from balancer.router import Booking
+from balancer.step_learner import LearnerConfig, StepLearner
+
+PREFILL, DECODE, BOTH = "prefill", "decode", "both"
+ROLES = (PREFILL, DECODE, BOTH)  # `kvfleet replica --role`, vLLM's kv_role analogue
+
+
+def check_role(role: str) -> str:
+    """`role` if it is one of ROLES; ValueError naming them otherwise."""
+    if role not in ROLES:
+        raise ValueError(f"unknown replica role {role!r}; choose one of {', '.join(ROLES)}")
+    return role
+
+
+def can_prefill(role: str) -> bool:
+    return role != DECODE
+
+
+def can_decode(role: str) -> bool:
+    return role != PREFILL
+
+
+def is_disaggregated(roles: Mapping[str, str]) -> bool:
+    """True if some replica has a single role (else every request is routed whole)."""
+    return any(r != BOTH for r in roles.values())
+
+
+@dataclass(frozen=True, slots=True)
+class PairConfig:
+    # The predictive policy's settings the costs share: default output and step budget before
+    # any is known, when a load report is stale, how others' delay counts against ours.
+    pricing: PredictiveConfig = PredictiveConfig()
+    # Seconds to hand over one prompt token's KV from the prefill to the decode replica
+    # (bytes per token / link bandwidth: simulator/kv_link.py has presets). 0: not priced, the
+    # decode side is then chosen by memory and load alone.
+    transfer_s_per_token: float = 0.0
+    # Fixed seconds per hand-over (link latency, connection set-up), charged to any split pair.
+    transfer_latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.transfer_s_per_token >= 0 and self.transfer_latency_s >= 0):
+            raise ValueError("transfer_s_per_token and transfer_latency_s must be >= 0 (seconds)")
+
+
+class PairDecision(NamedTuple):
+    """The replicas that prefill and decode a request (the same one: `unified`), why, and every
+    candidate's cost terms (`prefill_scores` / `decode_scores`: replica -> name -> seconds)."""
+
+    prefill: str
+    decode: str
+    reason: str
+    prefill_scores: Mapping[str, Mapping[str, float]]
+    decode_scores: Mapping[str, Mapping[str, float]]
+
+    @property
+    def unified(self) -> bool:
+        return self.prefill == self.decode
+
+
+def _lowest(scores: Mapping[str, Mapping[str, float]], inflight: Mapping[str, int], request: RoutingRequest) -> str:
+    """The replica of lowest cost; ties by fewest requests in flight, then the request's rng."""
+    best_key, best = None, []
+    for rid in sorted(scores):
+        key = (round(scores[rid]["cost"], 9), inflight[rid])
+        if best_key is None or key < best_key:
+            best_key, best = key, [rid]
+        elif key == best_key:
+            best.append(rid)
+    return best[0] if len(best) == 1 else request.rng().choice(best)
+
+
+class PairSelector:
+    """Chooses (prefill, decode) for a request; see the module docstring.
+
+    `learner`: the step-time coefficients; pass the predictive policy's own (`policy.learner`)
+    to price both decisions alike, or leave None for one of its own, fed by `observe_steps`."""
+
+    def __init__(self, config: PairConfig | None = None, learner: StepLearner | None = None) -> None:
+        self.config = config or PairConfig()
+        self.learner = learner if learner is not None else StepLearner(LearnerConfig())
+
+    def _out_tokens(self, request: RoutingRequest) -> float:
+        out = request.predicted_output_tokens
+        if out is None:
+            out = request.max_tokens if request.max_tokens is not None else self.config.pricing.default_output_tokens
+        elif request.max_tokens is not None:
+            out = min(out, request.max_tokens)
+        return max(1.0, float(out))
+
+    def prefill_cost(self, view: ReplicaView, request: RoutingRequest, fleet_waiting: float) -> dict[str, float]:
+        """Cost terms of prefilling `request` on `view` (seconds): predictive's estimate for a
+        one-token output (the prefill replica emits only the first token)."""
+        cfg, lr = self.config.pricing, self.learner
+        rid = view.replica_id
+        s = estimate(view, request, lr.theta(rid), lr.step_budget(rid, cfg.default_step_tokens), 1.0,
+                     cfg.stale_report_s, cfg.others_weight, lr.busy_for(rid, request.now), 0, fleet_waiting, 0.5)
+        s["cost"] = s["ttft"] + cfg.others_weight * s["behind"] + s["memory"]
+        return s
+
+    def decode_cost(self, view: ReplicaView, request: RoutingRequest, prefill_id: str, out: float) -> dict[str, float]:
+        """Cost terms of decoding `request` on `view` after a prefill on `prefill_id` (seconds)."""
+        cfg, pricing = self.config, self.config.pricing
+        t_step, t_tok, t_seq, t_ctx, _ = self.learner.theta(view.replica_id)
+        bs = request.block_size
+        p = request.prompt_tokens + request.extra_prefill_tokens
+        load = view.load
+        if load.age_s <= pricing.stale_report_s:
+            d = load.num_running + view.sent_since_report
+            c = load.running_decode_tokens
+            free = load.free_blocks * bs - view.sent_tokens_since_report
+            have_memory = load.total_blocks > 0
+        else:  # no usable report: this balancer's in-flight bookkeeping
+            d, c, free, have_memory = view.inflight_requests, view.inflight_tokens, 0, False
+        seqs = request.sequences
+        tpot = t_step + t_seq * (d + seqs) + t_ctx * (c + seqs * (p + out / 2))
+        m = t_seq + t_ctx * (p + out / 2)
+        others = d * (out / 2) * m * seqs  # each running sequence shares ~R̄ = L/2 of our steps
+        memory = 0.0
+        if have_memory:
+            short = p + out * seqs - free
+            if short > 0:
+                # It waits for running sequences to free the blocks (their outputs spread over
+                # [0, 2R̄] steps free C/(2R̄) tokens a step, as predictive's kv_wait), or, admitted,
+                # preempts the newest, whose recompute is charged as predictive charges it.
+                wait = out * min(1.0, short / c) * tpot if c > 0 else 0.0
+                memory = wait + t_tok * short * 2 + t_step * math.ceil(short / max(self.learner.step_budget(
+                    view.replica_id, pricing.default_step_tokens), 1))
+        transfer = 0.0
+        moved = 0
+        if view.replica_id != prefill_id:
+            moved = max(0, request.prompt_tokens - request.matched_blocks.get(view.replica_id, 0) * bs)
+            moved += request.extra_prefill_tokens
+            transfer = cfg.transfer_latency_s + moved * cfg.transfer_s_per_token
+        return {"cost": out * tpot + pricing.others_weight * others + memory + transfer, "tpot": tpot,
+                "others": others, "memory": memory, "transfer": transfer, "transfer_tokens": float(moved),
+                "decoding": float(d), "free_tokens": float(free)}
+
+    def select(self, request: RoutingRequest, views: Sequence[ReplicaView],
+               roles: Mapping[str, str]) -> PairDecision | None:
+        """The pair for `request` among `views` (usable replicas, as the router filters them);
+        `roles`: replica id -> role (a replica not in it is `both`). None when no view can
+        prefill or none can decode: the caller routes the request whole (`Router.route`)."""
+        pre = [v for v in views if can_prefill(roles.get(v.replica_id, BOTH))]
+        dec = [v for v in views if can_decode(roles.get(v.replica_id, BOTH))]
+        if not pre or not dec:
+            return None
+        stale = self.config.pricing.stale_report_s
+        fresh = [v for v in pre if v.load.age_s <= stale]
+        fleet_waiting = sum(v.load.num_waiting + v.sent_since_report for v in fresh) / len(pre)
+        inflight = {v.replica_id: v.inflight_requests for v in views}
+        pscores = {v.replica_id: self.prefill_cost(v, request, fleet_waiting) for v in pre}
+        p_id = _lowest(pscores, inflight, request)
+        out = self._out_tokens(request)
+        dscores = {v.replica_id: self.decode_cost(v, request, p_id, out) for v in dec}
+        d_id = _lowest(dscores, inflight, request)
+        ps, ds = pscores[p_id], dscores[d_id]
+        reason = (f"prefill on {p_id}: TTFT {ps['ttft'] * 1e3:.1f} ms ({ps['uncached_tokens']:.0f} uncached + "
+                  f"{ps['queued_tokens']:.0f} queued tokens); decode on {d_id}: ~{ds['tpot'] * 1e3:.2f} ms/token "
+                  f"beside {ds['decoding']:.0f} sequences, memory {ds['memory'] * 1e3:.1f} ms, hand-over "
+                  f"{ds['transfer_tokens']:.0f} tokens ({ds['transfer'] * 1e3:.1f} ms)")
+        return PairDecision(p_id, d_id, reason, pscores, dscores)
+
+    def observe_steps(self, replica_id: str, steps) -> None:
+        """A replica's recent engine steps (only needed when the learner is not shared with the
+        policy, which is fed them already)."""
+        self.learner.observe(replica_id, steps)
+
+    def on_replica_removed(self, replica_id: str) -> None:
+        self.learner.forget(replica_id)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "pair", **asdict(self.config)}  # pricing as a nested map
+
+
+class PairBooking(NamedTuple):
+    """A request placed on a pair: one `Booking` per side (the same booking twice when unified).
+    End `prefill` when the prefill replica handed over (or failed), `decode` when the request
+    ends; each ends once (balancer/router.py's `Booking`)."""
+
+    decision: PairDecision
+    prefill: Booking
+    decode: Booking
+
+    @property
+    def unified(self) -> bool:
+        return self.decision.unified
+
+
+class DecodeBooking(Booking):
+    """The decode side of a split pair: ending it with a known length teaches the router's
+    output-length predictor, as a routed request's booking does (a split request is never shown
+    to the policy, but its output length is the same evidence)."""
+
+    def finish(self, output_tokens: int | None = None, ok: bool = True) -> None:
+        was_open = self.open
+        super().finish(output_tokens, ok)
+        predictor = self.router.predictor
+        if was_open and ok and output_tokens is not None and predictor is not None:
+            predictor.observe_done(self.rr, output_tokens)
+
+
+def route_pair(router, selector: PairSelector, prepared, request_id: str, roles: Mapping[str, str],
+               exclude: frozenset[str] = frozenset(), predicted_output_tokens: float | None = None
+               ) -> PairBooking | None:
+    """Place `prepared` (a `Router.prepare` result) on a pair and book it; None when no pair can
+    be formed (no usable replica can prefill, or none can decode): route it whole then.
+
+    The prefill side is booked with the prompt as its work and its uncached tokens as its
+    queued prefill; the decode side with prompt + max_tokens as its work and no prefill (its KV
+    arrives). A unified pair is booked once, through the router's policy, exactly as
+    `Router.route` would book it, so a request that stays whole is indistinguishable from a
+    routed one. Neither side of a split pair is shown to the policy (`by_policy=False`)."""
+    candidates = router.registry.usable(exclude, prepared.request.model)
+    if not candidates:
+        return None
+    rr = router.routing_request(prepared, request_id, predicted_output_tokens)
+    views = router.registry.views(candidates, router._cached_blocks)
+    decision = selector.select(rr, views, roles)
+    if decision is None:
+        return None
+    if decision.unified:
+        booking = router.book(prepared, rr, Decision(decision.prefill, decision.reason, decision.prefill_scores))
+        return PairBooking(decision, booking, booking)
+    registry = router.registry
+    bs = rr.block_size
+    pstate, dstate = registry.get(decision.prefill), registry.get(decision.decode)
+    matched = rr.matched_blocks.get(decision.prefill, 0) * bs
+    prompt = rr.prompt_tokens + rr.extra_prefill_tokens
+    pre = Booking(router, rr, Decision(decision.prefill, decision.reason, decision.prefill_scores), pstate,
+                  prompt, matched, by_policy=False)
+    registry.on_sent(pstate, pre.tokens, pre.uncached_tokens)
+    work = prompt + (prepared.request.max_tokens or 0) * rr.sequences
+    dec = DecodeBooking(router, rr, Decision(decision.decode, decision.reason, decision.decode_scores), dstate,
+                        work, rr.prompt_tokens, by_policy=False)
+    # The decode replica computes no prompt, but the hand-over takes its blocks: counted as
+    # sent tokens, which the decode side reads as memory already spoken for.
+    registry.on_sent(dstate, dec.tokens, prompt)
+    now = router.clock()
+    for rid in (decision.prefill, decision.decode):  # both will hold the prompt's blocks
+        if not router.has_events(rid):
+            router.approx.record(rid, rr.block_hashes, now)
+    return PairBooking(decision, pre, dec)

@@ -1,0 +1,161 @@
+"""The prefill/decode pair selector (balancer/disagg.py): what a caller sees of its choices,
+and `route_pair`'s bookings on a real Router and Registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from balancer.approx_index import ApproxIndex
+from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
+from balancer.disagg import (BOTH, DECODE, PREFILL, PairConfig, PairSelector, check_role, is_disaggregated,
+                             route_pair)
+from balancer.policies import make_policy
+from balancer.policies.base import ReplicaLoad, ReplicaView, RoutingRequest
+from balancer.prefix_index import PrefixIndex
+from balancer.registry import Registry
+from balancer.router import Router
+from protocol.events import BlockStored
+from protocol.openai_api import GenerationRequest
+from protocol.tokenizer import ByteTokenizer
+
+BS = 16
+MODEL = "m"
+
+
+def load(running=0, waiting=0, queued=0, decode_tokens=0, free=1000, total=1000) -> ReplicaLoad:
+    return ReplicaLoad(num_running=running, num_waiting=waiting, queued_prefill_tokens=queued,
+                       running_decode_tokens=decode_tokens, free_blocks=free, total_blocks=total,
+                       kv_usage=1 - free / total, age_s=0.0)
+
+
+def view(rid: str, **kw) -> ReplicaView:
+    return ReplicaView(rid, load=load(**kw))
+
+
+def request(prompt_tokens=1024, matched=None, out=200) -> RoutingRequest:
+    return RoutingRequest("q", "", prompt_tokens, tuple(range(prompt_tokens // BS)), BS, matched or {},
+                          predicted_output_tokens=out)
+
+
+ROLES = {"p1": PREFILL, "p2": PREFILL, "d1": DECODE, "d2": DECODE}
+
+
+def test_prefill_goes_to_the_prefix_hit_unless_its_queue_is_longer_than_the_saving():
+    sel = PairSelector()
+    views = [view("p1"), view("p2"), view("d1"), view("d2")]
+    hit = request(matched={"p2": 60})  # 960 of 1024 tokens cached on p2
+    assert sel.select(hit, views, ROLES).prefill == "p2"
+    # p2 has 20k prompt tokens queued: computing 1024 on idle p1 is sooner.
+    busy = [view("p1"), view("p2", waiting=10, queued=20_000), view("d1"), view("d2")]
+    d = sel.select(hit, busy, ROLES)
+    assert d.prefill == "p1"
+    assert d.prefill_scores["p2"]["queued_tokens"] == 20_000
+
+
+def test_decode_goes_where_memory_is_free_and_fewer_sequences_decode():
+    sel = PairSelector()
+    req = request()
+    # d1 decodes 100 sequences, d2 10: d2.
+    views = [view("p1"), view("d1", running=100, decode_tokens=100_000), view("d2", running=10, decode_tokens=10_000)]
+    assert sel.select(req, views, ROLES).decode == "d2"
+    # Equal decode load, but d2 is nearly full (prompt + output would not fit): d1.
+    views = [view("p1"), view("d1", running=10, decode_tokens=10_000),
+             view("d2", running=10, decode_tokens=10_000, free=5)]
+    d = sel.select(req, views, ROLES)
+    assert d.decode == "d1"
+    assert d.decode_scores["d2"]["memory"] > 0 and d.decode_scores["d1"]["memory"] == 0
+
+
+def test_roles_are_respected_and_no_pair_means_none():
+    sel = PairSelector()
+    req = request(matched={"d1": 64})  # the decode replica holds the prefix: still not a prefill candidate
+    views = [view("p1", waiting=50, queued=100_000), view("d1"), view("d2")]
+    d = sel.select(req, views, ROLES)
+    assert d.prefill == "p1" and d.decode in ("d1", "d2") and not d.unified
+    assert set(d.prefill_scores) == {"p1"} and set(d.decode_scores) == {"d1", "d2"}
+    assert sel.select(req, [view("d1"), view("d2")], ROLES) is None  # nobody can prefill
+    assert sel.select(req, [view("p1"), view("p2")], ROLES) is None  # nobody can decode
+
+
+def test_a_unified_replica_keeps_its_kv_when_the_hand_over_costs_more_than_the_decode_load_saves():
+    roles = {"u": BOTH, "d": DECODE}
+    views = [view("u", running=2, decode_tokens=2000), view("d")]
+    req = request(prompt_tokens=8192)
+    # Free hand-over: the idle decode replica decodes it.
+    assert PairSelector(PairConfig()).select(req, views, roles).decode == "d"
+    # 1 ms per token to move (a slow link): 8 s of transfer, it stays on u.
+    d = PairSelector(PairConfig(transfer_s_per_token=1e-3)).select(req, views, roles)
+    assert d.unified and d.prefill == d.decode == "u"
+    assert d.decode_scores["u"]["transfer"] == 0 and d.decode_scores["d"]["transfer_tokens"] == 8192
+    # Only the tokens the decode replica does not already cache are moved.
+    cached = request(prompt_tokens=8192, matched={"d": 500})
+    assert PairSelector(PairConfig(transfer_s_per_token=1e-3)).select(cached, views, roles).decode_scores["d"][
+        "transfer_tokens"] == 8192 - 500 * BS
+
+
+def test_roles_and_config_are_validated():
+    assert check_role("prefill") == "prefill"
+    with pytest.raises(ValueError, match="prefill, decode, both"):
+        check_role("encode")
+    with pytest.raises(ValueError, match="transfer"):
+        PairConfig(transfer_s_per_token=-1)
+    assert not is_disaggregated({"a": BOTH}) and is_disaggregated({"a": BOTH, "b": DECODE})
+
+
+def _router(policy="predictive", predictor=None):
+    registry = Registry(BreakerConfig(), HealthConfig(), clock=lambda: 0.0)
+    for rid in ("p1", "p2", "d1", "d2"):
+        registry.add(ReplicaSpec(url=f"http://{rid}:80"))
+    index = PrefixIndex(BS, MODEL)
+    router = Router(MODEL, BS, ByteTokenizer(), index, ApproxIndex(clock=lambda: 0.0), make_policy(policy), registry,
+                    has_events=lambda rid: True, clock=lambda: 0.0, predictor=predictor)
+    return router, registry, index
+
+
+URL_ROLES = {f"http://{rid}:80": role for rid, role in ROLES.items()}
+
+
+def test_route_pair_books_both_sides_and_releases_each_once():
+    from predictors.adapter import balancer_predictor
+
+    learned = []
+    predictor = balancer_predictor("global_median", MODEL)
+    observe = predictor.observe_done
+    predictor.observe_done = lambda rr, n: (learned.append((rr.request_id, n)), observe(rr, n))
+    router, registry, index = _router(predictor=predictor)
+    prompt = "a prompt that both sides will hold " * 6
+    tokens = ByteTokenizer().encode(prompt)
+    n = len(tokens) // BS
+    index.apply("http://p2:80", BlockStored(tuple(range(1, n + 1)), None, tuple(tokens[: n * BS]), BS))
+    p = router.prepare(GenerationRequest(kind="completion", model=MODEL, prompt=prompt, max_tokens=10))
+    pair = route_pair(router, PairSelector(learner=router.policy.learner), p, "q1", URL_ROLES)
+    assert pair.decision.prefill == "http://p2:80" and not pair.unified
+    pre, dec = registry.get(pair.decision.prefill), registry.get(pair.decision.decode)
+    assert (pre.inflight_requests, pre.inflight_tokens) == (1, len(tokens))
+    assert pre.sent_tokens_since_report == len(tokens) - n * BS  # only the uncached tail is computed
+    assert (dec.inflight_requests, dec.inflight_tokens) == (1, len(tokens) + 10)
+    # The next request sees the first one's decode booked: it decodes on the other decode replica.
+    pair2 = route_pair(router, PairSelector(learner=router.policy.learner), p, "q2", URL_ROLES)
+    assert pair2.decision.decode != pair.decision.decode
+    pair.prefill.finish()
+    pair.prefill.finish()
+    assert pre.inflight_requests == (pair2.decision.prefill == pre.replica_id)  # q1's released once
+    assert dec.inflight_requests == 1  # q1 still decodes
+    pair.decode.finish(10)
+    pair2.prefill.fail()
+    pair2.decode.finish(10)
+    pair2.decode.finish(10)
+    assert all(r.inflight_requests == 0 and r.inflight_tokens == 0 for r in registry)
+    assert learned == [("q1", 10), ("q2", 10)]  # the predictor learns each output length once
+
+
+def test_route_pair_on_a_unified_fleet_books_like_the_router():
+    router, registry, _ = _router()
+    p = router.prepare(GenerationRequest(kind="completion", model=MODEL, prompt="hi " * 40, max_tokens=5))
+    pair = route_pair(router, PairSelector(), p, "q", {})  # every replica `both`
+    assert pair.unified and pair.prefill is pair.decode and pair.prefill.by_policy
+    assert pair.prefill.replica.inflight_requests == 1
+    pair.decode.finish(5)
+    assert pair.prefill.replica.inflight_requests == 0
+    assert route_pair(router, PairSelector(), p, "q", URL_ROLES,
+                      exclude=frozenset({"http://p1:80", "http://p2:80"})) is None  # no prefill left
