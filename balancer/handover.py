@@ -14,7 +14,8 @@ The wire shape is vLLM's disaggregated-serving proxy (vLLM's
 `Proxy._disaggregated` runs the legs (balancer/proxy.py). A pair member that fails before the
 client got anything (refused, reset, 5xx; a prefill answer without kv_transfer_params or with a
 4xx) sends the request down the ordinary single-replica path, the failed member excluded, so no
-request is lost; `kvfleet_disagg_requests_total{outcome}` counts each way. The replicas'
+request is lost; `kvfleet_disagg_requests_total{outcome}` counts each way. The pair is
+balancer/disagg.py's choice (`route_pair`: the same selector the simulator uses); the replicas'
 roles come from their load reports (`kvfleet replica --role`, `ReplicaState.role`).
 """
 
@@ -23,8 +24,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from balancer.policies.base import RoutingRequest
-from balancer.registry import Registry, ReplicaState
 from balancer.router import Prepared
 
 # The routes whose requests go through a pair (vLLM's proxy serves these two).
@@ -38,23 +37,6 @@ def wanted(path: str, body: dict, prepared: Prepared) -> bool:
     req = prepared.request
     return (path in PATHS and req.n == 1 and not req.more_prompts and prepared.lora_name is None
             and len(prepared.block_hashes) > 0 and body.get("kv_transfer_params") is None)
-
-
-def fleet_disaggregated(registry: Registry) -> bool:
-    """The fleet has replicas with a prefill or decode role (else every request is a single one)."""
-    return any(r.role != "both" for r in registry)
-
-
-def interim_pair(candidates: Sequence[ReplicaState]) -> tuple[ReplicaState, ReplicaState] | None:
-    """A stand-in pair choice until the shared selector lands: the prefill and the decode
-    replica with the fewest requests in flight from here (names break ties). None without one
-    usable replica of each role."""
-    prefill = [r for r in candidates if r.role == "prefill"]
-    decode = [r for r in candidates if r.role == "decode"]
-    if not prefill or not decode:
-        return None
-    key = lambda r: (r.inflight_requests, r.replica_id)  # noqa: E731
-    return min(prefill, key=key), min(decode, key=key)
 
 
 def prefill_payload(body: dict) -> bytes:
@@ -76,13 +58,6 @@ def decode_payload(body: dict, params: dict, token_ids: bool) -> bytes:
     if token_ids:
         out["return_token_ids"] = True
     return json.dumps(out).encode()
-
-
-def handed_blocks(params: dict, rr: RoutingRequest) -> int:
-    """Leading prompt blocks the decode replica receives: the prefill's full blocks, up to all
-    but the last prompt token (which the decode replica computes for its first output token)."""
-    ids = params.get("remote_block_ids")
-    return min(len(ids) if isinstance(ids, list) else 0, max(rr.prompt_tokens - 1, 0) // rr.block_size)
 
 
 def params_of(raw: bytes) -> dict | None:

@@ -29,7 +29,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3)
 TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 NO_REPLICA = "none"  # the `replica` label of requests that no replica answered
-DISAGG_OUTCOMES = ("disaggregated", "fallback_prefill", "fallback_decode", "fallback_no_pair")
+DISAGG_OUTCOMES = ("disaggregated", "unified", "fallback_prefill", "fallback_decode", "fallback_no_pair")
 
 
 class BalancerMetrics:
@@ -130,7 +130,8 @@ class BalancerMetrics:
         # --- end of cache digests ---
         # --- prefill/decode disaggregation (balancer/handover.py) ---
         self.disagg = Counter("kvfleet_disagg_requests_total",
-                              "Requests sent to a prefill/decode pair, by outcome: disaggregated (served by the pair), "
+                              "Requests for a prefill/decode pair, by outcome: disaggregated (served by the pair), unified (the "
+                              "pair selector kept it whole on one `both` replica), "
                               "fallback_prefill / fallback_decode (that member failed; served by one replica), fallback_no_pair (the "
                               "fleet has prefill/decode replicas but no usable pair now).",
                               ("outcome",), registry=r)

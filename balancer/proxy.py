@@ -16,7 +16,6 @@ continuation can be built from exact token ids.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import json
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 from balancer import handover
 from balancer.audit import DecisionAudit
+from balancer.disagg import PairSelector, is_disaggregated, route_pair
 from balancer.exchange import Exchange
 from balancer.failover import Failover
 from balancer.metrics import NO_REPLICA, BalancerMetrics
@@ -123,6 +123,7 @@ class Proxy:
         policy_name: str,
         models: Callable[[], list[str]],
         audit: DecisionAudit,
+        pairs: PairSelector | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -132,6 +133,7 @@ class Proxy:
         self.policy_name = policy_name
         self.models = models  # every model the fleet serves now
         self.audit = audit  # predicted against delivered cached tokens, the latest decisions
+        self.pairs = pairs if pairs is not None else PairSelector()  # prefill/decode pairs (balancer/disagg.py)
         # Request ids: a random per-process prefix and a counter (unique across restarts and
         # balancers; a uuid4 per request costs several µs).
         self._id_prefix = f"kvf-{uuid.uuid4().hex[:16]}-"
@@ -339,12 +341,18 @@ class Proxy:
             headers["Authorization"] = authorization
 
         tried: set[str] = set()
-        if handover.wanted(path, body, prepared) and handover.fleet_disaggregated(self.registry):
-            if await self._disaggregated(ex, body, req, path, prepared, request_id, headers, arrival, outcome, tried):
-                return
+        first: Booking | None = None  # a pair the selector kept whole, booked as a routed request
+        if handover.wanted(path, body, prepared):
+            roles = {r.replica_id: r.role for r in self.registry}
+            if is_disaggregated(roles):
+                served, first = await self._disaggregated(ex, body, req, path, prepared, request_id, roles, headers,
+                                                          arrival, outcome, tried)
+                if served:
+                    return
         last: UpstreamFailed | None = None
         for attempt in range(self.retry.max_attempts):
-            booking = self.router.route(prepared, request_id, frozenset(tried))
+            booking = first if attempt == 0 and first is not None else \
+                self.router.route(prepared, request_id, frozenset(tried))
             if booking is None:
                 break
             decision_s = time.perf_counter() - t0 if attempt == 0 else None
@@ -384,44 +392,43 @@ class Proxy:
                             f"{last.replica.replica_id}: {last.reason}")
 
     async def _disaggregated(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
-                             request_id: str, headers: dict, arrival: float, outcome: _Outcome,
-                             tried: set[str]) -> bool:
-        """Serve the request through a prefill/decode pair (balancer/handover.py): True once it
-        is answered; False when no pair is usable or a member failed before the client got
-        anything (a failed member is then in `tried`): the caller serves it on one replica."""
+                             request_id: str, roles: dict[str, str], headers: dict, arrival: float,
+                             outcome: _Outcome, tried: set[str]) -> tuple[bool, Booking | None]:
+        """Serve the request through the prefill/decode pair the selector picks (balancer/disagg.py,
+        legs in balancer/handover.py): (True, None) once it is answered. (False, booking): the
+        selector kept it whole on one replica, booked; (False, None): no pair was usable, or a
+        member failed before the client got anything (a failed member is then in `tried`): the
+        caller serves it on one replica."""
         m = self.metrics
-        pair = handover.interim_pair(self.registry.usable(frozenset(tried), req.model))
+        pair = route_pair(self.router, self.pairs, prepared, request_id, roles, frozenset(tried))
         if pair is None:
             m.disagg.labels("fallback_no_pair").inc()
-            return False
-        prefill, decode = pair
-        rr = self.router.routing_request(prepared, request_id)
-        booking = self.router.book(prepared, rr, Decision(prefill.replica_id, "prefill of a disaggregated pair"))
+            return False, None
+        if pair.unified:
+            m.disagg.labels("unified").inc()
+            return False, pair.decode
         started = time.perf_counter()
-        answered, params = await self._leg(booking, self._prefill(booking, path, body, headers), tried,
+        answered, params = await self._leg(pair.prefill, self._prefill(pair.prefill, path, body, headers), tried,
                                            "fallback_prefill")
-        if not answered:
-            return False
-        booking.finish(None)  # its one token is not the request's output: the predictor learns nothing
+        if answered:
+            pair.prefill.finish(None)  # its one token is not the request's output
         if params is None:
-            m.disagg.labels("fallback_prefill").inc()
-            return False
+            pair.decode.fail()  # never sent
+            if answered:  # an answer without kv_transfer_params: it cannot hand over
+                m.disagg.labels("fallback_prefill").inc()
+            return False, None
         m.disagg_prefill.observe(time.perf_counter() - started)
-        # The decode replica holds the handed-over blocks when it starts: book it (and audit its
-        # reported cached tokens) as a replica that caches them.
-        held = max(rr.matched_blocks.get(decode.replica_id, 0), handover.handed_blocks(params, rr))
-        rr = dataclasses.replace(rr, matched_blocks={**rr.matched_blocks, decode.replica_id: held})
-        booking = self.router.book(prepared, rr, Decision(decode.replica_id, "decode of a disaggregated pair"))
-        outcome.replica, outcome.attempts, outcome.predicted_cached = decode.replica_id, 1, booking.matched_tokens
+        booking = pair.decode
+        outcome.replica, outcome.attempts, outcome.predicted_cached = booking.replica_id, 1, booking.matched_tokens
         payload = handover.decode_payload(body, params, req.continuable and self.retry.failover
                                           and not req.return_token_ids)
         answered, _ = await self._leg(booking, self._send(ex, booking, path, payload, headers, prepared, arrival,
                                                           outcome), tried, "fallback_decode")
         if not answered:
-            return False
+            return False, None
         outcome.booking = booking  # ended once the response is out (`_finish`)
         m.disagg.labels("disaggregated").inc()
-        return True
+        return True, None
 
     async def _leg(self, booking: Booking, leg, tried: set[str], failed: str) -> tuple[bool, object]:
         """Await one leg of a disaggregated request: (True, its result); (False, None) when its

@@ -94,13 +94,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill/decode disaggregation (vLLM's kv_producer/kv_consumer/kv_both): a balancer sends "
                         "prefill replicas each prompt with max_tokens=1 and decode replicas the request with the "
                         "prefill's kv_transfer_params, from which they pull the prompt's KV (torch engine only). Every "
-                        "role still serves whole requests, the balancer's fallback when a pair member fails; a balancer "
-                        "sends whole requests to `both` replicas")
+                        "role still serves whole requests, the balancer's fallback when a pair member fails; `both` "
+                        "replicas may take either side of a pair or a whole request")
     p.add_argument("--kv-transfer-host", default=kt.host,
-                   help="prefill: the address the KV block socket binds and that decode replicas dial "
+                   help="prefill/both: the address the KV block socket binds and that decode replicas dial "
                         "(an address they can reach, not 0.0.0.0)")
     p.add_argument("--kv-transfer-port", type=int, default=kt.port,
-                   help="prefill: the KV block socket's port (0 picks a free one; the ready line prints it)")
+                   help="prefill/both: the KV block socket's port (0 picks a free one; the ready line prints it)")
     p.add_argument("--kv-transfer-timeout", type=float, default=kt.timeout_s, metavar="S",
                    help="decode: give up on a pull when the next block takes longer than S seconds (the prefill "
                         "replica died or hangs) and compute the rest of the prompt here")

@@ -41,7 +41,7 @@ def build_replica(cfg: ReplicaConfig) -> web.Application:
     if cfg.sim_preset is None:  # the KV hand-over moves tensors: the torch engine's
         from replica.kv_transfer import KVReceiver, KVSender
 
-        if role == "prefill":
+        if role in ("prefill", "both"):  # a `both` replica may be a pair's prefill side (balancer/disagg.py)
             sender = KVSender(cfg.kv_transfer, service, service.metrics)
         receiver = KVReceiver(cfg.kv_transfer, service, service.metrics)
     app = create_app(service, cfg.server, model, sender, receiver)

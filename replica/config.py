@@ -97,8 +97,8 @@ class KVTransferConfig:
     host:port from which decode replicas pull a finished prefill's blocks."""
 
     role: str = "both"  # prefill | decode | both (vLLM's kv_producer / kv_consumer / kv_both)
-    host: str = "127.0.0.1"  # prefill: the address the block socket binds and decode replicas dial
-    port: int = 0  # prefill: 0 = a free port (the ready line and each prefill's kv_transfer_params say which)
+    host: str = "127.0.0.1"  # prefill/both: the address the block socket binds and decode replicas dial
+    port: int = 0  # prefill/both: 0 = a free port (the ready line and each prefill's kv_transfer_params say which)
     # A pull gives up when the next block takes longer than this (a dead or stuck prefill
     # replica); the decode replica then computes the rest of the prompt itself.
     timeout_s: float = 5.0
