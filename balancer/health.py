@@ -38,12 +38,12 @@ def note_role(registry: Registry, metrics: BalancerMetrics, replica_id: str, rol
     """The role a replica reports (load report or `GET /load`); an unknown value counts as "both"."""
     role = role if role in ("prefill", "decode") else "both"
     r = registry.get(replica_id)
-    old = r.role if r is not None else None
+    if r is None:
+        return
+    old = r.role
     if registry.set_role(replica_id, role):
         metrics.series(metrics.replica_role, replica_id, old).set(0)
-        metrics.series(metrics.replica_role, replica_id, role).set(1)
-    elif r is not None:
-        metrics.series(metrics.replica_role, replica_id, role).set(1)
+    metrics.series(metrics.replica_role, replica_id, r.role).set(1)
 
 
 class HealthChecker:

@@ -102,7 +102,7 @@ class Registry:
     def add(self, spec: ReplicaSpec) -> ReplicaState:
         if spec.replica_id in self._replicas:
             raise ValueError(f"replica {spec.replica_id} is already registered")
-        state = ReplicaState(spec)
+        state = ReplicaState(spec, role=spec.role or "both")
         self._replicas[spec.replica_id] = state
         self._notify(spec.replica_id, "added")
         return state
@@ -204,9 +204,10 @@ class Registry:
                 r.lora_load_s = load_s
 
     def set_role(self, replica_id: str, role: str) -> bool:
-        """The role replica_id reports (`kvfleet replica --role`); True when it changed."""
+        """The role replica_id reports (`kvfleet replica --role`); True when it changed. A role
+        given in the replica's spec (`ROLE@URL`) wins: reports do not change it."""
         r = self._replicas.get(replica_id)
-        if r is None or r.role == role:
+        if r is None or r.role == role or r.spec.role is not None:
             return False
         r.role = role
         return True

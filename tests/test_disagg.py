@@ -185,3 +185,41 @@ def test_killing_the_decode_replica_during_the_handover_loses_no_request(pair):
         asyncio.run(main())
     finally:
         victim.stop(sig=signal.SIGKILL)
+
+
+def test_the_balancer_speaks_vllms_disaggregated_proxy_protocol():
+    """In front of vLLM-shaped servers with configured roles (`prefill@URL`): the prefill leg gets
+    max_tokens 1, no stream and `do_remote_decode`; the decode leg gets the client's body with the
+    prefill's kv_transfer_params (vLLM's toy_proxy_server.py shape)."""
+    import base64
+    import sys
+
+    echoes = [procs.launch([sys.executable, "-m", "harness.echo_server", "--model", "m"], name=f"echo {i}")
+              for i in range(2)]
+    try:
+        async def main():
+            specs = [f"prefill@{echoes[0].url}", f"decode@{echoes[1].url}"]
+            async with balancer(specs, model="m", block_size=4) as (url, b):
+                await wait_for(lambda: all(r.models for r in b.registry))
+                sent = {"model": "m", "prompt": "a prompt of a few blocks", "max_tokens": 9, "min_tokens": 2,
+                        "stream": True, "stream_options": {"include_usage": True}}
+                async with aiohttp.ClientSession() as s, s.post(url + "/v1/completions", json=sent) as r:
+                    assert r.status == 200 and r.headers["X-Kvfleet-Replica"] == echoes[1].url
+                    first = json.loads((await r.content.readline()).decode()[6:])
+                    assert (await r.read()).rstrip().endswith(b"data: [DONE]")
+                decoded = json.loads(base64.b64decode(first["echo"]["body_b64"]))
+                params = decoded.pop("kv_transfer_params")
+                decoded.pop("return_token_ids", None)  # the balancer's own, for exact failover
+                assert decoded == sent
+                assert params["do_remote_prefill"] is True and params["remote_block_ids"] == [0, 1]
+                prefilled = json.loads(base64.b64decode(params["echo"]["body_b64"]))
+                assert prefilled["max_tokens"] == 1 and prefilled["stream"] is False
+                assert "stream_options" not in prefilled and "min_tokens" not in prefilled
+                assert prefilled["kv_transfer_params"]["do_remote_decode"] is True
+                assert prefilled["prompt"] == sent["prompt"]
+                assert _count(b, "disaggregated") == 1
+
+        asyncio.run(main())
+    finally:
+        for e in echoes:
+            e.stop()
