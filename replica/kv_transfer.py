@@ -73,23 +73,31 @@ def cache_layout(caches) -> str:
     return f"{str(k.dtype).removeprefix('torch.')}:{len(caches)}x2x{bs}x{heads}x{dim}"
 
 
-def block_bytes(caches, block_id: int) -> bytes:
-    """One block of every layer, keys then values (the payload layout above)."""
+def read_blocks(caches, block_ids: list[int]) -> memoryview:
+    """The payloads of `block_ids`, one after the other (the payload layout above), in one buffer:
+    one gather per layer for all of them, not one per block."""
     import torch
 
-    return torch.stack([torch.stack((k[block_id], v[block_id])) for k, v in caches]).cpu().contiguous() \
-        .numpy().tobytes()
+    idx = torch.tensor(block_ids, dtype=torch.int64, device=caches[0][0].device)
+    data = torch.stack([torch.stack((k.index_select(0, idx), v.index_select(0, idx)), dim=1) for k, v in caches],
+                       dim=1)  # [n, layers, 2, block_size, kv heads, head dim]
+    return memoryview(data.cpu().contiguous().numpy()).cast("B")
 
 
-def write_block(caches, block_id: int, payload: bytes) -> None:
-    """Copy one payload into block `block_id` of every layer (the inverse of `block_bytes`)."""
+def write_blocks(caches, block_ids: list[int], payloads: list[bytes]) -> None:
+    """Copy the payloads into blocks `block_ids` of every layer (the inverse of `read_blocks`)."""
     import torch
 
     k0 = caches[0][0]
-    data = torch.frombuffer(bytearray(payload), dtype=k0.dtype).view(len(caches), 2, *k0.shape[1:])
+    data = torch.frombuffer(bytearray(b"".join(payloads)), dtype=k0.dtype).view(len(block_ids), len(caches), 2,
+                                                                                 *k0.shape[1:])
+    idx = torch.tensor(block_ids, dtype=torch.int64, device=k0.device)
     for layer, (k, v) in enumerate(caches):
-        k[block_id].copy_(data[layer, 0])
-        v[block_id].copy_(data[layer, 1])
+        k.index_copy_(0, idx, data[:, layer, 0].to(k.device))
+        v.index_copy_(0, idx, data[:, layer, 1].to(v.device))
+
+
+READ_CHUNK = 16  # blocks read from the cache at once: one gather each, then sent block by block
 
 
 def _u32(n: int) -> bytes:
@@ -253,16 +261,22 @@ class KVSender(_Side):
         faults.stall -= stall
         try:
             sent = 0
-            for i in range(start, len(parked.block_ids)):
-                payload = block_bytes(self.caches, parked.block_ids[i])
-                digest = xxhash.xxh3_64_intdigest(payload)
-                if corrupt and i == start + 1:
-                    payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
-                await sock.send_multipart([ident, b"BLK", _u32(i), digest.to_bytes(8, "big"), payload], copy=False)
-                sent += 1
-                if stall:
-                    faults.stalled += 1
-                    await asyncio.Event().wait()  # until the process ends (or stop() cancels it)
+            ids = parked.block_ids
+            for first in range(start, len(ids), READ_CHUNK):
+                chunk = read_blocks(self.caches, ids[first : first + READ_CHUNK])
+                size = len(chunk) // len(ids[first : first + READ_CHUNK])
+                for j in range(len(chunk) // size):
+                    i = first + j
+                    payload = chunk[j * size : (j + 1) * size]
+                    digest = xxhash.xxh3_64_intdigest(payload)
+                    if corrupt and i == start + 1:
+                        payload = bytes([payload[0] ^ 0xFF]) + bytes(payload[1:])
+                    await sock.send_multipart([ident, b"BLK", _u32(i), digest.to_bytes(8, "big"), payload],
+                                              copy=False)
+                    sent += 1
+                    if stall:
+                        faults.stalled += 1
+                        await asyncio.Event().wait()  # until the process ends (or stop() cancels it)
             await sock.send_multipart([ident, b"END", _u32(sent)])
         finally:
             self._release(rid)
@@ -431,9 +445,7 @@ def install(kv, caches, prompt_ids: list[int], pulled: Pulled, lora=None) -> int
             return 0
         if not kv.allocate_slots(rid, prompt_ids, hit.num_tokens, (end - first) * bs, hit, lora):
             return 0
-        ids = kv.block_ids(rid)
-        for i in range(first, end):
-            write_block(caches, ids[i], pulled.payloads[i - pulled.start])
+        write_blocks(caches, kv.block_ids(rid)[first:end], pulled.payloads[first - pulled.start:])
         return end - first
     finally:
         kv.free(rid)
