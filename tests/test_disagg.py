@@ -223,3 +223,31 @@ def test_the_balancer_speaks_vllms_disaggregated_proxy_protocol():
     finally:
         for e in echoes:
             e.stop()
+
+
+def test_killing_a_prefill_replica_under_load_loses_no_request(pair):
+    """The fault suite's kill -9 (harness/chaos.py) on a disaggregated fleet: a second prefill
+    replica is SIGKILLed while requests stream through the pairs; every request completes."""
+    from harness.chaos import classify, workload
+    from loadgen.client import LoadConfig, run_load_sync
+    from loadgen.prompts import PromptConfig
+
+    victim = _replica("prefill")
+    try:
+        async def main():
+            async with balancer([p.replica_arg for p in (*pair, victim)]) as (url, b):
+                await _roles_known(b, [*pair, victim])
+                requests = workload(duration_s=4.0, rate=4.0, seed=1, input_len=160, output_len=24)
+                cfg = LoadConfig(model="tiny", prompt=PromptConfig(seed=1), request_timeout_s=60.0, progress=False)
+                loop = asyncio.get_running_loop()
+                load = loop.run_in_executor(None, lambda: run_load_sync(url, requests, cfg))
+                await wait_for(lambda: b.registry.get(victim.url).requests_total >= 2, timeout=30)
+                os.kill(victim.popen.pid, signal.SIGKILL)
+                run = await load
+                completed, errored, lost, _, detail = classify(run.records)
+                assert (completed, errored, lost) == (len(requests), 0, 0), detail
+                assert _count(b, "disaggregated") >= 1
+
+        asyncio.run(main())
+    finally:
+        victim.stop(sig=signal.SIGKILL)
