@@ -17,7 +17,11 @@ and `both` (a unified replica, which can take either side or the whole request).
         tokens the decode replica does not already cache, times `transfer_s_per_token`
         (0 when the decode side is the prefill replica itself: a `both` replica keeps its KV).
 
-    decode cost = L·tpot + others_weight·D·R̄·m + memory + transfer
+    prefill cost = ttft + others_weight·(behind + interference) + memory   (predictive's terms;
+        interference = D·θtok·U on a `both` replica: our U uncached tokens stretch its D decodes'
+        steps; 0 on a prefill replica, which decodes nothing)
+    decode cost = L·tpot + others_weight·D·R̄·m + memory + transfer + θtok·Q
+        (Q: prefill tokens queued on a `both` replica, run in the steps we decode in)
         tpot = θ0 + θseq·(D+1) + θctx·(C + P + L/2)   one decode step with us in it
         m    = θseq + θctx·(P + L/2)                  what we add to each of the D's steps
         L: predicted output tokens, P: prompt tokens, D/C: sequences decoding there / their KV
@@ -130,14 +134,18 @@ class PairSelector:
             out = min(out, request.max_tokens)
         return max(1.0, float(out))
 
-    def prefill_cost(self, view: ReplicaView, request: RoutingRequest, fleet_waiting: float) -> dict[str, float]:
+    def prefill_cost(self, view: ReplicaView, request: RoutingRequest, fleet_waiting: float,
+                     role: str = PREFILL) -> dict[str, float]:
         """Cost terms of prefilling `request` on `view` (seconds): predictive's estimate for a
-        one-token output (the prefill replica emits only the first token)."""
+        one-token output (the prefill replica emits only the first token). On a `both` replica
+        the prefill also stretches the steps of the D sequences decoding there (`interference`,
+        ~θtok per uncached token each): the interference disaggregation exists to avoid."""
         cfg, lr = self.config.pricing, self.learner
         rid = view.replica_id
         s = estimate(view, request, lr.theta(rid), lr.step_budget(rid, cfg.default_step_tokens), 1.0,
                      cfg.stale_report_s, cfg.others_weight, lr.busy_for(rid, request.now), 0, fleet_waiting, 0.5)
-        s["cost"] = s["ttft"] + cfg.others_weight * s["behind"] + s["memory"]
+        s["interference"] = s["decoding"] * lr.theta(rid)[1] * s["uncached_tokens"] if role == BOTH else 0.0
+        s["cost"] = s["ttft"] + cfg.others_weight * (s["behind"] + s["interference"]) + s["memory"]
         return s
 
     def decode_cost(self, view: ReplicaView, request: RoutingRequest, prefill_id: str, out: float) -> dict[str, float]:
@@ -152,8 +160,9 @@ class PairSelector:
             c = load.running_decode_tokens
             free = load.free_blocks * bs - view.sent_tokens_since_report
             have_memory = load.total_blocks > 0
+            queued = load.queued_prefill_tokens  # reported only: hand-overs sent here are not prefill
         else:  # no usable report: this balancer's in-flight bookkeeping
-            d, c, free, have_memory = view.inflight_requests, view.inflight_tokens, 0, False
+            d, c, free, have_memory, queued = view.inflight_requests, view.inflight_tokens, 0, False, 0
         seqs = request.sequences
         tpot = t_step + t_seq * (d + seqs) + t_ctx * (c + seqs * (p + out / 2))
         m = t_seq + t_ctx * (p + out / 2)
@@ -174,8 +183,12 @@ class PairSelector:
             moved = max(0, request.prompt_tokens - request.matched_blocks.get(view.replica_id, 0) * bs)
             moved += request.extra_prefill_tokens
             transfer = cfg.transfer_latency_s + moved * cfg.transfer_s_per_token
-        return {"cost": out * tpot + pricing.others_weight * others + memory + transfer, "tpot": tpot,
+        # The prefill work queued there runs in the steps we decode in (a `both` replica; a
+        # decode replica reports none): each of its tokens lengthens one of our steps by ~θtok.
+        interference = t_tok * queued
+        return {"cost": out * tpot + pricing.others_weight * others + memory + transfer + interference, "tpot": tpot,
                 "others": others, "memory": memory, "transfer": transfer, "transfer_tokens": float(moved),
+                "interference": interference,
                 "decoding": float(d), "free_tokens": float(free)}
 
     def select(self, request: RoutingRequest, views: Sequence[ReplicaView],
@@ -191,7 +204,8 @@ class PairSelector:
         fresh = [v for v in pre if v.load.age_s <= stale]
         fleet_waiting = sum(v.load.num_waiting + v.sent_since_report for v in fresh) / len(pre)
         inflight = {v.replica_id: v.inflight_requests for v in views}
-        pscores = {v.replica_id: self.prefill_cost(v, request, fleet_waiting) for v in pre}
+        pscores = {v.replica_id: self.prefill_cost(v, request, fleet_waiting, roles.get(v.replica_id, BOTH))
+                   for v in pre}
         p_id = _lowest(pscores, inflight, request)
         out = self._out_tokens(request)
         dscores = {v.replica_id: self.decode_cost(v, request, p_id, out) for v in dec}

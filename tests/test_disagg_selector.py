@@ -159,3 +159,19 @@ def test_route_pair_on_a_unified_fleet_books_like_the_router():
     assert pair.prefill.replica.inflight_requests == 0
     assert route_pair(router, PairSelector(), p, "q", URL_ROLES,
                       exclude=frozenset({"http://p1:80", "http://p2:80"})) is None  # no prefill left
+
+
+def test_a_unified_replica_is_charged_for_the_interference_between_its_prefills_and_decodes():
+    sel = PairSelector()
+    roles = {"u": BOTH, "p": PREFILL, "d": DECODE}
+    req = request(prompt_tokens=4096)
+    # u decodes 50 sequences; p has a little more queued: without the interference term u would
+    # prefill (lower TTFT), with it the prefill goes to p.
+    views = [view("u", running=50, decode_tokens=20_000), view("p", waiting=1, queued=512), view("d")]
+    d = sel.select(req, views, roles)
+    assert d.prefill_scores["u"]["ttft"] < d.prefill_scores["p"]["ttft"]
+    assert d.prefill == "p" and d.prefill_scores["u"]["interference"] > 0 == d.prefill_scores["p"]["interference"]
+    # Decode: u has 30k prefill tokens queued, which its decode steps would share; d has none.
+    views = [view("u", queued=30_000, waiting=3), view("p"), view("d", running=2, decode_tokens=2000)]
+    d = sel.select(req, views, roles)
+    assert d.decode == "d" and d.decode_scores["u"]["interference"] > 0 == d.decode_scores["d"]["interference"]
