@@ -50,3 +50,13 @@ def test_replica_roles_from_the_spec_win_over_reports():
     assert (fixed.role, free.role) == ("decode", "both")
     assert not reg.set_role(fixed.replica_id, "prefill") and fixed.role == "decode"
     assert reg.set_role(free.replica_id, "prefill") and free.role == "prefill"
+
+
+def test_a_local_fleet_gives_each_replica_its_role():
+    from kvfleet.fleet import FleetSpec
+
+    assert FleetSpec(replicas=4, prefill=1, decode=2).roles() == ["prefill", "decode", "decode", "both"]
+    with pytest.raises(ValueError, match="at most"):
+        FleetSpec(replicas=1, prefill=1, decode=1)
+    with pytest.raises(ValueError, match="torch"):
+        FleetSpec(replicas=2, engine="sim", prefill=1)
