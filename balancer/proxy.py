@@ -343,7 +343,7 @@ class Proxy:
         tried: set[str] = set()
         first: Booking | None = None  # a pair the selector kept whole, booked as a routed request
         if handover.wanted(path, body, prepared):
-            roles = {r.replica_id: r.role for r in self.registry}
+            roles = self.registry.roles()
             if is_disaggregated(roles):
                 served, first = await self._disaggregated(ex, body, req, path, prepared, request_id, roles, headers,
                                                           arrival, outcome, tried)

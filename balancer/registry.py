@@ -88,6 +88,7 @@ class Registry:
         self._replicas: dict[str, ReplicaState] = {}
         self.on_change: list[Callable[[str, str], None]] = []  # (replica_id, what) listeners
         self._served: list[str] | None = None  # served_models(), until something changes
+        self._roles: dict[str, str] | None = None  # roles(), until membership or a role changes
 
     # ------------------------------------------------------------- membership
     def __iter__(self) -> Iterator[ReplicaState]:
@@ -127,6 +128,7 @@ class Registry:
 
     def _notify(self, replica_id: str, what: str) -> None:
         self._served = None  # membership, health or draining changed
+        self._roles = None
         for fn in self.on_change:
             fn(replica_id, what)
 
@@ -210,7 +212,15 @@ class Registry:
         if r is None or r.role == role or r.spec.role is not None:
             return False
         r.role = role
+        self._roles = None
         return True
+
+    def roles(self) -> dict[str, str]:
+        """replica id -> role (balancer/disagg.py's input), kept between changes: asked per
+        request. Do not modify it."""
+        if self._roles is None:
+            self._roles = {rid: r.role for rid, r in self._replicas.items()}
+        return self._roles
 
     # ------------------------------------------------------------- bookkeeping
     def on_sent(self, r: ReplicaState, tokens: int, uncached_tokens: int) -> None:

@@ -49,7 +49,11 @@ def test_replica_roles_from_the_spec_win_over_reports():
     free = reg.add(ReplicaSpec.parse("http://b:1"))
     assert (fixed.role, free.role) == ("decode", "both")
     assert not reg.set_role(fixed.replica_id, "prefill") and fixed.role == "decode"
+    assert reg.roles() == {"http://a:1": "decode", "http://b:1": "both"}
     assert reg.set_role(free.replica_id, "prefill") and free.role == "prefill"
+    assert reg.roles() == {"http://a:1": "decode", "http://b:1": "prefill"}
+    reg.remove(fixed.replica_id)
+    assert reg.roles() == {"http://b:1": "prefill"}
 
 
 def test_a_local_fleet_gives_each_replica_its_role():
