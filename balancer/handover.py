@@ -22,7 +22,6 @@ roles come from their load reports (`kvfleet replica --role`, `ReplicaState.role
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 
 from balancer.router import Prepared
 
