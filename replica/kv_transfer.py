@@ -21,6 +21,10 @@ The request flow is vLLM's disaggregated-serving proxy pattern (vLLM's
    side of NixlConnector does the same). So the decode replica continues exactly where a single
    replica would be after the same prompt's full blocks.
 
+The decode replica pulls (as NixlConnector's decode side reads the prefill's blocks): it alone
+knows which leading blocks its own prefix cache already holds, so only the rest travels, and it
+pulls once it is ready to run the request.
+
 Wire (a DEALER on the decode replica, one per pull, to the prefill replica's ROUTER):
 
     pull  = [b"kvfleet.kv/1", request id, first block wanted (u32 BE), layout]
@@ -31,9 +35,11 @@ Wire (a DEALER on the decode replica, one per pull, to the prefill replica's ROU
               [num_layers, 2, block_size, num_kv_heads, head_dim] in the cache's dtype
 
 Overlap: each pull is its own task on the prefill replica's event loop and each block its own
-message, so blocks are read from the cache and sent while the engine thread goes on stepping
-other requests, and the decode replica checks block i while block i+1 is on the wire; neither
-engine waits for a transfer (the decode request enters its scheduler once its blocks are in).
+message, so blocks are read from the cache (16 per gather) and sent while the engine thread goes
+on stepping other requests, and the decode replica checks block i while block i+1 is on the wire;
+neither engine waits for a transfer (the decode request enters its scheduler once its blocks are
+in). What does not overlap: a request's own prefill and its transfer (vLLM's protocol hands the
+KV over after the prefill leg has answered, so no block leaves before the prompt is computed).
 
 Faults never give a wrong answer: a bad checksum, a gap, a short block, a timeout (the prefill
 replica died or hangs), an ERR, a layout mismatch: the decode replica installs only the verified
