@@ -35,6 +35,7 @@ def _replica_json(b, r) -> dict:
         "url": r.url,
         "events": r.spec.events,
         "replay": r.spec.replay,
+        "role": r.role,
         "healthy": r.healthy,
         "draining": r.draining,
         "breaker": r.breaker.name.lower(),
@@ -97,7 +98,8 @@ def routes(b) -> dict[str, dict[str, Handler]]:
             raise APIError(400, "curve_server_key must be a 40-character Z85 public key", "curve_server_key")
         try:
             spec = ReplicaSpec(url=body["url"], events=body.get("events"), replay=body.get("replay"),
-                               topic=body.get("topic") or "", curve_server_key=body.get("curve_server_key"))
+                               topic=body.get("topic") or "", curve_server_key=body.get("curve_server_key"),
+                               role=body.get("role"))
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), "url") from None
         if b.registry.get(spec.replica_id) is not None:

@@ -24,10 +24,11 @@ from balancer.approx_index import ApproxIndex
 from balancer.audit import DecisionAudit
 from balancer.config import BalancerConfig, ReplicaSpec
 from balancer.digest_feed import DigestFeed, DigestFeedConfig
+from balancer.disagg import PairSelector
 from balancer.digest_index import DigestIndex
 from balancer.exchange import RouteTable, web_handler
 from balancer.guard import FORWARDED_PATHS, Guard
-from balancer.health import DnsWatcher, HealthChecker
+from balancer.health import DnsWatcher, HealthChecker, note_role
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
 from balancer.membership import Membership
 from balancer.memtrim import trim_periodically
@@ -62,6 +63,11 @@ class Balancer:
         self.registry = Registry(cfg.breaker, cfg.health, clock, in_transit_s=cfg.report_transit_s)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
+        # Prefill/decode pairs (balancer/disagg.py), priced with the predictive policy's step
+        # coefficients when that is the policy, else with a learner of the selector's own.
+        shared = getattr(self.policy, "learner", None)
+        self.pairs = PairSelector(learner=shared)
+        self._pairs_learn = shared is None
         self.model: str | None = cfg.model
         self.subscribers: dict[str, ReplicaEventSubscriber] = {}
         # Cache digests (cfg.index_source "digests" or "both"): one feed per replica that publishes.
@@ -123,7 +129,7 @@ class Balancer:
                              digests=self.digests if self.cfg.index_source != "events" else None,
                              uses_digest=self.uses_digest, sessions=self.sessions)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
-                           self.served_models, self.audit)
+                           self.served_models, self.audit, self.pairs)
         for spec in self.cfg.replicas:
             self.add_replica(spec)
         if pool is not None:
@@ -237,6 +243,7 @@ class Balancer:
         self.digests.remove_replica(replica_id)
         self.approx.remove_replica(replica_id)
         self.policy.on_replica_removed(replica_id)
+        self.pairs.on_replica_removed(replica_id)
         self.audit.forget_replica(replica_id)
         self.metrics.forget_replica(replica_id)
         return True
@@ -244,6 +251,8 @@ class Balancer:
     def _on_load(self, replica_id: str, report: LoadReport) -> None:
         if report.steps:
             self.policy.observe_steps(replica_id, report.steps)
+            if self._pairs_learn:
+                self.pairs.observe_steps(replica_id, report.steps)
         self.registry.on_load(
             replica_id,
             ReplicaLoad(num_running=report.num_running, num_waiting=report.num_waiting,
@@ -255,6 +264,7 @@ class Balancer:
         )
         self.registry.set_loras(replica_id, frozenset(report.loras), report.lora_load_s)
         self.metrics.series(self.metrics.replica_loras, replica_id).set(len(report.loras))
+        note_role(self.registry, self.metrics, replica_id, report.role)
 
     async def _export_stats(self) -> None:
         exported: dict[tuple[str, str], int] = {}

@@ -18,6 +18,9 @@ from protocol.curve import load_public_key
 INDEX_SOURCES = ("events", "digests", "both")
 
 
+REPLICA_ROLES = ("prefill", "decode", "both")  # balancer/disagg.py's ROLES (config imports no balancer module)
+
+
 @dataclass(frozen=True)
 class ReplicaSpec:
     """One replica: its HTTP base URL and, optionally, its KV-event endpoints."""
@@ -29,8 +32,14 @@ class ReplicaSpec:
     # The replica's CURVE public key (Z85 text, or a file written by `kvfleet keys`): the KV-event
     # sockets then talk only to the holder of the matching secret key. None: the fleet default.
     curve_server_key: str | None = None
+    # Its part in prefill/decode disaggregation (prefill | decode | both), for a replica that does
+    # not report one (a vLLM P/D server: vLLM publishes no kvfleet load reports). None: the role
+    # its load reports say ("both" until one does); a configured role wins over reports.
+    role: str | None = None
 
     def __post_init__(self) -> None:
+        if self.role is not None and self.role not in REPLICA_ROLES:
+            raise ValueError(f"replica role must be one of {', '.join(REPLICA_ROLES)}, got {self.role!r}")
         for name in ("url", "events", "replay", "topic", "curve_server_key"):
             v = getattr(self, name)
             if not isinstance(v, str) and not (v is None and name not in ("url", "topic")):
@@ -56,10 +65,14 @@ class ReplicaSpec:
 
     @classmethod
     def parse(cls, text: str) -> "ReplicaSpec":
-        """`URL[=EVENTS[,REPLAY]]`, e.g. `http://h:8000=tcp://h:5557,tcp://h:5558`."""
-        url, _, ev = text.partition("=")
+        """`[ROLE@]URL[=EVENTS[,REPLAY]]`, e.g. `http://h:8000=tcp://h:5557,tcp://h:5558` or
+        `prefill@http://h:8100` (ROLE: prefill, decode or both)."""
+        role, at, rest = text.partition("@")
+        if not at or "://" in role:  # no role prefix (an `@` further on belongs to the URL)
+            role, rest = None, text
+        url, _, ev = rest.partition("=")
         events, _, replay = ev.partition(",")
-        return cls(url=url, events=events or None, replay=replay or None)
+        return cls(url=url, events=events or None, replay=replay or None, role=role)
 
 
 @dataclass(frozen=True)

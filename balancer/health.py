@@ -36,6 +36,18 @@ def load_from_dict(d: dict) -> ReplicaLoad:
     )
 
 
+def note_role(registry: Registry, metrics: BalancerMetrics, replica_id: str, role: object) -> None:
+    """The role a replica reports (load report or `GET /load`); an unknown value counts as "both"."""
+    role = role if role in ("prefill", "decode") else "both"
+    r = registry.get(replica_id)
+    if r is None:
+        return
+    old = r.role
+    if registry.set_role(replica_id, role):
+        metrics.series(metrics.replica_role, replica_id, old).set(0)
+    metrics.series(metrics.replica_role, replica_id, r.role).set(1)
+
+
 class HealthChecker:
     def __init__(self, registry: Registry, session: Callable[[], aiohttp.ClientSession], metrics: BalancerMetrics,
                  has_load_stream: Callable[[str], bool], load_poll_s: float, models_poll_s: float = 10.0) -> None:
@@ -78,6 +90,7 @@ class HealthChecker:
                     if resp.status == 200:
                         body = await resp.json()
                         self.registry.on_load(r.replica_id, load_from_dict(body))
+                        note_role(self.registry, self.metrics, r.replica_id, body.get("role"))
                         loras = body.get("loras")
                         if isinstance(loras, list):
                             names = frozenset(n for n in loras if isinstance(n, str))

@@ -29,6 +29,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3)
 TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 NO_REPLICA = "none"  # the `replica` label of requests that no replica answered
+DISAGG_OUTCOMES = ("disaggregated", "unified", "fallback_prefill", "fallback_decode", "fallback_no_pair")
 
 
 class BalancerMetrics:
@@ -127,6 +128,21 @@ class BalancerMetrics:
                                    "event index (index_source digests, or both before the event index is exact).",
                                    ("replica",), registry=r)
         # --- end of cache digests ---
+        # --- prefill/decode disaggregation (balancer/handover.py) ---
+        self.disagg = Counter("kvfleet_disagg_requests_total",
+                              "Requests for a prefill/decode pair, by outcome: disaggregated (served by the pair), unified (the "
+                              "pair selector kept it whole on one `both` replica), "
+                              "fallback_prefill / fallback_decode (that member failed; served by one replica), fallback_no_pair (the "
+                              "fleet has prefill/decode replicas but no usable pair now).",
+                              ("outcome",), registry=r)
+        for outcome in DISAGG_OUTCOMES:
+            self.disagg.labels(outcome)
+        self.disagg_prefill = Histogram("kvfleet_disagg_prefill_seconds",
+                                        "Time of a disaggregated request's prefill leg (sent to the prefill replica "
+                                        "until its kv_transfer_params are back).", buckets=LATENCY_BUCKETS, registry=r)
+        self.replica_role = Gauge("kvfleet_replica_role_info",
+                                  "1 for the role the replica reports (prefill, decode or both).", ("replica", "role"),
+                                  registry=r)
         # (metric, label values) -> child: `labels()` costs a few µs (lock, tuple, dict), and the
         # request path touches five series per request.
         self._children: dict[tuple, object] = {}
@@ -161,7 +177,8 @@ class BalancerMetrics:
                 metric.remove(replica_id)
             except KeyError:
                 pass
-        for metric, names in ((self.requests, ("replica", "policy", "status")), (self.resyncs, ("replica", "reason"))):
+        for metric, names in ((self.requests, ("replica", "policy", "status")), (self.resyncs, ("replica", "reason")),
+                              (self.replica_role, ("replica", "role"))):
             for values in _children_of(metric, names, replica_id):
                 metric.remove(*values)
 

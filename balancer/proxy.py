@@ -25,10 +25,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from balancer import handover
 from balancer.audit import DecisionAudit
+from balancer.disagg import PairSelector, is_disaggregated, route_pair
 from balancer.exchange import Exchange
 from balancer.failover import Failover
 from balancer.metrics import NO_REPLICA, BalancerMetrics
+from balancer.policies.base import Decision
 from balancer.registry import Registry, ReplicaState
 from balancer.relay import REPLICA_HEADER, ClientGone, UpstreamFailed, read_safely, relayed_headers, write
 from balancer.router import Booking, Prepared, Router
@@ -120,6 +123,7 @@ class Proxy:
         policy_name: str,
         models: Callable[[], list[str]],
         audit: DecisionAudit,
+        pairs: PairSelector | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -129,6 +133,7 @@ class Proxy:
         self.policy_name = policy_name
         self.models = models  # every model the fleet serves now
         self.audit = audit  # predicted against delivered cached tokens, the latest decisions
+        self.pairs = pairs if pairs is not None else PairSelector()  # prefill/decode pairs (balancer/disagg.py)
         # Request ids: a random per-process prefix and a counter (unique across restarts and
         # balancers; a uuid4 per request costs several µs).
         self._id_prefix = f"kvf-{uuid.uuid4().hex[:16]}-"
@@ -336,9 +341,18 @@ class Proxy:
             headers["Authorization"] = authorization
 
         tried: set[str] = set()
+        first: Booking | None = None  # a pair the selector kept whole, booked as a routed request
+        if handover.wanted(path, body, prepared):
+            roles = self.registry.roles()
+            if is_disaggregated(roles):
+                served, first = await self._disaggregated(ex, body, req, path, prepared, request_id, roles, headers,
+                                                          arrival, outcome, tried)
+                if served:
+                    return
         last: UpstreamFailed | None = None
         for attempt in range(self.retry.max_attempts):
-            booking = self.router.route(prepared, request_id, frozenset(tried))
+            booking = first if attempt == 0 and first is not None else \
+                self.router.route(prepared, request_id, frozenset(tried))
             if booking is None:
                 break
             decision_s = time.perf_counter() - t0 if attempt == 0 else None
@@ -376,6 +390,72 @@ class Proxy:
         self.metrics.series(self.metrics.requests, last.replica.replica_id, self.policy_name, "5xx").inc()
         raise APIError(502, f"every replica tried failed ({len(tried)} tried); last error from "
                             f"{last.replica.replica_id}: {last.reason}")
+
+    async def _disaggregated(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
+                             request_id: str, roles: dict[str, str], headers: dict, arrival: float,
+                             outcome: _Outcome, tried: set[str]) -> tuple[bool, Booking | None]:
+        """Serve the request through the prefill/decode pair the selector picks (balancer/disagg.py,
+        legs in balancer/handover.py): (True, None) once it is answered. (False, booking): the
+        selector kept it whole on one replica, booked; (False, None): no pair was usable, or a
+        member failed before the client got anything (a failed member is then in `tried`): the
+        caller serves it on one replica."""
+        m = self.metrics
+        pair = route_pair(self.router, self.pairs, prepared, request_id, roles, frozenset(tried))
+        if pair is None:
+            m.disagg.labels("fallback_no_pair").inc()
+            return False, None
+        if pair.unified:
+            m.disagg.labels("unified").inc()
+            return False, pair.decode
+        started = time.perf_counter()
+        answered, params = await self._leg(pair.prefill, self._prefill(pair.prefill, path, body, headers), tried,
+                                           "fallback_prefill")
+        if answered:
+            pair.prefill.finish(None)  # its one token is not the request's output
+        if params is None:
+            pair.decode.fail()  # never sent
+            if answered:  # an answer without kv_transfer_params: it cannot hand over
+                m.disagg.labels("fallback_prefill").inc()
+            return False, None
+        m.disagg_prefill.observe(time.perf_counter() - started)
+        booking = pair.decode
+        outcome.replica, outcome.attempts, outcome.predicted_cached = booking.replica_id, 1, booking.matched_tokens
+        payload = handover.decode_payload(body, params, req.continuable and self.retry.failover
+                                          and not req.return_token_ids)
+        answered, _ = await self._leg(booking, self._send(ex, booking, path, payload, headers, prepared, arrival,
+                                                          outcome), tried, "fallback_decode")
+        if not answered:
+            return False, None
+        outcome.booking = booking  # ended once the response is out (`_finish`)
+        m.disagg.labels("disaggregated").inc()
+        return True, None
+
+    async def _leg(self, booking: Booking, leg, tried: set[str], failed: str) -> tuple[bool, object]:
+        """Await one leg of a disaggregated request: (True, its result); (False, None) when its
+        replica gave no answer (the booking failed, the replica in `tried`, `failed` counted)."""
+        try:
+            return True, await leg
+        except UpstreamFailed as e:
+            await self._failed(booking, e, tried, 0)
+            self.metrics.disagg.labels(failed).inc()
+            return False, None
+        except BaseException:
+            booking.fail()
+            raise
+
+    async def _prefill(self, booking: Booking, path: str, body: dict, headers: dict) -> dict | None:
+        """The prefill leg: its kv_transfer_params, None when its answer has none (a 4xx, or a
+        replica that cannot hand over); `UpstreamFailed` when it gave no answer."""
+        replica = booking.replica
+        upstream = await self._answer(replica, "POST", path, handover.prefill_payload(body), headers)
+        try:
+            raw = await upstream.read()
+        except UpstreamError as e:
+            raise UpstreamFailed(replica, f"prefill answer cut: {e}") from None
+        finally:
+            upstream.release()
+        self.registry.record_success(replica)
+        return handover.params_of(raw) if upstream.status == 200 else None
 
     async def _failed(self, booking: Booking, e: UpstreamFailed, tried: set[str], attempt: int) -> None:
         """An attempt that got no answer: end its booking, tell the breaker, back off."""

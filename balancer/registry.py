@@ -65,6 +65,7 @@ class ReplicaState:
     adapters: dict[str, str] = field(default_factory=dict)  # of `models`, the LoRA adapters -> their parent
     loras: frozenset[str] = frozenset()  # adapters resident now (its last load report)
     lora_load_s: float = 0.0  # its adapter loads' mean duration, as it reported (0: not measured)
+    role: str = "both"  # prefill | decode | both, as its load reports say (balancer/handover.py)
 
     @property
     def replica_id(self) -> str:
@@ -87,6 +88,7 @@ class Registry:
         self._replicas: dict[str, ReplicaState] = {}
         self.on_change: list[Callable[[str, str], None]] = []  # (replica_id, what) listeners
         self._served: list[str] | None = None  # served_models(), until something changes
+        self._roles: dict[str, str] | None = None  # roles(), until membership or a role changes
 
     # ------------------------------------------------------------- membership
     def __iter__(self) -> Iterator[ReplicaState]:
@@ -101,7 +103,7 @@ class Registry:
     def add(self, spec: ReplicaSpec) -> ReplicaState:
         if spec.replica_id in self._replicas:
             raise ValueError(f"replica {spec.replica_id} is already registered")
-        state = ReplicaState(spec)
+        state = ReplicaState(spec, role=spec.role or "both")
         self._replicas[spec.replica_id] = state
         self._notify(spec.replica_id, "added")
         return state
@@ -126,6 +128,7 @@ class Registry:
 
     def _notify(self, replica_id: str, what: str) -> None:
         self._served = None  # membership, health or draining changed
+        self._roles = None
         for fn in self.on_change:
             fn(replica_id, what)
 
@@ -201,6 +204,23 @@ class Registry:
             r.loras = loras
             if load_s > 0:
                 r.lora_load_s = load_s
+
+    def set_role(self, replica_id: str, role: str) -> bool:
+        """The role replica_id reports (`kvfleet replica --role`); True when it changed. A role
+        given in the replica's spec (`ROLE@URL`) wins: reports do not change it."""
+        r = self._replicas.get(replica_id)
+        if r is None or r.role == role or r.spec.role is not None:
+            return False
+        r.role = role
+        self._roles = None
+        return True
+
+    def roles(self) -> dict[str, str]:
+        """replica id -> role (balancer/disagg.py's input), kept between changes: asked per
+        request. Do not modify it."""
+        if self._roles is None:
+            self._roles = {rid: r.role for rid, r in self._replicas.items()}
+        return self._roles
 
     # ------------------------------------------------------------- bookkeeping
     def on_sent(self, r: ReplicaState, tokens: int, uncached_tokens: int) -> None:

@@ -244,6 +244,26 @@ def fleet_overview() -> dict:
                            [("max by (replica) (kvfleet_digest_size_bytes)", "bytes {{replica}}"),
                             ("max by (replica) (kvfleet_digest_blocks)", "blocks {{replica}}")]))
     # --- end of cache digests ---
+    # --- prefill/decode disaggregation (issue #19 part 3: balancer/handover.py, replica/kv_transfer.py)
+    d = d.with_row(gdash.Row("Prefill/decode disaggregation"))
+    d = d.with_panel(graph("Disaggregated requests", "Requests sent to a prefill/decode pair per second, by outcome: "
+                           "served by the pair, or by one replica because the prefill or the decode member failed "
+                           "(fallback_prefill / fallback_decode) or no pair was usable (fallback_no_pair).", "reqps",
+                           [(f"sum by (outcome) (rate(kvfleet_disagg_requests_total[{RATE}]))", "{{outcome}}")]))
+    d = d.with_panel(graph("KV hand-over", "Bytes per second pulled by decode replicas from prefill replicas "
+                           "(vLLM's vllm:nixl_* names), and failed transfers per second (bad checksum, dead or stuck "
+                           "prefill replica: the decode replica computed the prompt itself).", "Bps",
+                           [(f"sum(rate(vllm:nixl_bytes_transferred_sum[{RATE}]))", "bytes/s"),
+                            (f"sum(rate(vllm:nixl_num_failed_transfers_total[{RATE}]))", "failed/s")]))
+    d = d.with_panel(graph("Prefill leg and transfer time", "Mean seconds of a disaggregated request's prefill leg "
+                           "at the balancer, and of one KV transfer at the decode replica (0 while there are none).",
+                           "s",
+                           [(f"sum(increase(kvfleet_disagg_prefill_seconds_sum[{RATE}])) / "
+                             f"clamp_min(sum(increase(kvfleet_disagg_prefill_seconds_count[{RATE}])), 1)", "prefill leg"),
+                            (f"sum(increase(vllm:nixl_xfer_time_seconds_sum[{RATE}])) / "
+                             f"clamp_min(sum(increase(vllm:nixl_xfer_time_seconds_count[{RATE}])), 1)", "KV transfer")]))
+    d = d.with_panel(graph("Replica roles", "Replicas per role, as their load reports say (`kvfleet replica --role`).",
+                           "short", [("sum by (role) (kvfleet_replica_role_info)", "{{role}}")], w=24))
     return build_dashboard(d)
 
 
@@ -344,6 +364,18 @@ def replica_detail() -> dict:
                            [(f"rate(kvfleet_replica_lora_loads_total{sel}[{RATE}])", "loads/s"),
                             (f"kvfleet_replica_lora_load_seconds_total{sel} / "
                              f"clamp_min(kvfleet_replica_lora_loads_total{sel}, 1)", "mean load s")], w=12))
+
+    # --- KV hand-over (issue #19 part 3): what this replica pulled as a decode replica
+    d = d.with_row(gdash.Row("KV hand-over"))
+    d = d.with_panel(graph("KV pulled", "Bytes per second this replica pulled from prefill replicas, and its failed "
+                           "transfers per second (it then computed those prompt blocks itself).", "Bps",
+                           [(f"rate(vllm:nixl_bytes_transferred_sum{sel}[{RATE}])", "bytes/s"),
+                            (f"rate(vllm:nixl_num_failed_transfers_total{sel}[{RATE}])", "failed/s")], w=12))
+    d = d.with_panel(graph("KV transfer time", "Mean seconds per transfer (0 while there are none), and prefills "
+                           "whose kept KV expired before a decode replica pulled it (--kv-transfer-keep).", "s",
+                           [(f"increase(vllm:nixl_xfer_time_seconds_sum{sel}[{RATE}]) / "
+                             f"clamp_min(increase(vllm:nixl_xfer_time_seconds_count{sel}[{RATE}]), 1)", "mean transfer"),
+                            (f"increase(vllm:nixl_num_kv_expired_reqs_total{sel}[{RATE}])", "expired")], w=12))
     return build_dashboard(d)
 
 

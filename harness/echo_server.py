@@ -10,7 +10,10 @@ that the openai client parses it — a completion (`choices[0].text`), a chat co
 `/v1/responses`: two typed events, `response.output_text.delta` and `response.completed`). The echo
 itself is the top-level `echo` field (and in the first stream chunk). A body holding
 `"echo_status": N` (N >= 400) is refused with status N and an OpenAI error whose message is the
-body's `echo_message`: a refusal by the upstream that the balancer must relay unchanged.
+body's `echo_message`: a refusal by the upstream that the balancer must relay unchanged. A
+unary completion asking `kv_transfer_params: {"do_remote_decode": true}` is answered as a vLLM
+prefill server with NixlConnector answers (`kv_transfer_params` with `do_remote_prefill`, and the
+prefill request's echo inside them): the prefill/decode tests of the balancer's two legs.
 
 The pass-through tests (tests/test_passthrough.py) put the real balancer in front of several of
 these and compare what arrived with what the client sent, byte for byte.
@@ -89,7 +92,16 @@ def make_app(model: str) -> web.Application:
             await out.write_eof()
             return out
         if request.path in ("/v1/completions", "/v1/chat/completions"):
-            return web.json_response(_completion_shape(request.path, model, echo, chunk=False))
+            out = _completion_shape(request.path, model, echo, chunk=False)
+            params = body.get("kv_transfer_params") if isinstance(body, dict) else None
+            if isinstance(params, dict) and params.get("do_remote_decode"):
+                # A vLLM prefill server with NixlConnector answers with where its KV waits
+                # (NixlConnector.request_finished's keys); `echo` carries the prefill request on.
+                host, port = request.transport.get_extra_info("sockname")[:2]
+                out["kv_transfer_params"] = {"do_remote_prefill": True, "do_remote_decode": False,
+                                             "remote_engine_id": f"echo-{port}", "remote_block_ids": [0, 1],
+                                             "remote_host": host, "remote_port": port, "echo": echo}
+            return web.json_response(out)
         return web.json_response({"object": "echo", "echo": echo})
 
     app = web.Application(client_max_size=64 * 1024 * 1024)

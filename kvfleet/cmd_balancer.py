@@ -34,8 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = BalancerConfig()
     p.add_argument("--host", default=None, help=f"address to listen on (default {d.host})")
     p.add_argument("--port", type=int, default=None, help=f"port (default {d.port}; 0 picks a free one)")
-    p.add_argument("--replica", action="append", default=[], metavar="URL[=EVENTS[,REPLAY]]",
-                   help="a replica, e.g. http://h:8000=tcp://h:5557,tcp://h:5558 (repeatable)")
+    p.add_argument("--replica", action="append", default=[], metavar="[ROLE@]URL[=EVENTS[,REPLAY]]",
+                   help="a replica, e.g. http://h:8000=tcp://h:5557,tcp://h:5558 (repeatable). ROLE (prefill, "
+                        "decode, both) for prefill/decode disaggregation, e.g. prefill@http://h:8100 for a vLLM P/D "
+                        "server; kvfleet replicas report their --role themselves")
     p.add_argument("--dns", action="append", default=[], metavar="HOST:PORT",
                    help="a name whose addresses are replicas, re-resolved every few seconds (repeatable)")
     p.add_argument("--dns-events-port", type=int, default=None, help="KV-event PUB port on DNS-discovered replicas")

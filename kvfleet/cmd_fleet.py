@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("action", choices=["up"], help="`up`: start the fleet and wait for Ctrl-C")
     p.add_argument("--replicas", type=int, default=2, help="number of replicas")
+    p.add_argument("--prefill-replicas", type=int, default=0, metavar="N",
+                   help="of --replicas, N run `--role prefill` (prefill/decode disaggregation, torch engine)")
+    p.add_argument("--decode-replicas", type=int, default=0, metavar="N",
+                   help="of --replicas, N run `--role decode`; the rest are `both` (whole requests or either side)")
     p.add_argument("--engine", choices=["torch", "sim"], default="torch", help="replica engine")
     p.add_argument("--policy", default="precise_prefix", choices=policy_names(), help="balancer policy")
     p.add_argument("--host", default="127.0.0.1", help="address every process listens on")
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         spec = FleetSpec(replicas=args.replicas, engine=args.engine, policy=args.policy, host=args.host,
                          balancer_port=args.port, replica_args=tuple(replica_args),
                          balancer_args=("--log-format", args.log_format), prometheus=prom,
-                         targets_dir=args.targets_dir)
+                         targets_dir=args.targets_dir, prefill=args.prefill_replicas, decode=args.decode_replicas)
     except ValueError as e:
         print(f"kvfleet fleet: {e}", file=sys.stderr)
         return 2
@@ -69,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
         with LocalFleet(spec) as fleet:
             print(f"fleet up: balancer {fleet.balancer.url} ({args.policy}) in front of "
                   f"{len(fleet.replicas)} {args.engine} replicas", flush=True)
-            for r in fleet.replicas:
-                print(f"  replica {r.url}  kv-events {r.events}", flush=True)
+            for r, role in zip(fleet.replicas, spec.roles()):
+                print(f"  replica {r.url}  kv-events {r.events}" + (f"  role {role}" if role != "both" else ""),
+                      flush=True)
             if fleet.prometheus is not None:
                 print(f"  prometheus {fleet.prometheus.url}  (scraping every {args.scrape_interval:g} s; "
                       f"targets in {fleet.prometheus.targets_dir})", flush=True)

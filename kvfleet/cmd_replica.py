@@ -15,7 +15,7 @@ import sys
 
 from kvfleet import logs
 from kvfleet.cli import run_server
-from replica.config import EngineConfig, ReplicaConfig, ServerConfig
+from replica.config import ROLES, EngineConfig, KVTransferConfig, ReplicaConfig, ServerConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,6 +104,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-load-s", type=float, default=d.lora_load_s, metavar="S",
                    help="--engine sim: modelled seconds to load an adapter; the torch engine measures its own "
                         "loads")
+    kt = KVTransferConfig()
+    p.add_argument("--role", choices=ROLES, default=kt.role,
+                   help="prefill/decode disaggregation (vLLM's kv_producer/kv_consumer/kv_both): a balancer sends "
+                        "prefill replicas each prompt with max_tokens=1 and decode replicas the request with the "
+                        "prefill's kv_transfer_params, from which they pull the prompt's KV (torch engine only). Every "
+                        "role still serves whole requests, the balancer's fallback when a pair member fails; `both` "
+                        "replicas may take either side of a pair or a whole request")
+    p.add_argument("--kv-transfer-host", default=kt.host,
+                   help="prefill/both: the address the KV block socket binds and that decode replicas dial "
+                        "(an address they can reach, not 0.0.0.0)")
+    p.add_argument("--kv-transfer-port", type=int, default=kt.port,
+                   help="prefill/both: the KV block socket's port (0 picks a free one; the ready line prints it)")
+    p.add_argument("--kv-transfer-timeout", type=float, default=kt.timeout_s, metavar="S",
+                   help="decode: give up on a pull when the next block takes longer than S seconds (the prefill "
+                        "replica died or hangs) and compute the rest of the prompt here")
+    p.add_argument("--kv-transfer-keep", type=float, default=kt.keep_s, metavar="S",
+                   help="prefill: hold a finished prefill's KV blocks this long for its decode replica's pull")
     logs.add_arguments(p)
 
 
@@ -169,8 +186,10 @@ def replica_config(args: argparse.Namespace) -> ReplicaConfig:
                                     curve_authorized_clients=args.kv_events_curve_authorized_keys,
                                     digest_interval_s=args.kv_digest_interval, digest_filter=args.kv_digest_filter,
                                     digest_max_bytes=args.kv_digest_max_bytes)
+    kv_transfer = KVTransferConfig(role=args.role, host=args.kv_transfer_host, port=args.kv_transfer_port,
+                                   timeout_s=args.kv_transfer_timeout, keep_s=args.kv_transfer_keep)
     return ReplicaConfig(engine=engine, server=server, publisher=publisher, sim_preset=preset,
-                         time_scale=args.time_scale, step_log=args.step_log)
+                         time_scale=args.time_scale, step_log=args.step_log, kv_transfer=kv_transfer)
 
 
 def engine_flags(cfg: EngineConfig) -> list[str]:

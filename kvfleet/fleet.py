@@ -32,12 +32,25 @@ class FleetSpec:
     events: bool = True
     prometheus: PrometheusConfig | None = None  # also run a Prometheus scraping the fleet
     targets_dir: str | None = None  # also keep file_sd targets here (for a Prometheus of your own)
+    # Prefill/decode disaggregation: the first `prefill` replicas run `--role prefill`, the next
+    # `decode` ones `--role decode`, the rest `both` (replica/kv_transfer.py; torch engine only).
+    prefill: int = 0
+    decode: int = 0
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError("a fleet needs at least one replica")
         if self.engine not in ("torch", "sim"):
             raise ValueError("engine must be torch or sim")
+        if self.prefill < 0 or self.decode < 0 or self.prefill + self.decode > self.replicas:
+            raise ValueError(f"prefill ({self.prefill}) + decode ({self.decode}) replicas must be non-negative and "
+                             f"at most --replicas ({self.replicas})")
+        if self.prefill + self.decode and self.engine != "torch":
+            raise ValueError("prefill/decode replicas hand over KV tensors: use --engine torch")
+
+    def roles(self) -> list[str]:
+        return ["prefill"] * self.prefill + ["decode"] * self.decode + ["both"] * (self.replicas - self.prefill
+                                                                                  - self.decode)
 
 
 @dataclass
@@ -65,18 +78,19 @@ class LocalFleet:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _replica_args(self) -> list[str]:
+    def _replica_args(self, role: str = "both") -> list[str]:
         s = self.spec
         args = ["replica", "--host", s.host, "--port", "0", "--engine", s.engine, *s.replica_args]
         if s.events:
             args += ["--kv-events-endpoint", f"tcp://{s.host}:0", "--kv-events-replay-endpoint", f"tcp://{s.host}:0"]
+        if role != "both":
+            args += ["--role", role, "--kv-transfer-host", s.host]
         return args
 
     def start_replicas(self) -> None:
         s = self.spec
-        args = self._replica_args()
         with ThreadPoolExecutor(max_workers=s.replicas) as pool:
-            futures = [pool.submit(procs.start, args) for _ in range(s.replicas)]
+            futures = [pool.submit(procs.start, self._replica_args(role)) for role in s.roles()]
             errors = []
             for f in futures:
                 try:

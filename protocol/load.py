@@ -52,6 +52,7 @@ SNAPSHOT_REQUEST = b"kvfleet.snapshot"  # 16 bytes: never mistaken for an 8-byte
 DEFAULT_LOAD_TOPIC = b"kvfleet.load"
 DEFAULT_SNAPSHOT_TOPIC = b"kvfleet.snapshot"
 WIRE_VERSION = 1
+ROLES = ("prefill", "decode", "both")  # a replica's part in prefill/decode disaggregation
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,10 @@ class LoadReport:
     lora_load_s: float = 0.0
     # The replica's KV offload tiers, host first (absent from an older replica's reports: none).
     tiers: tuple[TierUsage, ...] = ()
+    # What the replica is for in a disaggregated fleet (`kvfleet replica --role`): "prefill",
+    # "decode" or "both" (vLLM's kv_producer / kv_consumer / kv_both). Absent from an older
+    # replica's reports: "both".
+    role: str = "both"
 
     def __post_init__(self) -> None:
         for name in ("num_running", "num_waiting", "queued_prefill_tokens", "running_decode_tokens",
@@ -123,6 +128,8 @@ class LoadReport:
             raise ValueError(f"LoadReport.kv_usage must be in [0, 1], got {self.kv_usage}")
         if not self.lora_load_s >= 0.0:
             raise ValueError(f"LoadReport.lora_load_s must be >= 0, got {self.lora_load_s}")
+        if self.role not in ROLES:
+            raise ValueError(f"LoadReport.role must be one of {ROLES}, got {self.role!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +189,7 @@ def encode_load(report: LoadReport) -> bytes:
         "loras": list(report.loras),
         "lora_load_s": float(report.lora_load_s),
         "tiers": [[t.medium, t.blocks, t.capacity] for t in report.tiers],
+        "role": report.role,
     })
 
 
@@ -225,6 +233,9 @@ def decode_load(payload: bytes) -> LoadReport:
             isinstance(t, tuple) and len(t) == 3 and isinstance(t[0], str) and type(t[1]) is int and type(t[2]) is int
             for t in tiers):
         raise EventDecodeError("load report tiers must be an array of [medium, blocks, capacity]")
+    role = obj.get("role", "both")
+    if role not in ROLES:
+        raise EventDecodeError(f"load report role must be one of {ROLES}, got {role!r}")
     try:
         return LoadReport(
             replica_id=replica_id,
@@ -243,6 +254,7 @@ def decode_load(payload: bytes) -> LoadReport:
             loras=loras,
             lora_load_s=_num(obj, "lora_load_s", float, 0.0),
             tiers=tuple(TierUsage(*t) for t in tiers),
+            role=role,
         )
     except ValueError as e:  # LoadReport's own validation
         if isinstance(e, EventDecodeError):

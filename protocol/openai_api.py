@@ -111,6 +111,11 @@ class GenerationRequest:
     echo: bool = False  # completions: the prompt precedes the completion in the text
     # The balancer's parse alone (`parse_for_routing`): a lost stream can be continued exactly.
     continuable: bool = False
+    # vLLM's disaggregated-serving field (NixlConnector's shape): {"do_remote_decode": true} asks a
+    # prefill replica to keep the prompt's KV for a decode replica; {"do_remote_prefill": true,
+    # "remote_host", "remote_port", "remote_request_id", "remote_block_ids", ...} tells a decode
+    # replica where to pull it from (replica/kv_transfer.py). None: an ordinary request.
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 _INT_LIMIT = 2**31 - 1
@@ -224,6 +229,10 @@ def _common(body: Any, kind: str) -> dict[str, Any]:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise APIError(400, "'user' must be a string", "user")
+    kv_params = body.get("kv_transfer_params")
+    if kv_params is not None and not isinstance(kv_params, dict):
+        raise APIError(400, "'kv_transfer_params' must be an object (vLLM's disaggregated-serving field)",
+                       "kv_transfer_params")
     return dict(
         kind=kind,
         model=model,
@@ -244,6 +253,7 @@ def _common(body: Any, kind: str) -> dict[str, Any]:
         cache_salt=salt,
         user=user,
         return_token_ids=_get_bool(body, "return_token_ids", False),
+        kv_transfer_params=kv_params,
     )
 
 

@@ -44,13 +44,18 @@ def fan_out(prompts: list[list[int]], params: list[SamplingParams], n: int) -> l
     return out
 
 
-async def merged(service, base_id: str, choices: list[Choice]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merged(service, base_id: str, choices: list[Choice],
+                 before_add=None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Every choice's outputs as they come, tagged with its index; one prefill per prompt (the
-    module docstring). Closing the iterator aborts the choices still running."""
+    module docstring). Closing the iterator aborts the choices still running. `before_add`
+    (one choice only: the KV hand-over's) goes to `EngineService.generate`."""
     if len(choices) == 1:
-        async for out in service.generate(service.unique_id(base_id), choices[0].prompt_ids, choices[0].params):
+        async for out in service.generate(service.unique_id(base_id), choices[0].prompt_ids, choices[0].params,
+                                          before_add):
             yield 0, out
         return
+    if before_add is not None:
+        raise ValueError("a KV hand-over serves one sequence; this request has several")
     queue: asyncio.Queue = asyncio.Queue()
     started: dict[int, asyncio.Event] = {}  # first choice of a prompt -> set once it has a token
     for c in choices:

@@ -100,6 +100,36 @@ class ServerConfig:
             raise ValueError(f"drain_timeout_s must be non-negative, got {self.drain_timeout_s}")
 
 
+ROLES = ("prefill", "decode", "both")  # protocol.load.ROLES (kept apart: the CLI's menu imports this module)
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """Prefill/decode disaggregation (replica/kv_transfer.py). Every role serves whole requests
+    too (a balancer falls back to one replica when a pair member fails); the role says what the
+    balancer should use the replica for. A prefill (or both) replica binds a ZMQ ROUTER on
+    host:port from which decode replicas pull a finished prefill's blocks."""
+
+    role: str = "both"  # prefill | decode | both (vLLM's kv_producer / kv_consumer / kv_both)
+    host: str = "127.0.0.1"  # prefill/both: the address the block socket binds and decode replicas dial
+    port: int = 0  # prefill/both: 0 = a free port (the ready line and each prefill's kv_transfer_params say which)
+    # A pull gives up when the next block takes longer than this (a dead or stuck prefill
+    # replica); the decode replica then computes the rest of the prompt itself.
+    timeout_s: float = 5.0
+    # How long a prefill replica holds a finished prefill's blocks for its decode replica (vLLM
+    # waits VLLM_NIXL_ABORT_REQUEST_TIMEOUT = 480 s; held blocks are capacity that no other
+    # request can use, and a pull comes within milliseconds or never).
+    keep_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"kv transfer port must be in [0, 65535], got {self.port}")
+        if not self.timeout_s > 0 or not self.keep_s > 0:
+            raise ValueError("kv transfer timeout and keep times must be positive seconds")
+
+
 @dataclass(frozen=True)
 class ReplicaConfig:
     """Everything one replica process runs with."""
@@ -112,12 +142,15 @@ class ReplicaConfig:
     sim_preset: SimPreset | None = None
     time_scale: float = 1.0
     step_log: int = 0  # keep the last N steps for GET /step_log (`kvfleet calibrate`); 0 = off
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
 
     def __post_init__(self) -> None:
         if self.step_log < 0:
             raise ValueError(f"step_log must be 0 (off) or a number of steps, got {self.step_log}")
         if not self.time_scale > 0:
             raise ValueError(f"time_scale must be positive, got {self.time_scale}")
+        if self.kv_transfer.role != "both" and self.sim_preset is not None:
+            raise ValueError("--role prefill|decode needs the torch engine: a sim replica has no KV tensors to hand over")
 
     @property
     def kind(self) -> str:

@@ -71,7 +71,7 @@ class _RequestState:
 class KVCacheManager:
     """Maps requests to blocks of one `BlockPool`, with prefix caching from `hash_root`."""
 
-    __slots__ = ("pool", "hash_root", "enable_caching", "_requests", "offload")
+    __slots__ = ("pool", "hash_root", "enable_caching", "_requests", "offload", "_keep", "_kept")
 
     def __init__(self, num_blocks: int, block_size: int, hash_root: int, enable_caching: bool = True,
                  tiers: Sequence[TierSpec] = ()) -> None:
@@ -95,6 +95,11 @@ class KVCacheManager:
         if self.offload is None:
             return self.pool.cache_version
         return self.pool.cache_version + (self.offload.version << 40)
+        # Prefill/decode hand-over (replica/kv_transfer.py): requests whose blocks `free` holds
+        # instead of releasing (vLLM's connectors "delay_free_blocks"), and those held blocks,
+        # each request's in token order, until `release_kept`.
+        self._keep: set[str] = set()
+        self._kept: dict[str, list[KVCacheBlock]] = {}
 
     # --- properties -------------------------------------------------------------------------
 
@@ -255,10 +260,38 @@ class KVCacheManager:
         return True
 
     def free(self, req_id: str) -> None:
-        """Release the request's blocks, tail first, and forget the request. Unknown ids: no-op."""
+        """Release the request's blocks, tail first, and forget the request. Unknown ids: no-op.
+        A request marked with `keep_on_free` keeps its blocks referenced (readable, never
+        evicted) until `release_kept`; a second free (after a preemption) replaces the hold."""
         state = self._requests.pop(req_id, None)
-        if state is not None:
-            self.pool.free_blocks(reversed(state.blocks))
+        if state is None:
+            return
+        if req_id in self._keep:
+            self.release_kept(req_id, forget=False)
+            self._kept[req_id] = state.blocks
+            return
+        self.pool.free_blocks(reversed(state.blocks))
+
+    def keep_on_free(self, req_id: str) -> None:
+        """Hold `req_id`'s blocks when it is freed, for a decode replica to pull."""
+        self._keep.add(req_id)
+
+    def kept_blocks(self, req_id: str) -> list[tuple[int, int | None]] | None:
+        """(block id, chain hash or None) of the blocks held for `req_id`, in token order; None
+        when nothing is held for it."""
+        blocks = self._kept.get(req_id)
+        return None if blocks is None else [(b.block_id, b.block_hash) for b in blocks]
+
+    def release_kept(self, req_id: str, forget: bool = True) -> bool:
+        """Release the blocks held for `req_id` (they stay cached, as any freed block); with
+        `forget`, a later free of that id releases at once. False when nothing was held."""
+        if forget:
+            self._keep.discard(req_id)
+        blocks = self._kept.pop(req_id, None)
+        if blocks is None:
+            return False
+        self.pool.free_blocks(reversed(blocks))
+        return True
 
     def block_ids(self, req_id: str) -> list[int]:
         """The request's block ids in token order ([] for a request holding none)."""
@@ -319,6 +352,8 @@ class KVCacheManager:
             for i, block in enumerate(state.blocks):
                 if block.block_hash is not None and (i >= len(state.hashes) or block.block_hash != state.hashes[i]):
                     raise RuntimeError(f"request {req_id!r}: block {block.block_id} at position {i} carries a foreign hash")
+        for blocks in self._kept.values():
+            holders.update(b.block_id for b in blocks)
         for block in self.pool.blocks:
             if block.ref_cnt != holders[block.block_id]:
                 raise RuntimeError(

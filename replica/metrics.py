@@ -23,6 +23,11 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                40.0, 80.0)
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# KV hand-over (prefill/decode disaggregation): vLLM's NixlConnector metrics
+# (vllm/distributed/kv_transfer/kv_connector/v1/nixl_connector.py, NixlPromMetrics): transfer time
+# buckets 5 ms..5 s, bytes 2 KiB..8 GiB in powers of four, recorded on the decode side per transfer.
+XFER_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
+XFER_BYTES_BUCKETS = tuple(2 ** (10 + i) for i in range(1, 25, 2))
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
@@ -52,6 +57,21 @@ class ReplicaMetrics:
         self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Prompt length per request.", labels, buckets=TOKEN_BUCKETS, registry=r).labels(*lv)
         self.request_generation_tokens = Histogram("vllm:request_generation_tokens", "Generated tokens per request.", labels, buckets=TOKEN_BUCKETS, registry=r).labels(*lv)
         self.iteration_tokens = Histogram("vllm:iteration_tokens_total", "Tokens processed per engine step.", labels, buckets=TOKEN_BUCKETS, registry=r).labels(*lv)
+
+        # KV hand-over under vLLM's NIXL names, so P/D dashboards built for vLLM read kvfleet's too
+        # (the transport is ZMQ here, the meaning the same: one observation per pull).
+        self.kv_xfer_time = Histogram("vllm:nixl_xfer_time_seconds", "Duration of KV-cache transfers (pulls of a "
+                                      "prefill's blocks).", labels, buckets=XFER_TIME_BUCKETS, registry=r).labels(*lv)
+        self.kv_xfer_bytes = Histogram("vllm:nixl_bytes_transferred", "Bytes per KV-cache transfer.", labels,
+                                       buckets=XFER_BYTES_BUCKETS, registry=r).labels(*lv)
+        self.kv_xfer_failed = Counter("vllm:nixl_num_failed_transfers", "KV-cache transfers that failed (bad "
+                                      "checksum, dead or stuck peer): the prompt was computed here instead.",
+                                      labels, registry=r).labels(*lv)
+        self.kv_expired = Counter("vllm:nixl_num_kv_expired_reqs", "Prefills whose kept KV expired before a decode "
+                                  "replica pulled it.", labels, registry=r).labels(*lv)
+        self.kv_recomputed_blocks = Counter("kvfleet_kv_transfer_recomputed_blocks_total", "Prompt blocks a decode "
+                                            "replica computed itself because their transfer failed.", labels,
+                                            registry=r).labels(*lv)
 
         # LoRA adapters (kvfleet's names: vLLM exports only an info gauge, vllm:lora_requests_info)
         self.loras_loaded = Gauge("kvfleet_replica_lora_adapters_loaded", "LoRA adapters resident now.", labels,

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from protocol.openai_api import (APIError, GenerationRequest, decode_json_body, error_body, parse_chat,
                                  parse_completion)
 from protocol.tokenizer import apply_chat_template
-from replica import auth, kv_state
+from replica import auth, kv_state, kv_transfer
 from replica.config import ServerConfig
 from replica.choices import Logprobs, fan_out, merged
 from replica.engine import RequestOutput
@@ -63,8 +63,11 @@ async def _read_json(request: web.Request) -> Any:
 
 
 class _Handlers:
-    def __init__(self, service: EngineService, model_name: str) -> None:
+    def __init__(self, service: EngineService, model_name: str, sender=None, receiver=None) -> None:
         self.service = service
+        # The KV hand-over's two sides (replica/kv_transfer.py; None where the role has none).
+        self.sender = sender
+        self.receiver = receiver
         self.model_name = model_name
         self.max_model_len = service.engine.scheduler.config.max_model_len
         self.tokenizer = service.engine.tokenizer
@@ -160,16 +163,35 @@ class _Handlers:
         rid = self.service.unique_id(base)
         headers = {"X-Request-Id": base}
         choices = fan_out(prompts, params, req.n)
-        outputs = merged(self.service, rid, choices)
+        before_add, handover = await self._handover(req, rid, prompts, lora, len(choices))
+        outputs = merged(self.service, rid, choices, before_add)
         seen = _Seen(start, sum(len(ids) for ids in prompts))
         echo = [self.tokenizer.decode(ids) for ids in prompts] if req.echo else None
         try:
             if req.stream:
                 return await self._stream(request, req, rid, outputs, headers, seen, len(choices), echo)
-            return await self._complete(req, rid, outputs, headers, seen, len(choices), echo)
+            return await self._complete(req, rid, outputs, headers, seen, len(choices), echo, handover)
         finally:
             if access_log.isEnabledFor(logging.INFO):
                 _log_access(base, req, seen)
+
+    async def _handover(self, req: GenerationRequest, rid: str, prompts: list[list[int]], lora: str | None,
+                        num_choices: int):
+        """The KV hand-over's part in a request with `kv_transfer_params` (vLLM's field):
+        (before_add for the engine, the prefill's response params or None). A decode request
+        pulls its prompt's blocks here; a prefill request keeps its blocks for the pull. A role
+        without the side asked for serves the request as an ordinary one (as vLLM without a KV
+        connector: no `kv_transfer_params` in the answer)."""
+        params = req.kv_transfer_params
+        if not params or num_choices != 1:
+            return None, None
+        if params.get("do_remote_prefill") and self.receiver is not None:
+            tag = self.service.engine.lora_tags.get(lora) if lora is not None else None
+            return await self.receiver.prepare(params, prompts[0], tag), None
+        if params.get("do_remote_decode") and self.sender is not None and not req.stream:
+            sender, n = self.sender, len(prompts[0])
+            return sender.keep(rid), lambda: sender.park(rid, n)
+        return None, None
 
     def _usage(self, finals: dict[int, RequestOutput], n: int) -> dict[str, Any]:
         """vLLM's accounting: each prompt once (its first sample's prompt and cached tokens),
@@ -185,7 +207,7 @@ class _Handlers:
         }
 
     async def _complete(self, req, rid, outputs: AsyncIterator[tuple[int, RequestOutput]], headers, seen: "_Seen",
-                        num_choices: int, echo: list[str] | None) -> web.Response:
+                        num_choices: int, echo: list[str] | None, handover=None) -> web.Response:
         text: dict[int, list[str]] = {i: [] for i in range(num_choices)}
         token_ids: dict[int, list[int]] = {i: [] for i in range(num_choices)}
         outs: dict[int, list[RequestOutput]] = {i: [] for i in range(num_choices)}
@@ -217,6 +239,8 @@ class _Handlers:
             choices.append(choice)
         body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self._lora_name(req) or self.model_name, "choices": choices, "usage": self._usage(finals, req.n)}
+        if handover is not None:  # a prefill for a decode replica: where to pull its KV from
+            body["kv_transfer_params"] = handover()
         return web.json_response(body, headers=headers)
 
     async def _stream(self, request, req, rid, outputs: AsyncIterator[tuple[int, RequestOutput]], headers,
@@ -382,13 +406,16 @@ def _log_access(request_id: str, req: GenerationRequest, seen: _Seen) -> None:
                "finish_reason": finish, "e2e_s": round(e2e, 6)}})
 
 
-def create_app(service: EngineService, cfg: ServerConfig, model_name: str) -> web.Application:
+def create_app(service: EngineService, cfg: ServerConfig, model_name: str, sender=None,
+               receiver=None) -> web.Application:
     """The replica's routes over `service`, which the app starts and stops (`cleanup_ctx`);
-    clients name the model `model_name`."""
+    clients name the model `model_name`. `sender` / `receiver`: the KV hand-over's prefill and
+    decode sides (replica/kv_transfer.py), started and stopped with the app too."""
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[_errors, *auth.middlewares(cfg.api_keys)])
     app[SERVICE] = service
-    h = _Handlers(service, model_name)
+    h = _Handlers(service, model_name, sender, receiver)
     kv_state.add_routes(app, service)
+    kv_transfer.add_routes(app, sender)
     app.router.add_post("/v1/completions", h.completions)
     app.router.add_post("/v1/chat/completions", h.chat)
     app.router.add_get("/v1/models", h.models)
@@ -404,7 +431,13 @@ def create_app(service: EngineService, cfg: ServerConfig, model_name: str) -> we
 
     async def lifecycle(app: web.Application):
         await service.start()
+        if sender is not None:
+            await sender.start()
         yield
+        if sender is not None:
+            await sender.stop()
+        if receiver is not None:
+            receiver.close()
         await service.stop()
 
     app.cleanup_ctx.append(lifecycle)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from protocol.load import LoadReport, TierUsage
 from replica.engine import LLMEngine, RequestOutput
 from replica.metrics import ReplicaMetrics
 from replica.request import SamplingParams
+
+log = logging.getLogger("kvfleet.replica")
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,14 @@ class EngineService:
         publisher: Any = None,
         config: ServiceConfig = ServiceConfig(),
         replica_id: str = "replica",
+        role: str = "both",
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.publisher = publisher
         self.config = config
         self.replica_id = replica_id
+        self.role = role  # prefill | decode | both (`--role`), reported in every load report
         self._inbox: list[tuple[str, Any]] = []
         self._streams: dict[str, _Stream] = {}
         self._wake = asyncio.Event()
@@ -102,11 +107,14 @@ class EngineService:
         return rid
 
     # ---------------------------------------------------------------- requests
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs until it finishes; aborts it if the consumer goes away."""
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       before_add: Callable[[], Any] | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs until it finishes; aborts it if the consumer goes away.
+        `before_add()` runs between steps just before the engine takes the request (the KV
+        hand-over installs pulled blocks, or marks the request's blocks to be kept, there)."""
         stream = _Stream(time.monotonic())
         self._streams[request_id] = stream
-        self._inbox.append(("add", (request_id, prompt_ids, params)))
+        self._inbox.append(("add", (request_id, prompt_ids, params, before_add)))
         self._wake.set()
         finished = False
         try:
@@ -133,7 +141,8 @@ class EngineService:
 
     async def between_steps(self, fn: Callable[[], Any]) -> Any:
         """Run `fn()` on the loop thread between two engine steps (the block pool is still) and
-        return its result. For inspection only: `fn` must not change engine state."""
+        return its result. `fn` may read anything and change the block pool's bookkeeping (the
+        KV hand-over releases held blocks so), never a request's progress."""
         fut = asyncio.get_running_loop().create_future()
         self._inbox.append(("call", (fn, fut)))
         self._wake.set()
@@ -144,7 +153,12 @@ class EngineService:
         inbox, self._inbox = self._inbox, []
         for op, arg in inbox:
             if op == "add":
-                rid, prompt_ids, params = arg
+                rid, prompt_ids, params, before_add = arg
+                if before_add is not None and rid in self._streams:
+                    try:
+                        before_add()
+                    except Exception:  # noqa: BLE001 - best effort: the request computes what is missing
+                        log.exception("preparing request %s's KV failed; it computes its prompt itself", rid)
                 try:
                     self.engine.add_request(rid, prompt_ids, params)
                 except ValueError as e:  # validated before; a last guard so nothing hangs
@@ -275,6 +289,7 @@ class EngineService:
             lora_load_s=0.0 if loras is None else loras.mean_load_s,
             tiers=() if kv.offload is None else tuple(TierUsage(t.medium, len(t), t.num_blocks)
                                                       for t in kv.offload.tiers),
+            role=self.role,
         )
 
     def _maybe_report_load(self, force: bool) -> None:

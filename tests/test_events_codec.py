@@ -3,6 +3,7 @@ accept, the exact bytes kvfleet writes, round trips, frames, and kvfleet's extra
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import msgpack
@@ -329,6 +330,16 @@ def test_load_report_offload_fields_and_an_older_replicas_report() -> None:
         raw["tiers"] = bad
         with pytest.raises(EventDecodeError, match="tiers"):
             decode_load(pack(raw))
+
+def test_a_load_report_carries_the_replica_role() -> None:
+    report = dataclasses.replace(_report(), role="decode")
+    assert decode_load(encode_load(report)).role == "decode"
+    raw = msgpack.unpackb(encode_load(report))
+    del raw["role"]  # an older replica's report: a unified replica
+    assert decode_load(pack(raw)).role == "both"
+    raw["role"] = "router"
+    with pytest.raises(EventDecodeError):
+        decode_load(pack(raw))
 
 
 def test_snapshot_round_trip() -> None:

@@ -517,3 +517,35 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 KVCacheMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 TestKVCacheMachine = KVCacheMachine.TestCase
+
+
+# --- the KV hand-over's hold (replica/kv_transfer.py) -----------------------------------------
+
+
+def test_a_kept_request_holds_its_blocks_until_released() -> None:
+    mgr = make()
+    tokens = list(range(1, 11))
+    h = chain(tokens)
+    mgr.keep_on_free("p")
+    admit(mgr, "p", tokens)
+    mgr.free("p")  # finished: held for the pull, not on the free list, still cached
+    assert mgr.kept_blocks("p") == [(0, h[0]), (1, h[1]), (2, None)]
+    assert ref_cnts(mgr)[:3] == [1, 1, 1] and free_ids(mgr) == [3, 4, 5, 6, 7]
+    mgr.check_integrity()
+    admit(mgr, "q", tokens)  # another request shares the held prefix
+    assert mgr.block_ids("q")[:2] == [0, 1] and ref_cnts(mgr)[:2] == [2, 2]
+    mgr.check_integrity()
+    assert mgr.release_kept("p") and mgr.kept_blocks("p") is None and not mgr.release_kept("p")
+    mgr.free("q")
+    assert ref_cnts(mgr) == [0] * 8 and set(mgr.pool.cached_blocks()) == set(h)
+    mgr.check_integrity()
+
+
+def test_a_released_hold_lets_a_later_free_release_at_once() -> None:
+    mgr = make()
+    mgr.keep_on_free("p")
+    admit(mgr, "p", list(range(1, 11)))
+    assert not mgr.release_kept("p")  # the prefill never finished (its client left): nothing held yet
+    mgr.free("p")
+    assert mgr.kept_blocks("p") is None and ref_cnts(mgr) == [0] * 8
+    mgr.check_integrity()
