@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -33,6 +33,8 @@ from protocol.events import EventDecodeError, parse_replay_reply
 from protocol.load import DEFAULT_LOAD_TOPIC, LoadReport, decode_load, is_extras_message, split_extras_message
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +155,7 @@ class DigestFeed:
         if topic == self.config.digest_topic:
             self._on_digest(payload)
         elif topic == self.config.load_topic and self.on_load is not None:
-            try:
-                report = decode_load(payload)
-            except EventDecodeError as e:
-                self.stats.decode_errors += 1
-                log.warning("replica %s: load report not decodable: %s", self.config.replica_id, e)
+            if (report := self._decode(decode_load, payload, "load report")) is None:
                 return
             try:
                 self.on_load(report)
@@ -183,12 +181,17 @@ class DigestFeed:
         else:
             self.stats.foreign_messages += 1
 
-    def _on_digest(self, payload: bytes) -> None:
+    def _decode(self, decode: Callable[[bytes], T], payload: bytes, what: str) -> T | None:
+        """`decode(payload)`, or None, counted and logged, when the payload does not decode."""
         try:
-            digest = decode_digest(payload)
+            return decode(payload)
         except EventDecodeError as e:
             self.stats.decode_errors += 1
-            log.warning("replica %s: cache digest not decodable: %s", self.config.replica_id, e)
+            log.warning("replica %s: %s not decodable: %s", self.config.replica_id, what, e)
+            return None
+
+    def _on_digest(self, payload: bytes) -> None:
+        if (digest := self._decode(decode_digest, payload, "cache digest")) is None:
             return
         if self.index.update(self.config.replica_id, digest, len(payload)):
             self.stats.received += 1
