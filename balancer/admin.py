@@ -64,6 +64,18 @@ def _digest_json(b, replica_id: str) -> dict | None:
             "bytes": b.digests.wire_bytes(replica_id)}
 
 
+def _limit(ex: Exchange, default: int, what: str) -> int:
+    """The `?limit=N` of a listing endpoint: a whole number >= 1 (`default` when absent)."""
+    raw = ex.query.get("limit", str(default))
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise APIError(400, f"limit must be a whole number of {what}, got {raw!r}", "limit") from None
+    if limit < 1:
+        raise APIError(400, "limit must be at least 1", "limit")
+    return limit
+
+
 def routes(b) -> dict[str, dict[str, Handler]]:
     """path -> method -> handler, for balancer `b` (a `balancer.app.Balancer`)."""
 
@@ -139,13 +151,7 @@ def routes(b) -> dict[str, dict[str, Handler]]:
         reply_json(ex, {"removed": rid, "inflight_at_removal": left})
 
     async def decisions(ex: Exchange) -> None:
-        raw = ex.query.get("limit", "20")
-        try:
-            limit = int(raw)
-        except ValueError:
-            raise APIError(400, f"limit must be a whole number of decisions, got {raw!r}", "limit") from None
-        if limit < 1:
-            raise APIError(400, "limit must be at least 1", "limit")
+        limit = _limit(ex, 20, "decisions")
         reply_json(ex, {"kept": len(b.audit.recent), "keep": b.cfg.audit.keep,
                         "mismatch_rule": {"min_tokens": b.cfg.audit.mismatch_min_tokens,
                                           "ratio": b.cfg.audit.mismatch_ratio},
@@ -171,13 +177,7 @@ def routes(b) -> dict[str, dict[str, Handler]]:
                 raise APIError(404, f"no session {key!r} is remembered (never seen, expired or released); "
                                     "GET /admin/sessions lists them", "key")
             return reply_json(ex, _session_json(key, home, now))
-        raw = ex.query.get("limit", "100")
-        try:
-            limit = int(raw)
-        except ValueError:
-            raise APIError(400, f"limit must be a whole number of sessions, got {raw!r}", "limit") from None
-        if limit < 1:
-            raise APIError(400, "limit must be at least 1", "limit")
+        limit = _limit(ex, 100, "sessions")
         cfg = b.cfg.sessions
         reply_json(ex, {"enabled": cfg.enabled, "header": cfg.header, "ttl_s": cfg.ttl_s,
                         "active": b.sessions.active(now), "routed": dict(b.sessions.routed),

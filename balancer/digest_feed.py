@@ -15,22 +15,19 @@ the end of a replay.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import zmq
 import zmq.asyncio
 
 from balancer.digest_index import DigestIndex
+from balancer.zmq_feed import ZmqFeed
 from protocol.curve import CurveClientKeys
 from protocol.digest import DEFAULT_DIGEST_TOPIC, DIGEST_REQUEST, decode_digest
-from protocol.events import EventDecodeError, parse_replay_reply
-from protocol.load import DEFAULT_LOAD_TOPIC, LoadReport, decode_load, is_extras_message, split_extras_message
+from protocol.load import DEFAULT_LOAD_TOPIC, LoadReport, decode_load, is_extras_message
 
 log = logging.getLogger(__name__)
 
@@ -62,72 +59,35 @@ class DigestFeedStats:
     supported: bool | None = None  # False: the ROUTER answered a request with an end marker (vLLM)
 
 
-class DigestFeed:
-    """Feeds `index` from one replica; `start()` in a running loop, `await stop()` to end."""
+class DigestFeed(ZmqFeed):
+    """Feeds `index` from one replica; `start()` in a running loop, `await stop()` to end
+    (balancer/zmq_feed.py: the task, its sockets and their clean-up)."""
 
     def __init__(self, config: DigestFeedConfig, index: DigestIndex,
                  on_load: Callable[[LoadReport], None] | None = None, *,
                  context: zmq.asyncio.Context | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(config.replica_id, f"digests:{config.replica_id}", config.curve, on_load,
+                         context=context, clock=clock)
         self.config = config
         self.index = index
-        self.on_load = on_load
-        self.clock = clock
         self.stats = DigestFeedStats()
-        self._ctx = context or zmq.asyncio.Context.instance()
-        self._task: asyncio.Task[None] | None = None
         self._asked_at: float | None = None  # a request is pending since then
 
-    def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("digest feed already started")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"digests:{self.config.replica_id}")
-
-    def stop(self) -> Coroutine[Any, Any, None]:
-        """Cancel now (the feed no longer touches the index); await to wait for the sockets."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-        return _wait_cancelled(task)
-
-    async def _run(self) -> None:
+    async def _serve(self) -> None:
         cfg = self.config
-        sub = self._ctx.socket(zmq.SUB)
-        dealer = None
-        poller = zmq.asyncio.Poller()
-        try:
-            sub.linger = 0
-            if cfg.curve is not None:
-                cfg.curve.apply(sub)
-            sub.connect(cfg.endpoint)
-            sub.setsockopt(zmq.SUBSCRIBE, cfg.digest_topic)
-            if cfg.load_topic is not None:
-                sub.setsockopt(zmq.SUBSCRIBE, cfg.load_topic)
-            poller.register(sub, zmq.POLLIN)
-            if cfg.replay_endpoint is not None:
-                dealer = self._ctx.socket(zmq.DEALER)
-                dealer.linger = 0
-                if cfg.curve is not None:
-                    cfg.curve.apply(dealer)
-                dealer.connect(cfg.replay_endpoint)
-                poller.register(dealer, zmq.POLLIN)
-            while True:
-                if dealer is not None and self._should_ask():
-                    self._asked_at = self.clock()
-                    self.stats.requests += 1
-                    await dealer.send_multipart([b"", DIGEST_REQUEST])
-                ready = dict(await poller.poll(self._poll_ms()))
-                if sub in ready:
-                    while (frames := await _recv(sub)) is not None:
-                        self._on_sub(frames)
-                if dealer is not None and dealer in ready:
-                    while (frames := await _recv(dealer)) is not None:
-                        self._on_reply(frames)
-        finally:
-            for sock in (sub, dealer):
-                if sock is not None:
-                    with contextlib.suppress(KeyError):
-                        poller.unregister(sock)
-                    sock.close(linger=0)
+        topics = (cfg.digest_topic,) if cfg.load_topic is None else (cfg.digest_topic, cfg.load_topic)
+        sub = self._open(zmq.SUB, cfg.endpoint, subscribe=topics)
+        dealer = None if cfg.replay_endpoint is None else self._open(zmq.DEALER, cfg.replay_endpoint)
+        while True:
+            if dealer is not None and self._should_ask():
+                self._asked_at = self.clock()
+                self.stats.requests += 1
+                await dealer.send_multipart([b"", DIGEST_REQUEST])
+            ready = dict(await self._poller.poll(self._poll_ms()))
+            if sub in ready:
+                await self._drain(sub, self._on_sub)
+            if dealer is not None and dealer in ready:
+                await self._drain(dealer, self._on_reply)
 
     def _should_ask(self) -> bool:
         if self.stats.supported is False:
@@ -145,32 +105,19 @@ class DigestFeed:
         if not is_extras_message(frames):
             self.stats.foreign_messages += 1
             return
-        try:
-            topic, _seq, payload = split_extras_message(frames)
-        except EventDecodeError:
-            self.stats.decode_errors += 1
+        if (extras := self._split_extras(frames)) is None:
             return
+        topic, payload = extras
         if topic == self.config.digest_topic:
             self._on_digest(payload)
         elif topic == self.config.load_topic and self.on_load is not None:
-            try:
-                report = decode_load(payload)
-            except EventDecodeError as e:
-                self.stats.decode_errors += 1
-                log.warning("replica %s: load report not decodable: %s", self.config.replica_id, e)
-                return
-            try:
-                self.on_load(report)
-            except Exception:
-                log.exception("replica %s: on_load callback failed", self.config.replica_id)
+            if (report := self._decode(decode_load, payload, "load report")) is not None:
+                self._deliver_load(report)
         else:
             self.stats.foreign_messages += 1
 
     def _on_reply(self, frames: list[bytes]) -> None:
-        try:
-            reply = parse_replay_reply(frames)
-        except EventDecodeError:
-            self.stats.decode_errors += 1
+        if (reply := self._parse_reply(frames)) is None:
             return
         if reply.seq is None:  # an end marker: this ROUTER serves replays only (vLLM)
             self.stats.supported = False
@@ -184,11 +131,7 @@ class DigestFeed:
             self.stats.foreign_messages += 1
 
     def _on_digest(self, payload: bytes) -> None:
-        try:
-            digest = decode_digest(payload)
-        except EventDecodeError as e:
-            self.stats.decode_errors += 1
-            log.warning("replica %s: cache digest not decodable: %s", self.config.replica_id, e)
+        if (digest := self._decode(decode_digest, payload, "cache digest")) is None:
             return
         if self.index.update(self.config.replica_id, digest, len(payload)):
             self.stats.received += 1
@@ -199,15 +142,3 @@ class DigestFeed:
                         "set --block-size to the replicas'", self.config.replica_id, digest.block_size,
                         self.index.block_size)
 
-
-async def _recv(sock: zmq.asyncio.Socket) -> list[bytes] | None:
-    try:
-        return await sock.recv_multipart(zmq.NOBLOCK)
-    except zmq.Again:
-        return None
-
-
-async def _wait_cancelled(task: asyncio.Task[None] | None) -> None:
-    if task is not None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -14,13 +14,10 @@ the prefix index. Frames it cannot hand over (undecodable, other topics) it coun
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -38,6 +35,7 @@ from balancer.kv_sync import (
     SyncConfig,
 )
 from balancer.prefix_index import PrefixIndex
+from balancer.zmq_feed import ZmqFeed
 from protocol.curve import CurveClientKeys
 from protocol.digest import DEFAULT_DIGEST_TOPIC
 from protocol.events import (
@@ -45,7 +43,6 @@ from protocol.events import (
     decode_batch,
     decode_seq,
     encode_replay_request,
-    parse_replay_reply,
 )
 from protocol.load import (
     DEFAULT_LOAD_TOPIC,
@@ -55,15 +52,11 @@ from protocol.load import (
     decode_load,
     decode_snapshot,
     is_extras_message,
-    split_extras_message,
 )
 
 __all__ = ["ReplicaEventSubscriber", "SubscriberConfig", "SubscriberStats"]
 
 log = logging.getLogger(__name__)
-
-_MAX_READS_PER_WAKEUP = 512  # then let the other socket and the other replicas' tasks run
-
 
 @dataclass(frozen=True, slots=True)
 class SubscriberConfig:
@@ -105,8 +98,9 @@ class SubscriberConfig:
         )
 
 
-class ReplicaEventSubscriber:
-    """Feeds `index` from one replica; `start()` in a running loop, `await stop()` to end."""
+class ReplicaEventSubscriber(ZmqFeed):
+    """Feeds `index` from one replica; `start()` in a running loop, `await stop()` to end
+    (balancer/zmq_feed.py: the task, its sockets and their clean-up)."""
 
     def __init__(
         self,
@@ -117,17 +111,13 @@ class ReplicaEventSubscriber:
         context: zmq.asyncio.Context | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(config.replica_id, f"kv-events:{config.replica_id}", config.curve, on_load,
+                         context=context, clock=clock)
         self.config = config
         self.index = index
-        self.on_load = on_load
-        self.clock = clock
         self._sync = KVSync(config.sync_config())
         self.stats: SubscriberStats = self._sync.stats
-        self._ctx = context or zmq.asyncio.Context.instance()
-        self._task: asyncio.Task[None] | None = None
-        self._sub: zmq.asyncio.Socket | None = None
         self._dealer: zmq.asyncio.Socket | None = None
-        self._poller = zmq.asyncio.Poller()
 
     # --- the sync state (balancer/kv_sync.py), read-only ---------------------------------------
 
@@ -157,80 +147,28 @@ class ReplicaEventSubscriber:
     def _mode(self) -> str:  # "live", "replay" or "snapshot"
         return self._sync.mode
 
-    # --- lifecycle ----------------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("subscriber already started")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kv-events:{self.config.replica_id}")
-
-    def stop(self) -> Coroutine[Any, Any, None]:
-        """Cancel the task now; await the result to wait until its sockets are closed.
-
-        The cancel is immediate (not when the returned coroutine first runs), so after
-        `sub.stop()` the subscriber can no longer touch the index, even if the caller only
-        schedules the wait (`asyncio.create_task(sub.stop())`). Idempotent.
-        """
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-        return _wait_cancelled(task)
-
     # --- the loop -----------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _serve(self) -> None:
         cfg = self.config
-        sub = self._ctx.socket(zmq.SUB)
-        try:
-            sub.linger = 0
-            sub.rcvhwm = cfg.rcvhwm
-            if cfg.curve is not None:
-                cfg.curve.apply(sub)
-            sub.connect(cfg.endpoint)
-            sub.setsockopt(zmq.SUBSCRIBE, cfg.topic)
-            if not cfg.load_topic.startswith(cfg.topic):
-                sub.setsockopt(zmq.SUBSCRIBE, cfg.load_topic)
-            self._sub = sub
-            self._poller.register(sub, zmq.POLLIN)
-            if cfg.replay_endpoint is not None:
-                self._open_dealer()
-            self._do(self._sync.start(self.clock()))
-            while True:
-                ready = dict(await self._poller.poll(self._poll_timeout_ms()))
-                if sub in ready:
-                    await self._read_sub()
-                if self._dealer is not None and self._dealer in ready:
-                    await self._read_dealer()
-                self._do(self._sync.on_time(self.clock()))
-        finally:
-            self._close_dealer()
-            with contextlib.suppress(KeyError):
-                self._poller.unregister(sub)
-            sub.close(linger=0)
-            self._sub = None
+        topics = (cfg.topic,) if cfg.load_topic.startswith(cfg.topic) else (cfg.topic, cfg.load_topic)
+        sub = self._open(zmq.SUB, cfg.endpoint, rcvhwm=cfg.rcvhwm, subscribe=topics)
+        if cfg.replay_endpoint is not None:
+            self._dealer = self._open(zmq.DEALER, cfg.replay_endpoint, rcvhwm=0)  # a replay may be buffer_steps long
+        self._do(self._sync.start(self.clock()))
+        while True:
+            ready = dict(await self._poller.poll(self._poll_timeout_ms()))
+            if sub in ready:
+                await self._drain(sub, self._on_sub)
+            if self._dealer is not None and self._dealer in ready:
+                await self._drain(self._dealer, self._on_dealer)
+            self._do(self._sync.on_time(self.clock()))
 
     def _poll_timeout_ms(self) -> int | None:
         wake_at = self._sync.wake_at
         if wake_at is None:
             return None
         return max(0, int((wake_at - self.clock()) * 1000) + 1)
-
-    def _open_dealer(self) -> None:
-        dealer = self._ctx.socket(zmq.DEALER)
-        dealer.linger = 0
-        dealer.rcvhwm = 0  # a replay may be buffer_steps messages long
-        if self.config.curve is not None:
-            self.config.curve.apply(dealer)
-        dealer.connect(self.config.replay_endpoint)  # type: ignore[arg-type]
-        self._dealer = dealer
-        self._poller.register(dealer, zmq.POLLIN)
-
-    def _close_dealer(self) -> None:
-        dealer, self._dealer = self._dealer, None
-        if dealer is not None:
-            with contextlib.suppress(KeyError):
-                self._poller.unregister(dealer)
-            dealer.close(linger=0)
 
     def _send(self, frames: list[bytes]) -> None:
         assert self._dealer is not None  # KVSync asks only when the replica has a replay endpoint
@@ -253,9 +191,8 @@ class ReplicaEventSubscriber:
                     case RequestSnapshot():
                         self._send([b"", SNAPSHOT_REQUEST])
                     case ResetDealer():  # a fresh DEALER: replies to an abandoned request can never arrive
-                        self._close_dealer()
-                        if self.config.replay_endpoint is not None:
-                            self._open_dealer()
+                        if self._dealer is not None:
+                            self._dealer = self._reopen(self._dealer)
                     case ClearReplica():
                         self.index.clear_replica(rid)
                     case LoadSnapshot(snapshot):
@@ -281,63 +218,38 @@ class ReplicaEventSubscriber:
 
     # --- reading ------------------------------------------------------------------------------
 
-    async def _read_sub(self) -> None:
-        assert self._sub is not None
-        for _ in range(_MAX_READS_PER_WAKEUP):
-            try:
-                frames = await self._sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) == 3:
-                if frames[0] != self.config.topic:
-                    self.stats.foreign_messages += 1
-                    continue
-                try:
-                    seq = decode_seq(frames[1])
-                except EventDecodeError:
-                    self.stats.decode_errors += 1
-                    continue
-                self._do(self._sync.on_live_batch(seq, frames[2], self.clock()))
-            elif is_extras_message(frames):
-                self._on_extras(frames)
-            else:
+    def _on_sub(self, frames: list[bytes]) -> None:
+        if len(frames) == 3:
+            if frames[0] != self.config.topic:
                 self.stats.foreign_messages += 1
-
-    async def _read_dealer(self) -> None:
-        for _ in range(_MAX_READS_PER_WAKEUP):
-            if self._dealer is None:
                 return
             try:
-                frames = await self._dealer.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+                seq = decode_seq(frames[1])
+            except EventDecodeError:
+                self.stats.decode_errors += 1
                 return
-            self._on_dealer(frames)
+            self._do(self._sync.on_live_batch(seq, frames[2], self.clock()))
+        elif is_extras_message(frames):
+            self._on_extras(frames)
+        else:
+            self.stats.foreign_messages += 1
 
     def _on_extras(self, frames: list[bytes]) -> None:
-        try:
-            topic, _seq, payload = split_extras_message(frames)
-            if topic == self.config.digest_topic:
-                return
-            if topic != self.config.load_topic:
-                self.stats.foreign_messages += 1
-                return
-            report = decode_load(payload)
-        except EventDecodeError as e:
-            self.stats.decode_errors += 1
-            log.warning("replica %s: load report not decodable: %s", self.config.replica_id, e)
+        if (extras := self._split_extras(frames)) is None:
+            return
+        topic, payload = extras
+        if topic == self.config.digest_topic:
+            return
+        if topic != self.config.load_topic:
+            self.stats.foreign_messages += 1
+            return
+        if (report := self._decode(decode_load, payload, "load report")) is None:
             return
         self._do(self._sync.on_load_report(report.epoch, self.clock()))
-        if self.on_load is not None:
-            try:
-                self.on_load(report)
-            except Exception:
-                log.exception("replica %s: on_load callback failed", self.config.replica_id)
+        self._deliver_load(report)
 
     def _on_dealer(self, frames: list[bytes]) -> None:
-        try:
-            reply = parse_replay_reply(frames)
-        except EventDecodeError:
-            self.stats.decode_errors += 1
+        if (reply := self._parse_reply(frames)) is None:
             return
         now = self.clock()
         if reply.seq is None:  # end marker
@@ -355,8 +267,3 @@ class ReplicaEventSubscriber:
         else:
             self.stats.stale_replies += 1
 
-
-async def _wait_cancelled(task: asyncio.Task[None] | None) -> None:
-    if task is not None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -55,9 +55,8 @@ def _with_token_ids(payload: bytes, body: dict) -> bytes:
 access_log = logging.getLogger("kvfleet.balancer.access")
 
 
-# An object nesting at most two levels of objects (usage -> prompt_tokens_details -> ...), no
-# strings holding braces: what OpenAI-style `usage` objects are.
-_USAGE_OBJECT = re.compile(rb"\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}")
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
+_decode_one = json.JSONDecoder().raw_decode  # one JSON value from an offset; the rest is not read
 
 
 def tail_usage(data: bytes | bytearray) -> dict | None:
@@ -66,11 +65,11 @@ def tail_usage(data: bytes | bytearray) -> dict | None:
     at = tail.rfind(b'"usage"')
     if at < 0:
         return None
-    m = _USAGE_OBJECT.search(tail, at)
-    if m is None:
+    key = _USAGE_KEY.match(tail, at)
+    if key is None:
         return None
-    try:
-        usage = json.loads(m.group())
+    try:  # from the key on, whole characters (the quote is ASCII); UnicodeDecodeError is a ValueError
+        usage, _ = _decode_one(tail[key.end():].decode("utf-8"))
     except ValueError:
         return None
     return usage if isinstance(usage, dict) else None

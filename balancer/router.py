@@ -3,9 +3,10 @@
 `Router.prepare` does the per-request work once (render the chat template, tokenize, hash the
 full blocks). `Router.route` is the routing transaction, the one way a request is placed:
 
-    route(prepared, request_id, exclude) ─▶ usable replicas ─▶ match (exact index for replicas
-        that publish KV events, their cache digest for those routed from digests, approximate
-        index for the rest) ─▶ predict output ─▶ policy.select
+    route(prepared, request_id, exclude) ─▶ usable replicas (Registry.usable) ─▶ match (exact
+        index for replicas that publish KV events, their cache digest for those routed from
+        digests, approximate index for the rest) ─▶ predict output ─▶ candidates (narrowings: a
+        LoRA adapter's holders) ─▶ policy.select
         (a request with a session key: `Sessions.decide`, which keeps it on its home or moves it,
         asking the policy only where it places one: balancer/sessions.py)
         ─▶ record: registry in-flight work, policy.on_routed, session home, approximate-index insert
@@ -29,7 +30,7 @@ import xxhash
 
 from balancer.approx_index import ApproxIndex
 from balancer.digest_index import DigestIndex
-from balancer.policies.base import Decision, Policy, RoutingRequest, adapter_candidates
+from balancer.policies.base import Decision, Policy, ReplicaView, RoutingRequest, adapter_candidates
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry, ReplicaState
 from balancer.sessions import SessionDecision, Sessions
@@ -166,6 +167,11 @@ class Router:
         # A request for a LoRA adapter goes to a replica holding it unless those are this many
         # requests in flight busier than one that is not (`adapter_candidates`).
         self.lora_slack = lora_slack
+        # The candidate stage (`candidates`): narrowings of the usable replicas' views, in order,
+        # each pure, (rr, views) -> views, returning `views` itself when it keeps them all. Fixed
+        # here from what the policy prices itself, so `decide` has no special case for them.
+        self._narrowings: tuple[Callable[[RoutingRequest, Sequence[ReplicaView]], Sequence[ReplicaView]], ...] = (
+            () if policy.prices_adapter_load else (self._adapter_holders,))
         self._roots: dict[tuple[str | None, str | None], int] = {(None, None): root_hash(model)}
 
     def _root(self, salt: str | None, lora_name: str | None = None) -> int:
@@ -237,10 +243,22 @@ class Router:
             offloaded_blocks=offloaded,
         )
 
+    def candidates(self, rr: RoutingRequest, usable: Sequence[ReplicaState]) -> Sequence[ReplicaView]:
+        """The views of the `usable` replicas (Registry.usable: healthy, serving the model, not
+        excluded) that `rr` may go to: every narrowing applied (a request for a LoRA adapter:
+        the replicas holding it, within `lora_slack`, unless the policy prices the load itself)."""
+        views: Sequence[ReplicaView] = self.registry.views(usable, self._cached_blocks)
+        for narrow in self._narrowings:
+            views = narrow(rr, views)
+        return views
+
+    def _adapter_holders(self, rr: RoutingRequest, views: Sequence[ReplicaView]) -> Sequence[ReplicaView]:
+        return views if rr.lora_name is None else adapter_candidates(rr, views, self.lora_slack)
+
     def decide(self, rr: RoutingRequest, candidates: Sequence[ReplicaState], session: str | None = None) -> Decision:
-        views = self.registry.views(candidates, self._cached_blocks)
-        if rr.lora_name is not None and not self.policy.prices_adapter_load:
-            views = adapter_candidates(rr, views, self.lora_slack)
+        """The policy's choice among `self.candidates(rr, candidates)`; for a request in a session,
+        the session rule's (balancer/sessions.py), which asks the policy where it places one."""
+        views = self.candidates(rr, candidates)
         if session is not None and self.sessions is not None:
             return self.sessions.decide(session, rr, views, self.policy.select)
         return self.policy.select(rr, views)

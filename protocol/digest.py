@@ -53,7 +53,8 @@ from typing import Any
 import numpy as np
 from pyfusefilter._xorfilter import ffi, lib
 
-from protocol.events import EventDecodeError, pack, unpack
+from protocol.events import EventDecodeError
+from protocol.load import decode_state, encode_state
 
 DEFAULT_DIGEST_TOPIC = b"kvfleet.digest"
 DIGEST_REQUEST = b"kvfleet.digest"  # 14 bytes: never an 8-byte replay start seq
@@ -245,24 +246,13 @@ class CacheDigest:
 
 
 def encode_digest(d: CacheDigest) -> bytes:
-    return pack({
-        "v": DIGEST_VERSION,
-        "kind": "digest",
-        "ts": float(d.ts),
-        "epoch": d.epoch,
-        "kv_seq": d.kv_seq,
-        "block_size": d.block_size,
-        "num_blocks": d.num_blocks,
-        "num_keys": d.filter.num_keys,
-        "filter": d.filter.kind_on_wire,
-        "data": d.filter.to_bytes(),
-    })
+    return encode_state("digest", d.ts, d.epoch, d.kv_seq, version=DIGEST_VERSION, block_size=d.block_size,
+                        num_blocks=d.num_blocks, num_keys=d.filter.num_keys, filter=d.filter.kind_on_wire,
+                        data=d.filter.to_bytes())
 
 
-def _int(obj: dict[Any, Any], key: str, *, nil: bool = False) -> Any:
+def _int(obj: dict[Any, Any], key: str) -> Any:
     value = obj.get(key)
-    if value is None and nil:
-        return None
     if type(value) is not int or value < 0:
         raise EventDecodeError(f"digest field {key!r} must be a non-negative int, got {value!r:.40}")
     return value
@@ -271,15 +261,10 @@ def _int(obj: dict[Any, Any], key: str, *, nil: bool = False) -> Any:
 def decode_digest(payload: bytes) -> CacheDigest:
     """Tolerant of unknown keys and of newer versions that keep these fields; EventDecodeError
     for a missing or mistyped field or filter data that does not match its header."""
-    obj = unpack(payload)
-    if not isinstance(obj, dict) or obj.get("kind") != "digest":
-        raise EventDecodeError("not a kvfleet digest message")
+    obj, ts, epoch, kv_seq = decode_state(payload, "digest")
     data = obj.get("data")
     if not isinstance(data, bytes):
         raise EventDecodeError("digest data must be bytes")
-    ts = obj.get("ts")
-    if type(ts) not in (int, float):
-        raise EventDecodeError(f"digest ts must be a number, got {ts!r:.40}")
     kind = obj.get("filter")
     if not isinstance(kind, str):
         raise EventDecodeError("digest filter must be a string")
@@ -287,5 +272,5 @@ def decode_digest(payload: bytes) -> CacheDigest:
     if block_size == 0:
         raise EventDecodeError("digest block_size must be positive")
     filt = BlockFilter.from_bytes(kind, _int(obj, "num_keys"), data)
-    return CacheDigest(ts=float(ts), epoch=_int(obj, "epoch"), kv_seq=_int(obj, "kv_seq", nil=True),
-                       block_size=block_size, num_blocks=_int(obj, "num_blocks"), filter=filt)
+    return CacheDigest(ts=ts, epoch=epoch, kv_seq=kv_seq, block_size=block_size, num_blocks=_int(obj, "num_blocks"),
+                       filter=filt)

@@ -265,22 +265,38 @@ def decode_load(payload: bytes) -> LoadReport:
 # --- snapshots ----------------------------------------------------------------------------------
 
 
+# --- a replica's cache as of a KV batch: snapshots here, digests in protocol/digest.py ---------------
+
+
+def encode_state(kind: str, ts: float, epoch: int, kv_seq: int | None, *, version: int = WIRE_VERSION,
+                 **body: Any) -> bytes:
+    """A message about a replica's cache as of KV batch `kv_seq` (None: none published yet) from
+    publisher `epoch`: the msgpack map {v, kind, ts, epoch, kv_seq, **body}."""
+    return pack({"v": version, "kind": kind, "ts": float(ts), "epoch": epoch, "kv_seq": kv_seq, **body})
+
+
+def decode_state(payload: bytes, kind: str, *,
+                 epoch_default: int | None = None) -> tuple[dict[Any, Any], float, int, int | None]:
+    """An `encode_state` message of `kind`: its map and its (ts, epoch, kv_seq). EventDecodeError
+    for another kind or a mistyped header; `epoch_default` stands in for a missing epoch (None:
+    the epoch is required)."""
+    obj = _map(payload, kind)
+    kv_seq = obj.get("kv_seq")
+    if kv_seq is not None and (type(kv_seq) is not int or kv_seq < 0):
+        raise EventDecodeError(f"{kind} kv_seq must be a non-negative int or nil, got {kv_seq!r:.40}")
+    epoch = _num(obj, "epoch", int, epoch_default)
+    if epoch < 0:
+        raise EventDecodeError(f"{kind} epoch must be a non-negative int, got {epoch}")
+    return obj, _num(obj, "ts", float), epoch, kv_seq
+
+
 def encode_snapshot(snapshot: Snapshot) -> bytes:
-    return pack({
-        "v": WIRE_VERSION,
-        "kind": "snapshot",
-        "ts": float(snapshot.ts),
-        "epoch": snapshot.epoch,
-        "kv_seq": snapshot.kv_seq,
-        "events": [event_to_wire(e) for e in snapshot.events],
-    })
+    return encode_state("snapshot", snapshot.ts, snapshot.epoch, snapshot.kv_seq,
+                        events=[event_to_wire(e) for e in snapshot.events])
 
 
 def decode_snapshot(payload: bytes) -> Snapshot:
-    obj = _map(payload, "snapshot")
-    kv_seq = obj.get("kv_seq")
-    if kv_seq is not None and (type(kv_seq) is not int or kv_seq < 0):
-        raise EventDecodeError(f"snapshot kv_seq must be a non-negative int or nil, got {kv_seq!r}")
+    obj, ts, epoch, kv_seq = decode_state(payload, "snapshot", epoch_default=0)  # epoch: absent before v1 had it
     raw_events = obj.get("events")
     if not isinstance(raw_events, tuple):
         raise EventDecodeError("snapshot events must be an array")
@@ -290,4 +306,4 @@ def decode_snapshot(payload: bytes) -> Snapshot:
         if not isinstance(event, BlockStored):
             raise EventDecodeError(f"a snapshot holds only BlockStored events, got {raw!r:.80}")
         events.append(event)
-    return Snapshot(ts=_num(obj, "ts", float), kv_seq=kv_seq, events=tuple(events), epoch=_num(obj, "epoch", int, 0))
+    return Snapshot(ts=ts, kv_seq=kv_seq, events=tuple(events), epoch=epoch)

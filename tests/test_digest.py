@@ -23,6 +23,7 @@ from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry
 from balancer.router import Router
 from protocol.digest import (
+    DEFAULT_DIGEST_TOPIC,
     DIGEST_REQUEST,
     FILTER_KINDS,
     BlockFilter,
@@ -35,7 +36,7 @@ from protocol.digest import (
 )
 from protocol.events import EventDecodeError, pack, unpack
 from protocol.hashing import hash_blocks, root_hash
-from protocol.load import encode_extras_message
+from protocol.load import DEFAULT_LOAD_TOPIC, LoadReport, encode_extras_message, encode_load
 from protocol.openai_api import GenerationRequest
 from protocol.tokenizer import ByteTokenizer
 from replica.kv_cache_manager import KVCacheManager
@@ -344,6 +345,42 @@ def test_feed_learns_digests_and_stops_asking_a_router_that_serves_none():
             await asyncio.gather(*(f.stop() for f in feeds))
             vllm.close(linger=0)
             pub.close()
+            ctx.term()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_feed_counts_payloads_that_do_not_decode_and_passes_good_load_reports_on():
+    """A digest or load report that does not decode is counted and skipped (the feed goes on);
+    a good load report reaches `on_load`. Real PUB socket; frames re-sent until the SUB joins."""
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        pub = ctx.socket(zmq.PUB)
+        pub.linger = 0
+        pub.bind("tcp://127.0.0.1:0")
+        idx, loads = DigestIndex(16, 30, time.monotonic), []
+        feed = DigestFeed(DigestFeedConfig("r", pub.getsockopt_string(zmq.LAST_ENDPOINT)), idx, loads.append,
+                          context=ctx)
+        feed.start()
+        deadline = time.monotonic() + 10
+        try:
+            while feed.stats.decode_errors == 0:  # the slow joiner: publish until the feed reads one
+                assert time.monotonic() < deadline
+                await pub.send_multipart(encode_extras_message(DEFAULT_DIGEST_TOPIC, 0, b"not msgpack \xc1"))
+                await asyncio.sleep(0.02)
+            errors = feed.stats.decode_errors
+            await pub.send_multipart(encode_extras_message(DEFAULT_LOAD_TOPIC, 0, pack({"kind": "load"})))
+            good = LoadReport("r", time.time(), 2, 1, 100, 50, 3, 48, 16, 0.9)
+            await pub.send_multipart(encode_extras_message(DEFAULT_LOAD_TOPIC, 1, encode_load(good)))
+            while not loads:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert loads == [good] and feed.stats.decode_errors == errors + 1
+            assert idx.latest("r") is None and feed.stats.received == 0
+        finally:
+            await feed.stop()
+            pub.close(linger=0)
             ctx.term()
 
     asyncio.run(asyncio.wait_for(main(), 60))

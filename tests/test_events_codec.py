@@ -36,9 +36,11 @@ from protocol.load import (
     TierUsage,
     decode_load,
     decode_snapshot,
+    decode_state,
     encode_extras_message,
     encode_load,
     encode_snapshot,
+    encode_state,
     is_extras_message,
 )
 
@@ -349,6 +351,24 @@ def test_snapshot_round_trip() -> None:
     assert decode_snapshot(encode_snapshot(Snapshot(ts=5.0, kv_seq=None, events=()))).kv_seq is None
     with pytest.raises(EventDecodeError):
         decode_snapshot(encode_load(_report()))
+
+
+def test_state_header_shared_by_snapshots_and_digests() -> None:
+    """protocol/load.py's encode_state / decode_state: the (ts, epoch, kv_seq) header of a
+    snapshot and of a digest (protocol/digest.py), checked once for both."""
+    payload = encode_state("snapshot", 5, 3, None, events=[])
+    obj, ts, epoch, kv_seq = decode_state(payload, "snapshot")
+    assert (ts, epoch, kv_seq, obj["events"]) == (5.0, 3, None, ()) and type(ts) is float
+    with pytest.raises(EventDecodeError, match="not a kvfleet digest"):
+        decode_state(payload, "digest")
+    for field, bad in (("kv_seq", -1), ("kv_seq", "41"), ("epoch", -1), ("epoch", 1.5), ("ts", "now"),
+                       ("ts", float("nan"))):
+        with pytest.raises(EventDecodeError, match=field):
+            decode_state(pack({**msgpack.unpackb(payload), field: bad}), "snapshot")
+    headless = pack({"kind": "snapshot", "ts": 1.0, "kv_seq": None, "events": []})
+    assert decode_state(headless, "snapshot", epoch_default=0)[2] == 0  # an older snapshot: no epoch
+    with pytest.raises(EventDecodeError, match="epoch"):
+        decode_state(headless, "snapshot")  # required unless defaulted (digests)
 
 
 def test_extras_are_four_frames_that_a_vllm_reader_skips() -> None:

@@ -99,6 +99,33 @@ def test_router_hashes_an_adapters_prompt_under_its_root_and_routes_to_the_holde
     assert base.lora_name is None and router.routing_request(base, "q").matched_blocks == {"http://a:1": 4}
 
 
+def test_router_candidate_stage_narrows_only_for_a_policy_that_does_not_price_the_load() -> None:
+    """Router.candidates: the usable replicas' views after the narrowings. An adapter's request
+    keeps to its holders (within the slack) under round robin; predictive prices the load and
+    sees every replica; a base model's request is never narrowed; the slack still applies."""
+    reg = Registry(BreakerConfig(), HealthConfig(), lambda: 0.0)
+    for url in ("http://a:1", "http://b:1", "http://c:1"):
+        reg.set_models(reg.add(ReplicaSpec(url=url)), frozenset({"tiny", "sql"}), {"sql": "tiny"})
+    reg.set_loras("http://b:1", frozenset({"sql"}), 0.02)
+
+    def router(policy: str, slack: int = 8) -> Router:
+        return Router("tiny", 16, ByteTokenizer(), PrefixIndex(16, "tiny"), ApproxIndex(), make_policy(policy), reg,
+                      has_events=lambda rid: True, lora_slack=slack)
+
+    def ids(r: Router, model: str) -> list[str]:
+        req = GenerationRequest(kind="completion", model=model, prompt_token_ids=tuple(range(32)))
+        rr = r.routing_request(r.prepare_tokens(req, list(range(32)), ""), "q")
+        return [v.replica_id for v in r.candidates(rr, reg.usable(frozenset(), model))]
+
+    everyone = ["http://a:1", "http://b:1", "http://c:1"]
+    assert ids(router("round_robin"), "sql") == ["http://b:1"]
+    assert ids(router("round_robin"), "tiny") == everyone
+    assert ids(router("predictive"), "sql") == everyone
+    reg.get("http://b:1").inflight_requests = 3  # the holder is 3 busier than the idle others
+    assert ids(router("round_robin", slack=2), "sql") == everyone
+    assert ids(router("round_robin", slack=3), "sql") == ["http://b:1"]
+
+
 def test_lora_slack_from_the_flag_and_the_config_file(tmp_path) -> None:
     import argparse
 

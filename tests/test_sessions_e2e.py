@@ -140,6 +140,9 @@ async def _stays_moves_released(reps):
         async with s.get(base + "/admin/sessions") as r:
             listing = await r.json()
         assert listing["active"] == 1 and listing["sessions"][0]["key"] == "conv-1"
+        for bad, says in (("0", "at least 1"), ("ten", "whole number of sessions")):  # admin.py's _limit
+            async with s.get(base + "/admin/sessions", params={"limit": bad}) as r:
+                assert r.status == 400 and says in (await r.json())["error"]["message"]
 
         # The last turn can end the session itself (X-Session-Release: true); a bad value is a 400.
         body = {"model": MODEL, "prompt": chat.prompt + "User: bye.", "max_tokens": 1}
