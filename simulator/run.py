@@ -200,7 +200,7 @@ def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
                        sessions=cfg.sessions,
                        balancers=cfg.balancers, host_kv_blocks=cfg.host_kv_blocks,
                        disk_kv_blocks=cfg.disk_kv_blocks, host_link=cfg.host_link,
-                       balancers=cfg.balancers, prefill_replicas=cfg.prefill_replicas,
+                       prefill_replicas=cfg.prefill_replicas,
                        decode_replicas=cfg.decode_replicas, kv_link=cfg.kv_link,
                        kv_bytes_per_token=cfg.kv_bytes_per_token, kv_lanes=cfg.kv_lanes)
 
