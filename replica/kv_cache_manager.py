@@ -85,6 +85,11 @@ class KVCacheManager:
         if tiers and enable_caching:
             self.offload = OffloadTiers(tiers, block_size, self.pool.emit)
             self.pool.on_evict = self._spill
+        # Prefill/decode hand-over (replica/kv_transfer.py): requests whose blocks `free` holds
+        # instead of releasing (vLLM's connectors "delay_free_blocks"), and those held blocks,
+        # each request's in token order, until `release_kept`.
+        self._keep: set[str] = set()
+        self._kept: dict[str, list[KVCacheBlock]] = {}
 
     def _spill(self, block: KVCacheBlock) -> None:
         assert self.offload is not None and block.block_hash is not None and block.token_ids is not None
@@ -95,11 +100,6 @@ class KVCacheManager:
         if self.offload is None:
             return self.pool.cache_version
         return self.pool.cache_version + (self.offload.version << 40)
-        # Prefill/decode hand-over (replica/kv_transfer.py): requests whose blocks `free` holds
-        # instead of releasing (vLLM's connectors "delay_free_blocks"), and those held blocks,
-        # each request's in token order, until `release_kept`.
-        self._keep: set[str] = set()
-        self._kept: dict[str, list[KVCacheBlock]] = {}
 
     # --- properties -------------------------------------------------------------------------
 
