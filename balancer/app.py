@@ -26,6 +26,7 @@ from balancer.config import BalancerConfig, ReplicaSpec
 from balancer.digest_feed import DigestFeed, DigestFeedConfig
 from balancer.digest_index import DigestIndex
 from balancer.exchange import RouteTable, web_handler
+from balancer.fairness import FairQueue
 from balancer.guard import FORWARDED_PATHS, Guard
 from balancer.health import DnsWatcher, HealthChecker
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
@@ -59,6 +60,13 @@ class Balancer:
         self.sessions = Sessions(cfg.sessions)  # sticky sessions' table (empty while they are off)
         self.metrics.registry.register(SessionCollector(self.sessions, clock))
         self.registry = Registry(cfg.breaker, cfg.health, clock, in_transit_s=cfg.report_transit_s)
+        # The fair admission queue (balancer/fairness.py), None while fairness is off.
+        self.fairness: FairQueue | None = None
+        if cfg.fairness.enabled:
+            per = cfg.fairness.max_inflight_per_replica
+            self.fairness = FairQueue(cfg.fairness, lambda: per * len(self.registry.usable()),
+                                      registry=self.metrics.registry, clock=clock)
+            self.registry.on_change.append(lambda _rid, _what: self.fairness.pump())
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
         self.model: str | None = cfg.model
@@ -109,7 +117,7 @@ class Balancer:
                              digests=self.digests if self.cfg.index_source != "events" else None,
                              uses_digest=self.uses_digest, sessions=self.sessions)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
-                           self.served_models, self.audit)
+                           self.served_models, self.audit, self.fairness)
         for spec in self.cfg.replicas:
             self.add_replica(spec)
         checker = HealthChecker(self.registry, self.session, self.metrics, self._has_feed,

@@ -21,7 +21,7 @@ import json
 import signal
 import sys
 
-from balancer import guard, sessions
+from balancer import fairness, guard, sessions
 from balancer.config import BalancerConfig, DnsConfig, ReplicaSpec
 from kvfleet import logs
 from kvfleet.cli import run_server
@@ -77,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{d.lora_slack}; the predictive policy prices the adapter load instead)")
     guard.add_arguments(p)
     sessions.add_arguments(p)
+    fairness.add_arguments(p)
     logs.add_arguments(p)
 
 
@@ -120,6 +121,7 @@ def build_config(args: argparse.Namespace, base: BalancerConfig | None = None) -
         cfg = replace(cfg, retry=replace(cfg.retry, failover_max_stop=args.failover_max_stop))
     cfg = guard.apply_arguments(cfg, args)
     cfg = sessions.apply_arguments(cfg, args)
+    cfg = fairness.apply_arguments(cfg, args)
     if not cfg.replicas and not cfg.dns:
         raise ValueError("no replicas: give --replica URL (repeatable), --dns HOST:PORT or a --config file")
     return cfg
