@@ -222,6 +222,7 @@ class FairnessMetrics:
         self.calibration = Gauge("kvfleet_fairness_estimate_calibration",
                                  "Measured over estimated queue wait (the factor applied to the estimates).",
                                  registry=r)
+        self.calibration.set(1.0)
         for c in classes:
             for m in (self.queued, self.queued_tokens, self.inflight_tokens, self.admitted, self.admitted_tokens,
                       self.wait, self.ttft, self.good, self.estimated_wait):
