@@ -13,8 +13,11 @@ was queued:
 
     fleet below capacity (requests in flight < max_inflight_per_replica × usable replicas)
         ─▶ dispatch in order: highest priority first, then weighted fair queueing (WFQ) in tokens
-    fleet at capacity, but the tenant below its fair share of the in-flight tokens
-        (its weight over the active tenants' weights)    ─▶ dispatch at once (up to 2 × capacity)
+    fleet at capacity, but the tenant within its fair share (its weight over the active
+        tenants' weights, of the fleet's capacity in tokens): holding less than that in flight,
+        or served lately no more than that (its finish tag at most that far ahead of the least
+        advanced other tenant's: a burst within its share), and no higher priority waiting
+                                          ─▶ dispatch at once (up to `overcommit` × capacity, 2)
     else wait; a request whose estimated wait plus its class's service time exceeds its class's
         TTFT target ─▶ 429 with Retry-After at once (early shedding: the fleet is not saturated
         yet, the queue only predicts that it would be for this class); a wait longer than
@@ -28,10 +31,11 @@ it (it never waits, so its estimate is 0).
 
 The wait estimate is the work ahead of the request (tokens queued at a higher priority, and at its
 priority with a smaller finish tag) over the queue's measured drain rate (tokens dispatched per
-second while requests were waiting: what the fleet actually served, not what its step times
-promise), times a calibration factor: the mean ratio of the measured wait to the estimate
-made at enqueue (later arrivals at a higher priority or with smaller tags jump ahead of a
-waiting request; the factor learns how much). Until the queue has drained a few requests there
+second while requests were waiting, as decayed sums of tokens and time: what the fleet actually
+served, not what its step times promise), times a calibration factor learned from the measured
+waits: the running mean of measured wait / estimate made at enqueue plus two mean deviations
+(later arrivals at a higher priority or with smaller tags jump ahead of a waiting request, and
+waits vary: with the mean alone half the admitted requests would miss the target). Until the queue has drained a few requests there
 is no estimate and nothing is shed early (the timeout and the queue bound still hold).
 
 The class's service time is the measured time from dispatch to the first byte (mean per class).
@@ -62,7 +66,6 @@ _EWMA = 0.3  # weight of a new drain-rate sample
 _CALIB_EWMA = 0.2  # weight of a new measured/estimated wait ratio
 _CALIB_MIN_EST_S = 0.02  # estimates shorter than this are not used to calibrate (noise)
 _CALIB_RANGE = (0.25, 8.0)
-_OVERCOMMIT = 2  # tenants under their share may take the fleet to this multiple of capacity
 
 
 def _header_name(name: str, what: str) -> str:
@@ -135,6 +138,9 @@ class FairnessConfig:
     queue_timeout_s: float = 30.0  # longest wait of a class without its own max_wait_s
     default_output_tokens: int = 256  # a request's output cost when it gives no max_tokens and nothing predicts it
     max_tenants: int = 1024  # flows kept; idle ones are forgotten beyond this
+    # Tenants within their share may take the fleet to this multiple of its capacity (1: never
+    # past it; they then wait at the head of the queue for the next slot).
+    overcommit: float = 2.0
 
     def __post_init__(self) -> None:
         _header_name(self.class_header, "class_header")
@@ -153,6 +159,9 @@ class FairnessConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"fairness.{name} must be a positive integer, got {v!r}")
+        if isinstance(self.overcommit, bool) or not isinstance(self.overcommit, (int, float)) or not (
+                1 <= self.overcommit <= 16):
+            raise ValueError(f"fairness.overcommit must be a number from 1 to 16, got {self.overcommit!r}")
         if not (isinstance(self.queue_timeout_s, (int, float)) and self.queue_timeout_s > 0):
             raise ValueError(f"fairness.queue_timeout_s must be positive (seconds), got {self.queue_timeout_s!r}")
 
@@ -252,7 +261,7 @@ class _Flow:
 
 
 class _Waiter:
-    __slots__ = ("flow", "cost", "tag", "fut", "since", "estimate")
+    __slots__ = ("flow", "cost", "tag", "fut", "since", "estimate")  # estimate: raw (uncalibrated)
 
     def __init__(self, flow: _Flow, cost: int, tag: float, fut: asyncio.Future, since: float,
                  estimate: float | None) -> None:
@@ -308,6 +317,13 @@ class FairQueue:
         self._window_start: float | None = None
         self._window_tokens = 0
         self._window_dispatches = 0
+        self._drained_tokens = 0.0
+        self._drained_s = 0.0
+        # Measured wait over the raw estimate: its running mean and mean deviation; the factor
+        # applied is mean + 2 deviations, so that an admitted request meets its target with a
+        # margin, not half the time.
+        self._ratio = 1.0
+        self._ratio_dev = 0.0
         self.calibration = 1.0
         self._service: dict[str, float] = {}  # class -> mean dispatch-to-first-byte seconds
         self._mean_cost: float | None = None
@@ -356,7 +372,15 @@ class FairQueue:
         m = self.metrics
         capacity = self.capacity()
         # No usable replica (capacity 0): nothing to wait for, the proxy answers 503 at once.
-        if not capacity or not self.waiting and self.inflight < capacity or self._under_share(flow, cost):
+        if not capacity or not self.waiting and self.inflight < capacity:
+            # Nothing waits: the virtual time follows what is served now, so a tenant's tags
+            # measure its service against everyone's even while no queue forms.
+            tag = self._tag(flow, cost)
+            p = klass.priority
+            self._vtime[p] = max(self._vtime.get(p, 0.0), tag)
+            m.estimated_wait.labels(klass.name).set(0.0)
+            return self._dispatch(flow, cost, 0.0)
+        if not flow.waiting and self._under_share(flow, cost):
             self._tag(flow, cost)
             m.estimated_wait.labels(klass.name).set(0.0)
             return self._dispatch(flow, cost, 0.0)
@@ -365,7 +389,8 @@ class FairQueue:
             raise Refused("queue_full", f"the admission queue is full ({self.cfg.max_queue} waiting)",
                           self._retry_after(None))
         tag = self._tag(flow, cost)
-        estimate = self.estimate(klass.priority, tag, cost)
+        raw = self.raw_estimate(klass.priority, tag, cost)
+        estimate = None if raw is None else raw * self.calibration
         m.estimated_wait.labels(klass.name).set(estimate if estimate is not None else 0.0)
         target = klass.ttft_target_s
         if target > 0 and estimate is not None and estimate + self._service.get(klass.name, 0.0) > target:
@@ -375,7 +400,7 @@ class FairQueue:
             raise Refused("predicted_wait", f"class {klass.name!r} would wait about {estimate:.2f} s for the "
                                             f"fleet, beyond its TTFT target of {target:g} s", self._retry_after(over))
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(flow, cost, tag, loop.create_future(), now, estimate)
+        waiter = _Waiter(flow, cost, tag, loop.create_future(), now, raw)
         if not self.waiting:
             self._window_start, self._window_tokens, self._window_dispatches = now, 0, 0
         flow.waiting.append(waiter)
@@ -410,11 +435,14 @@ class FairQueue:
         flow.finish = max(self._vtime.get(flow.klass.priority, 0.0), flow.finish) + cost / flow.weight
         return flow.finish
 
-    def _under_share(self, flow: _Flow, cost: int) -> bool:
-        """The tenant holds less than its weight's share of the in-flight tokens (counting this
-        request; its weight over the active tenants' weights, of the fleet's capacity in tokens),
-        no higher priority waits, and the fleet is below the overcommit bound."""
-        if self.inflight >= _OVERCOMMIT * self.capacity():
+    def _under_share(self, flow: _Flow, cost: int, tag: float | None = None) -> bool:
+        """The tenant is within its fair share — it holds less than its share of the in-flight
+        tokens (counting this request; its weight over the active tenants' weights, of the fleet's
+        capacity in tokens), or its finish tag (`tag`, else the one this request would get) is at
+        most that share ahead of the least advanced other active tenant's at its priority (what it
+        was served lately is within its share, and this is a burst of at most its share) — no
+        higher priority waits, and the fleet is below the overcommit bound."""
+        if self.inflight + 1 > self.cfg.overcommit * self.capacity():
             return False
         p = flow.klass.priority
         if any(f.waiting and f.klass.priority > p for f in self._flows.values()):
@@ -423,22 +451,34 @@ class FairQueue:
         if weights <= 0:
             return False  # alone: the capacity is its share
         share = flow.weight / (weights + flow.weight)
-        budget = self.capacity() * (self._mean_cost or cost)
-        return flow.inflight_tokens + cost <= share * budget
+        budget = share * self.capacity() * (self._mean_cost or cost)
+        if flow.inflight_tokens + cost <= budget:
+            return True
+        # Served lately within its share: its finish tag at most a share's burst ahead of the least
+        # advanced other active tenant at its priority (not of the virtual time, which the
+        # dominant tenant's own dispatches set: against it a flood would always look fair).
+        others = [f.finish for f in self._flows.values() if f.active and f is not flow and f.klass.priority == p]
+        # A burst never takes more than its share of the overcommitted fleet, so the others keep theirs.
+        if not others or flow.inflight_tokens + cost > self.cfg.overcommit * budget:
+            return False
+        if tag is None:
+            tag = max(self._vtime.get(p, 0.0), flow.finish) + cost / flow.weight
+        return tag - min(others) <= budget / flow.weight
 
-    def estimate(self, priority: int, tag: float, cost: int) -> float | None:
-        """Seconds a request queued now at `priority` with finish tag `tag` would wait; None
-        until the drain rate is measured."""
+    def raw_estimate(self, priority: int, tag: float, cost: int) -> float | None:
+        """Seconds a request queued now at `priority` with finish tag `tag` would wait by the
+        work ahead of it and the drain rate (before calibration); None until the rate is measured."""
         if not self.rate:
             return None
-        ahead = cost
+        # Past capacity (tenants within their share went over it), that much must end first.
+        ahead = cost + max(0, self.inflight - self.capacity()) * (self._mean_cost or cost)
         for f in self._flows.values():
             p = f.klass.priority
             if p > priority:
                 ahead += sum(w.cost for w in f.waiting)
             elif p == priority:
                 ahead += sum(w.cost for w in f.waiting if w.tag <= tag)
-        return ahead / self.rate * self.calibration
+        return ahead / self.rate
 
     def pump(self) -> None:
         """Dispatch waiters while the fleet has room, in priority then finish-tag order."""
@@ -451,10 +491,10 @@ class FairQueue:
                         best = w
             if best is None:
                 return
-            if self.inflight >= self.capacity() and not self._under_share(best.flow, best.cost):
+            if self.inflight >= self.capacity() and not self._under_share(best.flow, best.cost, best.tag):
                 # The head may not go; a tenant under its share may (the queue is per flow).
                 best = next((f.waiting[0] for f in self._flows.values()
-                             if f.waiting and self._under_share(f, f.waiting[0].cost)), None)
+                             if f.waiting and self._under_share(f, f.waiting[0].cost, f.waiting[0].tag)), None)
                 if best is None:
                     return
             self._take(best)
@@ -471,8 +511,10 @@ class FairQueue:
         now = self.clock()
         waited = now - w.since
         if w.estimate is not None and w.estimate >= _CALIB_MIN_EST_S:
-            ratio = min(max(waited / w.estimate * self.calibration, _CALIB_RANGE[0]), _CALIB_RANGE[1])
-            self.calibration += _CALIB_EWMA * (ratio - self.calibration)
+            ratio = min(max(waited / w.estimate, _CALIB_RANGE[0]), _CALIB_RANGE[1])
+            self._ratio_dev += _CALIB_EWMA * (abs(ratio - self._ratio) - self._ratio_dev)
+            self._ratio += _CALIB_EWMA * (ratio - self._ratio)
+            self.calibration = min(max(self._ratio + 2 * self._ratio_dev, _CALIB_RANGE[0]), _CALIB_RANGE[1])
             m.calibration.set(self.calibration)
         self._window_tokens += w.cost
         self._window_dispatches += 1
@@ -485,8 +527,11 @@ class FairQueue:
             return
         span = now - start
         if self._window_dispatches >= _RATE_MIN_DISPATCHES and span >= _RATE_MIN_WINDOW_S:
-            sample = self._window_tokens / span
-            self.rate = sample if self.rate is None else self.rate + _EWMA * (sample - self.rate)
+            # Decayed sums of tokens and time, not a mean of per-window rates: windows end after a
+            # count of dispatches, and a mean of count/time overstates the rate (Jensen).
+            self._drained_tokens = self._drained_tokens * (1 - _EWMA) + self._window_tokens
+            self._drained_s = self._drained_s * (1 - _EWMA) + span
+            self.rate = self._drained_tokens / self._drained_s
             self.metrics.drain_rate.set(self.rate)
             self._window_start, self._window_tokens, self._window_dispatches = now, 0, 0
         elif final:

@@ -67,7 +67,7 @@ async def drain(q: FairQueue, holders: list, tasks) -> None:
 
 def test_wfq_serves_tokens_not_requests_in_weight_proportion():
     async def main():
-        q = make(capacity=2, classes=[ClassConfig("a"), ClassConfig("b")])
+        q = make(capacity=2, classes=[ClassConfig("a"), ClassConfig("b")], overcommit=1)
         # Each tenant holds its share of the fleet, so neither may pass the queue.
         holders = [await q.admit(klass(q, "b"), "b", 300), await q.admit(klass(q, "a"), "a", 300)]
         log: list[str] = []
@@ -77,14 +77,16 @@ def test_wfq_serves_tokens_not_requests_in_weight_proportion():
         return log
 
     log = asyncio.run(main())
+    # (overcommit 1: no tenant passes the full fleet, the queue's order alone decides.)
     # Equal weights, equal tokens: three of a's 100-token requests per 300-token one of b's
-    # (finish tags a: 400, 500, 600, ...; b: 600, 900, 1200; a request-fair queue would alternate).
+    # (finish tags past the holders' virtual time 600: a 700, 800, 900, ...; b 900, 1200, 1500; a
+    # request-fair queue would alternate them).
     assert log == ["a", "a", "b", "a", "a", "a", "b", "a", "a", "a", "b", "a"], log
 
 
 def test_weights_split_the_queue():
     async def main():
-        q = make(classes=[ClassConfig("gold", weight=3.0), ClassConfig("bronze")])
+        q = make(classes=[ClassConfig("gold", weight=3.0), ClassConfig("bronze")], overcommit=1)
         holders = [await q.admit(klass(q, "bronze"), "bronze", 100)]
         log: list[str] = []
         tasks = [await enqueue(q, "bronze", 100, log=log) for _ in range(6)]
@@ -99,7 +101,7 @@ def test_weights_split_the_queue():
 
 def test_priority_goes_first_whatever_the_tags():
     async def main():
-        q = make(classes=[ClassConfig("batch"), ClassConfig("urgent", priority=1)])
+        q = make(classes=[ClassConfig("batch"), ClassConfig("urgent", priority=1)], overcommit=1)
         holders = [await q.admit(klass(q, "batch"), "batch", 10)]
         log: list[str] = []
         tasks = [await enqueue(q, "batch", 10, log=log) for _ in range(3)]
@@ -130,6 +132,22 @@ def test_a_tenant_under_its_share_is_admitted_at_once_while_the_flood_waits():
             t.cancel()
         await settle()
         assert q.waiting == 0
+
+    asyncio.run(main())
+
+
+def test_the_flooding_tenant_never_passes_a_full_fleet():
+    async def main():
+        q = make(capacity=4, classes=[ClassConfig("a"), ClassConfig("flood")])
+        ta = await q.admit(klass(q, "a"), "a", 100)  # a is active, lightly
+        held = [await q.admit(klass(q, "flood"), "flood", 100) for _ in range(3)]  # the fleet is full
+        t = await enqueue(q, "flood", 100)  # nothing of its own waits, yet it is ahead of a: it waits
+        assert not t.done() and q.inflight == 4
+        ta.release(0.1)
+        await settle()
+        assert t.done() and q.inflight == 4  # a slot freed: its turn
+        for h in held + [t.result()]:
+            h.release(0.1)
 
     asyncio.run(main())
 
@@ -171,10 +189,10 @@ def test_queue_full_and_timeout_answer_refused():
     async def main():
         q = make(capacity=1, max_queue=2, queue_timeout_s=0.05)
         d = klass(q, "default")
-        held = await q.admit(d, "", 10)
+        held = await q.admit(d, "default", 10)
         waiting = [await enqueue(q, "default", 10) for _ in range(2)]
         with pytest.raises(Refused) as full:
-            await q.admit(d, "", 10)
+            await q.admit(d, "default", 10)
         assert full.value.reason == "queue_full"
         results = await asyncio.gather(*waiting, return_exceptions=True)
         assert all(isinstance(r, Refused) and r.reason == "queue_timeout" for r in results)
@@ -188,14 +206,14 @@ def test_queue_full_and_timeout_answer_refused():
 def test_a_cancelled_waiter_leaves_the_queue_and_keeps_no_slot():
     async def main():
         q = make(capacity=1)
-        held = await q.admit(klass(q, "default"), "", 10)
+        held = await q.admit(klass(q, "default"), "default", 10)
         t = await enqueue(q, "default", 10)
         t.cancel()
         await settle()
         assert q.waiting == 0
         held.release(None)
         assert q.inflight == 0
-        again = await asyncio.wait_for(q.admit(klass(q, "default"), "", 10), 1)
+        again = await asyncio.wait_for(q.admit(klass(q, "default"), "default", 10), 1)
         again.release(None)
 
     asyncio.run(main())
