@@ -84,3 +84,40 @@ def test_a_flood_is_shed_early_while_the_other_class_is_served(prometheus_tools)
         assert any(not math.isnan(v) for v in values), (title, expr, result)
         if "shed_requests_total" in expr:
             assert any(s["metric"].get("class") == "flood" and float(s["value"][1]) > 0 for s in result), result
+
+
+def test_an_api_keys_class_wins_over_the_header_through_the_balancer():
+    """A key listed under a class puts its requests there (the guard verifies the key; the
+    header cannot move them elsewhere); another key's request goes by its header; a wrong key is
+    refused with 401 before any class is read."""
+    import asyncio
+
+    from balancer.fairness import ClassConfig, FairnessConfig
+    from balancer.guard import GuardConfig
+    from harness import fleet as hf
+
+    replicas = hf.start_replicas(1, ["--engine", "sim"])
+    try:
+        async def main():
+            paid_class = ClassConfig("paid", priority=1, api_keys=("sk-paid-0123456789",))
+            fairness = FairnessConfig(enabled=True, classes=(paid_class, ClassConfig("batch")))
+            async with hf.balancer([r.replica_arg for r in replicas], fairness=fairness,
+                                   guard=GuardConfig(api_keys=("sk-paid-0123456789", "sk-free-0123456789"))) as (url, _):
+                def post(key):
+                    return hf.http("POST", url + "/v1/completions", {"prompt": "hello", "max_tokens": 2},
+                                   {"Authorization": f"Bearer {key}", "X-Kvfleet-Class": "batch"})
+
+                loop = asyncio.get_running_loop()
+                paid = await loop.run_in_executor(None, post, "sk-paid-0123456789")
+                free = await loop.run_in_executor(None, post, "sk-free-0123456789")
+                nokey = await loop.run_in_executor(None, post, "nope")
+                _, _, metrics = await loop.run_in_executor(None, hf.http, "GET", url + "/metrics")
+                return paid[0], free[0], nokey[0], metrics.decode()
+
+        paid, free, nokey, metrics = asyncio.run(main())
+    finally:
+        for r in replicas:
+            r.stop()
+    assert (paid, free, nokey) == (200, 200, 401)
+    assert 'kvfleet_fairness_admitted_requests_total{class="paid"} 1.0' in metrics
+    assert 'kvfleet_fairness_admitted_requests_total{class="batch"} 1.0' in metrics
