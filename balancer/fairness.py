@@ -27,7 +27,8 @@ WFQ is self-clocked fair queueing (Golestani, INFOCOM 1994): a request's finish 
 `max(V, the flow's last tag) + cost / weight`, V the tag of the request dispatched last at its
 priority; the smallest tag goes first. A flooding tenant's tags race ahead of the others', so a
 tenant within its share keeps its place whatever the flood does, and is never shed while within
-it (it never waits, so its estimate is 0).
+it (it never waits, so its estimate is 0). A flood, ahead of the others' tags, never passes the
+full fleet, and no tenant's burst takes more than its share of the overcommitted fleet.
 
 The wait estimate is the work ahead of the request (tokens queued at a higher priority, and at its
 priority with a smaller finish tag) over the queue's measured drain rate (tokens dispatched per
@@ -35,8 +36,10 @@ second while requests were waiting, as decayed sums of tokens and time: what the
 served, not what its step times promise), times a calibration factor learned from the measured
 waits: the running mean of measured wait / estimate made at enqueue plus two mean deviations
 (later arrivals at a higher priority or with smaller tags jump ahead of a waiting request, and
-waits vary: with the mean alone half the admitted requests would miss the target). Until the queue has drained a few requests there
-is no estimate and nothing is shed early (the timeout and the queue bound still hold).
+waits vary: with the mean alone half the admitted requests would miss the target). Until the
+queue has drained a few requests there is no estimate and nothing is shed early (the timeout
+and the queue bound still hold); work past capacity (tenants within their share went over it)
+counts as work ahead.
 
 The class's service time is the measured time from dispatch to the first byte (mean per class).
 Metrics: `FairnessMetrics` below; per class, never per tenant (tenants are the clients').

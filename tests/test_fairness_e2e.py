@@ -101,8 +101,8 @@ def test_an_api_keys_class_wins_over_the_header_through_the_balancer():
         async def main():
             paid_class = ClassConfig("paid", priority=1, api_keys=("sk-paid-0123456789",))
             fairness = FairnessConfig(enabled=True, classes=(paid_class, ClassConfig("batch")))
-            async with hf.balancer([r.replica_arg for r in replicas], fairness=fairness,
-                                   guard=GuardConfig(api_keys=("sk-paid-0123456789", "sk-free-0123456789"))) as (url, _):
+            guard = GuardConfig(api_keys=("sk-paid-0123456789", "sk-free-0123456789"))
+            async with hf.balancer([r.replica_arg for r in replicas], fairness=fairness, guard=guard) as (url, _):
                 def post(key):
                     return hf.http("POST", url + "/v1/completions", {"prompt": "hello", "max_tokens": 2},
                                    {"Authorization": f"Bearer {key}", "X-Kvfleet-Class": "batch"})
