@@ -27,6 +27,7 @@ from balancer.digest_feed import DigestFeed, DigestFeedConfig
 from balancer.disagg import PairSelector
 from balancer.digest_index import DigestIndex
 from balancer.exchange import RouteTable, web_handler
+from balancer.fairness import FairQueue
 from balancer.guard import FORWARDED_PATHS, Guard
 from balancer.health import DnsWatcher, HealthChecker, note_role
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
@@ -61,6 +62,13 @@ class Balancer:
         self.sessions = Sessions(cfg.sessions)  # sticky sessions' table (empty while they are off)
         self.metrics.registry.register(SessionCollector(self.sessions, clock))
         self.registry = Registry(cfg.breaker, cfg.health, clock, in_transit_s=cfg.report_transit_s)
+        # The fair admission queue (balancer/fairness.py), None while fairness is off.
+        self.fairness: FairQueue | None = None
+        if cfg.fairness.enabled:
+            per = cfg.fairness.max_inflight_per_replica
+            self.fairness = FairQueue(cfg.fairness, lambda: per * len(self.registry.usable()),
+                                      registry=self.metrics.registry, clock=clock)
+            self.registry.on_change.append(lambda _rid, _what: self.fairness.pump())
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.policy = make_policy(cfg.policy, dict(cfg.policy_options))
         # Prefill/decode pairs (balancer/disagg.py), priced with the predictive policy's step
@@ -129,7 +137,7 @@ class Balancer:
                              digests=self.digests if self.cfg.index_source != "events" else None,
                              uses_digest=self.uses_digest, sessions=self.sessions)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
-                           self.served_models, self.audit, self.pairs)
+                           self.served_models, self.audit, self.pairs, self.fairness)
         for spec in self.cfg.replicas:
             self.add_replica(spec)
         if pool is not None:

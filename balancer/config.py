@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from balancer.fairness import FairnessConfig
 from balancer.guard import GuardConfig
 from balancer.sessions import SessionConfig
 from protocol.curve import load_public_key
@@ -235,6 +236,9 @@ class BalancerConfig:
     # API keys, per-key limits, admission queue, max_tokens cap (balancer/guard.py). In a config
     # file its keys may also stand at the top level (e.g. `api_keys = ["..."]`).
     guard: GuardConfig = field(default_factory=GuardConfig)
+    # Request classes, priorities, per-tenant weighted fair queueing in tokens and early 429s
+    # (balancer/fairness.py); `[fairness]` in a config file, classes as `[fairness.classes.NAME]`.
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
     replica_api_key: str | None = None  # sent to the replicas as a Bearer token (their --api-key)
     # CURVE for the KV-event sockets (protocol/curve.py): the replicas' public key (Z85 or a key
     # file) for replicas whose spec names none, and this balancer's secret key file (None: a
@@ -269,6 +273,10 @@ class BalancerConfig:
             raise ValueError("digest_max_age_s and digest_request_timeout_s must be positive")
         if self.memory_trim_s < 0:
             raise ValueError(f"memory_trim_s must be >= 0 (0 disables it), got {self.memory_trim_s}")
+        if self.fairness.enabled and self.guard.max_inflight_per_replica:
+            raise ValueError("the fair admission queue (fairness) and the guard's FIFO admission queue "
+                             "(max_inflight_per_replica) are both on: use fairness.max_inflight_per_replica "
+                             "(--fair-max-inflight-per-replica) alone")
         ids = [r.replica_id for r in self.replicas]
         if len(ids) != len(set(ids)):
             raise ValueError("a replica URL is listed twice")
@@ -329,6 +337,10 @@ class BalancerConfig:
                     kw[name] = sub(**kw[name])
                 except TypeError as e:
                     raise ValueError(f"{name}: {e}; its keys are {sorted(f.name for f in fields(sub))}") from None
+        if "fairness" in kw and not isinstance(kw["fairness"], FairnessConfig):
+            if not isinstance(kw["fairness"], dict):
+                raise ValueError("fairness must be a table of FairnessConfig keys (balancer/fairness.py)")
+            kw["fairness"] = FairnessConfig.from_dict(kw["fairness"])
         if "policy_options" in kw and isinstance(kw["policy_options"], dict):
             kw["policy_options"] = tuple(sorted(kw["policy_options"].items()))
         cfg = cls(**kw)

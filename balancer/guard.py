@@ -309,7 +309,8 @@ class Guard:
             body = await self._read_body(ex)
             if body is None:
                 return  # refused
-            inner = _Guarded(ex, body, hide_auth=not self.forward_client_auth)
+            inner = _Guarded(ex, body, hide_auth=not self.forward_client_auth,
+                             api_key=token if self.api_keys else None)
             if self.admission is None:
                 return await handler(inner)
             try:
@@ -363,10 +364,11 @@ class _Guarded:
     """The Exchange the proxy gets past the guard: the body as the guard read (and capped) it, and
     no Authorization header when the client's is not to be forwarded."""
 
-    __slots__ = ("ex", "body", "hide_auth")
+    __slots__ = ("ex", "body", "hide_auth", "api_key")
 
-    def __init__(self, ex: Exchange, body: bytes, hide_auth: bool) -> None:
+    def __init__(self, ex: Exchange, body: bytes, hide_auth: bool, api_key: str | None = None) -> None:
         self.ex, self.body, self.hide_auth = ex, body, hide_auth
+        self.api_key = api_key  # the key the guard accepted (request classes read it: balancer/fairness.py)
 
     method = property(lambda self: self.ex.method)
     path = property(lambda self: self.ex.path)

@@ -30,6 +30,7 @@ from balancer.audit import DecisionAudit
 from balancer.disagg import PairSelector, is_disaggregated, route_pair
 from balancer.exchange import Exchange
 from balancer.failover import Failover
+from balancer.fairness import FairQueue, Refused, Ticket, api_key_of
 from balancer.metrics import NO_REPLICA, BalancerMetrics
 from balancer.policies.base import Decision
 from balancer.registry import Registry, ReplicaState
@@ -123,6 +124,7 @@ class Proxy:
         models: Callable[[], list[str]],
         audit: DecisionAudit,
         pairs: PairSelector | None = None,
+        fairness: FairQueue | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -133,6 +135,7 @@ class Proxy:
         self.models = models  # every model the fleet serves now
         self.audit = audit  # predicted against delivered cached tokens, the latest decisions
         self.pairs = pairs if pairs is not None else PairSelector()  # prefill/decode pairs (balancer/disagg.py)
+        self.fairness = fairness  # the fair admission queue (balancer/fairness.py); None: off
         # Request ids: a random per-process prefix and a counter (unique across restarts and
         # balancers; a uuid4 per request costs several µs).
         self._id_prefix = f"kvf-{uuid.uuid4().hex[:16]}-"
@@ -277,11 +280,21 @@ class Proxy:
             last_turn = key is not None and sessions.releases(ex.header)  # checked (400) before routing
             prepared = self.router.prepare(req, key)
             prompt_tokens = len(prepared.token_ids)
+            ticket = None
+            if self.fairness is not None:
+                # Admitted before routing: the cached prefix is predicted when the request is sent.
+                ticket = await self._admit(ex, prepared)
+                if ticket is None:
+                    outcome.status = 429
+                    return
+                t0 = time.perf_counter()  # the decision's latency, not the queue's
             try:
                 await self._route(ex, body, req, path, prepared, request_id, arrival, t0, outcome)
             finally:
                 if last_turn:
                     sessions.release(key)
+                if ticket is not None:
+                    ticket.release(outcome.ttft_s)
         except APIError as e:
             outcome.status = e.status
             raise
@@ -296,6 +309,27 @@ class Proxy:
             # returns): metrics, the predictor and the access line wait until the client has its bytes.
             asyncio.get_running_loop().call_soon(self._finish, request_id, path, req, prompt_tokens, outcome,
                                                  time.perf_counter() - arrival)
+
+    async def _admit(self, ex: Exchange, prepared: Prepared) -> Ticket | None:
+        """The request's turn in the fair admission queue, or None when it was shed (answered
+        with 429 and Retry-After). Its cost: prompt tokens + predicted output tokens."""
+        fair = self.fairness
+        klass, tenant = fair.identify(ex.header, api_key_of(ex))
+        req = prepared.request
+        sequences = req.n * (1 + len(req.more_prompts))
+        predicted = self.router.predictor.predict_point(prepared) if self.router.predictor is not None else None
+        limit = req.max_tokens or fair.cfg.default_output_tokens
+        output = limit if predicted is None else min(predicted, limit)
+        cost = len(prepared.token_ids) + prepared.extra_prompt_tokens + int(output) * sequences
+        try:
+            return await fair.admit(klass, tenant, cost)
+        except Refused as e:
+            self.metrics.series(self.metrics.requests, NO_REPLICA, self.policy_name, "4xx").inc()
+            ex.reply(429, json.dumps(error_body(429, f"{e}; retry after the Retry-After header's seconds, or "
+                                                     f"send less of this class's traffic")).encode(),
+                     {"Content-Type": "application/json", "Retry-After": str(e.retry_after_s),
+                      "X-Kvfleet-Class": klass.name})
+            return None
 
     def _finish(self, request_id: str, path: str, req: GenerationRequest, prompt_tokens: int, o: _Outcome,
                 e2e_s: float) -> None:

@@ -190,6 +190,43 @@ def fleet_overview() -> dict:
          (f"sum by (reason) (increase(kvfleet_sessions_ended_total[{RATE}]))", "ended {{reason}}")]))
     # --- end of sticky sessions ---------------------------------------------------------------
 
+    # --- request classes and fairness (issue #17 part 4, balancer/fairness.py; --fairness) ---
+    d = d.with_row(gdash.Row("Classes and fairness"))
+    d = d.with_panel(graph(
+        "Admitted and shed by class", "Requests per second the fair admission queue admitted, and refused with 429 + "
+        "Retry-After by reason: predicted_wait (the estimated TTFT passed the class's target: shed early, before the "
+        "fleet saturates), queue_timeout, queue_full. A class within its fair share is never shed early.", "reqps",
+        [(f"sum by (class) (rate(kvfleet_fairness_admitted_requests_total[{RATE}]))", "admitted {{class}}"),
+         (f"sum by (class, reason) (rate(kvfleet_fairness_shed_requests_total[{RATE}]))", "shed {{class}} {{reason}}")]))
+    d = d.with_panel(graph(
+        "Goodput by class", "Admitted requests per second whose first byte came within their class's TTFT target "
+        "(every answered request of a class without one), beside the admitted rate.", "reqps",
+        [(f"sum by (class) (rate(kvfleet_fairness_goodput_requests_total[{RATE}]))", "goodput {{class}}")]))
+    d = d.with_panel(graph(
+        "TTFT p99 by class", "Arrival to first byte, p99 per class (queue wait included); compare with each class's "
+        "ttft target.", "s",
+        [(f"histogram_quantile(0.99, sum by (class, le) (rate(kvfleet_fairness_time_to_first_token_seconds_bucket"
+          f"[{RATE}])))", "p99 {{class}}"),
+         (f"histogram_quantile(0.99, sum by (class, le) (rate(kvfleet_fairness_queue_wait_seconds_bucket[{RATE}])))",
+          "queue wait p99 {{class}}")]))
+    d = d.with_panel(graph(
+        "Fleet share by class", "Tokens (prompt + predicted output) admitted per second per class: the share of the "
+        "fleet each class gets (weighted fair queueing in tokens, per tenant), and the tokens in flight.", "short",
+        [(f"sum by (class) (rate(kvfleet_fairness_admitted_tokens_total[{RATE}]))", "admitted tok/s {{class}}"),
+         ("sum by (class) (kvfleet_fairness_inflight_tokens)", "in flight {{class}}")]))
+    d = d.with_panel(graph(
+        "Admission queue", "Requests waiting per class, and the latest queue-wait estimate made for each class "
+        "(what early shedding compares with the class's TTFT target).", "short",
+        [("sum by (class) (kvfleet_fairness_queue_requests)", "waiting {{class}}"),
+         ("max by (class) (kvfleet_fairness_estimated_wait_seconds)", "estimated wait s {{class}}")]))
+    d = d.with_panel(graph(
+        "Wait estimate's inputs", "The queue's measured drain rate (tokens/s while requests wait: 0 until measured, "
+        "nothing is shed early before) and the calibration factor (measured over estimated wait, applied to the "
+        "estimates).", "short",
+        [("max(kvfleet_fairness_drain_rate_tokens_per_second)", "drain tok/s"),
+         ("max(kvfleet_fairness_estimate_calibration)", "calibration")]))
+    # --- end of classes and fairness ----------------------------------------------------------
+
     d = d.with_row(gdash.Row("Reliability"))
     d = d.with_panel(graph("Retries and failovers", "Attempts that failed before the first byte (retried elsewhere), "
                            "streams continued on another replica after theirs was lost, streams no replica could "

@@ -22,7 +22,7 @@ import json
 import signal
 import sys
 
-from balancer import guard, sessions
+from balancer import fairness, guard, sessions
 from balancer.config import BalancerConfig, DnsConfig, InferencePoolConfig, ReplicaSpec
 from kvfleet import logs
 from kvfleet.cli import run_server
@@ -92,6 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{d.lora_slack}; the predictive policy prices the adapter load instead)")
     guard.add_arguments(p)
     sessions.add_arguments(p)
+    fairness.add_arguments(p)
     logs.add_arguments(p)
 
 
@@ -135,6 +136,7 @@ def build_config(args: argparse.Namespace, base: BalancerConfig | None = None) -
         cfg = replace(cfg, retry=replace(cfg.retry, failover_max_stop=args.failover_max_stop))
     cfg = guard.apply_arguments(cfg, args)
     cfg = sessions.apply_arguments(cfg, args)
+    cfg = fairness.apply_arguments(cfg, args)
     if args.inference_pool:
         cfg = replace(cfg, inference_pool=InferencePoolConfig.parse(args.inference_pool))
     if cfg.inference_pool is not None and (args.kubeconfig or args.kube_context):

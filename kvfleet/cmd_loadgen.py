@@ -79,6 +79,13 @@ def _add_client(p: argparse.ArgumentParser) -> None:
                    help="send each request's session id (generated chat/agentic traces, Bailian, BurstGPT, "
                         "ShareGPT) as the OpenAI `user` field: a balancer with --sessions keeps each session on its "
                         "replica")
+    g.add_argument("--class-header", default=None, metavar="NAME",
+                   help="send each request's class (its trace's tenant, or --class-mix's) in this header, e.g. "
+                        "X-Kvfleet-Class for a balancer with --fairness; the report then has a table per class "
+                        "(requests, shed 429s, goodput, TTFT)")
+    g.add_argument("--class-mix", default=None, metavar="NAME=SHARE,...",
+                   help="give each request a class drawn from these shares (seeded by --seed; a session keeps "
+                        "one), e.g. interactive=0.2,batch=0.8; sent in --class-header (default X-Kvfleet-Class)")
 
 
 def _add_output(p: argparse.ArgumentParser) -> None:
@@ -225,8 +232,13 @@ def run(args: argparse.Namespace) -> int:
                          token_prompts=args.token_prompts and args.endpoint == "completions",
                          prompt=PromptConfig(seed=args.seed, prepend_bos=args.prepend_bos),
                          concurrency=args.concurrency, request_timeout_s=args.request_timeout,
-                         progress=False if args.no_progress else None, session_user=args.session_user)
+                         progress=False if args.no_progress else None, session_user=args.session_user,
+                         class_header=args.class_header or ("X-Kvfleet-Class" if args.class_mix else None))
         base = build_workload(args)
+        if args.class_mix:
+            from loadgen.synthetic import assign_classes, parse_class_mix
+
+            base = assign_classes(base, parse_class_mix(args.class_mix), args.seed)
     except FileNotFoundError as e:
         return _err(str(e))
     except ValueError as e:

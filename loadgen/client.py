@@ -65,6 +65,9 @@ class LoadConfig:
     # Each request's trace session id as the OpenAI `user` field: the session key of a balancer
     # run with sticky sessions (`kvfleet balancer --sessions`, balancer/sessions.py).
     session_user: bool = False
+    # Each request's class (its trace's `tenant`) in this header: a balancer with --fairness reads
+    # the request class there (balancer/fairness.py, `X-Kvfleet-Class`); None: no header.
+    class_header: str | None = None
     progress: bool | None = None  # None: a progress bar when stderr is a TTY
 
     def __post_init__(self) -> None:
@@ -256,11 +259,12 @@ async def _timed_send(session, target, body, rec, t0, headers) -> None:
 
 
 async def _open_loop(session, target, records, bodies, t0, headers, progress) -> None:
-    """Launch each request at t0 + scheduled_s; never wait on a response before the next send."""
+    """Launch each request at t0 + scheduled_s; never wait on a response before the next send.
+    `headers`: one dict per request."""
     in_flight: set[asyncio.Task] = set()
-    for rec, body in zip(records, bodies):
+    for rec, body, hdrs in zip(records, bodies, headers):
         await _sleep_until(t0 + rec.scheduled_s - _LEAD_S)
-        task = asyncio.create_task(_timed_send(session, target, body, rec, t0, headers))
+        task = asyncio.create_task(_timed_send(session, target, body, rec, t0, hdrs))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
         if progress:
@@ -271,14 +275,14 @@ async def _open_loop(session, target, records, bodies, t0, headers, progress) ->
 
 async def _closed_loop(session, target, records, bodies, t0, headers, progress, concurrency: int) -> None:
     """`concurrency` workers, each sending the next request when its last one is done."""
-    queue = iter(zip(records, bodies))
+    queue = iter(zip(records, bodies, headers))
 
     async def worker() -> None:
-        for rec, body in queue:
+        for rec, body, hdrs in queue:
             rec.scheduled_s = time.perf_counter() - t0
             if progress:
                 progress.sent += 1
-            await _send(session, target, body, rec, t0, headers)
+            await _send(session, target, body, rec, t0, hdrs)
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(records)) or 1)))
 
@@ -352,7 +356,9 @@ async def run_load(url: str, requests: list[TraceRequest], config: LoadConfig) -
     records = [RequestRecord(index=i, scheduled_s=r.arrival_s, input_length=r.input_length,
                              output_length=r.output_length, session_id=r.session_id, tenant=r.tenant)
                for i, r in enumerate(requests)]
-    headers = {"Content-Type": "application/json", **cfg.headers}
+    common = {"Content-Type": "application/json", **cfg.headers}
+    headers = [common if not cfg.class_header or r.tenant is None else {**common, cfg.class_header: r.tenant}
+               for r in requests]
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.request_timeout_s)
     connector = aiohttp.TCPConnector(limit=cfg.max_connections, limit_per_host=0, force_close=False)
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()

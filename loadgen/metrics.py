@@ -150,6 +150,32 @@ def summarize(result: RunResult, percentiles: Sequence[float] = (50, 90, 99),
     for name in METRICS:
         out.update(_stats(name, series[name], percentiles))
     out.update(kvfleet_metrics(result))
+    out["classes"] = per_class(result, percentiles, goodput)
+    return out
+
+
+def per_class(result: RunResult, percentiles: Sequence[float] = (50, 90, 99),
+              goodput: Mapping[str, float] | None = None) -> dict:
+    """Per request class (each record's `tenant`: the class sent with LoadConfig.class_header),
+    when the run has classes: requests, completed, shed (429: a balancer with --fairness refused
+    it), other failures, goodput (req/s meeting every SLO over the run's duration; None without
+    SLOs) and TTFT statistics of the completed ones. {} for a run without classes."""
+    by: dict[str, list[RequestRecord]] = defaultdict(list)
+    for r in result.records:
+        if r.tenant is not None:
+            by[r.tenant].append(r)
+    dur = result.duration_s if result.duration_s > 0 else float("nan")
+    out = {}
+    for name, recs in sorted(by.items()):
+        done = [r for r in recs if r.success and r.ttft_s is not None and r.e2el_s is not None]
+        shed = sum(1 for r in recs if r.status == 429)
+        good = sum(1 for r in done if is_good(r, goodput)) if goodput else None
+        out[name] = {"requests": len(recs), "completed": len(done), "shed": shed,
+                     "failed": len(recs) - len(done) - shed,
+                     "request_throughput": len(done) / dur,
+                     "request_goodput": None if good is None else good / dur,
+                     "good_share": None if good is None else good / len(recs),
+                     **_stats("ttft", [r.ttft_s for r in done], percentiles)}
     return out
 
 

@@ -75,6 +75,15 @@ def markdown(summary: Mapping) -> str:
         lines += ["", "| replica | requests | share | hit rate |", "|---|---|---|---|"]
         for name, rep in summary["replicas"].items():
             lines.append(f"| {name} | {rep['requests']} | {_fmt(rep['share'], 3)} | {_fmt(rep['hit_rate'], 3)} |")
+    if summary.get("classes"):
+        pk = [percentile_key(p) for p in pcts]
+        lines += ["", "| class | requests | completed | shed (429) | failed | goodput req/s | good share | "
+                  "mean TTFT ms | " + " | ".join(f"{k} TTFT ms" for k in pk) + " |",
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(pk)]
+        for name, c in summary["classes"].items():
+            row = [c["requests"], c["completed"], c["shed"], c["failed"], c["request_goodput"], c["good_share"],
+                   c["mean_ttft_ms"]] + [c[f"{k}_ttft_ms"] for k in pk]
+            lines.append(f"| {name} | " + " | ".join(_fmt(v, 3 if i == 5 else 2) for i, v in enumerate(row)) + " |")
     errs = summary["errors"]
     if errs["count"]:
         lines += ["", f"errors: {errs['count']} {errs['by_kind']}"] + [f"- {e}" for e in errs["first"]]

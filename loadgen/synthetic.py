@@ -206,3 +206,40 @@ def retime(requests: list[TraceRequest], rate: float) -> list[TraceRequest]:
     factor = (len(requests) / rate) / span
     t0 = requests[0].arrival_s
     return [replace(r, arrival_s=(r.arrival_s - t0) * factor) for r in requests]
+
+
+def parse_class_mix(spec: str) -> dict[str, float]:
+    """`"interactive=0.2,batch=0.8"` -> {"interactive": 0.2, "batch": 0.8} (shares, any scale)."""
+    out: dict[str, float] = {}
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, sep, share = item.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or not value > 0 or not math.isfinite(value):
+            raise ValueError(f"bad class mix item {item!r}: write NAME=SHARE with a positive share, e.g. "
+                             "--class-mix interactive=0.2,batch=0.8")
+        out[name] = value
+    if not out:
+        raise ValueError("an empty --class-mix: give NAME=SHARE pairs, e.g. interactive=0.2,batch=0.8")
+    return out
+
+
+def assign_classes(requests: list[TraceRequest], mix: dict[str, float], seed: int = 0) -> list[TraceRequest]:
+    """Each request's `tenant` (its request class) drawn from `mix`'s shares, seeded; a session
+    keeps one class (its first request's)."""
+    names = list(mix)
+    p = np.asarray([mix[n] for n in names], dtype=float)
+    rng = np.random.default_rng(seed)
+    drawn = rng.choice(len(names), size=len(requests), p=p / p.sum())
+    by_session: dict[str, str] = {}
+    out = []
+    for r, k in zip(requests, drawn):
+        name = names[int(k)]
+        if r.session_id is not None:
+            name = by_session.setdefault(r.session_id, name)
+        out.append(replace(r, tenant=name))
+    return out

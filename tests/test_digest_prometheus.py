@@ -5,9 +5,7 @@ Prometheus' HTTP API and must show the digests: received, in use, a fresh age, a
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 
 import pytest
@@ -15,7 +13,6 @@ import pytest
 from kvfleet.fleet import FleetSpec, LocalFleet
 from kvfleet.prometheus import PrometheusConfig
 from tests.test_observability_prometheus import (
-    DASHBOARDS,
     SIM_ARGS,
     _get,
     _load,
@@ -23,27 +20,15 @@ from tests.test_observability_prometheus import (
     _promtool_check_metrics,
     _substitute,
     prometheus_tools,  # noqa: F401 - the fixture
+    row_queries,
 )
 
 pytestmark = pytest.mark.slow
 ROW = "Cache digests"
 
 
-def _row_queries() -> list[tuple[str, str]]:
-    """(panel title, expr) of the panels under the fleet overview's digest row."""
-    with open(os.path.join(DASHBOARDS, "fleet-overview.json")) as f:
-        panels = json.load(f)["panels"]
-    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == ROW)
-    out = []
-    for p in panels[start + 1:]:
-        if p["type"] == "row":
-            break
-        out += [(p["title"], t["expr"]) for t in p.get("targets", [])]
-    return out
-
-
 def test_digest_panels_show_the_digests_on_prometheus(prometheus_tools):  # noqa: F811
-    queries = _row_queries()
+    queries = row_queries(ROW)
     assert len(queries) >= 4
     spec = FleetSpec(replicas=2, engine="sim", balancer_port=0,
                      replica_args=(*SIM_ARGS, "--kv-digest-interval", "0.5"),

@@ -147,3 +147,42 @@ def test_closed_loop_keeps_concurrency_requests_in_flight():
     assert peak == 4
     # closed loop ignores the 1 req/s arrivals: 40 requests of ~30 ms, 4 at a time, take well under 40 s
     assert res.duration_s < 10
+
+
+def test_each_request_sends_its_class_and_a_shed_one_counts_as_shed():
+    from aiohttp import web
+
+    seen = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        klass = request.headers.get("X-Kvfleet-Class")
+        seen.append(klass)
+        if klass == "flood":
+            return web.json_response({"error": {"message": "shed", "type": "RateLimitError", "code": 429}},
+                                     status=429, headers={"Retry-After": "1"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"text":"a"}]}\n\ndata: [DONE]\n\n')
+        return resp
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            reqs = [TraceRequest(arrival_s=i * 0.01, input_length=8, output_length=1,
+                                 tenant=("interactive", "flood", None)[i % 3]) for i in range(6)]
+            return await run_load(f"http://127.0.0.1:{port}", reqs,
+                                  LoadConfig(class_header="X-Kvfleet-Class", progress=False))
+        finally:
+            await runner.cleanup()
+
+    result = asyncio.run(main())
+    assert sorted(seen, key=str) == sorted(["interactive", "flood", None] * 2, key=str)
+    classes = summarize(result)["classes"]
+    assert classes["flood"]["shed"] == 2 and classes["flood"]["completed"] == 0
+    assert classes["interactive"]["completed"] == 2 and classes["interactive"]["shed"] == 0

@@ -115,3 +115,25 @@ def test_write_report_and_compare(tmp_path):
     with pytest.raises(ValueError, match="loadgen results"):
         (tmp_path / "x.json").write_text("{}")
         load_summary(tmp_path / "x.json")
+
+
+def test_goodput_and_shed_per_class():
+    from loadgen.report import markdown
+
+    recs = [_rec(0, 0.100, 1.0, 10, tenant="interactive"), _rec(1, 0.300, 1.0, 10, tenant="interactive"),
+            _rec(2, 0.200, 1.0, 10, tenant="batch"),
+            RequestRecord(index=3, scheduled_s=0.0, input_length=10, output_length=5, sent_s=0.0, status=429,
+                          error="HTTP 429: shed", error_kind="http", tenant="batch"),
+            RequestRecord(index=4, scheduled_s=0.0, input_length=10, output_length=5, sent_s=0.0, status=500,
+                          error="HTTP 500: boom", error_kind="http", tenant="batch")]
+    s = summarize(_result(recs, duration=10.0), percentiles=(99,), goodput={"ttft": 250})
+    i, b = s["classes"]["interactive"], s["classes"]["batch"]
+    assert (i["requests"], i["completed"], i["shed"], i["failed"]) == (2, 2, 0, 0)
+    assert i["request_goodput"] == pytest.approx(0.1) and i["good_share"] == pytest.approx(0.5)
+    assert i["mean_ttft_ms"] == pytest.approx(200.0) and i["p99_ttft_ms"] == pytest.approx(298.0)
+    assert (b["requests"], b["completed"], b["shed"], b["failed"]) == (3, 1, 1, 1)
+    assert b["request_goodput"] == pytest.approx(0.1) and b["good_share"] == pytest.approx(1 / 3)
+    table = markdown(s)
+    assert "| class | requests | completed | shed (429) |" in table and "| batch | 3 | 1 | 1 | 1 |" in table
+    assert summarize(_result(RECORDS))["classes"] == {}  # no classes: no table
+    assert "| class |" not in markdown(summarize(_result(RECORDS)))

@@ -134,3 +134,23 @@ def test_generated_hot_prompt_trace():
     assert len({r.hash_ids[head] for r in hot}) == len(hot)
     with pytest.raises(ValueError, match="hot_share"):
         GenerateConfig(kind="hot", tenants=1, hot_share=0.5)
+
+
+def test_class_mix_is_seeded_and_keeps_sessions_in_one_class():
+    from loadgen.synthetic import assign_classes, parse_class_mix
+    from loadgen.traces import TraceRequest
+
+    assert parse_class_mix("interactive=1,batch=3") == {"interactive": 1.0, "batch": 3.0}
+    for bad in ("x", "a=0", "a=-1", "=2", ""):
+        with pytest.raises(ValueError, match="class mix|--class-mix"):
+            parse_class_mix(bad)
+    reqs = [TraceRequest(arrival_s=i, input_length=10, output_length=2, session_id=f"s{i % 5}") for i in range(400)]
+    a = assign_classes(reqs, {"interactive": 1, "batch": 3}, seed=1)
+    assert [r.tenant for r in a] == [r.tenant for r in assign_classes(reqs, {"interactive": 1, "batch": 3}, seed=1)]
+    by_session = {}
+    for r in a:
+        assert by_session.setdefault(r.session_id, r.tenant) == r.tenant
+    lone = assign_classes([TraceRequest(arrival_s=i, input_length=10, output_length=2) for i in range(400)],
+                          {"interactive": 1, "batch": 3}, seed=2)
+    share = sum(r.tenant == "batch" for r in lone) / 400
+    assert 0.65 < share < 0.85

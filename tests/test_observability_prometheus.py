@@ -184,7 +184,9 @@ def _kill_mid_stream(fleet: LocalFleet) -> str:
 
 @pytest.fixture(scope="module")
 def loaded_fleet(prometheus_tools):
-    spec = FleetSpec(replicas=3, engine="sim", balancer_port=0, replica_args=SIM_ARGS, balancer_args=("--sessions",),
+    # --fairness: the fair admission queue's panels get data (with one class and room for all: nothing waits)
+    spec = FleetSpec(replicas=3, engine="sim", balancer_port=0, replica_args=SIM_ARGS,
+                     balancer_args=("--sessions", "--fairness"),
                      prometheus=PrometheusConfig(port=0, scrape_interval_s=SCRAPE_S))
     with LocalFleet(spec) as fleet:
         base = fleet.balancer.url
@@ -221,6 +223,19 @@ def _panel_queries(name: str) -> list[tuple[str, str, str]]:
     with open(os.path.join(DASHBOARDS, name)) as f:
         d = json.load(f)
     return [(p["title"], t["refId"], t["expr"]) for p in d["panels"] for t in p.get("targets", [])]
+
+
+def row_queries(row: str, name: str = "fleet-overview.json") -> list[tuple[str, str]]:
+    """(panel title, expr) of the panels under the dashboard's row titled `row`."""
+    with open(os.path.join(DASHBOARDS, name)) as f:
+        panels = json.load(f)["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == row)
+    out = []
+    for p in panels[start + 1:]:
+        if p["type"] == "row":
+            break
+        out += [(p["title"], t["expr"]) for t in p.get("targets", [])]
+    return out
 
 
 def _substitute(expr: str, replica: str) -> str:
