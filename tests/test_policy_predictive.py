@@ -193,7 +193,8 @@ def test_decode_excess_charges_only_the_running_sequences_above_the_fleets_mean(
     loads = {"a": 14, "b": 10, "c": 4}
     views = [view(r, num_running=n, running_decode_tokens=n * 9000) for r, n in loads.items()]
     theta = np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])
-    full, excess = make_policy("predictive", {"decode_excess": False}), make_policy("predictive", {"decode_excess": True})
+    full, excess = (make_policy("predictive", {"decode_excess": False, "recompute_waste": False}),
+                   make_policy("predictive", {"decode_excess": True, "recompute_waste": False}))
     for p in (full, excess):
         p.observe_steps("a", synthetic_steps(theta))
     req = request({"a": 250}, prompt=4096, out=400)

@@ -121,8 +121,10 @@ class PredictiveConfig:
     decode_excess: bool = False
     # `others` also counts the recompute this placement wastes: the uncached tokens it computes
     # beyond the best-cached replica's stall r's D running decodes (θtok each), and where no
-    # replica holds more of the prompt than another it adds nothing. False: not counted.
-    recompute_waste: bool = False
+    # replica holds more of the prompt than another it adds nothing. False: not counted (the
+    # default until 2026-12-07; docs/benchmarks.md, issue #15: mean TTFT no worse than the best
+    # peer in 28 of 36 cells on two seeds and 32 replicas, against 21).
+    recompute_waste: bool = True
     # Seconds a replica needs to load a LoRA adapter it does not hold, until it reports its own
     # measured mean (`LoadReport.lora_load_s`). An assumption, not a measurement: a rank-16
     # adapter on every projection of Llama-3-8B is ~84 MB in bf16, ~40 ms from an NVMe disk at
