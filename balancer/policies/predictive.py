@@ -154,8 +154,7 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
              stale_s: float, others_weight: float = 1.0, busy_s: float = 0.0, cached_waiting: int = 0,
              fleet_waiting: float = 0.0, running_remaining: float = 0.0,
              queue_in_memory: bool = True, adapter_load_s: float = 0.0,
-             fleet_running: float | None = None, load_per_token: float | None = None,
-             min_uncached: int | None = None) -> dict[str, float]:
+             fleet_running: float | None = None, load_per_token: float | None = None) -> dict[str, float]:
     """The cost terms for one replica (seconds); see the module docstring. Pure.
 
     busy_s: rest of the step in flight; cached_waiting: prompt tokens of r's waiting requests
@@ -206,8 +205,6 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
     m = t_tok + t_seq + t_ctx * (request.prompt_tokens + out_tokens / 2)
     sharing = d if fleet_running is None else max(d - fleet_running, 0.0)
     others = sharing * min(running_remaining, out_tokens) * m * seqs + d * (adapter_load_s + tier_s)
-    if min_uncached is not None:
-        others += d * t_tok * max(u - min_uncached, 0)
     memory = 0.0
     if have_memory:
         # The queue ahead of us is admitted first (FCFS) and takes its blocks before ours.
@@ -301,13 +298,8 @@ class PredictivePolicy(Policy):
         fleet_running = (sum(v.load.num_running + v.sent_since_report for v in fresh) / len(replicas)
                          if cfg.decode_excess else None)
         tiers = cfg.tier_aware and bool(request.offloaded_blocks)
-        min_uncached = None
-        if cfg.recompute_waste:
-            held = request.matched_blocks.get
-            off = request.offloaded_blocks.get if tiers else (lambda rid, default: 0)
-            most = max(held(v.replica_id, 0) + off(v.replica_id, 0) for v in replicas) * request.block_size
-            min_uncached = max(1, request.prompt_tokens - most) + request.extra_prefill_tokens
         scores: dict[str, dict[str, float]] = {}
+        stall: dict[str, float] = {}
         best_key, best = None, None
         for v in sorted(replicas, key=lambda r: r.replica_id):
             theta = self.learner.theta(v.replica_id)
@@ -316,9 +308,15 @@ class PredictivePolicy(Policy):
             cached_waiting, remaining = self._inflight_stats(v, out)
             s = estimate(v, request, theta, k, out, cfg.stale_report_s, cfg.others_weight,
                          self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining,
-                         cfg.queue_in_memory, self._adapter_load_s(request, v), fleet_running, load,
-                         min_uncached)
+                         cfg.queue_in_memory, self._adapter_load_s(request, v), fleet_running, load)
             scores[v.replica_id] = s
+            stall[v.replica_id] = s["decoding"] * theta[1]  # D·θtok: decode stall per token computed on r
+        if cfg.recompute_waste:  # the decodes stalled by tokens another replica holds (module docstring)
+            u_min = min(s["uncached_tokens"] for s in scores.values())
+            for rid, s in scores.items():
+                waste = stall[rid] * (s["uncached_tokens"] - u_min)
+                s["others"] += waste
+                s["cost"] += cfg.others_weight * waste
         allowed = scores
         if cfg.ttft_slack is not None:
             bound = (1 + cfg.ttft_slack) * min(s["ttft"] for s in scores.values())
