@@ -476,7 +476,8 @@ class FleetSimulation:
                     self._deliver(rep, self._url[rep.rid], self._snapshot(rep))
         extra = {"balancers": len(self.instances)}
         if self.cfg.sessions.enabled:
-            extra["sessions"] = dict(self.sessions.routed)
+            routed = [inst[4].sessions.routed for inst in self.instances]  # every instance's table
+            extra["sessions"] = {k: sum(r[k] for r in routed) for k in routed[0]}
         if len(self.instances) > 1:
             extra["agreement"] = self.agreed / self.compared if self.compared else 1.0
         if self.cfg.disaggregated:
@@ -581,9 +582,9 @@ class FleetSimulation:
         session = r.session if r.session and self.cfg.sessions.enabled else None
         prepared = self.router.prepare_tokens(req, tokens, text, hashes, session=session)
         oracle = float(r.output_length) if self.cfg.oracle_lengths else None
+        # The prompt is hashed once for every instance (same roots, tokenizer and adapters), and
+        # each instance routes that one Prepared, session key included.
         router = self.instances[i % len(self.instances)][4]
-        if router is not self.router:  # each instance prepares with its own root/tokenizer state
-            prepared = router.prepare_tokens(req, tokens, text, hashes)
         if self.selector is not None:
             return self._arrive_pair(i, r, t, prepared, tokens, hashes, oracle)
         booking = router.route(prepared, str(i), predicted_output_tokens=oracle)
@@ -591,8 +592,8 @@ class FleetSimulation:
         if len(self.instances) > 1:  # would every other instance have sent it there now?
             others = (inst[4] for inst in self.instances if inst[4] is not router)
             self.compared += 1
-            self.agreed += all(getattr(o.choose(o.prepare_tokens(req, tokens, text, hashes), str(i),
-                                                predicted_output_tokens=oracle)[2], "replica_id", None) == url
+            self.agreed += all(getattr(o.choose(prepared, str(i), predicted_output_tokens=oracle)[2],
+                                       "replica_id", None) == url
                                for o in others)
         rep = self.replicas[self._rid[url]]
         params = SamplingParams(max_tokens=max(1, r.output_length), temperature=0.0, ignore_eos=True,

@@ -325,3 +325,18 @@ def test_a_host_tier_holds_what_the_device_evicts_and_the_balancer_learns_its_lo
         FleetConfig(1, preset, "predictive", disk_kv_blocks=10)
     with pytest.raises(ValueError, match="host link"):
         FleetConfig(1, preset, "predictive", host_kv_blocks=10, host_link="pcie9")
+
+
+def test_every_balancer_instance_routes_by_session_key():
+    """With several instances each request's session key reaches the instance that routes it,
+    and the summary counts every instance's session decisions, not the first one's."""
+    from balancer.sessions import SessionConfig
+    from simulator.fleet import FleetConfig, FleetSimulation
+    from simulator.run import sim_requests
+
+    preset = get_preset("llama3-8b-h100")
+    trace = [TraceRequest(arrival_s=0.1 * i, input_length=256, output_length=8, session_id=f"s{i % 2}")
+             for i in range(8)]
+    res = FleetSimulation(FleetConfig(2, preset, "least_request", balancers=2,
+                                      sessions=SessionConfig(enabled=True))).run(sim_requests(trace))
+    assert sum(res.extra["sessions"].values()) == len(trace)
