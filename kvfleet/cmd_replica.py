@@ -10,7 +10,6 @@ the same preset and seed is identical. Example:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from kvfleet import logs
@@ -165,13 +164,10 @@ def replica_config(args: argparse.Namespace) -> ReplicaConfig:
         disk_kv_blocks=args.disk_kv_blocks,
         disk_kv_path=args.disk_kv_path,
     )
-    if engine.disk_kv_blocks and args.engine == "torch":
-        if not engine.disk_kv_path:
-            raise ValueError("--kv-offload-disk-blocks needs a file for the tier: give --kv-offload-disk-path FILE")
-        folder = os.path.dirname(os.path.abspath(engine.disk_kv_path))
-        if not os.path.isdir(folder):
-            raise ValueError(f"--kv-offload-disk-path {engine.disk_kv_path}: directory {folder} does not exist; "
-                             "create it or name a file in an existing one")
+    if engine.disk_kv_blocks and args.engine == "torch":  # a sim replica models the tier without a file
+        from replica.kv_offload import check_disk_path
+
+        check_disk_path(engine.disk_kv_path)
     server = ServerConfig(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
                           drain_timeout_s=args.drain_timeout, api_keys=tuple(args.api_key))
     publisher = None

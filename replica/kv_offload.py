@@ -40,12 +40,26 @@ reads only `block_hashes` and `medium` sees what vLLM sends.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from protocol.events import BlockRemoved, BlockStored, KVEvent
+
+
+def check_disk_path(path: str | None) -> str:
+    """The disk tier's file as given: named, in a directory that exists (else a ValueError that
+    says what to do). The replica's flags are checked with it at start, the store before it
+    creates the file."""
+    if not path:
+        raise ValueError("a disk KV tier needs a file: give --kv-offload-disk-path FILE")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"--kv-offload-disk-path {path}: directory {directory} does not exist; "
+                         "create it or name a file in an existing one")
+    return path
 
 # vLLM's medium strings (vllm/v1/kv_offload/mediums.py: GPULoadStoreSpec / CPULoadStoreSpec /
 # DiskLoadStoreSpec `.medium()`). The device pool is "GPU" whatever the device, as in vLLM.

@@ -15,13 +15,12 @@ Bytes and seconds per vLLM `transfer_type` go to the tiers' `TransferTotals`.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 
 import torch
 
-from replica.kv_offload import MEDIUM_CPU, MEDIUM_DISK, MEDIUM_GPU, OffloadTiers, Transfer
+from replica.kv_offload import MEDIUM_CPU, MEDIUM_DISK, MEDIUM_GPU, OffloadTiers, Transfer, check_disk_path
 from replica.model import torch_dtype
 from replica.model_config import ModelConfig
 
@@ -44,9 +43,7 @@ class TierStore:
             if tier.medium == MEDIUM_CPU:
                 self._media[MEDIUM_CPU] = torch.zeros(shape, dtype=dtype, pin_memory=pin)
             elif tier.medium == MEDIUM_DISK:
-                if not disk_path:
-                    raise ValueError("a disk KV tier needs a file: give --kv-offload-disk-path PATH")
-                self._media[MEDIUM_DISK] = _file_tensor(disk_path, shape, dtype)
+                self._media[MEDIUM_DISK] = _file_tensor(check_disk_path(disk_path), shape, dtype)
         self.disk_path = disk_path
 
     def _view(self, medium: str, layer: int, kv: int) -> torch.Tensor:
@@ -96,9 +93,6 @@ def _file_tensor(path: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch
     for n in shape:
         numel *= n
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ValueError(f"--kv-offload-disk-path {path!r}: directory {directory!r} does not exist; create it first")
     with open(path, "wb") as f:  # a fresh, sparse file of the tier's size: the tier starts empty
         f.truncate(nbytes)
     return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
