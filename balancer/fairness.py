@@ -595,9 +595,6 @@ class FairQueue:
             over_s = queued / self.rate if self.rate else 1.0
         return max(1, min(600, math.ceil(over_s)))
 
-    def class_service_s(self, name: str) -> float | None:
-        return self._service.get(name)
-
 
 # ---------------------------------------------------------------------------------- flags
 

@@ -32,7 +32,6 @@ from balancer.exchange import Exchange
 from balancer.failover import Failover
 from balancer.fairness import FairQueue, Refused, Ticket, api_key_of
 from balancer.metrics import NO_REPLICA, BalancerMetrics
-from balancer.policies.base import Decision
 from balancer.registry import Registry, ReplicaState
 from balancer.relay import REPLICA_HEADER, ClientGone, UpstreamFailed, read_safely, relayed_headers, write
 from balancer.router import Booking, Prepared, Router

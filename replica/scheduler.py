@@ -86,7 +86,9 @@ class Scheduler:
         self.external_hit_tokens = 0
 
     # ---------------------------------------------------------------- queue management
-    def add_request(self, request: Request) -> None:
+    def _check_admissible(self, request: Request, blocks: bool = True) -> None:
+        """ValueError for a request this replica could never hold (a duplicate id, past the
+        model's context, and with `blocks` more KV blocks than the cache has)."""
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if request.num_tokens >= self.config.max_model_len:
@@ -94,11 +96,14 @@ class Scheduler:
                 f"prompt has {request.num_tokens} tokens; the model's context is {self.config.max_model_len}"
             )
         needed = -(-(request.num_tokens + 1) // self.kv.block_size)
-        if needed > self.kv.num_blocks:
+        if blocks and needed > self.kv.num_blocks:
             raise ValueError(
                 f"prompt has {request.num_tokens} tokens and needs {needed} KV blocks, but the cache has only "
                 f"{self.kv.num_blocks}; shorten the prompt or give the replica more KV blocks"
             )
+
+    def add_request(self, request: Request) -> None:
+        self._check_admissible(request)
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
         self.requests[request.request_id] = request
@@ -110,12 +115,10 @@ class Scheduler:
         token, without a prefill chunk here. `request.token_ids` is the prompt plus the tokens
         the prefill sampled (its first output token). False, with nothing changed, when the
         blocks or a running slot are not free now: the caller retries after a step.
-        Raises ValueError as `add_request` does for a request this replica could never hold."""
-        if request.request_id in self.requests:
-            raise ValueError(f"duplicate request id {request.request_id!r}")
-        if request.num_tokens >= self.config.max_model_len:
-            raise ValueError(f"request has {request.num_tokens} tokens; the model's context is "
-                             f"{self.config.max_model_len}")
+        Raises ValueError as `add_request` does for a duplicate id or a request past the model's context."""
+        # A handed-over request too large for this cache is refused like one without room (False):
+        # its prefill replica, which computed it, has the KV to hold it.
+        self._check_admissible(request, blocks=False)
         if len(self.running) >= self.config.max_num_seqs:
             return False
         ready = request.num_tokens - 1  # the KV of every token but the newest (decoded next)

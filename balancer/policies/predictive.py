@@ -310,7 +310,8 @@ class PredictivePolicy(Policy):
                          self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining,
                          cfg.queue_in_memory, self._adapter_load_s(request, v), fleet_running, load)
             scores[v.replica_id] = s
-            stall[v.replica_id] = s["decoding"] * theta[1]  # D·θtok: decode stall per token computed on r
+            if cfg.recompute_waste:
+                stall[v.replica_id] = s["decoding"] * theta[1]  # D·θtok: decode stall per token computed on r
         if cfg.recompute_waste:  # the decodes stalled by tokens another replica holds (module docstring)
             u_min = min(s["uncached_tokens"] for s in scores.values())
             for rid, s in scores.items():
