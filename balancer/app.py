@@ -155,6 +155,8 @@ class Balancer:
             self._tasks.append(asyncio.create_task(trim_periodically(self.cfg.memory_trim_s), name="memtrim"))
 
     async def stop(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -128,6 +128,13 @@ class BalancerMetrics:
                                    "event index (index_source digests, or both before the event index is exact).",
                                    ("replica",), registry=r)
         # --- end of cache digests ---
+        self.warmups = Counter("kvfleet_warmups_total",
+                               "Prefill-only warm-up requests the policy asked for (a prompt prefix computed on a second "
+                               "replica ahead of demand: predictive's `replicate`), by outcome: ok, refused (an HTTP "
+                               "error), failed (no answer, or cancelled at shutdown).",
+                               ("outcome",), registry=r)
+        for outcome in ("ok", "refused", "failed"):
+            self.warmups.labels(outcome)
         # --- prefill/decode disaggregation (balancer/handover.py) ---
         self.disagg = Counter("kvfleet_disagg_requests_total",
                               "Requests for a prefill/decode pair, by outcome: disaggregated (served by the pair), unified (the "

@@ -34,7 +34,7 @@ from balancer.fairness import FairQueue, Refused, Ticket, api_key_of
 from balancer.metrics import NO_REPLICA, BalancerMetrics
 from balancer.registry import Registry, ReplicaState
 from balancer.relay import REPLICA_HEADER, ClientGone, UpstreamFailed, read_safely, relayed_headers, write
-from balancer.router import Booking, Prepared, Router
+from balancer.router import Booking, Prepared, Router, WarmUp
 from balancer.sse import DONE, split_events
 from balancer.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
 from protocol.openai_api import APIError, GenerationRequest, decode_json_body, error_body, parse_for_routing
@@ -140,6 +140,7 @@ class Proxy:
         self._id_prefix = f"kvf-{uuid.uuid4().hex[:16]}-"
         self._ids = itertools.count()
         self.failover = Failover(router, registry, metrics, upstream)
+        self._warmups: set[asyncio.Task] = set()  # prefill-only warm-ups in flight (Booking.warm)
 
     # ------------------------------------------------------------------ entry points
     async def completions(self, ex: Exchange) -> None:
@@ -384,7 +385,7 @@ class Proxy:
         last: UpstreamFailed | None = None
         for attempt in range(self.retry.max_attempts):
             booking = first if attempt == 0 and first is not None else \
-                self.router.route(prepared, request_id, frozenset(tried))
+                self.router.route(prepared, request_id, frozenset(tried), warmups=True)
             if booking is None:
                 break
             decision_s = time.perf_counter() - t0 if attempt == 0 else None
@@ -396,6 +397,8 @@ class Proxy:
                                                  booking.matched_tokens, booking.rr.prompt_tokens, decision_s)
             outcome.replica, outcome.attempts, outcome.predicted_cached = (replica.replica_id, attempt + 1,
                                                                            booking.matched_tokens)
+            if booking.warm is not None:
+                self._start_warmup(booking.warm, authorization)
             try:
                 await self._send(ex, booking, path, payload, headers, prepared, arrival, outcome)
             except UpstreamFailed as e:
@@ -474,6 +477,43 @@ class Proxy:
         except BaseException:
             booking.fail()
             raise
+
+    def _start_warmup(self, warm: WarmUp, authorization: str | None) -> None:
+        """Send `warm` (a prefix the policy asked to be computed on another replica) as a
+        prefill-only completion beside the request; the booking ends when it returns."""
+        task = asyncio.get_running_loop().create_task(self._warmup(warm, authorization))
+        self._warmups.add(task)
+        task.add_done_callback(self._warmups.discard)
+
+    async def _warmup(self, warm: WarmUp, authorization: str | None) -> None:
+        booking = warm.booking
+        body = {"model": warm.model, "prompt": list(warm.token_ids), "max_tokens": 1, "temperature": 0.0}
+        if warm.cache_salt is not None:  # the same salt, or the blocks hash apart
+            body["cache_salt"] = warm.cache_salt
+        payload = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "X-Request-Id": booking.rr.request_id}
+        if authorization is not None:  # the client's key: the balancer has none of its own
+            headers["Authorization"] = authorization
+        outcome = "failed"
+        try:
+            upstream = await self.upstream().request("POST", booking.replica.url, "/v1/completions", payload, headers)
+            try:
+                await upstream.read()
+            finally:
+                upstream.release()
+            outcome = "ok" if upstream.status == 200 else "refused"
+        except UpstreamError:
+            pass
+        finally:  # cancelled too (shutdown): the replica owes it nothing we wait for
+            booking.finish(1, ok=outcome == "ok")
+            self.metrics.warmups.labels(outcome).inc()
+
+    async def close(self) -> None:
+        """Cancel the warm-ups still in flight (shutdown)."""
+        tasks = list(self._warmups)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _prefill(self, booking: Booking, path: str, body: dict, headers: dict) -> dict | None:
         """The prefill leg: its kv_transfer_params, None when its answer has none (a 4xx, or a

@@ -102,6 +102,11 @@ class Booking:
     matched_tokens: int
     open: bool = field(default=True)
     by_policy: bool = True  # False: placed by load alone (`Router.route_by_load`), unknown to the policy
+    # The warm-up the decision asked for (Decision.warm), booked beside this request: the caller
+    # sends `warm.token_ids` as a prefill-only request (max_tokens 1) to `warm.booking`'s replica
+    # and ends that booking when it returns. None: none.
+    warm: "WarmUp | None" = None
+    is_warmup: bool = False  # this booking is a warm-up: its output length teaches the predictor nothing
 
     @property
     def replica_id(self) -> str:
@@ -122,12 +127,22 @@ class Booking:
         if not self.by_policy:
             return
         router.policy.on_complete(self.rr, self.replica.replica_id, ok)
-        if ok and output_tokens is not None and router.predictor is not None:
+        if ok and output_tokens is not None and router.predictor is not None and not self.is_warmup:
             router.predictor.observe_done(self.rr, output_tokens)
 
     def fail(self) -> None:
         """The replica did not serve the request (refused, reset, 5xx before any byte)."""
         self.finish(None, ok=False)
+
+
+@dataclass(frozen=True, slots=True)
+class WarmUp:
+    """A prefill-only request the router booked to compute a prompt prefix on another replica."""
+
+    booking: Booking
+    token_ids: tuple[int, ...]
+    model: str | None
+    cache_salt: str | None = None
 
 
 class Router:
@@ -282,13 +297,14 @@ class Router:
         return rr, candidates, self.decide(rr, candidates, p.session)
 
     def route(self, p: Prepared, request_id: str, exclude: frozenset[str] = frozenset(),
-              predicted_output_tokens: float | None = None) -> Booking | None:
+              predicted_output_tokens: float | None = None, warmups: bool = False) -> Booking | None:
         """Choose a replica for `p` and record the choice (see the module docstring); None when
-        no replica is usable. The caller sends the request and ends the booking."""
+        no replica is usable. The caller sends the request and ends the booking. `warmups`: the
+        caller sends the warm-up a decision may ask for (`Booking.warm`); False: none is booked."""
         rr, _, decision = self.choose(p, request_id, exclude, predicted_output_tokens)
-        return None if decision is None else self.book(p, rr, decision)
+        return None if decision is None else self.book(p, rr, decision, warmups)
 
-    def book(self, p: Prepared, rr: RoutingRequest, decision: Decision) -> Booking:
+    def book(self, p: Prepared, rr: RoutingRequest, decision: Decision, warmups: bool = False) -> Booking:
         """Record `decision` (made by `choose` for `p`): the second half of `route`."""
         replica = self.registry.get(decision.replica_id)
         matched = rr.matched_blocks.get(decision.replica_id, 0) * rr.block_size
@@ -302,7 +318,28 @@ class Router:
             self.sessions.record(decision, rr.now)
         if not self.has_events(decision.replica_id):
             self.approx.record(decision.replica_id, rr.block_hashes, self.clock())
+        if warmups and decision.warm is not None:
+            booking.warm = self._book_warm(p, rr, *decision.warm)
         return booking
+
+    def _book_warm(self, p: Prepared, rr: RoutingRequest, replica_id: str, n: int) -> WarmUp | None:
+        """Book the warm-up of `p`'s first n blocks on `replica_id` (Decision.warm)."""
+        replica = self.registry.get(replica_id)
+        if replica is None or n < 1:
+            return None
+        tokens = p.token_ids[:n * self.block_size]
+        warm_rr = RoutingRequest(request_id=f"{rr.request_id}/warm", prompt_text="",
+                                 prompt_tokens=len(tokens), block_hashes=p.block_hashes[:n],
+                                 block_size=self.block_size, matched_blocks={}, max_tokens=1,
+                                 predicted_output_tokens=1.0, now=rr.now, rng_seed=rr.rng_seed,
+                                 lora_name=rr.lora_name, warmup=True)
+        booking = Booking(self, warm_rr, Decision(replica_id, "warm-up"), replica, len(tokens) + 1,
+                          min(rr.matched_blocks.get(replica_id, 0), n) * self.block_size, is_warmup=True)
+        self.registry.on_sent(replica, booking.tokens, booking.uncached_tokens)
+        self.policy.on_routed(warm_rr, booking.decision)
+        if not self.has_events(replica_id):
+            self.approx.record(replica_id, warm_rr.block_hashes, self.clock())
+        return WarmUp(booking, tokens, p.request.model, p.request.cache_salt)
 
     def route_by_load(self, model: str | None, request_id: str, exclude: frozenset[str] = frozenset()
                       ) -> Booking | None:

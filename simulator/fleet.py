@@ -374,6 +374,7 @@ class FleetSimulation:
         live: dict[str, tuple[RequestRecord, Booking]] = {}  # the booking to finish when it ends
         splits: dict[str, _Split] = {}  # requests split over a pair, until their prefill ends
         steps = 0
+        warmups = 0  # prefill-only warm-up requests sent (Booking.warm)
         index, registry, policy = self.index, self.registry, self.policy
         heappush, heappop = heapq.heappush, heapq.heappop
         while heap:
@@ -391,6 +392,21 @@ class FleetSimulation:
                 records.append(rec)
                 if rec.rejected:
                     continue
+                warm = getattr(booking, "warm", None)
+                if warm is not None:  # a prefill-only request beside it (Booking.warm), not a client's
+                    wrep = self.replicas[self._rid[warm.booking.replica_id]]
+                    wid = warm.booking.rr.request_id
+                    live[wid] = (RequestRecord(-1, t, wrep.rid, len(warm.token_ids)), warm.booking)
+                    warmups += 1
+                    wadd = (wid, list(warm.token_ids), SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+                    if req_lat > 0:
+                        heappush(heap, (t + req_lat, next(seq), ENQUEUE, (wrep, wadd)))
+                    else:
+                        wrep.engine.add_request(*wadd)
+                        if not wrep.busy:
+                            wrep.busy = True
+                            wrep.now = max(wrep.now, t)
+                            heappush(heap, (wrep.now, next(seq), STEP, wrep))
                 if isinstance(booking, _Split):  # prefill here, decode there
                     splits[str(x)] = booking
                     booking = booking.pair.decode
@@ -475,6 +491,8 @@ class FleetSimulation:
                     rep.now = max(rep.now, t)
                     self._deliver(rep, self._url[rep.rid], self._snapshot(rep))
         extra = {"balancers": len(self.instances)}
+        if warmups:
+            extra["warmups"] = warmups
         if self.cfg.sessions.enabled:
             routed = [inst[4].sessions.routed for inst in self.instances]  # every instance's table
             extra["sessions"] = {k: sum(r[k] for r in routed) for k in routed[0]}
@@ -587,7 +605,7 @@ class FleetSimulation:
         router = self.instances[i % len(self.instances)][4]
         if self.selector is not None:
             return self._arrive_pair(i, r, t, prepared, tokens, hashes, oracle)
-        booking = router.route(prepared, str(i), predicted_output_tokens=oracle)
+        booking = router.route(prepared, str(i), predicted_output_tokens=oracle, warmups=True)
         url = booking.replica_id
         if len(self.instances) > 1:  # would every other instance have sent it there now?
             others = (inst[4] for inst in self.instances if inst[4] is not router)

@@ -174,6 +174,7 @@ def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
         "replica_share": {k: v / max(len(recs), 1) for k, v in share.items()},
         "steps": res.steps, "wall_s": res.wall_s,
         **({"sessions": res.extra["sessions"]} if "sessions" in res.extra else {}),
+        **({"warmups": res.extra["warmups"]} if "warmups" in res.extra else {}),
         **({"disagg": {k: v for k, v in res.extra["disagg"].items() if k != "roles"}} if "disagg" in res.extra else {}),
     }
 

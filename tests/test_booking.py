@@ -258,3 +258,90 @@ def test_routing_request_carries_each_replicas_lower_tier_hit():
     rr, _, decision = router.choose(p, "q1")
     assert rr.matched_blocks == {url: 2} and rr.offloaded_blocks == {url: len(hashes) - 2}
     assert decision.scores[url]["loaded_tokens"] == (len(hashes) - 2) * 16
+
+
+def _warming(policy, blocks: int):
+    """`policy`'s select, asking for a warm-up of the prompt's first `blocks` blocks on a replica
+    other than the chosen one (what predictive's `replicate` decides under decode load)."""
+    from balancer.policies.base import Decision
+
+    select = policy.select
+
+    def warm_select(rr, views):
+        d = select(rr, views)
+        other = next(v.replica_id for v in views if v.replica_id != d.replica_id)
+        return Decision(d.replica_id, d.reason, d.scores, warm=(other, blocks))
+
+    policy.select = warm_select
+
+
+def test_a_warm_up_is_booked_on_its_replica_and_released_once():
+    router, registry, seen = _router()
+    _warming(router.policy, 2)
+    p = router.prepare(_request())
+    unsent = router.route(p, "r0")  # a caller that sends no warm-ups (the picker, failover)
+    assert unsent.warm is None and sum(r.inflight_requests for r in registry) == 1
+    unsent.finish(3)
+    seen.clear()
+    booking = router.route(p, "r1", warmups=True)
+    warm = booking.warm
+    assert warm is not None and warm.booking.replica_id != booking.replica_id
+    assert warm.token_ids == p.token_ids[:32] and warm.model == MODEL and warm.booking.is_warmup
+    w = warm.booking.replica
+    assert (w.inflight_requests, w.inflight_tokens) == (1, 33)
+    assert w.sent_tokens_since_report == 32
+    warm.booking.finish(1)
+    warm.booking.finish(1)
+    assert (w.inflight_requests, w.inflight_tokens) == (0, 0)
+    assert seen == [(w.replica_id, True)]
+    booking.finish(3)
+    assert all(r.inflight_requests == 0 for r in registry)
+    # choose (explain, the agreement check) books nothing, warm-ups included
+    sent = [r.sent_since_report for r in registry]
+    router.choose(p, "explain")
+    assert all(r.inflight_requests == 0 for r in registry) and [r.sent_since_report for r in registry] == sent
+
+
+@pytest.mark.slow
+def test_a_warm_up_computes_the_prefix_on_the_other_replica_live():
+    """Through the real balancer and two `--engine sim` replica subprocesses: the request is
+    answered by its replica, the warm-up makes the other replica cache the prefix (its KV events
+    reach the index), the warm-up is counted, and nothing stays booked."""
+    reps = [procs.start(["replica", "--engine", "sim", "--preset", "llama3-8b-h100", "--port", "0",
+                         "--served-model-name", MODEL, "--num-blocks", "64", "--time-scale", "50",
+                         "--kv-events-endpoint", "tcp://127.0.0.1:0", "--kv-events-replay-endpoint",
+                         "tcp://127.0.0.1:0"]) for _ in range(2)]
+
+    async def run():
+        cfg = BalancerConfig(port=0, replicas=tuple(ReplicaSpec.parse(r.replica_arg) for r in reps), model=MODEL,
+                             policy="predictive", health=HealthConfig(interval_s=0.2, timeout_s=0.5))
+        app = create_app(cfg)
+        listening = await serving.start(app, "127.0.0.1", 0)
+        b = app[BALANCER]
+        try:
+            await settle(b, 0.0)
+            _warming(b.router.policy, 4)
+            bookings = record_bookings(b.router)
+            prompt = [random.Random(5).randrange(256) for _ in range(100)]
+            async with aiohttp.ClientSession() as s:
+                async with s.post(listening.url + "/v1/completions",
+                                  json={"model": MODEL, "prompt": prompt, "max_tokens": OUT}) as r:
+                    assert r.status == 200, await r.text()
+            booking = bookings[0]
+            warm_replica = booking.warm.booking.replica_id
+            assert warm_replica != booking.replica_id
+            loop = asyncio.get_running_loop()
+            await settle(b, loop.time())
+            matched = b.index.match(booking.rr.block_hashes)
+            assert matched.get(warm_replica, 0) == 4  # the warm-up's 4 blocks, no more
+            assert matched.get(booking.replica_id, 0) >= 4
+            ok = b.metrics.warmups.labels("ok")._value.get()
+            assert ok == 1
+        finally:
+            await listening.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        for r in reps:
+            r.stop()

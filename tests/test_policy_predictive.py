@@ -410,3 +410,34 @@ def test_a_slow_tier_learned_from_step_reports_loses_to_recompute():
     d = policy.select(tier_request({"b": 32}, {"b": 416}), [view("a"), view("b", queued_prefill_tokens=2000)])
     assert d.replica_id == "a"
     assert d.scores["b"]["tier_load"] > d.scores["a"]["ttft"]
+
+
+def test_replicate_stays_on_the_cache_and_warms_the_replica_it_would_have_moved_to():
+    # The decode_excess pair: a holds 4,000 of the 4,096 prompt tokens and runs 14 decodes, c
+    # holds nothing and runs 4; charged for the decodes, the request moves to c and pays the
+    # recompute itself. With `replicate` it stays within 2x its lowest TTFT (on a) and c gets a
+    # warm-up of the 250 blocks a holds, once: the next such request finds one in flight.
+    loads = {"a": 14, "b": 10, "c": 4}
+    views = [view(r, num_running=n, running_decode_tokens=n * 9000) for r, n in loads.items()]
+    theta = np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])
+    move = make_policy("predictive", {"recompute_waste": False})
+    rep = make_policy("predictive", {"recompute_waste": False, "replicate": True})
+    for p in (move, rep):
+        p.observe_steps("a", synthetic_steps(theta))
+    req = request({"a": 250}, prompt=4096, out=400)
+    d_move, d_rep = move.select(req, views), rep.select(req, views)
+    assert d_move.replica_id == "c" and d_move.warm is None
+    assert d_rep.replica_id == "a" and d_rep.warm == ("c", 250)
+    assert d_rep.scores["c"]["ttft"] > 2 * min(s["ttft"] for s in d_rep.scores.values())
+    rep.on_routed(req, d_rep)
+    again = dataclasses.replace(req, request_id="r2")
+    assert rep.select(again, views).warm == ("c", 250)  # asked for, not booked yet
+    warm_rr = RoutingRequest("r/warm", "", 4000, req.block_hashes[:250], 16, {}, max_tokens=1, warmup=True)
+    rep.on_routed(warm_rr, Decision("c"))  # the router booked it (Router.book)
+    assert rep.select(again, views).warm is None  # one warm-up of a prefix at a time
+    rep.on_complete(warm_rr, "c", True)
+    assert rep.select(again, views).warm == ("c", 250)
+    # a move that recomputes little of what another replica holds is left alone
+    small = make_policy("predictive", {"recompute_waste": False, "replicate": True, "replicate_min_tokens": 5000})
+    small.learner = rep.learner
+    assert small.select(req, views).replica_id == "c"

@@ -340,3 +340,20 @@ def test_every_balancer_instance_routes_by_session_key():
     res = FleetSimulation(FleetConfig(2, preset, "least_request", balancers=2,
                                       sessions=SessionConfig(enabled=True))).run(sim_requests(trace))
     assert sum(res.extra["sessions"].values()) == len(trace)
+
+
+def test_replicate_sends_warm_ups_that_no_client_sees():
+    # A hot shared prompt on 8 replicas at load 0.9 (generated, not a development trace): with
+    # `replicate` predictive sends prefill-only warm-ups instead of moving requests off the
+    # cache; they run on the engines (more prompt tokens computed) but are no client's request.
+    from loadgen.generate import GenerateConfig, generate
+
+    trace = generate(GenerateConfig(kind="hot", num_requests=300, session_rate=1.0, tenants=8, seed=11))
+    base = dict(replicas=8, preset=get_preset("llama3-8b-h100"), load=0.9, seed=11, kv_blocks=7500)
+    off = simulate(trace, SimulateConfig(policies=("predictive",), **base))
+    on = simulate(trace, SimulateConfig(policies=("predictive",), **base,
+                                        policy_options=(("predictive", (("replicate", True),)),)))
+    p_off, p_on = off["policies"][0], on["policies"][0]
+    assert "warmups" not in p_off and p_on["warmups"] > 0
+    assert p_on["completed"] == p_off["completed"] == len(on["_results"]["predictive"].records) == 300
+    assert all(r.index >= 0 for r in on["_results"]["predictive"].records)

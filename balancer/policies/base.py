@@ -75,6 +75,7 @@ class RoutingRequest:
     # memory, disk), continuing the chain: what its engine would load instead of recompute
     # (PrefixIndex.match_offloaded). Empty where no replica publishes a non-GPU medium.
     offloaded_blocks: Mapping[str, int] = field(default_factory=dict)
+    warmup: bool = False  # a prefill-only warm-up the router booked for a Decision.warm, no client's
 
     def rng(self) -> random.Random:
         return random.Random(self.rng_seed)
@@ -85,14 +86,18 @@ class Decision:
     -> name -> value). A policy may give `reason` and `scores` as zero-argument callables: they
     are then built only when read (by `explain`, the tests), not on every routed request."""
 
-    __slots__ = ("replica_id", "_reason", "_scores")
+    __slots__ = ("replica_id", "_reason", "_scores", "warm")
 
     def __init__(self, replica_id: str, reason: str | Callable[[], str] = "",
                  scores: Mapping[str, Mapping[str, float]] | Callable[[], Mapping[str, Mapping[str, float]]]
-                 | None = None) -> None:
+                 | None = None, warm: tuple[str, int] | None = None) -> None:
         self.replica_id = replica_id
         self._reason = reason
         self._scores = {} if scores is None else scores
+        # (replica id, n): the policy asks for the prompt's first n blocks to be computed on that
+        # replica too, ahead of demand (a prefill-only warm-up request the router books and the
+        # proxy or simulator sends beside this one); None: nothing to warm.
+        self.warm = warm
 
     @property
     def reason(self) -> str:

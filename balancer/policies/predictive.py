@@ -112,6 +112,16 @@ class PredictiveConfig:
     # chat by a third and on a hot prompt by a tenth, and cost 3–11 % mean TTFT there and on
     # agentic traffic.
     ttft_slack: float | None = None
+    # Replicate instead of move (issue #15: a hot prefix on k replicas): when the lowest-cost
+    # replica would recompute at least `replicate_min_tokens` of the prompt that another replica
+    # holds, and that costs this request more than (1 + replicate_slack) × its lowest estimated
+    # TTFT, the request stays among the replicas within that bound and the one it would have
+    # moved to gets a warm-up (Decision.warm): the held prefix computed there by a prefill-only
+    # request, so the next requests find it cached instead of one of them paying the recompute.
+    # At most one warm-up in flight per replica and per prefix. False: off.
+    replicate: bool = False
+    replicate_min_tokens: int = 1024
+    replicate_slack: float = 1.0
     # The preemption risk counts the prefill queued ahead of the request (admitted first, so it
     # takes its blocks first); False: only the request's own blocks against the free ones.
     queue_in_memory: bool = True
@@ -140,6 +150,8 @@ class PredictiveConfig:
     def __post_init__(self) -> None:
         if self.ttft_slack is not None and not self.ttft_slack >= 0:
             raise ValueError("ttft_slack must be None or >= 0 (e.g. 1.0: at most twice the lowest TTFT)")
+        if self.replicate_min_tokens < 1 or not self.replicate_slack >= 0:
+            raise ValueError("replicate_min_tokens must be >= 1 and replicate_slack >= 0")
         if self.default_output_tokens < 1 or self.default_step_tokens < 1:
             raise ValueError("default_output_tokens and default_step_tokens must be positive")
         if self.stale_report_s <= 0:
@@ -255,6 +267,8 @@ class PredictivePolicy(Policy):
         self.learner = learner or StepLearner(LearnerConfig())
         # This balancer's bookkeeping per replica (see `_inflight_stats`), O(1) per request.
         self._sent: dict[str, _Sent] = {}
+        # Warm-ups in flight (replicate): warm-up request id -> (replica, prefix's last block hash).
+        self._warming: dict[str, tuple[str, int]] = {}
 
     def _out_tokens(self, request: RoutingRequest) -> float:
         if request.predicted_output_tokens is not None:
@@ -300,7 +314,6 @@ class PredictivePolicy(Policy):
         tiers = cfg.tier_aware and bool(request.offloaded_blocks)
         scores: dict[str, dict[str, float]] = {}
         stall: dict[str, float] = {}
-        best_key, best = None, None
         for v in sorted(replicas, key=lambda r: r.replica_id):
             theta = self.learner.theta(v.replica_id)
             load = self.learner.load_cost(v.replica_id) if tiers else None
@@ -323,13 +336,10 @@ class PredictivePolicy(Policy):
             bound = (1 + cfg.ttft_slack) * min(s["ttft"] for s in scores.values())
             allowed = {rid: s for rid, s in scores.items() if s["ttft"] <= bound}
         inflight = {v.replica_id: v.inflight_requests for v in replicas}
-        for rid, s in allowed.items():
-            key = (round(s["cost"], 9), inflight[rid])
-            if best_key is None or key < best_key:
-                best_key, best = key, [rid]
-            elif key == best_key:
-                best.append(rid)
-        chosen = best[0] if len(best) == 1 else request.rng().choice(best)
+        chosen = self._lowest_cost(request, allowed, inflight)
+        warm = None
+        if cfg.replicate:
+            chosen, warm = self._replicate(request, scores, chosen, inflight)
         s = scores[chosen]
         reason = (f"lowest estimated cost {s['cost'] * 1e3:.1f} ms: TTFT {s['ttft'] * 1e3:.1f} ms "
                   f"({s['uncached_tokens']:.0f} uncached + {s['queued_tokens']:.0f} queued tokens), "
@@ -337,10 +347,45 @@ class PredictivePolicy(Policy):
                   f"memory {s['memory'] * 1e3:.1f} ms; output ~{out:.0f} tokens"
                   + (f"; loads adapter {request.lora_name} ({s['adapter_load'] * 1e3:.0f} ms)" if s["adapter_load"] else "")
                   + (f"; loads {s['loaded_tokens']:.0f} tokens from a lower KV tier ({s['tier_load'] * 1e3:.1f} ms)"
-                     if s["loaded_tokens"] else ""))
-        return Decision(chosen, reason, scores)
+                     if s["loaded_tokens"] else "")
+                  + (f"; warms {warm[0]} with the {warm[1]} cached blocks instead of moving there "
+                     f"(TTFT {scores[warm[0]]['ttft'] * 1e3:.1f} ms)" if warm else ""))
+        return Decision(chosen, reason, scores, warm)
+
+    @staticmethod
+    def _lowest_cost(request: RoutingRequest, allowed: dict[str, dict[str, float]], inflight: dict[str, int]) -> str:
+        best_key, best = None, []
+        for rid, s in allowed.items():
+            key = (round(s["cost"], 9), inflight[rid])
+            if best_key is None or key < best_key:
+                best_key, best = key, [rid]
+            elif key == best_key:
+                best.append(rid)
+        return best[0] if len(best) == 1 else request.rng().choice(best)
+
+    def _replicate(self, request: RoutingRequest, scores: dict[str, dict[str, float]], chosen: str,
+                   inflight: dict[str, int]) -> tuple[str, tuple[str, int] | None]:
+        """`replicate` (PredictiveConfig): (the replica to send to, the warm-up to book or None)."""
+        cfg = self.config
+        c = scores[chosen]
+        u_min = min(s["uncached_tokens"] for s in scores.values())
+        if c["uncached_tokens"] - u_min < cfg.replicate_min_tokens:
+            return chosen, None
+        bound = (1 + cfg.replicate_slack) * min(s["ttft"] for s in scores.values())
+        if c["ttft"] <= bound:
+            return chosen, None
+        stay = self._lowest_cost(request, {rid: s for rid, s in scores.items() if s["ttft"] <= bound}, inflight)
+        held = max(request.matched_blocks.values(), default=0)
+        if held == 0:
+            return stay, None
+        key = request.block_hashes[held - 1]
+        if any(rid == chosen or k == key for rid, k in self._warming.values()):
+            return stay, None  # one warm-up at a time per replica and per prefix
+        return stay, (chosen, held)
 
     def on_routed(self, request: RoutingRequest, decision: Decision) -> None:
+        if request.warmup:  # a warm-up we asked for (Decision.warm), until its on_complete
+            self._warming[request.request_id] = (decision.replica_id, request.block_hashes[-1])
         st = self._sent.get(decision.replica_id)
         if st is None:
             st = self._sent[decision.replica_id] = _Sent()
@@ -351,6 +396,7 @@ class PredictivePolicy(Policy):
         st.add(request.request_id, cached * request.block_size, self._out_tokens(request))
 
     def on_complete(self, request: RoutingRequest, replica_id: str, ok: bool) -> None:
+        self._warming.pop(request.request_id, None)
         st = self._sent.get(replica_id)
         if st is not None:
             st.done(request.request_id)
