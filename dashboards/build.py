@@ -161,6 +161,11 @@ def fleet_overview() -> dict:
                            "recomputed (replicas started with --kv-offload-host-blocks).", "short",
                            [(f"sum(rate(vllm:prefix_cache_hits_total[{RATE}]))", "device"),
                             (f"sum by (medium) (rate(kvfleet_replica_kv_offload_hits_total[{RATE}]))", "{{medium}}")]))
+    d = d.with_panel(graph("Prefix warm-ups", "Prefill-only warm-ups per second, by outcome: a prompt prefix the "
+                           "policy had computed on a second replica instead of moving a request off its cache "
+                           "(predictive's `replicate`). Failed or refused warm-ups cost nothing but the replica's time; "
+                           "many of them: check that replica's logs.", "short",
+                           [(f"sum by (outcome) (rate(kvfleet_warmups_total[{RATE}]))", "{{outcome}}")]))
 
     d = d.with_row(gdash.Row("Load"))
     d = d.with_panel(graph("In flight at the balancer", "Requests the balancer has sent to each replica and not "
