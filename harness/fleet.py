@@ -23,15 +23,8 @@ REPLICA_ARGS = ["replica", "--port", "0", "--model", "tiny", "--num-blocks", "51
 
 
 def start_replicas(n: int, extra: list[str] | None = None) -> list[procs.Proc]:
-    started = []
-    try:
-        for _ in range(n):
-            started.append(procs.start(REPLICA_ARGS + (extra or [])))
-    except Exception:
-        for p in started:
-            p.stop()
-        raise
-    return started
+    """n torch replicas started at the same time (procs.start_all)."""
+    return procs.start_all([REPLICA_ARGS + (extra or [])] * n)
 
 
 def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None,
@@ -87,4 +80,20 @@ async def wait_for(condition, timeout: float = 20.0) -> None:
     deadline = loop.time() + timeout
     while not condition():
         assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def settle(b, after: float, timeout: float = 20.0) -> None:
+    """Until every replica is idle in balancer `b`'s eyes: its KV events applied, a load report
+    sent after `after` (loop time; the PUB socket orders it behind the request's events),
+    nothing in flight."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        states = list(b.registry)
+        if all(r.load_at > after and r.inflight_requests == 0 and r.sent_since_report == 0
+               and r.load.num_running == 0 and r.load.num_waiting == 0 for r in states) \
+                and all(sub.in_sync for sub in b.subscribers.values()) and len(b.subscribers) == len(states):
+            return
+        assert loop.time() < deadline, "the balancer's view did not settle"
         await asyncio.sleep(0.05)

@@ -11,10 +11,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from kvfleet.procs import READY, Proc, launch, start  # noqa: F401 - the one launcher, re-exported
+from kvfleet.procs import READY, Proc, launch, start, start_all  # noqa: F401 - the one launcher, re-exported
 
-__all__ = ["READY", "Proc", "launch", "start", "free_port", "wait_serving", "cpu_seconds", "core_busy_seconds",
-           "proc_stats", "fd_breakdown"]
+__all__ = ["READY", "Proc", "launch", "start", "start_all", "free_port", "wait_serving", "cpu_seconds",
+           "core_busy_seconds", "proc_stats", "fd_breakdown"]
 
 
 def free_port() -> int:

@@ -13,7 +13,6 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kvfleet import procs
@@ -88,18 +87,8 @@ class LocalFleet:
         return args
 
     def start_replicas(self) -> None:
-        s = self.spec
-        with ThreadPoolExecutor(max_workers=s.replicas) as pool:
-            futures = [pool.submit(procs.start, self._replica_args(role)) for role in s.roles()]
-            errors = []
-            for f in futures:
-                try:
-                    self.replicas.append(f.result())
-                except Exception as e:  # keep the ones that started, so stop() ends them
-                    errors.append(e)
+        self.replicas.extend(procs.start_all([self._replica_args(role) for role in self.spec.roles()]))
         self.sync_targets()
-        if errors:
-            raise errors[0]
 
     def start_balancer(self, policy: str, port: int | None = None) -> procs.Proc:
         s = self.spec

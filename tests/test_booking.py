@@ -21,6 +21,7 @@ from balancer import serving
 from balancer.app import BALANCER, create_app
 from balancer.config import BalancerConfig, HealthConfig, ReplicaSpec
 from harness import procs
+from harness.fleet import settle
 from replica.step_model import get_preset
 from simulator.fleet import MODEL, FleetConfig, FleetSimulation, SimRequest
 
@@ -92,31 +93,16 @@ async def live(prompts: list[list[int]], policy: str, urls: list[str]) -> list[t
     return rows
 
 
-async def settle(b, after: float, timeout: float = 20.0) -> None:
-    """Until every replica is idle in the balancer's eyes: its KV events applied, a load report
-    sent after `after` (the PUB socket orders it behind the request's events), nothing in flight."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        states = list(b.registry)
-        if all(r.load_at > after and r.inflight_requests == 0 and r.sent_since_report == 0
-               and r.load.num_running == 0 and r.load.num_waiting == 0 for r in states) \
-                and all(sub.in_sync for sub in b.subscribers.values()) and len(b.subscribers) == len(states):
-            return
-        assert loop.time() < deadline, "the balancer's view did not settle"
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["precise_prefix", "dynamo_kv"])
 def test_proxy_and_simulator_make_the_same_bookings(policy):
     prompts = request_stream()
     expected = simulated(prompts, policy)
     assert len({row[0] for row in expected}) > 1 and any(row[1] for row in expected)  # the stream tests something
-    reps = [procs.start(["replica", "--engine", "sim", "--preset", "llama3-8b-h100", "--port", "0",
-                         "--served-model-name", MODEL, "--num-blocks", str(BLOCKS), "--time-scale", "50",
-                         "--kv-events-endpoint", "tcp://127.0.0.1:0", "--kv-events-replay-endpoint",
-                         "tcp://127.0.0.1:0"]) for _ in range(3)]
+    reps = procs.start_all([["replica", "--engine", "sim", "--preset", "llama3-8b-h100", "--port", "0",
+                             "--served-model-name", MODEL, "--num-blocks", str(BLOCKS), "--time-scale", "50",
+                             "--kv-events-endpoint", "tcp://127.0.0.1:0", "--kv-events-replay-endpoint",
+                             "tcp://127.0.0.1:0"]] * 3)
     try:
         got = asyncio.run(live(prompts, policy, [r.replica_arg for r in reps]))
     finally:

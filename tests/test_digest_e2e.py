@@ -48,7 +48,7 @@ DIGEST_EVERY = ["--kv-digest-interval", "0.5"]
 def _two_replicas(args: list[str]):
     """Two replica subprocesses started with `args`; the second has cached HELD_BEFORE before
     any balancer exists (sent to it directly): yields (replicas, that holder)."""
-    reps = [procs.start(args) for _ in range(2)]
+    reps = procs.start_all([args] * 2)
     try:
         holder = reps[1]
         status, _, body = http("POST", holder.url + "/v1/completions",

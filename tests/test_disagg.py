@@ -22,16 +22,18 @@ HOOKS = {"KVFLEET_TEST_HOOKS": "1"}
 PROMPT = "Disaggregated serving splits prefill from decode, block by block. "
 
 
+def _args(role: str) -> list[str]:
+    return REPLICA_ARGS + ["--role", role, "--kv-transfer-timeout", "1"]
+
+
 def _replica(role: str) -> procs.Proc:
-    return procs.start(REPLICA_ARGS + ["--role", role, "--kv-transfer-timeout", "1"], env=HOOKS)
+    return procs.start(_args(role), env=HOOKS)
 
 
 @pytest.fixture(scope="module")
 def pair():
-    started = []
+    started = procs.start_all([_args("prefill"), _args("decode")], env=HOOKS)
     try:
-        started.append(_replica("prefill"))
-        started.append(_replica("decode"))
         yield started
     finally:
         for p in started:

@@ -14,7 +14,8 @@ import json
 import aiohttp
 import pytest
 
-from harness.fleet import balancer, http, start_replicas
+from harness import procs
+from harness.fleet import REPLICA_ARGS, balancer, http
 from replica.lora_weights import save_lora
 from replica.model_config import ModelConfig
 
@@ -30,12 +31,8 @@ def fleet(tmp_path_factory):
     sql, chat = str(d / "sql.safetensors"), str(d / "chat.safetensors")
     save_lora(sql, tiny, rank=8, alpha=16, projections=("q_proj", "v_proj", "down_proj"), seed=1, std=0.1)
     save_lora(chat, tiny, rank=4, alpha=8, projections=("k_proj", "o_proj", "up_proj"), seed=2, std=0.1)
-    a, = start_replicas(1, ["--lora-modules", f"sql={sql}", f"chat={chat}", "--max-loras", "1"])
-    try:
-        b, = start_replicas(1, ["--lora-modules", f"chat={chat}", f"sql={sql}", "--max-loras", "1"])
-    except Exception:
-        a.stop()
-        raise
+    a, b = procs.start_all([REPLICA_ARGS + ["--lora-modules", f"sql={sql}", f"chat={chat}", "--max-loras", "1"],
+                            REPLICA_ARGS + ["--lora-modules", f"chat={chat}", f"sql={sql}", "--max-loras", "1"]])
     try:
         yield a, b
     finally:

@@ -36,7 +36,7 @@ SHARED = "System: you are a careful assistant who answers briefly and cites sour
 
 @pytest.fixture(scope="module")
 def fleet():
-    reps = [procs.start(SIM) for _ in range(2)]
+    reps = procs.start_all([SIM] * 2)
     yield reps
     for r in reps:
         r.stop()

@@ -34,7 +34,7 @@ def start_picker(replicas, grpc_port: int, *extra: str) -> procs.Proc:
 
 @pytest.fixture(scope="module")
 def gateway():
-    reps = [procs.start(SIM) for _ in range(2)]
+    reps = procs.start_all([SIM] * 2)
     grpc_port = procs.free_port()
     picker = start_picker(reps, grpc_port)
     endpoints = [r.url.split("//", 1)[1] for r in reps]

@@ -51,7 +51,7 @@ def wait_for_scrape(prom: PrometheusServer, picker: procs.Proc, timeout: float =
 
 @pytest.fixture(scope="module")
 def scraped(prometheus_tools):
-    reps = [procs.start(SIM) for _ in range(2)]
+    reps = procs.start_all([SIM] * 2)
     grpc_port = procs.free_port()
     picker = start_picker(reps, grpc_port)
     listen, admin = procs.free_port(), procs.free_port()

@@ -67,7 +67,7 @@ async def metric(s: aiohttp.ClientSession, base: str, name: str, **labels: str) 
 
 @pytest.fixture
 def replicas():
-    started = [procs.start(REPLICA) for _ in range(3)]
+    started = procs.start_all([REPLICA] * 3)
     try:
         yield started
     finally:
