@@ -31,9 +31,10 @@ _CRLF2 = b"\r\n\r\n"
 _MAX_HEADER = 64 * 1024
 
 
-def _response(status: str, body: bytes, ctype: bytes = b"application/json") -> bytes:
+def _response(status: str, body: bytes, ctype: bytes = b"application/json", extra: bytes = b"") -> bytes:
+    """extra: one more header line (without its CRLF)."""
     return (b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
+            + str(len(body)).encode() + b"\r\n" + (extra + b"\r\n" if extra else b"") + b"\r\n" + body)
 
 
 def _chunk(data: bytes) -> bytes:
@@ -85,7 +86,10 @@ class Backend:
                              "token_ids": [42]}],
                 "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9,
                           "prompt_tokens_details": {"cached_tokens": 0}}}
-        self.completion = _response("200 OK", json.dumps(body, separators=(",", ":")).encode())
+        # The usage in a header too, as kvfleet replicas send it (protocol/openai_api.py USAGE_HEADER).
+        usage = json.dumps(body["usage"], separators=(",", ":")).encode()
+        self.completion = _response("200 OK", json.dumps(body, separators=(",", ":")).encode(),
+                                    extra=b"X-Kvfleet-Usage: " + usage)
         self.stream_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                             b"Transfer-Encoding: chunked\r\n\r\n")
         # A typical vLLM completion chunk (~190 bytes), token_ids included (kvfleet asks for them).

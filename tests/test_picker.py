@@ -408,6 +408,63 @@ def test_buffered_mode_answers_headers_at_once_and_picks_on_the_body(fleet):
     asyncio.run(main())
 
 
+def test_a_response_with_its_usage_in_its_headers_ends_there_without_its_body(fleet):
+    """A kvfleet replica's non-streamed answer says its usage in X-Kvfleet-Usage: the booking ends
+    at the response's headers (usage counted, decision audited), and, in the fail-open body modes,
+    the answer asks Envoy for no response body or trailers (one message less each way); in full
+    duplex (where Envoy ignores such an override) the body is still relayed."""
+    from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode as Mode
+
+    def send_keeping_usage(endpoint: str, raw: bytes) -> tuple[int, str, str, bytes]:
+        req = urllib.request.Request(f"http://{endpoint}/v1/completions", data=raw,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.headers["Content-Type"], r.headers["X-Kvfleet-Usage"], r.read()
+
+    async def main():
+        async with picker([r.replica_arg for r in fleet]) as p, channel(p) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            for i, (request_mode, response_mode) in enumerate(((Mode.BUFFERED, Mode.STREAMED),
+                                                               (Mode.FULL_DUPLEX_STREAMED, Mode.FULL_DUPLEX_STREAMED))):
+                raw = json.dumps({"model": "tiny", "prompt": f"Usage header {i}: " + SHARED, "max_tokens": 3}).encode()
+                call = stub.Process()
+                first = headers_msg("/v1/completions", request_id=f"req-usage-{i}")
+                first.protocol_config.request_body_mode = request_mode
+                first.protocol_config.response_body_mode = response_mode
+                await call.write(first)
+                if request_mode == Mode.BUFFERED:
+                    await call.read()  # the headers' answer, at once
+                await call.write(body_msg(raw, eos=True))
+                answer = await call.read()
+                common = answer.request_body.response if request_mode == Mode.BUFFERED else \
+                    answer.request_headers.response
+                endpoint = set_headers(common)[DEST][0]
+                if request_mode != Mode.BUFFERED:
+                    await read_body_answers(call, "request_body")
+                replica = next(r for r in p.balancer.registry if r.url.endswith(endpoint))
+                status, ctype, usage, data = await asyncio.to_thread(send_keeping_usage, endpoint, raw)
+                assert json.loads(usage) == json.loads(data)["usage"]
+                await call.write(response_headers_msg(status, ctype, x_kvfleet_usage=usage))
+                reply = await call.read()
+                answer = reply.response_headers.response
+                assert replica.inflight_requests == 0  # ended at its headers
+                decision = p.balancer.audit.latest(1)[0]
+                assert decision["request_id"] == f"req-usage-{i}"
+                cached = json.loads(usage)["prompt_tokens_details"]["cached_tokens"]
+                assert decision["delivered_cached_tokens"] == cached
+                assert "x-kvfleet-usage" in answer.header_mutation.remove_headers  # not for the client
+                if request_mode == Mode.BUFFERED:
+                    mode = reply.mode_override
+                    assert (mode.response_body_mode, mode.response_trailer_mode) == (Mode.NONE, Mode.SKIP)
+                else:
+                    assert not reply.HasField("mode_override")
+                    await call.write(body_msg(data, eos=True, response=True))
+                    part = (await call.read()).response_body.response.body_mutation.streamed_response
+                    assert (part.body, part.end_of_stream) == (data, True)
+                await call.done_writing()
+    asyncio.run(main())
+
+
 def test_fallback_list_and_a_request_served_by_a_fallback(fleet):
     """With fallback_endpoints=1 the answer lists the pick and the policy's next choice
     (`ip:port,ip:port`, header and metadata alike); when the response says Envoy sent it to the
