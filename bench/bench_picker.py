@@ -10,7 +10,13 @@ side by side in one run:
     kvfleet balancer             `kvfleet balancer --policy precise_prefix` over the two backends
                                  (no Envoy: the balancer is the proxy)
     envoy + picker, buffered     the fail-open bootstrap: request body BUFFERED, response STREAMED
+      ..., usage in the body only  the same in front of backends that answer as vLLM does (the
+                                 usage in the body only: the picker reads the response body)
     envoy + picker, full duplex  the fail-closed bootstrap: both bodies FULL_DUPLEX_STREAMED
+
+The backends answer a non-streamed request with its usage in a header too, as kvfleet replicas
+do (X-Kvfleet-Usage): the picker then ends it at its response headers, and in the buffered
+bootstrap asks Envoy for no response body.
 
 Picker and balancer run `--policy precise_prefix --log-level warning` (no access log; the backends
 publish no KV events, so the approximate index serves). Latency: `wrk -t1 -c1` (one request at a
@@ -58,30 +64,54 @@ class Row:
     decider: procs.Proc | None  # the process that picks (the picker, the balancer); None: round robin
 
 
-def start_rows(args, stack: contextlib.ExitStack, backends: list[procs.Proc]) -> list[Row]:
-    endpoints = [b.url.split("//", 1)[1] for b in backends]
-    replicas = [a for b in backends for a in ("--replica", b.url)]
+def start_backends(args, stack: contextlib.ExitStack, *flags: str) -> list[procs.Proc]:
+    out = []
+    for _ in range(2):
+        b = procs.launch([sys.executable, str(ROOT / "bench" / "fake_backend.py"), "--port", "0", "--model", MODEL,
+                          *flags], name="fake backend", core=args.load_core, timeout=60, stderr=subprocess.STDOUT)
+        stack.callback(b.stop)
+        out.append(b)
+    return out
+
+
+def start_picker(args, stack: contextlib.ExitStack, backends: list[procs.Proc]) -> tuple[procs.Proc, str]:
     grpc_port = procs.free_port()
-    picker = procs.start(["picker", "--port", "0", "--grpc-port", str(grpc_port), *FLEET_FLAGS, *replicas],
+    picker = procs.start(["picker", "--port", "0", "--grpc-port", str(grpc_port), *FLEET_FLAGS,
+                          *[a for b in backends for a in ("--replica", b.url)]],
                          core=args.gateway_core, stderr=subprocess.DEVNULL)
     stack.callback(picker.stop)
-    balancer = procs.start(["balancer", "--port", "0", *FLEET_FLAGS, *replicas], core=args.gateway_core,
-                           stderr=subprocess.DEVNULL)
+    return picker, f"127.0.0.1:{grpc_port}"
+
+
+def start_rows(args, stack: contextlib.ExitStack) -> list[Row]:
+    """Every target. The backends answer with their usage in a header too, as kvfleet replicas
+    do (the picker then skips the response body); a second pair answers as vLLM does, the usage
+    in the body only, for the row that shows what that costs."""
+    backends = start_backends(args, stack)
+    body_only = start_backends(args, stack, "--no-usage-header")
+    picker, picker_at = start_picker(args, stack, backends)
+    picker_b, picker_b_at = start_picker(args, stack, body_only)
+    balancer = procs.start(["balancer", "--port", "0", *FLEET_FLAGS,
+                            *[a for b in backends for a in ("--replica", b.url)]],
+                           core=args.gateway_core, stderr=subprocess.DEVNULL)
     stack.callback(balancer.stop)
     rows = [Row(Target("direct", backends[0].url), None)]
-    for name, picker_at, fail_open in (("envoy alone", None, True),
-                                       ("kvfleet balancer", None, None),
-                                       ("envoy + picker, buffered", f"127.0.0.1:{grpc_port}", True),
-                                       ("envoy + picker, full duplex", f"127.0.0.1:{grpc_port}", False)):
+    for name, at, fleet, fail_open in (("envoy alone", None, backends, True),
+                                       ("kvfleet balancer", None, backends, None),
+                                       ("envoy + picker, buffered", picker_at, backends, True),
+                                       ("envoy + picker, buffered, usage in the body only", picker_b_at, body_only,
+                                        True),
+                                       ("envoy + picker, full duplex", picker_at, backends, False)):
         if fail_open is None:
             rows.append(Row(Target(name, balancer.url, balancer), balancer))
             continue
         listen, admin = procs.free_port(), procs.free_port()
-        cfg = bootstrap(f"127.0.0.1:{listen}", picker_at, endpoints, fail_open=fail_open,
+        cfg = bootstrap(f"127.0.0.1:{listen}", at, [b.url.split("//", 1)[1] for b in fleet], fail_open=fail_open,
                         admin=f"127.0.0.1:{admin}", served_by_header=None)
         envoy = start_envoy(cfg, admin, core=args.gateway_core)  # all its threads (a pid's affinity is one thread's)
         stack.callback(envoy.stop)
-        rows.append(Row(Target(name, f"http://127.0.0.1:{listen}", envoy), picker if picker_at else None))
+        decider = None if at is None else picker if at == picker_at else picker_b
+        rows.append(Row(Target(name, f"http://127.0.0.1:{listen}", envoy), decider))
     for r in rows:
         if r.target.proc is not None:
             procs.wait_serving(r.target.url, r.target.proc, model=MODEL)
@@ -129,15 +159,9 @@ def main() -> int:
         return 2
     loadavg_start, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     with contextlib.ExitStack() as stack:
-        backends = []
-        for _ in range(2):
-            b = procs.launch([sys.executable, str(ROOT / "bench" / "fake_backend.py"), "--port", "0", "--model", MODEL],
-                             name="fake backend", core=args.load_core, timeout=60, stderr=subprocess.STDOUT)
-            stack.callback(b.stop)
-            backends.append(b)
         unary, sse = body(SHORT_PROMPT), body(SHORT_PROMPT, stream=True, max_tokens=16)
         rows, direct_p50 = [], None
-        for row in start_rows(args, stack, backends):
+        for row in start_rows(args, stack):
             rows.append(measure(args, wrk, row, unary, sse, direct_p50))
             if direct_p50 is None:
                 direct_p50 = rows[0][1]
