@@ -120,12 +120,9 @@ async def through(stub, body: dict, path: str = "/v1/completions", chunks: int =
     assert (await call.read()).WhichOneof("response") == "response_headers"
     step = max(1, len(data) // chunks)
     pieces = [data[i:i + step] for i in range(0, len(data), step)]
-    relayed = b""
-    for i, piece in enumerate(pieces):
+    for i, piece in enumerate(pieces):  # Envoy in full duplex sends chunks without waiting for answers
         await call.write(body_msg(piece, eos=i == len(pieces) - 1, response=True))
-        answer = await call.read()
-        relayed += answer.response_body.response.body_mutation.streamed_response.body
-    assert relayed == data
+    assert await read_body_answers(call, "response_body") == data
     await call.done_writing()
     return endpoint, data
 
@@ -166,13 +163,20 @@ def test_phases_answered_in_order_and_booking_held_until_the_response_ends(fleet
             await call.write(response_headers_msg(status, ctype))
             answer = await call.read()
             assert set_headers(answer.response_headers.response)["x-kvfleet-replica"][0] == replica.replica_id
+            # A JSON answer goes back one chunk behind: each chunk with the next, the last one at
+            # the end of the stream (Envoy's own end-of-stream chunk is often empty).
             await call.write(body_msg(data[:10], eos=False, response=True))
+            await call.write(body_msg(data[10:20], eos=False, response=True))
             part = (await call.read()).response_body.response.body_mutation.streamed_response
             assert (part.body, part.end_of_stream) == (data[:10], False)
             assert replica.inflight_requests == 1
-            await call.write(body_msg(data[10:], eos=True, response=True))
-            part = (await call.read()).response_body.response.body_mutation.streamed_response
-            assert (part.body, part.end_of_stream) == (data[10:], True)
+            await call.write(body_msg(data[20:], eos=False, response=True))
+            await call.write(body_msg(b"", eos=True, response=True))
+            relayed = []
+            for _ in range(2):
+                part = (await call.read()).response_body.response.body_mutation.streamed_response
+                relayed.append((part.body, part.end_of_stream))
+            assert relayed == [(data[10:20], False), (data[20:], True)]
             await call.done_writing()
             await wait_for(lambda: replica.inflight_requests == 0)
             decision = b.audit.latest(1)[0]

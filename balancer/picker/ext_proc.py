@@ -15,7 +15,8 @@ answer before the next phase's):
       or ─▶ ImmediateResponse: 400 (not JSON), 404 (model not served), 413, 503 (no replica,
            or none in the subset hint), with an OpenAI-style error body
     response_headers ─▶ status, content type; the answer adds `X-Kvfleet-Replica`
-    response_body × n ─▶ passed back as they came; the tail kept for `usage`
+    response_body × n ─▶ passed back as they came (a JSON answer in full duplex: one chunk
+        behind, its last chunk with the one before); the tail kept for `usage`
       end of stream ─▶ the booking ends: usage (cached and completion tokens), the decision
         audited, Booking.finish; a 5xx counts against the replica and ends it as failed (Envoy's
         response flags, `x-kvfleet-envoy-flags` from kvfleet's bootstraps, say whether the replica
@@ -198,6 +199,7 @@ class RequestStream:
         self.sse = False
         self.refused = False  # the picked replica refused Envoy's connection (its 503 is Envoy's)
         self.tail = bytearray()
+        self.held = b""  # full duplex, not SSE: the last response chunk, sent on with the next one
         self.events = 0  # SSE data events relayed, [DONE] included
         self.ttft_s: float | None = None
         self.finished = False  # the stream needs no more answers (refused, or its response ended)
@@ -246,7 +248,8 @@ class RequestStream:
             return self._response_body(msg.response_body)
         if phase == "response_trailers":
             self._finish()
-            return [_RESPONSE_TRAILERS_ACK]
+            held, self.held = self.held, b""
+            return [*(_body_chunks(held, end=False, request=False) if held else []), _RESPONSE_TRAILERS_ACK]
         return []
 
     def _read_subset(self, md: base_pb2.Metadata) -> None:
@@ -426,8 +429,16 @@ class RequestStream:
             self.tail += data
             if len(self.tail) > _TAIL_BYTES:
                 del self.tail[:-_TAIL_BYTES]
-        if self.response_mode == FULL_DUPLEX:
+        if self.response_mode == FULL_DUPLEX and self.sse:
             out = _body_chunks(data, end=msg.end_of_stream, request=False)
+        elif self.response_mode == FULL_DUPLEX:
+            # A JSON answer is of use only whole: one chunk behind, so that its last (often empty,
+            # end-of-stream) chunk goes back with the one before it: one message less.
+            held, self.held = self.held, data
+            if msg.end_of_stream:
+                out, self.held = _body_chunks(held + data, end=True, request=False), b""
+            else:
+                out = _body_chunks(held, end=False, request=False) if held else []
         else:  # STREAMED or BUFFERED: acknowledged unchanged, Envoy sends its own copy on
             out = [_RESPONSE_BODY_ACK]
         if msg.end_of_stream:
