@@ -31,7 +31,10 @@ the latency part. "Others on the gateway core": the share of that core that proc
 this benchmark took during the throughput run (from /proc/stat): on a shared machine rows with
 high values are pessimistic, and --nice -10 makes the benchmark win most of that contention.
 
-    .venv/bin/python bench/bench_picker.py [--duration 5] [--connections 32] [--nice -10]
+Every target is measured in --rounds rounds (all targets in turn); each figure is the median
+over rounds.
+
+    .venv/bin/python bench/bench_picker.py [--duration 5] [--rounds 3] [--connections 32] [--nice -10]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -125,9 +129,10 @@ def cpu(proc: procs.Proc | None) -> float:
     return procs.cpu_seconds(proc.pid) if proc is not None else 0.0
 
 
-def measure(args, wrk: str, row: Row, unary: bytes, sse: bytes, direct_p50: float | None) -> list:
+def measure(args, wrk: str, row: Row, unary: bytes, sse: bytes) -> dict:
+    """One round on one target: latency (c1, unary and SSE), then throughput (cN) with the CPU
+    of the proxy and of the picker over it."""
     t = row.target
-    run_wrk(wrk, t, unary, 1, 4, args.load_core)  # warm-up (connections, Envoy's host set)
     lat = run_wrk(wrk, t, unary, args.duration, 1, args.load_core)
     streamed = run_wrk(wrk, t, sse, args.duration, 1, args.load_core)
     picker = row.decider if row.decider is not t.proc else None
@@ -137,25 +142,35 @@ def measure(args, wrk: str, row: Row, unary: bytes, sse: bytes, direct_p50: floa
     # Work of other processes on this machine on the gateway core (it is shared): its busy time
     # less the proxy's and the picker's, as a share of the run.
     busy = procs.core_busy_seconds(args.gateway_core) - before[2]
-    others = f"{max(0.0, busy - proxy_s - picker_s) * 100 / (time.perf_counter() - before[3]):.0f}%"
     n = thr["requests"] or thr["rps"] * args.duration
-
-    def per_request_us(seconds: float, used: bool) -> float | str:
-        return round(seconds * 1e6 / n, 1) if used and n else "-"
-
     decider_s = picker_s if picker is not None else proxy_s
-    decisions = round(n / decider_s) if row.decider is not None and decider_s > 0 else "-"
-    added = "-" if direct_p50 is None else round(lat["p50_ms"] - direct_p50, 3)
-    return [t.name, round(lat["p50_ms"], 3), round(lat["p99_ms"], 3), added, round(streamed["p50_ms"], 3),
-            round(thr["rps"]), per_request_us(proxy_s, t.proc is not None),
-            per_request_us(picker_s, picker is not None),
-            decisions, others, lat["errors"] + streamed["errors"] + thr["errors"]]
+    return {"p50": lat["p50_ms"], "p99": lat["p99_ms"], "sse_p50": streamed["p50_ms"], "rps": thr["rps"],
+            "proxy_us": proxy_s * 1e6 / n if t.proc is not None and n else None,
+            "picker_us": picker_s * 1e6 / n if picker is not None and n else None,
+            "decisions": n / decider_s if row.decider is not None and decider_s > 0 else None,
+            "others": max(0.0, busy - proxy_s - picker_s) * 100 / (time.perf_counter() - before[3])
+            if t.proc is not None else None,
+            "errors": lat["errors"] + streamed["errors"] + thr["errors"]}
+
+
+def table_row(name: str, rounds: list[dict], direct_p50: float) -> list:
+    """The median over rounds of each figure (errors: their sum)."""
+    def med(key: str, digits: int | None = 1):
+        values = [r[key] for r in rounds if r[key] is not None]
+        return "-" if not values else round(statistics.median(values), digits)
+
+    p50 = med("p50", 3)
+    return [name, p50, med("p99", 3), "-" if name == "direct" else round(p50 - direct_p50, 3), med("sse_p50", 3),
+            med("rps", None), med("proxy_us"), med("picker_us"), med("decisions", None),
+            "-" if name == "direct" else f"{med('others', None)}%",
+            sum(r["errors"] for r in rounds)]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     ap.add_argument("--connections", type=int, default=32, help="wrk connections for the throughput runs")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all targets; each figure is their median")
     ap.add_argument("--gateway-core", type=int, default=0, help="core of Envoy, the picker and the balancer")
     ap.add_argument("--load-core", type=int, default=1, help="core of the backends and wrk")
     ap.add_argument("--nice", type=int, default=0,
@@ -175,19 +190,27 @@ def main() -> int:
     loadavg_start, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     with contextlib.ExitStack() as stack:
         unary, sse = body(SHORT_PROMPT), body(SHORT_PROMPT, stream=True, max_tokens=16)
-        rows, direct_p50 = [], None
-        for row in start_rows(args, stack):
-            rows.append(measure(args, wrk, row, unary, sse, direct_p50))
-            if direct_p50 is None:
-                direct_p50 = rows[0][1]
-            print(rows[-1], flush=True)
+        targets = start_rows(args, stack)
+        for row in targets:
+            run_wrk(wrk, row.target, unary, 1, 4, args.load_core)  # warm-up (connections, Envoy's host set)
+        # Rounds over every target in turn: this VM's speed drifts (shared cores), so each row's
+        # figures are medians of runs spread over the whole measurement.
+        results: list[list[dict]] = [[] for _ in targets]
+        for i in range(args.rounds):
+            for row, out in zip(targets, results):
+                out.append(measure(args, wrk, row, unary, sse))
+            print(f"round {i + 1}/{args.rounds} done", flush=True)
+        direct_p50 = statistics.median(r["p50"] for r in results[0])
+        rows = [table_row(row.target.name, out, direct_p50) for row, out in zip(targets, results)]
     loadavg_end = os.getloadavg()
     load = f"load average {loadavg_start[0]:.2f} at the start, {loadavg_end[0]:.2f} at the end"
     report(f"Envoy + kvfleet picker vs Envoy alone vs kvfleet balancer (gateway core {args.gateway_core}; wrk and "
            f"backends on core {args.load_core}; wrk -t1 -c1 for latency, -c{args.connections} for req/s; "
-           f"{started}; {load}; nice {os.getpriority(os.PRIO_PROCESS, 0)})", HEADERS, rows, out=args.out,
+           f"median of {args.rounds} rounds; {started}; {load}; nice {os.getpriority(os.PRIO_PROCESS, 0)})",
+           HEADERS, rows, out=args.out,
            extra={"command": " ".join(sys.argv), "started": started, "loadavg_start": loadavg_start,
-                  "loadavg_end": loadavg_end, "niceness": os.getpriority(os.PRIO_PROCESS, 0)})
+                  "loadavg_end": loadavg_end, "rounds": results,
+                  "niceness": os.getpriority(os.PRIO_PROCESS, 0)})
     return 0
 
 
