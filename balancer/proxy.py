@@ -665,7 +665,11 @@ def note_usage(m: BalancerMetrics, replica_id: str, data: bytes | bytearray) -> 
     without parsing the rest: (cached prompt tokens, counted in the metrics; completion tokens,
     for the output-length predictor), None for what the response does not say. The proxy and
     the endpoint picker (balancer/picker/) read responses with it."""
-    usage = tail_usage(data)
+    return count_usage(m, replica_id, tail_usage(data))
+
+
+def count_usage(m: BalancerMetrics, replica_id: str, usage: dict | None) -> tuple[int | None, int | None]:
+    """A response's `usage` object (None: it had none) counted as note_usage does."""
     if usage is None:
         return None, None
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0

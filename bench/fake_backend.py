@@ -4,7 +4,8 @@ A raw asyncio protocol (on uvloop when installed) with a tiny HTTP/1.1 parser, s
 a few microseconds per request and is never the bottleneck of the measurement:
 
     POST /v1/completions, /v1/chat/completions, /generate
-        non-streaming: a small completion JSON (Content-Length, keep-alive)
+        non-streaming: a small completion JSON (Content-Length, keep-alive), its usage in an
+            X-Kvfleet-Usage header too as kvfleet replicas send it (not with --no-usage-header)
         "stream": true: N SSE events `data: {...}\\n\\n` then `data: [DONE]\\n\\n`, chunked
         transfer encoding, one write per event; N = the body's max_tokens (default --chunks)
     GET /health, /health_generate   200
@@ -31,9 +32,10 @@ _CRLF2 = b"\r\n\r\n"
 _MAX_HEADER = 64 * 1024
 
 
-def _response(status: str, body: bytes, ctype: bytes = b"application/json") -> bytes:
+def _response(status: str, body: bytes, ctype: bytes = b"application/json", extra: bytes = b"") -> bytes:
+    """extra: one more header line (without its CRLF)."""
     return (b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
+            + str(len(body)).encode() + b"\r\n" + (extra + b"\r\n" if extra else b"") + b"\r\n" + body)
 
 
 def _chunk(data: bytes) -> bytes:
@@ -61,7 +63,7 @@ def _dechunk(buf: bytearray, at: int) -> tuple[bytes, int] | None:
 class Backend:
     """Pre-built responses shared by all connections."""
 
-    def __init__(self, model: str, default_chunks: int) -> None:
+    def __init__(self, model: str, default_chunks: int, usage_header: bool = True) -> None:
         self.model = model
         self.default_chunks = default_chunks
         self.started = int(time.time())
@@ -85,7 +87,10 @@ class Backend:
                              "token_ids": [42]}],
                 "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9,
                           "prompt_tokens_details": {"cached_tokens": 0}}}
-        self.completion = _response("200 OK", json.dumps(body, separators=(",", ":")).encode())
+        # The usage in a header too, as kvfleet replicas send it (protocol/openai_api.py USAGE_HEADER).
+        usage = json.dumps(body["usage"], separators=(",", ":")).encode()
+        self.completion = _response("200 OK", json.dumps(body, separators=(",", ":")).encode(),
+                                    extra=b"X-Kvfleet-Usage: " + usage if usage_header else b"")
         self.stream_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                             b"Transfer-Encoding: chunked\r\n\r\n")
         # A typical vLLM completion chunk (~190 bytes), token_ids included (kvfleet asks for them).
@@ -224,9 +229,9 @@ class Conn(asyncio.Protocol):
             self._process()
 
 
-async def serve(host: str, port: int, model: str, chunks: int) -> None:
+async def serve(host: str, port: int, model: str, chunks: int, usage_header: bool = True) -> None:
     loop = asyncio.get_running_loop()
-    backend = Backend(model, chunks)
+    backend = Backend(model, chunks, usage_header)
     server = await loop.create_server(lambda: Conn(backend), host, port, backlog=4096, reuse_address=True)
     addr = server.sockets[0].getsockname()
     print(f"fake backend ready: model={model} listening on http://{addr[0]}:{addr[1]}", flush=True)
@@ -245,6 +250,9 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--chunks", type=int, default=16, help="SSE events per stream when the body has no max_tokens")
+    ap.add_argument("--no-usage-header", action="store_true",
+                    help="no X-Kvfleet-Usage header on non-streamed answers (as vLLM and SGLang: the usage is only "
+                         "in the body)")
     args = ap.parse_args()
     try:
         import uvloop
@@ -252,7 +260,7 @@ def main() -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args.host, args.port, args.model, args.chunks))
+    asyncio.run(serve(args.host, args.port, args.model, args.chunks, not args.no_usage_header))
     return 0
 
 

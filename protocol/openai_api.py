@@ -466,3 +466,25 @@ def parse_for_routing(body: Any, kind: str, max_failover_stop: int = 64) -> Gene
     if isinstance(first, str):
         return GenerationRequest(prompt=first, more_prompts=more, **fields)
     return GenerationRequest(prompt_token_ids=first, more_prompts=more, **fields)
+
+
+# A non-streamed completion's `usage` object (the body's, compact JSON) in a response header as
+# well, set by kvfleet replicas: the endpoint picker reads it there and then asks Envoy for no
+# response body (balancer/picker/ext_proc.py), one ext_proc message less per request. kvfleet's
+# own name; other engines send no such header, and their bodies are read as before.
+USAGE_HEADER = "X-Kvfleet-Usage"
+
+
+def usage_header(usage: dict[str, Any]) -> str:
+    return json.dumps(usage, separators=(",", ":"))
+
+
+def parse_usage_header(value: str | None) -> dict[str, Any] | None:
+    """The usage object of a USAGE_HEADER value (None: absent or not a JSON object)."""
+    if not value:
+        return None
+    try:
+        usage = json.loads(value)
+    except ValueError:
+        return None
+    return usage if isinstance(usage, dict) else None

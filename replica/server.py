@@ -22,8 +22,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from protocol.openai_api import (APIError, GenerationRequest, decode_json_body, error_body, parse_chat,
-                                 parse_completion)
+from protocol.openai_api import (USAGE_HEADER, APIError, GenerationRequest, decode_json_body, error_body,
+                                 parse_chat, parse_completion, usage_header)
 from protocol.tokenizer import apply_chat_template
 from replica import auth, kv_state, kv_transfer
 from replica.config import ServerConfig
@@ -237,11 +237,12 @@ class _Handlers:
             if req.return_token_ids:
                 choice["token_ids"] = token_ids[index]
             choices.append(choice)
+        usage = self._usage(finals, req.n)
         body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self._lora_name(req) or self.model_name, "choices": choices, "usage": self._usage(finals, req.n)}
+                "model": self._lora_name(req) or self.model_name, "choices": choices, "usage": usage}
         if handover is not None:  # a prefill for a decode replica: where to pull its KV from
             body["kv_transfer_params"] = handover()
-        return web.json_response(body, headers=headers)
+        return web.json_response(body, headers={**headers, USAGE_HEADER: usage_header(usage)})
 
     async def _stream(self, request, req, rid, outputs: AsyncIterator[tuple[int, RequestOutput]], headers,
                       seen: "_Seen", num_choices: int, echo: list[str] | None) -> web.StreamResponse:

@@ -120,12 +120,9 @@ async def through(stub, body: dict, path: str = "/v1/completions", chunks: int =
     assert (await call.read()).WhichOneof("response") == "response_headers"
     step = max(1, len(data) // chunks)
     pieces = [data[i:i + step] for i in range(0, len(data), step)]
-    relayed = b""
-    for i, piece in enumerate(pieces):
+    for i, piece in enumerate(pieces):  # Envoy in full duplex sends chunks without waiting for answers
         await call.write(body_msg(piece, eos=i == len(pieces) - 1, response=True))
-        answer = await call.read()
-        relayed += answer.response_body.response.body_mutation.streamed_response.body
-    assert relayed == data
+    assert await read_body_answers(call, "response_body") == data
     await call.done_writing()
     return endpoint, data
 
@@ -166,13 +163,20 @@ def test_phases_answered_in_order_and_booking_held_until_the_response_ends(fleet
             await call.write(response_headers_msg(status, ctype))
             answer = await call.read()
             assert set_headers(answer.response_headers.response)["x-kvfleet-replica"][0] == replica.replica_id
+            # A JSON answer goes back one chunk behind: each chunk with the next, the last one at
+            # the end of the stream (Envoy's own end-of-stream chunk is often empty).
             await call.write(body_msg(data[:10], eos=False, response=True))
+            await call.write(body_msg(data[10:20], eos=False, response=True))
             part = (await call.read()).response_body.response.body_mutation.streamed_response
             assert (part.body, part.end_of_stream) == (data[:10], False)
             assert replica.inflight_requests == 1
-            await call.write(body_msg(data[10:], eos=True, response=True))
-            part = (await call.read()).response_body.response.body_mutation.streamed_response
-            assert (part.body, part.end_of_stream) == (data[10:], True)
+            await call.write(body_msg(data[20:], eos=False, response=True))
+            await call.write(body_msg(b"", eos=True, response=True))
+            relayed = []
+            for _ in range(2):
+                part = (await call.read()).response_body.response.body_mutation.streamed_response
+                relayed.append((part.body, part.end_of_stream))
+            assert relayed == [(data[10:20], False), (data[20:], True)]
             await call.done_writing()
             await wait_for(lambda: replica.inflight_requests == 0)
             decision = b.audit.latest(1)[0]
@@ -405,6 +409,63 @@ def test_buffered_mode_answers_headers_at_once_and_picks_on_the_body(fleet):
             refusal = (await call.read()).immediate_response
             assert refusal.status.code == 500
             assert "FULL_DUPLEX_STREAMED or BUFFERED" in json.loads(refusal.body)["error"]["message"]
+    asyncio.run(main())
+
+
+def test_a_response_with_its_usage_in_its_headers_ends_there_without_its_body(fleet):
+    """A kvfleet replica's non-streamed answer says its usage in X-Kvfleet-Usage: the booking ends
+    at the response's headers (usage counted, decision audited), and, in the fail-open body modes,
+    the answer asks Envoy for no response body or trailers (one message less each way); in full
+    duplex (where Envoy ignores such an override) the body is still relayed."""
+    from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode as Mode
+
+    def send_keeping_usage(endpoint: str, raw: bytes) -> tuple[int, str, str, bytes]:
+        req = urllib.request.Request(f"http://{endpoint}/v1/completions", data=raw,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.headers["Content-Type"], r.headers["X-Kvfleet-Usage"], r.read()
+
+    async def main():
+        async with picker([r.replica_arg for r in fleet]) as p, channel(p) as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            for i, (request_mode, response_mode) in enumerate(((Mode.BUFFERED, Mode.STREAMED),
+                                                               (Mode.FULL_DUPLEX_STREAMED, Mode.FULL_DUPLEX_STREAMED))):
+                raw = json.dumps({"model": "tiny", "prompt": f"Usage header {i}: " + SHARED, "max_tokens": 3}).encode()
+                call = stub.Process()
+                first = headers_msg("/v1/completions", request_id=f"req-usage-{i}")
+                first.protocol_config.request_body_mode = request_mode
+                first.protocol_config.response_body_mode = response_mode
+                await call.write(first)
+                if request_mode == Mode.BUFFERED:
+                    await call.read()  # the headers' answer, at once
+                await call.write(body_msg(raw, eos=True))
+                answer = await call.read()
+                common = answer.request_body.response if request_mode == Mode.BUFFERED else \
+                    answer.request_headers.response
+                endpoint = set_headers(common)[DEST][0]
+                if request_mode != Mode.BUFFERED:
+                    await read_body_answers(call, "request_body")
+                replica = next(r for r in p.balancer.registry if r.url.endswith(endpoint))
+                status, ctype, usage, data = await asyncio.to_thread(send_keeping_usage, endpoint, raw)
+                assert json.loads(usage) == json.loads(data)["usage"]
+                await call.write(response_headers_msg(status, ctype, x_kvfleet_usage=usage))
+                reply = await call.read()
+                answer = reply.response_headers.response
+                assert replica.inflight_requests == 0  # ended at its headers
+                decision = p.balancer.audit.latest(1)[0]
+                assert decision["request_id"] == f"req-usage-{i}"
+                cached = json.loads(usage)["prompt_tokens_details"]["cached_tokens"]
+                assert decision["delivered_cached_tokens"] == cached
+                assert "x-kvfleet-usage" in answer.header_mutation.remove_headers  # not for the client
+                if request_mode == Mode.BUFFERED:
+                    mode = reply.mode_override
+                    assert (mode.response_body_mode, mode.response_trailer_mode) == (Mode.NONE, Mode.SKIP)
+                else:
+                    assert not reply.HasField("mode_override")
+                    await call.write(body_msg(data, eos=True, response=True))
+                    part = (await call.read()).response_body.response.body_mutation.streamed_response
+                    assert (part.body, part.end_of_stream) == (data, True)
+                await call.done_writing()
     asyncio.run(main())
 
 

@@ -133,6 +133,30 @@ def test_requests_land_where_the_picker_said_and_keep_their_prefix(gateway, kind
     assert status == 404 and "tiny" in json.loads(data)["error"]["message"]
 
 
+def ext_proc_messages(admin: str, which: str) -> int:
+    """Envoy's count of the messages its ext_proc filter sent to the picker (`sent`) or got
+    back (`received`)."""
+    with urllib.request.urlopen(admin + f"/stats?filter=ext_proc.stream_msgs_{which}$", timeout=BOUND_S) as r:
+        return sum(int(line.rsplit(":", 1)[1]) for line in r.read().decode().splitlines() if ":" in line)
+
+
+def test_a_unary_answer_costs_few_picker_messages(gateway):
+    """The replica's usage header lets the picker end a non-streamed request at its response's
+    headers; the fail-open gateway then sends no response body: request headers, request body,
+    response headers, three answers. In full duplex the JSON body goes back with its (empty) end
+    of stream: four answers to Envoy's six messages. The header itself does not reach the client."""
+    body = {"model": "tiny", "prompt": "Few messages: " + SHARED, "max_tokens": 4}
+    for url, admin, sent, received in ((gateway["open"], gateway["admins"][0], 3, 3),
+                                       (gateway["closed"], gateway["admins"][1], 6, 4)):
+        complete(url, body)  # Envoy's connection to the picker is up
+        before = ext_proc_messages(admin, "sent"), ext_proc_messages(admin, "received")
+        status, h, data = complete(url, body)
+        assert status == 200 and json.loads(data)["usage"]["completion_tokens"] == 4
+        assert "x-kvfleet-usage" not in h and "x-kvfleet-replica" in h
+        after = ext_proc_messages(admin, "sent"), ext_proc_messages(admin, "received")
+        assert (after[0] - before[0], after[1] - before[1]) == (sent, received)
+
+
 def test_concurrent_requests_leave_nothing_booked(gateway):
     """24 requests at once through each gateway, unary and streamed, some cut by the client
     mid-stream: every one answered or cut, and the picker's books end at zero (nothing in

@@ -78,6 +78,21 @@ def test_prompt_as_token_ids_and_cached_tokens(replica):
     assert second.usage.prompt_tokens_details.cached_tokens >= 192
 
 
+def test_a_non_streamed_answer_carries_its_usage_in_a_header_too(replica):
+    """X-Kvfleet-Usage: the body's usage object, for an endpoint picker that reads it from the
+    headers and asks its gateway for no body (balancer/picker/ext_proc.py)."""
+    prompt = list(range(1, 100))
+    for path, body in (("/v1/completions", {"prompt": prompt}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi"}]})):
+        req = urllib.request.Request(f"{replica.url}{path}", data=json.dumps(
+            {"model": "tiny", "max_tokens": 3, "temperature": 0, **body}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            header, answer = r.headers.get("X-Kvfleet-Usage"), json.loads(r.read())
+        assert header is not None and json.loads(header) == answer["usage"]
+        assert answer["usage"]["completion_tokens"] == 3
+
+
 def test_twenty_concurrent_streams(replica):
     async def one(c, i):
         text = ""

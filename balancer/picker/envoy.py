@@ -16,8 +16,10 @@ is set. Failing closed, the processing mode is the one llm-d's and the Inference
 manifests use (headers SEND, bodies FULL_DUPLEX_STREAMED, trailers SEND). Failing open, the
 request body is BUFFERED and the response body STREAMED: Envoy keeps its copy of the bodies, so
 it can go on without the picker at any point (in full-duplex mode it can do so only until the
-first body chunk has reached the picker: envoyproxy/envoy#41276). `served_by_header` adds
-Envoy's own record of the upstream address to each response (`%UPSTREAM_REMOTE_ADDRESS%`).
+first body chunk has reached the picker: envoyproxy/envoy#41276); and `allow_mode_override`
+lets the picker skip the body of a response whose headers carry its usage (kvfleet replicas').
+`served_by_header` adds Envoy's own record of the upstream address to each response
+(`%UPSTREAM_REMOTE_ADDRESS%`).
 """
 
 from __future__ import annotations
@@ -131,7 +133,11 @@ def bootstrap(listen: str, picker: str | None, replicas: Sequence[str], fail_ope
             "failure_mode_allow": fail_open,
             "status_on_error": {"code": 503},
             "message_timeout": f"{message_timeout_s}s",
-            "processing_mode": BUFFERED_MODE if body_mode == "buffered" else FULL_DUPLEX_MODE}},
+            "processing_mode": BUFFERED_MODE if body_mode == "buffered" else FULL_DUPLEX_MODE,
+            # The picker may answer a response's headers with "no body, no trailers" (a replica
+            # that put the usage in a header: balancer/picker/ext_proc.py); Envoy ignores such
+            # an override in full-duplex mode.
+            "allow_mode_override": body_mode == "buffered"}},
         {"name": "envoy.filters.http.router", "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"}},
     ]
     if picker is None:

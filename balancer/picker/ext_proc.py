@@ -15,11 +15,17 @@ answer before the next phase's):
       or ─▶ ImmediateResponse: 400 (not JSON), 404 (model not served), 413, 503 (no replica,
            or none in the subset hint), with an OpenAI-style error body
     response_headers ─▶ status, content type; the answer adds `X-Kvfleet-Replica`
-    response_body × n ─▶ passed back as they came; the tail kept for `usage`
+    response_body × n ─▶ passed back as they came (a JSON answer in full duplex: one chunk
+        behind, its last chunk with the one before); the tail kept for `usage`
       end of stream ─▶ the booking ends: usage (cached and completion tokens), the decision
         audited, Booking.finish; a 5xx counts against the replica and ends it as failed (Envoy's
         response flags, `x-kvfleet-envoy-flags` from kvfleet's bootstraps, say whether the replica
         refused the connection: then the breaker opens at once; the header is removed)
+    or, a non-streamed response whose headers carry its usage (`X-Kvfleet-Usage`, from kvfleet
+      replicas) ─▶ the booking ends at its headers, and (body modes other than full duplex) the
+        answer's `mode_override` asks Envoy for no response body or trailers: one message less
+        each way (the bootstraps of envoy.py set `allow_mode_override`; an Envoy without it sends
+        the body anyway, and it is acknowledged as before)
     the gRPC stream closes before that (client gone, upstream reset) ─▶ Booking.finish(ok=False)
 
 Body modes. Envoy says its modes in the stream's first message (`protocol_config`; absent, the
@@ -62,11 +68,12 @@ from google.protobuf import struct_pb2
 from prometheus_client import Counter, Gauge
 
 from balancer.metrics import NO_REPLICA
-from balancer.proxy import attempt_metrics, json_model, note_usage
+from balancer.proxy import attempt_metrics, count_usage, json_model, note_usage
 from balancer.registry import ReplicaState
 from balancer.relay import REPLICA_HEADER
 from balancer.router import Booking
-from protocol.openai_api import APIError, GenerationRequest, decode_json_body, error_body, parse_for_routing
+from protocol.openai_api import (USAGE_HEADER, APIError, GenerationRequest, decode_json_body, error_body,
+                                 parse_for_routing, parse_usage_header)
 
 from balancer.picker.config import ENVOY_FLAGS_HEADER, SERVED_HEADER, SUBSET_KEY, SUBSET_NAMESPACE, PickerConfig
 
@@ -80,6 +87,12 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _MODE = processing_mode_pb2.ProcessingMode
 FULL_DUPLEX, BUFFERED, BUFFERED_PARTIAL, STREAMED, NONE = (_MODE.FULL_DUPLEX_STREAMED, _MODE.BUFFERED,
                                                            _MODE.BUFFERED_PARTIAL, _MODE.STREAMED, _MODE.NONE)
+_USAGE = USAGE_HEADER.lower()
+# Answers without content, the same for every stream (a message is not changed once built).
+_REQUEST_HEADERS_ACK = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_REQUEST_TRAILERS_ACK = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_RESPONSE_BODY_ACK = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_RESPONSE_TRAILERS_ACK = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
 class PickerMetrics:
@@ -186,6 +199,7 @@ class RequestStream:
         self.sse = False
         self.refused = False  # the picked replica refused Envoy's connection (its 503 is Envoy's)
         self.tail = bytearray()
+        self.held = b""  # full duplex, not SSE: the last response chunk, sent on with the next one
         self.events = 0  # SSE data events relayed, [DONE] included
         self.ttft_s: float | None = None
         self.finished = False  # the stream needs no more answers (refused, or its response ended)
@@ -209,7 +223,7 @@ class RequestStream:
             if msg.request_headers.end_of_stream or self.request_mode == NONE:
                 return self._pick(body=False)
             if self.request_mode in (BUFFERED, BUFFERED_PARTIAL):  # the body follows once answered
-                return [pb.ProcessingResponse(request_headers=pb.HeadersResponse())]
+                return [_REQUEST_HEADERS_ACK]
             if self.request_mode != FULL_DUPLEX:
                 return self._refuse(_Refusal(500, "misconfigured", error_body(
                     500, "the endpoint picker cannot pick from a request body in STREAMED mode (the headers go "
@@ -227,14 +241,15 @@ class RequestStream:
             return self._pick() if msg.request_body.end_of_stream else []
         if phase == "request_trailers":
             out = self._pick(trailers=True) if self.endpoint is None and not self.finished else []
-            return out if self.finished else out + [pb.ProcessingResponse(request_trailers=pb.TrailersResponse())]
+            return out if self.finished else out + [_REQUEST_TRAILERS_ACK]
         if phase == "response_headers":
             return self._response_headers(msg.response_headers)
         if phase == "response_body":
             return self._response_body(msg.response_body)
         if phase == "response_trailers":
             self._finish()
-            return [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
+            held, self.held = self.held, b""
+            return [*(_body_chunks(held, end=False, request=False) if held else []), _RESPONSE_TRAILERS_ACK]
         return []
 
     def _read_subset(self, md: base_pb2.Metadata) -> None:
@@ -387,12 +402,22 @@ class RequestStream:
             self._moved(served)
         mutation = _set_headers((REPLICA_HEADER.lower(), self.booking.replica_id)) if self.booking else None
         if mutation is not None:
-            mutation.remove_headers.append(ENVOY_FLAGS_HEADER)
-        out = [pb.ProcessingResponse(response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=mutation)))]
-        if msg.end_of_stream or self.response_mode == NONE:  # NONE: no body phase follows
+            mutation.remove_headers.extend((ENVOY_FLAGS_HEADER, _USAGE))
+        answer = pb.ProcessingResponse(response_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=mutation)))
+        # A non-streamed answer is complete before its headers leave the replica: with its usage
+        # in them, the body has nothing left to tell.
+        usage = None if self.sse or msg.end_of_stream else parse_usage_header(headers.get(_USAGE))
+        if usage is not None:
+            self.ttft_s = time.perf_counter() - self.arrival
+            if FULL_DUPLEX not in (self.request_mode, self.response_mode):  # Envoy ignores it in full duplex
+                answer.mode_override.CopyFrom(_MODE(
+                    request_body_mode=self.request_mode, response_header_mode=_MODE.SEND, response_body_mode=NONE,
+                    request_trailer_mode=_MODE.SKIP, response_trailer_mode=_MODE.SKIP))
+            self._finish(usage)
+        elif msg.end_of_stream or self.response_mode == NONE:  # NONE: no body phase follows
             self._finish()
-        return out
+        return [answer]
 
     def _response_body(self, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
         data = msg.body
@@ -404,16 +429,25 @@ class RequestStream:
             self.tail += data
             if len(self.tail) > _TAIL_BYTES:
                 del self.tail[:-_TAIL_BYTES]
-        if self.response_mode == FULL_DUPLEX:
+        if self.response_mode == FULL_DUPLEX and self.sse:
             out = _body_chunks(data, end=msg.end_of_stream, request=False)
+        elif self.response_mode == FULL_DUPLEX:
+            # A JSON answer is of use only whole: one chunk behind, so that its last (often empty,
+            # end-of-stream) chunk goes back with the one before it: one message less.
+            held, self.held = self.held, data
+            if msg.end_of_stream:
+                out, self.held = _body_chunks(held + data, end=True, request=False), b""
+            else:
+                out = _body_chunks(held, end=False, request=False) if held else []
         else:  # STREAMED or BUFFERED: acknowledged unchanged, Envoy sends its own copy on
-            out = [pb.ProcessingResponse(response_body=pb.BodyResponse())]
+            out = [_RESPONSE_BODY_ACK]
         if msg.end_of_stream:
             self._finish()
         return out
 
-    def _finish(self) -> None:
-        """The response ended (its last body chunk, its trailers, or headers alone)."""
+    def _finish(self, usage: dict | None = None) -> None:
+        """The response ended (its last body chunk, its trailers, or headers alone); `usage`: its
+        usage object when its headers said it, else it is read from the body's tail."""
         if self.finished:
             return
         self.finished = True
@@ -423,7 +457,8 @@ class RequestStream:
         b = self.p.b
         m = b.metrics
         replica = booking.replica
-        cached, output = note_usage(m, replica.replica_id, self.tail)
+        cached, output = count_usage(m, replica.replica_id, usage) if usage is not None \
+            else note_usage(m, replica.replica_id, self.tail)
         if output is None and self.sse and self.status == 200 and self.events > 1:
             # No usage chunk (the client did not ask for one): the SSE events relayed less [DONE].
             # vLLM and kvfleet replicas send one event per decoded token, so this is the output

@@ -61,9 +61,11 @@ def run_wrk(wrk: str, target: Target, body: bytes, duration: float, connections:
     if r.returncode != 0 or not m:
         raise RuntimeError(f"wrk failed: {(out + r.stderr)[-300:]}")
     lat = {q: float(v) * _UNIT[u] for q, v, u in _WRK_LAT.findall(out)}
+    total = re.search(r"(\d+) requests in", out)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     sock = re.search(r"Socket errors:(.*)", out)
-    return {"rps": float(m.group(1)), "p50_ms": lat.get("50"), "p99_ms": lat.get("99"),
+    return {"rps": float(m.group(1)), "requests": int(total.group(1)) if total else None,
+            "p50_ms": lat.get("50"), "p99_ms": lat.get("99"),
             "errors": (int(non2xx.group(1)) if non2xx else 0), "socket_errors": sock.group(1).strip() if sock else ""}
 
 
