@@ -6,14 +6,16 @@
  *   update(theta: array('d', 5), p: array('d', 25, row-major), x0..x4, y, lam, p_max) -> bool
  *   update6(theta: array('d', 6), p: array('d', 36, row-major), x0..x5, y, lam, p_max) -> bool
  *
- * (update6: the model with a replica's KV-tier load time as a sixth feature.) x is already
- * scaled. Returns False (and leaves both buffers alone) when the step would make either
- * non-finite. */
+ *   update_n(theta: array('d', n), p: array('d', n*n), x: array('d', n), y, lam, p_max) -> bool
+ *
+ * (update6: the model with a replica's KV-tier load time as a sixth feature; update_n: any n up
+ * to NMAX, the KV-tier load model of up to nine features.) x is already scaled. Returns False
+ * (and leaves both buffers alone) when the step would make either non-finite. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 
-#define NMAX 6
+#define NMAX 9
 
 /* The step for n features on t (n) and p (n*n) in place; 1 if applied, 0 if non-finite. */
 static int rls_step(int n, double *t, double *p, const double *x, double y, double lam, double pmax) {
@@ -71,9 +73,31 @@ static PyObject *rls_update(PyObject *self, PyObject *args) { return rls_update_
 
 static PyObject *rls_update6(PyObject *self, PyObject *args) { return rls_update_n(args, 6, "w*w*ddddddddd"); }
 
+static PyObject *rls_update_any(PyObject *self, PyObject *args) {
+    Py_buffer tb, pb, xb;
+    double y, lam, pmax;
+    if (!PyArg_ParseTuple(args, "w*w*y*ddd", &tb, &pb, &xb, &y, &lam, &pmax))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = tb.len / (Py_ssize_t)sizeof(double);
+    if (n < 1 || n > NMAX || tb.itemsize != sizeof(double) || pb.itemsize != sizeof(double) ||
+        xb.itemsize != sizeof(double) || tb.len != n * (Py_ssize_t)sizeof(double) ||
+        pb.len != n * n * (Py_ssize_t)sizeof(double) || xb.len != n * (Py_ssize_t)sizeof(double)) {
+        PyErr_Format(PyExc_ValueError, "theta and x must be array('d') of the same n <= %d and p array('d') of n*n", NMAX);
+        goto done;
+    }
+    result = PyBool_FromLong(rls_step((int)n, (double *)tb.buf, (double *)pb.buf, (const double *)xb.buf, y, lam, pmax));
+done:
+    PyBuffer_Release(&tb);
+    PyBuffer_Release(&pb);
+    PyBuffer_Release(&xb);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"update", rls_update, METH_VARARGS, "One RLS step on array('d') theta (5) and p (25), in place."},
     {"update6", rls_update6, METH_VARARGS, "One RLS step on array('d') theta (6) and p (36), in place."},
+    {"update_n", rls_update_any, METH_VARARGS, "One RLS step on array('d') theta (n <= 9), p (n*n) and x (n), in place."},
     {NULL, NULL, 0, NULL},
 };
 

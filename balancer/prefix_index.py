@@ -83,6 +83,9 @@ except ImportError:  # extension not built (no C compiler at install time): Dict
 NATIVE_TABLE: bool = _BlockTable is not None
 
 DEFAULT_MEDIUM = "GPU"  # a publisher that sends no medium (vLLM < 0.10) meant the GPU
+# vLLM's media for the offload tiers (vllm/v1/kv_offload/mediums.py, as replica/kv_offload.py).
+MEDIUM_HOST = "CPU"
+MEDIUM_DISK = "Disk"
 _U64 = (1 << 64) - 1
 _digest = xxhash.xxh3_64_intdigest
 _MAX_INTERNED_MASKS = 65_536
@@ -496,6 +499,38 @@ class PrefixIndex:
             extra = n - get(rid, 0)
             if extra > 0:
                 out[rid] = extra
+        return out
+
+    def match_disk(self, hashes: Sequence[int], device: Mapping[str, int],
+                   offloaded: Mapping[str, int]) -> dict[str, int]:
+        """Of each replica's lower-tier hit (`offloaded[r]` blocks after its device prefix
+        `device[r]`: what `match_offloaded` returned), the blocks its host tier ("CPU") does not
+        hold but its disk tier ("Disk") does: those its engine loads from disk (a block in both
+        comes from the host, the highest tier holding it, as replica/kv_offload.py looks up).
+        Replicas with none are absent; {} at once while no replica has published a Disk block.
+        A block in a third medium ends the count (priced as host). Does not modify the index."""
+        disk = self._tables.get(MEDIUM_DISK)
+        if not disk or not offloaded:
+            return {}
+        host = self._tables.get(MEDIUM_HOST)
+        owners = self._owners
+        out: dict[str, int] = {}
+        for rid, n in offloaded.items():
+            pos = device.get(rid, 0)
+            end = pos + n
+            on_disk = 0
+            while pos < end:  # alternate runs of host and disk blocks, each one C walk
+                if host:
+                    pos += host.match(hashes[pos:end], owners).get(rid, 0)
+                    if pos >= end:
+                        break
+                run = disk.match(hashes[pos:end], owners).get(rid, 0)
+                if not run:
+                    break
+                on_disk += run
+                pos += run
+            if on_disk:
+                out[rid] = on_disk
         return out
 
     def replica_block_hashes(self, replica_id: str, medium: str = DEFAULT_MEDIUM) -> set[int]:

@@ -233,6 +233,7 @@ class Router:
             self.digests.overlay(matched, p.block_hashes, self.uses_digest)
             for rid in [rid for rid in offloaded if self.uses_digest(rid)]:
                 del offloaded[rid]  # a digest describes one tier: its replicas' index entries are unused
+        on_disk = self.index.match_disk(p.block_hashes, matched, offloaded)  # {} without a disk tier
         approx = self.approx.match(p.block_hashes, self.clock())
         for rid, n in approx.items():
             if not self.has_events(rid):
@@ -256,6 +257,7 @@ class Router:
             extra_prefill_tokens=p.extra_prompt_tokens,
             lora_name=p.lora_name,
             offloaded_blocks=offloaded,
+            offloaded_disk_blocks=on_disk,
         )
 
     def candidates(self, rr: RoutingRequest, usable: Sequence[ReplicaState]) -> Sequence[ReplicaView]:

@@ -13,13 +13,28 @@ enough samples of its own), so the balancer knows what a prefill token and a dec
 on each replica without anyone setting it.
 
 A replica with a KV offload tier also reports, per step, the prompt tokens whose KV it loaded
-from host memory (or disk) instead of computing them. Their cost is a sixth coefficient,
-θload seconds per loaded token (`load_cost`), fitted jointly with the others: the model gains
-the feature when the first step that loaded arrives (θload starts at LOAD_PRIOR, independent of
-the others, which is what an RLS with that prior would have held until then, since the feature
-was 0), and from then on every step is fitted on six features (the C step takes
-five and six features, balancer/_rls.c). A fleet that never loads keeps the five-feature model,
-exactly as before. One sample is ~1 µs in C (balancer/_rls.c), ~8 µs in its Python oracle.
+from host memory (or disk) instead of computing them. They join the model as a sixth feature,
+fitted jointly with the others, so that a load's time is not read as prefill work: the model
+gains it when the first step that loaded arrives (its coefficient starts at LOAD_PRIOR,
+independent of the others, which is what an RLS with that prior would have held until then,
+since the feature was 0), and from then on every step is fitted on six features (the C step
+takes five, six, or any number up to nine, balancer/_rls.c). A fleet that never loads keeps
+the five-feature model, exactly as before. One sample is ~1 µs in C, ~8 µs in its Python oracle.
+
+That sixth coefficient keeps the load time out of the other five, but it is not the load time:
+a loaded token is also context that the step's prefill chunk attends to, and the attention
+cost (new × context, the step model's quadratic term) is not among the five features, so θpctx
+stands in for it at the average chunk size. On Mooncake a load comes with a short uncached tail
+(little attention per context token) while later chunks of long prompts are full (much), so
+θpctx overprices a loading step's context and the sixth coefficient went to 0: a host hit
+priced as free. The load time (`load_cost`) is therefore read off a second fit, the tier model,
+started with the first step that loads: the five features plus the two the step model has and
+they lack — the prefill chunks' attention, Σ new × (context + new / 2)
+(`StepSample.prefill_attention`), and the prefill sequences (per-sequence overhead) — and one
+load feature per medium, host memory and (from the first disk load) disk, each token priced
+by its own tier's link. With the step model's own features the fit is exact for a simulated
+replica and θload is identified. The policy's prefill estimates keep the five coefficients of
+the first fit, whose θpctx is what they are built on (balancer/policies/predictive.py).
 """
 
 from __future__ import annotations
@@ -40,6 +55,11 @@ _P_MAX = 1e4  # cap on trace(P) in scaled units (the prior starts at 5 / prior_s
 # computing it: Llama-3-8B holds 128 KiB per token, ~2.6 µs at ~50 GB/s, against ~30 µs of
 # compute on an H100).
 LOAD_PRIOR = 1.0e-5
+# Per token loaded from a local disk tier, before any disk load was seen: LOAD_PRIOR × 9, the
+# ratio of PCIe Gen5's ~51 GB/s to an NVMe SSD's ~5.6 GB/s (replica/step_model.py's _PCIE and
+# _NVME figures).
+DISK_LOAD_PRIOR = 9.0e-5
+MEDIA = ("CPU", "Disk")  # the tier model's load features, in order (replica/kv_offload.py's media)
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,11 @@ class LearnerConfig:
 
 
 _SCALE = (1.0, 1e-3, 1e-2, 1e-5, 1e-5, 1e-3)  # the sixth: loaded tokens (scaled as prefill ones)
+# The tier model (module docstring): the five features, prefill attention (token × context
+# pairs), prefill sequences, tokens loaded from host memory, then from disk.
+_TIER_SCALE = (*_SCALE[:5], 1e-8, 1e-2, 1e-3, 1e-3)
+_TIER_PRIOR = (*PRIOR, 1.0e-9, 0.0, LOAD_PRIOR)  # the disk feature joins later (DISK_LOAD_PRIOR)
+_TIER_COMPUTE = 7  # features before the load ones
 
 try:  # the C step (balancer/_rls.c); the Python one below is its oracle and the fallback
     from balancer import _rls
@@ -69,8 +94,9 @@ try:  # the C step (balancer/_rls.c); the Python one below is its oracle and the
 
     NATIVE = True
     _update6_native = getattr(_rls, "update6", None)  # None: an extension built before the load feature
+    _update_any_native = getattr(_rls, "update_n", None)  # None: built before the tier model
 except ImportError:  # pragma: no cover - built on install where a C compiler exists
-    _update_native = _update6_native = None
+    _update_native = _update6_native = _update_any_native = None
     NATIVE = False
 
 
@@ -101,23 +127,35 @@ def _update_n(theta: array, p: array, x: Sequence[float], y: float, lam: float, 
 
 
 class _RLS:
-    __slots__ = ("theta", "p", "n", "lam", "update_fn")
+    __slots__ = ("theta", "p", "n", "lam", "update_fn", "scale", "any_n", "_x")
 
-    def __init__(self, prior: np.ndarray, strength: float, lam: float, native: bool = NATIVE) -> None:
+    def __init__(self, prior: Sequence[float], strength: float, lam: float, native: bool = NATIVE,
+                 scale: Sequence[float] = _SCALE) -> None:
         # Features differ by orders of magnitude (1 vs thousands of tokens): scale them so P
         # starts well conditioned. State as flat float arrays: one sample is a handful of
         # multiply-adds, which numpy's per-call overhead would multiply by ten.
-        self.theta = array("d", (float(v) / s for v, s in zip(prior, _SCALE)))
+        self.any_n = scale is not _SCALE  # the tier model: the C step for any n
+        self.scale = tuple(scale)
+        self.theta = array("d", (float(v) / s for v, s in zip(prior, self.scale)))
         self.p = array("d", (np.eye(len(prior)) / strength).ravel())
         self.n = 0
         self.lam = lam
         self.update_fn = _update_native if native and _update_native is not None else _update_py
+        self._x = array("d", bytes(8 * len(self.theta)))  # the scaled sample, for the C step of any n
 
     def update(self, x: Sequence[float], y: float) -> None:
         # Anti-windup (in the step): with forgetting, directions the data never excites (e.g.
         # only decode steps for a while) make P grow by 1/λ per sample without bound; its trace
         # is capped at _P_MAX.
-        if len(self.theta) == 5:
+        if self.any_n:
+            if self.update_fn is _update_native and _update_any_native is not None:
+                xs = self._x
+                for i, (v, sc) in enumerate(zip(x, self.scale)):
+                    xs[i] = v * sc
+                _update_any_native(self.theta, self.p, xs, float(y), self.lam, _P_MAX)
+            else:
+                _update_n(self.theta, self.p, [v * sc for v, sc in zip(x, self.scale)], float(y), self.lam, _P_MAX)
+        elif len(self.theta) == 5:
             self.update_fn(self.theta, self.p, x[0] * _SCALE[0], x[1] * _SCALE[1], x[2] * _SCALE[2],
                            x[3] * _SCALE[3], x[4] * _SCALE[4], float(y), self.lam, _P_MAX)
         elif self.update_fn is _update_native and _update6_native is not None:
@@ -127,22 +165,27 @@ class _RLS:
             _update_n(self.theta, self.p, [v * sc for v, sc in zip(x, _SCALE)], float(y), self.lam, _P_MAX)
         self.n += 1
 
-    def add_load_feature(self, strength: float) -> None:
-        """Add θload (prior LOAD_PRIOR, uncorrelated with the rest: P gains a diagonal entry)."""
+    def add_load_feature(self, strength: float, prior: float = LOAD_PRIOR) -> None:
+        """Add a load feature (prior `prior`, uncorrelated with the rest: P gains a diagonal entry)."""
         n = len(self.theta)
         p = array("d", [0.0]) * ((n + 1) * (n + 1))
         for i in range(n):
             p[(n + 1) * i : (n + 1) * i + n] = self.p[n * i : n * i + n]
         p[(n + 1) * n + n] = 1.0 / strength
         self.p = p
-        self.theta.append(LOAD_PRIOR / _SCALE[n])
+        self.theta.append(prior / self.scale[n])
+        self._x.append(0.0)
 
     def coef(self) -> np.ndarray:
-        return np.maximum(np.frombuffer(self.theta, dtype=float) * np.asarray(_SCALE[: len(self.theta)]), 0.0)
+        return np.maximum(np.frombuffer(self.theta, dtype=float) * np.asarray(self.scale[: len(self.theta)]), 0.0)
 
-    def load_coef(self) -> float:
-        """θload in seconds per loaded token (LOAD_PRIOR while the model has no such feature)."""
-        return max(self.theta[5] * _SCALE[5], 0.0) if len(self.theta) > 5 else LOAD_PRIOR
+    def load_coef(self, medium: str = MEDIA[0]) -> float:
+        """The tier model's seconds per token loaded from `medium` (its prior before that
+        medium's feature joined)."""
+        i = _TIER_COMPUTE + MEDIA.index(medium)
+        if len(self.theta) > i:
+            return max(self.theta[i] * self.scale[i], 0.0)
+        return DISK_LOAD_PRIOR if medium == "Disk" else LOAD_PRIOR
 
 
 class StepLearner:
@@ -150,6 +193,10 @@ class StepLearner:
         self.config = config
         self._fleet = _RLS(PRIOR, config.prior_strength, config.forgetting)
         self._replicas: dict[str, _RLS] = {}
+        # The tier models (module docstring), from the first step that loads: fleet-wide, and a
+        # replica's own with per_replica.
+        self._fleet_tier: _RLS | None = None
+        self._replica_tiers: dict[str, _RLS] = {}
         self._last_start: dict[str, float] = {}
         self.max_step_tokens: dict[str, int] = {}  # largest step seen per replica (a lower bound on its budget)
         self._fleet_max_step = 0  # largest step seen on any replica
@@ -192,6 +239,8 @@ class StepLearner:
                 r.update(x, s.duration)
             s_end, s_dur = s.start + s.duration, s.duration
             fleet.update(x, s.duration)
+            if loaded or self._fleet_tier is not None:
+                self._observe_tier(replica_id, s, x, loaded)
             tokens = s.prefill_tokens + s.decode_tokens
             if tokens > self.max_step_tokens.get(replica_id, 0):
                 self.max_step_tokens[replica_id] = tokens
@@ -203,6 +252,29 @@ class StepLearner:
             self._last_step[replica_id] = (s_end, s_dur)
             self._theta.clear()
         return n
+
+    def _observe_tier(self, replica_id: str, s, x: tuple, loaded: int) -> None:
+        """One step into the tier models: `x`'s five compute features, the prefill attention
+        and sequences, the tokens loaded per medium."""
+        disk = getattr(s, "loaded_disk_tokens", 0)
+        attention = getattr(s, "prefill_attention", 0.0)
+        if not attention and s.prefill_tokens:  # not reported: exact for one prefill chunk
+            attention = s.prefill_tokens * (x[4] + s.prefill_tokens / 2)
+        xt = (*x[:5], attention, max(s.num_seqs - s.decode_tokens, 0), loaded - disk, disk)
+        cfg = self.config
+        models = [self._fleet_tier]
+        if models[0] is None:
+            models[0] = self._fleet_tier = _RLS(_TIER_PRIOR, cfg.prior_strength, cfg.forgetting, scale=_TIER_SCALE)
+        if cfg.per_replica:
+            own = self._replica_tiers.get(replica_id)
+            if own is None:
+                own = self._replica_tiers[replica_id] = _RLS(_TIER_PRIOR, cfg.prior_strength, cfg.forgetting,
+                                                             scale=_TIER_SCALE)
+            models.append(own)
+        for m in models:
+            if disk and len(m.theta) < len(xt):  # the first disk load: its feature joins
+                m.add_load_feature(cfg.prior_strength, DISK_LOAD_PRIOR)
+            m.update(xt[: len(m.theta)], s.duration)
 
     def _model(self, replica_id: str) -> _RLS:
         r = self._replicas.get(replica_id)
@@ -224,11 +296,17 @@ class StepLearner:
             t = self._theta[key] = tuple(float(v) for v in self.coefficients(replica_id))
         return t
 
-    def load_cost(self, replica_id: str) -> float:
-        """θload: seconds per prompt token the replica loads from a lower KV tier instead of
-        computing it (LOAD_PRIOR until a step that loaded was seen), from the same model as
-        `coefficients` (fleet-wide, or the replica's own)."""
-        return self._model(replica_id).load_coef()
+    def load_cost(self, replica_id: str, medium: str = MEDIA[0]) -> float:
+        """θload: seconds per prompt token the replica loads from its `medium` KV tier ("CPU":
+        host memory, "Disk") instead of computing it, from the tier model (module docstring;
+        LOAD_PRIOR, DISK_LOAD_PRIOR for the disk, until a step that loaded from it was seen),
+        fleet-wide or the replica's own as for `coefficients`."""
+        own = self._replica_tiers.get(replica_id)
+        if self.config.per_replica and own is not None and own.n >= self.config.min_samples:
+            return own.load_coef(medium)
+        if self._fleet_tier is None:
+            return DISK_LOAD_PRIOR if medium == "Disk" else LOAD_PRIOR
+        return self._fleet_tier.load_coef(medium)
 
     def step_budget(self, replica_id: str, default: int) -> int:
         """A replica's per-step token budget: the largest step seen, `default` before any.
@@ -259,6 +337,7 @@ class StepLearner:
 
     def forget(self, replica_id: str) -> None:
         self._replicas.pop(replica_id, None)
+        self._replica_tiers.pop(replica_id, None)
         self._last_start.pop(replica_id, None)
         self.max_step_tokens.pop(replica_id, None)
         self._last_step.pop(replica_id, None)

@@ -73,6 +73,12 @@ class StepSample:
     # Prompt tokens whose KV this step loaded from an offload tier (host memory, disk) into the
     # pool before it ran, instead of computing them (replica/kv_offload.py); 0 without tiers.
     loaded_tokens: int = 0
+    # Of those, the tokens loaded from the disk tier (the rest came from host memory).
+    loaded_disk_tokens: int = 0
+    # The prefill chunks' attention work, Σ new_i × (context_i + new_i / 2) over the step's
+    # prefill chunks (replica.step_model.StepFeatures.prefill_ctx_product); 0: not reported (an
+    # older replica).
+    prefill_attention: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +170,7 @@ def split_extras_message(frames: Sequence[bytes]) -> tuple[bytes, int, bytes]:
 # --- load reports -------------------------------------------------------------------------------
 
 _STEP_FIELDS = ("start", "duration", "prefill_tokens", "decode_tokens", "num_seqs", "context_tokens",
-                "decode_context_tokens", "loaded_tokens")
+                "decode_context_tokens", "loaded_tokens", "loaded_disk_tokens", "prefill_attention")
 
 
 def encode_load(report: LoadReport) -> bytes:
@@ -185,7 +191,8 @@ def encode_load(report: LoadReport) -> bytes:
         "kv_usage": float(report.kv_usage),
         "num_preemptions_total": report.num_preemptions_total,
         "steps": [[float(s.start), float(s.duration), s.prefill_tokens, s.decode_tokens, s.num_seqs, s.context_tokens,
-                   s.decode_context_tokens, s.loaded_tokens] for s in report.steps],
+                   s.decode_context_tokens, s.loaded_tokens, s.loaded_disk_tokens, float(s.prefill_attention)]
+                  for s in report.steps],
         "loras": list(report.loras),
         "lora_load_s": float(report.lora_load_s),
         "tiers": [[t.medium, t.blocks, t.capacity] for t in report.tiers],
@@ -221,7 +228,8 @@ def decode_load(payload: bytes) -> LoadReport:
             raise EventDecodeError(f"a step sample is an array {_STEP_FIELDS}, got {raw!r}")
         steps.append(StepSample(float(raw[0]), float(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]),
                                 int(raw[5]) if len(raw) > 5 else 0, int(raw[6]) if len(raw) > 6 else 0,
-                                int(raw[7]) if len(raw) > 7 else 0))
+                                int(raw[7]) if len(raw) > 7 else 0, int(raw[8]) if len(raw) > 8 else 0,
+                                float(raw[9]) if len(raw) > 9 else 0.0))
     replica_id = obj.get("replica_id")
     if not isinstance(replica_id, str):
         raise EventDecodeError("load report replica_id must be a string")

@@ -21,6 +21,7 @@ from protocol.hashing import root_hash
 from protocol.load import StepSample
 from protocol.tokenizer import IncrementalDetokenizer
 from replica.kv_cache_manager import KVCacheManager
+from replica.kv_offload import MEDIUM_DISK
 from replica.lora import AdapterSlots, LoraTag
 from replica.request import Request, RequestStatus, SamplingParams
 from replica.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -171,25 +172,31 @@ class LLMEngine:
         text or stop strings, reads the requests directly."""
         sched = self.scheduler
         offload = self.kv.offload
+        disk = offload.tier(MEDIUM_DISK) if offload is not None else None
         loaded = offload.loaded_blocks_total if offload is not None else 0
+        loaded_disk = disk.stats.loaded_blocks if disk is not None else 0
         out = sched.schedule()
         if out.empty:
             return []
         if offload is not None:  # blocks this step's admissions load from a tier (not computed)
             loaded = (offload.loaded_blocks_total - loaded) * self.kv.block_size
+            loaded_disk = (disk.stats.loaded_blocks - loaded_disk) * self.kv.block_size if disk is not None else 0
         start = self.clock()
         context = decode_context = 0
+        attention = 0.0  # Σ new × (context + new / 2) over prefill chunks, as step_model.features_of
         for req, num_new, _ in out.scheduled:
             context += req.num_computed_tokens + num_new
             if num_new == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
                 decode_context += req.num_computed_tokens
+            else:
+                attention += num_new * (req.num_computed_tokens + num_new / 2)
         features = features_of(out.scheduled) if self.step_log is not None else None
         sampled = self.executor.execute(out)
         touched = sched.update_from_output(out, sampled)
         end = self.clock()
         self.steps.append(
             StepSample(start, end - start, out.num_prefill_tokens, out.num_decode_tokens, len(out.scheduled), context,
-                       decode_context, loaded)
+                       decode_context, loaded, loaded_disk, attention)
         )
         if features is not None:
             self.step_log.append(StepRecord(self.num_steps, start, end - start, features, sched.has_unfinished()))

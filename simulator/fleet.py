@@ -498,6 +498,13 @@ class FleetSimulation:
             extra["sessions"] = {k: sum(r[k] for r in routed) for k in routed[0]}
         if len(self.instances) > 1:
             extra["agreement"] = self.agreed / self.compared if self.compared else 1.0
+        learner = getattr(self.policy, "learner", None)
+        if self.cfg.host_kv_blocks and learner is not None:  # what the policy learned a load costs, and the truth
+            cost = fleet_tier_cost(self.cfg.preset, self.cfg.block_size, self.cfg.host_link)
+            media = ("CPU", "Disk") if self.cfg.disk_kv_blocks else ("CPU",)
+            extra["load_s_per_token"] = {
+                m: {"learned": learner.load_cost(self._url[next(iter(self.replicas))], m),
+                    "true": cost.seconds(m, "GPU", 1) / self.cfg.block_size} for m in media}
         if self.cfg.disaggregated:
             split = [r for r in records if r.prefill_replica]
             extra["disagg"] = {

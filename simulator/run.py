@@ -25,6 +25,7 @@ from balancer.sessions import SessionConfig
 from simulator.bounds import Bounds, compute_bounds
 from simulator.fleet import MODEL, FleetConfig, FleetSimulation, Prompt, SimRequest, SimResult
 from simulator.kv_link import KV_LINKS, KvLink
+from simulator.tiers import fleet_tier_cost
 
 
 # What a live fleet adds per request outside the engines, measured on this project's 2-core
@@ -175,6 +176,7 @@ def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
         "steps": res.steps, "wall_s": res.wall_s,
         **({"sessions": res.extra["sessions"]} if "sessions" in res.extra else {}),
         **({"warmups": res.extra["warmups"]} if "warmups" in res.extra else {}),
+        **({"load_s_per_token": res.extra["load_s_per_token"]} if "load_s_per_token" in res.extra else {}),
         **({"disagg": {k: v for k, v in res.extra["disagg"].items() if k != "roles"}} if "disagg" in res.extra else {}),
     }
 
@@ -219,7 +221,10 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
     chunk = cfg.max_num_batched_tokens or p.max_num_batched_tokens
     bounds: Bounds = compute_bounds(chains, [r.input_length for r in served], bs, p.model, chunk,
                                     capacity_blocks=cfg.replicas * (cfg.kv_blocks or p.kv_blocks),
-                                    fixed_latency_s=cfg.request_latency_s + cfg.response_latency_s)
+                                    fixed_latency_s=cfg.request_latency_s + cfg.response_latency_s,
+                                    tier_blocks=(("CPU", cfg.replicas * cfg.host_kv_blocks),
+                                                 ("Disk", cfg.replicas * cfg.disk_kv_blocks)),
+                                    tier_cost=fleet_tier_cost(p, bs, cfg.host_link))
     util, demand = offered_load(reqs, cfg)
     factor = 1.0
     if cfg.load is not None:
@@ -241,7 +246,10 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
            "bounds": {"infinite_cache_hit_rate": bounds.infinite_cache_hit_rate,
                       "pooled_cache_hit_rate": bounds.pooled_cache_hit_rate,
                       "ideal_mean_ttft_s": bounds.ideal_ttft_mean, "ideal_median_ttft_s": bounds.ideal_ttft_p50,
-                      "ideal_p99_ttft_s": bounds.ideal_ttft_p99},
+                      "ideal_p99_ttft_s": bounds.ideal_ttft_p99,
+                      **({"pooled_lower_hit_rate": bounds.pooled_lower_hit_rate,
+                          "pooled_mean_ttft_s": bounds.pooled_ttft_mean, "pooled_p99_ttft_s": bounds.pooled_ttft_p99}
+                         if bounds.pooled_ttft_mean is not None else {})},
            "policies": []}
     for name in cfg.policies:
         fleet = FleetSimulation(fleet_config(cfg, name), predictor=make_predictor(cfg))
@@ -263,7 +271,11 @@ def table(out: dict) -> str:
     b = out["bounds"]
     rows.append(["(bound: ideal / infinite cache)", f"{b['ideal_mean_ttft_s']:.3f}", f"{b['ideal_median_ttft_s']:.3f}",
                  f"{b['ideal_p99_ttft_s']:.3f}", "", "", "", f"{b['infinite_cache_hit_rate']:.3f}", "", "", ""])
-    rows.append(["(bound: pooled cache)", "", "", "", "", "", "", f"{b['pooled_cache_hit_rate']:.3f}", "", "", ""])
+    if "pooled_mean_ttft_s" in b:  # with offload tiers: the pooled hierarchy's TTFT, its loads priced
+        rows.append(["(bound: pooled cache + tiers)", f"{b['pooled_mean_ttft_s']:.3f}", "", f"{b['pooled_p99_ttft_s']:.3f}",
+                     "", "", "", f"{b['pooled_cache_hit_rate']:.3f}", "", "", ""])
+    else:
+        rows.append(["(bound: pooled cache)", "", "", "", "", "", "", f"{b['pooled_cache_hit_rate']:.3f}", "", "", ""])
     return md_table(rows)
 
 

@@ -298,8 +298,11 @@ def cell_row(spec: SweepSpec, cell: Cell, by_policy: dict[str, dict]) -> dict:
         "mean_e2e_s": cand["mean_e2el_s"],
         "hit_rate": cand["cache_hit_rate"], "peer_hit_rate": peer["cache_hit_rate"],
         "pooled_hit_rate": b["pooled_cache_hit_rate"], "infinite_hit_rate": b["infinite_cache_hit_rate"],
+        # with offload tiers: the pooled hierarchy's lower-tier hits and TTFT (simulator/bounds.py)
+        **{k: b[k] for k in ("pooled_lower_hit_rate", "pooled_mean_ttft_s", "pooled_p99_ttft_s") if k in b},
         "policies": {p: {k: r["policy"][k] for k in ("mean_ttft_s", "p99_ttft_s", "mean_tpot_s", "mean_e2el_s",
                                                      "cache_hit_rate", "wall_s", "completed")}
+                     | ({"load_s_per_token": r["policy"]["load_s_per_token"]} if "load_s_per_token" in r["policy"] else {})
                      for p, r in by_policy.items()},
     }
 

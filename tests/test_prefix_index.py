@@ -217,6 +217,35 @@ def test_tier_of_each_block_per_replica() -> None:
     idx.check_integrity()
 
 
+def test_disk_blocks_of_a_lower_tier_hit_are_told_from_host_ones() -> None:
+    """A replica with a host and a disk tier: of the blocks after its device prefix, those only
+    on disk (loaded over the slower link) are counted apart; a block on both is a host one."""
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(8)
+    ours = hash_blocks(tokens, BS, ROOT)
+    idx.apply("r0", BlockStored(tuple(ours[:2]), None, tuple(tokens[:8]), BS))  # device: blocks 0, 1
+    idx.apply("r0", BlockStored(tuple(ours[2:4]), ours[1], tuple(tokens[8:16]), BS, medium="CPU"))
+    device = idx.match(ours)
+    offloaded = idx.match_offloaded(ours, device)
+    assert offloaded == {"r0": 2} and idx.match_disk(ours, device, offloaded) == {}  # no disk published
+    # Blocks 4, 5 on disk, 6 on host again, 7 on both: 2 of the 6 lower-tier blocks come from disk.
+    idx.apply("r0", BlockStored(tuple(ours[4:6]), ours[3], tuple(tokens[16:24]), BS, medium="Disk"))
+    idx.apply("r0", BlockStored((ours[6],), ours[5], tuple(tokens[24:28]), BS, medium="CPU"))
+    idx.apply("r0", BlockStored((ours[7],), ours[6], tuple(tokens[28:32]), BS, medium="CPU"))
+    idx.apply("r0", BlockStored((ours[7],), ours[6], tuple(tokens[28:32]), BS, medium="Disk"))
+    idx.apply("r1", BlockStored(tuple(ours[:1]), None, tuple(tokens[:4]), BS, medium="Disk"))
+    idx.check_integrity()
+    device = idx.match(ours)
+    offloaded = idx.match_offloaded(ours, device)
+    assert device == {"r0": 2} and offloaded == {"r0": 6, "r1": 1}
+    assert idx.match_disk(ours, device, offloaded) == {"r0": 2, "r1": 1}
+    # The disk copies go: the chain ends after the host blocks 2, 3.
+    idx.apply("r0", BlockRemoved(tuple(ours[4:6]), medium="Disk"))
+    offloaded = idx.match_offloaded(ours, device)
+    assert offloaded == {"r0": 2, "r1": 1} and idx.match_disk(ours, device, offloaded) == {"r1": 1}
+    idx.check_integrity()
+
+
 def test_a_lower_tier_after_many_device_blocks_builds_the_union_once() -> None:
     idx = PrefixIndex(BS, MODEL)
     chains = [toks(3, 1 + 1000 * i) for i in range(5)]

@@ -76,6 +76,9 @@ class RoutingRequest:
     # (PrefixIndex.match_offloaded). Empty where no replica publishes a non-GPU medium.
     offloaded_blocks: Mapping[str, int] = field(default_factory=dict)
     warmup: bool = False  # a prefill-only warm-up the router booked for a Decision.warm, no client's
+    # replica id -> of those, the blocks it holds on disk only, loaded over the disk's own (slower)
+    # link (PrefixIndex.match_disk); the rest come from host memory. Empty without a disk tier.
+    offloaded_disk_blocks: Mapping[str, int] = field(default_factory=dict)
 
     def rng(self) -> random.Random:
         return random.Random(self.rng_seed)

@@ -41,8 +41,9 @@ reports (`balancer.step_learner`: θ0 per step, θtok per new token, θseq per d
     tier   = for the H tokens after r's device prefix that r holds in a lower KV tier (host
              memory, disk: `request.offloaded_blocks`), which r loads instead of computing: they
              leave U (and join M as context) and cost θload·H, θload seconds per loaded token
-             learned from the replicas' step reports like the other coefficients
-             (StepLearner.load_cost); the step that loads is that much longer, so it adds to our
+             learned from the replicas' step reports like the other coefficients, one per medium
+             (StepLearner.load_cost: host memory, and disk for the blocks r holds on disk only,
+             `request.offloaded_disk_blocks`); the step that loads is that much longer, so it adds to our
              TTFT, to `work`, and once to each of the D running. Loaded blocks need device
              blocks as computed ones do (kv_wait, memory count U + H). `tier_aware` false: H
              counts as uncached, recomputed (what a tier-blind policy assumes).
@@ -166,7 +167,8 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
              stale_s: float, others_weight: float = 1.0, busy_s: float = 0.0, cached_waiting: int = 0,
              fleet_waiting: float = 0.0, running_remaining: float = 0.0,
              queue_in_memory: bool = True, adapter_load_s: float = 0.0,
-             fleet_running: float | None = None, load_per_token: float | None = None) -> dict[str, float]:
+             fleet_running: float | None = None, load_per_token: float | None = None,
+             disk_load_per_token: float | None = None) -> dict[str, float]:
     """The cost terms for one replica (seconds); see the module docstring. Pure.
 
     busy_s: rest of the step in flight; cached_waiting: prompt tokens of r's waiting requests
@@ -175,7 +177,8 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
     adapter_load_s: the LoRA adapter load this request makes r do first (0: none);
     fleet_running: the fleet's mean running sequences, to charge only r's excess over it (None: all);
     load_per_token: θload, seconds per token loaded from a lower KV tier (None: such a hit is
-    recomputed, not loaded)."""
+    recomputed, not loaded); disk_load_per_token: the same for the disk tier's blocks (None:
+    priced as host ones)."""
     t_step, t_tok, t_seq, t_ctx, t_pctx = theta
     bs = request.block_size
     rid = view.replica_id
@@ -184,6 +187,9 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
     if load_per_token is not None and request.offloaded_blocks:
         loaded = min(request.offloaded_blocks.get(rid, 0) * bs, max(request.prompt_tokens - matched - 1, 0))
     tier_s = loaded * load_per_token if loaded else 0.0
+    if loaded and disk_load_per_token is not None and request.offloaded_disk_blocks:
+        disk = min(request.offloaded_disk_blocks.get(rid, 0) * bs, loaded)
+        tier_s += disk * (disk_load_per_token - load_per_token)
     matched += loaded
     u = max(1, request.prompt_tokens - matched) + request.extra_prefill_tokens
     seqs = request.sequences
@@ -317,11 +323,12 @@ class PredictivePolicy(Policy):
         for v in sorted(replicas, key=lambda r: r.replica_id):
             theta = self.learner.theta(v.replica_id)
             load = self.learner.load_cost(v.replica_id) if tiers else None
+            disk = self.learner.load_cost(v.replica_id, "Disk") if tiers and request.offloaded_disk_blocks else None
             k = self.learner.step_budget(v.replica_id, cfg.default_step_tokens)
             cached_waiting, remaining = self._inflight_stats(v, out)
             s = estimate(v, request, theta, k, out, cfg.stale_report_s, cfg.others_weight,
                          self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining,
-                         cfg.queue_in_memory, self._adapter_load_s(request, v), fleet_running, load)
+                         cfg.queue_in_memory, self._adapter_load_s(request, v), fleet_running, load, disk)
             scores[v.replica_id] = s
             if cfg.recompute_waste:
                 stall[v.replica_id] = s["decoding"] * theta[1]  # D·θtok: decode stall per token computed on r
