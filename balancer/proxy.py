@@ -19,13 +19,13 @@ import asyncio
 import itertools
 import json
 import re
-import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from balancer import handover
+from balancer.access_log import AccessLog
 from balancer.audit import DecisionAudit
 from balancer.disagg import PairSelector, is_disaggregated, route_pair
 from balancer.exchange import Exchange
@@ -52,7 +52,6 @@ def _with_token_ids(payload: bytes, body: dict) -> bytes:
     rest = payload[at:].lstrip()
     return payload[:at] + (b'"return_token_ids":true' if rest.startswith(b"}") else b'"return_token_ids":true,') \
         + payload[at:]
-access_log = logging.getLogger("kvfleet.balancer.access")
 
 
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
@@ -124,6 +123,7 @@ class Proxy:
         audit: DecisionAudit,
         pairs: PairSelector | None = None,
         fairness: FairQueue | None = None,
+        access: AccessLog | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -135,6 +135,7 @@ class Proxy:
         self.audit = audit  # predicted against delivered cached tokens, the latest decisions
         self.pairs = pairs if pairs is not None else PairSelector()  # prefill/decode pairs (balancer/disagg.py)
         self.fairness = fairness  # the fair admission queue (balancer/fairness.py); None: off
+        self.access = access if access is not None else AccessLog()  # one line per request
         # Request ids: a random per-process prefix and a counter (unique across restarts and
         # balancers; a uuid4 per request costs several µs).
         self._id_prefix = f"kvf-{uuid.uuid4().hex[:16]}-"
@@ -206,11 +207,12 @@ class Proxy:
             booking.finish(None)
             self.metrics.series(self.metrics.requests, replica.replica_id, self.policy_name,
                                 f"{status // 100}xx").inc()
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info("%s %s replica=%s status=%d e2e=%.4fs attempts=%d", ex.method, ex.path,
-                                replica.replica_id, status, time.perf_counter() - arrival, attempt + 1,
-                                extra={"fields": {"request_id": request_id, "path": ex.path, "replica": replica.replica_id,
-                                                  "status": status, "attempts": attempt + 1}})
+            if self.access.enabled:
+                rid = replica.replica_id
+                self.access.write(f"{ex.method} {ex.path} replica={rid} status={status:d} "
+                                  f"e2e={time.perf_counter() - arrival:.4f}s attempts={attempt + 1:d}",
+                                  {"request_id": request_id, "path": ex.path, "replica": rid, "status": status,
+                                   "attempts": attempt + 1})
             return
         if last is None:
             self.metrics.no_replica.inc()
@@ -347,20 +349,20 @@ class Proxy:
             booking.finish(o.output_tokens)
             m = self.metrics
             m.series(m.inflight, booking.replica_id).set(booking.replica.inflight_requests)
-        if access_log.isEnabledFor(logging.INFO):
+        if self.access.enabled:
             self._log_access(request_id, path, req, prompt_tokens, o, e2e_s)
 
     def _log_access(self, request_id: str, path: str, req: GenerationRequest, prompt_tokens: int, o: _Outcome,
                     e2e_s: float) -> None:
         ttft = "-" if o.ttft_s is None else f"{o.ttft_s:.4f}s"
-        access_log.info(
-            "%s %s replica=%s status=%d ttft=%s e2e=%.4fs attempts=%d", path, "stream" if req.stream else "unary",
-            o.replica, o.status, ttft, e2e_s, o.attempts,
-            extra={"fields": {"request_id": request_id, "path": path, "stream": req.stream, "replica": o.replica,
-                   "policy": self.policy_name, "status": o.status,
-                   "ttft_s": None if o.ttft_s is None else round(o.ttft_s, 6), "e2e_s": round(e2e_s, 6),
-                   "attempts": o.attempts, "prompt_tokens": prompt_tokens, "predicted_cached_tokens": o.predicted_cached,
-                   "reported_cached_tokens": o.reported_cached, "failovers": o.failovers}})
+        self.access.write(
+            f"{path} {'stream' if req.stream else 'unary'} replica={o.replica} status={o.status:d} ttft={ttft} "
+            f"e2e={e2e_s:.4f}s attempts={o.attempts:d}",
+            {"request_id": request_id, "path": path, "stream": req.stream, "replica": o.replica,
+             "policy": self.policy_name, "status": o.status,
+             "ttft_s": None if o.ttft_s is None else round(o.ttft_s, 6), "e2e_s": round(e2e_s, 6),
+             "attempts": o.attempts, "prompt_tokens": prompt_tokens, "predicted_cached_tokens": o.predicted_cached,
+             "reported_cached_tokens": o.reported_cached, "failovers": o.failovers})
 
     async def _route(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
                      request_id: str, arrival: float, t0: float, outcome: _Outcome) -> None:
