@@ -300,7 +300,8 @@ class Ticket:
 
 class FairQueue:
     """The admission queue (see the module docstring). `capacity()` is the fleet's request
-    capacity now; call `pump()` whenever it may have grown."""
+    capacity now (a scan of the registry: read once per admission and once per `pump`); call
+    `pump()` whenever it may have grown."""
 
     def __init__(self, cfg: FairnessConfig, capacity: Callable[[], int], registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -383,7 +384,7 @@ class FairQueue:
             self._vtime[p] = max(self._vtime.get(p, 0.0), tag)
             m.estimated_wait.labels(klass.name).set(0.0)
             return self._dispatch(flow, cost, 0.0)
-        if not flow.waiting and self._under_share(flow, cost):
+        if not flow.waiting and self._under_share(flow, cost, capacity):
             self._tag(flow, cost)
             m.estimated_wait.labels(klass.name).set(0.0)
             return self._dispatch(flow, cost, 0.0)
@@ -392,7 +393,7 @@ class FairQueue:
             raise Refused("queue_full", f"the admission queue is full ({self.cfg.max_queue} waiting)",
                           self._retry_after(None))
         tag = self._tag(flow, cost)
-        raw = self.raw_estimate(klass.priority, tag, cost)
+        raw = self.raw_estimate(klass.priority, tag, cost, capacity)
         estimate = None if raw is None else raw * self.calibration
         m.estimated_wait.labels(klass.name).set(estimate if estimate is not None else 0.0)
         target = klass.ttft_target_s
@@ -438,14 +439,14 @@ class FairQueue:
         flow.finish = max(self._vtime.get(flow.klass.priority, 0.0), flow.finish) + cost / flow.weight
         return flow.finish
 
-    def _under_share(self, flow: _Flow, cost: int, tag: float | None = None) -> bool:
+    def _under_share(self, flow: _Flow, cost: int, capacity: int, tag: float | None = None) -> bool:
         """The tenant is within its fair share — it holds less than its share of the in-flight
         tokens (counting this request; its weight over the active tenants' weights, of the fleet's
         capacity in tokens), or its finish tag (`tag`, else the one this request would get) is at
         most that share ahead of the least advanced other active tenant's at its priority (what it
         was served lately is within its share, and this is a burst of at most its share) — no
-        higher priority waits, and the fleet is below the overcommit bound."""
-        if self.inflight + 1 > self.cfg.overcommit * self.capacity():
+        higher priority waits, and the fleet (of `capacity` requests) is below the overcommit bound."""
+        if self.inflight + 1 > self.cfg.overcommit * capacity:
             return False
         p = flow.klass.priority
         if any(f.waiting and f.klass.priority > p for f in self._flows.values()):
@@ -454,7 +455,7 @@ class FairQueue:
         if weights <= 0:
             return False  # alone: the capacity is its share
         share = flow.weight / (weights + flow.weight)
-        budget = share * self.capacity() * (self._mean_cost or cost)
+        budget = share * capacity * (self._mean_cost or cost)
         if flow.inflight_tokens + cost <= budget:
             return True
         # Served lately within its share: its finish tag at most a share's burst ahead of the least
@@ -468,13 +469,14 @@ class FairQueue:
             tag = max(self._vtime.get(p, 0.0), flow.finish) + cost / flow.weight
         return tag - min(others) <= budget / flow.weight
 
-    def raw_estimate(self, priority: int, tag: float, cost: int) -> float | None:
+    def raw_estimate(self, priority: int, tag: float, cost: int, capacity: int) -> float | None:
         """Seconds a request queued now at `priority` with finish tag `tag` would wait by the
-        work ahead of it and the drain rate (before calibration); None until the rate is measured."""
+        work ahead of it and the drain rate (before calibration), the fleet's capacity being
+        `capacity` requests; None until the rate is measured."""
         if not self.rate:
             return None
         # Past capacity (tenants within their share went over it), that much must end first.
-        ahead = cost + max(0, self.inflight - self.capacity()) * (self._mean_cost or cost)
+        ahead = cost + max(0, self.inflight - capacity) * (self._mean_cost or cost)
         for f in self._flows.values():
             p = f.klass.priority
             if p > priority:
@@ -485,6 +487,7 @@ class FairQueue:
 
     def pump(self) -> None:
         """Dispatch waiters while the fleet has room, in priority then finish-tag order."""
+        capacity = self.capacity() if self.waiting else 0  # dispatching changes no replica's usability
         while self.waiting:
             best: _Waiter | None = None
             for f in self._flows.values():
@@ -494,10 +497,11 @@ class FairQueue:
                         best = w
             if best is None:
                 return
-            if self.inflight >= self.capacity() and not self._under_share(best.flow, best.cost, best.tag):
+            if self.inflight >= capacity and not self._under_share(best.flow, best.cost, capacity, best.tag):
                 # The head may not go; a tenant under its share may (the queue is per flow).
                 best = next((f.waiting[0] for f in self._flows.values()
-                             if f.waiting and self._under_share(f, f.waiting[0].cost, f.waiting[0].tag)), None)
+                             if f.waiting and self._under_share(f, f.waiting[0].cost, capacity, f.waiting[0].tag)),
+                            None)
                 if best is None:
                     return
             self._take(best)

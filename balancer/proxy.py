@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from balancer import handover
 from balancer.access_log import AccessLog
 from balancer.audit import DecisionAudit
-from balancer.disagg import PairSelector, is_disaggregated, route_pair
+from balancer.disagg import PairSelector, route_pair
 from balancer.exchange import Exchange
 from balancer.failover import Failover
 from balancer.fairness import FairQueue, Refused, Ticket, api_key_of
@@ -281,16 +281,19 @@ class Proxy:
             last_turn = key is not None and sessions.releases(ex.header)  # checked (400) before routing
             prepared = self.router.prepare(req, key)
             prompt_tokens = len(prepared.token_ids)
-            ticket = None
+            ticket = predicted = None
             if self.fairness is not None:
                 # Admitted before routing: the cached prefix is predicted when the request is sent.
-                ticket = await self._admit(ex, prepared)
+                # The output length is predicted once, for the queue's cost and the policy.
+                predictor = self.router.predictor
+                predicted = predictor.predict_point(prepared) if predictor is not None else None
+                ticket = await self._admit(ex, prepared, predicted)
                 if ticket is None:
                     outcome.status = 429
                     return
                 t0 = time.perf_counter()  # the decision's latency, not the queue's
             try:
-                await self._route(ex, body, req, path, prepared, request_id, arrival, t0, outcome)
+                await self._route(ex, body, req, path, prepared, request_id, arrival, t0, outcome, predicted)
             finally:
                 if last_turn:
                     sessions.release(key)
@@ -311,14 +314,14 @@ class Proxy:
             asyncio.get_running_loop().call_soon(self._finish, request_id, path, req, prompt_tokens, outcome,
                                                  time.perf_counter() - arrival)
 
-    async def _admit(self, ex: Exchange, prepared: Prepared) -> Ticket | None:
+    async def _admit(self, ex: Exchange, prepared: Prepared, predicted: float | None) -> Ticket | None:
         """The request's turn in the fair admission queue, or None when it was shed (answered
-        with 429 and Retry-After). Its cost: prompt tokens + predicted output tokens."""
+        with 429 and Retry-After). Its cost: prompt tokens + `predicted` output tokens (None:
+        nothing predicts them; max_tokens, else the queue's default)."""
         fair = self.fairness
         klass, tenant = fair.identify(ex.header, api_key_of(ex))
         req = prepared.request
         sequences = req.n * (1 + len(req.more_prompts))
-        predicted = self.router.predictor.predict_point(prepared) if self.router.predictor is not None else None
         limit = req.max_tokens or fair.cfg.default_output_tokens
         output = limit if predicted is None else min(predicted, limit)
         cost = len(prepared.token_ids) + prepared.extra_prompt_tokens + int(output) * sequences
@@ -365,7 +368,10 @@ class Proxy:
              "reported_cached_tokens": o.reported_cached, "failovers": o.failovers})
 
     async def _route(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
-                     request_id: str, arrival: float, t0: float, outcome: _Outcome) -> None:
+                     request_id: str, arrival: float, t0: float, outcome: _Outcome,
+                     predicted: float | None = None) -> None:
+        """Serve the request on a booked replica, retrying before the first byte. `predicted`:
+        its output length as already predicted (the fair queue's), else None (the router predicts)."""
         payload = await ex.read()  # forwarded as the client sent it (the server keeps the bytes)
         if req.continuable and self.retry.failover and not req.return_token_ids:
             payload = _with_token_ids(payload, body)  # exact failover needs the token ids
@@ -376,17 +382,16 @@ class Proxy:
 
         tried: set[str] = set()
         first: Booking | None = None  # a pair the selector kept whole, booked as a routed request
-        if handover.wanted(path, body, prepared):
-            roles = self.registry.roles()
-            if is_disaggregated(roles):
-                served, first = await self._disaggregated(ex, body, req, path, prepared, request_id, roles, headers,
-                                                          arrival, outcome, tried)
-                if served:
-                    return
+        if self.registry.disaggregated and handover.wanted(path, body, prepared):
+            served, first = await self._disaggregated(ex, body, req, path, prepared, request_id,
+                                                      self.registry.roles(), headers, arrival, outcome, tried,
+                                                      predicted)
+            if served:
+                return
         last: UpstreamFailed | None = None
         for attempt in range(self.retry.max_attempts):
             booking = first if attempt == 0 and first is not None else \
-                self.router.route(prepared, request_id, frozenset(tried))
+                self.router.route(prepared, request_id, frozenset(tried), predicted)
             if booking is None:
                 break
             decision_s = time.perf_counter() - t0 if attempt == 0 else None
@@ -427,14 +432,15 @@ class Proxy:
 
     async def _disaggregated(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
                              request_id: str, roles: dict[str, str], headers: dict, arrival: float,
-                             outcome: _Outcome, tried: set[str]) -> tuple[bool, Booking | None]:
+                             outcome: _Outcome, tried: set[str], predicted: float | None = None
+                             ) -> tuple[bool, Booking | None]:
         """Serve the request through the prefill/decode pair the selector picks (balancer/disagg.py,
         legs in balancer/handover.py): (True, None) once it is answered. (False, booking): the
         selector kept it whole on one replica, booked; (False, None): no pair was usable, or a
         member failed before the client got anything (a failed member is then in `tried`): the
         caller serves it on one replica."""
         m = self.metrics
-        pair = route_pair(self.router, self.pairs, prepared, request_id, roles, frozenset(tried))
+        pair = route_pair(self.router, self.pairs, prepared, request_id, roles, frozenset(tried), predicted)
         if pair is None:
             m.disagg.labels("fallback_no_pair").inc()
             return False, None
