@@ -55,9 +55,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter
 
 from balancer.metrics import LATENCY_BUCKETS
+from balancer.plain_series import PlainCounter, PlainGauge, PlainHistogram
 from protocol.auth import KeySet, parse_bearer
 from protocol.openai_api import APIError
 
@@ -196,44 +197,48 @@ class FairnessConfig:
 
 
 class FairnessMetrics:
-    """Per-class series, created for every configured class at start (a panel shows 0, not "no data")."""
+    """Per-class series, created for every configured class at start (a panel shows 0, not "no data").
+    Those every admitted request updates are plain numbers exported at scrape time
+    (balancer/plain_series.py); the shed counter stays prometheus_client's."""
 
     def __init__(self, registry: CollectorRegistry, classes: tuple[ClassConfig, ...]) -> None:
         r = registry
-        self.queued = Gauge("kvfleet_fairness_queue_requests", "Requests waiting in the fair admission queue.",
-                            ("class",), registry=r)
-        self.queued_tokens = Gauge("kvfleet_fairness_queue_tokens",
-                                   "Tokens (prompt + predicted output) waiting in the fair admission queue.",
-                                   ("class",), registry=r)
-        self.inflight_tokens = Gauge("kvfleet_fairness_inflight_tokens",
-                                     "Tokens (prompt + predicted output) of the admitted requests still in flight.",
-                                     ("class",), registry=r)
-        self.admitted = Counter("kvfleet_fairness_admitted_requests_total",
-                                "Requests admitted by the fair admission queue.", ("class",), registry=r)
-        self.admitted_tokens = Counter("kvfleet_fairness_admitted_tokens_total",
-                                       "Tokens (prompt + predicted output) admitted: each class's share of the "
-                                       "fleet.", ("class",), registry=r)
+        self.queued = PlainGauge("kvfleet_fairness_queue_requests", "Requests waiting in the fair admission queue.",
+                                 ("class",), registry=r)
+        self.queued_tokens = PlainGauge("kvfleet_fairness_queue_tokens",
+                                        "Tokens (prompt + predicted output) waiting in the fair admission queue.",
+                                        ("class",), registry=r)
+        self.inflight_tokens = PlainGauge(
+            "kvfleet_fairness_inflight_tokens",
+            "Tokens (prompt + predicted output) of the admitted requests still in flight.",
+            ("class",), registry=r)
+        self.admitted = PlainCounter("kvfleet_fairness_admitted_requests_total",
+                                     "Requests admitted by the fair admission queue.", ("class",), registry=r)
+        self.admitted_tokens = PlainCounter("kvfleet_fairness_admitted_tokens_total",
+                                            "Tokens (prompt + predicted output) admitted: each class's share of the "
+                                            "fleet.", ("class",), registry=r)
         self.shed = Counter("kvfleet_fairness_shed_requests_total",
                             "Requests refused with 429 by the fair admission queue, by reason (predicted_wait: "
                             "the estimated TTFT exceeded the class's target; queue_timeout; queue_full).",
                             ("class", "reason"), registry=r)
-        self.wait = Histogram("kvfleet_fairness_queue_wait_seconds", "Time an admitted request waited in the queue.",
-                              ("class",), buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("kvfleet_fairness_time_to_first_token_seconds",
-                              "Time from arrival to the first byte, per class (admitted requests).", ("class",),
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.good = Counter("kvfleet_fairness_goodput_requests_total",
-                            "Admitted requests answered with their first byte within the class's TTFT target "
-                            "(every answered request of a class without a target).", ("class",), registry=r)
-        self.estimated_wait = Gauge("kvfleet_fairness_estimated_wait_seconds",
-                                    "The latest queue-wait estimate made for a request of the class.", ("class",),
-                                    registry=r)
-        self.drain_rate = Gauge("kvfleet_fairness_drain_rate_tokens_per_second",
-                                "Tokens per second the queue drains while requests wait (the measured capacity "
-                                "behind the wait estimates; 0 until measured).", registry=r)
-        self.calibration = Gauge("kvfleet_fairness_estimate_calibration",
-                                 "Measured over estimated queue wait (the factor applied to the estimates).",
-                                 registry=r)
+        self.wait = PlainHistogram("kvfleet_fairness_queue_wait_seconds",
+                                   "Time an admitted request waited in the queue.",
+                                   ("class",), buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = PlainHistogram("kvfleet_fairness_time_to_first_token_seconds",
+                                   "Time from arrival to the first byte, per class (admitted requests).", ("class",),
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.good = PlainCounter("kvfleet_fairness_goodput_requests_total",
+                                 "Admitted requests answered with their first byte within the class's TTFT target "
+                                 "(every answered request of a class without a target).", ("class",), registry=r)
+        self.estimated_wait = PlainGauge("kvfleet_fairness_estimated_wait_seconds",
+                                         "The latest queue-wait estimate made for a request of the class.", ("class",),
+                                         registry=r)
+        self.drain_rate = PlainGauge("kvfleet_fairness_drain_rate_tokens_per_second",
+                                     "Tokens per second the queue drains while requests wait (the measured capacity "
+                                     "behind the wait estimates; 0 until measured).", registry=r)
+        self.calibration = PlainGauge("kvfleet_fairness_estimate_calibration",
+                                      "Measured over estimated queue wait (the factor applied to the estimates).",
+                                      registry=r)
         self.calibration.set(1.0)
         for c in classes:
             for m in (self.queued, self.queued_tokens, self.inflight_tokens, self.admitted, self.admitted_tokens,

@@ -48,42 +48,45 @@ class BalancerMetrics:
             "Requests answered, by serving replica (`none` when no replica could answer), policy and status "
             "code class.", ("replica", "policy", "status"), registry=r)
         self.ttft = PlainHistogram("kvfleet_time_to_first_token_seconds",
-                              "Time from request arrival to the first byte relayed to the client.",
-                              buckets=LATENCY_BUCKETS, registry=r)
+                                   "Time from request arrival to the first byte relayed to the client.",
+                                   buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = PlainHistogram("kvfleet_e2e_request_latency_seconds",
-                             "Time from request arrival to the end of the response.",
-                             buckets=LATENCY_BUCKETS, registry=r)
+                                  "Time from request arrival to the end of the response.",
+                                  buckets=LATENCY_BUCKETS, registry=r)
         self.decision = PlainHistogram("kvfleet_routing_decision_seconds",
-                                  "Time to tokenize, hash, look up and score one request.",
-                                  buckets=DECISION_BUCKETS, registry=r)
+                                       "Time to tokenize, hash, look up and score one request.",
+                                       buckets=DECISION_BUCKETS, registry=r)
         self.predicted_cached = PlainCounter("kvfleet_predicted_cached_tokens_total",
-                                        "Prompt tokens the prefix index said the chosen replica holds.",
-                                        ("replica",), registry=r)
-        self.reported_cached = PlainCounter("kvfleet_reported_cached_tokens_total",
-                                       "Prompt tokens the replica reported as cached (usage.prompt_tokens_details).",
-                                       ("replica",), registry=r)
+                                             "Prompt tokens the prefix index said the chosen replica holds.",
+                                             ("replica",), registry=r)
+        self.reported_cached = PlainCounter(
+            "kvfleet_reported_cached_tokens_total",
+            "Prompt tokens the replica reported as cached (usage.prompt_tokens_details).",
+            ("replica",), registry=r)
         self.prompt_tokens = PlainCounter("kvfleet_prompt_tokens_total", "Prompt tokens routed to the replica.",
-                                     ("replica",), registry=r)
+                                          ("replica",), registry=r)
         # Decision accounting (balancer/audit.py): per request whose replica reported its cached tokens.
         self.predicted_cached_hist = PlainHistogram("kvfleet_request_predicted_cached_tokens",
-                                               "Cached prompt tokens the prefix index predicted on the chosen "
-                                               "replica, per request the replica reported on.", ("replica",),
-                                               buckets=TOKEN_BUCKETS, registry=r)
+                                                    "Cached prompt tokens the prefix index predicted on the chosen "
+                                                    "replica, per request the replica reported on.", ("replica",),
+                                                    buckets=TOKEN_BUCKETS, registry=r)
         self.delivered_cached_hist = PlainHistogram("kvfleet_request_delivered_cached_tokens",
-                                               "Cached prompt tokens the replica reported for the request "
-                                               "(usage.prompt_tokens_details.cached_tokens).", ("replica",),
-                                               buckets=TOKEN_BUCKETS, registry=r)
+                                                    "Cached prompt tokens the replica reported for the request "
+                                                    "(usage.prompt_tokens_details.cached_tokens).", ("replica",),
+                                                    buckets=TOKEN_BUCKETS, registry=r)
         self.cache_accounted = PlainCounter("kvfleet_cache_accounted_requests_total",
-                                       "Requests whose replica reported its cached tokens (the mismatch share's "
-                                       "denominator).", ("replica",), registry=r)
-        self.cache_mismatch = PlainCounter("kvfleet_cache_mismatch_total",
-                                      "Requests where the index predicted a cached prefix and the replica delivered "
-                                      "less than the audit's ratio of it (index said hit, engine said miss).",
-                                      ("replica",), registry=r)
-        self.cache_unseen = PlainCounter("kvfleet_cache_unseen_total",
-                                    "Requests where the replica delivered a cached prefix the index did not predict "
-                                    "(engine said hit, index said miss: the index does not see the replica's blocks).",
-                                    ("replica",), registry=r)
+                                            "Requests whose replica reported its cached tokens (the mismatch share's "
+                                            "denominator).", ("replica",), registry=r)
+        self.cache_mismatch = PlainCounter(
+            "kvfleet_cache_mismatch_total",
+            "Requests where the index predicted a cached prefix and the replica delivered "
+            "less than the audit's ratio of it (index said hit, engine said miss).",
+            ("replica",), registry=r)
+        self.cache_unseen = PlainCounter(
+            "kvfleet_cache_unseen_total",
+            "Requests where the replica delivered a cached prefix the index did not predict "
+            "(engine said hit, index said miss: the index does not see the replica's blocks).",
+            ("replica",), registry=r)
         self.retries = Counter("kvfleet_retries_total",
                                "Attempts that failed before the first byte, by the replica that failed (the request "
                                "goes on to another replica while attempts are left).", ("replica",), registry=r)
@@ -99,8 +102,9 @@ class BalancerMetrics:
                                    "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ("replica",), registry=r)
         self.healthy = Gauge("kvfleet_replica_healthy", "1 if the replica passes health checks, else 0.",
                              ("replica",), registry=r)
-        self.inflight = PlainGauge("kvfleet_replica_inflight_requests", "Requests in flight at this balancer, per replica.",
-                              ("replica",), registry=r)
+        self.inflight = PlainGauge("kvfleet_replica_inflight_requests",
+                                   "Requests in flight at this balancer, per replica.",
+                                   ("replica",), registry=r)
         self.resyncs = Counter("kvfleet_kv_resyncs_total",
                                "Prefix-index resynchronisations from a replica's KV-event snapshot, by reason.",
                                ("replica", "reason"), registry=r)
@@ -111,9 +115,10 @@ class BalancerMetrics:
         # LoRA-aware routing: a request naming an adapter went to a replica that held it resident
         # ("resident") or to one that must load it first ("load"); "unserved": its `model` is
         # served by no replica (404).
-        self.lora_routed = PlainCounter("kvfleet_lora_routed_total",
-                                   "Requests naming a LoRA adapter, by where they went: resident, load, unserved (404).",
-                                   ("outcome",), registry=r)
+        self.lora_routed = PlainCounter(
+            "kvfleet_lora_routed_total",
+            "Requests naming a LoRA adapter, by where they went: resident, load, unserved (404).",
+            ("outcome",), registry=r)
         for outcome in ("resident", "load", "unserved"):
             self.lora_routed.labels(outcome)
         self.replica_loras = Gauge("kvfleet_replica_lora_adapters",

@@ -334,7 +334,8 @@ def test_with_the_queue_on_a_request_s_output_length_is_predicted_once():
                 b.router.predictor = Counting()
                 async with aiohttp.ClientSession() as s:
                     for _ in range(3):
-                        async with s.post(base + "/v1/completions", json={"prompt": "hello there", "max_tokens": 3}) as r:
+                        async with s.post(base + "/v1/completions",
+                                          json={"prompt": "hello there", "max_tokens": 3}) as r:
                             assert r.status == 200
                             await r.read()
                 assert len(calls) == 3
