@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from balancer import index_state, openapi
+from balancer.access_log import AccessLog
 from balancer.approx_index import ApproxIndex
 from balancer.audit import DecisionAudit
 from balancer.config import BalancerConfig, ReplicaSpec
@@ -59,6 +60,7 @@ class Balancer:
         self.clock = clock
         self.metrics = BalancerMetrics()
         self.audit = DecisionAudit(cfg.audit, self.metrics)
+        self.access = AccessLog()  # the access lines (balancer/access_log.py), written in batches
         self.sessions = Sessions(cfg.sessions)  # sticky sessions' table (empty while they are off)
         self.metrics.registry.register(SessionCollector(self.sessions, clock))
         self.registry = Registry(cfg.breaker, cfg.health, clock, in_transit_s=cfg.report_transit_s)
@@ -137,7 +139,8 @@ class Balancer:
                              digests=self.digests if self.cfg.index_source != "events" else None,
                              uses_digest=self.uses_digest, sessions=self.sessions)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
-                           self.served_models, self.audit, self.pairs, self.fairness)
+                           self.served_models, self.audit, self.pairs, self.fairness, self.access)
+        self.access.start()
         for spec in self.cfg.replicas:
             self.add_replica(spec)
         if pool is not None:
@@ -174,6 +177,7 @@ class Balancer:
             await self._session.close()
         if self._upstream is not None:
             await self._upstream.close()
+        await self.access.stop()  # every buffered line written; later ones are written at once
 
     def served_models(self) -> list[str]:
         """The models the fleet serves: every healthy replica's `/v1/models`, or the configured

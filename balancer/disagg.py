@@ -70,11 +70,6 @@ def can_decode(role: str) -> bool:
     return role != PREFILL
 
 
-def is_disaggregated(roles: Mapping[str, str]) -> bool:
-    """True if some replica has a single role (else every request is routed whole)."""
-    return any(r != BOTH for r in roles.values())
-
-
 @dataclass(frozen=True, slots=True)
 class PairConfig:
     # The predictive policy's settings the costs share: default output and step budget before

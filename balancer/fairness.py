@@ -55,9 +55,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter
 
 from balancer.metrics import LATENCY_BUCKETS
+from balancer.plain_series import PlainCounter, PlainGauge, PlainHistogram
 from protocol.auth import KeySet, parse_bearer
 from protocol.openai_api import APIError
 
@@ -196,44 +197,48 @@ class FairnessConfig:
 
 
 class FairnessMetrics:
-    """Per-class series, created for every configured class at start (a panel shows 0, not "no data")."""
+    """Per-class series, created for every configured class at start (a panel shows 0, not "no data").
+    Those every admitted request updates are plain numbers exported at scrape time
+    (balancer/plain_series.py); the shed counter stays prometheus_client's."""
 
     def __init__(self, registry: CollectorRegistry, classes: tuple[ClassConfig, ...]) -> None:
         r = registry
-        self.queued = Gauge("kvfleet_fairness_queue_requests", "Requests waiting in the fair admission queue.",
-                            ("class",), registry=r)
-        self.queued_tokens = Gauge("kvfleet_fairness_queue_tokens",
-                                   "Tokens (prompt + predicted output) waiting in the fair admission queue.",
-                                   ("class",), registry=r)
-        self.inflight_tokens = Gauge("kvfleet_fairness_inflight_tokens",
-                                     "Tokens (prompt + predicted output) of the admitted requests still in flight.",
-                                     ("class",), registry=r)
-        self.admitted = Counter("kvfleet_fairness_admitted_requests_total",
-                                "Requests admitted by the fair admission queue.", ("class",), registry=r)
-        self.admitted_tokens = Counter("kvfleet_fairness_admitted_tokens_total",
-                                       "Tokens (prompt + predicted output) admitted: each class's share of the "
-                                       "fleet.", ("class",), registry=r)
+        self.queued = PlainGauge("kvfleet_fairness_queue_requests", "Requests waiting in the fair admission queue.",
+                                 ("class",), registry=r)
+        self.queued_tokens = PlainGauge("kvfleet_fairness_queue_tokens",
+                                        "Tokens (prompt + predicted output) waiting in the fair admission queue.",
+                                        ("class",), registry=r)
+        self.inflight_tokens = PlainGauge(
+            "kvfleet_fairness_inflight_tokens",
+            "Tokens (prompt + predicted output) of the admitted requests still in flight.",
+            ("class",), registry=r)
+        self.admitted = PlainCounter("kvfleet_fairness_admitted_requests_total",
+                                     "Requests admitted by the fair admission queue.", ("class",), registry=r)
+        self.admitted_tokens = PlainCounter("kvfleet_fairness_admitted_tokens_total",
+                                            "Tokens (prompt + predicted output) admitted: each class's share of the "
+                                            "fleet.", ("class",), registry=r)
         self.shed = Counter("kvfleet_fairness_shed_requests_total",
                             "Requests refused with 429 by the fair admission queue, by reason (predicted_wait: "
                             "the estimated TTFT exceeded the class's target; queue_timeout; queue_full).",
                             ("class", "reason"), registry=r)
-        self.wait = Histogram("kvfleet_fairness_queue_wait_seconds", "Time an admitted request waited in the queue.",
-                              ("class",), buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("kvfleet_fairness_time_to_first_token_seconds",
-                              "Time from arrival to the first byte, per class (admitted requests).", ("class",),
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.good = Counter("kvfleet_fairness_goodput_requests_total",
-                            "Admitted requests answered with their first byte within the class's TTFT target "
-                            "(every answered request of a class without a target).", ("class",), registry=r)
-        self.estimated_wait = Gauge("kvfleet_fairness_estimated_wait_seconds",
-                                    "The latest queue-wait estimate made for a request of the class.", ("class",),
-                                    registry=r)
-        self.drain_rate = Gauge("kvfleet_fairness_drain_rate_tokens_per_second",
-                                "Tokens per second the queue drains while requests wait (the measured capacity "
-                                "behind the wait estimates; 0 until measured).", registry=r)
-        self.calibration = Gauge("kvfleet_fairness_estimate_calibration",
-                                 "Measured over estimated queue wait (the factor applied to the estimates).",
-                                 registry=r)
+        self.wait = PlainHistogram("kvfleet_fairness_queue_wait_seconds",
+                                   "Time an admitted request waited in the queue.",
+                                   ("class",), buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = PlainHistogram("kvfleet_fairness_time_to_first_token_seconds",
+                                   "Time from arrival to the first byte, per class (admitted requests).", ("class",),
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.good = PlainCounter("kvfleet_fairness_goodput_requests_total",
+                                 "Admitted requests answered with their first byte within the class's TTFT target "
+                                 "(every answered request of a class without a target).", ("class",), registry=r)
+        self.estimated_wait = PlainGauge("kvfleet_fairness_estimated_wait_seconds",
+                                         "The latest queue-wait estimate made for a request of the class.", ("class",),
+                                         registry=r)
+        self.drain_rate = PlainGauge("kvfleet_fairness_drain_rate_tokens_per_second",
+                                     "Tokens per second the queue drains while requests wait (the measured capacity "
+                                     "behind the wait estimates; 0 until measured).", registry=r)
+        self.calibration = PlainGauge("kvfleet_fairness_estimate_calibration",
+                                      "Measured over estimated queue wait (the factor applied to the estimates).",
+                                      registry=r)
         self.calibration.set(1.0)
         for c in classes:
             for m in (self.queued, self.queued_tokens, self.inflight_tokens, self.admitted, self.admitted_tokens,
@@ -300,7 +305,8 @@ class Ticket:
 
 class FairQueue:
     """The admission queue (see the module docstring). `capacity()` is the fleet's request
-    capacity now; call `pump()` whenever it may have grown."""
+    capacity now (a scan of the registry: read once per admission and once per `pump`); call
+    `pump()` whenever it may have grown."""
 
     def __init__(self, cfg: FairnessConfig, capacity: Callable[[], int], registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -383,7 +389,7 @@ class FairQueue:
             self._vtime[p] = max(self._vtime.get(p, 0.0), tag)
             m.estimated_wait.labels(klass.name).set(0.0)
             return self._dispatch(flow, cost, 0.0)
-        if not flow.waiting and self._under_share(flow, cost):
+        if not flow.waiting and self._under_share(flow, cost, capacity):
             self._tag(flow, cost)
             m.estimated_wait.labels(klass.name).set(0.0)
             return self._dispatch(flow, cost, 0.0)
@@ -392,7 +398,7 @@ class FairQueue:
             raise Refused("queue_full", f"the admission queue is full ({self.cfg.max_queue} waiting)",
                           self._retry_after(None))
         tag = self._tag(flow, cost)
-        raw = self.raw_estimate(klass.priority, tag, cost)
+        raw = self.raw_estimate(klass.priority, tag, cost, capacity)
         estimate = None if raw is None else raw * self.calibration
         m.estimated_wait.labels(klass.name).set(estimate if estimate is not None else 0.0)
         target = klass.ttft_target_s
@@ -438,14 +444,14 @@ class FairQueue:
         flow.finish = max(self._vtime.get(flow.klass.priority, 0.0), flow.finish) + cost / flow.weight
         return flow.finish
 
-    def _under_share(self, flow: _Flow, cost: int, tag: float | None = None) -> bool:
+    def _under_share(self, flow: _Flow, cost: int, capacity: int, tag: float | None = None) -> bool:
         """The tenant is within its fair share — it holds less than its share of the in-flight
         tokens (counting this request; its weight over the active tenants' weights, of the fleet's
         capacity in tokens), or its finish tag (`tag`, else the one this request would get) is at
         most that share ahead of the least advanced other active tenant's at its priority (what it
         was served lately is within its share, and this is a burst of at most its share) — no
-        higher priority waits, and the fleet is below the overcommit bound."""
-        if self.inflight + 1 > self.cfg.overcommit * self.capacity():
+        higher priority waits, and the fleet (of `capacity` requests) is below the overcommit bound."""
+        if self.inflight + 1 > self.cfg.overcommit * capacity:
             return False
         p = flow.klass.priority
         if any(f.waiting and f.klass.priority > p for f in self._flows.values()):
@@ -454,7 +460,7 @@ class FairQueue:
         if weights <= 0:
             return False  # alone: the capacity is its share
         share = flow.weight / (weights + flow.weight)
-        budget = share * self.capacity() * (self._mean_cost or cost)
+        budget = share * capacity * (self._mean_cost or cost)
         if flow.inflight_tokens + cost <= budget:
             return True
         # Served lately within its share: its finish tag at most a share's burst ahead of the least
@@ -468,13 +474,14 @@ class FairQueue:
             tag = max(self._vtime.get(p, 0.0), flow.finish) + cost / flow.weight
         return tag - min(others) <= budget / flow.weight
 
-    def raw_estimate(self, priority: int, tag: float, cost: int) -> float | None:
+    def raw_estimate(self, priority: int, tag: float, cost: int, capacity: int) -> float | None:
         """Seconds a request queued now at `priority` with finish tag `tag` would wait by the
-        work ahead of it and the drain rate (before calibration); None until the rate is measured."""
+        work ahead of it and the drain rate (before calibration), the fleet's capacity being
+        `capacity` requests; None until the rate is measured."""
         if not self.rate:
             return None
         # Past capacity (tenants within their share went over it), that much must end first.
-        ahead = cost + max(0, self.inflight - self.capacity()) * (self._mean_cost or cost)
+        ahead = cost + max(0, self.inflight - capacity) * (self._mean_cost or cost)
         for f in self._flows.values():
             p = f.klass.priority
             if p > priority:
@@ -485,6 +492,7 @@ class FairQueue:
 
     def pump(self) -> None:
         """Dispatch waiters while the fleet has room, in priority then finish-tag order."""
+        capacity = self.capacity() if self.waiting else 0  # dispatching changes no replica's usability
         while self.waiting:
             best: _Waiter | None = None
             for f in self._flows.values():
@@ -494,10 +502,11 @@ class FairQueue:
                         best = w
             if best is None:
                 return
-            if self.inflight >= self.capacity() and not self._under_share(best.flow, best.cost, best.tag):
+            if self.inflight >= capacity and not self._under_share(best.flow, best.cost, capacity, best.tag):
                 # The head may not go; a tenant under its share may (the queue is per flow).
                 best = next((f.waiting[0] for f in self._flows.values()
-                             if f.waiting and self._under_share(f, f.waiting[0].cost, f.waiting[0].tag)), None)
+                             if f.waiting and self._under_share(f, f.waiting[0].cost, capacity, f.waiting[0].tag)),
+                            None)
                 if best is None:
                     return
             self._take(best)

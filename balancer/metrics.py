@@ -15,6 +15,11 @@ histograms, routing decision latency, predicted vs reported cached tokens over p
 (and per request: histograms, the share of requests where the index said hit and the engine
 said miss),
 per-replica in-flight, health and circuit state, retries, failovers and KV-index resyncs.
+
+The series every proxied request updates (requests, TTFT / E2E / decision histograms, token
+counts, the decision audit's, in-flight, LoRA routing) are `balancer/plain_series.py`'s plain
+numbers, exported at scrape time under the same names; the rest (health, failures, KV events,
+digests, disaggregation) change a few times a second at most and stay prometheus_client's.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from balancer.plain_series import PlainCounter, PlainGauge, PlainHistogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                    40.0, 80.0, 160.0)
@@ -36,47 +43,50 @@ class BalancerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        self.requests = PlainCounter(
             "kvfleet_requests_total",
             "Requests answered, by serving replica (`none` when no replica could answer), policy and status "
             "code class.", ("replica", "policy", "status"), registry=r)
-        self.ttft = Histogram("kvfleet_time_to_first_token_seconds",
-                              "Time from request arrival to the first byte relayed to the client.",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("kvfleet_e2e_request_latency_seconds",
-                             "Time from request arrival to the end of the response.",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.decision = Histogram("kvfleet_routing_decision_seconds",
-                                  "Time to tokenize, hash, look up and score one request.",
-                                  buckets=DECISION_BUCKETS, registry=r)
-        self.predicted_cached = Counter("kvfleet_predicted_cached_tokens_total",
-                                        "Prompt tokens the prefix index said the chosen replica holds.",
-                                        ("replica",), registry=r)
-        self.reported_cached = Counter("kvfleet_reported_cached_tokens_total",
-                                       "Prompt tokens the replica reported as cached (usage.prompt_tokens_details).",
-                                       ("replica",), registry=r)
-        self.prompt_tokens = Counter("kvfleet_prompt_tokens_total", "Prompt tokens routed to the replica.",
-                                     ("replica",), registry=r)
+        self.ttft = PlainHistogram("kvfleet_time_to_first_token_seconds",
+                                   "Time from request arrival to the first byte relayed to the client.",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = PlainHistogram("kvfleet_e2e_request_latency_seconds",
+                                  "Time from request arrival to the end of the response.",
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.decision = PlainHistogram("kvfleet_routing_decision_seconds",
+                                       "Time to tokenize, hash, look up and score one request.",
+                                       buckets=DECISION_BUCKETS, registry=r)
+        self.predicted_cached = PlainCounter("kvfleet_predicted_cached_tokens_total",
+                                             "Prompt tokens the prefix index said the chosen replica holds.",
+                                             ("replica",), registry=r)
+        self.reported_cached = PlainCounter(
+            "kvfleet_reported_cached_tokens_total",
+            "Prompt tokens the replica reported as cached (usage.prompt_tokens_details).",
+            ("replica",), registry=r)
+        self.prompt_tokens = PlainCounter("kvfleet_prompt_tokens_total", "Prompt tokens routed to the replica.",
+                                          ("replica",), registry=r)
         # Decision accounting (balancer/audit.py): per request whose replica reported its cached tokens.
-        self.predicted_cached_hist = Histogram("kvfleet_request_predicted_cached_tokens",
-                                               "Cached prompt tokens the prefix index predicted on the chosen "
-                                               "replica, per request the replica reported on.", ("replica",),
-                                               buckets=TOKEN_BUCKETS, registry=r)
-        self.delivered_cached_hist = Histogram("kvfleet_request_delivered_cached_tokens",
-                                               "Cached prompt tokens the replica reported for the request "
-                                               "(usage.prompt_tokens_details.cached_tokens).", ("replica",),
-                                               buckets=TOKEN_BUCKETS, registry=r)
-        self.cache_accounted = Counter("kvfleet_cache_accounted_requests_total",
-                                       "Requests whose replica reported its cached tokens (the mismatch share's "
-                                       "denominator).", ("replica",), registry=r)
-        self.cache_mismatch = Counter("kvfleet_cache_mismatch_total",
-                                      "Requests where the index predicted a cached prefix and the replica delivered "
-                                      "less than the audit's ratio of it (index said hit, engine said miss).",
-                                      ("replica",), registry=r)
-        self.cache_unseen = Counter("kvfleet_cache_unseen_total",
-                                    "Requests where the replica delivered a cached prefix the index did not predict "
-                                    "(engine said hit, index said miss: the index does not see the replica's blocks).",
-                                    ("replica",), registry=r)
+        self.predicted_cached_hist = PlainHistogram("kvfleet_request_predicted_cached_tokens",
+                                                    "Cached prompt tokens the prefix index predicted on the chosen "
+                                                    "replica, per request the replica reported on.", ("replica",),
+                                                    buckets=TOKEN_BUCKETS, registry=r)
+        self.delivered_cached_hist = PlainHistogram("kvfleet_request_delivered_cached_tokens",
+                                                    "Cached prompt tokens the replica reported for the request "
+                                                    "(usage.prompt_tokens_details.cached_tokens).", ("replica",),
+                                                    buckets=TOKEN_BUCKETS, registry=r)
+        self.cache_accounted = PlainCounter("kvfleet_cache_accounted_requests_total",
+                                            "Requests whose replica reported its cached tokens (the mismatch share's "
+                                            "denominator).", ("replica",), registry=r)
+        self.cache_mismatch = PlainCounter(
+            "kvfleet_cache_mismatch_total",
+            "Requests where the index predicted a cached prefix and the replica delivered "
+            "less than the audit's ratio of it (index said hit, engine said miss).",
+            ("replica",), registry=r)
+        self.cache_unseen = PlainCounter(
+            "kvfleet_cache_unseen_total",
+            "Requests where the replica delivered a cached prefix the index did not predict "
+            "(engine said hit, index said miss: the index does not see the replica's blocks).",
+            ("replica",), registry=r)
         self.retries = Counter("kvfleet_retries_total",
                                "Attempts that failed before the first byte, by the replica that failed (the request "
                                "goes on to another replica while attempts are left).", ("replica",), registry=r)
@@ -92,8 +102,9 @@ class BalancerMetrics:
                                    "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ("replica",), registry=r)
         self.healthy = Gauge("kvfleet_replica_healthy", "1 if the replica passes health checks, else 0.",
                              ("replica",), registry=r)
-        self.inflight = Gauge("kvfleet_replica_inflight_requests", "Requests in flight at this balancer, per replica.",
-                              ("replica",), registry=r)
+        self.inflight = PlainGauge("kvfleet_replica_inflight_requests",
+                                   "Requests in flight at this balancer, per replica.",
+                                   ("replica",), registry=r)
         self.resyncs = Counter("kvfleet_kv_resyncs_total",
                                "Prefix-index resynchronisations from a replica's KV-event snapshot, by reason.",
                                ("replica", "reason"), registry=r)
@@ -104,9 +115,10 @@ class BalancerMetrics:
         # LoRA-aware routing: a request naming an adapter went to a replica that held it resident
         # ("resident") or to one that must load it first ("load"); "unserved": its `model` is
         # served by no replica (404).
-        self.lora_routed = Counter("kvfleet_lora_routed_total",
-                                   "Requests naming a LoRA adapter, by where they went: resident, load, unserved (404).",
-                                   ("outcome",), registry=r)
+        self.lora_routed = PlainCounter(
+            "kvfleet_lora_routed_total",
+            "Requests naming a LoRA adapter, by where they went: resident, load, unserved (404).",
+            ("outcome",), registry=r)
         for outcome in ("resident", "load", "unserved"):
             self.lora_routed.labels(outcome)
         self.replica_loras = Gauge("kvfleet_replica_lora_adapters",

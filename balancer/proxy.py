@@ -19,15 +19,15 @@ import asyncio
 import itertools
 import json
 import re
-import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from balancer import handover
+from balancer.access_log import AccessLog
 from balancer.audit import DecisionAudit
-from balancer.disagg import PairSelector, is_disaggregated, route_pair
+from balancer.disagg import PairSelector, route_pair
 from balancer.exchange import Exchange
 from balancer.failover import Failover
 from balancer.fairness import FairQueue, Refused, Ticket, api_key_of
@@ -52,7 +52,6 @@ def _with_token_ids(payload: bytes, body: dict) -> bytes:
     rest = payload[at:].lstrip()
     return payload[:at] + (b'"return_token_ids":true' if rest.startswith(b"}") else b'"return_token_ids":true,') \
         + payload[at:]
-access_log = logging.getLogger("kvfleet.balancer.access")
 
 
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
@@ -124,6 +123,7 @@ class Proxy:
         audit: DecisionAudit,
         pairs: PairSelector | None = None,
         fairness: FairQueue | None = None,
+        access: AccessLog | None = None,
     ) -> None:
         self.registry = registry
         self.router = router
@@ -135,6 +135,7 @@ class Proxy:
         self.audit = audit  # predicted against delivered cached tokens, the latest decisions
         self.pairs = pairs if pairs is not None else PairSelector()  # prefill/decode pairs (balancer/disagg.py)
         self.fairness = fairness  # the fair admission queue (balancer/fairness.py); None: off
+        self.access = access if access is not None else AccessLog()  # one line per request
         # Request ids: a random per-process prefix and a counter (unique across restarts and
         # balancers; a uuid4 per request costs several µs).
         self._id_prefix = f"kvf-{uuid.uuid4().hex[:16]}-"
@@ -207,11 +208,12 @@ class Proxy:
             booking.finish(None)
             self.metrics.series(self.metrics.requests, replica.replica_id, self.policy_name,
                                 f"{status // 100}xx").inc()
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info("%s %s replica=%s status=%d e2e=%.4fs attempts=%d", ex.method, ex.path,
-                                replica.replica_id, status, time.perf_counter() - arrival, attempt + 1,
-                                extra={"fields": {"request_id": request_id, "path": ex.path, "replica": replica.replica_id,
-                                                  "status": status, "attempts": attempt + 1}})
+            if self.access.enabled:
+                rid = replica.replica_id
+                self.access.write(f"{ex.method} {ex.path} replica={rid} status={status:d} "
+                                  f"e2e={time.perf_counter() - arrival:.4f}s attempts={attempt + 1:d}",
+                                  {"request_id": request_id, "path": ex.path, "replica": rid, "status": status,
+                                   "attempts": attempt + 1})
             return
         if last is None:
             self.metrics.no_replica.inc()
@@ -280,16 +282,19 @@ class Proxy:
             last_turn = key is not None and sessions.releases(ex.header)  # checked (400) before routing
             prepared = self.router.prepare(req, key)
             prompt_tokens = len(prepared.token_ids)
-            ticket = None
+            ticket = predicted = None
             if self.fairness is not None:
                 # Admitted before routing: the cached prefix is predicted when the request is sent.
-                ticket = await self._admit(ex, prepared)
+                # The output length is predicted once, for the queue's cost and the policy.
+                predictor = self.router.predictor
+                predicted = predictor.predict_point(prepared) if predictor is not None else None
+                ticket = await self._admit(ex, prepared, predicted)
                 if ticket is None:
                     outcome.status = 429
                     return
                 t0 = time.perf_counter()  # the decision's latency, not the queue's
             try:
-                await self._route(ex, body, req, path, prepared, request_id, arrival, t0, outcome)
+                await self._route(ex, body, req, path, prepared, request_id, arrival, t0, outcome, predicted)
             finally:
                 if last_turn:
                     sessions.release(key)
@@ -310,14 +315,14 @@ class Proxy:
             asyncio.get_running_loop().call_soon(self._finish, request_id, path, req, prompt_tokens, outcome,
                                                  time.perf_counter() - arrival)
 
-    async def _admit(self, ex: Exchange, prepared: Prepared) -> Ticket | None:
+    async def _admit(self, ex: Exchange, prepared: Prepared, predicted: float | None) -> Ticket | None:
         """The request's turn in the fair admission queue, or None when it was shed (answered
-        with 429 and Retry-After). Its cost: prompt tokens + predicted output tokens."""
+        with 429 and Retry-After). Its cost: prompt tokens + `predicted` output tokens (None:
+        nothing predicts them; max_tokens, else the queue's default)."""
         fair = self.fairness
         klass, tenant = fair.identify(ex.header, api_key_of(ex))
         req = prepared.request
         sequences = req.n * (1 + len(req.more_prompts))
-        predicted = self.router.predictor.predict_point(prepared) if self.router.predictor is not None else None
         limit = req.max_tokens or fair.cfg.default_output_tokens
         output = limit if predicted is None else min(predicted, limit)
         cost = len(prepared.token_ids) + prepared.extra_prompt_tokens + int(output) * sequences
@@ -348,23 +353,26 @@ class Proxy:
             booking.finish(o.output_tokens)
             m = self.metrics
             m.series(m.inflight, booking.replica_id).set(booking.replica.inflight_requests)
-        if access_log.isEnabledFor(logging.INFO):
+        if self.access.enabled:
             self._log_access(request_id, path, req, prompt_tokens, o, e2e_s)
 
     def _log_access(self, request_id: str, path: str, req: GenerationRequest, prompt_tokens: int, o: _Outcome,
                     e2e_s: float) -> None:
         ttft = "-" if o.ttft_s is None else f"{o.ttft_s:.4f}s"
-        access_log.info(
-            "%s %s replica=%s status=%d ttft=%s e2e=%.4fs attempts=%d", path, "stream" if req.stream else "unary",
-            o.replica, o.status, ttft, e2e_s, o.attempts,
-            extra={"fields": {"request_id": request_id, "path": path, "stream": req.stream, "replica": o.replica,
-                   "policy": self.policy_name, "status": o.status,
-                   "ttft_s": None if o.ttft_s is None else round(o.ttft_s, 6), "e2e_s": round(e2e_s, 6),
-                   "attempts": o.attempts, "prompt_tokens": prompt_tokens, "predicted_cached_tokens": o.predicted_cached,
-                   "reported_cached_tokens": o.reported_cached, "failovers": o.failovers}})
+        self.access.write(
+            f"{path} {'stream' if req.stream else 'unary'} replica={o.replica} status={o.status:d} ttft={ttft} "
+            f"e2e={e2e_s:.4f}s attempts={o.attempts:d}",
+            {"request_id": request_id, "path": path, "stream": req.stream, "replica": o.replica,
+             "policy": self.policy_name, "status": o.status,
+             "ttft_s": None if o.ttft_s is None else round(o.ttft_s, 6), "e2e_s": round(e2e_s, 6),
+             "attempts": o.attempts, "prompt_tokens": prompt_tokens, "predicted_cached_tokens": o.predicted_cached,
+             "reported_cached_tokens": o.reported_cached, "failovers": o.failovers})
 
     async def _route(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
-                     request_id: str, arrival: float, t0: float, outcome: _Outcome) -> None:
+                     request_id: str, arrival: float, t0: float, outcome: _Outcome,
+                     predicted: float | None = None) -> None:
+        """Serve the request on a booked replica, retrying before the first byte. `predicted`:
+        its output length as already predicted (the fair queue's), else None (the router predicts)."""
         payload = await ex.read()  # forwarded as the client sent it (the server keeps the bytes)
         if req.continuable and self.retry.failover and not req.return_token_ids:
             payload = _with_token_ids(payload, body)  # exact failover needs the token ids
@@ -375,17 +383,16 @@ class Proxy:
 
         tried: set[str] = set()
         first: Booking | None = None  # a pair the selector kept whole, booked as a routed request
-        if handover.wanted(path, body, prepared):
-            roles = self.registry.roles()
-            if is_disaggregated(roles):
-                served, first = await self._disaggregated(ex, body, req, path, prepared, request_id, roles, headers,
-                                                          arrival, outcome, tried)
-                if served:
-                    return
+        if self.registry.disaggregated and handover.wanted(path, body, prepared):
+            served, first = await self._disaggregated(ex, body, req, path, prepared, request_id,
+                                                      self.registry.roles(), headers, arrival, outcome, tried,
+                                                      predicted)
+            if served:
+                return
         last: UpstreamFailed | None = None
         for attempt in range(self.retry.max_attempts):
             booking = first if attempt == 0 and first is not None else \
-                self.router.route(prepared, request_id, frozenset(tried), warmups=True)
+                self.router.route(prepared, request_id, frozenset(tried), predicted, warmups=True)
             if booking is None:
                 break
             decision_s = time.perf_counter() - t0 if attempt == 0 else None
@@ -428,14 +435,15 @@ class Proxy:
 
     async def _disaggregated(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
                              request_id: str, roles: dict[str, str], headers: dict, arrival: float,
-                             outcome: _Outcome, tried: set[str]) -> tuple[bool, Booking | None]:
+                             outcome: _Outcome, tried: set[str], predicted: float | None = None
+                             ) -> tuple[bool, Booking | None]:
         """Serve the request through the prefill/decode pair the selector picks (balancer/disagg.py,
         legs in balancer/handover.py): (True, None) once it is answered. (False, booking): the
         selector kept it whole on one replica, booked; (False, None): no pair was usable, or a
         member failed before the client got anything (a failed member is then in `tried`): the
         caller serves it on one replica."""
         m = self.metrics
-        pair = route_pair(self.router, self.pairs, prepared, request_id, roles, frozenset(tried))
+        pair = route_pair(self.router, self.pairs, prepared, request_id, roles, frozenset(tried), predicted)
         if pair is None:
             m.disagg.labels("fallback_no_pair").inc()
             return False, None

@@ -89,6 +89,9 @@ class Registry:
         self.on_change: list[Callable[[str, str], None]] = []  # (replica_id, what) listeners
         self._served: list[str] | None = None  # served_models(), until something changes
         self._roles: dict[str, str] | None = None  # roles(), until membership or a role changes
+        # Some replica has a single role (prefill or decode): requests may go to a pair
+        # (balancer/disagg.py). Kept as membership and roles change: read per request.
+        self.disaggregated = False
 
     # ------------------------------------------------------------- membership
     def __iter__(self) -> Iterator[ReplicaState]:
@@ -105,12 +108,14 @@ class Registry:
             raise ValueError(f"replica {spec.replica_id} is already registered")
         state = ReplicaState(spec, role=spec.role or "both")
         self._replicas[spec.replica_id] = state
+        self._roles_changed()
         self._notify(spec.replica_id, "added")
         return state
 
     def remove(self, replica_id: str) -> ReplicaState | None:
         state = self._replicas.pop(replica_id, None)
         if state is not None:
+            self._roles_changed()
             self._notify(replica_id, "removed")
         return state
 
@@ -212,8 +217,12 @@ class Registry:
         if r is None or r.role == role or r.spec.role is not None:
             return False
         r.role = role
-        self._roles = None
+        self._roles_changed()
         return True
+
+    def _roles_changed(self) -> None:
+        self._roles = None
+        self.disaggregated = any(r.role != "both" for r in self._replicas.values())
 
     def roles(self) -> dict[str, str]:
         """replica id -> role (balancer/disagg.py's input), kept between changes: asked per

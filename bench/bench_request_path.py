@@ -16,6 +16,8 @@ bench/fake_backend.py's does):
     usage          proxy.note_usage: the `usage` object read from the answer's tail, counted
     audit          DecisionAudit.record (the decision accounting histograms and counters)
     metrics        the proxy's other per-request series: attempt_metrics, requests, e2e, in-flight
+    access line    Proxy._log_access: the request's access line, in the text format, to a file (the
+                   balancer's stderr goes to a file in bench_balancer.py), as `kvfleet balancer` sets it up
 
     .venv/bin/python bench/bench_request_path.py [--requests 20000] [--rounds 7]
 """
@@ -26,8 +28,10 @@ import argparse
 import asyncio
 import itertools
 import json
+import logging
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,11 +59,16 @@ def main() -> None:
 
     from balancer.app import Balancer
     from balancer.config import BalancerConfig, ReplicaSpec
-    from balancer.proxy import attempt_metrics, note_usage
+    from balancer.proxy import _Outcome, attempt_metrics, note_usage
+    from kvfleet import logs
     from protocol.openai_api import decode_json_body, parse_for_routing
 
     cfg = BalancerConfig(model="tiny", replicas=(ReplicaSpec(url="http://127.0.0.1:9"),), policy="precise_prefix")
     b = Balancer(cfg)
+    log_file = tempfile.TemporaryFile("w")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.setup("text", "info", stream=log_file)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(b.start())  # builds the router; its tasks never run while we time
     try:
@@ -72,6 +81,8 @@ def main() -> None:
         booking = router.route(prepared, "warm-up")
         booking.finish(1)
         rid = booking.replica_id
+
+        outcome = _Outcome(replica=rid, status=200, ttft_s=0.00121, attempts=1, reported_cached=0)
 
         def route() -> None:
             router.route(prepared, f"q{next(ids)}").finish(1)
@@ -90,6 +101,8 @@ def main() -> None:
             ("usage", lambda: note_usage(m, rid, ANSWER)),
             ("audit", lambda: audit.record("q", "/v1/completions", booking, 200, 0)),
             ("metrics", metrics),
+            ("access line", lambda: b.proxy._log_access(f"kvf-bench-{next(ids)}", "/v1/completions", req, 8, outcome,
+                                                        0.00123)),
         ]
         rows, total = [], 0.0
         for name, step in steps:
@@ -108,6 +121,9 @@ def main() -> None:
     finally:
         loop.run_until_complete(b.stop())
         loop.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        log_file.close()
     report(f"Balancer per-request steps, CPU us per request, in process (median of {args.rounds} rounds of "
            f"{args.requests})", ["step", "CPU us / request", "rounds min-max"], rows, out=args.out,
            extra={"requests": args.requests, "rounds": args.rounds})

@@ -60,16 +60,22 @@ class JsonFormatter(logging.Formatter):
         return f"{self._seconds(created)}.{int((created - int(created)) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": self._ts(record.created), "level": record.levelname.lower(), "logger": record.name,
-               "message": record.getMessage()}
         extra = record.__dict__.get(FIELDS)
         if extra is None:
             extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
-        for key, value in extra.items():
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        return self.line(record.created, record.levelname, record.name, record.getMessage(), extra, exc)
+
+    def line(self, created: float, levelname: str, name: str, message: str, fields: dict,
+             exc: str | None = None) -> str:
+        """The line `format` makes of a record with these attributes (`fields`: its `extra=`),
+        without a LogRecord: balancer/access_log.py writes the access lines so."""
+        out = {"ts": self._ts(created), "level": levelname.lower(), "logger": name, "message": message}
+        for key, value in fields.items():
             if key not in out:
                 out[key] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+        if exc is not None:
+            out["exc"] = exc
         return self._encode(out)
 
 
@@ -90,6 +96,15 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         fields = record.__dict__.get(FIELDS)
         rid = fields.get("request_id") if fields is not None else getattr(record, "request_id", None)
+        return line if rid is None else f"{line} request_id={rid}"
+
+    def line(self, created: float, levelname: str, name: str, message: str, fields: dict) -> str:
+        """The line `format` makes of a record with these attributes and `extra={"fields": fields}`,
+        without a LogRecord (balancer/access_log.py): TEXT_FORMAT as one f-string, the time as
+        `formatTime` writes it (LogRecord.msecs: whole milliseconds, truncated)."""
+        asctime = self.default_msec_format % (self._seconds(created), int((created - int(created)) * 1000))
+        rid = fields.get("request_id")
+        line = f"{asctime} {levelname} {name}: {message}"
         return line if rid is None else f"{line} request_id={rid}"
 
 

@@ -7,8 +7,7 @@ import pytest
 
 from balancer.approx_index import ApproxIndex
 from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
-from balancer.disagg import (BOTH, DECODE, PREFILL, PairConfig, PairSelector, check_role, is_disaggregated,
-                             route_pair)
+from balancer.disagg import BOTH, DECODE, PREFILL, PairConfig, PairSelector, check_role, route_pair
 from balancer.policies import make_policy
 from balancer.policies.base import ReplicaLoad, ReplicaView, RoutingRequest
 from balancer.prefix_index import PrefixIndex
@@ -99,7 +98,20 @@ def test_roles_and_config_are_validated():
         check_role("encode")
     with pytest.raises(ValueError, match="transfer"):
         PairConfig(transfer_s_per_token=-1)
-    assert not is_disaggregated({"a": BOTH}) and is_disaggregated({"a": BOTH, "b": DECODE})
+
+
+def test_the_registry_knows_whether_the_fleet_is_disaggregated_as_roles_and_members_change():
+    """`Registry.disaggregated` (read per request, never a scan of the fleet): True while some
+    replica has a single role, from its spec (`ROLE@URL`) or its load reports."""
+    registry = Registry(BreakerConfig(), HealthConfig(), clock=lambda: 0.0)
+    registry.add(ReplicaSpec(url="http://a:80"))
+    assert not registry.disaggregated
+    assert registry.set_role("http://a:80", DECODE) and registry.disaggregated
+    assert registry.set_role("http://a:80", BOTH) and not registry.disaggregated
+    registry.add(ReplicaSpec.parse(f"{PREFILL}@http://p:80"))
+    assert registry.disaggregated and registry.roles() == {"http://a:80": BOTH, "http://p:80": PREFILL}
+    registry.remove("http://p:80")
+    assert not registry.disaggregated
 
 
 def _router(policy="predictive", predictor=None):

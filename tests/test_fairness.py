@@ -136,6 +136,40 @@ def test_a_tenant_under_its_share_is_admitted_at_once_while_the_flood_waits():
     asyncio.run(main())
 
 
+def test_the_fleets_capacity_is_read_once_per_admission_and_once_per_pump():
+    """`capacity()` scans the registry (Registry.usable): an admission, and each pump of the
+    queue, reads it once however many flows it weighs."""
+    async def main():
+        reads = []
+
+        def capacity() -> int:
+            reads.append(1)
+            return 4
+
+        q = FairQueue(FairnessConfig(enabled=True, classes=(ClassConfig("a"), ClassConfig("flood"))), capacity,
+                      clock=Clock())
+        held = [await q.admit(klass(q, "flood"), "flood", 100) for _ in range(4)]  # the fleet is full
+        waiting = [await enqueue(q, "flood", 100) for _ in range(3)]
+        reads.clear()
+        ta = await asyncio.wait_for(q.admit(klass(q, "a"), "a", 100), 1)  # under its share, past capacity
+        assert ta.waited_s == 0 and len(reads) == 1
+        reads.clear()
+        held[0].release(0.1)  # one pump, weighing the flood's head against the capacity
+        assert len(reads) == 1
+        for t in held[1:] + [ta]:
+            t.release(0.1)
+        await settle()
+        for t in waiting:
+            if t.done():
+                t.result().release(0.1)
+            else:
+                t.cancel()
+        await settle()
+        assert q.waiting == 0
+
+    asyncio.run(main())
+
+
 def test_the_flooding_tenant_never_passes_a_full_fleet():
     async def main():
         q = make(capacity=4, classes=[ClassConfig("a"), ClassConfig("flood")])
@@ -274,3 +308,36 @@ def test_config_file_flags_and_conflicts():
     with pytest.raises(ValueError, match="bad class spec"):
         ClassConfig.parse("x,speed=3")
 
+
+
+def test_with_the_queue_on_a_request_s_output_length_is_predicted_once():
+    """A real balancer (predictive policy, the fair queue on) in front of a real server: the
+    queue's cost and the policy read one prediction per request."""
+    import aiohttp
+
+    from harness.fleet import balancer
+    from tests.test_front import backend
+
+    async def main():
+        with backend() as url:
+            async with balancer([url], policy="predictive", fairness=FairnessConfig(enabled=True)) as (base, b):
+                predictor, calls = b.router.predictor, []
+
+                class Counting:
+                    def __getattr__(self, name):
+                        return getattr(predictor, name)
+
+                    def predict_point(self, prepared):
+                        calls.append(prepared)
+                        return predictor.predict_point(prepared)
+
+                b.router.predictor = Counting()
+                async with aiohttp.ClientSession() as s:
+                    for _ in range(3):
+                        async with s.post(base + "/v1/completions",
+                                          json={"prompt": "hello there", "max_tokens": 3}) as r:
+                            assert r.status == 200
+                            await r.read()
+                assert len(calls) == 3
+
+    asyncio.run(main())

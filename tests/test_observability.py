@@ -177,6 +177,82 @@ def test_balancer_creates_a_replicas_series_at_zero_and_drops_them_when_it_leave
     assert a not in text and b in text
 
 
+def _plain_and_prometheus_expositions(counter, gauge, histogram) -> str:
+    """The same series updated the same way, built from `counter`, `gauge` and `histogram`."""
+    from prometheus_client import CollectorRegistry
+
+    from balancer.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS
+
+    r = CollectorRegistry()
+    requests = counter("kvfleet_requests_total", "Requests.", ("replica", "policy", "status"), registry=r)
+    refused = counter("kvfleet_no_replica_total", "Refused.", registry=r)
+    inflight = gauge("kvfleet_replica_inflight_requests", "In flight.", ("replica",), registry=r)
+    e2e = histogram("kvfleet_e2e_request_latency_seconds", "E2E.", buckets=LATENCY_BUCKETS, registry=r)
+    cached = histogram("kvfleet_request_delivered_cached_tokens", "Cached.", ("replica",), buckets=TOKEN_BUCKETS,
+                       registry=r)
+    a, b = "http://127.0.0.1:1", "http://127.0.0.1:2"
+    requests.labels(b, "precise_prefix", "2xx")
+    requests.labels(a, "precise_prefix", "2xx").inc()
+    requests.labels(a, "precise_prefix", "2xx").inc(3)
+    requests.labels(a, "precise_prefix", "5xx").inc()
+    refused.inc(2)
+    inflight.labels(a).set(4)
+    inflight.labels(b).set(1)
+    inflight.labels(b).set(0)
+    for v in (0.0, 0.005, 0.0051, 0.3, 1, 25.0, 1e6):  # on a bound, past one, past the last
+        e2e.observe(v)
+    for v in (0, 16, 17, 4096, 300_000):
+        cached.labels(a).observe(v)
+    cached.labels(b)
+    requests.remove(b, "precise_prefix", "2xx")
+    return _exposition(r)
+
+
+def test_plain_series_expose_exactly_what_prometheus_client_would():
+    """The request path's series (balancer/plain_series.py) are scraped as prometheus_client's
+    Counter, Gauge and Histogram are: names, HELP, TYPE, labels, order, values; only the
+    `_created` timestamps differ (the series were made at other instants)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    from balancer.plain_series import PlainCounter, PlainGauge, PlainHistogram
+
+    def created_masked(text: str) -> str:
+        return re.sub(r"^(\S+_created(?:\{[^}]*\})?) \S+$", r"\1 T", text, flags=re.M)
+
+    plain = _plain_and_prometheus_expositions(PlainCounter, PlainGauge, PlainHistogram)
+    theirs = _plain_and_prometheus_expositions(Counter, Gauge, Histogram)
+    assert "_created" in theirs and 'le="+Inf"' in theirs
+    assert created_masked(plain) == created_masked(theirs)
+
+
+def test_a_balancer_scrape_has_every_request_series():
+    """One request's worth of updates on the balancer's metrics, scraped: every per-request
+    series is there by its Prometheus name."""
+    m = BalancerMetrics()
+    a = "http://127.0.0.1:1"
+    m.add_replica(a)
+    m.series(m.requests, a, "precise_prefix", "2xx").inc()
+    m.series(m.inflight, a).set(1)
+    m.decision.observe(1e-4)
+    m.e2e.observe(0.01)
+    m.ttft.observe(0.005)
+    m.series(m.predicted_cached_hist, a).observe(16)
+    text = _exposition(m.registry)
+    for line in (f'kvfleet_requests_total{{policy="precise_prefix",replica="{a}",status="2xx"}} 1.0',
+                 f'kvfleet_replica_inflight_requests{{replica="{a}"}} 1.0',
+                 'kvfleet_routing_decision_seconds_bucket{le="0.0001"} 1.0',
+                 'kvfleet_e2e_request_latency_seconds_count 1.0',
+                 'kvfleet_time_to_first_token_seconds_sum 0.005',
+                 f'kvfleet_request_predicted_cached_tokens_bucket{{le="16.0",replica="{a}"}} 1.0',
+                 f'kvfleet_prompt_tokens_total{{replica="{a}"}} 0.0',
+                 f'kvfleet_cache_mismatch_total{{replica="{a}"}} 0.0',
+                 '# TYPE kvfleet_lora_routed_total counter',
+                 'kvfleet_lora_routed_total{outcome="resident"} 0.0'):
+        assert line in text.splitlines(), line
+    m.forget_replica(a)
+    assert a not in _exposition(m.registry)
+
+
 def _exposition(registry) -> str:
     from prometheus_client import generate_latest
 

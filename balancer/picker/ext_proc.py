@@ -67,6 +67,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from prometheus_client import Counter, Gauge
 
+from balancer.access_log import AccessLog
 from balancer.metrics import NO_REPLICA
 from balancer.proxy import attempt_metrics, count_usage, json_model, note_usage
 from balancer.registry import ReplicaState
@@ -78,7 +79,7 @@ from protocol.openai_api import (USAGE_HEADER, APIError, GenerationRequest, deco
 from balancer.picker.config import ENVOY_FLAGS_HEADER, SERVED_HEADER, SUBSET_KEY, SUBSET_NAMESPACE, PickerConfig
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("kvfleet.picker.access")
+ACCESS_LOGGER = "kvfleet.picker.access"
 
 BODY_CHUNK_LIMIT = 62_000
 _TAIL_BYTES = 4096  # of a response kept for its `usage` object (balancer.proxy.tail_usage reads 2 KiB)
@@ -139,6 +140,7 @@ class Picking:
         self.cfg = cfg
         self.b = balancer  # a started balancer.app.Balancer: router, registry, proxy (check_model), audit
         self.metrics = metrics
+        self.access = AccessLog(ACCESS_LOGGER)  # one line per request (balancer/access_log.py); the server starts it
         self._addresses: dict[str, str] = {}
         self._id_prefix = f"kvp-{uuid.uuid4().hex[:16]}-"
         self._ids = itertools.count()
@@ -490,17 +492,17 @@ class RequestStream:
             self._log_access()
 
     def _log_access(self, cached: int | None = None) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
+        access = self.p.access
+        if not access.enabled:
             return
         replica = self.booking.replica_id if self.booking else NO_REPLICA
         e2e = time.perf_counter() - self.arrival
-        access_log.info("%s %s replica=%s endpoint=%s status=%d e2e=%.4fs", self.method, self.path, replica,
-                        self.endpoint or "-", self.status, e2e,
-                        extra={"fields": {"request_id": self.request_id, "path": self.path, "replica": replica,
-                                          "endpoint": self.endpoint, "status": self.status,
-                                          "e2e_s": round(e2e, 6), "prompt_tokens": self.prompt_tokens,
-                                          "predicted_cached_tokens": self.booking.matched_tokens if self.booking
-                                          else 0, "reported_cached_tokens": cached}})
+        access.write(f"{self.method} {self.path} replica={replica} endpoint={self.endpoint or '-'} "
+                     f"status={self.status:d} e2e={e2e:.4f}s",
+                     {"request_id": self.request_id, "path": self.path, "replica": replica, "endpoint": self.endpoint,
+                      "status": self.status, "e2e_s": round(e2e, 6), "prompt_tokens": self.prompt_tokens,
+                      "predicted_cached_tokens": self.booking.matched_tokens if self.booking else 0,
+                      "reported_cached_tokens": cached})
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):

@@ -77,6 +77,7 @@ class Picker:
     async def start(self) -> None:
         cfg = self.cfg
         await self.balancer.start()
+        self.picking.access.start()
         try:
             server = grpc.aio.server(options=GRPC_OPTIONS)
             pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.picking), server)
@@ -128,4 +129,5 @@ class Picker:
             await self._front.close()
             await self._http.wait_closed()
             self._http = None
+        await self.picking.access.stop()  # every buffered access line written
         await self.balancer.stop()
