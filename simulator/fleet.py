@@ -156,6 +156,9 @@ class FleetConfig:
     # SimResult.extra["agreement"] is the share of routed requests for which every other instance,
     # asked at that moment without booking (Router.choose), would have picked the same replica.
     balancers: int = 1
+    # The instances decide from shared state only (BalancerConfig.consistent_routing): the load
+    # reports and KV events every instance gets, not their own sends (balancer/router.py).
+    consistent_routing: bool = False
     # KV offload tiers below each replica's device pool (simulator/tiers.py): blocks the pool
     # evicts spill to a host tier of `host_kv_blocks` (then a disk tier of `disk_kv_blocks`), are
     # published with medium CPU / Disk, and a prefix found there is loaded back at the tier
@@ -305,21 +308,24 @@ class SimResult:
 
 
 class FleetSimulation:
-    def __init__(self, cfg: FleetConfig, predictor=None) -> None:
+    def __init__(self, cfg: FleetConfig, predictor=None, predictor_factory: Callable[[], object] | None = None) -> None:
+        """`predictor`: the output-length predictor every balancer instance consults (None: none,
+        or the oracle's true lengths); `predictor_factory`: a fresh one per instance instead, each
+        learning only from the requests that instance routed, as separate live balancers do."""
         self.cfg = cfg
         self.now = 0.0
         self.replicas = {f"r{i}": _SimReplica(f"r{i}", cfg, cfg.role(i)) for i in range(cfg.replicas)}
         # Registry ids are URLs; keep a map both ways.
         self._url = {rid: f"http://{rid}.sim:80" for rid in self.replicas}
         self._rid = {v: k for k, v in self._url.items()}
-        self.instances = [self._instance(predictor) for _ in range(cfg.balancers)]
+        self.instances = [self._instance(predictor if predictor_factory is None else predictor_factory())
+                          for _ in range(cfg.balancers)]
         # The first instance under the names a single-balancer run has always used.
         self.registry, self.index, self.policy, self.digests, self.router = self.instances[0]
         self.agreed = self.compared = 0
         self.sessions = self.router.sessions  # the first instance's table (each instance has its own)
         self.root = root_hash(MODEL)
         self._lora_roots = {name: root_hash(MODEL, lora_name=name) for name in cfg.lora_adapters}
-        self.predictor = predictor
         self.kv_blocks = cfg.kv_blocks or cfg.preset.kv_blocks
         # The pair selector prices the hand-over as the link does, on the policy's step learner
         # when it has one (predictive), else its own, fed the same load reports.
@@ -350,7 +356,8 @@ class FleetSimulation:
         router = Router(MODEL, cfg.block_size, ByteTokenizer(), index,
                         ApproxIndex(clock=self._clock), policy, registry,
                         has_events=lambda rid: True, predictor=predictor, clock=self._clock,
-                        digests=digests, uses_digest=lambda rid: True, sessions=Sessions(cfg.sessions))
+                        digests=digests, uses_digest=lambda rid: True, sessions=Sessions(cfg.sessions),
+                        consistent=cfg.consistent_routing)
         return registry, index, policy, digests, router
 
     def run(self, requests: Sequence[SimRequest]) -> SimResult:
