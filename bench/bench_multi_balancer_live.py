@@ -5,11 +5,12 @@ and load reports and knowing nothing of the others. Requests (half with one of a
 prefixes, half cold) arrive at Poisson times and go round robin over the instances; as each is
 sent, every other instance is asked at the same moment through `POST /admin/explain` (books
 nothing) where it would send it. Agreement: every other instance named the replica that served
-it. Per policy, with each instance counting its own sends (`own`, the default balancer) and with
-`--consistent-routing` (`consistent`). TTFT is wall-clock on this machine, through the balancer.
+it. Per policy, with each instance counting its own sends (`own`, the default balancer), with
+`--consistent-routing` (`consistent`), and with that and the replicas' `--load-report-on-arrival`
+(`consistent+arrival`). TTFT is wall-clock on this machine, through the balancer.
 
     .venv/bin/python bench/bench_multi_balancer_live.py [--policies predictive,precise_prefix]
-        [--modes own,consistent] [--replicas 3] [--balancers 2] [--requests 200] [--rate 6]
+        [--modes own,consistent,consistent+arrival] [--replicas 3] [--balancers 2] [--requests 200] [--rate 6]
         [--max-tokens 64] [--out results/multi_balancer_live.json]
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import report  # noqa: E402
+from bench.common import report, routing_mode  # noqa: E402
 from harness import multi_balancer  # noqa: E402
 
 
@@ -37,8 +38,9 @@ def _pct(values: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", default="predictive,precise_prefix", help="comma-separated policy names")
-    ap.add_argument("--modes", default="own,consistent",
-                    help="own: each instance counts its own sends; consistent: --consistent-routing")
+    ap.add_argument("--modes", default="own,consistent,consistent+arrival",
+                    help="own: each instance counts its own sends; consistent: --consistent-routing; +arrival: the "
+                         "replicas' --load-report-on-arrival")
     ap.add_argument("--replicas", type=int, default=3, help="sim replica subprocesses")
     ap.add_argument("--balancers", type=int, default=2, help="balancer instances (subprocesses)")
     ap.add_argument("--requests", type=int, default=200, help="requests per (policy, mode)")
@@ -51,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     texts = multi_balancer.prompts(args.requests)
     for policy in args.policies.split(","):
         for mode in args.modes.split(","):
-            if mode not in ("own", "consistent"):
-                ap.error(f"--modes takes own and/or consistent, got {mode!r}")
-            with multi_balancer.fleet(args.replicas, args.balancers, policy, mode == "consistent",
-                                      time_scale=args.time_scale) as (_, bals):
+            try:
+                consistent, arrival = routing_mode(mode)
+            except ValueError as e:
+                ap.error(f"--modes: {e}")
+            with multi_balancer.fleet(args.replicas, args.balancers, policy, consistent,
+                                      time_scale=args.time_scale, arrival_reports=arrival) as (_, bals):
                 bases = [b.url for b in bals]
 
                 async def run():

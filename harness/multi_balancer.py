@@ -31,15 +31,17 @@ def sim_replica_args(blocks: int, time_scale: float, max_model_len: int) -> list
 
 @contextlib.contextmanager
 def fleet(replicas: int, balancers: int, policy: str, consistent: bool, blocks: int = 2048,
-          time_scale: float = 1.0, max_model_len: int = 8192):
+          time_scale: float = 1.0, max_model_len: int = 8192, arrival_reports: bool = False):
     """`replicas` sim replicas and `balancers` balancer instances in front of all of them, each
-    subscribed to every replica's KV events and load reports and knowing nothing of the others;
+    subscribed to every replica's KV events and load reports and knowing nothing of the others
+    (`consistent`: --consistent-routing; `arrival_reports`: the replicas' --load-report-on-arrival);
     yields (replica procs, balancer procs) and stops them all."""
     started: list[procs.Proc] = []
     try:
         reps = []
         for _ in range(replicas):
-            reps.append(procs.start(sim_replica_args(blocks, time_scale, max_model_len)))
+            reps.append(procs.start(sim_replica_args(blocks, time_scale, max_model_len)
+                                    + (["--load-report-on-arrival"] if arrival_reports else [])))
             started.append(reps[-1])
         flags = [a for r in reps for a in ("--replica", r.replica_arg)]
         bals = []

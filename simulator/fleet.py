@@ -131,6 +131,10 @@ class FleetConfig:
     # after every step (fresher than any live fleet). KV events still arrive after every step,
     # as a live replica publishes them.
     load_report_interval_s: float = 0.0
+    # Each replica also reports as soon as new requests join its queue (`kvfleet replica
+    # --load-report-on-arrival`): at once when idle, else when the step in flight ends (live, a
+    # request waits in the engine loop's inbox until then).
+    report_on_arrival: bool = False
     # Longest prompt + output a replica takes (a live sim replica's default); longer prompts, and
     # prompts needing more KV blocks than a replica has, are rejected at arrival as a replica
     # would reject them (live, the balancer routes them first and relays the 400).
@@ -285,6 +289,7 @@ class _SimReplica:
     digest_version = -1
     digest_bytes = 0
     reported_steps = 0  # engine steps the last report held
+    arrivals_unreported = False  # requests joined mid-step, reported when it ends (report_on_arrival)
 
     def _advance(self, duration: float, out=None) -> None:
         self.now += duration
@@ -405,14 +410,14 @@ class FleetSimulation:
                 if req_lat > 0:  # routed now, in the replica's queue later
                     heappush(heap, (t + req_lat, next(seq), ENQUEUE, (rep, add)))
                     continue
-                rep.engine.add_request(*add)
+                self._enqueue(rep, add, t)
                 if not rep.busy:
                     rep.busy = True
                     rep.now = max(rep.now, t)
                     heappush(heap, (rep.now, next(seq), STEP, rep))
             elif kind == ENQUEUE:
                 rep, add = x
-                rep.engine.add_request(*add)
+                self._enqueue(rep, add, t)
                 if not rep.busy:
                     rep.busy = True
                     rep.now = max(rep.now, t)
@@ -468,6 +473,9 @@ class FleetSimulation:
                         rec.preemptions += req.num_preemptions  # a split request's prefill ones too
                         booking.finish(req.num_output_tokens)
                         del live[req.request_id]
+                if rep.arrivals_unreported:  # the live engine loop drains its inbox now and reports
+                    rep.arrivals_unreported = False
+                    self._deliver(rep, url, self._snapshot(rep))
                 while rep.pending and self._admit(rep, rep.pending[0], t, live):
                     rep.pending.pop(0)
                 if rep.engine.has_unfinished():
@@ -498,6 +506,17 @@ class FleetSimulation:
             }
         return SimResult(self.cfg.policy, records, [self._url[r] for r in self.replicas], steps,
                          _time.perf_counter() - wall, extra)
+
+    def _enqueue(self, rep: "_SimReplica", add: tuple, t: float) -> None:
+        """A routed request joins rep's queue at t (with report_on_arrival, the report saying so:
+        now if rep is idle, else when its step in flight ends)."""
+        rep.engine.add_request(*add)
+        if self.cfg.report_on_arrival:
+            if rep.busy:
+                rep.arrivals_unreported = True
+            else:
+                rep.now = max(rep.now, t)
+                self._deliver(rep, self._url[rep.rid], self._snapshot(rep))
 
     def _hand_over(self, split: "_Split", req, t: float, live: dict, push: Callable) -> None:
         """`req` ended its prefill on split.prefill at t: release that side and send its KV to

@@ -70,6 +70,7 @@ class SimulateConfig:
     # state only (simulator.fleet.FleetConfig, BalancerConfig.consistent_routing).
     balancers: int = 1
     consistent_routing: bool = False
+    report_on_arrival: bool = False  # replicas also report when requests join their queue
     # KV offload tiers per replica and the host link (simulator.fleet.FleetConfig, simulator/tiers.py).
     host_kv_blocks: int = 0
     disk_kv_blocks: int = 0
@@ -201,6 +202,7 @@ def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
                        digest_interval_s=cfg.digest_interval_s, digest_filter=cfg.digest_filter,
                        sessions=cfg.sessions,
                        balancers=cfg.balancers, consistent_routing=cfg.consistent_routing,
+                       report_on_arrival=cfg.report_on_arrival,
                        host_kv_blocks=cfg.host_kv_blocks,
                        disk_kv_blocks=cfg.disk_kv_blocks, host_link=cfg.host_link,
                        prefill_replicas=cfg.prefill_replicas,
