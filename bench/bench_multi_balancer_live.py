@@ -24,15 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.balancer.loadclient import pct  # noqa: E402
 from bench.common import report, routing_mode  # noqa: E402
 from harness import multi_balancer  # noqa: E402
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = asyncio.run(run())
             t = out.ttfts or []
             rows.append([policy, mode, args.balancers, out.served, out.agreement,
-                         sum(t) / len(t) if t else float("nan"), _pct(t, 0.99)])
+                         sum(t) / len(t) if t else float("nan"), pct(sorted(t), 0.99) if t else float("nan")])
             print(rows[-1], flush=True)
     report(f"several balancer instances, live ({args.replicas} sim replicas, {args.balancers} balancers, "
            f"{args.rate:g} req/s, load average {os.getloadavg()[0]:.1f})",
