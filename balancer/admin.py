@@ -204,6 +204,7 @@ def routes(b) -> dict[str, dict[str, Handler]]:
             "block_size": b.cfg.block_size,
             "usable": [r.replica_id for r in candidates],
             "policy": b.policy.describe(),
+            "consistent_routing": b.cfg.consistent_routing,  # decided from shared state only
             "session": prepared.session,
         }
         if d is None:

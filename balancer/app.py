@@ -137,7 +137,8 @@ class Balancer:
                              self.registry, has_events=self._has_feed, predictor=predictor,
                              clock=self.clock, lora_slack=self.cfg.lora_slack,
                              digests=self.digests if self.cfg.index_source != "events" else None,
-                             uses_digest=self.uses_digest, sessions=self.sessions)
+                             uses_digest=self.uses_digest, sessions=self.sessions,
+                             consistent=self.cfg.consistent_routing)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
                            self.served_models, self.audit, self.pairs, self.fairness, self.access)
         self.access.start()

@@ -257,6 +257,12 @@ class BalancerConfig:
     # replica that would have to load it (balancer/policies/base.py `adapter_candidates`;
     # policies that price the load themselves, `predictive`, see every replica).
     lora_slack: int = 8
+    # Several balancer or picker instances in front of the same replicas, uncoordinated: decide
+    # only from what every instance shares (the replicas' load reports and KV events), never
+    # from this instance's own requests in flight or sent since a report, so that the same
+    # request gets the same replica from any instance (balancer/router.py, docs/benchmarks.md
+    # for what it costs in TTFT). Off: a single instance, which counts its own sends.
+    consistent_routing: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

@@ -269,7 +269,7 @@ def route_pair(router, selector: PairSelector, prepared, request_id: str, roles:
     if not candidates:
         return None
     rr = router.routing_request(prepared, request_id, predicted_output_tokens)
-    views = router.registry.views(candidates, router._cached_blocks)
+    views = router.views(candidates)
     decision = selector.select(rr, views, roles)
     if decision is None:
         return None

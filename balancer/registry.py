@@ -158,8 +158,16 @@ class Registry:
             out.append(r)
         return out
 
-    def views(self, replicas: Sequence[ReplicaState], cached_blocks: Callable[[str], int]) -> list[ReplicaView]:
-        """The policy's views of `replicas` (one clock read for all: this runs per request)."""
+    def views(self, replicas: Sequence[ReplicaState], cached_blocks: Callable[[str], int],
+              shared_only: bool = False) -> list[ReplicaView]:
+        """The policy's views of `replicas` (one clock read for all: this runs per request).
+
+        `shared_only` (BalancerConfig.consistent_routing): views made only of what every
+        balancer instance fed by the same replicas sees alike — the last load report, the
+        index's cached blocks, the reported adapters. This instance's own bookkeeping is left
+        out: nothing counts as sent since the report, and the requests and tokens in flight
+        are the replica's reported ones (running + waiting; queued prefill + running decode
+        tokens), zero before its first report."""
         now = self.clock()
         new = tuple.__new__  # every field given, in order: skips NamedTuple.__new__'s keyword handling
         out = []
@@ -168,9 +176,12 @@ class Registry:
             if load.age_s != _INF:
                 load = new(ReplicaLoad, (*load[:-1], now - r.load_at))  # age_s is the last field
             rid = r.spec.url
-            out.append(new(ReplicaView, (rid, r.inflight_requests, r.inflight_tokens, r.sent_since_report,
-                                         r.sent_tokens_since_report, load, cached_blocks(rid), r.loras,
-                                         r.lora_load_s)))
+            if shared_only:
+                counts = (load.num_running + load.num_waiting,
+                          load.queued_prefill_tokens + load.running_decode_tokens, 0, 0)
+            else:
+                counts = (r.inflight_requests, r.inflight_tokens, r.sent_since_report, r.sent_tokens_since_report)
+            out.append(new(ReplicaView, (rid, *counts, load, cached_blocks(rid), r.loras, r.lora_load_s)))
         return out
 
     def served_models(self) -> list[str]:

@@ -18,6 +18,13 @@ The proxy (first attempt, retries, mid-stream failover) and the simulator call o
 the booking's `finish` / `fail`, so the same request stream makes the same bookings in both
 (tests/test_booking.py). `Router.choose` is the decision alone, recording nothing (`explain`).
 Nothing here does I/O.
+
+Several uncoordinated instances (`consistent`, BalancerConfig.consistent_routing): the views
+the policy scores hold only what every instance fed by the same KV events and load reports sees
+alike (Registry.views' `shared_only`), and the policy is told to read none of its own routing
+history (RoutingRequest.consistent) and no learned output-length prediction (each instance's
+predictor learns from the requests it served), so any instance picks the same replica for the
+same request; this instance's sends are still booked, but counted only once a report holds them.
 """
 
 from __future__ import annotations
@@ -162,6 +169,7 @@ class Router:
         digests: DigestIndex | None = None,
         uses_digest: Callable[[str], bool] = lambda rid: False,
         sessions: Sessions | None = None,
+        consistent: bool = False,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -175,8 +183,15 @@ class Router:
         # (balancer/digest_index.py; BalancerConfig.index_source): uses_digest(replica id).
         self.digests = digests
         self.uses_digest = uses_digest
-        # Only a policy that reads predicted output lengths gets them (and pays for them).
-        self.predictor = predictor if policy.uses_predicted_output else None
+        # Only a policy that reads predicted output lengths gets them (and pays for them). With
+        # `consistent` none does: a predictor learns from the requests this instance served, so
+        # two instances predict the same request differently (by 2-8x on the Mooncake trace,
+        # docs/benchmarks.md); the policy then reads the client's max_tokens or its default.
+        self.predictor = predictor if policy.uses_predicted_output and not consistent else None
+        # Several uncoordinated instances (BalancerConfig.consistent_routing): decisions from the
+        # shared reports and events alone (`views`, RoutingRequest.consistent); the bookkeeping
+        # of this instance's sends is still kept (metrics, drain, route_by_load) but not read.
+        self.consistent = consistent
         self.clock = clock
         self.sessions = sessions  # sticky sessions: requests with a session key keep to their replica
         # A request for a LoRA adapter goes to a replica holding it unless those are this many
@@ -258,16 +273,21 @@ class Router:
             lora_name=p.lora_name,
             offloaded_blocks=offloaded,
             offloaded_disk_blocks=on_disk,
+            consistent=self.consistent,
         )
 
     def candidates(self, rr: RoutingRequest, usable: Sequence[ReplicaState]) -> Sequence[ReplicaView]:
         """The views of the `usable` replicas (Registry.usable: healthy, serving the model, not
         excluded) that `rr` may go to: every narrowing applied (a request for a LoRA adapter:
         the replicas holding it, within `lora_slack`, unless the policy prices the load itself)."""
-        views: Sequence[ReplicaView] = self.registry.views(usable, self._cached_blocks)
+        views: Sequence[ReplicaView] = self.views(usable)
         for narrow in self._narrowings:
             views = narrow(rr, views)
         return views
+
+    def views(self, usable: Sequence[ReplicaState]) -> list[ReplicaView]:
+        """The policy's views of `usable` (only shared state with `consistent`: Registry.views)."""
+        return self.registry.views(usable, self._cached_blocks, self.consistent)
 
     def _adapter_holders(self, rr: RoutingRequest, views: Sequence[ReplicaView]) -> Sequence[ReplicaView]:
         return views if rr.lora_name is None else adapter_candidates(rr, views, self.lora_slack)

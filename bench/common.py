@@ -49,3 +49,16 @@ def report(title: str, headers: list[str], rows: list[list], out: str | None = N
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({"title": title, "machine": info, "headers": headers, "rows": rows,
                                          **(extra or {})}, indent=2))
+
+
+ROUTING_MODES = ("own", "consistent", "own+arrival", "consistent+arrival")
+
+
+def routing_mode(mode: str) -> tuple[bool, bool]:
+    """A several-balancer benchmark's mode: (consistent routing, replicas report on arrival).
+    `own`: each instance counts its own sends (the default balancer); `consistent`: shared state
+    only (--consistent-routing); `+arrival`: the replicas' --load-report-on-arrival."""
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"mode must be one of {', '.join(ROUTING_MODES)}; got {mode!r}")
+    routing, _, arrival = mode.partition("+")
+    return routing == "consistent", bool(arrival)

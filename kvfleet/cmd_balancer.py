@@ -90,6 +90,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a request for a LoRA adapter goes to a replica that has it loaded unless those have more "
                         "than N requests in flight beyond the least busy replica that would load it (default "
                         f"{d.lora_slack}; the predictive policy prices the adapter load instead)")
+    p.add_argument("--consistent-routing", action="store_true",
+                   help="use when several balancer or picker instances serve the same replicas without talking to "
+                        "each other: route only from what they all see (the replicas' load reports and KV events), "
+                        "not from this instance's own requests in flight or a learned output-length prediction, so "
+                        "that every instance sends the same request to the same replica. Requests that arrive between two load reports are then not "
+                        "counted against their replica (predictive spreads them over the near-best replicas by the "
+                        "request's hash), which costs some TTFT in bursts (docs/benchmarks.md): leave it off for a "
+                        "single instance. "
+                        "In a --config file: consistent_routing = true")
     guard.add_arguments(p)
     sessions.add_arguments(p)
     fairness.add_arguments(p)
@@ -110,7 +119,7 @@ def build_config(args: argparse.Namespace, base: BalancerConfig | None = None) -
     overrides = dict(host=args.host, port=args.port, policy=args.policy, model=args.model,
                      block_size=args.block_size, tokenizer=args.tokenizer, memory_trim_s=args.memory_trim_s,
                      lora_slack=args.lora_slack, index_source=args.index_source,
-                     digest_max_age_s=args.digest_max_age_s)
+                     digest_max_age_s=args.digest_max_age_s, consistent_routing=args.consistent_routing or None)
     replicas = tuple(ReplicaSpec.parse(r) for r in args.replica)
     dns = tuple(DnsConfig(name=n, events_port=args.dns_events_port, replay_port=args.dns_replay_port) for n in args.dns)
     if base is None:

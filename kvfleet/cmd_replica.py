@@ -79,6 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "bits/block, 0.0015%%")
     p.add_argument("--kv-digest-max-bytes", type=int, default=16 * 1024 * 1024, metavar="N",
                    help="largest digest on the wire; a cache too large for it is digested blocks-kept-longest first")
+    p.add_argument("--load-report-on-arrival", action="store_true",
+                   help="with --kv-events-endpoint: also publish a load report as soon as requests join the queue "
+                        "(at most one per engine step), not only every 100 ms; for fleets behind several balancer "
+                        "instances started with --consistent-routing, which then see each other's requests within "
+                        "a step (docs/benchmarks.md)")
     p.add_argument("--step-log", type=int, default=0, metavar="N",
                    help="keep the last N engine steps with their step-model features and serve them at "
                         "GET /step_log (`kvfleet calibrate` reads them; 0 = off)")
@@ -181,7 +186,8 @@ def replica_config(args: argparse.Namespace) -> ReplicaConfig:
                                     topic=args.kv_events_topic.encode(), bind=True, curve_secret_key=secret,
                                     curve_authorized_clients=args.kv_events_curve_authorized_keys,
                                     digest_interval_s=args.kv_digest_interval, digest_filter=args.kv_digest_filter,
-                                    digest_max_bytes=args.kv_digest_max_bytes)
+                                    digest_max_bytes=args.kv_digest_max_bytes,
+                                    load_report_on_arrival=args.load_report_on_arrival)
     kv_transfer = KVTransferConfig(role=args.role, host=args.kv_transfer_host, port=args.kv_transfer_port,
                                    timeout_s=args.kv_transfer_timeout, keep_s=args.kv_transfer_keep)
     return ReplicaConfig(engine=engine, server=server, publisher=publisher, sim_preset=preset,

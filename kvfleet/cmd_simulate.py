@@ -65,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balancers", type=int, default=1,
                    help="uncoordinated balancer instances, requests round robin over them; >1 reports their "
                         "agreement in the JSON output (default 1)")
+    p.add_argument("--consistent-routing", action="store_true",
+                   help="the --balancers instances route from shared state only (load reports, KV events), as "
+                        "kvfleet balancer --consistent-routing: compare agreement and TTFT with and without it")
+    p.add_argument("--load-report-on-arrival", action="store_true",
+                   help="replicas also report their load as soon as requests join their queue, as kvfleet replica "
+                        "--load-report-on-arrival (at once when idle, else when the step in flight ends)")
     from simulator.kv_link import KV_LINKS
 
     p.add_argument("--prefill-replicas", type=int, default=0, metavar="N",
@@ -182,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
                              index_source=args.index_source, digest_interval_s=args.digest_interval,
                              digest_filter=args.digest_filter,
                              sessions=sessions.SessionConfig(enabled=args.sessions), balancers=args.balancers,
+                             consistent_routing=args.consistent_routing,
+                             report_on_arrival=args.load_report_on_arrival,
                              host_kv_blocks=args.kv_offload_host_blocks, disk_kv_blocks=args.kv_offload_disk_blocks,
                              host_link=args.host_link,
                              prefill_replicas=args.prefill_replicas, decode_replicas=args.decode_replicas,

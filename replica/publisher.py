@@ -95,6 +95,11 @@ class PublisherConfig:
     digest_interval_s: float = 5.0
     digest_filter: str = "binary_fuse8"
     digest_max_bytes: int = 16 * 1024 * 1024
+    # Also publish a load report as soon as requests join the engine's queue (at most one per
+    # engine step: the loop takes its inbox between steps), not only every load-report interval:
+    # balancers that do not count their own sends (--consistent-routing) then see every
+    # instance's requests within a step instead of up to an interval later.
+    load_report_on_arrival: bool = False
     # None: vLLM's heuristic (bind when the endpoint has a wildcard or is ipc/inproc, else
     # connect to e.g. a proxy). True/False force it; tests bind "tcp://127.0.0.1:0".
     bind: bool | None = None

@@ -151,6 +151,7 @@ class EngineService:
     # ---------------------------------------------------------------- the loop
     def _drain_inbox(self) -> None:
         inbox, self._inbox = self._inbox, []
+        added = False
         for op, arg in inbox:
             if op == "add":
                 rid, prompt_ids, params, before_add = arg
@@ -166,6 +167,7 @@ class EngineService:
                     continue
                 self.metrics.prompt_tokens.inc(len(prompt_ids))
                 self.metrics.request_prompt_tokens.observe(len(prompt_ids))
+                added = True
             elif op == "abort":
                 self.engine.abort_request(arg)
             elif op == "call":
@@ -178,6 +180,8 @@ class EngineService:
             else:  # "reset": arg is a future for the result
                 if not arg.done():
                     arg.set_result(self.engine.kv.reset_prefix_cache())
+        if added and self.publisher is not None and self.publisher.config.load_report_on_arrival:
+            self._maybe_report_load(force=True)  # the queue with them, before the step that admits them
 
     def _fail_stream(self, rid: str, err: BaseException) -> None:
         stream = self._streams.get(rid)

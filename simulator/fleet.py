@@ -131,6 +131,10 @@ class FleetConfig:
     # after every step (fresher than any live fleet). KV events still arrive after every step,
     # as a live replica publishes them.
     load_report_interval_s: float = 0.0
+    # Each replica also reports as soon as new requests join its queue (`kvfleet replica
+    # --load-report-on-arrival`): at once when idle, else when the step in flight ends (live, a
+    # request waits in the engine loop's inbox until then).
+    report_on_arrival: bool = False
     # Longest prompt + output a replica takes (a live sim replica's default); longer prompts, and
     # prompts needing more KV blocks than a replica has, are rejected at arrival as a replica
     # would reject them (live, the balancer routes them first and relays the 400).
@@ -156,6 +160,9 @@ class FleetConfig:
     # SimResult.extra["agreement"] is the share of routed requests for which every other instance,
     # asked at that moment without booking (Router.choose), would have picked the same replica.
     balancers: int = 1
+    # The instances decide from shared state only (BalancerConfig.consistent_routing): the load
+    # reports and KV events every instance gets, not their own sends (balancer/router.py).
+    consistent_routing: bool = False
     # KV offload tiers below each replica's device pool (simulator/tiers.py): blocks the pool
     # evicts spill to a host tier of `host_kv_blocks` (then a disk tier of `disk_kv_blocks`), are
     # published with medium CPU / Disk, and a prefix found there is loaded back at the tier
@@ -282,6 +289,7 @@ class _SimReplica:
     digest_version = -1
     digest_bytes = 0
     reported_steps = 0  # engine steps the last report held
+    arrivals_unreported = False  # requests joined mid-step, reported when it ends (report_on_arrival)
 
     def _advance(self, duration: float, out=None) -> None:
         self.now += duration
@@ -305,21 +313,24 @@ class SimResult:
 
 
 class FleetSimulation:
-    def __init__(self, cfg: FleetConfig, predictor=None) -> None:
+    def __init__(self, cfg: FleetConfig, predictor=None, predictor_factory: Callable[[], object] | None = None) -> None:
+        """`predictor`: the output-length predictor every balancer instance consults (None: none,
+        or the oracle's true lengths); `predictor_factory`: a fresh one per instance instead, each
+        learning only from the requests that instance routed, as separate live balancers do."""
         self.cfg = cfg
         self.now = 0.0
         self.replicas = {f"r{i}": _SimReplica(f"r{i}", cfg, cfg.role(i)) for i in range(cfg.replicas)}
         # Registry ids are URLs; keep a map both ways.
         self._url = {rid: f"http://{rid}.sim:80" for rid in self.replicas}
         self._rid = {v: k for k, v in self._url.items()}
-        self.instances = [self._instance(predictor) for _ in range(cfg.balancers)]
+        self.instances = [self._instance(predictor if predictor_factory is None else predictor_factory())
+                          for _ in range(cfg.balancers)]
         # The first instance under the names a single-balancer run has always used.
         self.registry, self.index, self.policy, self.digests, self.router = self.instances[0]
         self.agreed = self.compared = 0
         self.sessions = self.router.sessions  # the first instance's table (each instance has its own)
         self.root = root_hash(MODEL)
         self._lora_roots = {name: root_hash(MODEL, lora_name=name) for name in cfg.lora_adapters}
-        self.predictor = predictor
         self.kv_blocks = cfg.kv_blocks or cfg.preset.kv_blocks
         # The pair selector prices the hand-over as the link does, on the policy's step learner
         # when it has one (predictive), else its own, fed the same load reports.
@@ -350,7 +361,8 @@ class FleetSimulation:
         router = Router(MODEL, cfg.block_size, ByteTokenizer(), index,
                         ApproxIndex(clock=self._clock), policy, registry,
                         has_events=lambda rid: True, predictor=predictor, clock=self._clock,
-                        digests=digests, uses_digest=lambda rid: True, sessions=Sessions(cfg.sessions))
+                        digests=digests, uses_digest=lambda rid: True, sessions=Sessions(cfg.sessions),
+                        consistent=cfg.consistent_routing)
         return registry, index, policy, digests, router
 
     def run(self, requests: Sequence[SimRequest]) -> SimResult:
@@ -414,14 +426,14 @@ class FleetSimulation:
                 if req_lat > 0:  # routed now, in the replica's queue later
                     heappush(heap, (t + req_lat, next(seq), ENQUEUE, (rep, add)))
                     continue
-                rep.engine.add_request(*add)
+                self._enqueue(rep, add, t)
                 if not rep.busy:
                     rep.busy = True
                     rep.now = max(rep.now, t)
                     heappush(heap, (rep.now, next(seq), STEP, rep))
             elif kind == ENQUEUE:
                 rep, add = x
-                rep.engine.add_request(*add)
+                self._enqueue(rep, add, t)
                 if not rep.busy:
                     rep.busy = True
                     rep.now = max(rep.now, t)
@@ -477,6 +489,9 @@ class FleetSimulation:
                         rec.preemptions += req.num_preemptions  # a split request's prefill ones too
                         booking.finish(req.num_output_tokens)
                         del live[req.request_id]
+                if rep.arrivals_unreported:  # the live engine loop drains its inbox now and reports
+                    rep.arrivals_unreported = False
+                    self._deliver(rep, url, self._snapshot(rep))
                 while rep.pending and self._admit(rep, rep.pending[0], t, live):
                     rep.pending.pop(0)
                 if rep.engine.has_unfinished():
@@ -516,6 +531,17 @@ class FleetSimulation:
             }
         return SimResult(self.cfg.policy, records, [self._url[r] for r in self.replicas], steps,
                          _time.perf_counter() - wall, extra)
+
+    def _enqueue(self, rep: "_SimReplica", add: tuple, t: float) -> None:
+        """A routed request joins rep's queue at t (with report_on_arrival, the report saying so:
+        now if rep is idle, else when its step in flight ends)."""
+        rep.engine.add_request(*add)
+        if self.cfg.report_on_arrival:
+            if rep.busy:
+                rep.arrivals_unreported = True
+            else:
+                rep.now = max(rep.now, t)
+                self._deliver(rep, self._url[rep.rid], self._snapshot(rep))
 
     def _hand_over(self, split: "_Split", req, t: float, live: dict, push: Callable) -> None:
         """`req` ended its prefill on split.prefill at t: release that side and send its KV to

@@ -67,8 +67,11 @@ class SimulateConfig:
     digest_interval_s: float = 1.0
     digest_filter: str = "binary_fuse8"
     sessions: SessionConfig = SessionConfig()  # sticky sessions, keyed by the trace's session ids
-    # Uncoordinated balancer instances in front of the fleet (simulator.fleet.FleetConfig).
+    # Uncoordinated balancer instances in front of the fleet, and whether they route from shared
+    # state only (simulator.fleet.FleetConfig, BalancerConfig.consistent_routing).
     balancers: int = 1
+    consistent_routing: bool = False
+    report_on_arrival: bool = False  # replicas also report when requests join their queue
     # KV offload tiers per replica and the host link (simulator.fleet.FleetConfig, simulator/tiers.py).
     host_kv_blocks: int = 0
     disk_kv_blocks: int = 0
@@ -201,7 +204,9 @@ def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
                        max_model_len=cfg.max_model_len, index_source=cfg.index_source,
                        digest_interval_s=cfg.digest_interval_s, digest_filter=cfg.digest_filter,
                        sessions=cfg.sessions,
-                       balancers=cfg.balancers, host_kv_blocks=cfg.host_kv_blocks,
+                       balancers=cfg.balancers, consistent_routing=cfg.consistent_routing,
+                       report_on_arrival=cfg.report_on_arrival,
+                       host_kv_blocks=cfg.host_kv_blocks,
                        disk_kv_blocks=cfg.disk_kv_blocks, host_link=cfg.host_link,
                        prefill_replicas=cfg.prefill_replicas,
                        decode_replicas=cfg.decode_replicas, kv_link=cfg.kv_link,
@@ -252,7 +257,8 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
                          if bounds.pooled_ttft_mean is not None else {})},
            "policies": []}
     for name in cfg.policies:
-        fleet = FleetSimulation(fleet_config(cfg, name), predictor=make_predictor(cfg))
+        # One predictor per balancer instance: each learns from the requests it routed, as live.
+        fleet = FleetSimulation(fleet_config(cfg, name), predictor_factory=lambda: make_predictor(cfg))
         res = fleet.run(reqs)
         out["policies"].append(summarize(res, cfg))
         out.setdefault("_results", {})[name] = res

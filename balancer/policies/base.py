@@ -13,7 +13,9 @@ cursor) lives on the instance and is updated through `on_routed` / `on_complete`
 `balancer.policies` maps a config to an object, and that's all.
 
 Tie-breaks that need randomness draw from `RoutingRequest.rng_seed` (derived from the request's
-content), so two balancer processes that saw the same events and loads make the same decision.
+content), so two balancer processes that saw the same events and loads make the same decision —
+given the same views: with `RoutingRequest.consistent` (several uncoordinated instances) the
+views carry only shared state, and a policy reads none of its own routing history.
 """
 
 from __future__ import annotations
@@ -79,6 +81,12 @@ class RoutingRequest:
     # replica id -> of those, the blocks it holds on disk only, loaded over the disk's own (slower)
     # link (PrefixIndex.match_disk); the rest come from host memory. Empty without a disk tier.
     offloaded_disk_blocks: Mapping[str, int] = field(default_factory=dict)
+    # Decide only from state every balancer instance shares (BalancerConfig.consistent_routing):
+    # the views then hold no bookkeeping of this instance's own (Registry.views), and a policy
+    # must not read what it keeps of its own routing either (predictive's per-replica history of
+    # sends) nor this instance's clock beyond the reports' age, so that any instance fed the
+    # same KV events and load reports picks the same replica for this request.
+    consistent: bool = False
 
     def rng(self) -> random.Random:
         return random.Random(self.rng_seed)

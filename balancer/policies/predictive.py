@@ -83,6 +83,13 @@ whole history's recompute.
 Herding is guarded by counting, per replica, the requests and uncached tokens this balancer
 sent after the replica's last report. Replicas that send no load reports are estimated from
 this balancer's in-flight bookkeeping alone.
+
+With `RoutingRequest.consistent` (several uncoordinated balancer instances) the estimate reads
+only what every instance shares: the views carry the reports alone (nothing sent since), the
+waiting requests' cached prefixes are not subtracted from Q (they come from this instance's
+history of sends), R̄ is L/2 (as with nothing of ours running), and `busy` is 0 (it compares
+the reported step's end with this instance's clock, which differs between instances by the
+time between their decisions). The step coefficients are learned from the shared reports.
 """
 
 from __future__ import annotations
@@ -92,6 +99,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
+
+import xxhash
 
 from balancer.policies.base import Decision, Policy, ReplicaView, RoutingRequest
 from balancer.step_learner import LearnerConfig, StepLearner
@@ -147,6 +156,13 @@ class PredictiveConfig:
     # `tier`). False: those blocks count as uncached, the baseline of docs/benchmarks.md's
     # host-tier rows.
     tier_aware: bool = True
+    # With consistent routing (several uncoordinated instances: no sends since a report are
+    # counted), the replicas whose cost is within `consistent_spread` × this request's own
+    # replica time (`work`, on the lowest-cost replica) of the lowest are taken as equal, and the
+    # request's seed picks one of them (rendezvous hashing): requests that arrive between two
+    # reports spread over the near-best replicas instead of all joining the one that looked best
+    # when the report was made. 0: always the lowest cost. Not read without consistent routing.
+    consistent_spread: float = 1.0
 
     def __post_init__(self) -> None:
         if self.ttft_slack is not None and not self.ttft_slack >= 0:
@@ -159,6 +175,8 @@ class PredictiveConfig:
             raise ValueError("stale_report_s must be positive")
         if not 0.0 <= self.others_weight <= 10.0:
             raise ValueError("others_weight must be in [0, 10]")
+        if not 0.0 <= self.consistent_spread <= 100.0:
+            raise ValueError("consistent_spread must be in [0, 100] (times the request's own work; 0: lowest cost)")
         if not self.lora_load_s >= 0:
             raise ValueError("lora_load_s must be >= 0 (seconds to load a LoRA adapter)")
 
@@ -231,7 +249,7 @@ def estimate(view: ReplicaView, request: RoutingRequest, theta, step_tokens: int
             memory = t_tok * short * 2 + steps * t_step
     return {"cost": ttft + others_weight * (behind + others) + memory, "ttft": ttft, "behind": behind,
             "others": others, "memory": memory, "kv_wait": kv_wait, "busy": busy_s, "uncached_tokens": float(u),
-            "queued_tokens": float(q), "decoding": float(d),
+            "queued_tokens": float(q), "decoding": float(d), "work": work,
             "adapter_load": adapter_load_s, "loaded_tokens": float(loaded), "tier_load": tier_s}
 
 
@@ -325,9 +343,13 @@ class PredictivePolicy(Policy):
             load = self.learner.load_cost(v.replica_id) if tiers else None
             disk = self.learner.load_cost(v.replica_id, "Disk") if tiers and request.offloaded_disk_blocks else None
             k = self.learner.step_budget(v.replica_id, cfg.default_step_tokens)
-            cached_waiting, remaining = self._inflight_stats(v, out)
+            if request.consistent:  # shared state only (module docstring): none of our history, no clock
+                cached_waiting, remaining, busy = 0, out / 2, 0.0
+            else:
+                cached_waiting, remaining = self._inflight_stats(v, out)
+                busy = self.learner.busy_for(v.replica_id, request.now)
             s = estimate(v, request, theta, k, out, cfg.stale_report_s, cfg.others_weight,
-                         self.learner.busy_for(v.replica_id, request.now), cached_waiting, fleet_waiting, remaining,
+                         busy, cached_waiting, fleet_waiting, remaining,
                          cfg.queue_in_memory, self._adapter_load_s(request, v), fleet_running, load, disk)
             scores[v.replica_id] = s
             if cfg.recompute_waste:
@@ -343,9 +365,16 @@ class PredictivePolicy(Policy):
             bound = (1 + cfg.ttft_slack) * min(s["ttft"] for s in scores.values())
             allowed = {rid: s for rid, s in scores.items() if s["ttft"] <= bound}
         inflight = {v.replica_id: v.inflight_requests for v in replicas}
-        chosen = self._lowest_cost(request, allowed, inflight)
+        spread = ""
+        if request.consistent and cfg.consistent_spread > 0:
+            lowest_cost = min(round(s["cost"], 9) for s in allowed.values())
+            chosen, near = self._spread(request, allowed, lowest_cost, cfg.consistent_spread)
+            if near > 1:
+                spread = f"; one of {near} replicas within {cfg.consistent_spread:g}x its work of the lowest cost"
+        else:
+            chosen = self._lowest_cost(request, allowed, inflight)
         warm = None
-        if cfg.replicate:
+        if cfg.replicate and not request.consistent:  # warm-ups read our own history: not shared state
             chosen, warm = self._replicate(request, scores, chosen, inflight)
         s = scores[chosen]
         reason = (f"lowest estimated cost {s['cost'] * 1e3:.1f} ms: TTFT {s['ttft'] * 1e3:.1f} ms "
@@ -354,7 +383,7 @@ class PredictivePolicy(Policy):
                   f"memory {s['memory'] * 1e3:.1f} ms; output ~{out:.0f} tokens"
                   + (f"; loads adapter {request.lora_name} ({s['adapter_load'] * 1e3:.0f} ms)" if s["adapter_load"] else "")
                   + (f"; loads {s['loaded_tokens']:.0f} tokens from a lower KV tier ({s['tier_load'] * 1e3:.1f} ms)"
-                     if s["loaded_tokens"] else "")
+                     if s["loaded_tokens"] else "") + spread
                   + (f"; warms {warm[0]} with the {warm[1]} cached blocks instead of moving there "
                      f"(TTFT {scores[warm[0]]['ttft'] * 1e3:.1f} ms)" if warm else ""))
         return Decision(chosen, reason, scores, warm)
@@ -389,6 +418,19 @@ class PredictivePolicy(Policy):
         if any(rid == chosen or k == key for rid, k in self._warming.values()):
             return stay, None  # one warm-up at a time per replica and per prefix
         return stay, (chosen, held)
+
+    @staticmethod
+    def _spread(request: RoutingRequest, allowed: dict[str, dict[str, float]], lowest: float,
+                factor: float) -> tuple[str, int]:
+        """(the replica for `request` among those within factor × its work of the `lowest` cost,
+        how many those are). Rendezvous hashing on the request's seed: the same request always
+        takes the same one of a set, and a replica joining or leaving the set moves only the
+        requests that it wins or held, so two instances whose sets differ by a replica near the
+        bound still agree on most requests."""
+        work = min(s["work"] for rid, s in allowed.items() if round(s["cost"], 9) == lowest)
+        bound = lowest + factor * work
+        near = [rid for rid, s in allowed.items() if s["cost"] <= bound]
+        return max(near, key=lambda rid: xxhash.xxh3_64_intdigest(rid.encode(), seed=request.rng_seed)), len(near)
 
     def on_routed(self, request: RoutingRequest, decision: Decision) -> None:
         if request.warmup:  # a warm-up we asked for (Decision.warm), until its on_complete
