@@ -495,9 +495,10 @@ class Proxy:
 
     async def _warmup(self, warm: WarmUp, authorization: str | None) -> None:
         booking = warm.booking
-        body = {"model": warm.model, "prompt": list(warm.token_ids), "max_tokens": 1, "temperature": 0.0}
-        if warm.cache_salt is not None:  # the same salt, or the blocks hash apart
-            body["cache_salt"] = warm.cache_salt
+        req = warm.prepared.request
+        body = {"model": req.model, "prompt": list(warm.prepared.token_ids), "max_tokens": 1, "temperature": 0.0}
+        if req.cache_salt is not None:  # the same salt, or the blocks hash apart
+            body["cache_salt"] = req.cache_salt
         payload = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "X-Request-Id": booking.rr.request_id}
         if authorization is not None:  # the client's key: the balancer has none of its own

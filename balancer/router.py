@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import xxhash
 
@@ -110,10 +110,9 @@ class Booking:
     open: bool = field(default=True)
     by_policy: bool = True  # False: placed by load alone (`Router.route_by_load`), unknown to the policy
     # The warm-up the decision asked for (Decision.warm), booked beside this request: the caller
-    # sends `warm.token_ids` as a prefill-only request (max_tokens 1) to `warm.booking`'s replica
+    # sends `warm.prepared` as a prefill-only request (max_tokens 1) to `warm.booking`'s replica
     # and ends that booking when it returns. None: none.
     warm: "WarmUp | None" = None
-    is_warmup: bool = False  # this booking is a warm-up: its output length teaches the predictor nothing
 
     @property
     def replica_id(self) -> str:
@@ -134,7 +133,7 @@ class Booking:
         if not self.by_policy:
             return
         router.policy.on_complete(self.rr, self.replica.replica_id, ok)
-        if ok and output_tokens is not None and router.predictor is not None and not self.is_warmup:
+        if ok and output_tokens is not None and router.predictor is not None and not self.rr.warmup:
             router.predictor.observe_done(self.rr, output_tokens)
 
     def fail(self) -> None:
@@ -144,12 +143,11 @@ class Booking:
 
 @dataclass(frozen=True, slots=True)
 class WarmUp:
-    """A prefill-only request the router booked to compute a prompt prefix on another replica."""
+    """A prefill-only request the router booked to compute a prompt prefix on another replica:
+    `prepared` is the prefix (its request asks for one token), `booking` its place."""
 
     booking: Booking
-    token_ids: tuple[int, ...]
-    model: str | None
-    cache_salt: str | None = None
+    prepared: Prepared
 
 
 class Router:
@@ -345,23 +343,18 @@ class Router:
         return booking
 
     def _book_warm(self, p: Prepared, rr: RoutingRequest, replica_id: str, n: int) -> WarmUp | None:
-        """Book the warm-up of `p`'s first n blocks on `replica_id` (Decision.warm)."""
-        replica = self.registry.get(replica_id)
-        if replica is None or n < 1:
+        """Book the warm-up of `p`'s first n blocks on `replica_id` (Decision.warm) like any request."""
+        if self.registry.get(replica_id) is None or n < 1:
             return None
         tokens = p.token_ids[:n * self.block_size]
-        warm_rr = RoutingRequest(request_id=f"{rr.request_id}/warm", prompt_text="",
-                                 prompt_tokens=len(tokens), block_hashes=p.block_hashes[:n],
-                                 block_size=self.block_size, matched_blocks={}, max_tokens=1,
-                                 predicted_output_tokens=1.0, now=rr.now, rng_seed=rr.rng_seed,
+        prefix = replace(p, request=replace(p.request, max_tokens=1, n=1, more_prompts=()), token_ids=tokens,
+                         block_hashes=p.block_hashes[:n], extra_prompt_tokens=0, session=None)
+        warm_rr = RoutingRequest(request_id=f"{rr.request_id}/warm", prompt_text="", prompt_tokens=len(tokens),
+                                 block_hashes=prefix.block_hashes, block_size=self.block_size,
+                                 matched_blocks={replica_id: min(rr.matched_blocks.get(replica_id, 0), n)},
+                                 max_tokens=1, predicted_output_tokens=1.0, now=rr.now, rng_seed=rr.rng_seed,
                                  lora_name=rr.lora_name, warmup=True)
-        booking = Booking(self, warm_rr, Decision(replica_id, "warm-up"), replica, len(tokens) + 1,
-                          min(rr.matched_blocks.get(replica_id, 0), n) * self.block_size, is_warmup=True)
-        self.registry.on_sent(replica, booking.tokens, booking.uncached_tokens)
-        self.policy.on_routed(warm_rr, booking.decision)
-        if not self.has_events(replica_id):
-            self.approx.record(replica_id, warm_rr.block_hashes, self.clock())
-        return WarmUp(booking, tokens, p.request.model, p.request.cache_salt)
+        return WarmUp(self.book(prefix, warm_rr, Decision(replica_id, "warm-up")), prefix)
 
     def route_by_load(self, model: str | None, request_id: str, exclude: frozenset[str] = frozenset()
                       ) -> Booking | None:

@@ -389,6 +389,15 @@ class FleetSimulation:
         warmups = 0  # prefill-only warm-up requests sent (Booking.warm)
         index, registry, policy = self.index, self.registry, self.policy
         heappush, heappop = heapq.heappush, heapq.heappop
+
+        def enqueue(rep: "_SimReplica", add: tuple, t: float) -> None:
+            """Into the replica's queue at t; an idle replica steps from then."""
+            self._enqueue(rep, add, t)
+            if not rep.busy:
+                rep.busy = True
+                rep.now = max(rep.now, t)
+                heappush(heap, (rep.now, next(seq), STEP, rep))
+
         while heap:
             t, _, kind, x = heappop(heap)
             self.now = t
@@ -408,17 +417,14 @@ class FleetSimulation:
                 if warm is not None:  # a prefill-only request beside it (Booking.warm), not a client's
                     wrep = self.replicas[self._rid[warm.booking.replica_id]]
                     wid = warm.booking.rr.request_id
-                    live[wid] = (RequestRecord(-1, t, wrep.rid, len(warm.token_ids)), warm.booking)
+                    live[wid] = (RequestRecord(-1, t, wrep.rid, len(warm.prepared.token_ids)), warm.booking)
                     warmups += 1
-                    wadd = (wid, list(warm.token_ids), SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+                    wadd = (wid, list(warm.prepared.token_ids),
+                            SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
                     if req_lat > 0:
                         heappush(heap, (t + req_lat, next(seq), ENQUEUE, (wrep, wadd)))
                     else:
-                        wrep.engine.add_request(*wadd)
-                        if not wrep.busy:
-                            wrep.busy = True
-                            wrep.now = max(wrep.now, t)
-                            heappush(heap, (wrep.now, next(seq), STEP, wrep))
+                        enqueue(wrep, wadd, t)
                 if isinstance(booking, _Split):  # prefill here, decode there
                     splits[str(x)] = booking
                     booking = booking.pair.decode
@@ -426,18 +432,9 @@ class FleetSimulation:
                 if req_lat > 0:  # routed now, in the replica's queue later
                     heappush(heap, (t + req_lat, next(seq), ENQUEUE, (rep, add)))
                     continue
-                self._enqueue(rep, add, t)
-                if not rep.busy:
-                    rep.busy = True
-                    rep.now = max(rep.now, t)
-                    heappush(heap, (rep.now, next(seq), STEP, rep))
+                enqueue(rep, add, t)
             elif kind == ENQUEUE:
-                rep, add = x
-                self._enqueue(rep, add, t)
-                if not rep.busy:
-                    rep.busy = True
-                    rep.now = max(rep.now, t)
-                    heappush(heap, (rep.now, next(seq), STEP, rep))
+                enqueue(*x, t)
             elif kind == HANDOVER:  # a split request's KV is on its decode replica
                 rep, item = x
                 live[item[0]][0].transfer_s = t - item[3]

@@ -272,7 +272,8 @@ def test_a_warm_up_is_booked_on_its_replica_and_released_once():
     booking = router.route(p, "r1", warmups=True)
     warm = booking.warm
     assert warm is not None and warm.booking.replica_id != booking.replica_id
-    assert warm.token_ids == p.token_ids[:32] and warm.model == MODEL and warm.booking.is_warmup
+    assert warm.prepared.token_ids == p.token_ids[:32] and warm.prepared.request.model == MODEL
+    assert warm.prepared.request.max_tokens == 1 and warm.booking.rr.warmup
     w = warm.booking.replica
     assert (w.inflight_requests, w.inflight_tokens) == (1, 33)
     assert w.sent_tokens_since_report == 32
