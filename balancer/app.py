@@ -135,9 +135,9 @@ class Balancer:
                              self.registry, has_events=self._has_feed, predictor=predictor,
                              clock=self.clock, lora_slack=self.cfg.lora_slack,
                              digests=self.digests if self.cfg.index_source != "events" else None,
-                             uses_digest=self.uses_digest, sessions=self.sessions)
+                             uses_digest=self.uses_digest, sessions=self.sessions, pairs=self.pairs)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
-                           self.served_models, self.audit, self.pairs, self.fairness)
+                           self.served_models, self.audit, self.fairness)
         for spec in self.cfg.replicas:
             self.add_replica(spec)
         if pool is not None:

@@ -27,14 +27,14 @@ from dataclasses import dataclass
 
 from balancer import handover
 from balancer.audit import DecisionAudit
-from balancer.disagg import PairSelector, is_disaggregated, route_pair
+from balancer.disagg import is_disaggregated
 from balancer.exchange import Exchange
 from balancer.failover import Failover
 from balancer.fairness import FairQueue, Refused, Ticket, api_key_of
 from balancer.metrics import NO_REPLICA, BalancerMetrics
 from balancer.registry import Registry, ReplicaState
 from balancer.relay import REPLICA_HEADER, ClientGone, UpstreamFailed, read_safely, relayed_headers, write
-from balancer.router import Booking, Prepared, Router
+from balancer.router import Booking, PairBooking, Prepared, Router
 from balancer.sse import DONE, split_events
 from balancer.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
 from protocol.openai_api import APIError, GenerationRequest, decode_json_body, error_body, parse_for_routing
@@ -122,7 +122,6 @@ class Proxy:
         policy_name: str,
         models: Callable[[], list[str]],
         audit: DecisionAudit,
-        pairs: PairSelector | None = None,
         fairness: FairQueue | None = None,
     ) -> None:
         self.registry = registry
@@ -133,7 +132,6 @@ class Proxy:
         self.policy_name = policy_name
         self.models = models  # every model the fleet serves now
         self.audit = audit  # predicted against delivered cached tokens, the latest decisions
-        self.pairs = pairs if pairs is not None else PairSelector()  # prefill/decode pairs (balancer/disagg.py)
         self.fairness = fairness  # the fair admission queue (balancer/fairness.py); None: off
         # Request ids: a random per-process prefix and a counter (unique across restarts and
         # balancers; a uuid4 per request costs several µs).
@@ -373,14 +371,18 @@ class Proxy:
             headers["Authorization"] = authorization
 
         tried: set[str] = set()
-        first: Booking | None = None  # a pair the selector kept whole, booked as a routed request
-        if handover.wanted(path, body, prepared):
-            roles = self.registry.roles()
-            if is_disaggregated(roles):
-                served, first = await self._disaggregated(ex, body, req, path, prepared, request_id, roles, headers,
-                                                          arrival, outcome, tried)
-                if served:
-                    return
+        split = handover.wanted(path, body, prepared)
+        first = self.router.route(prepared, request_id, split=split)  # the one routing transaction
+        if isinstance(first, PairBooking):
+            if first.unified:
+                self.metrics.disagg.labels("unified").inc()
+                first = first.decode
+            elif await self._disaggregated(ex, body, req, path, prepared, first, headers, arrival, outcome, tried):
+                return
+            else:
+                first = None  # a member failed before the client got anything: on one replica, without it
+        elif split and first is not None and self.router.pairs is not None and is_disaggregated(self.registry.roles()):
+            self.metrics.disagg.labels("fallback_no_pair").inc()
         last: UpstreamFailed | None = None
         for attempt in range(self.retry.max_attempts):
             booking = first if attempt == 0 and first is not None else \
@@ -424,21 +426,13 @@ class Proxy:
                             f"{last.replica.replica_id}: {last.reason}")
 
     async def _disaggregated(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
-                             request_id: str, roles: dict[str, str], headers: dict, arrival: float,
-                             outcome: _Outcome, tried: set[str]) -> tuple[bool, Booking | None]:
-        """Serve the request through the prefill/decode pair the selector picks (balancer/disagg.py,
-        legs in balancer/handover.py): (True, None) once it is answered. (False, booking): the
-        selector kept it whole on one replica, booked; (False, None): no pair was usable, or a
-        member failed before the client got anything (a failed member is then in `tried`): the
+                             pair: PairBooking, headers: dict, arrival: float, outcome: _Outcome,
+                             tried: set[str]) -> bool:
+        """Serve the request through the split pair the router booked (balancer/disagg.py, legs in
+        balancer/handover.py): True once it is answered; False when a member failed before the
+        client got anything (the failed member is then in `tried`, both bookings ended): the
         caller serves it on one replica."""
         m = self.metrics
-        pair = route_pair(self.router, self.pairs, prepared, request_id, roles, frozenset(tried))
-        if pair is None:
-            m.disagg.labels("fallback_no_pair").inc()
-            return False, None
-        if pair.unified:
-            m.disagg.labels("unified").inc()
-            return False, pair.decode
         started = time.perf_counter()
         answered, params = await self._leg(pair.prefill, self._prefill(pair.prefill, path, body, headers), tried,
                                            "fallback_prefill")
@@ -448,7 +442,7 @@ class Proxy:
             pair.decode.fail()  # never sent
             if answered:  # an answer without kv_transfer_params: it cannot hand over
                 m.disagg.labels("fallback_prefill").inc()
-            return False, None
+            return False
         m.disagg_prefill.observe(time.perf_counter() - started)
         booking = pair.decode
         outcome.replica, outcome.attempts, outcome.predicted_cached = booking.replica_id, 1, booking.matched_tokens
@@ -457,10 +451,10 @@ class Proxy:
         answered, _ = await self._leg(booking, self._send(ex, booking, path, payload, headers, prepared, arrival,
                                                           outcome), tried, "fallback_decode")
         if not answered:
-            return False, None
+            return False
         outcome.booking = booking  # ended once the response is out (`_finish`)
         m.disagg.labels("disaggregated").inc()
-        return True, None
+        return True
 
     async def _leg(self, booking: Booking, leg, tried: set[str], failed: str) -> tuple[bool, object]:
         """Await one leg of a disaggregated request: (True, its result); (False, None) when its
