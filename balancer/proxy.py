@@ -33,11 +33,12 @@ from balancer.failover import Failover
 from balancer.fairness import FairQueue, Refused, Ticket, api_key_of
 from balancer.metrics import NO_REPLICA, BalancerMetrics
 from balancer.registry import Registry, ReplicaState
-from balancer.relay import REPLICA_HEADER, ClientGone, UpstreamFailed, read_safely, relayed_headers, write
+from balancer.relay import REPLICA_HEADER, CannotHold, ClientGone, UpstreamFailed, read_safely, relayed_headers, write
 from balancer.router import Booking, PairBooking, Prepared, Router
 from balancer.sse import DONE, split_events
 from balancer.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
-from protocol.openai_api import APIError, GenerationRequest, decode_json_body, error_body, parse_for_routing
+from protocol.openai_api import (KV_CAPACITY_EXCEEDED, APIError, GenerationRequest, decode_json_body, error_body,
+                                 error_code, parse_for_routing)
 
 __all__ = ["Proxy", "REPLICA_HEADER", "read_json"]
 
@@ -384,25 +385,31 @@ class Proxy:
         elif split and first is not None and self.router.pairs is not None and is_disaggregated(self.registry.roles()):
             self.metrics.disagg.labels("fallback_no_pair").inc()
         last: UpstreamFailed | None = None
-        for attempt in range(self.retry.max_attempts):
+        attempt = sent = 0  # failed attempts so far; replicas sent to
+        while attempt < self.retry.max_attempts:
             booking = first if attempt == 0 and first is not None else \
                 self.router.route(prepared, request_id, frozenset(tried))
+            first = None
             if booking is None:
                 break
-            decision_s = time.perf_counter() - t0 if attempt == 0 else None
+            decision_s = time.perf_counter() - t0 if sent == 0 else None
+            sent += 1
             replica = booking.replica
             self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
             if prepared.lora_name is not None:
                 self.metrics.lora_routed.labels("resident" if prepared.lora_name in replica.loras else "load").inc()
             asyncio.get_running_loop().call_soon(attempt_metrics, self.metrics, replica.replica_id,
                                                  booking.matched_tokens, booking.rr.prompt_tokens, decision_s)
-            outcome.replica, outcome.attempts, outcome.predicted_cached = (replica.replica_id, attempt + 1,
+            outcome.replica, outcome.attempts, outcome.predicted_cached = (replica.replica_id, sent,
                                                                            booking.matched_tokens)
             try:
                 await self._send(ex, booking, path, payload, headers, prepared, arrival, outcome)
             except UpstreamFailed as e:
                 last = e
                 await self._failed(booking, e, tried, attempt)
+                # A replica too small for it is no failed attempt: each excludes one replica, so
+                # the fleet's size bounds them, and a larger replica is always reached.
+                attempt += not isinstance(e, CannotHold)
                 continue
             except BaseException:
                 booking.fail()  # cancelled (the client left) or a bug: the replica owes nothing
@@ -414,6 +421,12 @@ class Proxy:
             self.metrics.no_replica.inc()
             self.metrics.series(self.metrics.requests, NO_REPLICA, self.policy_name, "5xx").inc()
             raise APIError(503, "no healthy replica is available; check `GET /admin/replicas` and the replicas' health")
+        if isinstance(last, CannotHold):
+            self.metrics.series(self.metrics.requests, last.replica.replica_id, self.policy_name, "4xx").inc()
+            raise APIError(400, f"no replica can hold this request's KV: every one tried ({len(tried)}) answered that "
+                                f"its whole cache is too small (last, {last.replica.replica_id}: {last.reason}); "
+                                f"shorten the prompt or add a replica with more KV memory", "prompt",
+                           code=KV_CAPACITY_EXCEEDED)
         if last.status is not None and last.body is not None:
             status_class = f"{last.status // 100}xx"
             self.metrics.series(self.metrics.requests, last.replica.replica_id, self.policy_name, status_class).inc()
@@ -471,7 +484,8 @@ class Proxy:
 
     async def _prefill(self, booking: Booking, path: str, body: dict, headers: dict) -> dict | None:
         """The prefill leg: its kv_transfer_params, None when its answer has none (a 4xx, or a
-        replica that cannot hand over); `UpstreamFailed` when it gave no answer."""
+        replica that cannot hand over); `UpstreamFailed` when it gave no answer, `CannotHold`
+        when its cache is too small for the prompt."""
         replica = booking.replica
         upstream = await self._answer(replica, "POST", path, handover.prefill_payload(body), headers)
         try:
@@ -480,15 +494,21 @@ class Proxy:
             raise UpstreamFailed(replica, f"prefill answer cut: {e}") from None
         finally:
             upstream.release()
+        if upstream.status == 400 and error_code(raw) == KV_CAPACITY_EXCEEDED:
+            raise CannotHold(replica, _message(raw), status=400, body=raw)
         self.registry.record_success(replica)
         return handover.params_of(raw) if upstream.status == 200 else None
 
     async def _failed(self, booking: Booking, e: UpstreamFailed, tried: set[str], attempt: int) -> None:
-        """An attempt that got no answer: end its booking, tell the breaker, back off."""
+        """An attempt that got no answer: end its booking, tell the breaker, back off (a replica
+        too small for the request, `CannotHold`: neither; it answered, and is healthy)."""
         replica = booking.replica
         booking.fail()
         self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
         tried.add(replica.replica_id)
+        if isinstance(e, CannotHold):
+            self.registry.record_success(replica)
+            return
         self.registry.record_failure(replica, e.refused)
         self.metrics.retries.labels(replica.replica_id).inc()
         await asyncio.sleep(min(self.retry.backoff_s * (2**attempt), self.retry.backoff_max_s))
@@ -521,6 +541,8 @@ class Proxy:
                     body = await upstream.read()
                 except UpstreamError as e:
                     raise UpstreamFailed(replica, f"response cut: {e}") from None
+                if upstream.status == 400 and error_code(body) == KV_CAPACITY_EXCEEDED:
+                    raise CannotHold(replica, _message(body), status=400, body=body)
                 # Metrics and `usage` are read after the response is out (Proxy._finish).
                 outcome.status, outcome.counted = upstream.status, replica
                 outcome.e2e_s = time.perf_counter() - arrival
@@ -600,6 +622,14 @@ class Proxy:
             outcome.reported_cached = cached
         if completion is not None:
             outcome.output_tokens = completion
+
+
+def _message(raw: bytes) -> str:
+    """The `error.message` of a replica's error body (its first 300 characters)."""
+    try:
+        return str(json.loads(raw)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return raw[:300].decode("utf-8", "replace")
 
 
 def json_model(payload: bytes, content_type: str | None) -> str | None:

@@ -63,7 +63,7 @@ import zmq.asyncio
 from aiohttp import web
 
 from protocol.hashing import hash_blocks
-from protocol.openai_api import KV_CAPACITY_EXCEEDED, APIError
+from protocol.openai_api import APIError
 from replica.config import KVTransferConfig
 
 log = logging.getLogger("kvfleet.replica.kv_transfer")
@@ -315,9 +315,8 @@ class KVReceiver(_Side):
         """For a request with `do_remote_prefill`: pull what the local prefix cache lacks and
         return the `before_add` that admits the request with it (`admit`; None: nothing to
         hand over, the request computes its prompt itself). `APIError(400)` for malformed
-        parameters, 403 for a `remote_host` that is not one of this replica's peers, 400 with
-        code `kv_cache_capacity_exceeded` for a prompt this replica's whole cache cannot hold
-        (a balancer then serves it on a replica that can: balancer/proxy.py)."""
+        parameters, 403 for a `remote_host` that is not one of this replica's peers (a prompt
+        this replica's whole cache cannot hold was refused before: `replica.server`)."""
         host, port, rid, remote_ids, bs = _remote(params)
         if not self.cfg.allows_peer(host):
             raise APIError(403, f"kv_transfer_params.remote_host {host!r} is not a KV-transfer peer of this replica, "
@@ -325,7 +324,6 @@ class KVReceiver(_Side):
                                 f"prefill replicas' hosts or networks (loopback and --kv-transfer-host "
                                 f"{self.cfg.host} are allowed)", "kv_transfer_params")
         kv = self.service.engine.kv
-        check_capacity(kv, len(prompt_ids))
         if bs != kv.block_size:
             log.warning("kv_transfer_params from a replica with block size %d (this one: %d): computing the prompt",
                         bs, kv.block_size)
@@ -429,16 +427,6 @@ def _agreeing(hashes: list[int], remote) -> int:
             break
         n += 1
     return n
-
-
-def check_capacity(kv, num_prompt_tokens: int) -> None:
-    """`APIError(400, code kv_cache_capacity_exceeded)` when the whole KV cache cannot hold a prompt
-    of `num_prompt_tokens` and its first output token (the check `Scheduler.add_request` makes)."""
-    needed = -(-(num_prompt_tokens + 1) // kv.block_size)
-    if needed > kv.num_blocks:
-        raise APIError(400, f"the prompt's {num_prompt_tokens} tokens need {needed} KV blocks but this replica's "
-                            f"cache has {kv.num_blocks}; send it to a replica with more KV memory, or shorten it",
-                       "prompt", code=KV_CAPACITY_EXCEEDED)
 
 
 def admit(engine, request_id: str, prompt_ids: list[int], sampling, pulled: Pulled) -> bool:

@@ -30,6 +30,15 @@ class TooLarge(ValueError):
     """A request needing more KV blocks than the whole cache: no wait makes room for it."""
 
 
+def check_fits(kv: KVCacheManager, num_tokens: int) -> None:
+    """`TooLarge` unless the whole cache can hold `num_tokens` tokens and the next one's KV (the
+    scheduler's admission check; the server makes it before a request is queued)."""
+    needed = -(-(num_tokens + 1) // kv.block_size)
+    if needed > kv.num_blocks:
+        raise TooLarge(f"the prompt's {num_tokens} tokens need {needed} KV blocks, but this replica's cache has "
+                       f"only {kv.num_blocks}; shorten the prompt or give the replica more KV blocks")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
@@ -99,12 +108,7 @@ class Scheduler:
             raise ValueError(
                 f"prompt has {request.num_tokens} tokens; the model's context is {self.config.max_model_len}"
             )
-        needed = -(-(request.num_tokens + 1) // self.kv.block_size)
-        if needed > self.kv.num_blocks:
-            raise TooLarge(
-                f"prompt has {request.num_tokens} tokens and needs {needed} KV blocks, but the cache has only "
-                f"{self.kv.num_blocks}; shorten the prompt or give the replica more KV blocks"
-            )
+        check_fits(self.kv, request.num_tokens)
 
     def add_request(self, request: Request) -> None:
         self._check_admissible(request)

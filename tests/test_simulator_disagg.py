@@ -130,7 +130,7 @@ def test_scheduler_add_prefilled_refuses_without_room_and_changes_nothing():
 def test_scheduler_add_prefilled_refuses_a_request_larger_than_the_whole_cache_for_good():
     # Before, False ("no room now"): a caller retrying after each step waited forever.
     sched, kv = _scheduler(blocks=2, seqs=4)
-    with pytest.raises(TooLarge, match="needs 4 KV blocks, but the cache has only 2"):
+    with pytest.raises(TooLarge, match="need 4 KV blocks, but this replica's cache has only 2"):
         sched.add_prefilled(_handed("c", list(range(12))))
     assert kv.num_free_blocks == 2 and not sched.has_unfinished()
     kv.check_integrity()
