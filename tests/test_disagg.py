@@ -291,6 +291,10 @@ def test_a_prompt_too_large_for_the_decode_replica_falls_back_to_one_that_holds_
         async def main():
             async with balancer([p.replica_arg for p in started]) as (url, b):
                 await _roles_known(b, started)
+                async with aiohttp.ClientSession() as s, s.post(url + "/admin/explain", json=body) as r:
+                    explained = await r.json()  # the pair the routing transaction would book
+                assert explained["pair"]["prefill"] == prefill.url and explained["decision"] == decode.url
+                assert "prefill on" in explained["reason"] and set(explained["pair"]["prefill_scores"]) == {prefill.url}
                 assert await _ask(url, path, body) == (ref_ids, ref_text, prefill.url)
                 assert _count(b, "fallback_decode") == 1 and _count(b, "disaggregated") == 0
                 assert b.registry.get(decode.url).consecutive_failures == 0  # it answered: not a failure
