@@ -26,7 +26,7 @@ from balancer.config import ReplicaSpec
 from balancer import handover
 from balancer.exchange import Exchange, Handler, reply_json
 from balancer.proxy import read_json
-from balancer.router import PairDecision
+from balancer.disagg import PairDecision
 from protocol.curve import is_z85_key
 from protocol.openai_api import APIError, parse_for_routing
 
@@ -221,10 +221,10 @@ def routes(b) -> dict[str, dict[str, Handler]]:
                    # null unless the policy reads predicted output lengths (e.g. `predictive`)
                    predicted_output_tokens=rr.predicted_output_tokens,
                    decision=d.replica_id, reason=d.reason, scores={k: dict(v) for k, v in d.scores.items()},
-                   session_outcome=getattr(d.decode if isinstance(d, PairDecision) else d, "outcome", None))
+                   session_outcome=getattr(d.decode_side if isinstance(d, PairDecision) else d, "outcome", None))
         if isinstance(d, PairDecision):  # `decision` and `scores` are its decode side's
-            out["pair"] = {"prefill": d.prefill.replica_id, "decode": d.replica_id, "unified": d.unified,
-                           "prefill_scores": {k: dict(v) for k, v in d.prefill.scores.items()}}
+            out["pair"] = {"prefill": d.prefill, "decode": d.decode, "unified": d.unified,
+                           "prefill_scores": {k: dict(v) for k, v in d.prefill_scores.items()}}
         reply_json(ex, out)
 
     return {

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from balancer.policies.base import Decision, ReplicaView, RoutingRequest
 from balancer.policies.predictive import PredictiveConfig, estimate
@@ -78,15 +78,35 @@ class PairConfig:
             raise ValueError("transfer_s_per_token and transfer_latency_s must be >= 0 (seconds)")
 
 
-class PairDecision(NamedTuple):
-    """The replicas that prefill and decode a request (the same one: `unified`), why, and every
-    candidate's cost terms (`prefill_scores` / `decode_scores`: replica -> name -> seconds)."""
+class PairDecision(Decision):
+    """The replicas that prefill and decode a request (the same one: `unified`) and why: the
+    prefill side's Decision (`prefill_side`, with every prefill candidate's cost terms) and the
+    decode side's (`decode_side`: the selector's, or the session rule's for a request in a
+    session), whose replica, reason and scores this carries — `replica_id` is where the answer
+    comes from. `prefill_scores` / `decode_scores`: replica -> name -> seconds."""
 
-    prefill: str
-    decode: str
-    reason: str
-    prefill_scores: Mapping[str, Mapping[str, float]]
-    decode_scores: Mapping[str, Mapping[str, float]]
+    __slots__ = ("prefill_side", "decode_side")
+
+    def __init__(self, prefill: Decision, decode: Decision) -> None:
+        super().__init__(decode.replica_id, lambda: decode.reason, lambda: decode.scores)
+        self.prefill_side = prefill
+        self.decode_side = decode
+
+    @property
+    def prefill(self) -> str:
+        return self.prefill_side.replica_id
+
+    @property
+    def decode(self) -> str:
+        return self.replica_id
+
+    @property
+    def prefill_scores(self) -> Mapping[str, Mapping[str, float]]:
+        return self.prefill_side.scores
+
+    @property
+    def decode_scores(self) -> Mapping[str, Mapping[str, float]]:
+        return self.scores
 
     @property
     def unified(self) -> bool:
@@ -219,8 +239,7 @@ class PairSelector:
         dec = [v for v in views if can_decode(roles.get(v.replica_id, BOTH))]
         if p is None or not dec:
             return None
-        d = self.decode_side(request, dec, p)
-        return PairDecision(p.replica_id, d.replica_id, d.reason, p.scores, d.scores)
+        return PairDecision(p, self.decode_side(request, dec, p))
 
     def observe_steps(self, replica_id: str, steps) -> None:
         """A replica's recent engine steps (only needed when the learner is not shared with the

@@ -35,7 +35,7 @@ import xxhash
 
 from balancer.approx_index import ApproxIndex
 from balancer.digest_index import DigestIndex
-from balancer.disagg import PairSelector, is_disaggregated
+from balancer.disagg import PairDecision, PairSelector, is_disaggregated
 from balancer.policies.base import Decision, Policy, ReplicaView, RoutingRequest, adapter_candidates
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry, ReplicaState
@@ -148,24 +148,6 @@ class DecodeBooking(Booking):
         predictor = self.router.predictor
         if was_open and ok and output_tokens is not None and predictor is not None:
             predictor.observe_done(self.rr, output_tokens)
-
-
-class PairDecision(Decision):
-    """The pair stage's choice (balancer/disagg.py): `prefill` (its Decision, with every prefill
-    candidate's scores) and `decode` (the decode side's: the selector's, or the session rule's
-    for a request in a session), whose replica, reason and scores this carries: `replica_id` is
-    where the answer comes from. `unified`: both sides are one replica, which serves it whole."""
-
-    __slots__ = ("prefill", "decode")
-
-    def __init__(self, prefill: Decision, decode: Decision) -> None:
-        super().__init__(decode.replica_id, lambda: decode.reason, lambda: decode.scores)
-        self.prefill = prefill
-        self.decode = decode
-
-    @property
-    def unified(self) -> bool:
-        return self.prefill.replica_id == self.replica_id
 
 
 class PairBooking(NamedTuple):
@@ -381,7 +363,7 @@ class Router:
         """Record `decision` (made by `choose` for `p`): the second half of `route`."""
         if isinstance(decision, PairDecision):
             if decision.unified:  # booked as the request routed whole that it is (policy, session)
-                booking = self.book(p, rr, decision.decode)
+                booking = self.book(p, rr, decision.decode_side)
                 return PairBooking(decision, booking, booking)
             return self._book_pair(p, rr, decision)
         replica = self.registry.get(decision.replica_id)
@@ -405,16 +387,16 @@ class Router:
         the decode side reads as memory spoken for. Neither is shown to the policy (it chose
         neither: `by_policy=False`); the session (if any) lives on the decode side from now."""
         registry = self.registry
-        pstate, dstate = registry.get(d.prefill.replica_id), registry.get(d.replica_id)
+        pstate, dstate = registry.get(d.prefill), registry.get(d.decode)
         prompt = rr.prompt_tokens + rr.extra_prefill_tokens
         matched = rr.matched_blocks.get(pstate.replica_id, 0) * rr.block_size
-        pre = Booking(self, rr, d.prefill, pstate, prompt, matched, by_policy=False)
+        pre = Booking(self, rr, d.prefill_side, pstate, prompt, matched, by_policy=False)
         registry.on_sent(pstate, pre.tokens, pre.uncached_tokens)
         work = prompt + (p.request.max_tokens or 0) * rr.sequences
         dec = DecodeBooking(self, rr, d, dstate, work, rr.prompt_tokens, by_policy=False)
         registry.on_sent(dstate, dec.tokens, prompt)
-        if isinstance(d.decode, SessionDecision):
-            self.sessions.record(d.decode, rr.now)
+        if isinstance(d.decode_side, SessionDecision):
+            self.sessions.record(d.decode_side, rr.now)
         now = self.clock()
         for rid in (pstate.replica_id, dstate.replica_id):  # both will hold the prompt's blocks
             if not self.has_events(rid):

@@ -190,7 +190,7 @@ class KVSender(_Side):
             self._ctx.term()
 
     # ------------------------------------------------------------- the engine's side
-    def keep(self, request_id: str) -> Callable[[], None]:
+    def keep(self, request_id: str) -> Callable[..., None]:
         """The request's `before_add`: its blocks are held when it finishes. The hold ends when
         a decode replica has pulled them or `keep_s` after the prefill (or after this call, for
         a prefill that never finishes: the client left), whichever comes first."""

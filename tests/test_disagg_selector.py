@@ -132,7 +132,7 @@ def test_the_pair_stage_books_both_sides_and_releases_each_once():
     p = router.prepare(GenerationRequest(kind="completion", model=MODEL, prompt=prompt, max_tokens=10))
     pair = router.route(p, "q1", split=True)
     assert isinstance(pair, PairBooking) and not pair.unified
-    assert pair.prefill.replica_id == "http://p2:80" and pair.decision.prefill.replica_id == "http://p2:80"
+    assert pair.prefill.replica_id == "http://p2:80" == pair.decision.prefill
     pre, dec = pair.prefill.replica, pair.decode.replica
     assert dec.replica_id == pair.decision.replica_id and dec.role == DECODE
     assert (pre.inflight_requests, pre.inflight_tokens) == (1, len(tokens))
@@ -217,10 +217,10 @@ def test_explain_shows_the_pair_decision():
     router, _, _ = _router()
     p = router.prepare(GenerationRequest(kind="completion", model=MODEL, prompt="hi " * 40, max_tokens=5))
     _, _, d = router.choose(p, "explain", split=True)
-    assert d.prefill.replica_id.startswith("http://p") and d.replica_id.startswith("http://d")
+    assert d.prefill.startswith("http://p") and d.decode == d.replica_id and d.decode.startswith("http://d")
     assert "prefill on" in d.reason and "decode on" in d.reason
-    assert set(d.prefill.scores) == {"http://p1:80", "http://p2:80"} and set(d.scores) == {"http://d1:80",
-                                                                                          "http://d2:80"}
+    assert set(d.prefill_scores) == {"http://p1:80", "http://p2:80"}
+    assert set(d.decode_scores) == {"http://d1:80", "http://d2:80"}
 
 
 def test_a_unified_replica_is_charged_for_the_interference_between_its_prefills_and_decodes():
