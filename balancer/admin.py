@@ -9,7 +9,8 @@
                                         offered and delivered cached tokens, mismatch, scores
     POST   /admin/explain               a completions or chat body: the decision and every
                                         replica's score breakdown, without sending anything
-                                        (a session key in its header or `user`: the session's outcome)
+                                        (a session key in its header or `user`: the session's outcome;
+                                        on a prefill/decode fleet: the pair, `pair`)
     GET    /admin/sessions?limit=N      sticky sessions (balancer/sessions.py), most recently used first
     GET    /admin/sessions?key=K        one session: its home replica
     DELETE /admin/sessions?key=K        release it: its next request is a new session
@@ -22,8 +23,10 @@ import asyncio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from balancer.config import ReplicaSpec
+from balancer import handover
 from balancer.exchange import Exchange, Handler, reply_json
 from balancer.proxy import read_json
+from balancer.disagg import PairDecision
 from protocol.curve import is_z85_key
 from protocol.openai_api import APIError, parse_for_routing
 
@@ -194,10 +197,12 @@ def routes(b) -> dict[str, dict[str, Handler]]:
 
     async def explain(ex: Exchange) -> None:
         body = await read_json(ex)
-        req = parse_for_routing(body, "chat" if isinstance(body, dict) and "messages" in body else "completion")
+        chat = isinstance(body, dict) and "messages" in body
+        req = parse_for_routing(body, "chat" if chat else "completion")
         b.proxy.check_model(req)
         prepared = b.router.prepare(req, b.sessions.key_of(ex.header, req))
-        rr, candidates, d = b.router.choose(prepared, "explain")
+        split = handover.wanted("/v1/chat/completions" if chat else "/v1/completions", body, prepared)
+        rr, candidates, d = b.router.choose(prepared, "explain", split=split)
         out = {
             "prompt_tokens": len(prepared.token_ids),
             "full_blocks": len(prepared.block_hashes),
@@ -217,7 +222,10 @@ def routes(b) -> dict[str, dict[str, Handler]]:
                    # null unless the policy reads predicted output lengths (e.g. `predictive`)
                    predicted_output_tokens=rr.predicted_output_tokens,
                    decision=d.replica_id, reason=d.reason, scores={k: dict(v) for k, v in d.scores.items()},
-                   session_outcome=getattr(d, "outcome", None))
+                   session_outcome=getattr(d.decode_side if isinstance(d, PairDecision) else d, "outcome", None))
+        if isinstance(d, PairDecision):  # `decision` and `scores` are its decode side's
+            out["pair"] = {"prefill": d.prefill, "decode": d.decode, "unified": d.unified,
+                           "prefill_scores": {k: dict(v) for k, v in d.prefill_scores.items()}}
         reply_json(ex, out)
 
     return {

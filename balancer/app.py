@@ -138,9 +138,9 @@ class Balancer:
                              clock=self.clock, lora_slack=self.cfg.lora_slack,
                              digests=self.digests if self.cfg.index_source != "events" else None,
                              uses_digest=self.uses_digest, sessions=self.sessions,
-                             consistent=self.cfg.consistent_routing)
+                             consistent=self.cfg.consistent_routing, pairs=self.pairs)
         self.proxy = Proxy(self.registry, self.router, self.metrics, self.upstream, self.cfg.retry, self.policy.name,
-                           self.served_models, self.audit, self.pairs, self.fairness, self.access)
+                           self.served_models, self.audit, self.fairness, self.access)
         self.access.start()
         for spec in self.cfg.replicas:
             self.add_replica(spec)

@@ -14,12 +14,10 @@ from balancer.fairness import FairnessConfig
 from balancer.guard import GuardConfig
 from balancer.sessions import SessionConfig
 from protocol.curve import load_public_key
+from protocol.roles import check_role
 
 
 INDEX_SOURCES = ("events", "digests", "both")
-
-
-REPLICA_ROLES = ("prefill", "decode", "both")  # balancer/disagg.py's ROLES (config imports no balancer module)
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,8 @@ class ReplicaSpec:
     role: str | None = None
 
     def __post_init__(self) -> None:
-        if self.role is not None and self.role not in REPLICA_ROLES:
-            raise ValueError(f"replica role must be one of {', '.join(REPLICA_ROLES)}, got {self.role!r}")
+        if self.role is not None:
+            check_role(self.role)
         for name in ("url", "events", "replay", "topic", "curve_server_key"):
             v = getattr(self, name)
             if not isinstance(v, str) and not (v is None and name not in ("url", "topic")):

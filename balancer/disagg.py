@@ -31,12 +31,13 @@ and `both` (a unified replica, which can take either side or the whole request).
 
 When the decode side's choice is the prefill replica the pair is `unified`: the request runs
 there whole, like any routed request. The selector is pure: no I/O, no clock of its own, no
-state but the step learner it reads. `route_pair` is the pair's routing transaction, for the
-live proxy and the simulator alike (the simulator uses it; the proxy's hand-over flow is issue
-#19 part 3's other half): it books both replicas in the registry (so the next decision sees them,
-as the routing transaction does for one replica: balancer/router.py) and returns a `PairBooking`.
-Replica ids are the registry's (replica URLs); a replica missing from `roles` is `both`. Not
-applied to pairs (yet): sticky sessions and the LoRA-adapter narrowing of `Router.decide`.
+state but the step learner it reads. It is one stage of the routing transaction
+(balancer/router.py: `Router.route(..., split=True)`), which calls its two halves —
+`prefill_side`, then `decode_side` (through the session rule for a request in a session: the
+decode replica, where the conversation's KV ends up, is the session's home) — on the views its
+candidate stage narrowed (a LoRA adapter's holders), and books the result: a `PairBooking`, or a
+`Booking` when the pair is unified or none can be formed. Replica ids are the registry's
+(replica URLs); a replica missing from `roles` is `both`.
 """
 
 from __future__ import annotations
@@ -44,30 +45,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from balancer.policies.base import Decision, ReplicaView, RoutingRequest
 from balancer.policies.predictive import PredictiveConfig, estimate
-from balancer.router import Booking
 from balancer.step_learner import LearnerConfig, StepLearner
+from protocol.roles import BOTH, DECODE, PREFILL, ROLES, can_decode, can_prefill, check_role
 
-PREFILL, DECODE, BOTH = "prefill", "decode", "both"
-ROLES = (PREFILL, DECODE, BOTH)  # `kvfleet replica --role`, vLLM's kv_role analogue
-
-
-def check_role(role: str) -> str:
-    """`role` if it is one of ROLES; ValueError naming them otherwise."""
-    if role not in ROLES:
-        raise ValueError(f"unknown replica role {role!r}; choose one of {', '.join(ROLES)}")
-    return role
-
-
-def can_prefill(role: str) -> bool:
-    return role != DECODE
-
-
-def can_decode(role: str) -> bool:
-    return role != PREFILL
+__all__ = ["BOTH", "DECODE", "PREFILL", "ROLES", "PairConfig", "PairDecision", "PairSelector", "can_decode",
+           "can_prefill", "check_role"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +73,35 @@ class PairConfig:
             raise ValueError("transfer_s_per_token and transfer_latency_s must be >= 0 (seconds)")
 
 
-class PairDecision(NamedTuple):
-    """The replicas that prefill and decode a request (the same one: `unified`), why, and every
-    candidate's cost terms (`prefill_scores` / `decode_scores`: replica -> name -> seconds)."""
+class PairDecision(Decision):
+    """The replicas that prefill and decode a request (the same one: `unified`) and why: the
+    prefill side's Decision (`prefill_side`, with every prefill candidate's cost terms) and the
+    decode side's (`decode_side`: the selector's, or the session rule's for a request in a
+    session), whose replica, reason and scores this carries — `replica_id` is where the answer
+    comes from. `prefill_scores` / `decode_scores`: replica -> name -> seconds."""
 
-    prefill: str
-    decode: str
-    reason: str
-    prefill_scores: Mapping[str, Mapping[str, float]]
-    decode_scores: Mapping[str, Mapping[str, float]]
+    __slots__ = ("prefill_side", "decode_side")
+
+    def __init__(self, prefill: Decision, decode: Decision) -> None:
+        super().__init__(decode.replica_id, lambda: decode.reason, lambda: decode.scores)
+        self.prefill_side = prefill
+        self.decode_side = decode
+
+    @property
+    def prefill(self) -> str:
+        return self.prefill_side.replica_id
+
+    @property
+    def decode(self) -> str:
+        return self.replica_id
+
+    @property
+    def prefill_scores(self) -> Mapping[str, Mapping[str, float]]:
+        return self.prefill_side.scores
+
+    @property
+    def decode_scores(self) -> Mapping[str, Mapping[str, float]]:
+        return self.scores
 
     @property
     def unified(self) -> bool:
@@ -189,31 +195,46 @@ class PairSelector:
                 "interference": interference,
                 "decoding": float(d), "free_tokens": float(free)}
 
-    def select(self, request: RoutingRequest, views: Sequence[ReplicaView],
-               roles: Mapping[str, str]) -> PairDecision | None:
-        """The pair for `request` among `views` (usable replicas, as the router filters them);
-        `roles`: replica id -> role (a replica not in it is `both`). None when no view can
-        prefill or none can decode: the caller routes the request whole (`Router.route`)."""
+    def prefill_side(self, request: RoutingRequest, views: Sequence[ReplicaView],
+                     roles: Mapping[str, str]) -> Decision | None:
+        """The prefill replica for `request` among `views` that can prefill (scores: each one's
+        `prefill_cost`); None when none can."""
         pre = [v for v in views if can_prefill(roles.get(v.replica_id, BOTH))]
-        dec = [v for v in views if can_decode(roles.get(v.replica_id, BOTH))]
-        if not pre or not dec:
+        if not pre:
             return None
         stale = self.config.pricing.stale_report_s
         fresh = [v for v in pre if v.load.age_s <= stale]
         fleet_waiting = sum(v.load.num_waiting + v.sent_since_report for v in fresh) / len(pre)
-        inflight = {v.replica_id: v.inflight_requests for v in views}
-        pscores = {v.replica_id: self.prefill_cost(v, request, fleet_waiting, roles.get(v.replica_id, BOTH))
-                   for v in pre}
-        p_id = _lowest(pscores, inflight, request)
+        scores = {v.replica_id: self.prefill_cost(v, request, fleet_waiting, roles.get(v.replica_id, BOTH))
+                  for v in pre}
+        p_id = _lowest(scores, {v.replica_id: v.inflight_requests for v in pre}, request)
+        s = scores[p_id]
+        return Decision(p_id, lambda: f"prefill on {p_id}: TTFT {s['ttft'] * 1e3:.1f} ms ({s['uncached_tokens']:.0f} "
+                                      f"uncached + {s['queued_tokens']:.0f} queued tokens)", scores)
+
+    def decode_side(self, request: RoutingRequest, views: Sequence[ReplicaView], prefill: Decision) -> Decision:
+        """The decode replica for `request` among `views` (non-empty, all able to decode), after
+        `prefill_side` chose `prefill` (scores: each one's `decode_cost`). Its reason tells the
+        whole pair; the same replica as `prefill`'s: the request runs there whole."""
         out = self._out_tokens(request)
-        dscores = {v.replica_id: self.decode_cost(v, request, p_id, out) for v in dec}
-        d_id = _lowest(dscores, inflight, request)
-        ps, ds = pscores[p_id], dscores[d_id]
-        reason = (f"prefill on {p_id}: TTFT {ps['ttft'] * 1e3:.1f} ms ({ps['uncached_tokens']:.0f} uncached + "
-                  f"{ps['queued_tokens']:.0f} queued tokens); decode on {d_id}: ~{ds['tpot'] * 1e3:.2f} ms/token "
-                  f"beside {ds['decoding']:.0f} sequences, memory {ds['memory'] * 1e3:.1f} ms, hand-over "
-                  f"{ds['transfer_tokens']:.0f} tokens ({ds['transfer'] * 1e3:.1f} ms)")
-        return PairDecision(p_id, d_id, reason, pscores, dscores)
+        scores = {v.replica_id: self.decode_cost(v, request, prefill.replica_id, out) for v in views}
+        d_id = _lowest(scores, {v.replica_id: v.inflight_requests for v in views}, request)
+        d = scores[d_id]
+        return Decision(d_id, lambda: f"{prefill.reason}; decode on {d_id}: ~{d['tpot'] * 1e3:.2f} ms/token beside "
+                                      f"{d['decoding']:.0f} sequences, memory {d['memory'] * 1e3:.1f} ms, hand-over "
+                                      f"{d['transfer_tokens']:.0f} tokens ({d['transfer'] * 1e3:.1f} ms)", scores)
+
+    def select(self, request: RoutingRequest, views: Sequence[ReplicaView],
+               roles: Mapping[str, str]) -> PairDecision | None:
+        """The pair for `request` among `views` (usable replicas, as the router filters them);
+        `roles`: replica id -> role (a replica not in it is `both`). None when no view can
+        prefill or none can decode: the request is routed whole. The two halves in order, as
+        the router's pair stage calls them."""
+        p = self.prefill_side(request, views, roles)
+        dec = [v for v in views if can_decode(roles.get(v.replica_id, BOTH))]
+        if p is None or not dec:
+            return None
+        return PairDecision(p, self.decode_side(request, dec, p))
 
     def observe_steps(self, replica_id: str, steps) -> None:
         """A replica's recent engine steps (only needed when the learner is not shared with the
@@ -225,73 +246,3 @@ class PairSelector:
 
     def describe(self) -> dict[str, Any]:
         return {"name": "pair", **asdict(self.config)}  # pricing as a nested map
-
-
-class PairBooking(NamedTuple):
-    """A request placed on a pair: one `Booking` per side (the same booking twice when unified).
-    End `prefill` when the prefill replica handed over (or failed), `decode` when the request
-    ends; each ends once (balancer/router.py's `Booking`)."""
-
-    decision: PairDecision
-    prefill: Booking
-    decode: Booking
-
-    @property
-    def unified(self) -> bool:
-        return self.decision.unified
-
-
-class DecodeBooking(Booking):
-    """The decode side of a split pair: ending it with a known length teaches the router's
-    output-length predictor, as a routed request's booking does (a split request is never shown
-    to the policy, but its output length is the same evidence)."""
-
-    def finish(self, output_tokens: int | None = None, ok: bool = True) -> None:
-        was_open = self.open
-        super().finish(output_tokens, ok)
-        predictor = self.router.predictor
-        if was_open and ok and output_tokens is not None and predictor is not None:
-            predictor.observe_done(self.rr, output_tokens)
-
-
-def route_pair(router, selector: PairSelector, prepared, request_id: str, roles: Mapping[str, str],
-               exclude: frozenset[str] = frozenset(), predicted_output_tokens: float | None = None
-               ) -> PairBooking | None:
-    """Place `prepared` (a `Router.prepare` result) on a pair and book it; None when no pair can
-    be formed (no usable replica can prefill, or none can decode): route it whole then.
-
-    The prefill side is booked with the prompt as its work and its uncached tokens as its
-    queued prefill; the decode side with prompt + max_tokens as its work and no prefill (its KV
-    arrives). A unified pair is booked once, through the router's policy, exactly as
-    `Router.route` would book it, so a request that stays whole is indistinguishable from a
-    routed one. Neither side of a split pair is shown to the policy (`by_policy=False`)."""
-    candidates = router.registry.usable(exclude, prepared.request.model)
-    if not candidates:
-        return None
-    rr = router.routing_request(prepared, request_id, predicted_output_tokens)
-    views = router.views(candidates)
-    decision = selector.select(rr, views, roles)
-    if decision is None:
-        return None
-    if decision.unified:
-        booking = router.book(prepared, rr, Decision(decision.prefill, decision.reason, decision.prefill_scores))
-        return PairBooking(decision, booking, booking)
-    registry = router.registry
-    bs = rr.block_size
-    pstate, dstate = registry.get(decision.prefill), registry.get(decision.decode)
-    matched = rr.matched_blocks.get(decision.prefill, 0) * bs
-    prompt = rr.prompt_tokens + rr.extra_prefill_tokens
-    pre = Booking(router, rr, Decision(decision.prefill, decision.reason, decision.prefill_scores), pstate,
-                  prompt, matched, by_policy=False)
-    registry.on_sent(pstate, pre.tokens, pre.uncached_tokens)
-    work = prompt + (prepared.request.max_tokens or 0) * rr.sequences
-    dec = DecodeBooking(router, rr, Decision(decision.decode, decision.reason, decision.decode_scores), dstate,
-                        work, rr.prompt_tokens, by_policy=False)
-    # The decode replica computes no prompt, but the hand-over takes its blocks: counted as
-    # sent tokens, which the decode side reads as memory already spoken for.
-    registry.on_sent(dstate, dec.tokens, prompt)
-    now = router.clock()
-    for rid in (decision.prefill, decision.decode):  # both will hold the prompt's blocks
-        if not router.has_events(rid):
-            router.approx.record(rid, rr.block_hashes, now)
-    return PairBooking(decision, pre, dec)

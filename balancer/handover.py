@@ -14,9 +14,10 @@ The wire shape is vLLM's disaggregated-serving proxy (vLLM's
 `Proxy._disaggregated` runs the legs (balancer/proxy.py). A pair member that fails before the
 client got anything (refused, reset, 5xx; a prefill answer without kv_transfer_params or with a
 4xx) sends the request down the ordinary single-replica path, the failed member excluded, so no
-request is lost; `kvfleet_disagg_requests_total{outcome}` counts each way. The pair is
-balancer/disagg.py's choice (`route_pair`: the same selector the simulator uses); the replicas'
-roles come from their load reports (`kvfleet replica --role`, `ReplicaState.role`).
+request is lost; `kvfleet_disagg_requests_total{outcome}` counts each way. The pair is the
+routing transaction's pair stage (`Router.route(..., split=True)`, balancer/disagg.py's selector,
+as in the simulator); the replicas' roles come from their load reports (`kvfleet replica --role`,
+`ReplicaState.role`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ PATHS = ("/v1/completions", "/v1/chat/completions")
 
 def wanted(path: str, body: dict, prepared: Prepared) -> bool:
     """Whether this request is one for a prefill/decode pair: a completions or chat request of
-    one sequence (n = 1, one prompt), no LoRA adapter, at least one full KV block to hand over,
-    and no kv_transfer_params of the client's own (a client driving P/D itself is passed on)."""
+    one sequence (n = 1, one prompt), at least one full KV block to hand over, and no
+    kv_transfer_params of the client's own (a client driving P/D itself is passed on). A LoRA
+    adapter's request pairs too: the router's candidate stage narrows both sides to the adapter's
+    holders, and the blocks travel under the adapter's chain hashes."""
     req = prepared.request
-    return (path in PATHS and req.n == 1 and not req.more_prompts and prepared.lora_name is None
-            and len(prepared.block_hashes) > 0 and body.get("kv_transfer_params") is None)
+    return (path in PATHS and req.n == 1 and not req.more_prompts and len(prepared.block_hashes) > 0
+            and body.get("kv_transfer_params") is None)
 
 
 def prefill_payload(body: dict) -> bytes:

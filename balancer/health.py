@@ -18,6 +18,7 @@ from balancer.membership import Membership
 from balancer.metrics import BalancerMetrics
 from balancer.policies.base import ReplicaLoad
 from balancer.registry import Registry, ReplicaState
+from protocol.roles import BOTH, ROLES
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def load_from_dict(d: dict) -> ReplicaLoad:
 
 def note_role(registry: Registry, metrics: BalancerMetrics, replica_id: str, role: object) -> None:
     """The role a replica reports (load report or `GET /load`); an unknown value counts as "both"."""
-    role = role if role in ("prefill", "decode") else "both"
+    role = role if role in ROLES else BOTH
     r = registry.get(replica_id)
     if r is None:
         return

@@ -27,17 +27,17 @@ from dataclasses import dataclass
 from balancer import handover
 from balancer.access_log import AccessLog
 from balancer.audit import DecisionAudit
-from balancer.disagg import PairSelector, route_pair
 from balancer.exchange import Exchange
 from balancer.failover import Failover
 from balancer.fairness import FairQueue, Refused, Ticket, api_key_of
 from balancer.metrics import NO_REPLICA, BalancerMetrics
 from balancer.registry import Registry, ReplicaState
-from balancer.relay import REPLICA_HEADER, ClientGone, UpstreamFailed, read_safely, relayed_headers, write
-from balancer.router import Booking, Prepared, Router, WarmUp
+from balancer.relay import REPLICA_HEADER, CannotHold, ClientGone, UpstreamFailed, read_safely, relayed_headers, write
+from balancer.router import Booking, PairBooking, Prepared, Router, WarmUp
 from balancer.sse import DONE, split_events
 from balancer.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
-from protocol.openai_api import APIError, GenerationRequest, decode_json_body, error_body, parse_for_routing
+from protocol.openai_api import (KV_CAPACITY_EXCEEDED, APIError, GenerationRequest, decode_json_body, error_body,
+                                 error_code, parse_for_routing)
 
 __all__ = ["Proxy", "REPLICA_HEADER", "read_json"]
 
@@ -121,7 +121,6 @@ class Proxy:
         policy_name: str,
         models: Callable[[], list[str]],
         audit: DecisionAudit,
-        pairs: PairSelector | None = None,
         fairness: FairQueue | None = None,
         access: AccessLog | None = None,
     ) -> None:
@@ -133,7 +132,6 @@ class Proxy:
         self.policy_name = policy_name
         self.models = models  # every model the fleet serves now
         self.audit = audit  # predicted against delivered cached tokens, the latest decisions
-        self.pairs = pairs if pairs is not None else PairSelector()  # prefill/decode pairs (balancer/disagg.py)
         self.fairness = fairness  # the fair admission queue (balancer/fairness.py); None: off
         self.access = access if access is not None else AccessLog()  # one line per request
         # Request ids: a random per-process prefix and a counter (unique across restarts and
@@ -382,27 +380,38 @@ class Proxy:
             headers["Authorization"] = authorization
 
         tried: set[str] = set()
-        first: Booking | None = None  # a pair the selector kept whole, booked as a routed request
-        if self.registry.disaggregated and handover.wanted(path, body, prepared):
-            served, first = await self._disaggregated(ex, body, req, path, prepared, request_id,
-                                                      self.registry.roles(), headers, arrival, outcome, tried,
-                                                      predicted)
-            if served:
+        # A request a prefill/decode pair can serve, on a fleet with single-role replicas
+        # (Registry.disaggregated is kept as state: nothing is scanned per request otherwise).
+        split = self.registry.disaggregated and handover.wanted(path, body, prepared)
+        first = self.router.route(prepared, request_id, predicted_output_tokens=predicted, split=split,
+                                  warmups=True)  # the one routing transaction
+        if isinstance(first, PairBooking):
+            if first.unified:
+                self.metrics.disagg.labels("unified").inc()
+                first = first.decode
+            elif await self._disaggregated(ex, body, req, path, prepared, first, headers, arrival, outcome, tried):
                 return
+            else:
+                first = None  # a member failed before the client got anything: on one replica, without it
+        elif split and first is not None and self.router.pairs is not None:
+            self.metrics.disagg.labels("fallback_no_pair").inc()
         last: UpstreamFailed | None = None
-        for attempt in range(self.retry.max_attempts):
+        attempt = sent = 0  # failed attempts so far; replicas sent to
+        while attempt < self.retry.max_attempts:
             booking = first if attempt == 0 and first is not None else \
                 self.router.route(prepared, request_id, frozenset(tried), predicted, warmups=True)
+            first = None
             if booking is None:
                 break
-            decision_s = time.perf_counter() - t0 if attempt == 0 else None
+            decision_s = time.perf_counter() - t0 if sent == 0 else None
+            sent += 1
             replica = booking.replica
             self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
             if prepared.lora_name is not None:
                 self.metrics.lora_routed.labels("resident" if prepared.lora_name in replica.loras else "load").inc()
             asyncio.get_running_loop().call_soon(attempt_metrics, self.metrics, replica.replica_id,
                                                  booking.matched_tokens, booking.rr.prompt_tokens, decision_s)
-            outcome.replica, outcome.attempts, outcome.predicted_cached = (replica.replica_id, attempt + 1,
+            outcome.replica, outcome.attempts, outcome.predicted_cached = (replica.replica_id, sent,
                                                                            booking.matched_tokens)
             if booking.warm is not None:
                 self._start_warmup(booking.warm, authorization)
@@ -411,6 +420,9 @@ class Proxy:
             except UpstreamFailed as e:
                 last = e
                 await self._failed(booking, e, tried, attempt)
+                # A replica too small for it is no failed attempt: each excludes one replica, so
+                # the fleet's size bounds them, and a larger replica is always reached.
+                attempt += not isinstance(e, CannotHold)
                 continue
             except BaseException:
                 booking.fail()  # cancelled (the client left) or a bug: the replica owes nothing
@@ -422,6 +434,12 @@ class Proxy:
             self.metrics.no_replica.inc()
             self.metrics.series(self.metrics.requests, NO_REPLICA, self.policy_name, "5xx").inc()
             raise APIError(503, "no healthy replica is available; check `GET /admin/replicas` and the replicas' health")
+        if isinstance(last, CannotHold):
+            self.metrics.series(self.metrics.requests, last.replica.replica_id, self.policy_name, "4xx").inc()
+            raise APIError(400, f"no replica can hold this request's KV: every one tried ({len(tried)}) answered that "
+                                f"its whole cache is too small (last, {last.replica.replica_id}: {last.reason}); "
+                                f"shorten the prompt or add a replica with more KV memory", "prompt",
+                           code=KV_CAPACITY_EXCEEDED)
         if last.status is not None and last.body is not None:
             status_class = f"{last.status // 100}xx"
             self.metrics.series(self.metrics.requests, last.replica.replica_id, self.policy_name, status_class).inc()
@@ -434,22 +452,13 @@ class Proxy:
                             f"{last.replica.replica_id}: {last.reason}")
 
     async def _disaggregated(self, ex: Exchange, body: dict, req: GenerationRequest, path: str, prepared: Prepared,
-                             request_id: str, roles: dict[str, str], headers: dict, arrival: float,
-                             outcome: _Outcome, tried: set[str], predicted: float | None = None
-                             ) -> tuple[bool, Booking | None]:
-        """Serve the request through the prefill/decode pair the selector picks (balancer/disagg.py,
-        legs in balancer/handover.py): (True, None) once it is answered. (False, booking): the
-        selector kept it whole on one replica, booked; (False, None): no pair was usable, or a
-        member failed before the client got anything (a failed member is then in `tried`): the
+                             pair: PairBooking, headers: dict, arrival: float, outcome: _Outcome,
+                             tried: set[str]) -> bool:
+        """Serve the request through the split pair the router booked (balancer/disagg.py, legs in
+        balancer/handover.py): True once it is answered; False when a member failed before the
+        client got anything (the failed member is then in `tried`, both bookings ended): the
         caller serves it on one replica."""
         m = self.metrics
-        pair = route_pair(self.router, self.pairs, prepared, request_id, roles, frozenset(tried), predicted)
-        if pair is None:
-            m.disagg.labels("fallback_no_pair").inc()
-            return False, None
-        if pair.unified:
-            m.disagg.labels("unified").inc()
-            return False, pair.decode
         started = time.perf_counter()
         answered, params = await self._leg(pair.prefill, self._prefill(pair.prefill, path, body, headers), tried,
                                            "fallback_prefill")
@@ -459,7 +468,7 @@ class Proxy:
             pair.decode.fail()  # never sent
             if answered:  # an answer without kv_transfer_params: it cannot hand over
                 m.disagg.labels("fallback_prefill").inc()
-            return False, None
+            return False
         m.disagg_prefill.observe(time.perf_counter() - started)
         booking = pair.decode
         outcome.replica, outcome.attempts, outcome.predicted_cached = booking.replica_id, 1, booking.matched_tokens
@@ -468,10 +477,10 @@ class Proxy:
         answered, _ = await self._leg(booking, self._send(ex, booking, path, payload, headers, prepared, arrival,
                                                           outcome), tried, "fallback_decode")
         if not answered:
-            return False, None
+            return False
         outcome.booking = booking  # ended once the response is out (`_finish`)
         m.disagg.labels("disaggregated").inc()
-        return True, None
+        return True
 
     async def _leg(self, booking: Booking, leg, tried: set[str], failed: str) -> tuple[bool, object]:
         """Await one leg of a disaggregated request: (True, its result); (False, None) when its
@@ -526,7 +535,8 @@ class Proxy:
 
     async def _prefill(self, booking: Booking, path: str, body: dict, headers: dict) -> dict | None:
         """The prefill leg: its kv_transfer_params, None when its answer has none (a 4xx, or a
-        replica that cannot hand over); `UpstreamFailed` when it gave no answer."""
+        replica that cannot hand over); `UpstreamFailed` when it gave no answer, `CannotHold`
+        when its cache is too small for the prompt."""
         replica = booking.replica
         upstream = await self._answer(replica, "POST", path, handover.prefill_payload(body), headers)
         try:
@@ -535,15 +545,21 @@ class Proxy:
             raise UpstreamFailed(replica, f"prefill answer cut: {e}") from None
         finally:
             upstream.release()
+        if upstream.status == 400 and error_code(raw) == KV_CAPACITY_EXCEEDED:
+            raise CannotHold(replica, _message(raw), status=400, body=raw)
         self.registry.record_success(replica)
         return handover.params_of(raw) if upstream.status == 200 else None
 
     async def _failed(self, booking: Booking, e: UpstreamFailed, tried: set[str], attempt: int) -> None:
-        """An attempt that got no answer: end its booking, tell the breaker, back off."""
+        """An attempt that got no answer: end its booking, tell the breaker, back off (a replica
+        too small for the request, `CannotHold`: neither; it answered, and is healthy)."""
         replica = booking.replica
         booking.fail()
         self.metrics.series(self.metrics.inflight, replica.replica_id).set(replica.inflight_requests)
         tried.add(replica.replica_id)
+        if isinstance(e, CannotHold):
+            self.registry.record_success(replica)
+            return
         self.registry.record_failure(replica, e.refused)
         self.metrics.retries.labels(replica.replica_id).inc()
         await asyncio.sleep(min(self.retry.backoff_s * (2**attempt), self.retry.backoff_max_s))
@@ -576,6 +592,8 @@ class Proxy:
                     body = await upstream.read()
                 except UpstreamError as e:
                     raise UpstreamFailed(replica, f"response cut: {e}") from None
+                if upstream.status == 400 and error_code(body) == KV_CAPACITY_EXCEEDED:
+                    raise CannotHold(replica, _message(body), status=400, body=body)
                 # Metrics and `usage` are read after the response is out (Proxy._finish).
                 outcome.status, outcome.counted = upstream.status, replica
                 outcome.e2e_s = time.perf_counter() - arrival
@@ -655,6 +673,14 @@ class Proxy:
             outcome.reported_cached = cached
         if completion is not None:
             outcome.output_tokens = completion
+
+
+def _message(raw: bytes) -> str:
+    """The `error.message` of a replica's error body (its first 300 characters)."""
+    try:
+        return str(json.loads(raw)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return raw[:300].decode("utf-8", "replace")
 
 
 def json_model(payload: bytes, content_type: str | None) -> str | None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
 from balancer.policies.base import ReplicaLoad, ReplicaView
+from protocol.roles import BOTH
 
 
 _INF = float("inf")
@@ -65,7 +66,7 @@ class ReplicaState:
     adapters: dict[str, str] = field(default_factory=dict)  # of `models`, the LoRA adapters -> their parent
     loras: frozenset[str] = frozenset()  # adapters resident now (its last load report)
     lora_load_s: float = 0.0  # its adapter loads' mean duration, as it reported (0: not measured)
-    role: str = "both"  # prefill | decode | both, as its load reports say (balancer/handover.py)
+    role: str = BOTH  # prefill | decode | both, as its load reports say (balancer/handover.py)
 
     @property
     def replica_id(self) -> str:
@@ -106,7 +107,7 @@ class Registry:
     def add(self, spec: ReplicaSpec) -> ReplicaState:
         if spec.replica_id in self._replicas:
             raise ValueError(f"replica {spec.replica_id} is already registered")
-        state = ReplicaState(spec, role=spec.role or "both")
+        state = ReplicaState(spec, role=spec.role or BOTH)
         self._replicas[spec.replica_id] = state
         self._roles_changed()
         self._notify(spec.replica_id, "added")

@@ -26,6 +26,12 @@ class UpstreamFailed(Exception):
         self.body = body
 
 
+class CannotHold(UpstreamFailed):
+    """The replica answered that its whole KV cache cannot hold the request (a 400 with code
+    `kv_cache_capacity_exceeded`): healthy, just too small for this one; a replica with more KV
+    memory may serve it. Never counted against the replica (breaker) nor as an attempt."""
+
+
 class ClientGone(Exception):
     """Writing to the client failed: it went away. Not the replica's fault: no retry, no
     failover, no breaker penalty; the handler just stops."""

@@ -3,21 +3,25 @@
 `Router.prepare` does the per-request work once (render the chat template, tokenize, hash the
 full blocks). `Router.route` is the routing transaction, the one way a request is placed:
 
-    route(prepared, request_id, exclude) ─▶ usable replicas (Registry.usable) ─▶ match (exact
-        index for replicas that publish KV events, their cache digest for those routed from
-        digests, approximate index for the rest) ─▶ predict output ─▶ candidates (narrowings: a
-        LoRA adapter's holders) ─▶ policy.select
+    route(prepared, request_id, exclude, split) ─▶ usable replicas (Registry.usable) ─▶ match
+        (exact index for replicas that publish KV events, their cache digest for those routed
+        from digests, approximate index for the rest) ─▶ predict output ─▶ candidates
+        (narrowings: a LoRA adapter's holders)
+        ─▶ pairs (only with `split`, a pair selector and a fleet with prefill/decode roles:
+           balancer/disagg.py's prefill side, then its decode side — through the session rule
+           for a request in a session; no pair possible: on to the policy, same views)
+        ─▶ policy.select
         (a request with a session key: `Sessions.decide`, which keeps it on its home or moves it,
         asking the policy only where it places one: balancer/sessions.py)
         ─▶ record: registry in-flight work, policy.on_routed, session home, approximate-index insert
-        ─▶ Booking
+        ─▶ Booking (a split pair: `PairBooking`, one booking per side)
     Booking.finish(output_tokens) / Booking.fail(): in-flight work released, policy.on_complete,
         the output-length predictor learns (finish with a known length)
 
-The proxy (first attempt, retries, mid-stream failover) and the simulator call only `route` and
-the booking's `finish` / `fail`, so the same request stream makes the same bookings in both
-(tests/test_booking.py). `Router.choose` is the decision alone, recording nothing (`explain`).
-Nothing here does I/O.
+The proxy (first attempt, retries, mid-stream failover, the prefill/decode legs) and the
+simulator call only `route` and the booking's `finish` / `fail`, so the same request stream
+makes the same bookings in both (tests/test_booking.py). `Router.choose` is the decision alone,
+recording nothing (`explain`). Nothing here does I/O.
 
 Several uncoordinated instances (`consistent`, BalancerConfig.consistent_routing): the views
 the policy scores hold only what every instance fed by the same KV events and load reports sees
@@ -32,17 +36,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import xxhash
 
 from balancer.approx_index import ApproxIndex
 from balancer.digest_index import DigestIndex
+from balancer.disagg import PairDecision, PairSelector
 from balancer.policies.base import Decision, Policy, ReplicaView, RoutingRequest, adapter_candidates
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry, ReplicaState
 from balancer.sessions import SessionDecision, Sessions
 from protocol.hashing import hash_blocks, root_hash, token_bytes
 from protocol.openai_api import GenerationRequest
+from protocol.roles import BOTH, can_decode
 from protocol.tokenizer import CHAT_ROLES, apply_chat_template
 
 
@@ -150,6 +157,33 @@ class WarmUp:
     prepared: Prepared
 
 
+class DecodeBooking(Booking):
+    """The decode side of a split pair: ending it with a known length teaches the router's
+    output-length predictor, as a routed request's booking does (a split request is never shown
+    to the policy, but its output length is the same evidence)."""
+
+    def finish(self, output_tokens: int | None = None, ok: bool = True) -> None:
+        was_open = self.open
+        super().finish(output_tokens, ok)
+        predictor = self.router.predictor
+        if was_open and ok and output_tokens is not None and predictor is not None:
+            predictor.observe_done(self.rr, output_tokens)
+
+
+class PairBooking(NamedTuple):
+    """A request placed by the pair stage: one `Booking` per side (the same booking twice when
+    unified: booked as any routed request). End `prefill` when the prefill replica handed over
+    (or failed), `decode` when the request ends; each ends once."""
+
+    decision: PairDecision
+    prefill: Booking
+    decode: Booking
+
+    @property
+    def unified(self) -> bool:
+        return self.prefill is self.decode
+
+
 class Router:
     def __init__(
         self,
@@ -168,6 +202,7 @@ class Router:
         uses_digest: Callable[[str], bool] = lambda rid: False,
         sessions: Sessions | None = None,
         consistent: bool = False,
+        pairs: PairSelector | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -192,6 +227,9 @@ class Router:
         self.consistent = consistent
         self.clock = clock
         self.sessions = sessions  # sticky sessions: requests with a session key keep to their replica
+        # Prefill/decode pairs (balancer/disagg.py) for the requests routed with `split`, once the
+        # registry knows replicas of a single role; None: every request is routed whole.
+        self.pairs = pairs
         # A request for a LoRA adapter goes to a replica holding it unless those are this many
         # requests in flight busier than one that is not (`adapter_candidates`).
         self.lora_slack = lora_slack
@@ -290,13 +328,40 @@ class Router:
     def _adapter_holders(self, rr: RoutingRequest, views: Sequence[ReplicaView]) -> Sequence[ReplicaView]:
         return views if rr.lora_name is None else adapter_candidates(rr, views, self.lora_slack)
 
-    def decide(self, rr: RoutingRequest, candidates: Sequence[ReplicaState], session: str | None = None) -> Decision:
+    def decide(self, rr: RoutingRequest, candidates: Sequence[ReplicaState], session: str | None = None,
+               split: bool = False) -> Decision:
         """The policy's choice among `self.candidates(rr, candidates)`; for a request in a session,
-        the session rule's (balancer/sessions.py), which asks the policy where it places one."""
+        the session rule's (balancer/sessions.py), which asks the policy where it places one.
+        With `split` on a fleet of prefill/decode roles, first the pair stage's (`_pair`): a
+        `PairDecision`."""
         views = self.candidates(rr, candidates)
+        if split and self.pairs is not None and self.registry.disaggregated:
+            d = self._pair(rr, views, self.registry.roles(), session)
+            if d is not None:
+                return d
         if session is not None and self.sessions is not None:
             return self.sessions.decide(session, rr, views, self.policy.select)
         return self.policy.select(rr, views)
+
+    def _pair(self, rr: RoutingRequest, views: Sequence[ReplicaView], roles, session: str | None) -> Decision | None:
+        """The pair stage: the prefill side by prefix hit and queue, then the decode side among
+        the views that can decode — for a request in a session by `Sessions.decide`, the pair
+        selector's decode choice being its policy, so the conversation keeps to its decode
+        replica, which holds its whole KV. None when no pair can be formed."""
+        pairs = self.pairs
+        prefill = pairs.prefill_side(rr, views, roles)
+        dec = [v for v in views if can_decode(roles.get(v.replica_id, BOTH))]
+        if prefill is None or not dec:
+            return None
+
+        def decode_side(rr: RoutingRequest, views: Sequence[ReplicaView]) -> Decision:
+            return pairs.decode_side(rr, views, prefill)
+
+        if session is not None and self.sessions is not None:
+            decode = self.sessions.decide(session, rr, dec, decode_side)
+        else:
+            decode = decode_side(rr, dec)
+        return PairDecision(prefill, decode)
 
     def _cached_blocks(self, replica_id: str) -> int:
         if not self.has_events(replica_id):
@@ -306,26 +371,38 @@ class Router:
         return self.index.num_blocks(replica_id)
 
     def choose(self, p: Prepared, request_id: str, exclude: frozenset[str] = frozenset(),
-               predicted_output_tokens: float | None = None
+               predicted_output_tokens: float | None = None, split: bool = False
                ) -> tuple[RoutingRequest | None, list[ReplicaState], Decision | None]:
         """The decision for `p` among the usable replicas not in `exclude`, recording nothing:
-        (routing request, candidates, decision); (None, [], None) when no replica is usable."""
+        (routing request, candidates, decision); (None, [], None) when no replica is usable.
+        `split`: the request may go through a prefill/decode pair (`decide`)."""
         candidates = self.registry.usable(exclude, p.request.model)
         if not candidates:
             return None, candidates, None
         rr = self.routing_request(p, request_id, predicted_output_tokens)
-        return rr, candidates, self.decide(rr, candidates, p.session)
+        return rr, candidates, self.decide(rr, candidates, p.session, split)
 
     def route(self, p: Prepared, request_id: str, exclude: frozenset[str] = frozenset(),
-              predicted_output_tokens: float | None = None, warmups: bool = False) -> Booking | None:
+              predicted_output_tokens: float | None = None, split: bool = False, warmups: bool = False
+              ) -> Booking | PairBooking | None:
         """Choose a replica for `p` and record the choice (see the module docstring); None when
-        no replica is usable. The caller sends the request and ends the booking. `warmups`: the
-        caller sends the warm-up a decision may ask for (`Booking.warm`); False: none is booked."""
-        rr, _, decision = self.choose(p, request_id, exclude, predicted_output_tokens)
+        no replica is usable. The caller sends the request and ends the booking. With `split`
+        (a request a prefill/decode pair can serve: balancer/handover.py's `wanted`) the answer
+        is a `PairBooking` when the pair stage placed it (split, or kept whole: `unified`), a
+        `Booking` when no pair could be formed (routed by the policy, in the same transaction).
+        `warmups`: the caller sends the warm-up a decision may ask for (`Booking.warm`); False:
+        none is booked."""
+        rr, _, decision = self.choose(p, request_id, exclude, predicted_output_tokens, split)
         return None if decision is None else self.book(p, rr, decision, warmups)
 
-    def book(self, p: Prepared, rr: RoutingRequest, decision: Decision, warmups: bool = False) -> Booking:
+    def book(self, p: Prepared, rr: RoutingRequest, decision: Decision, warmups: bool = False
+             ) -> Booking | PairBooking:
         """Record `decision` (made by `choose` for `p`): the second half of `route`."""
+        if isinstance(decision, PairDecision):
+            if decision.unified:  # booked as the request routed whole that it is (policy, session)
+                booking = self.book(p, rr, decision.decode_side, warmups)
+                return PairBooking(decision, booking, booking)
+            return self._book_pair(p, rr, decision)
         replica = self.registry.get(decision.replica_id)
         matched = rr.matched_blocks.get(decision.replica_id, 0) * rr.block_size
         work = rr.prompt_tokens + rr.extra_prefill_tokens + (p.request.max_tokens or 0) * rr.sequences
@@ -355,6 +432,29 @@ class Router:
                                  max_tokens=1, predicted_output_tokens=1.0, now=rr.now, rng_seed=rr.rng_seed,
                                  lora_name=rr.lora_name, warmup=True)
         return WarmUp(self.book(prefix, warm_rr, Decision(replica_id, "warm-up")), prefix)
+
+    def _book_pair(self, p: Prepared, rr: RoutingRequest, d: PairDecision) -> PairBooking:
+        """Book a split pair: the prefill side with the prompt as its work and its uncached tokens
+        as its queued prefill, the decode side with prompt + max_tokens as its work and no
+        prefill (its KV arrives), but the prompt's blocks taken: counted as sent tokens, which
+        the decode side reads as memory spoken for. Neither is shown to the policy (it chose
+        neither: `by_policy=False`); the session (if any) lives on the decode side from now."""
+        registry = self.registry
+        pstate, dstate = registry.get(d.prefill), registry.get(d.decode)
+        prompt = rr.prompt_tokens + rr.extra_prefill_tokens
+        matched = rr.matched_blocks.get(pstate.replica_id, 0) * rr.block_size
+        pre = Booking(self, rr, d.prefill_side, pstate, prompt, matched, by_policy=False)
+        registry.on_sent(pstate, pre.tokens, pre.uncached_tokens)
+        work = prompt + (p.request.max_tokens or 0) * rr.sequences
+        dec = DecodeBooking(self, rr, d, dstate, work, rr.prompt_tokens, by_policy=False)
+        registry.on_sent(dstate, dec.tokens, prompt)
+        if isinstance(d.decode_side, SessionDecision):
+            self.sessions.record(d.decode_side, rr.now)
+        now = self.clock()
+        for rid in (pstate.replica_id, dstate.replica_id):  # both will hold the prompt's blocks
+            if not self.has_events(rid):
+                self.approx.record(rid, rr.block_hashes, now)
+        return PairBooking(d, pre, dec)
 
     def route_by_load(self, model: str | None, request_id: str, exclude: frozenset[str] = frozenset()
                       ) -> Booking | None:

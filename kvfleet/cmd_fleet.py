@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvfleet.fleet import FleetSpec, LocalFleet
+    from protocol.roles import BOTH
     from kvfleet.prometheus import PrometheusConfig
 
     replica_args = ["--num-blocks", str(args.num_blocks)]
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"fleet up: balancer {fleet.balancer.url} ({args.policy}) in front of "
                   f"{len(fleet.replicas)} {args.engine} replicas", flush=True)
             for r, role in zip(fleet.replicas, spec.roles()):
-                print(f"  replica {r.url}  kv-events {r.events}" + (f"  role {role}" if role != "both" else ""),
+                print(f"  replica {r.url}  kv-events {r.events}" + (f"  role {role}" if role != BOTH else ""),
                       flush=True)
             if fleet.prometheus is not None:
                 print(f"  prometheus {fleet.prometheus.url}  (scraping every {args.scrape_interval:g} s; "

@@ -14,7 +14,8 @@ import sys
 
 from kvfleet import logs
 from kvfleet.cli import run_server
-from replica.config import ROLES, EngineConfig, KVTransferConfig, ReplicaConfig, ServerConfig
+from protocol.roles import ROLES
+from replica.config import EngineConfig, KVTransferConfig, ReplicaConfig, ServerConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,6 +126,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "replica died or hangs) and compute the rest of the prompt here")
     p.add_argument("--kv-transfer-keep", type=float, default=kt.keep_s, metavar="S",
                    help="prefill: hold a finished prefill's KV blocks this long for its decode replica's pull")
+    p.add_argument("--kv-transfer-peers", default=None, metavar="HOST[,HOST...]",
+                   help="decode/both: the prefill replicas this replica may pull KV from, as a request's "
+                        "kv_transfer_params name them (remote_host): IP addresses, CIDR networks (10.0.0.0/8) or "
+                        "host names as written; loopback and --kv-transfer-host are always allowed, `*` allows any. "
+                        "A request naming another host is refused with 403")
     logs.add_arguments(p)
 
 
@@ -188,8 +194,9 @@ def replica_config(args: argparse.Namespace) -> ReplicaConfig:
                                     digest_interval_s=args.kv_digest_interval, digest_filter=args.kv_digest_filter,
                                     digest_max_bytes=args.kv_digest_max_bytes,
                                     load_report_on_arrival=args.load_report_on_arrival)
+    peers = tuple(p for p in (args.kv_transfer_peers or "").split(",") if p)
     kv_transfer = KVTransferConfig(role=args.role, host=args.kv_transfer_host, port=args.kv_transfer_port,
-                                   timeout_s=args.kv_transfer_timeout, keep_s=args.kv_transfer_keep)
+                                   timeout_s=args.kv_transfer_timeout, keep_s=args.kv_transfer_keep, peers=peers)
     return ReplicaConfig(engine=engine, server=server, publisher=publisher, sim_preset=preset,
                          time_scale=args.time_scale, step_log=args.step_log, kv_transfer=kv_transfer)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from kvfleet import procs
 from kvfleet.prometheus import PrometheusConfig, PrometheusServer, write_targets
+from protocol.roles import BOTH, DECODE, PREFILL
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,7 @@ class FleetSpec:
             raise ValueError("prefill/decode replicas hand over KV tensors: use --engine torch")
 
     def roles(self) -> list[str]:
-        return ["prefill"] * self.prefill + ["decode"] * self.decode + ["both"] * (self.replicas - self.prefill
-                                                                                  - self.decode)
+        return [PREFILL] * self.prefill + [DECODE] * self.decode + [BOTH] * (self.replicas - self.prefill - self.decode)
 
 
 @dataclass
@@ -77,13 +77,15 @@ class LocalFleet:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _replica_args(self, role: str = "both") -> list[str]:
+    def _replica_args(self, role: str = BOTH) -> list[str]:
         s = self.spec
         args = ["replica", "--host", s.host, "--port", "0", "--engine", s.engine, *s.replica_args]
         if s.events:
             args += ["--kv-events-endpoint", f"tcp://{s.host}:0", "--kv-events-replay-endpoint", f"tcp://{s.host}:0"]
-        if role != "both":
+        if role != BOTH:
             args += ["--role", role, "--kv-transfer-host", s.host]
+        if s.prefill or s.decode:  # every replica may decode a pair's request: it pulls from this host's peers
+            args += ["--kv-transfer-peers", s.host]
         return args
 
     def start_replicas(self) -> None:

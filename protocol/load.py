@@ -46,13 +46,13 @@ from protocol.events import (
     pack,
     unpack,
 )
+from protocol.roles import BOTH, ROLES
 
 EXTRAS_MARKER = b"kvfleet/1"
 SNAPSHOT_REQUEST = b"kvfleet.snapshot"  # 16 bytes: never mistaken for an 8-byte replay start seq
 DEFAULT_LOAD_TOPIC = b"kvfleet.load"
 DEFAULT_SNAPSHOT_TOPIC = b"kvfleet.snapshot"
 WIRE_VERSION = 1
-ROLES = ("prefill", "decode", "both")  # a replica's part in prefill/decode disaggregation
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +121,7 @@ class LoadReport:
     # What the replica is for in a disaggregated fleet (`kvfleet replica --role`): "prefill",
     # "decode" or "both" (vLLM's kv_producer / kv_consumer / kv_both). Absent from an older
     # replica's reports: "both".
-    role: str = "both"
+    role: str = BOTH
 
     def __post_init__(self) -> None:
         for name in ("num_running", "num_waiting", "queued_prefill_tokens", "running_decode_tokens",
@@ -241,7 +241,7 @@ def decode_load(payload: bytes) -> LoadReport:
             isinstance(t, tuple) and len(t) == 3 and isinstance(t[0], str) and type(t[1]) is int and type(t[2]) is int
             for t in tiers):
         raise EventDecodeError("load report tiers must be an array of [medium, blocks, capacity]")
-    role = obj.get("role", "both")
+    role = obj.get("role", BOTH)
     if role not in ROLES:
         raise EventDecodeError(f"load report role must be one of {ROLES}, got {role!r}")
     try:

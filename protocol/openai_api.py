@@ -14,24 +14,42 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
-          408: "RequestTimeout", 413: "PayloadTooLarge", 429: "RateLimitError", 500: "InternalServerError",
-          502: "BadGateway", 503: "ServiceUnavailable", 504: "GatewayTimeout"}
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+          405: "MethodNotAllowed", 408: "RequestTimeout", 413: "PayloadTooLarge", 429: "RateLimitError",
+          500: "InternalServerError", 502: "BadGateway", 503: "ServiceUnavailable", 504: "GatewayTimeout"}
+
+
+# The error `code` of a request that a replica's whole KV cache cannot hold (a string code, as
+# OpenAI's `context_length_exceeded`): a balancer serves it on another replica instead of relaying it.
+KV_CAPACITY_EXCEEDED = "kv_cache_capacity_exceeded"
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.code = code
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.status, self.message, self.param)
+        return error_body(self.status, self.message, self.param, self.code)
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status, "Error"), "param": param, "code": status}}
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape; `code` is the status unless a string code says more."""
+    return {"error": {"message": message, "type": _TYPES.get(status, "Error"), "param": param,
+                      "code": status if code is None else code}}
+
+
+def error_code(raw: bytes) -> object:
+    """The `error.code` of an OpenAI-style error body (None when it is not one)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    err = body.get("error") if isinstance(body, dict) else None
+    return err.get("code") if isinstance(err, dict) else None
 
 
 # A JSON escape of a UTF-16 surrogate. Pairs decode to one character; a lone one decodes to a str

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from protocol.roles import BOTH, can_prefill
 from replica.config import ReplicaConfig
 from replica.engine import build_engine, build_sim_engine
 from replica.metrics import ReplicaMetrics
@@ -42,7 +43,7 @@ def build_replica(cfg: ReplicaConfig) -> web.Application:
     if cfg.sim_preset is None:  # the KV hand-over moves tensors: the torch engine's
         from replica.kv_transfer import KVReceiver, KVSender
 
-        if role in ("prefill", "both"):  # a `both` replica may be a pair's prefill side (balancer/disagg.py)
+        if can_prefill(role):  # a `both` replica may be a pair's prefill side (balancer/disagg.py)
             sender = KVSender(cfg.kv_transfer, service, service.metrics)
         receiver = KVReceiver(cfg.kv_transfer, service, service.metrics)
     app = create_app(service, cfg.server, model, sender, receiver)
@@ -52,7 +53,7 @@ def build_replica(cfg: ReplicaConfig) -> web.Application:
 
 def ready_line(cfg: ReplicaConfig, service: EngineService, urls: list[str], sender: KVSender | None = None) -> str:
     """What `kvfleet replica` prints once it listens (launchers wait for it: kvfleet/procs.py)."""
-    events = "" if service.role == "both" else f" role={service.role}"
+    events = "" if service.role == BOTH else f" role={service.role}"
     if sender is not None:
         events += f" kv-transfer={sender.endpoint}"
     offload = service.engine.kv.offload

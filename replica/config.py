@@ -7,9 +7,11 @@ one function that builds and serves a replica from it.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from protocol.roles import BOTH, ROLES, check_role
 from replica.kv_offload import TierSpec, tier_specs
 from replica.lora import LoraModule
 
@@ -100,9 +102,6 @@ class ServerConfig:
             raise ValueError(f"drain_timeout_s must be non-negative, got {self.drain_timeout_s}")
 
 
-ROLES = ("prefill", "decode", "both")  # protocol.load.ROLES (kept apart: the CLI's menu imports this module)
-
-
 @dataclass(frozen=True)
 class KVTransferConfig:
     """Prefill/decode disaggregation (replica/kv_transfer.py). Every role serves whole requests
@@ -110,7 +109,7 @@ class KVTransferConfig:
     balancer should use the replica for. A prefill (or both) replica binds a ZMQ ROUTER on
     host:port from which decode replicas pull a finished prefill's blocks."""
 
-    role: str = "both"  # prefill | decode | both (vLLM's kv_producer / kv_consumer / kv_both)
+    role: str = BOTH  # prefill | decode | both (vLLM's kv_producer / kv_consumer / kv_both)
     host: str = "127.0.0.1"  # prefill/both: the address the block socket binds and decode replicas dial
     port: int = 0  # prefill/both: 0 = a free port (the ready line and each prefill's kv_transfer_params say which)
     # A pull gives up when the next block takes longer than this (a dead or stuck prefill
@@ -120,14 +119,48 @@ class KVTransferConfig:
     # waits VLLM_NIXL_ABORT_REQUEST_TIMEOUT = 480 s; held blocks are capacity that no other
     # request can use, and a pull comes within milliseconds or never).
     keep_s: float = 30.0
+    # The prefill replicas a decode request may name as `remote_host` (kv_transfer_params come
+    # from the client's side of the balancer, so a replica never dials a host given by whoever
+    # sends a request): IP addresses, CIDR networks (`10.0.0.0/8`) or host names (matched as
+    # written, never resolved), besides loopback and this replica's own `host`, always allowed.
+    # `*` allows any host. `kvfleet fleet` passes its replicas' host.
+    peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        check_role(self.role, "--role")
+        object.__setattr__(self, "peers", tuple(self.peers))
+        for peer in self.peers:
+            if not isinstance(peer, str) or not peer.strip() or any(c in peer for c in " ,"):
+                raise ValueError(f"--kv-transfer-peers takes IP addresses, CIDR networks or host names, got {peer!r}")
+            if "/" in peer:
+                try:
+                    ipaddress.ip_network(peer, strict=False)
+                except ValueError:
+                    raise ValueError(f"--kv-transfer-peers: {peer!r} is not a CIDR network such as 10.0.0.0/8") from None
         if not 0 <= self.port < 65536:
             raise ValueError(f"kv transfer port must be in [0, 65535], got {self.port}")
         if not self.timeout_s > 0 or not self.keep_s > 0:
             raise ValueError("kv transfer timeout and keep times must be positive seconds")
+
+
+    def allows_peer(self, host: str) -> bool:
+        """Whether a decode request may pull KV from `host` (a kv_transfer_params `remote_host`)."""
+        if "*" in self.peers:
+            return True
+        name = host.strip("[]").lower()
+        try:
+            addr = ipaddress.ip_address(name)
+        except ValueError:  # a host name: allowed only as written (no DNS lookup, which a client could steer)
+            return name == "localhost" or name in (p.lower() for p in (self.host, *self.peers))
+        if addr.is_loopback:
+            return True
+        for peer in (self.host, *self.peers):
+            try:
+                if addr in ipaddress.ip_network(peer.strip("[]"), strict=False):
+                    return True
+            except ValueError:
+                continue  # a host name entry
+        return False
 
 
 @dataclass(frozen=True)
@@ -149,7 +182,7 @@ class ReplicaConfig:
             raise ValueError(f"step_log must be 0 (off) or a number of steps, got {self.step_log}")
         if not self.time_scale > 0:
             raise ValueError(f"time_scale must be positive, got {self.time_scale}")
-        if self.kv_transfer.role != "both" and self.sim_preset is not None:
+        if self.kv_transfer.role != BOTH and self.sim_preset is not None:
             raise ValueError("--role prefill|decode needs the torch engine: a sim replica has no KV tensors to hand over")
 
     @property

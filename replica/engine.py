@@ -140,17 +140,29 @@ class LLMEngine:
         return req
 
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], sampled: list[int],
-                      params: SamplingParams) -> Request | None:
-        """A request handed over by a prefill replica: its prompt's KV arrived with the tokens
-        the prefill sampled (`sampled`, at least the first); it decodes from there
-        (`Scheduler.add_prefilled`). None when there is no room now: try again after a step."""
-        if not sampled:
+                      params: SamplingParams, ready: int | None = None,
+                      fill: Callable[[int, list[int]], None] | None = None) -> Request | None:
+        """A request handed over by a prefill replica (`Scheduler.add_prefilled`): the KV of its
+        first `ready` tokens arrived (default: the prompt's, with the tokens the prefill sampled,
+        `sampled`, at least the first: it decodes from there). `fill(first, block_ids)` writes the
+        handed-over KV into the blocks taken for it, after the local prefix hit of `first`
+        blocks (the live decode replica; the simulator has no bytes to write). None when there is
+        no room now: try again after a step. `TooLarge` when this cache could never hold it."""
+        if not sampled and ready is None:
             raise ValueError("a handed-over request carries at least the first sampled token")
         req = Request(request_id, prompt_token_ids, params, self.clock(), self.tokenizer.eos_token_id,
                       self._lora(params))
         req.token_ids.extend(sampled)
-        if not self.scheduler.add_prefilled(req):
+        if not self.scheduler.add_prefilled(req, ready):
             return None
+        if fill is not None and req.num_handed_tokens:
+            bs = self.kv.block_size
+            first = req.num_cached_tokens // bs
+            try:
+                fill(first, self.kv.block_ids(request_id)[first : -(-req.num_computed_tokens // bs)])
+            except BaseException:
+                self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+                raise
         if self.detokenize:
             self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids), params.stop)
         return req
@@ -228,7 +240,9 @@ class LLMEngine:
             finish_reason=req.status.value if finished else None,
             stop_reason=stop_reason,
             num_prompt_tokens=req.num_prompt_tokens,
-            num_cached_tokens=max(req.num_cached_tokens, 0),
+            # vLLM's usage counts KV a connector brought as cached (v1 scheduler: num_cached_tokens
+            # = local + external computed tokens at admission).
+            num_cached_tokens=max(req.num_cached_tokens, 0) + req.num_handed_tokens,
             num_output_tokens=req.num_output_tokens,
             logprobs=req.new_logprobs,
         )

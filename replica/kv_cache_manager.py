@@ -42,6 +42,8 @@ from replica.kv_offload import OffloadTiers, TierBlock, TierSpec, Transfer
 from replica.lora import LoraTag
 
 
+_PROBE = "\x00kv-probe"  # the request id `cached_prefix_tokens` looks up under (no client id has a NUL)
+
 class ComputedBlocks(NamedTuple):
     """The cached prefix found for a request: its device blocks (not yet referenced), then the
     blocks found in offload tiers after them (to be loaded), and the token count of both."""
@@ -164,6 +166,18 @@ class KVCacheManager:
         computed = ComputedBlocks(blocks, (len(blocks) + len(tier_blocks)) * bs, tier_blocks, len(tier_blocks) * bs)
         state.last_lookup = (version, len(token_ids), computed)
         return computed
+
+    def cached_prefix_tokens(self, token_ids: Sequence[int], lora: LoraTag | None = None) -> int:
+        """Leading tokens of `token_ids` that a request's lookup (`get_computed_blocks`) finds
+        cached now — in the device pool, then the offload tiers, on `lora`'s chain — in whole
+        blocks, at most all but the last token. Changes nothing (no request is remembered): the
+        KV hand-over asks it which blocks need not travel."""
+        if not self.enable_caching:
+            return 0
+        try:
+            return self.get_computed_blocks(_PROBE, token_ids, lora).num_tokens
+        finally:
+            self._requests.pop(_PROBE, None)
 
     def allocate_slots(
         self,

@@ -190,13 +190,13 @@ class KVSender(_Side):
             self._ctx.term()
 
     # ------------------------------------------------------------- the engine's side
-    def keep(self, request_id: str) -> Callable[[], None]:
+    def keep(self, request_id: str) -> Callable[..., None]:
         """The request's `before_add`: its blocks are held when it finishes. The hold ends when
         a decode replica has pulled them or `keep_s` after the prefill (or after this call, for
         a prefill that never finishes: the client left), whichever comes first."""
         kv = self.service.engine.kv
         self._parked[request_id] = _Parked([], time.monotonic() + self.cfg.keep_s)
-        return lambda: kv.keep_on_free(request_id)
+        return lambda *_: kv.keep_on_free(request_id)
 
     def park(self, request_id: str, num_prompt_tokens: int) -> dict[str, Any]:
         """The finished prefill's `kv_transfer_params` (NixlConnector's `request_finished` keys):
@@ -311,11 +311,18 @@ class KVReceiver(_Side):
     def close(self) -> None:
         self._ctx.destroy(linger=0)
 
-    async def prepare(self, params: dict, prompt_ids: list[int], lora=None) -> Callable[[], None] | None:
+    async def prepare(self, params: dict, prompt_ids: list[int], lora=None) -> Callable[..., bool] | None:
         """For a request with `do_remote_prefill`: pull what the local prefix cache lacks and
-        return the `before_add` that installs it (None: nothing to install; the request computes
-        its prompt itself). `APIError(400)` for malformed parameters."""
+        return the `before_add` that admits the request with it (`admit`; None: nothing to
+        hand over, the request computes its prompt itself). `APIError(400)` for malformed
+        parameters, 403 for a `remote_host` that is not one of this replica's peers (a prompt
+        this replica's whole cache cannot hold was refused before: `replica.server`)."""
         host, port, rid, remote_ids, bs = _remote(params)
+        if not self.cfg.allows_peer(host):
+            raise APIError(403, f"kv_transfer_params.remote_host {host!r} is not a KV-transfer peer of this replica, "
+                                f"so it does not pull from it; start the replica with --kv-transfer-peers naming the "
+                                f"prefill replicas' hosts or networks (loopback and --kv-transfer-host "
+                                f"{self.cfg.host} are allowed)", "kv_transfer_params")
         kv = self.service.engine.kv
         if bs != kv.block_size:
             log.warning("kv_transfer_params from a replica with block size %d (this one: %d): computing the prompt",
@@ -338,8 +345,7 @@ class KVReceiver(_Side):
             log.warning("the prefill's blocks hash differently from this prompt's (another model or tokenizer?): "
                         "computing the prompt")
             return None
-        hashes = hashes[:wanted]
-        have = await self.service.between_steps(lambda: _cached_run(kv, hashes))
+        have = await self.service.between_steps(lambda: kv.cached_prefix_tokens(prompt_ids, lora) // bs)
         if have >= wanted:
             return None  # this replica holds the prefix already
         t0 = time.perf_counter()
@@ -355,8 +361,7 @@ class KVReceiver(_Side):
                         rid, host, port, len(pulled.payloads), wanted - have, pulled.fault)
         if not pulled.payloads:
             return None
-        caches = self.caches
-        return lambda: install(kv, caches, prompt_ids, pulled, lora)
+        return lambda request_id, ids, sampling: admit(self.service.engine, request_id, ids, sampling, pulled)
 
     async def _pull(self, host: str, port: int, rid: str, start: int, end: int) -> Pulled:
         out = Pulled(start)
@@ -424,37 +429,31 @@ def _agreeing(hashes: list[int], remote) -> int:
     return n
 
 
-def _cached_run(kv, hashes: list[int]) -> int:
-    """How many of `hashes` lead the pool's cache (a hash lookup per block; call between steps)."""
-    cached = kv.pool.cached_blocks()
-    n = 0
-    for h in hashes:
-        if h not in cached:
-            break
-        n += 1
-    return n
-
-
-def install(kv, caches, prompt_ids: list[int], pulled: Pulled, lora=None) -> int:
-    """Write the pulled blocks into free blocks of the pool and register them in the prefix cache,
-    then let them go (cached, unreferenced, at the free list's most recently used end): the
-    request added right after finds them as a prefix hit. Runs between steps. Returns the number
-    of blocks installed (0 when the local cache changed so that the pulled run no longer joins
-    its prefix, or the pool has no room: the request then computes them)."""
+def admit(engine, request_id: str, prompt_ids: list[int], sampling, pulled: Pulled) -> bool:
+    """Admit the request with the pulled KV (`LLMEngine.add_prefilled`, the one entry of a
+    handed-over request, the simulator's too): its blocks after the local prefix hit are taken
+    and the pulled payloads written into them; it computes only the rest of the prompt. Runs
+    between steps. False (nothing changed; the engine adds the request as usual and it computes
+    the blocks itself) when the local cache changed so that the pulled run no longer joins its
+    prefix, when it already holds all of it, or when no blocks or running slot are free now."""
+    kv = engine.kv
     bs = kv.block_size
     end = pulled.start + len(pulled.payloads)
-    rid = f"kv-transfer-{uuid.uuid4().hex}"
-    try:
-        hit = kv.get_computed_blocks(rid, prompt_ids, lora)
-        first = len(hit.blocks)
-        if not pulled.start <= first < end:
-            return 0
-        if not kv.allocate_slots(rid, prompt_ids, hit.num_tokens, (end - first) * bs, hit, lora):
-            return 0
-        write_blocks(caches, kv.block_ids(rid)[first:end], pulled.payloads[first - pulled.start:])
-        return end - first
-    finally:
-        kv.free(rid)
+    first = kv.cached_prefix_tokens(prompt_ids, engine.lora_tags.get(sampling.lora_name)) // bs
+    if not pulled.start <= first < end:
+        return False
+    executor = engine.executor
+    payloads = pulled.payloads[first - pulled.start:]
+
+    def fill(at: int, block_ids: list[int]) -> None:
+        # Copies queued by the same allocation (a reused block's spill into the host tier, a tier
+        # hit's load) run first: a spilled block must be read out before its payload lands.
+        store = getattr(executor, "tier_store", None)
+        if store is not None:
+            store.apply(kv.take_transfers())
+        write_blocks(executor.kv_caches, block_ids, payloads[at - first:])
+
+    return engine.add_prefilled(request_id, prompt_ids, [], sampling, end * bs, fill) is not None
 
 
 def add_routes(app: web.Application, sender: KVSender | None) -> None:

@@ -79,6 +79,7 @@ class Request:
         "status",
         "num_computed_tokens",
         "num_cached_tokens",
+        "num_handed_tokens",
         "num_preemptions",
         "first_token_time",
         "generator",
@@ -106,6 +107,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
+        # Prompt KV a prefill replica handed over (`Scheduler.add_prefilled`), past the local hit:
+        # vLLM's num_external_computed_tokens. Reported as cached, as vLLM reports them.
+        self.num_handed_tokens = 0
         self.num_preemptions = 0
         self.first_token_time: float | None = None
         self.generator: Any = None  # per-request torch.Generator when params.seed is set

@@ -26,6 +26,19 @@ from replica.kv_cache_manager import KVCacheManager
 from replica.request import Request, RequestStatus
 
 
+class TooLarge(ValueError):
+    """A request needing more KV blocks than the whole cache: no wait makes room for it."""
+
+
+def check_fits(kv: KVCacheManager, num_tokens: int) -> None:
+    """`TooLarge` unless the whole cache can hold `num_tokens` tokens and the next one's KV (the
+    scheduler's admission check; the server makes it before a request is queued)."""
+    needed = -(-(num_tokens + 1) // kv.block_size)
+    if needed > kv.num_blocks:
+        raise TooLarge(f"the prompt's {num_tokens} tokens need {needed} KV blocks, but this replica's cache has "
+                       f"only {kv.num_blocks}; shorten the prompt or give the replica more KV blocks")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
@@ -86,21 +99,16 @@ class Scheduler:
         self.external_hit_tokens = 0
 
     # ---------------------------------------------------------------- queue management
-    def _check_admissible(self, request: Request, blocks: bool = True) -> None:
+    def _check_admissible(self, request: Request) -> None:
         """ValueError for a request this replica could never hold (a duplicate id, past the
-        model's context, and with `blocks` more KV blocks than the cache has)."""
+        model's context); `TooLarge` for one needing more KV blocks than the whole cache has."""
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if request.num_tokens >= self.config.max_model_len:
             raise ValueError(
                 f"prompt has {request.num_tokens} tokens; the model's context is {self.config.max_model_len}"
             )
-        needed = -(-(request.num_tokens + 1) // self.kv.block_size)
-        if blocks and needed > self.kv.num_blocks:
-            raise ValueError(
-                f"prompt has {request.num_tokens} tokens and needs {needed} KV blocks, but the cache has only "
-                f"{self.kv.num_blocks}; shorten the prompt or give the replica more KV blocks"
-            )
+        check_fits(self.kv, request.num_tokens)
 
     def add_request(self, request: Request) -> None:
         self._check_admissible(request)
@@ -108,26 +116,37 @@ class Scheduler:
         self.waiting.append(request)
         self.requests[request.request_id] = request
 
-    def add_prefilled(self, request: Request) -> bool:
+    def add_prefilled(self, request: Request, ready: int | None = None) -> bool:
         """Admit a request whose prompt KV was computed elsewhere (a prefill replica handed it
-        over, balancer/disagg.py): its blocks are taken now (the prefix this cache already holds
-        is reused, the rest are the handed-over KV) and it runs at once, decoding from its last
-        token, without a prefill chunk here. `request.token_ids` is the prompt plus the tokens
-        the prefill sampled (its first output token). False, with nothing changed, when the
-        blocks or a running slot are not free now: the caller retries after a step.
-        Raises ValueError as `add_request` does for a duplicate id or a request past the model's context."""
-        # A handed-over request too large for this cache is refused like one without room (False):
-        # its prefill replica, which computed it, has the KV to hold it.
-        self._check_admissible(request, blocks=False)
+        over, balancer/disagg.py): the one way a handed-over request enters, in the simulator
+        and on a live decode replica (replica/kv_transfer.py) alike. Its blocks for the first
+        `ready` tokens are taken now: the prefix this cache holds (device pool, offload tiers:
+        the lookup a waiting request makes) is reused, the blocks after it are the handed-over
+        KV, which the caller writes (`KVCacheManager.block_ids`) before the next step. It runs at
+        once from token `ready`: by default every token but the newest (`request.token_ids` is
+        the prompt plus what the prefill sampled, and it decodes next, without a prefill chunk);
+        a live hand-over moves full blocks only, so the rest of its prompt (at least the last
+        token, whose logits give the first output token) is computed here as a running chunk.
+
+        False, with nothing changed, when the blocks or a running slot are not free now: the
+        caller tries again later. Raises `TooLarge` for a request needing more KV blocks than
+        this whole cache (never False: it would never fit, and a caller retrying would wait
+        forever), ValueError as `add_request` does for a duplicate id or one past the context."""
+        self._check_admissible(request)
+        if ready is None:
+            ready = request.num_tokens - 1  # the KV of every token but the newest (decoded next)
+        if not 0 < ready < request.num_tokens:
+            raise ValueError(f"handed-over KV of {ready} tokens for a request of {request.num_tokens}")
         if len(self.running) >= self.config.max_num_seqs:
             return False
-        ready = request.num_tokens - 1  # the KV of every token but the newest (decoded next)
         hit = self.kv.get_computed_blocks(request.request_id, request.token_ids, request.lora)
+        ready = max(ready, hit.num_tokens)  # a longer local hit needs nothing handed over
         if not self.kv.allocate_slots(request.request_id, request.token_ids, hit.num_tokens,
                                       ready - hit.num_tokens, hit, request.lora):
             self.kv.free(request.request_id)  # forget the lookup: nothing is held
             return False
         request.num_cached_tokens = hit.num_tokens
+        request.num_handed_tokens = ready - hit.num_tokens
         request.num_computed_tokens = ready
         request.status = RequestStatus.RUNNING
         self.running.append(request)

@@ -22,14 +22,15 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from protocol.openai_api import (USAGE_HEADER, APIError, GenerationRequest, decode_json_body, error_body,
-                                 parse_chat, parse_completion, usage_header)
+from protocol.openai_api import (KV_CAPACITY_EXCEEDED, USAGE_HEADER, APIError, GenerationRequest, decode_json_body,
+                                 error_body, parse_chat, parse_completion, usage_header)
 from protocol.tokenizer import apply_chat_template
 from replica import auth, kv_state, kv_transfer
 from replica.config import ServerConfig
 from replica.choices import Logprobs, fan_out, merged
 from replica.engine import RequestOutput
 from replica.request import SamplingParams
+from replica.scheduler import TooLarge, check_fits
 from replica.service import EngineService
 from replica.step_model import STEP_RECORD_FIELDS
 
@@ -108,6 +109,11 @@ class _Handlers:
                 f"tokens; shorten the prompt.",
                 "prompt" if req.kind == "completion" else "messages",
             )
+        try:
+            check_fits(self.service.engine.kv, num_prompt)
+        except TooLarge as e:  # code: a balancer sends it to a replica with more KV memory (balancer/proxy.py)
+            raise APIError(400, str(e), "prompt" if req.kind == "completion" else "messages",
+                           code=KV_CAPACITY_EXCEEDED) from None
         max_tokens = req.max_tokens if req.max_tokens is not None else limit - num_prompt
         if num_prompt + max_tokens > limit:
             raise APIError(

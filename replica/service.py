@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.load import LoadReport, TierUsage
+from protocol.roles import BOTH
 from replica.engine import LLMEngine, RequestOutput
 from replica.metrics import ReplicaMetrics
 from replica.request import SamplingParams
@@ -54,7 +55,7 @@ class EngineService:
         publisher: Any = None,
         config: ServiceConfig = ServiceConfig(),
         replica_id: str = "replica",
-        role: str = "both",
+        role: str = BOTH,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -108,10 +109,13 @@ class EngineService:
 
     # ---------------------------------------------------------------- requests
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       before_add: Callable[[], Any] | None = None) -> AsyncIterator[RequestOutput]:
+                       before_add: Callable[[str, list[int], SamplingParams], Any] | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs until it finishes; aborts it if the consumer goes away.
-        `before_add()` runs between steps just before the engine takes the request (the KV
-        hand-over installs pulled blocks, or marks the request's blocks to be kept, there)."""
+        `before_add(request_id, prompt_ids, params)` runs between steps just before the engine
+        takes the request; True means it admitted the request itself (a KV hand-over's decode
+        side: `LLMEngine.add_prefilled` with the pulled KV), anything else that the engine adds
+        it as usual (the prefill side marks its blocks to be kept there)."""
         stream = _Stream(time.monotonic())
         self._streams[request_id] = stream
         self._inbox.append(("add", (request_id, prompt_ids, params, before_add)))
@@ -155,13 +159,15 @@ class EngineService:
         for op, arg in inbox:
             if op == "add":
                 rid, prompt_ids, params, before_add = arg
+                admitted = False
                 if before_add is not None and rid in self._streams:
                     try:
-                        before_add()
+                        admitted = before_add(rid, prompt_ids, params) is True
                     except Exception:  # noqa: BLE001 - best effort: the request computes what is missing
                         log.exception("preparing request %s's KV failed; it computes its prompt itself", rid)
                 try:
-                    self.engine.add_request(rid, prompt_ids, params)
+                    if not admitted:
+                        self.engine.add_request(rid, prompt_ids, params)
                 except ValueError as e:  # validated before; a last guard so nothing hangs
                     self._fail_stream(rid, e)
                     continue

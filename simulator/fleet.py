@@ -37,22 +37,23 @@ from typing import NamedTuple
 from balancer.approx_index import ApproxIndex
 from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
 from balancer.digest_index import DigestIndex
-from balancer.disagg import BOTH, DECODE, PREFILL, PairBooking, PairConfig, PairSelector, route_pair
+from balancer.disagg import PairConfig, PairSelector
 from balancer.policies import make_policy
 from balancer.policies.base import ReplicaLoad
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry
-from balancer.router import Booking, Router
+from balancer.router import Booking, PairBooking, Router
 from protocol.digest import HEADER_BYTES, BlockFilter, CacheDigest
 from balancer.sessions import SessionConfig, Sessions
 from protocol.hashing import hash_blocks, root_hash
 from protocol.openai_api import GenerationRequest
+from protocol.roles import BOTH, DECODE, PREFILL
 from protocol.tokenizer import ByteTokenizer
 from replica.engine import SIM_MAX_MODEL_LEN, LLMEngine
 from replica.kv_cache_manager import KVCacheManager
 from replica.lora import AdapterSlots, LoraModule, LoraTag
 from replica.request import SamplingParams
-from replica.scheduler import Scheduler, SchedulerConfig
+from replica.scheduler import Scheduler, SchedulerConfig, TooLarge
 from replica.sim_executor import SimExecutor
 from replica.step_model import SimPreset
 from simulator.tiers import fleet_tier_cost, fleet_tiers
@@ -235,7 +236,7 @@ class RequestRecord:
     first_token: float | None = None
     finish: float | None = None
     predicted_cached_tokens: int = 0
-    rejected: bool = False  # too long for a replica: never routed
+    rejected: bool = False  # too long for a replica: never routed (or refused at its hand-over)
     preemptions: int = 0  # times the replica preempted it (recomputed later)
     prefill_replica: str = ""  # split over a pair: where it prefilled (`replica` decoded it)
     transfer_s: float = 0.0  # split: from its prefill's end to its KV being on the decode replica
@@ -332,14 +333,7 @@ class FleetSimulation:
         self.root = root_hash(MODEL)
         self._lora_roots = {name: root_hash(MODEL, lora_name=name) for name in cfg.lora_adapters}
         self.kv_blocks = cfg.kv_blocks or cfg.preset.kv_blocks
-        # The pair selector prices the hand-over as the link does, on the policy's step learner
-        # when it has one (predictive), else its own, fed the same load reports.
         self.roles = {self._url[rid]: rep.role for rid, rep in self.replicas.items()}
-        link = cfg.kv_link
-        self.selector = PairSelector(PairConfig(transfer_s_per_token=link.seconds_per_token(
-            cfg.kv_bytes_per_token, cfg.kv_lanes), transfer_latency_s=link.latency_s),
-            getattr(self.policy, "learner", None)) if cfg.disaggregated else None
-        self._own_learner = self.selector is not None and getattr(self.policy, "learner", None) is None
 
     def _clock(self) -> float:
         return self.now
@@ -349,8 +343,8 @@ class FleetSimulation:
         cfg = self.cfg
         # A request reaches the replica's queue request_latency_s after it is routed.
         registry = Registry(BreakerConfig(), HealthConfig(), self._clock, in_transit_s=cfg.request_latency_s)
-        for rid in self.replicas:
-            state = registry.add(ReplicaSpec(url=f"http://{rid}.sim:80"))
+        for rid, rep in self.replicas.items():  # a role as `ROLE@URL` configures it
+            state = registry.add(ReplicaSpec(url=f"http://{rid}.sim:80", role=None if rep.role == BOTH else rep.role))
             if cfg.lora_adapters:  # what its /v1/models would list
                 registry.set_models(state, frozenset((MODEL, *cfg.lora_adapters)),
                                     {name: MODEL for name in cfg.lora_adapters})
@@ -358,11 +352,17 @@ class FleetSimulation:
         policy = make_policy(cfg.policy, dict(cfg.policy_options))
         # Digest mode: no digest ages out (each replica sends one every interval, none is lost).
         digests = DigestIndex(cfg.block_size, float("inf"), self._clock) if cfg.index_source == "digests" else None
+        # The pair stage prices the hand-over as the link does, on the policy's step learner when
+        # it has one (predictive), else its own, fed the same load reports (`_deliver`).
+        link = cfg.kv_link
+        pairs = PairSelector(PairConfig(transfer_s_per_token=link.seconds_per_token(
+            cfg.kv_bytes_per_token, cfg.kv_lanes), transfer_latency_s=link.latency_s),
+            getattr(policy, "learner", None)) if cfg.disaggregated else None
         router = Router(MODEL, cfg.block_size, ByteTokenizer(), index,
                         ApproxIndex(clock=self._clock), policy, registry,
                         has_events=lambda rid: True, predictor=predictor, clock=self._clock,
                         digests=digests, uses_digest=lambda rid: True, sessions=Sessions(cfg.sessions),
-                        consistent=cfg.consistent_routing)
+                        consistent=cfg.consistent_routing, pairs=pairs)
         return registry, index, policy, digests, router
 
     def run(self, requests: Sequence[SimRequest]) -> SimResult:
@@ -556,19 +556,30 @@ class FleetSimulation:
             return
         dec, cfg = split.decode, self.cfg
         tokens = split.tokens
-        moved = len(tokens) - _cached_prefix_tokens(dec.kv, split.hashes, tokens)
+        moved = len(tokens) - dec.kv.cached_prefix_tokens(tokens, dec.engine.lora_tags.get(split.lora_name))
         busy_s = moved * cfg.kv_link.seconds_per_token(cfg.kv_bytes_per_token, cfg.kv_lanes)
         start = max(t, split.prefill.egress_free, dec.ingress_free)  # one hand-over at a time each way
         split.prefill.egress_free = dec.ingress_free = start + busy_s
-        params = SamplingParams(max_tokens=split.output_length, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=split.output_length, temperature=0.0, ignore_eos=True,
+                                lora_name=split.lora_name)
         push(start + busy_s + cfg.kv_link.latency_s, (dec, (req.request_id, tokens, sampled, t, params)))
 
     def _admit(self, rep: "_SimReplica", item: tuple, t: float, live: dict) -> bool:
-        """Try to start a handed-over request on its decode replica; its first token reaches the
-        client then (the decode replica streams it, having the prefill's token with the KV)."""
+        """Try to start a handed-over request on its decode replica (`LLMEngine.add_prefilled`,
+        the live decode replica's entry too); its first token reaches the client then (the
+        decode replica streams it, having the prefill's token with the KV). False: no room now,
+        try after a step. A request this replica's whole cache cannot hold (its prompt and first
+        token fill the last block the arrival check allowed) ends rejected, its decode booking
+        failed, as the live balancer answers it when no replica can hold it: True, nothing to retry."""
         request_id, tokens, sampled, _, params = item
-        if rep.engine.add_prefilled(request_id, tokens, sampled, params) is None:
-            return False
+        try:
+            if rep.engine.add_prefilled(request_id, tokens, sampled, params) is None:
+                return False
+        except TooLarge:
+            rec, booking = live.pop(request_id)
+            rec.rejected = True
+            booking.fail()
+            return True
         live[request_id][0].first_token = t + self.cfg.response_latency_s
         return True
 
@@ -598,14 +609,14 @@ class FleetSimulation:
 
     def _deliver(self, rep: "_SimReplica", url: str, report: tuple) -> None:
         load, steps, loras = report
-        for registry, _, policy, _, _ in self.instances:  # every instance gets every report
+        for registry, _, policy, _, router in self.instances:  # every instance gets every report
             registry.on_load(url, load)
             if loras is not None:  # the adapters resident when the report was made (LoadReport.loras)
                 registry.set_loras(url, *loras)
             if steps:
                 policy.observe_steps(url, steps)
-        if steps and self._own_learner:
-            self.selector.observe_steps(url, steps)
+                if router.pairs is not None and router.pairs.learner is not getattr(policy, "learner", None):
+                    router.pairs.observe_steps(url, steps)
 
     def _arrive(self, i: int, r: SimRequest, t: float):
         memo = r.prompt
@@ -633,9 +644,12 @@ class FleetSimulation:
         # The prompt is hashed once for every instance (same roots, tokenizer and adapters), and
         # each instance routes that one Prepared, session key included.
         router = self.instances[i % len(self.instances)][4]
-        if self.selector is not None:
-            return self._arrive_pair(i, r, t, prepared, tokens, hashes, oracle)
-        booking = router.route(prepared, str(i), predicted_output_tokens=oracle, warmups=True)
+        # Every request may be split over a pair on a disaggregated fleet (the proxy's
+        # `handover.wanted` holds for any trace request): the pair stage of the same transaction.
+        booking = router.route(prepared, str(i), predicted_output_tokens=oracle, split=self.cfg.disaggregated,
+                               warmups=True)
+        if isinstance(booking, PairBooking):
+            return self._arrive_pair(i, r, t, booking, tokens)
         url = booking.replica_id
         if len(self.instances) > 1:  # would every other instance have sent it there now?
             others = (inst[4] for inst in self.instances if inst[4] is not router)
@@ -649,20 +663,18 @@ class FleetSimulation:
         rec = RequestRecord(i, t, url, len(tokens), predicted_cached_tokens=booking.matched_tokens)
         return rec, booking, rep, (str(i), tokens, params)
 
-    def _arrive_pair(self, i: int, r: SimRequest, t: float, prepared, tokens: list[int], hashes: Sequence[int],
-                     oracle: float | None):
-        """`_arrive` on a disaggregated fleet: the pair selector places it (balancer/disagg.py).
-        Split, it goes first to the prefill replica for its first token only, and the booking
-        slot carries its `_Split`; kept whole, it is booked and sent like any routed request."""
-        pair = route_pair(self.router, self.selector, prepared, str(i), self.roles, predicted_output_tokens=oracle)
-        d = pair.decision  # never None here: FleetConfig checks both sides exist, all are usable
-        rep = self.replicas[self._rid[d.prefill]]
+    def _arrive_pair(self, i: int, r: SimRequest, t: float, pair: PairBooking, tokens: list[int]):
+        """`_arrive` for a request the pair stage placed (balancer/disagg.py). Split, it goes
+        first to the prefill replica for its first token only, and the booking slot carries its
+        `_Split`; kept whole, it is sent like any routed request."""
+        pre, dec = pair.prefill.replica_id, pair.decode.replica_id
+        rep = self.replicas[self._rid[pre]]
         out = max(1, r.output_length) if pair.unified else 1
-        params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
-        rec = RequestRecord(i, t, d.decode, len(tokens), predicted_cached_tokens=pair.prefill.matched_tokens,
-                            prefill_replica="" if pair.unified else d.prefill)
-        booking = pair.prefill if pair.unified else _Split(pair, rep, self.replicas[self._rid[d.decode]],
-                                                             max(1, r.output_length), tokens, hashes)
+        params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True, lora_name=r.lora_name)
+        rec = RequestRecord(i, t, dec, len(tokens), predicted_cached_tokens=pair.prefill.matched_tokens,
+                            prefill_replica="" if pair.unified else pre)
+        booking = pair.prefill if pair.unified else _Split(pair, rep, self.replicas[self._rid[dec]],
+                                                             max(1, r.output_length), tokens, r.lora_name)
         return rec, booking, rep, (str(i), tokens, params)
 
 
@@ -674,18 +686,4 @@ class _Split(NamedTuple):
     decode: _SimReplica
     output_length: int
     tokens: list[int]
-    hashes: Sequence[int]
-
-
-def _cached_prefix_tokens(kv: KVCacheManager, hashes: Sequence[int], tokens: Sequence[int]) -> int:
-    """Leading prompt tokens whose blocks `kv` caches now (as its lookup would find them, at
-    most all but the last token): the KV a hand-over need not move. Changes nothing."""
-    bs, pool = kv.block_size, kv.pool
-    parent = None
-    n = 0
-    for h in hashes[: max(len(tokens) - 1, 0) // bs]:
-        if pool.get_cached_block(h, tokens[n * bs:(n + 1) * bs], parent_hash=parent) is None:
-            break
-        parent = h
-        n += 1
-    return n * bs
+    lora_name: str | None

@@ -253,3 +253,89 @@ def test_killing_a_prefill_replica_under_load_loses_no_request(pair):
         asyncio.run(main())
     finally:
         victim.stop(sig=signal.SIGKILL)
+
+
+def _kv_params(host: str, port: int = 5599) -> dict:
+    return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "e", "remote_request_id": "r",
+            "remote_block_ids": [0, 1, 2], "remote_block_hashes": [], "remote_host": host, "remote_port": port,
+            "remote_block_size": 16}
+
+
+def test_a_decode_replica_pulls_only_from_its_peers(pair):
+    """kv_transfer_params come from the client's side: a remote_host outside the replica's peers
+    (loopback, --kv-transfer-host, --kv-transfer-peers) is refused with 403, not dialled."""
+    _, decode = pair
+    path, body = _body("completion", "[peers] " + PROMPT * 2, False)
+    status, _, raw = http("POST", decode.url + path, {**body, "kv_transfer_params": _kv_params("10.1.2.3")})
+    assert status == 403, raw
+    err = json.loads(raw)["error"]
+    assert err["param"] == "kv_transfer_params" and "--kv-transfer-peers" in err["message"]
+    assert "10.1.2.3" in err["message"] and err["type"] == "PermissionDeniedError"
+    # Loopback is a peer: that request is taken (its hashes match nothing, so it computes the prompt).
+    assert http("POST", decode.url + path, {**body, "kv_transfer_params": _kv_params("127.0.0.1")})[0] == 200
+
+
+def test_a_prompt_too_large_for_the_decode_replica_falls_back_to_one_that_holds_it_or_ends_in_a_400():
+    """Mixed KV sizes: the decode replica's whole cache (8 blocks) cannot hold a 300-token prompt.
+    It refuses with a definite code; the balancer serves the request on the prefill replica, which
+    can, without counting it against the decode replica; a prompt no replica can hold ends in one
+    clear 400."""
+    started = [procs.start(REPLICA_ARGS + ["--role", "prefill", "--num-blocks", "40"], env=HOOKS),
+               procs.start(REPLICA_ARGS + ["--role", "decode", "--num-blocks", "8"], env=HOOKS)]
+    prefill, decode = started
+    try:
+        path, body = _body("completion", "[large] " + PROMPT * 5, False)  # ~340 tokens
+        status, _, raw = http("POST", decode.url + path, body)
+        assert status == 400 and json.loads(raw)["error"]["code"] == "kv_cache_capacity_exceeded", raw
+        ref_ids, ref_text = _reference(prefill.url, path, body)
+        huge_path, huge = _body("completion", "[huge] " + PROMPT * 11, False)  # ~730 tokens: 46 blocks
+
+        async def main():
+            async with balancer([p.replica_arg for p in started]) as (url, b):
+                await _roles_known(b, started)
+                async with aiohttp.ClientSession() as s, s.post(url + "/admin/explain", json=body) as r:
+                    explained = await r.json()  # the pair the routing transaction would book
+                assert explained["pair"]["prefill"] == prefill.url and explained["decision"] == decode.url
+                assert "prefill on" in explained["reason"] and set(explained["pair"]["prefill_scores"]) == {prefill.url}
+                assert await _ask(url, path, body) == (ref_ids, ref_text, prefill.url)
+                assert _count(b, "fallback_decode") == 1 and _count(b, "disaggregated") == 0
+                assert b.registry.get(decode.url).consecutive_failures == 0  # it answered: not a failure
+                async with aiohttp.ClientSession() as s, s.post(url + huge_path, json=huge) as r:
+                    assert r.status == 400
+                    err = (await r.json())["error"]
+                assert err["code"] == "kv_cache_capacity_exceeded" and "no replica can hold" in err["message"]
+                assert sum(r.inflight_requests for r in b.registry) == 0
+
+        asyncio.run(main())
+    finally:
+        for p in started:
+            p.stop()
+
+
+def test_the_hand_over_skips_what_the_decode_replica_holds_in_its_host_tier(pair):
+    """The decode replica's lookup is its KV cache manager's (device pool, then the host tier):
+    a prompt whose prefix was evicted into its host memory is loaded from there, and only the
+    rest is pulled from the prefill replica."""
+    prefill, _ = pair
+    decode = procs.start(REPLICA_ARGS + ["--role", "decode", "--num-blocks", "24", "--kv-offload-host-blocks", "256"],
+                         env=HOOKS)
+    try:
+        head = "[host tier] " + PROMPT * 3  # ~200 tokens: 12 full blocks
+        path, body = _body("completion", head + "and a new question at the end of it?", False)
+        ref_ids, ref_text = _reference(prefill.url, path, body)
+        assert http("POST", decode.url + path, {**body, "prompt": head, "max_tokens": 1})[0] == 200
+        for i in range(3):  # other prompts push the head's blocks out of the 24-block pool, into host memory
+            assert http("POST", decode.url + path, {**body, "prompt": f"[filler {i}] " + PROMPT * 4,
+                                                    "max_tokens": 1})[0] == 200
+        pulled = _metric(decode.url, "vllm:nixl_bytes_transferred_sum")
+
+        async def main():
+            async with balancer([prefill.replica_arg, decode.replica_arg]) as (url, b):
+                await _roles_known(b, [prefill, decode])
+                assert await _ask(url, path, body) == (ref_ids, ref_text, decode.url)
+
+        asyncio.run(main())
+        moved = _metric(decode.url, "vllm:nixl_bytes_transferred_sum") - pulled
+        assert 0 < moved <= 3 * 65536  # the blocks after the head's 12, not the whole prompt
+    finally:
+        decode.stop()

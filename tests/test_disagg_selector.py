@@ -1,5 +1,6 @@
 """The prefill/decode pair selector (balancer/disagg.py): what a caller sees of its choices,
-and `route_pair`'s bookings on a real Router and Registry."""
+and the routing transaction's pair stage (`Router.route(..., split=True)`) on a real Router and
+Registry: its bookings, sticky sessions, LoRA narrowing, its decision, one routing per request."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import pytest
 
 from balancer.approx_index import ApproxIndex
 from balancer.config import BreakerConfig, HealthConfig, ReplicaSpec
-from balancer.disagg import BOTH, DECODE, PREFILL, PairConfig, PairSelector, check_role, route_pair
+from balancer.disagg import BOTH, DECODE, PREFILL, PairConfig, PairSelector, check_role
 from balancer.policies import make_policy
 from balancer.policies.base import ReplicaLoad, ReplicaView, RoutingRequest
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry
-from balancer.router import Router
+from balancer.router import Booking, PairBooking, Router
+from balancer.sessions import SessionConfig, Sessions
 from protocol.events import BlockStored
 from protocol.openai_api import GenerationRequest
 from protocol.tokenizer import ByteTokenizer
@@ -114,20 +116,21 @@ def test_the_registry_knows_whether_the_fleet_is_disaggregated_as_roles_and_memb
     assert not registry.disaggregated
 
 
-def _router(policy="predictive", predictor=None):
+def _router(policy="predictive", predictor=None, roles=None, sessions=None, pairs=True):
+    """p1, p2, d1, d2 (their roles configured, as `ROLE@URL`; `roles` overrides them), routed by
+    `policy` with the pair stage on."""
     registry = Registry(BreakerConfig(), HealthConfig(), clock=lambda: 0.0)
-    for rid in ("p1", "p2", "d1", "d2"):
-        registry.add(ReplicaSpec(url=f"http://{rid}:80"))
+    for rid, role in (roles or ROLES).items():
+        registry.add(ReplicaSpec(url=f"http://{rid}:80", role=None if role == BOTH else role))
     index = PrefixIndex(BS, MODEL)
-    router = Router(MODEL, BS, ByteTokenizer(), index, ApproxIndex(clock=lambda: 0.0), make_policy(policy), registry,
-                    has_events=lambda rid: True, clock=lambda: 0.0, predictor=predictor)
+    pol = make_policy(policy)
+    router = Router(MODEL, BS, ByteTokenizer(), index, ApproxIndex(clock=lambda: 0.0), pol, registry,
+                    has_events=lambda rid: True, clock=lambda: 0.0, predictor=predictor,
+                    sessions=sessions, pairs=PairSelector(learner=getattr(pol, "learner", None)) if pairs else None)
     return router, registry, index
 
 
-URL_ROLES = {f"http://{rid}:80": role for rid, role in ROLES.items()}
-
-
-def test_route_pair_books_both_sides_and_releases_each_once():
+def test_the_pair_stage_books_both_sides_and_releases_each_once():
     from predictors.adapter import balancer_predictor
 
     learned = []
@@ -140,18 +143,20 @@ def test_route_pair_books_both_sides_and_releases_each_once():
     n = len(tokens) // BS
     index.apply("http://p2:80", BlockStored(tuple(range(1, n + 1)), None, tuple(tokens[: n * BS]), BS))
     p = router.prepare(GenerationRequest(kind="completion", model=MODEL, prompt=prompt, max_tokens=10))
-    pair = route_pair(router, PairSelector(learner=router.policy.learner), p, "q1", URL_ROLES)
-    assert pair.decision.prefill == "http://p2:80" and not pair.unified
-    pre, dec = registry.get(pair.decision.prefill), registry.get(pair.decision.decode)
+    pair = router.route(p, "q1", split=True)
+    assert isinstance(pair, PairBooking) and not pair.unified
+    assert pair.prefill.replica_id == "http://p2:80" == pair.decision.prefill
+    pre, dec = pair.prefill.replica, pair.decode.replica
+    assert dec.replica_id == pair.decision.replica_id and dec.role == DECODE
     assert (pre.inflight_requests, pre.inflight_tokens) == (1, len(tokens))
     assert pre.sent_tokens_since_report == len(tokens) - n * BS  # only the uncached tail is computed
     assert (dec.inflight_requests, dec.inflight_tokens) == (1, len(tokens) + 10)
     # The next request sees the first one's decode booked: it decodes on the other decode replica.
-    pair2 = route_pair(router, PairSelector(learner=router.policy.learner), p, "q2", URL_ROLES)
-    assert pair2.decision.decode != pair.decision.decode
+    pair2 = router.route(p, "q2", split=True)
+    assert pair2.decode.replica_id != pair.decode.replica_id
     pair.prefill.finish()
     pair.prefill.finish()
-    assert pre.inflight_requests == (pair2.decision.prefill == pre.replica_id)  # q1's released once
+    assert pre.inflight_requests == (pair2.prefill.replica_id == pre.replica_id)  # q1's released once
     assert dec.inflight_requests == 1  # q1 still decodes
     pair.decode.finish(10)
     pair2.prefill.fail()
@@ -159,18 +164,76 @@ def test_route_pair_books_both_sides_and_releases_each_once():
     pair2.decode.finish(10)
     assert all(r.inflight_requests == 0 and r.inflight_tokens == 0 for r in registry)
     assert learned == [("q1", 10), ("q2", 10)]  # the predictor learns each output length once
+    # Without `split` (a request no pair can serve: n > 1, a retry) the same fleet routes it whole.
+    whole = router.route(p, "q3")
+    assert type(whole) is Booking
 
 
-def test_route_pair_on_a_unified_fleet_books_like_the_router():
-    router, registry, _ = _router()
+def test_a_pair_kept_whole_is_booked_like_a_routed_request():
+    router, registry, _ = _router(roles={"u1": BOTH, "u2": BOTH, "d1": DECODE})
     p = router.prepare(GenerationRequest(kind="completion", model=MODEL, prompt="hi " * 40, max_tokens=5))
-    pair = route_pair(router, PairSelector(), p, "q", {})  # every replica `both`
+    # d1 is loaded: the decode side is the prefill replica itself, so the request stays whole.
+    registry.on_load("http://d1:80", load(running=60, decode_tokens=60_000, free=10))
+    pair = router.route(p, "q", split=True)
     assert pair.unified and pair.prefill is pair.decode and pair.prefill.by_policy
     assert pair.prefill.replica.inflight_requests == 1
     pair.decode.finish(5)
     assert pair.prefill.replica.inflight_requests == 0
-    assert route_pair(router, PairSelector(), p, "q", URL_ROLES,
-                      exclude=frozenset({"http://p1:80", "http://p2:80"})) is None  # no prefill left
+
+
+def test_with_no_pair_possible_the_request_is_routed_once_by_the_policy():
+    router, registry, _ = _router(policy="round_robin")
+    p = router.prepare(GenerationRequest(kind="completion", model=MODEL, prompt="hi " * 40, max_tokens=5))
+    looked = []
+    match = router.index.match
+    router.index.match = lambda hashes: (looked.append(1), match(hashes))[1]
+    b = router.route(p, "q", exclude=frozenset({"http://p1:80", "http://p2:80"}), split=True)  # no prefill left
+    assert type(b) is Booking and b.by_policy and b.replica.role == DECODE
+    assert looked == [1]  # one lookup, one decision: the fallback is the same transaction's policy stage
+    assert sum(r.inflight_requests for r in registry) == 1
+
+
+def test_a_session_keeps_to_its_decode_replica_across_turns():
+    sessions = Sessions(SessionConfig(enabled=True))
+    router, registry, _ = _router(sessions=sessions)
+    req = GenerationRequest(kind="completion", model=MODEL, prompt="a conversation, turn one " * 4, max_tokens=5)
+    first = router.route(router.prepare(req, "s1"), "t1", split=True)
+    home = first.decode.replica_id
+    assert sessions.get("s1", 0.0).replica_id == home and sessions.routed["new"] == 1
+    first.prefill.finish()
+    # Load the home a little (not overloaded): without the session the pair stage would move the
+    # decode side to the idle decode replica; the session keeps it.
+    registry.on_load(home, load(running=2, decode_tokens=3000))
+    free = router.route(router.prepare(req), "free", split=True)  # the same request outside the session
+    assert free.decode.replica_id != home
+    free.prefill.finish()
+    free.decode.finish(5)
+    second = router.route(router.prepare(req, "s1"), "t2", split=True)
+    assert second.decode.replica_id == home and sessions.routed["stuck"] == 1
+    assert "its home" in second.decision.reason
+
+
+def test_a_lora_request_pairs_among_the_adapter_holders():
+    router, registry, _ = _router(policy="round_robin", roles={"p1": PREFILL, "p2": PREFILL, "d1": DECODE,
+                                                                 "d2": DECODE})
+    for rid in ("p1", "p2", "d1", "d2"):
+        registry.set_models(registry.get(f"http://{rid}:80"), frozenset({MODEL, "ad"}), {"ad": MODEL})
+    for rid in ("p2", "d2"):  # only these hold the adapter resident
+        registry.set_loras(f"http://{rid}:80", frozenset({"ad"}), 0.5)
+    p = router.prepare(GenerationRequest(kind="completion", model="ad", prompt="hi " * 40, max_tokens=5))
+    assert p.lora_name == "ad"
+    pair = router.route(p, "q", split=True)
+    assert (pair.prefill.replica_id, pair.decode.replica_id) == ("http://p2:80", "http://d2:80")
+
+
+def test_explain_shows_the_pair_decision():
+    router, _, _ = _router()
+    p = router.prepare(GenerationRequest(kind="completion", model=MODEL, prompt="hi " * 40, max_tokens=5))
+    _, _, d = router.choose(p, "explain", split=True)
+    assert d.prefill.startswith("http://p") and d.decode == d.replica_id and d.decode.startswith("http://d")
+    assert "prefill on" in d.reason and "decode on" in d.reason
+    assert set(d.prefill_scores) == {"http://p1:80", "http://p2:80"}
+    assert set(d.decode_scores) == {"http://d1:80", "http://d2:80"}
 
 
 def test_a_unified_replica_is_charged_for_the_interference_between_its_prefills_and_decodes():

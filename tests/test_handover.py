@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -64,3 +65,49 @@ def test_a_local_fleet_gives_each_replica_its_role():
         FleetSpec(replicas=1, prefill=1, decode=1)
     with pytest.raises(ValueError, match="torch"):
         FleetSpec(replicas=2, engine="sim", prefill=1)
+
+
+def test_kv_transfer_peers_allow_loopback_the_own_host_and_the_configured_ones():
+    from replica.config import KVTransferConfig
+
+    cfg = KVTransferConfig(host="10.0.0.5", peers=("10.1.0.0/16", "prefill-0.kv", "fd00::7"))
+    allowed = ["127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost", "10.0.0.5", "10.1.44.3", "prefill-0.kv",
+               "PREFILL-0.kv", "fd00::7"]
+    assert all(cfg.allows_peer(h) for h in allowed)
+    refused = ["10.2.0.1", "192.168.1.1", "prefill-1.kv", "evil.example", "fd00::8", "0.0.0.0"]
+    assert not any(cfg.allows_peer(h) for h in refused)
+    assert not KVTransferConfig().allows_peer("10.0.0.5")  # default: loopback (and its own 127.0.0.1) only
+    assert KVTransferConfig(peers=("*",)).allows_peer("203.0.113.9")
+    with pytest.raises(ValueError, match="CIDR"):
+        KVTransferConfig(peers=("10.0.0.0/99",))
+    with pytest.raises(ValueError, match="kv-transfer-peers"):
+        KVTransferConfig(peers=("a b",))
+
+
+def test_the_kvfleet_replica_flag_sets_the_peers_and_the_fleet_passes_its_host():
+    from kvfleet import cmd_replica
+    from kvfleet.fleet import FleetSpec, LocalFleet
+
+    p = argparse.ArgumentParser()
+    cmd_replica.add_arguments(p)
+    cfg = cmd_replica.replica_config(p.parse_args(["--role", "decode", "--kv-transfer-peers", "10.0.0.0/8,p0"]))
+    assert cfg.kv_transfer.peers == ("10.0.0.0/8", "p0")
+    args = LocalFleet(FleetSpec(replicas=2, prefill=1, decode=1, host="10.9.0.1"))._replica_args("decode")
+    assert args[args.index("--kv-transfer-peers") + 1] == "10.9.0.1"
+
+
+def test_role_names_have_one_definition():
+    import protocol.load
+    import protocol.roles
+    import replica.config
+    from balancer import disagg
+    from kvfleet import cmd_replica
+
+    assert protocol.load.ROLES is protocol.roles.ROLES is disagg.ROLES
+    p = argparse.ArgumentParser()
+    cmd_replica.add_arguments(p)
+    role = next(a for a in p._actions if a.dest == "role")
+    assert tuple(role.choices) == protocol.roles.ROLES
+    assert not hasattr(replica.config, "ROLES") or replica.config.ROLES is protocol.roles.ROLES
+    with pytest.raises(ValueError, match="choose one of prefill, decode, both"):
+        ReplicaSpec.parse("encode@http://h:1")

@@ -9,7 +9,7 @@ from loadgen.traces import TraceRequest
 from protocol.hashing import root_hash
 from replica.kv_cache_manager import KVCacheManager
 from replica.request import Request, SamplingParams
-from replica.scheduler import Scheduler, SchedulerConfig
+from replica.scheduler import Scheduler, SchedulerConfig, TooLarge
 from replica.step_model import get_preset
 from simulator.fleet import FleetConfig, FleetSimulation
 from simulator.kv_link import KvLink, get_link
@@ -118,9 +118,32 @@ def test_scheduler_add_prefilled_refuses_without_room_and_changes_nothing():
     sched, kv = _scheduler(blocks=4, seqs=1)
     assert sched.add_prefilled(_handed("a", list(range(6))))
     assert not sched.add_prefilled(_handed("b", list(range(50, 54))))  # no running slot
-    sched2, kv2 = _scheduler(blocks=2, seqs=4)
-    assert not sched2.add_prefilled(_handed("c", list(range(12))))  # needs 4 blocks of 2
-    assert kv2.num_free_blocks == 2 and not sched2.has_unfinished()
+    sched2, kv2 = _scheduler(blocks=5, seqs=4)
+    assert sched2.add_prefilled(_handed("x", list(range(100, 110))))  # holds 3 of the 5 blocks
+    assert not sched2.add_prefilled(_handed("c", list(range(12))))  # needs 4 blocks: 2 are free now
+    assert kv2.num_free_blocks == 2 and list(sched2.requests) == ["x"]
     kv2.check_integrity()
     with pytest.raises(ValueError, match="duplicate"):
         sched.add_prefilled(_handed("a", [1, 2]))
+
+
+def test_scheduler_add_prefilled_refuses_a_request_larger_than_the_whole_cache_for_good():
+    # Before, False ("no room now"): a caller retrying after each step waited forever.
+    sched, kv = _scheduler(blocks=2, seqs=4)
+    with pytest.raises(TooLarge, match="need 4 KV blocks, but this replica's cache has only 2"):
+        sched.add_prefilled(_handed("c", list(range(12))))
+    assert kv.num_free_blocks == 2 and not sched.has_unfinished()
+    kv.check_integrity()
+
+
+def test_a_hand_over_too_large_for_the_decode_replica_ends_rejected_instead_of_waiting_forever():
+    # 1599 prompt tokens + 1: 100 blocks of 16, all the arrival check allows; the decode side
+    # holds the prompt and the prefill's first token, one block more than the cache.
+    trace = [TraceRequest(arrival_s=0.0, input_length=1599, output_length=8),
+             TraceRequest(arrival_s=1.0, input_length=800, output_length=8)]
+    cfg = FleetConfig(2, PRESET, "predictive", prefill_replicas=1, decode_replicas=1, kv_blocks=100)
+    res = FleetSimulation(cfg).run(sim_requests(trace))
+    big, small = res.records
+    assert big.rejected and big.finish is None and big.prefill_replica
+    assert not small.rejected and small.output_tokens == 8
+    assert res.extra["disagg"]["split_requests"] == 2
