@@ -111,8 +111,9 @@ class SessionDecision(Decision):
 
     __slots__ = ("key", "outcome", "previous")
 
-    def __init__(self, replica_id: str, key: str, outcome: str, previous: str | None, reason, scores=None) -> None:
-        super().__init__(replica_id, reason, scores)
+    def __init__(self, replica_id: str, key: str, outcome: str, previous: str | None, reason, scores=None,
+                 warm: tuple[str, int] | None = None) -> None:
+        super().__init__(replica_id, reason, scores, warm)
         self.key, self.outcome, self.previous = key, outcome, previous
 
 
@@ -271,9 +272,9 @@ class Sessions:
             return SessionDecision(holder, key, outcome, previous,
                                    lambda: f"session {key!r}{where()}: {holder} holds {rr.matched_blocks[holder]} "
                                            f"of its {len(rr.block_hashes)} prompt blocks")
-        d = select(rr, eligible)
+        d = select(rr, eligible)  # the policy's placement, with the warm-up it may ask for (`replicate`)
         return SessionDecision(d.replica_id, key, outcome, previous,
-                               lambda: f"session {key!r}{where()}: policy: {d.reason}", lambda: d.scores)
+                               lambda: f"session {key!r}{where()}: policy: {d.reason}", lambda: d.scores, d.warm)
 
 
 def _requests(v: ReplicaView) -> int:

@@ -12,7 +12,7 @@ import pytest
 from balancer.approx_index import ApproxIndex
 from balancer.config import BalancerConfig, BreakerConfig, HealthConfig, ReplicaSpec
 from balancer.policies import make_policy
-from balancer.policies.base import ReplicaLoad, ReplicaView
+from balancer.policies.base import Decision, ReplicaLoad, ReplicaView
 from balancer.prefix_index import PrefixIndex
 from balancer.registry import Registry
 from balancer.router import Router
@@ -272,3 +272,23 @@ def test_loadgen_sends_the_trace_session_as_the_user_field():
     assert body["user"] == "t0-s3"
     assert Sessions(SessionConfig(enabled=True)).key_of({}.get, GenerationRequest(
         kind="completion", model=MODEL, prompt="x", user=body["user"])) == "t0-s3"
+
+
+def test_a_session_placed_by_the_policy_keeps_the_warm_up_it_asks_for():
+    """A new session is placed by the policy; a warm-up that decision asks for (predictive's
+    `replicate`: Decision.warm) is booked with it, as for a request with no session. A request
+    that stays home is the session rule's alone and warms nothing."""
+    router, registry, sessions, _, _ = fleet("round_robin")
+
+    def select(rr, views):  # a policy that places on the first view and warms the prompt's first block on the last
+        return Decision(views[0].replica_id, "placed", warm=(views[-1].replica_id, 1))
+
+    router.policy.select = select
+    first = route(router, warmups=True)
+    assert first.decision.outcome == "new" and first.decision.warm == (URLS[-1], 1)
+    assert first.warm is not None and first.warm.booking.replica_id == URLS[-1]
+    assert first.warm.booking.rr.warmup and first.warm.prepared.request.max_tokens == 1
+    first.warm.booking.finish(1)
+    again = route(router, warmups=True)
+    assert again.decision.outcome == "stuck" and again.warm is None
+    assert route(router, session="s2").warm is None  # a caller that sends no warm-ups gets none booked
