@@ -324,10 +324,11 @@ class StepLearner:
     def busy_for(self, replica_id: str, now: float) -> float:
         """Seconds until the replica's newest reported step ends (0 if it has ended).
 
-        A report can describe a step still in flight (the simulator reports each step as it
-        starts it, with its modelled duration); a request sent now joins only the step after.
-        The engine's clock is compared with `now`, both monotonic; clamped to the step's own
-        duration, so a clock offset between hosts costs at most one step, never more.
+        Replicas report after a step ends (live and simulated), so this is 0 unless a report
+        describes a step still in flight by the balancer's clock; a request sent now would join
+        only the step after it. The engine's clock is compared with `now`, both monotonic;
+        clamped to the step's own duration, so a clock offset between hosts costs at most one
+        step, never more.
         """
         last = self._last_step.get(replica_id)
         if last is None:

@@ -287,7 +287,9 @@ class EngineService:
             ts=time.time(),
             num_running=sched.num_running,
             num_waiting=sched.num_waiting + sum(1 for op, _ in self._inbox if op == "add"),
-            queued_prefill_tokens=sched.queued_prefill_tokens(),
+            # the inbox's prompts too: a balancer that sent them before this report counts them here
+            queued_prefill_tokens=sched.queued_prefill_tokens() + sum(len(a[1]) for op, a in self._inbox
+                                                                      if op == "add"),
             running_decode_tokens=sched.running_decode_tokens(),
             free_blocks=kv.num_free_blocks,
             total_blocks=kv.num_blocks,

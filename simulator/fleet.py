@@ -455,18 +455,19 @@ class FleetSimulation:
                 if rep.engine.num_steps > before:
                     rep.prefill_tokens_run += rep.engine.steps[-1].prefill_tokens
                 steps += 1
-                # Taken now, before requests that arrive mid-step join the queue (live, they
-                # wait in the engine loop's inbox until the step ends): delivered at its end.
-                report = self._snapshot(rep) if rep.now - rep.reported_at >= interval else None
-                heappush(heap, (rep.now, next(seq), DELIVER, (rep, touched, rep.kv.take_events(), report)))
+                heappush(heap, (rep.now, next(seq), DELIVER, (rep, touched, rep.kv.take_events())))
             elif kind == DELIVER:
-                rep, touched, events, report = x
+                rep, touched, events = x
                 url = self._url[rep.rid]
                 if events and digests is None:
                     for inst in self.instances:
                         inst[1].apply_many(url, events)
-                if report is not None:
-                    self._deliver(rep, url, report)
+                # Made when the step ends, as a live replica reports after each step: what the step
+                # did, and the requests that arrived during it (live, they wait in the engine loop's
+                # inbox and the report counts them as waiting, their prompts as queued prefill).
+                if t - rep.reported_at >= interval or rep.arrivals_unreported:
+                    rep.arrivals_unreported = False
+                    self._deliver(rep, url, self._snapshot(rep))
                 seen = t + resp_lat
                 for req in touched:
                     split = splits.get(req.request_id)
@@ -486,9 +487,6 @@ class FleetSimulation:
                         rec.preemptions += req.num_preemptions  # a split request's prefill ones too
                         booking.finish(req.num_output_tokens)
                         del live[req.request_id]
-                if rep.arrivals_unreported:  # the live engine loop drains its inbox now and reports
-                    rep.arrivals_unreported = False
-                    self._deliver(rep, url, self._snapshot(rep))
                 while rep.pending and self._admit(rep, rep.pending[0], t, live):
                     rep.pending.pop(0)
                 if rep.engine.has_unfinished():

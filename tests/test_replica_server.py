@@ -373,3 +373,31 @@ def test_what_the_replica_cannot_do_is_refused_clearly(replica):
                         ({"prompt": "x", "tools": [{"type": "function"}]}, "tools")):
         code, err = post(replica.url + "/v1/completions", json.dumps({"model": "tiny", **body}).encode())
         assert code == 400 and err["error"]["param"] == param, (body, err)
+
+
+def test_a_load_report_counts_the_prompts_still_in_the_inbox_as_queued_prefill():
+    """Requests that arrived during a step wait in the engine loop's inbox until it ends; the
+    report made then counts them as waiting and their prompts as queued prefill tokens, so a
+    balancer that sent them before the report (and so stops counting them itself) still sees
+    their work (issue #15: a short prompt was routed behind a long one nobody counted)."""
+    from replica.config import EngineConfig
+    from replica.engine import build_engine
+    from replica.metrics import ReplicaMetrics
+    from replica.request import SamplingParams
+    from replica.service import EngineService
+
+    engine = build_engine(EngineConfig(model="tiny", num_blocks=64, max_num_seqs=4, max_num_batched_tokens=32,
+                                       threads=1))
+
+    async def main():
+        service = EngineService(engine, ReplicaMetrics("tiny"))  # its loop not started: the inbox holds it
+        stream = service.generate("r1", list(range(1, 41)), SamplingParams(max_tokens=2))
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # the generator has queued its request
+        load = service.load()
+        first.cancel()
+        return load
+
+    load = asyncio.run(main())
+    assert load.num_waiting == 1
+    assert load.queued_prefill_tokens == 40

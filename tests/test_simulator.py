@@ -357,3 +357,35 @@ def test_replicate_sends_warm_ups_that_no_client_sees():
     assert "warmups" not in p_off and p_on["warmups"] > 0
     assert p_on["completed"] == p_off["completed"] == len(on["_results"]["predictive"].records) == 300
     assert all(r.index >= 0 for r in on["_results"]["predictive"].records)
+
+
+def test_a_request_that_arrives_mid_step_is_in_the_report_made_when_that_step_ends():
+    """A live replica reports after each step, counting the requests that arrived during it
+    (waiting in its inbox) with their prompts as queued prefill. The simulated replica must too:
+    a report that missed them let the balancer drop them from its own count (sent before the
+    report) while the replica's report did not hold them, so a short prompt routed next saw an
+    idle queue behind a 56k-token prefill (issue #15, Mooncake, 8 replicas, load 0.9)."""
+    from simulator.fleet import FleetConfig, FleetSimulation
+    from simulator.run import sim_requests
+
+    preset = get_preset("llama3-8b-h100")
+    long_prompt, short_prompt = 40_000, 300  # the long one prefills over 5 steps of 8192 tokens
+    trace = [TraceRequest(arrival_s=0.0, input_length=long_prompt, output_length=4),
+             TraceRequest(arrival_s=0.02, input_length=short_prompt, output_length=4)]
+    fleet = FleetSimulation(FleetConfig(1, preset, "least_request", load_report_interval_s=0.0,
+                                        request_latency_s=0.0, response_latency_s=0.0))
+    reports: list[tuple[float, int, int]] = []
+    on_load = fleet.registry.on_load
+
+    def record(url, load, age_s=0.0):
+        reports.append((fleet.now, load.num_running + load.num_waiting, load.queued_prefill_tokens))
+        on_load(url, load, age_s)
+
+    fleet.registry.on_load = record
+    res = fleet.run(sim_requests(trace))
+    assert all(r.first_token is not None for r in res.records)
+    after = [r for r in reports if r[0] > 0.02]
+    assert after, "no report after the second arrival"
+    t, requests, queued = after[0]  # the end of the step the short prompt arrived during
+    assert requests == 2
+    assert queued >= short_prompt + (long_prompt - 8192) - 1  # its prompt and the long one's rest
