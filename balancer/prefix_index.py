@@ -15,12 +15,16 @@ here assumes either.
 missing block, and the walk stops when no bit is left.
 
 Tiers: a replica with a KV offload tier publishes its host (or disk) blocks under their own
-medium ("CPU", as vLLM's OffloadingConnector does), and a block may sit in several media at
-once. `match(chain)` is the device (GPU) prefix; `match_offloaded(chain, device)` walks the
-`any` table once more and reports, per replica, the blocks right after its device prefix that
-continue the chain in some tier: those its engine loads instead of recomputing (the chain is
-device prefix first, then the lower tiers, as Dynamo's tiered lookup and vLLM's scheduler,
-which asks the connector only past the device hit, do). While no replica publishes a
+medium ("CPU", "STORAGE": vLLM's, as its OffloadingConnector sends them), and a block may sit
+in several media at once. Media are keyed by the tier they name (`protocol.events.
+canonical_medium`, once per event: "CPU_PINNED" is "CPU", "Disk" / "DISK" / "NVME" are
+"STORAGE", ...), so one table holds a tier's blocks whoever spelled it; a medium no alias names
+keeps a table of its own. `match(chain)` is the device (GPU) prefix; `match_offloaded(chain,
+device)` walks the `any` table once more and reports, per replica, the blocks right after its
+device prefix that continue the chain in some tier: those its engine loads instead of
+recomputing (the chain is device prefix first, then the lower tiers, as Dynamo's tiered lookup
+and vLLM's scheduler, which asks the connector only past the device hit, do); `match_disk`,
+of those, the blocks held on disk only. While no replica publishes a
 non-GPU medium `any` does not exist and tiers cost nothing: no table, no second walk.
 Memory per held block: one entry in the replica's engine map, plus one table entry shared by
 the replicas holding the block.
@@ -71,7 +75,17 @@ from operator import and_, neg
 
 import xxhash
 
-from protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KVEvent
+from protocol.events import (
+    MEDIUM_CPU,
+    MEDIUM_DISK,
+    MEDIUM_GPU,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EngineHash,
+    KVEvent,
+    canonical_medium,
+)
 from protocol.hashing import root_hash, token_bytes
 
 try:
@@ -82,10 +96,8 @@ except ImportError:  # extension not built (no C compiler at install time): Dict
 # True when new indexes keep their tables in C (reported by the benchmarks).
 NATIVE_TABLE: bool = _BlockTable is not None
 
-DEFAULT_MEDIUM = "GPU"  # a publisher that sends no medium (vLLM < 0.10) meant the GPU
-# vLLM's media for the offload tiers (vllm/v1/kv_offload/mediums.py, as replica/kv_offload.py).
-MEDIUM_HOST = "CPU"
-MEDIUM_DISK = "Disk"
+DEFAULT_MEDIUM = MEDIUM_GPU  # the device; also what a publisher that sends no medium (vLLM < 0.10) meant
+MEDIUM_HOST = MEDIUM_CPU  # the offload tiers' media (protocol.events, as replica/kv_offload.py sends them)
 _U64 = (1 << 64) - 1
 _digest = xxhash.xxh3_64_intdigest
 _MAX_INTERNED_MASKS = 65_536
@@ -353,7 +365,7 @@ class PrefixIndex:
             self.stats.unknown_parent += 1
             r.resync_reason = r.resync_reason or "unknown_parent"
             return True
-        medium = ev.medium or DEFAULT_MEDIUM
+        medium = canonical_medium(ev.medium)
         m = r.media.get(medium)
         if m is None:
             m = r.media[medium] = _Medium()
@@ -440,7 +452,7 @@ class PrefixIndex:
         self._any = union
 
     def _remove(self, r: _Replica, ev: BlockRemoved) -> None:
-        medium = ev.medium or DEFAULT_MEDIUM
+        medium = canonical_medium(ev.medium)
         m = r.media.get(medium)
         if m is None:
             self.stats.unknown_removals += len(ev.block_hashes)
@@ -470,12 +482,15 @@ class PrefixIndex:
     # --- lookups ------------------------------------------------------------------------------
 
     def match(self, hashes: Sequence[int], medium: str = DEFAULT_MEDIUM) -> dict[str, int]:
-        """For each replica holding the chain's first block: how many leading blocks it holds.
+        """For each replica holding the chain's first block: how many leading blocks it holds
+        in `medium` (the device by default; any spelling of a tier, protocol.events.canonical_medium).
 
         One pass over `hashes` (our chain hashes, e.g. protocol.hashing.prompt_hashes), which
         stops as soon as no replica is left. Replicas holding no leading block are absent.
         Does not modify the index.
         """
+        if medium is not DEFAULT_MEDIUM:
+            medium = canonical_medium(medium)
         table = self._tables.get(medium)
         if not table or not hashes:
             return {}
@@ -505,9 +520,10 @@ class PrefixIndex:
                    offloaded: Mapping[str, int]) -> dict[str, int]:
         """Of each replica's lower-tier hit (`offloaded[r]` blocks after its device prefix
         `device[r]`: what `match_offloaded` returned), the blocks its host tier ("CPU") does not
-        hold but its disk tier ("Disk") does: those its engine loads from disk (a block in both
-        comes from the host, the highest tier holding it, as replica/kv_offload.py looks up).
-        Replicas with none are absent; {} at once while no replica has published a Disk block.
+        hold but its disk tier ("STORAGE", or a medium read as one) does: those its engine loads
+        from disk (a block in both comes from the host, the highest tier holding it, as
+        replica/kv_offload.py looks up). Replicas with none are absent; {} at once while no
+        replica has published a disk block.
         A block in a third medium ends the count (priced as host). Does not modify the index."""
         disk = self._tables.get(MEDIUM_DISK)
         if not disk or not offloaded:
@@ -535,6 +551,7 @@ class PrefixIndex:
 
     def replica_block_hashes(self, replica_id: str, medium: str = DEFAULT_MEDIUM) -> set[int]:
         """Our hashes of every block the replica holds in `medium` (a copy; for tests)."""
+        medium = canonical_medium(medium)
         r = self._replicas.get(replica_id)
         if r is None or medium not in r.media:
             return set()
@@ -546,8 +563,8 @@ class PrefixIndex:
         return self._table_type is not DictTable
 
     def num_entries(self, medium: str = DEFAULT_MEDIUM) -> int:
-        """Distinct blocks indexed in `medium`, over all replicas."""
-        return len(self._tables.get(medium, ()))
+        """Distinct blocks indexed in `medium` (any spelling), over all replicas."""
+        return len(self._tables.get(canonical_medium(medium), ()))
 
     def check_integrity(self) -> None:
         """Raise RuntimeError naming the first broken invariant (module docstring)."""

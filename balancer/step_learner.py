@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protocol.events import MEDIUM_CPU, MEDIUM_DISK, canonical_medium
+
 # Before any sample: a deliberately generic GPU-ish prior (seconds). Only the ratios between
 # replicas matter while all use it; it is forgotten as soon as steps are observed.
 PRIOR = np.array([0.010, 1.0e-4, 2.0e-4, 1.0e-7, 1.0e-7])
@@ -59,7 +61,7 @@ LOAD_PRIOR = 1.0e-5
 # ratio of PCIe Gen5's ~51 GB/s to an NVMe SSD's ~5.6 GB/s (replica/step_model.py's _PCIE and
 # _NVME figures).
 DISK_LOAD_PRIOR = 9.0e-5
-MEDIA = ("CPU", "Disk")  # the tier model's load features, in order (replica/kv_offload.py's media)
+MEDIA = (MEDIUM_CPU, MEDIUM_DISK)  # the tier model's load features, in order (protocol.events' media)
 
 
 @dataclass(frozen=True)
@@ -181,11 +183,12 @@ class _RLS:
 
     def load_coef(self, medium: str = MEDIA[0]) -> float:
         """The tier model's seconds per token loaded from `medium` (its prior before that
-        medium's feature joined)."""
+        medium's feature joined; any spelling protocol.events.canonical_medium reads)."""
+        medium = canonical_medium(medium)
         i = _TIER_COMPUTE + MEDIA.index(medium)
         if len(self.theta) > i:
             return max(self.theta[i] * self.scale[i], 0.0)
-        return DISK_LOAD_PRIOR if medium == "Disk" else LOAD_PRIOR
+        return DISK_LOAD_PRIOR if medium == MEDIUM_DISK else LOAD_PRIOR
 
 
 class StepLearner:
@@ -298,14 +301,14 @@ class StepLearner:
 
     def load_cost(self, replica_id: str, medium: str = MEDIA[0]) -> float:
         """θload: seconds per prompt token the replica loads from its `medium` KV tier ("CPU":
-        host memory, "Disk") instead of computing it, from the tier model (module docstring;
+        host memory, "STORAGE") instead of computing it, from the tier model (module docstring;
         LOAD_PRIOR, DISK_LOAD_PRIOR for the disk, until a step that loaded from it was seen),
         fleet-wide or the replica's own as for `coefficients`."""
         own = self._replica_tiers.get(replica_id)
         if self.config.per_replica and own is not None and own.n >= self.config.min_samples:
             return own.load_coef(medium)
         if self._fleet_tier is None:
-            return DISK_LOAD_PRIOR if medium == "Disk" else LOAD_PRIOR
+            return DISK_LOAD_PRIOR if canonical_medium(medium) == MEDIUM_DISK else LOAD_PRIOR
         return self._fleet_tier.load_coef(medium)
 
     def step_budget(self, replica_id: str, default: int) -> int:

@@ -45,6 +45,40 @@ EngineHash = int | bytes
 
 _U64_MASK = (1 << 64) - 1
 
+# The `medium` of BlockStored / BlockRemoved: which tier of the engine holds the blocks.
+# vLLM's media (vllm/distributed/kv_events.py MEDIUM_GPU; vllm/v1/kv_offload/base.py `Medium`:
+# CPU = "CPU" for host memory, STORAGE = "STORAGE" for the file-system tier below it, the
+# disk-backed tiering/fs FileSystemTierManager's). Readers of vLLM's events know these: Dynamo's
+# router (lib/kv-router/src/protocols.rs `StorageTier::from_kv_medium`: "STORAGE" is its Disk
+# tier) and llm-d's (pkg/kvcache DefaultKVCacheBackendConfig: "storage" covers vLLM's tiering).
+MEDIUM_GPU = "GPU"  # the device pool
+MEDIUM_CPU = "CPU"  # host memory
+MEDIUM_DISK = "STORAGE"  # a local disk (or file system) tier
+
+# Other publishers' spellings -> the three above: Dynamo's `from_kv_medium` aliases (GPU/DEVICE;
+# CPU/CPU_PINNED/CPU_TIER1; CPU_TIER2/DISK/NVME/STORAGE), its External tier (EXTERNAL/NETWORK/
+# REMOTE/SHARED), which it credits at the disk's weight (`--router-disk-cache-hit-weight`: "disk
+# or other lower-tier cache hits"), and "Disk" (kvfleet replicas before they sent "STORAGE"; a
+# DiskLoadStoreSpec in some vLLM trees' mediums.py). Matched as given, then upper-cased.
+_MEDIUM_ALIASES = {
+    "GPU": MEDIUM_GPU, "DEVICE": MEDIUM_GPU,
+    "CPU": MEDIUM_CPU, "CPU_PINNED": MEDIUM_CPU, "CPU_TIER1": MEDIUM_CPU,
+    "STORAGE": MEDIUM_DISK, "DISK": MEDIUM_DISK, "CPU_TIER2": MEDIUM_DISK, "NVME": MEDIUM_DISK,
+    "EXTERNAL": MEDIUM_DISK, "NETWORK": MEDIUM_DISK, "REMOTE": MEDIUM_DISK, "SHARED": MEDIUM_DISK,
+}
+
+
+def canonical_medium(medium: str | None) -> str:
+    """The tier an event's `medium` names: MEDIUM_GPU (also for None: vLLM < 0.10 sent no
+    medium and meant the GPU), MEDIUM_CPU or MEDIUM_DISK for the spellings above (any case);
+    any other medium unchanged (a lower tier of its own, neither host memory nor disk). Pure."""
+    if medium is None:
+        return MEDIUM_GPU
+    canonical = _MEDIUM_ALIASES.get(medium)
+    if canonical is None:
+        canonical = _MEDIUM_ALIASES.get(medium.upper(), medium)
+    return canonical
+
 
 @dataclass(frozen=True, slots=True)
 class BlockStored:
@@ -53,7 +87,7 @@ class BlockStored:
     token_ids: tuple[int, ...]
     block_size: int
     lora_id: int | None = None
-    medium: str | None = "GPU"
+    medium: str | None = MEDIUM_GPU
     lora_name: str | None = None
     group_idx: int | None = 0
     kv_cache_spec_kind: str | None = "full_attention"
@@ -62,7 +96,7 @@ class BlockStored:
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
     block_hashes: tuple[EngineHash, ...]
-    medium: str | None = "GPU"
+    medium: str | None = MEDIUM_GPU
     group_idx: int | None = 0
 
 

@@ -85,7 +85,7 @@ class StepSample:
 class TierUsage:
     """One KV offload tier of a replica in its load report: medium as in the KV events."""
 
-    medium: str  # "CPU" (host memory) or "Disk"
+    medium: str  # "CPU" (host memory) or "STORAGE" (protocol.events' media)
     blocks: int  # held now
     capacity: int  # blocks it can hold
 

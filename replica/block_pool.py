@@ -32,7 +32,7 @@ before the prefix it shares with others. New blocks are popped from the head.
 Events: while caching is enabled, every change of the hash map appends a `BlockStored`,
 `BlockRemoved` or `AllBlocksCleared` record to a pending list that `take_events()` drains. The
 pool knows nothing of ZMQ. Replaying the event stream in order yields exactly the hash map (the
-events of medium "GPU"; `emit` appends an offload tier's events, medium "CPU" / "Disk", to the
+events of medium "GPU"; `emit` appends an offload tier's events, medium "CPU" / "STORAGE", to the
 same list, and `on_evict` is told of each eviction first, so a spilled block's tier BlockStored
 precedes its device BlockRemoved: replica/kv_offload.py).
 """

@@ -27,8 +27,11 @@ of a later one in the same step (evicted, then reused), and order alone keeps th
 Events follow vLLM's OffloadingConnector (vllm/distributed/kv_transfer/kv_connector/v1/
 offloading/scheduler.py, `take_events`; the LRU manager vllm/v1/kv_offload/lru_manager.py):
 `BlockStored(medium="CPU")` when a block enters the host tier, `BlockRemoved(medium="CPU")` when
-the host tier evicts it, and the same with medium "Disk" for the disk tier (the medium strings
-are vLLM's, vllm/v1/kv_offload/mediums.py: "GPU", "CPU", "Disk"). The device copy is published
+the host tier evicts it, and the same with medium "STORAGE" for the disk tier (protocol.events'
+media, vLLM's: vllm/v1/kv_offload/base.py `Medium`, whose STORAGE is its disk-backed file-system
+tier; Dynamo's and llm-d's routers know both, and neither knew the "Disk" kvfleet sent before:
+Dynamo matches media case-sensitively and some versions index an unknown one as the device). The
+device copy is published
 separately, as vLLM's GPU block pool does: `BlockRemoved(medium="GPU")` when the device pool
 evicts it, `BlockStored(medium="GPU")` again when it is loaded back. A spill appends the tier's
 BlockStored before the device pool's BlockRemoved, so a subscriber never sees the block held
@@ -46,7 +49,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from protocol.events import BlockRemoved, BlockStored, KVEvent
+from protocol.events import MEDIUM_CPU, MEDIUM_DISK, MEDIUM_GPU, BlockRemoved, BlockStored, KVEvent
 
 
 def check_disk_path(path: str | None) -> str:
@@ -61,11 +64,8 @@ def check_disk_path(path: str | None) -> str:
                          "create it or name a file in an existing one")
     return path
 
-# vLLM's medium strings (vllm/v1/kv_offload/mediums.py: GPULoadStoreSpec / CPULoadStoreSpec /
-# DiskLoadStoreSpec `.medium()`). The device pool is "GPU" whatever the device, as in vLLM.
-MEDIUM_GPU = "GPU"
-MEDIUM_CPU = "CPU"
-MEDIUM_DISK = "Disk"
+# The media are protocol.events' ("GPU", "CPU", "STORAGE"; the engine's modules import them
+# from here). The device pool is "GPU" whatever the device, as in vLLM.
 TIER_MEDIA = (MEDIUM_CPU, MEDIUM_DISK)  # the order of the tiers below the device pool
 
 

@@ -45,7 +45,7 @@ def cache_state(service: EngineService) -> dict:
         "total_blocks": pool.num_blocks,
         "num_cached_blocks": len(pool.cached_blocks()),
         "block_hashes": sorted(f"{h:016x}" for h in pool.cached_blocks()),
-        # The offload tiers' blocks by medium ("CPU", "Disk"; replica/kv_offload.py), at the same seq.
+        # The offload tiers' blocks by medium ("CPU", "STORAGE"; replica/kv_offload.py), at the same seq.
         "tier_block_hashes": {t.medium: sorted(f"{b.block_hash:016x}" for b in t.held()) for t in tiers},
     }
 

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from protocol.events import MEDIUM_CPU, MEDIUM_DISK, MEDIUM_GPU
+
 # Bucket boundaries as in vLLM v1's PrometheusStatLogger.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -111,7 +113,7 @@ class _OffloadMetrics:
     connector's prefix-cache counters (`vllm:external_prefix_cache_queries` / `_hits`, vLLM v1
     loggers.py) and the offloading connector's transfer counters (`vllm:kv_offload_total_bytes`
     / `_total_time` by `transfer_type`, e.g. GPU_to_CPU, CPU_to_GPU; vLLM's offloading/metrics.py).
-    Per-tier block counts are kvfleet's (`medium` = "CPU" or "Disk", as in the KV events). Every
+    Per-tier block counts are kvfleet's (`medium` = "CPU" or "STORAGE", as in the KV events). Every
     series exists from the start (zero), so rates and dashboards have data before the first spill."""
 
     def __init__(self, r: CollectorRegistry, labels: tuple[str, ...], lv: tuple[str, ...], media: Sequence[str]) -> None:
@@ -141,7 +143,10 @@ class _OffloadMetrics:
         self._capacity = Gauge("kvfleet_replica_kv_offload_capacity_blocks", "Blocks this tier can hold.", mlabels,
                                registry=r)
         self._lv = lv
-        types = ["GPU_to_CPU", "CPU_to_GPU"] + (["CPU_to_Disk", "Disk_to_GPU"] if "Disk" in self.media else [])
+        pairs = [(MEDIUM_GPU, MEDIUM_CPU), (MEDIUM_CPU, MEDIUM_GPU)]
+        if MEDIUM_DISK in self.media:
+            pairs += [(MEDIUM_CPU, MEDIUM_DISK), (MEDIUM_DISK, MEDIUM_GPU)]
+        types = [f"{src}_to_{dst}" for src, dst in pairs]  # Transfer.transfer_type
         for t in types:
             self._bytes.labels(*lv, t)
             self._time.labels(*lv, t)

@@ -26,6 +26,8 @@ from types import MappingProxyType
 
 import numpy as np
 
+from protocol.events import MEDIUM_DISK
+
 STEP_RECORD_FIELDS = ("seq", "start", "duration", "busy_after", "new_tokens", "prefill_ctx_product", "prefill_seq_ctx",
                       "decode_ctx", "num_seqs")  # `StepRecord.to_wire` order
 FEATURES = ("base", "per_token", "per_prefill_ctx", "per_prefill_seq_ctx", "per_decode_ctx", "per_seq")
@@ -203,8 +205,8 @@ class TierCost:
 
     def seconds(self, src_medium: str, dst_medium: str, num_blocks: int) -> float:
         """Modelled time of copying `num_blocks` blocks from `src_medium` to `dst_medium`
-        ("GPU", "CPU", "Disk"); a copy touching the disk runs at the disk's bandwidth."""
-        bw = self.disk_bytes_per_s if "Disk" in (src_medium, dst_medium) else self.host_bytes_per_s
+        ("GPU", "CPU", "STORAGE"); a copy touching the disk runs at the disk's bandwidth."""
+        bw = self.disk_bytes_per_s if MEDIUM_DISK in (src_medium, dst_medium) else self.host_bytes_per_s
         return num_blocks * self.block_bytes / bw if bw > 0 else 0.0
 
     def load_seconds(self, transfers: Iterable) -> float:

@@ -136,7 +136,7 @@ def compute_bounds(chains: Sequence[Sequence[int]], prompt_lengths: Sequence[int
                    tier_cost: TierCost | None = None) -> Bounds:
     """The bounds of the module docstring; `capacity_blocks` (the fleet's total KV blocks) adds
     the pooled-cache hit rate; `fixed_latency_s` is added to every ideal TTFT. `tier_blocks`:
-    the fleet's total blocks per offload tier, (medium, blocks), host first ("CPU", "Disk"), with
+    the fleet's total blocks per offload tier, (medium, blocks), host first ("CPU", "STORAGE"), with
     `tier_cost` their transfer costs for blocks of `block_size`: the pooled hierarchy and its
     TTFT."""
     hits = infinite_cache_hits(chains, block_size)

@@ -15,7 +15,7 @@ replica's cadence (`load_report_interval_s`) — the code the live balancer runs
 
 With KV offload tiers (FleetConfig.host_kv_blocks, simulator/tiers.py) each replica's pool
 spills evicted blocks to host memory and loads a prefix found there back, the step taking the
-transfer's modelled time; the tiers' events (medium CPU / Disk) reach the index like the pool's,
+transfer's modelled time; the tiers' events (medium CPU / STORAGE) reach the index like the pool's,
 and each step's loaded tokens reach the policy in the load reports.
 
 A request that arrives while its replica is mid-step joins at the next step, as in a real
@@ -45,6 +45,7 @@ from balancer.registry import Registry
 from balancer.router import Booking, PairBooking, Router
 from protocol.digest import HEADER_BYTES, BlockFilter, CacheDigest
 from balancer.sessions import SessionConfig, Sessions
+from protocol.events import MEDIUM_CPU, MEDIUM_DISK
 from protocol.hashing import hash_blocks, root_hash
 from protocol.openai_api import GenerationRequest
 from protocol.roles import BOTH, DECODE, PREFILL
@@ -166,7 +167,7 @@ class FleetConfig:
     consistent_routing: bool = False
     # KV offload tiers below each replica's device pool (simulator/tiers.py): blocks the pool
     # evicts spill to a host tier of `host_kv_blocks` (then a disk tier of `disk_kv_blocks`), are
-    # published with medium CPU / Disk, and a prefix found there is loaded back at the tier
+    # published with medium CPU / STORAGE, and a prefix found there is loaded back at the tier
     # link's bandwidth (the preset's PCIe / NVMe figures, or `host_link`). 0: no such tier.
     host_kv_blocks: int = 0
     disk_kv_blocks: int = 0
@@ -511,7 +512,7 @@ class FleetSimulation:
         learner = getattr(self.policy, "learner", None)
         if self.cfg.host_kv_blocks and learner is not None:  # what the policy learned a load costs, and the truth
             cost = fleet_tier_cost(self.cfg.preset, self.cfg.block_size, self.cfg.host_link)
-            media = ("CPU", "Disk") if self.cfg.disk_kv_blocks else ("CPU",)
+            media = (MEDIUM_CPU, MEDIUM_DISK) if self.cfg.disk_kv_blocks else (MEDIUM_CPU,)
             extra["load_s_per_token"] = {
                 m: {"learned": learner.load_cost(self._url[next(iter(self.replicas))], m),
                     "true": cost.seconds(m, "GPU", 1) / self.cfg.block_size} for m in media}

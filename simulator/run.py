@@ -17,6 +17,7 @@ import numpy as np
 
 from loadgen.prompts import PromptConfig, prompt_token_ids
 from loadgen.traces import TraceRequest
+from protocol.events import MEDIUM_CPU, MEDIUM_DISK
 from protocol.hashing import hash_blocks, root_hash
 from replica.engine import SIM_MAX_MODEL_LEN
 from replica.service import ServiceConfig
@@ -227,8 +228,8 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
     bounds: Bounds = compute_bounds(chains, [r.input_length for r in served], bs, p.model, chunk,
                                     capacity_blocks=cfg.replicas * (cfg.kv_blocks or p.kv_blocks),
                                     fixed_latency_s=cfg.request_latency_s + cfg.response_latency_s,
-                                    tier_blocks=(("CPU", cfg.replicas * cfg.host_kv_blocks),
-                                                 ("Disk", cfg.replicas * cfg.disk_kv_blocks)),
+                                    tier_blocks=((MEDIUM_CPU, cfg.replicas * cfg.host_kv_blocks),
+                                                 (MEDIUM_DISK, cfg.replicas * cfg.disk_kv_blocks)),
                                     tier_cost=fleet_tier_cost(p, bs, cfg.host_link))
     util, demand = offered_load(reqs, cfg)
     factor = 1.0

@@ -12,6 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.events import (
+    MEDIUM_CPU,
+    MEDIUM_DISK,
+    MEDIUM_GPU,
     REPLAY_END_SEQ,
     AllBlocksCleared,
     BlockRemoved,
@@ -26,6 +29,7 @@ from protocol.events import (
     encode_replay_request,
     parse_replay_reply,
     replay_end_frames,
+    canonical_medium,
     split_message,
 )
 from protocol.load import (
@@ -43,6 +47,7 @@ from protocol.load import (
     encode_state,
     is_extras_message,
 )
+from replica.kv_offload import OffloadTiers, tier_specs
 
 U64 = (1 << 64) - 1
 TOKENS = tuple(range(100, 116))
@@ -215,6 +220,47 @@ def test_encoded_kvfleet_batch_matches_bytes_derived_from_the_vllm_layout() -> N
     cleared = b"\x81" + _s("type") + b"\xb0AllBlocksCleared"
     expected = b"\x93" + b"\xcb" + struct.pack(">d", 1.5) + b"\x93" + stored + removed + cleared + b"\x00"
     assert encode_batch(batch) == expected
+
+
+def test_offload_media_decode_in_both_vllm_layouts_and_name_their_tier() -> None:
+    # vLLM's OffloadingConnector sends a tier's blocks under its medium ("CPU", "STORAGE": vLLM's
+    # `Medium`), at BlockStored's 7th field (after lora_id) and BlockRemoved's 3rd; Dynamo's KVBM
+    # writes "CPU_PINNED", others "DISK" (Dynamo's StorageTier::from_kv_medium spellings).
+    payload = pack([
+        4.0,
+        [
+            {"type": "BlockStored", "block_hashes": [5], "parent_block_hash": None, "token_ids": [],
+             "block_size": 16, "lora_id": None, "medium": "CPU", "lora_name": None},
+            {"type": "BlockRemoved", "block_hashes": [5], "medium": "STORAGE"},
+            ["BlockStored", [6], 5, list(TOKENS), 16, None, "CPU_PINNED", None],
+            ["BlockRemoved", [6], "DISK"],
+        ],
+        0,
+    ])
+    events = decode_batch(payload).events
+    assert [e.medium for e in events] == ["CPU", "STORAGE", "CPU_PINNED", "DISK"]
+    assert [canonical_medium(e.medium) for e in events] == [MEDIUM_CPU, MEDIUM_DISK, MEDIUM_CPU, MEDIUM_DISK]
+    assert (canonical_medium(None), canonical_medium("gpu"), canonical_medium("Disk"), canonical_medium("Certus")) == (
+        MEDIUM_GPU, MEDIUM_GPU, MEDIUM_DISK, "Certus")
+    assert MEDIUM_DISK == "STORAGE"
+
+
+def test_a_disk_tier_event_goes_out_as_vllm_lays_it_out_with_medium_disk() -> None:
+    # What a replica's disk tier publishes (replica/kv_offload.py), as a vLLM-format reader sees it:
+    # vLLM's field order with vLLM's medium for a disk tier, "STORAGE" (Dynamo's router reads it as
+    # its disk tier too; it did not know the "Disk" kvfleet sent before).
+    events: list = []
+    tiers = OffloadTiers(tier_specs(1, 2), 4, events.append)
+    for n, parent in ((1, None), (2, 1)):  # device blocks evicted: the second pushes the first to disk
+        tiers.spill(n, n, tuple(range(4 * n, 4 * n + 4)), parent, None)
+    stored = next(e for e in events if isinstance(e, BlockStored) and e.medium == MEDIUM_DISK)
+    (raw,) = msgpack.unpackb(encode_batch(EventBatch(ts=1.0, events=(stored,))), raw=False)[1]
+    assert list(raw)[:8] == ["type", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
+                             "medium", "lora_name"]
+    assert raw["medium"] == "STORAGE" and raw["block_hashes"] == [1] and raw["token_ids"] == [4, 5, 6, 7]
+    removed = next(e for e in events if isinstance(e, BlockRemoved))
+    assert removed.medium == MEDIUM_CPU  # it left the host tier
+    assert decode_batch(encode_batch(EventBatch(ts=1.0, events=tuple(events)))).events == tuple(events)
 
 
 def test_none_rank_is_omitted_as_msgspec_omits_defaults() -> None:

@@ -84,19 +84,19 @@ def test_host_lru_eviction_cascades_to_disk_and_drops_below_it() -> None:
     events = [e for e in mgr.take_events() if getattr(e, "medium", "GPU") != "GPU"]
     assert events == [
         BlockStored((ha[1],), ha[0], tuple(A[4:8]), BS, medium="CPU"),
-        BlockStored((ha[1],), ha[0], tuple(A[4:8]), BS, medium="Disk"),
+        BlockStored((ha[1],), ha[0], tuple(A[4:8]), BS, medium="STORAGE"),
         BlockRemoved((ha[1],), medium="CPU"),
         BlockStored((ha[0],), None, tuple(A[0:4]), BS, medium="CPU"),
     ]
-    assert mgr.take_transfers() == [Transfer("GPU", 1, "CPU", 0), Transfer("CPU", 0, "Disk", 0),
+    assert mgr.take_transfers() == [Transfer("GPU", 1, "CPU", 0), Transfer("CPU", 0, "STORAGE", 0),
                                     Transfer("GPU", 0, "CPU", 0)]
     mgr.free("b")
     hit = mgr.get_computed_blocks("a2", A)  # h0 from the host, h1 from the disk
-    assert [(b.medium, b.slot) for b in hit.tier_blocks] == [("CPU", 0), ("Disk", 0)]
+    assert [(b.medium, b.slot) for b in hit.tier_blocks] == [("CPU", 0), ("STORAGE", 0)]
     assert mgr.allocate_slots("a2", A, 8, 1, hit)
     # The host tier's one slot holds a's h0, pinned for its load: b's two evicted blocks cannot
     # spill (refused, counted), and nothing but the loads is copied.
-    assert mgr.take_transfers() == [Transfer("CPU", 0, "GPU", 0), Transfer("Disk", 0, "GPU", 1)]
+    assert mgr.take_transfers() == [Transfer("CPU", 0, "GPU", 0), Transfer("STORAGE", 0, "GPU", 1)]
     assert mgr.offload.tier("CPU").stats.skipped_stores == 2
     mgr.check_integrity()
 
@@ -160,7 +160,7 @@ def test_config_validation() -> None:
         TierSpec("NVMe", 4)
     with pytest.raises(ValueError, match="host tier above it"):
         EngineConfig(disk_kv_blocks=8)
-    assert EngineConfig(host_kv_blocks=8, disk_kv_blocks=4).kv_tiers == (TierSpec("CPU", 8), TierSpec("Disk", 4))
+    assert EngineConfig(host_kv_blocks=8, disk_kv_blocks=4).kv_tiers == (TierSpec("CPU", 8), TierSpec("STORAGE", 4))
     # Without prefix caching nothing is cached, so nothing is offloaded.
     assert KVCacheManager(4, BS, ROOT, enable_caching=False, tiers=tier_specs(4, 0)).offload is None
 
@@ -187,7 +187,7 @@ def test_replica_flags_map_to_the_config_and_back_and_bad_ones_say_what_to_do(tm
     # A sim replica models the disk tier without a file.
     sim = cmd_replica.replica_config(p.parse_args(["--engine", "sim", "--kv-offload-host-blocks", "8",
                                                    "--kv-offload-disk-blocks", "8"]))
-    assert sim.engine.kv_tiers == (TierSpec("CPU", 8), TierSpec("Disk", 8))
+    assert sim.engine.kv_tiers == (TierSpec("CPU", 8), TierSpec("STORAGE", 8))
 
 
 # --- property test: contents follow the copies ------------------------------------------------
@@ -209,8 +209,8 @@ class OffloadMachine(RuleBasedStateMachine):
         self.mgr: KVCacheManager | None = None
         self.tokens: dict[str, list[int]] = {}
         self.next_id = 0
-        self.store: dict[str, dict[int, object]] = {"GPU": {}, "CPU": {}, "Disk": {}}
-        self.replayed: dict[str, set[int]] = {"GPU": set(), "CPU": set(), "Disk": set()}
+        self.store: dict[str, dict[int, object]] = {"GPU": {}, "CPU": {}, "STORAGE": {}}
+        self.replayed: dict[str, set[int]] = {"GPU": set(), "CPU": set(), "STORAGE": set()}
 
     @precondition(lambda self: self.mgr is None)
     @rule(num_blocks=st.integers(4, 10), host=st.integers(1, 6), disk=st.sampled_from([0, 0, 3]))

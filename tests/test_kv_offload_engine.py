@@ -78,7 +78,7 @@ def test_prefix_loaded_from_host_or_disk_is_token_identical_to_recompute(tmp_pat
     disk = _tiny(host_kv_blocks=4, disk_kv_blocks=64, disk_kv_path=str(tmp_path / "kv.bin"))
     out, cached = _evict_then_repeat(disk, prompts)
     assert out == recompute and cached == 144
-    assert disk.kv.offload.tier("Disk").stats.loaded_blocks > 0
+    assert disk.kv.offload.tier("STORAGE").stats.loaded_blocks > 0
     assert (tmp_path / "kv.bin").stat().st_size == 64 * disk.executor.tier_store.block_bytes
 
 

@@ -19,6 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.kv_subscriber import ReplicaEventSubscriber, SubscriberConfig
+from balancer.policies import make_policy
+from balancer.policies.base import ReplicaView, RoutingRequest
 from balancer.prefix_index import PrefixIndex
 from protocol.events import AllBlocksCleared, BlockStored, encode_seq
 from protocol.hashing import hash_blocks, prompt_hashes, root_hash
@@ -670,7 +672,7 @@ def _publish_and_sync(live_pair, mgr: KVCacheManager):
 
 
 def test_index_tracks_offload_tiers(live_pair) -> None:
-    """A replica with host and disk KV tiers (replica/kv_offload.py): the index's "CPU" and "Disk"
+    """A replica with host and disk KV tiers (replica/kv_offload.py): the index's "CPU" and "STORAGE"
     tables follow the tiers step by step, spills, loads and evictions included."""
     mgr = KVCacheManager(8, BS, ROOT, tiers=tier_specs(4, 4))
     publish, sync = _publish_and_sync(live_pair, mgr)
@@ -686,9 +688,52 @@ def test_index_tracks_offload_tiers(live_pair) -> None:
         publish(mgr.take_events())
         sync()
     tiers = {t.medium: t.stats for t in mgr.offload.tiers}
-    assert tiers["CPU"].evicted_blocks > 0 and tiers["Disk"].evicted_blocks > 0
-    assert tiers["CPU"].loaded_blocks > 0 and tiers["Disk"].loaded_blocks > 0
+    assert tiers["CPU"].evicted_blocks > 0 and tiers["STORAGE"].evicted_blocks > 0
+    assert tiers["CPU"].loaded_blocks > 0 and tiers["STORAGE"].loaded_blocks > 0
     assert live_pair[2].stats.unknown_parent == 0
+
+
+def test_dynamo_kv_credits_host_blocks_at_075_and_disk_blocks_at_025_from_real_events(live_pair) -> None:
+    """A replica's host and disk tiers spill a prompt's blocks (replica/kv_offload.py), the events go
+    over ZMQ to the subscriber and the index, and the router's lookups (Router.routing_request:
+    match, match_offloaded, match_disk) give dynamo_kv the lower-tier hit told by tier: Dynamo's
+    KvRouterConfig credits a host block 0.75 of a device one and a disk block 0.25."""
+    pub, sub, index, loop, published = live_pair
+    mgr = KVCacheManager(4, BS, ROOT, tiers=tier_specs(1, 4))  # 4 device blocks, 1 in host memory, 4 on disk
+    publish, sync = _publish_and_sync(live_pair, mgr)
+    publish([AllBlocksCleared()])
+    sync()
+    a = list(range(1, 13)) + [99]  # 3 full blocks and one token
+    for rid, tokens in (("a", a), ("b", list(range(200, 212)) + [98])):  # b evicts all of a's device blocks
+        hit = mgr.get_computed_blocks(rid, tokens)
+        assert mgr.allocate_slots(rid, tokens, hit.num_tokens, len(tokens) - hit.num_tokens, hit)
+        mgr.free(rid)
+        mgr.take_transfers()
+    events = mgr.take_events()
+    assert {e.medium for e in events} == {"GPU", "CPU", "STORAGE"}  # the media on the wire
+    publish(events)
+    sync()
+    chain = prompt_hashes(a, BS, MODEL)
+    held = {t.medium: {b.block_hash for b in t.held()} for t in mgr.offload.tiers}
+    tier_of_block = ["CPU" if h in held["CPU"] else "STORAGE" if h in held["STORAGE"] else None for h in chain]
+    assert not set(chain) & set(mgr.pool.cached_blocks()) and tier_of_block.count(None) == 0
+    n_host, n_disk = tier_of_block.count("CPU"), tier_of_block.count("STORAGE")
+    assert n_host >= 1 and n_disk >= 1, tier_of_block
+
+    def lookups():
+        device = index.match(chain)
+        offloaded = index.match_offloaded(chain, device)
+        return device, offloaded, index.match_disk(chain, device, offloaded)
+
+    device, offloaded, on_disk = loop.call(lookups)
+    assert device == {} and offloaded == {"prop": 3} and on_disk == {"prop": n_disk}
+    request = RoutingRequest(request_id="r", prompt_text="", prompt_tokens=len(a), block_hashes=tuple(chain),
+                             block_size=BS, matched_blocks=device, offloaded_blocks=offloaded,
+                             offloaded_disk_blocks=on_disk)
+    d = make_policy("dynamo_kv").select(request, [ReplicaView("prop"), ReplicaView("cold")])
+    assert d.scores["prop"]["overlap_blocks"] == pytest.approx(0.75 * n_host + 0.25 * n_disk)
+    assert d.scores["prop"]["new_prefill_tokens"] == pytest.approx(len(a) - (0.75 * n_host + 0.25 * n_disk) * BS)
+    assert d.scores["cold"]["overlap_blocks"] == 0.0 and d.replica_id == "prop"
 
 
 @settings(max_examples=25, deadline=None)

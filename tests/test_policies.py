@@ -282,7 +282,7 @@ def test_factory_options_reach_the_policy_and_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.config.cache_threshold = 0.1  # type: ignore[misc]
     assert policy_options("dynamo_kv") == {"overlap_score_weight": 1.0, "router_temperature": 0.0,
-                                           "host_cache_hit_weight": 0.75}
+                                           "host_cache_hit_weight": 0.75, "disk_cache_hit_weight": 0.25}
 
 
 def test_published_defaults():
@@ -292,7 +292,7 @@ def test_published_defaults():
         "eviction_interval_s": 120.0, "max_tree_size": 2**26,
     }
     assert policy_options("llmd_scorer") == {"prefix_weight": 3.0, "queue_weight": 2.0, "kv_cache_weight": 2.0,
-                                             "cpu_weight": 0.8}
+                                             "cpu_weight": 0.8, "storage_weight": 0.3}
     assert policy_options("preble_e2")["window_s"] == 180.0
 
 
@@ -468,6 +468,22 @@ def test_dynamo_credits_host_tier_blocks_at_its_published_weight():
     assert none.scores["w2"]["prefill_blocks"] == 6.0
 
 
+def test_dynamo_credits_disk_blocks_at_the_disk_weight_and_the_rest_at_the_host_one():
+    # KvRouterConfig::default disk_cache_hit_weight 0.25: of w2's 4 lower-tier blocks 3 are on disk
+    # only (RoutingRequest.offloaded_disk_blocks), so 2 + 0.75 x 1 + 0.25 x 3 = 3.5 effective blocks.
+    policy = make_policy("dynamo_kv")
+    request = dataclasses.replace(req(tokens=128, blocks=8, matched={"w1": 2, "w2": 2, "w3": 2},
+                                      offloaded={"w2": 4, "w3": 4}), offloaded_disk_blocks={"w2": 3})
+    d = policy.select(request, [view("w1"), view("w2"), view("w3")])
+    assert d.scores["w2"]["overlap_blocks"] == 3.5 and d.scores["w2"]["prefill_blocks"] == 4.5
+    assert d.scores["w3"]["overlap_blocks"] == 5.0  # all 4 in host memory: 2 + 0.75 x 4
+    assert d.replica_id == "w3"
+    heavier = make_policy("dynamo_kv", {"disk_cache_hit_weight": 0.75}).select(request, [view("w2")])
+    assert heavier.scores["w2"]["overlap_blocks"] == 5.0
+    with pytest.raises(ValueError, match="disk_cache_hit_weight"):
+        make_policy("dynamo_kv", {"disk_cache_hit_weight": -1.0})
+
+
 def test_dynamo_ties_go_to_the_smaller_cache():
     policy = make_policy("dynamo_kv")
     request = req(tokens=64, blocks=4)
@@ -519,6 +535,15 @@ def test_llmd_weighs_cpu_blocks_as_llm_d_kv_cache_does():
     d = policy.select(req(tokens=160, blocks=10, matched={"a": 4, "b": 8}, offloaded={"a": 5}), [view("a"), view("b")])
     assert d.scores["a"]["prefix"] == pytest.approx((4 + 0.8 * 5) / 10)
     assert d.scores["b"]["prefix"] == pytest.approx(0.8)
+
+
+def test_llmd_weighs_disk_blocks_at_the_storage_weight():
+    # DefaultKVCacheBackendConfig "storage" 0.3 (vLLM's disk-backed tier): of a's 5 lower-tier
+    # blocks 2 are on disk only, so 4 + 0.8 x 3 + 0.3 x 2 of 10.
+    request = dataclasses.replace(req(tokens=160, blocks=10, matched={"a": 4}, offloaded={"a": 5}),
+                                  offloaded_disk_blocks={"a": 2})
+    d = make_policy("llmd_scorer").select(request, [view("a")])
+    assert d.scores["a"]["prefix"] == pytest.approx((4 + 0.8 * 3 + 0.3 * 2) / 10)
 
 
 def test_llmd_equal_queues_score_one_and_ties_are_random():

@@ -457,7 +457,7 @@ def mooncake_like_steps(n=6000, seed=0, disk_share=0.0):
     from replica.step_model import StepFeatures, get_preset
 
     preset = get_preset("llama3-8b-h100")
-    per_token = {m: preset.tier_cost.seconds(m, "GPU", 1) / preset.block_size for m in ("CPU", "Disk")}
+    per_token = {m: preset.tier_cost.seconds(m, "GPU", 1) / preset.block_size for m in ("CPU", "STORAGE")}
     rng = random.Random(seed)
     chunk, out, t = 8192, [], 0.0
     while len(out) < n:
@@ -478,7 +478,7 @@ def mooncake_like_steps(n=6000, seed=0, disk_share=0.0):
             continue
         attention = new * (ctx + new / 2)
         feats = StepFeatures(new + d, attention, ctx, dctx, d + (new > 0))
-        duration = (preset.model.duration(feats) + (loaded - disk) * per_token["CPU"] + disk * per_token["Disk"])
+        duration = (preset.model.duration(feats) + (loaded - disk) * per_token["CPU"] + disk * per_token["STORAGE"])
         out.append(TieredStep(t, duration, new, d, d + (new > 0), dctx + ctx + new + d, dctx, loaded, disk, attention))
         t += duration
     return out, per_token
@@ -499,7 +499,7 @@ def test_learned_load_time_is_the_links_on_mooncake_shaped_steps():
     feed(learner, "a", steps)
     assert true["CPU"] == pytest.approx(2.56e-6, rel=0.01)
     assert learner.load_cost("a") == pytest.approx(true["CPU"], rel=0.05)
-    assert learner.load_cost("a", "Disk") == pytest.approx(9e-5)  # no disk load seen: the prior
+    assert learner.load_cost("a", "STORAGE") == pytest.approx(9e-5)  # no disk load seen: the prior
 
 
 def test_each_medium_gets_its_own_learned_load_time():
@@ -507,8 +507,8 @@ def test_each_medium_gets_its_own_learned_load_time():
     learner = StepLearner()
     feed(learner, "a", steps)
     assert learner.load_cost("a", "CPU") == pytest.approx(true["CPU"], rel=0.05)
-    assert learner.load_cost("a", "Disk") == pytest.approx(true["Disk"], rel=0.05)
-    assert true["Disk"] > 8 * true["CPU"]  # NVMe against PCIe Gen5
+    assert learner.load_cost("a", "STORAGE") == pytest.approx(true["STORAGE"], rel=0.05)
+    assert true["STORAGE"] > 8 * true["CPU"]  # NVMe against PCIe Gen5
 
 
 def test_native_rls_step_of_any_size_matches_its_python_oracle():
@@ -546,11 +546,11 @@ def test_a_disk_hit_is_priced_at_the_disks_learned_load_time():
             steps[-1].duration += disk * (1e-3 - 3e-6)
     for rid in ("a", "b"):
         policy.observe_steps(rid, steps)
-    assert policy.learner.load_cost("b", "Disk") == pytest.approx(1e-3, rel=0.1)
+    assert policy.learner.load_cost("b", "STORAGE") == pytest.approx(1e-3, rel=0.1)
     views = [view("a"), view("b", queued_prefill_tokens=2000)]
     host = tier_request({"b": 32}, {"b": 416})
     assert policy.select(host, views).replica_id == "b"
     on_disk = dataclasses.replace(host, offloaded_disk_blocks={"b": 416})
     d = policy.select(on_disk, views)
     assert d.replica_id == "a"
-    assert d.scores["b"]["tier_load"] == pytest.approx(416 * 16 * policy.learner.load_cost("b", "Disk"))
+    assert d.scores["b"]["tier_load"] == pytest.approx(416 * 16 * policy.learner.load_cost("b", "STORAGE"))

@@ -246,6 +246,37 @@ def test_disk_blocks_of_a_lower_tier_hit_are_told_from_host_ones() -> None:
     idx.check_integrity()
 
 
+def test_each_tier_is_one_table_whoever_spells_its_medium() -> None:
+    """Media are indexed by the tier they name (protocol.events.canonical_medium): host memory as
+    "CPU" (vLLM) or "CPU_PINNED" (Dynamo's KVBM), disk as "DISK" (kvfleet), "Disk" (kvfleet
+    before, vLLM forks) or "nvme"; a removal under another spelling of the same tier applies. A
+    medium no alias names is a lower tier of its own: in the offloaded hit, not on disk."""
+    idx = PrefixIndex(BS, MODEL)
+    tokens = toks(8)
+    ours = hash_blocks(tokens, BS, ROOT)
+    idx.apply("r0", BlockStored(tuple(ours[:1]), None, tuple(tokens[:4]), BS, medium=None))  # device (no medium)
+    idx.apply("r0", BlockStored((ours[1],), ours[0], tuple(tokens[4:8]), BS, medium="CPU_PINNED"))
+    idx.apply("r0", BlockStored((ours[2],), ours[1], tuple(tokens[8:12]), BS, medium="CPU"))
+    idx.apply("r0", BlockStored((ours[3],), ours[2], tuple(tokens[12:16]), BS, medium="DISK"))
+    idx.apply("r0", BlockStored((ours[4],), ours[3], tuple(tokens[16:20]), BS, medium="Disk"))
+    idx.apply("r0", BlockStored((ours[5],), ours[4], tuple(tokens[20:24]), BS, medium="nvme"))
+    idx.apply("r1", BlockStored(tuple(ours[:2]), None, tuple(tokens[:8]), BS, medium="Certus"))
+    idx.check_integrity()
+    assert idx.replica_block_hashes("r0", "CPU") == set(ours[1:3]) == idx.replica_block_hashes("r0", "CPU_PINNED")
+    assert idx.replica_block_hashes("r0", "DISK") == set(ours[3:6]) == idx.replica_block_hashes("r0", "Disk")
+    assert idx.num_entries("CPU") == 2 and idx.num_entries("DISK") == 3
+    device = idx.match(ours)
+    offloaded = idx.match_offloaded(ours, device)
+    assert device == {"r0": 1} and offloaded == {"r0": 5, "r1": 2}
+    assert idx.match_disk(ours, device, offloaded) == {"r0": 3}  # r1's "Certus" blocks: not disk
+    idx.apply("r0", BlockRemoved((ours[3], ours[4]), medium="Disk"))  # stored as DISK and as Disk
+    idx.apply("r0", BlockRemoved((ours[2],), medium="cpu_pinned"))
+    idx.check_integrity()
+    assert idx.stats.unknown_removals == 0
+    offloaded = idx.match_offloaded(ours, device)
+    assert offloaded == {"r0": 1, "r1": 2} and idx.match_disk(ours, device, offloaded) == {}
+
+
 def test_a_lower_tier_after_many_device_blocks_builds_the_union_once() -> None:
     idx = PrefixIndex(BS, MODEL)
     chains = [toks(3, 1 + 1000 * i) for i in range(5)]

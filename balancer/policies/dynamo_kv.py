@@ -27,9 +27,12 @@ Lower KV tiers (Dynamo's tiered lookup, lib/kv-router/src/scheduling/: `cache_hi
 from_tiered_matches`): the device overlap is followed by the blocks that continue the chain in
 host memory (then disk), and the effective overlap is device + host_cache_hit_weight × host
 (+ disk_cache_hit_weight × disk); KvRouterConfig's defaults (lib/kv-router/src/config.rs,
-`--router-host-cache-hit-weight`) are 0.75 for host memory and 0.25 for disk. Here every lower
-tier is `request.offloaded_blocks` (the index does not tell host from disk), weighted as host
-memory: a replica that offloads only to disk is credited 0.75 where Dynamo would credit 0.25.
+`--router-host-cache-hit-weight`, `--router-disk-cache-hit-weight`) are 0.75 for host memory
+and 0.25 for disk. Here the lower-tier hit is `request.offloaded_blocks` (PrefixIndex.
+match_offloaded), of which `request.offloaded_disk_blocks` are held on disk only (match_disk:
+medium "STORAGE", vLLM's and Dynamo's disk tier, or another spelling Dynamo's
+`StorageTier::from_kv_medium` reads as disk or external storage, both credited at the disk's
+weight there); the rest are credited as host memory, as is a lower medium no alias names.
 """
 
 from __future__ import annotations
@@ -52,23 +55,31 @@ class DynamoKvConfig:
     # KvRouterConfig::default().host_cache_hit_weight = 0.75 (lib/kv-router/src/config.rs,
     # `default_host_cache_hit_weight`): a block in host memory counts as 0.75 of a device one.
     host_cache_hit_weight: float = 0.75
+    # KvRouterConfig::default().disk_cache_hit_weight = 0.25 (lib/kv-router/src/config.rs,
+    # `default_disk_cache_hit_weight`; `--router-disk-cache-hit-weight`): a block on disk (or
+    # other lower-tier storage) counts as 0.25 of a device one.
+    disk_cache_hit_weight: float = 0.25
 
     def __post_init__(self) -> None:
-        for field_name in ("overlap_score_weight", "router_temperature", "host_cache_hit_weight"):
+        for field_name in ("overlap_score_weight", "router_temperature", "host_cache_hit_weight",
+                           "disk_cache_hit_weight"):
             value = getattr(self, field_name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0.0 or math.isinf(value):
                 raise ValueError(f"{field_name} must be a finite number >= 0, got {value!r}")
 
 
 def replica_cost(
-    view: ReplicaView, request: RoutingRequest, overlap_weight: float, host_weight: float = 0.75
+    view: ReplicaView, request: RoutingRequest, overlap_weight: float, host_weight: float = 0.75,
+    disk_weight: float = 0.25,
 ) -> dict[str, float]:
     """Dynamo's logit for one replica, with its terms. Pure."""
     bs = max(1, request.block_size)
-    overlap = request.matched_blocks.get(view.replica_id, 0)
-    offloaded = request.offloaded_blocks.get(view.replica_id, 0)
-    if offloaded:
-        overlap += host_weight * offloaded  # effective overlap blocks (a float, as Dynamo's)
+    rid = view.replica_id
+    overlap = request.matched_blocks.get(rid, 0)
+    offloaded = request.offloaded_blocks.get(rid, 0)
+    if offloaded:  # effective overlap blocks (a float, as Dynamo's)
+        on_disk = min(request.offloaded_disk_blocks.get(rid, 0), offloaded)
+        overlap += host_weight * (offloaded - on_disk) + disk_weight * on_disk
     new_tokens = max(0, request.prompt_tokens - overlap * bs)
     active_prefill = view.load.queued_prefill_tokens + view.sent_tokens_since_report
     prefill_blocks = (new_tokens + active_prefill) / bs
@@ -104,7 +115,8 @@ class DynamoKvPolicy(Policy):
     def select(self, request: RoutingRequest, replicas: Sequence[ReplicaView]) -> Decision:
         cfg = self.config
         ordered = sorted(replicas, key=lambda r: r.replica_id)
-        scores = {r.replica_id: replica_cost(r, request, cfg.overlap_score_weight, cfg.host_cache_hit_weight)
+        scores = {r.replica_id: replica_cost(r, request, cfg.overlap_score_weight, cfg.host_cache_hit_weight,
+                                             cfg.disk_cache_hit_weight)
                   for r in ordered}
         ids = [r.replica_id for r in ordered]
         costs = [scores[rid]["cost"] for rid in ids]

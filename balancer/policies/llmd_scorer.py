@@ -12,10 +12,14 @@ the max-score picker; llm-d's inference-scheduling guide uses the same 3/2/2. Sc
   precise-prefix-cache-scorer flavour rather than its approximate one.
 - Lower KV tiers (llm-d-kv-cache, pkg/kvcache/kvblock_scorer.go `LongestPrefixScorer`, and
   pkg/kvcache/backend.go `DefaultKVCacheBackendConfig`): the consecutive match runs across
-  media, each block weighted by the best medium the pod holds it in, gpu 1.0 and cpu 0.8. Here
-  the blocks after the device prefix that continue the chain in a lower tier
-  (`request.offloaded_blocks`) count `cpu_weight` each: prefix = (device + 0.8 × lower) / total.
-  (A block past a gap in the device prefix that the GPU holds too counts 0.8 here, 1.0 there.)
+  media, each block weighted by the best medium the pod holds it in (the medium lowercased):
+  gpu 1.0, cpu 0.8, and "storage" 0.3 ("covers the vLLM tiering offload", vLLM's disk-backed
+  tier, medium "STORAGE"). Here the blocks after the device prefix that continue the chain in a
+  lower tier (`request.offloaded_blocks`) count `cpu_weight` each, but those on disk only
+  (`request.offloaded_disk_blocks`) `storage_weight`: prefix = (device + 0.8 × host + 0.3 ×
+  disk) / total. (A block past a gap in the device prefix that the GPU holds too counts 0.8 here,
+  1.0 there; a medium llm-d has no weight for is ignored there, weighted as host memory here, or
+  as storage for the spellings protocol.events.canonical_medium reads as disk.)
 - queue-scorer (scorer/queue.go): (max_q - q) / (max_q - min_q) over the candidates, 1.0 for
   all when they are equal; q = the waiting-queue size. Here q = the replica's last reported
   num_waiting plus the requests this balancer sent it since that report.
@@ -45,9 +49,11 @@ class LlmdScorerConfig:
     # llm-d-kv-cache DefaultKVCacheBackendConfig: {gpu: 1.0, cpu: 0.8}: the weight of a prefix
     # block held in host memory rather than on the GPU.
     cpu_weight: float = 0.8
+    # DefaultKVCacheBackendConfig {storage: 0.3}: a block held on disk only (vLLM's "STORAGE").
+    storage_weight: float = 0.3
 
     def __post_init__(self) -> None:
-        for field_name in ("prefix_weight", "queue_weight", "kv_cache_weight", "cpu_weight"):
+        for field_name in ("prefix_weight", "queue_weight", "kv_cache_weight", "cpu_weight", "storage_weight"):
             value = getattr(self, field_name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < float("inf"):
                 raise ValueError(f"{field_name} must be a finite number >= 0, got {value!r}")
@@ -55,14 +61,20 @@ class LlmdScorerConfig:
             raise ValueError("at least one scorer weight must be positive")
 
 
-def prefix_scores(request: RoutingRequest, replica_ids: Sequence[str], cpu_weight: float = 0.8) -> dict[str, float]:
+def prefix_scores(request: RoutingRequest, replica_ids: Sequence[str], cpu_weight: float = 0.8,
+                  storage_weight: float = 0.3) -> dict[str, float]:
     total = len(request.block_hashes)
     if total == 0:
         return {rid: 0.0 for rid in replica_ids}
-    matched, lower = request.matched_blocks, request.offloaded_blocks
+    matched, lower, disk = request.matched_blocks, request.offloaded_blocks, request.offloaded_disk_blocks
     if not lower:
         return {rid: min(matched.get(rid, 0), total) / total for rid in replica_ids}
-    return {rid: min(matched.get(rid, 0) + cpu_weight * lower.get(rid, 0), total) / total for rid in replica_ids}
+    out = {}
+    for rid in replica_ids:
+        n_lower = lower.get(rid, 0)
+        n_disk = min(disk.get(rid, 0), n_lower)
+        out[rid] = min(matched.get(rid, 0) + cpu_weight * (n_lower - n_disk) + storage_weight * n_disk, total) / total
+    return out
 
 
 def queue_scores(queues: dict[str, int]) -> dict[str, float]:
@@ -87,7 +99,7 @@ class LlmdScorerPolicy(Policy):
         cfg = self.config
         ordered = sorted(replicas, key=lambda r: r.replica_id)
         ids = [r.replica_id for r in ordered]
-        prefix = prefix_scores(request, ids, cfg.cpu_weight)
+        prefix = prefix_scores(request, ids, cfg.cpu_weight, cfg.storage_weight)
         queues = {r.replica_id: waiting_queue(r) for r in ordered}
         queue = queue_scores(queues)
         kv = {r.replica_id: 1.0 - r.load.kv_usage for r in ordered}

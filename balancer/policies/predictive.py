@@ -104,6 +104,7 @@ import xxhash
 
 from balancer.policies.base import Decision, Policy, ReplicaView, RoutingRequest
 from balancer.step_learner import LearnerConfig, StepLearner
+from protocol.events import MEDIUM_DISK
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +342,7 @@ class PredictivePolicy(Policy):
         for v in sorted(replicas, key=lambda r: r.replica_id):
             theta = self.learner.theta(v.replica_id)
             load = self.learner.load_cost(v.replica_id) if tiers else None
-            disk = self.learner.load_cost(v.replica_id, "Disk") if tiers and request.offloaded_disk_blocks else None
+            disk = self.learner.load_cost(v.replica_id, MEDIUM_DISK) if tiers and request.offloaded_disk_blocks else None
             k = self.learner.step_budget(v.replica_id, cfg.default_step_tokens)
             if request.consistent:  # shared state only (module docstring): none of our history, no clock
                 cached_waiting, remaining, busy = 0, out / 2, 0.0
