@@ -34,6 +34,14 @@ VALUE_SETS: dict[str, dict] = {
     "picker-on-dns": {"balancer": {"enabled": False}, "picker": {"enabled": True, "discovery": "dns"}},
     "external-vllm": {"replicas": {"enabled": False, "dnsName": "vllm.llm.svc.cluster.local:8000", "port": 8000},
                       "model": "meta-llama/Llama-3.1-8B-Instruct", "balancer": {"extraArgs": ["--sessions"]}},
+    # prefill/decode disaggregation: 2 prefill + 3 decode replicas, no unified group
+    "disaggregated": {"replicas": {"count": 0},
+                      "disaggregation": {"enabled": True, "prefill": {"count": 2}, "decode": {"count": 3,
+                                         "extraArgs": ["--kv-transfer-timeout", "10"]}}},
+    # both groups next to a unified one, discovered through an InferencePool by balancer and picker
+    "disaggregated-pool": {"replicas": {"count": 1}, "disaggregation": {"enabled": True, "extraPeers": ["10.0.0.0/8"]},
+                           "picker": {"enabled": True}, "inferencePool": {"create": True},
+                           "balancer": {"discovery": "inferencePool"}},
 }
 
 
