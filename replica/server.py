@@ -181,6 +181,10 @@ class _Handlers:
             if req.stream:
                 return await self._stream(request, req, rid, outputs, headers, seen, len(choices), echo)
             return await self._complete(req, rid, outputs, headers, seen, len(choices), echo, handover)
+        except asyncio.CancelledError:
+            if request.transport is None or request.transport.is_closing():  # not a shutdown: the client left
+                _client_left(rid, seen)
+            raise
         finally:
             if access_log.isEnabledFor(logging.INFO):
                 _log_access(base, req, seen)
@@ -266,13 +270,7 @@ class _Handlers:
             await self._write_stream(request, resp, req, rid, outputs, seen, num_choices, echo)
         except ConnectionResetError:  # aiohttp's ClientConnectionResetError: the client closed the connection
             await outputs.aclose()  # aborts the request in the engine
-            seen.status = CLIENT_CLOSED
-            last = seen.last
-            if last is not None and last.finished:
-                log.info("request %s: the client closed the stream before its end was written", rid)
-            else:
-                log.info("request %s: the client closed the stream after %d output tokens; aborted it", rid,
-                         last.num_output_tokens if last is not None else 0)
+            _client_left(rid, seen)
         except asyncio.CancelledError:
             await outputs.aclose()
             raise
@@ -420,6 +418,19 @@ class _Seen:
     status: int = 200
 
 
+def _client_left(rid: str, seen: _Seen) -> None:
+    """The one line for a client that closed its connection before its answer was out (seen as
+    a cancelled handler, or a stream's failed write); its request is aborted already (its engine
+    stream was closed)."""
+    seen.status = CLIENT_CLOSED
+    last = seen.last
+    if last is not None and last.finished:
+        log.info("request %s: the client closed the connection before the end of its answer was written", rid)
+    else:
+        log.info("request %s: the client closed the connection after %d output tokens; aborted it", rid,
+                 last.num_output_tokens if last is not None else 0)
+
+
 def _log_access(request_id: str, req: GenerationRequest, seen: _Seen) -> None:
     """One line per request (never per token), keyed by the X-Request-Id the balancer sent."""
     last = seen.last
@@ -478,7 +489,11 @@ async def serve(app: web.Application, cfg: ServerConfig,
     """Serve until `stop` is set (None: until SIGTERM/SIGINT), then drain: refuse new work, let
     in-flight requests finish (up to `drain_timeout_s`). `ready(urls)` runs once listening."""
     service = app[SERVICE]
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.drain_timeout_s)
+    # handler_cancellation: a client that closes its connection cancels its handler, which
+    # aborts its request in the engine at once, before its first token or in the middle of a
+    # non-streamed answer (vLLM's API server does the same: `with_cancellation`,
+    # vllm/entrypoints/utils.py). A stream's client that leaves is also seen by the failed write.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.drain_timeout_s, handler_cancellation=True)
     await runner.setup()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT) if stop is None else ()
