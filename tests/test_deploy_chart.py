@@ -331,6 +331,35 @@ def test_the_pool_selects_every_replica_group_and_nothing_else():
     assert selected == {"replica", "prefill", "decode"}
 
 
+def test_the_example_values_file_deploys_a_prefill_and_a_decode_group():
+    values = check.load_values(os.path.join(ROOT, "deploy", "examples", "values-disaggregated.yaml"))
+    assert check.check(values) == []
+    pods = containers(check.render(values))
+    assert set(pods) == {"prefill", "decode", "balancer"}
+    d = values["disaggregation"]
+    for role in ("prefill", "decode"):
+        c = pods[role]
+        assert c["workload"]["spec"]["replicas"] == d[role]["count"]
+        assert c["container"]["resources"] == d[role]["resources"]
+        args = c["container"]["args"]
+        shared, own = values["replicas"]["extraArgs"], d[role]["extraArgs"]
+        assert args[-len(own) - len(shared):] == shared + own  # the group's flags after the shared ones
+        assert _replica(c).kv_transfer.role == role
+    assert _replica(pods["decode"]).kv_transfer.timeout_s == 10.0
+    assert len(_replica(pods["decode"]).kv_transfer.peers) == d["prefill"]["count"]
+
+
+def test_check_py_takes_values_files_under_set(tmp_path, capsys):
+    f = tmp_path / "pd.yaml"
+    f.write_text("disaggregation:\n  enabled: true\n  decode: {count: 2}\n")
+    assert check.merge(check.load_values(str(f)), {"disaggregation": {"decode": {"count": 3}}}) == \
+        {"disaggregation": {"enabled": True, "decode": {"count": 3}}}
+    assert check.main(["-f", str(f), "--set", "disaggregation.prefill.count=2"]) == 0
+    assert check.main(["-f", str(f), "--set", "disaggregation.decode.cuont=2"]) == 1
+    out = capsys.readouterr().out
+    assert f"{f} --set disaggregation.prefill.count=2: ok" in out and "'cuont' not allowed" in out
+
+
 def test_disaggregation_without_the_charts_replicas_fails_with_what_to_set():
     problems = check.check({"disaggregation": {"enabled": True},
                             "replicas": {"enabled": False, "dnsName": "vllm.llm.svc.cluster.local:8000"}})
