@@ -11,8 +11,10 @@ the route table (balancer/exchange.py: the generation routes, /health, /metrics,
                   ─▶ the handler, on a `FrontExchange` ─▶ one response, in request order
 
 Requests on one connection are answered in order (HTTP/1.1 pipelining); a client that sends
-`Expect: 100-continue` gets the interim response; a body over the size limit gets 413 and the
-connection is closed; a malformed request gets 400 and is closed; a body in gzip or deflate is
+`Expect: 100-continue` gets the interim response; a client that closes its connection (or
+only its sending side) while its request waits for a replica has left: the request is cancelled
+(499) and its upstream connection closed, so the replica aborts it; a body over the size limit
+gets 413 and the connection is closed; a malformed request gets 400 and is closed; a body in gzip or deflate is
 decoded (within the size limit), another Content-Encoding gets 415; HTTP/1.0 clients get
 streams without chunked framing, ended by the close; HEAD is answered by a GET route without
 its body; an idle connection is closed after `keepalive_timeout_s` (aiohttp's default, 75 s);
@@ -169,6 +171,16 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
+        if self.task is not None and not self.task.done():
+            self._client_left()
+
+    def _client_left(self) -> None:
+        """The client left while its request was being answered: cancel the handler, which gives
+        up what it waits for (its admission turn, the replica's answer, whose connection it
+        closes, so the replica aborts the request) and logs 499. (A stream's next write would
+        see it too, but only once the replica sends something.)"""
+        self.queue.clear()  # pipelined requests behind it: nobody to answer
+        self.task.cancel()
 
     def pause_writing(self) -> None:
         if self.drained is None or self.drained.done():
@@ -179,10 +191,15 @@ class _Connection(asyncio.Protocol):
             self.drained.set_result(None)
 
     def eof_received(self) -> bool:
-        # The client will send no more: answer what it sent (the transport stays open for
-        # writing), then close.
+        # The client will send no more. While one of its requests waits for something (the
+        # replica's answer, its admission turn) that means it left, as nginx takes a client's
+        # close during a proxied request ("client prematurely closed connection", 499; nginx's
+        # proxy_ignore_client_abort, off by default): cancel it, as connection_lost does. Else
+        # answer what it sent (the transport stays open for writing), then close.
         self.eof = True
-        if self.task is None and not self.queue:
+        if self.task is not None and not self.task.done():
+            self._client_left()
+        elif self.task is None and not self.queue:
             self.close()
         return True
 

@@ -302,7 +302,8 @@ class Proxy:
             outcome.status = e.status
             raise
         except (asyncio.CancelledError, ConnectionResetError):
-            outcome.status = outcome.status or 499  # the client went away (nginx's code for it)
+            # the client went away (nginx's code for it), also from a stream already opened with 200
+            outcome.status = 499
             raise
         except Exception:
             outcome.status = outcome.status or 500

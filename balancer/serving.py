@@ -47,7 +47,9 @@ def front_server(app: web.Application) -> FrontServer:
 
 async def start(app: web.Application, host: str, port: int, **runner_kw) -> Serving:
     """Listen on host:port (0: a free port); the body limit is the app's balancer config's."""
-    runner = web.AppRunner(app, **runner_kw)
+    # handler_cancellation: on aiohttp's server too (--no-fast-path), a client that closes its
+    # connection cancels its handler (as the fast path's front does: balancer/front.py).
+    runner = web.AppRunner(app, handler_cancellation=True, **runner_kw)
     await runner.setup()  # the app's start-up: the Balancer's tasks
     try:
         if not app[BALANCER].cfg.fast_path:

@@ -2,7 +2,8 @@
 
     python deploy/check.py                       # the chart's value sets below: lint + validate
     python deploy/check.py --set picker.enabled=true --set inferencePool.create=true
-    python deploy/check.py --print [--set ...]   # the rendered manifests
+    python deploy/check.py -f deploy/examples/values-disaggregated.yaml [--set ...]   # a values file
+    python deploy/check.py --print [-f FILE] [--set ...]   # the rendered manifests
 
 Needs the [deploy] extra (pip install 'kvfleet[deploy]'): helm-python-sdk (Helm's own Go library:
 `helm lint --strict`, `helm template`; Linux x86_64 wheels) and kubernetes-validate (the JSON
@@ -34,6 +35,14 @@ VALUE_SETS: dict[str, dict] = {
     "picker-on-dns": {"balancer": {"enabled": False}, "picker": {"enabled": True, "discovery": "dns"}},
     "external-vllm": {"replicas": {"enabled": False, "dnsName": "vllm.llm.svc.cluster.local:8000", "port": 8000},
                       "model": "meta-llama/Llama-3.1-8B-Instruct", "balancer": {"extraArgs": ["--sessions"]}},
+    # prefill/decode disaggregation: 2 prefill + 3 decode replicas, no unified group
+    "disaggregated": {"replicas": {"count": 0},
+                      "disaggregation": {"enabled": True, "prefill": {"count": 2}, "decode": {"count": 3,
+                                         "extraArgs": ["--kv-transfer-timeout", "10"]}}},
+    # both groups next to a unified one, discovered through an InferencePool by balancer and picker
+    "disaggregated-pool": {"replicas": {"count": 1}, "disaggregation": {"enabled": True, "extraPeers": ["10.0.0.0/8"]},
+                           "picker": {"enabled": True}, "inferencePool": {"create": True},
+                           "balancer": {"discovery": "inferencePool"}},
 }
 
 
@@ -110,6 +119,25 @@ def check(values: dict | None = None) -> list[str]:
     return problems
 
 
+def load_values(path: str) -> dict:
+    """A values file (`helm -f`), as a dict."""
+    import yaml
+
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path}: a values file holds a YAML mapping (key: value), got {type(values).__name__}")
+    return values
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, maps merged key by key (as helm merges -f files and --set)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _set(values: dict, item: str) -> None:
     """`a.b.c=VALUE` into values (VALUE as JSON when it parses, else a string), like helm --set."""
     key, sep, raw = item.partition("=")
@@ -127,16 +155,25 @@ def _set(values: dict, item: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-f", "--values", action="append", default=[], metavar="FILE",
+                    help="a values file, as helm's -f (repeatable, later ones win)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a chart value (repeatable); without any, every value set of VALUE_SETS is checked")
+                    help="a chart value (repeatable, over the files); without any --set or -f, every value set "
+                         "of VALUE_SETS is checked")
     ap.add_argument("--print", action="store_true", help="print the rendered manifests (YAML) instead")
     args = ap.parse_args(argv)
     sets = VALUE_SETS
-    if args.set:
+    if args.set or args.values:
         values: dict = {}
+        for path in args.values:
+            try:
+                values = merge(values, load_values(path))
+            except OSError as e:
+                raise SystemExit(f"deploy/check.py: cannot read values file {path}: {e.strerror}") from None
+        over: dict = {}
         for item in args.set:
-            _set(values, item)
-        sets = {"--set": values}
+            _set(over, item)
+        sets = {" ".join([*args.values, *(f"--set {i}" for i in args.set)]): merge(values, over)}
     try:
         if args.print:
             import yaml

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from replica.engine import RequestOutput
@@ -50,9 +51,12 @@ async def merged(service, base_id: str, choices: list[Choice],
     module docstring). Closing the iterator aborts the choices still running. `before_add`
     (one choice only: the KV hand-over's) goes to `EngineService.generate`."""
     if len(choices) == 1:
-        async for out in service.generate(service.unique_id(base_id), choices[0].prompt_ids, choices[0].params,
-                                          before_add):
-            yield 0, out
+        # aclosing: closing this iterator closes the engine's stream now (which aborts the
+        # request), not whenever the garbage collector finalizes it
+        async with aclosing(service.generate(service.unique_id(base_id), choices[0].prompt_ids, choices[0].params,
+                                             before_add)) as outs:
+            async for out in outs:
+                yield 0, out
         return
     if before_add is not None:
         raise ValueError("a KV hand-over serves one sequence; this request has several")
@@ -67,10 +71,12 @@ async def merged(service, base_id: str, choices: list[Choice],
         if c.sample:
             await started[c.index - c.sample].wait()
         try:
-            async for out in service.generate(service.unique_id(f"{base_id}-{c.index}"), c.prompt_ids, c.params):
-                await queue.put((c.index, out))
-                if first is not None and not first.is_set():
-                    first.set()
+            async with aclosing(service.generate(service.unique_id(f"{base_id}-{c.index}"), c.prompt_ids,
+                                                 c.params)) as outs:
+                async for out in outs:
+                    await queue.put((c.index, out))
+                    if first is not None and not first.is_set():
+                        first.set()
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
             await queue.put((c.index, e))
         finally:

@@ -34,7 +34,11 @@ from replica.scheduler import TooLarge, check_fits
 from replica.service import EngineService
 from replica.step_model import STEP_RECORD_FIELDS
 
+log = logging.getLogger("kvfleet.replica")
 access_log = logging.getLogger("kvfleet.replica.access")
+# The access log's status of a request whose client went away before its answer ended (nginx's
+# 499 "client closed request"; no response carries it).
+CLIENT_CLOSED = 499
 SERVICE = web.AppKey("service", EngineService)
 VERSION = "0.1.0"
 
@@ -177,6 +181,10 @@ class _Handlers:
             if req.stream:
                 return await self._stream(request, req, rid, outputs, headers, seen, len(choices), echo)
             return await self._complete(req, rid, outputs, headers, seen, len(choices), echo, handover)
+        except asyncio.CancelledError:
+            if request.transport is None or request.transport.is_closing():  # not a shutdown: the client left
+                _client_left(rid, seen)
+            raise
         finally:
             if access_log.isEnabledFor(logging.INFO):
                 _log_access(base, req, seen)
@@ -252,9 +260,25 @@ class _Handlers:
 
     async def _stream(self, request, req, rid, outputs: AsyncIterator[tuple[int, RequestOutput]], headers,
                       seen: "_Seen", num_choices: int, echo: list[str] | None) -> web.StreamResponse:
+        """The SSE answer. A client that goes away mid-stream (a write to its closed connection
+        fails) is a client abort, not an error: the request is aborted in the engine (its KV
+        blocks freed, its batch slot released) and one INFO line says so."""
         resp = web.StreamResponse(
             status=200, headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
+        try:
+            await self._write_stream(request, resp, req, rid, outputs, seen, num_choices, echo)
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError: the client closed the connection
+            await outputs.aclose()  # aborts the request in the engine
+            _client_left(rid, seen)
+        except asyncio.CancelledError:
+            await outputs.aclose()
+            raise
+        return resp  # aiohttp's write_eof on a closed connection is a quiet no-op
+
+    async def _write_stream(self, request, resp: web.StreamResponse, req, rid,
+                            outputs: AsyncIterator[tuple[int, RequestOutput]], seen: "_Seen", num_choices: int,
+                            echo: list[str] | None) -> None:
         await resp.prepare(request)
         created = int(time.time())
         chat = req.kind == "chat"
@@ -297,15 +321,11 @@ class _Handlers:
             if req.include_usage:
                 await resp.write(chunk(None, self._usage(finals, req.n)))
             await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            await outputs.aclose()  # aborts the request in the engine
-            raise
         except RuntimeError as e:  # the engine failed mid-stream: say so in-band, then end
             seen.status = 500
             err = error_body(500, f"the engine failed while generating: {e}")
             await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
         await resp.write_eof()
-        return resp
 
     # ------------------------------------------------------------- other routes
     async def models(self, request: web.Request) -> web.Response:
@@ -398,6 +418,19 @@ class _Seen:
     status: int = 200
 
 
+def _client_left(rid: str, seen: _Seen) -> None:
+    """The one line for a client that closed its connection before its answer was out (seen as
+    a cancelled handler, or a stream's failed write); its request is aborted already (its engine
+    stream was closed)."""
+    seen.status = CLIENT_CLOSED
+    last = seen.last
+    if last is not None and last.finished:
+        log.info("request %s: the client closed the connection before the end of its answer was written", rid)
+    else:
+        log.info("request %s: the client closed the connection after %d output tokens; aborted it", rid,
+                 last.num_output_tokens if last is not None else 0)
+
+
 def _log_access(request_id: str, req: GenerationRequest, seen: _Seen) -> None:
     """One line per request (never per token), keyed by the X-Request-Id the balancer sent."""
     last = seen.last
@@ -456,7 +489,11 @@ async def serve(app: web.Application, cfg: ServerConfig,
     """Serve until `stop` is set (None: until SIGTERM/SIGINT), then drain: refuse new work, let
     in-flight requests finish (up to `drain_timeout_s`). `ready(urls)` runs once listening."""
     service = app[SERVICE]
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.drain_timeout_s)
+    # handler_cancellation: a client that closes its connection cancels its handler, which
+    # aborts its request in the engine at once, before its first token or in the middle of a
+    # non-streamed answer (vLLM's API server does the same: `with_cancellation`,
+    # vllm/entrypoints/utils.py). A stream's client that leaves is also seen by the failed write.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.drain_timeout_s, handler_cancellation=True)
     await runner.setup()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT) if stop is None else ()

@@ -155,7 +155,7 @@ class EngineService:
     # ---------------------------------------------------------------- the loop
     def _drain_inbox(self) -> None:
         inbox, self._inbox = self._inbox, []
-        added = False
+        added = aborted = False
         for op, arg in inbox:
             if op == "add":
                 rid, prompt_ids, params, before_add = arg
@@ -176,6 +176,7 @@ class EngineService:
                 added = True
             elif op == "abort":
                 self.engine.abort_request(arg)
+                aborted = True
             elif op == "call":
                 fn, fut = arg
                 if not fut.done():
@@ -186,8 +187,16 @@ class EngineService:
             else:  # "reset": arg is a future for the result
                 if not arg.done():
                     arg.set_result(self.engine.kv.reset_prefix_cache())
+        if aborted:  # the gauges now, not at the next step (there may be none for a while)
+            self._set_gauges()
         if added and self.publisher is not None and self.publisher.config.load_report_on_arrival:
             self._maybe_report_load(force=True)  # the queue with them, before the step that admits them
+
+    def _set_gauges(self) -> None:
+        sched = self.engine.scheduler
+        self.metrics.num_running.set(sched.num_running)
+        self.metrics.num_waiting.set(sched.num_waiting)
+        self.metrics.kv_usage.set(self.engine.kv.usage)
 
     def _fail_stream(self, rid: str, err: BaseException) -> None:
         stream = self._streams.get(rid)
@@ -258,9 +267,7 @@ class EngineService:
                 m.request_generation_tokens.observe(out.num_output_tokens)
                 if stream is not None:
                     m.e2e.observe(now - stream.arrival)
-        m.num_running.set(sched.num_running)
-        m.num_waiting.set(sched.num_waiting)
-        m.kv_usage.set(self.engine.kv.usage)
+        self._set_gauges()
         q, h = sched.prefix_queries_tokens, sched.prefix_hit_tokens
         m.prefix_queries.inc(q - self._last_prefix[0])
         m.prefix_hits.inc(h - self._last_prefix[1])

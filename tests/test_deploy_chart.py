@@ -56,6 +56,20 @@ def containers(docs: list[dict]) -> dict[str, dict]:
     return out
 
 
+# The components whose pods run `kvfleet replica`: the unified group and the P/D groups.
+REPLICA_GROUPS = {"replica": "replica", "prefill": "replica", "decode": "replica"}
+
+
+def expand(arg: str, env: list[dict], pod: str) -> str:
+    """`$(VAR)` in a container arg, as the kubelet expands it from the container's env (only the
+    fieldRef metadata.name this chart uses), for the pod named `pod`."""
+    for e in env:
+        assert e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        arg = arg.replace(f"$({e['name']})", pod)
+    assert "$(" not in arg, arg
+    return arg
+
+
 # ------------------------------------------------------------------------------ schema checks
 def test_the_chart_lints_strict(rendered):
     name, values, _ = rendered
@@ -112,7 +126,7 @@ def test_every_container_runs_with_kvfleets_own_flags(rendered):
     parser = cli.build_parser()
     for component, c in containers(docs).items():
         args = parser.parse_args(c["container"]["args"])
-        assert args.command == component, (name, component)
+        assert args.command == REPLICA_GROUPS.get(component, component), (name, component)
         if component == "balancer":
             cfg = cmd_balancer.build_config(args)
         elif component == "picker":
@@ -202,7 +216,7 @@ def test_the_role_grants_what_inference_pool_discovery_reads():
     assert all(v in ("get", "list", "watch") for _, _, v in grants)  # read-only
     (subject,) = binding["subjects"]
     for c in containers(docs).values():
-        if c["workload"]["metadata"]["labels"]["app.kubernetes.io/component"] != "replica":
+        if c["workload"]["metadata"]["labels"]["app.kubernetes.io/component"] not in REPLICA_GROUPS:
             assert c["workload"]["spec"]["template"]["spec"]["serviceAccountName"] == subject["name"]
     assert not by_kind(check.render({}), "Role")  # DNS discovery reads no API: no Role
 
@@ -229,3 +243,148 @@ def test_the_dashboards_configmap_holds_what_dashboards_build_py_makes():
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     made = {os.path.basename(k): v for k, v in build.render().items() if k.endswith(".json") and "deploy" not in k}
     assert cm["data"] == made
+
+
+# ------------------------------------------------------------------------------ prefill/decode
+def test_the_default_values_render_no_disaggregation():
+    docs = check.render({})
+    pods = containers(docs)
+    assert set(pods) == {"replica", "balancer"}
+    args = pods["replica"]["container"]["args"]
+    assert not [a for a in args if a.startswith(("--role", "--kv-transfer"))]
+    assert "env" not in pods["replica"]["container"]
+
+
+def _replica(c) -> "object":
+    from kvfleet import cli, cmd_replica
+
+    return cmd_replica.replica_config(cli.build_parser().parse_args(c["container"]["args"]))
+
+
+@pytest.mark.parametrize("name", ["disaggregated", "disaggregated-pool"])
+def test_each_group_runs_its_role_and_decode_pulls_from_every_prefill_pod(name):
+    """Each group's pods run with their --role; every pod that can be a pair's prefill side binds
+    its KV block socket at its own pod DNS name (POD.SERVICE.NAMESPACE.svc.cluster.local, the
+    StatefulSet's headless Service) on the kv-transfer port; every pod that pulls allows exactly
+    those names (and extraPeers), as the replica's own allows_peer decides."""
+    values = check.VALUE_SETS[name]
+    d = values["disaggregation"]
+    docs = check.render(values)
+    pods = containers(docs)
+    counts = {"prefill": d.get("prefill", {}).get("count", 1), "decode": d.get("decode", {}).get("count", 1),
+              "replica": values["replicas"]["count"]}
+    assert {k for k, n in counts.items() if n} == set(pods) - {"balancer", "picker"}
+    roles = {"replica": "both", "prefill": "prefill", "decode": "decode"}
+    senders, pullers = [], []
+    for component in set(pods) & set(roles):
+        c = pods[component]
+        cfg = _replica(c).kv_transfer
+        assert cfg.role == roles[component]
+        sts = c["workload"]
+        assert sts["spec"]["replicas"] == counts[component]
+        assert sts["spec"]["template"]["metadata"]["labels"]["kvfleet.io/role"] == roles[component]
+        ports = {p["name"]: p["containerPort"] for p in c["container"]["ports"]}
+        if cfg.role != "decode":  # binds a KV block socket
+            assert cfg.port == ports["kv-transfer"] == d.get("kvTransferPort", 5600)
+            svc = sts["spec"]["serviceName"]
+            for i in range(counts[component]):
+                pod = f"{sts['metadata']['name']}-{i}"
+                host = expand(cfg.host, c["container"]["env"], pod)
+                assert host == f"{pod}.{svc}.{check.NAMESPACE}.svc.cluster.local"
+                senders.append(host)
+        else:
+            assert "kv-transfer" not in ports
+        if cfg.role != "prefill":
+            pullers.append(cfg)
+    assert senders and pullers
+    for cfg in pullers:
+        assert all(cfg.allows_peer(h) for h in senders)
+        assert set(cfg.peers) == set(senders) | set(d.get("extraPeers", []))
+        assert not cfg.allows_peer("kvfleet-prefill-9.kvfleet-prefill.llm.svc.cluster.local")
+    assert "decode" in pods and "prefill" in pods
+
+
+def test_the_decode_group_takes_its_own_extra_args():
+    pods = containers(check.render(check.VALUE_SETS["disaggregated"]))
+    assert _replica(pods["decode"]).kv_transfer.timeout_s == 10.0
+    assert _replica(pods["prefill"]).kv_transfer.timeout_s == 5.0
+
+
+def test_the_balancer_discovers_every_groups_headless_service():
+    docs = check.render(check.VALUE_SETS["disaggregated"])
+    args = containers(docs)["balancer"]["container"]["args"]
+    dns = [args[i + 1] for i, a in enumerate(args) if a == "--dns"]
+    headless = {s["metadata"]["name"]: s for s in by_kind(docs, "Service") if s["spec"].get("clusterIP") == "None"}
+    assert set(headless) == {"kvfleet-prefill", "kvfleet-decode"}  # replicas.count 0: no unified group
+    http = {n: next(p["port"] for p in s["spec"]["ports"] if p["name"] == "http") for n, s in headless.items()}
+    assert sorted(dns) == sorted(f"{n}.{check.NAMESPACE}.svc.cluster.local:{http[n]}" for n in headless)
+    for s in headless.values():  # the dashboards' replica job, on every group
+        assert s["metadata"]["labels"]["kvfleet.io/job"] == "kvfleet-replica"
+
+
+def test_the_pool_selects_every_replica_group_and_nothing_else():
+    docs = check.render(check.VALUE_SETS["disaggregated-pool"])
+    (pool,) = by_kind(docs, "InferencePool")
+    sel = pool["spec"]["selector"]["matchLabels"]
+    selected = {k for k, c in containers(docs).items()
+                if sel.items() <= c["workload"]["spec"]["template"]["metadata"]["labels"].items()}
+    assert selected == {"replica", "prefill", "decode"}
+
+
+def test_the_example_values_file_deploys_a_prefill_and_a_decode_group():
+    values = check.load_values(os.path.join(ROOT, "deploy", "examples", "values-disaggregated.yaml"))
+    assert check.check(values) == []
+    pods = containers(check.render(values))
+    assert set(pods) == {"prefill", "decode", "balancer"}
+    d = values["disaggregation"]
+    for role in ("prefill", "decode"):
+        c = pods[role]
+        assert c["workload"]["spec"]["replicas"] == d[role]["count"]
+        assert c["container"]["resources"] == d[role]["resources"]
+        args = c["container"]["args"]
+        shared, own = values["replicas"]["extraArgs"], d[role]["extraArgs"]
+        assert args[-len(own) - len(shared):] == shared + own  # the group's flags after the shared ones
+        assert _replica(c).kv_transfer.role == role
+    assert _replica(pods["decode"]).kv_transfer.timeout_s == 10.0
+    assert len(_replica(pods["decode"]).kv_transfer.peers) == d["prefill"]["count"]
+
+
+def test_check_py_takes_values_files_under_set(tmp_path, capsys):
+    f = tmp_path / "pd.yaml"
+    f.write_text("disaggregation:\n  enabled: true\n  decode: {count: 2}\n")
+    assert check.merge(check.load_values(str(f)), {"disaggregation": {"decode": {"count": 3}}}) == \
+        {"disaggregation": {"enabled": True, "decode": {"count": 3}}}
+    assert check.main(["-f", str(f), "--set", "disaggregation.prefill.count=2"]) == 0
+    assert check.main(["-f", str(f), "--set", "disaggregation.decode.cuont=2"]) == 1
+    out = capsys.readouterr().out
+    assert f"{f} --set disaggregation.prefill.count=2: ok" in out and "'cuont' not allowed" in out
+
+
+def test_disaggregation_without_the_charts_replicas_fails_with_what_to_set():
+    problems = check.check({"disaggregation": {"enabled": True},
+                            "replicas": {"enabled": False, "dnsName": "vllm.llm.svc.cluster.local:8000"}})
+    assert any("set replicas.enabled=true" in p for p in problems), problems
+    problems = check.check({"disaggregation": {"enabled": True, "prefil": {"count": 1}}})
+    assert any("'prefil' not allowed" in p for p in problems), problems
+
+
+def test_a_kv_block_socket_binds_at_a_host_name_and_is_reached_by_it():
+    """The chart binds each prefill pod's KV block socket at its DNS name (--kv-transfer-host
+    POD.SERVICE...): libzmq resolves a host name on bind (through /etc/hosts, where the kubelet
+    puts the pod's own name), and a peer dials the same name. Here with `localhost`."""
+    import zmq
+
+    from replica.kv_transfer import _endpoint
+
+    ctx = zmq.Context()
+    try:
+        router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+        router.linger = dealer.linger = 0
+        port = router.bind_to_random_port(_endpoint("localhost", 0).rsplit(":", 1)[0])
+        dealer.connect(_endpoint("localhost", port))
+        dealer.send(b"PULL")
+        assert router.poll(5000)
+        ident, msg = router.recv_multipart()
+        assert msg == b"PULL"
+    finally:
+        ctx.destroy(linger=0)

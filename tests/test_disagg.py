@@ -339,3 +339,35 @@ def test_the_hand_over_skips_what_the_decode_replica_holds_in_its_host_tier(pair
         assert 0 < moved <= 3 * 65536  # the blocks after the head's 12, not the whole prompt
     finally:
         decode.stop()
+
+
+def test_a_client_that_leaves_a_pairs_stream_mid_way_aborts_it_on_both_replicas(pair, caplog):
+    """The client reads the first event of a split request's stream and hangs up: the balancer
+    closes the decode leg (the decode replica aborts the request and frees its blocks), counts
+    nothing against either replica and logs no error."""
+    prefill, decode = pair
+    path, body = _body("completion", "[drop] " + PROMPT * 2, True)
+    body = {**body, "max_tokens": 1500}
+
+    def idle(p: procs.Proc) -> bool:
+        lo = json.loads(http("GET", p.url + "/load")[2])
+        return lo["num_running"] == lo["num_waiting"] == 0
+
+    generated = _metric(decode.url, "vllm:generation_tokens_total")
+
+    async def main():
+        async with balancer([p.replica_arg for p in pair]) as (url, b):
+            await _roles_known(b, pair)
+            async with aiohttp.ClientSession() as s:
+                r = await s.post(url + path, json=body)
+                assert r.status == 200 and r.headers["X-Kvfleet-Replica"] == decode.url
+                await r.content.readuntil(b"\n\n")  # the first event
+                r.close()
+            await wait_for(lambda: idle(decode) and idle(prefill))
+            assert _metric(decode.url, "vllm:generation_tokens_total") - generated < body["max_tokens"]  # cut short
+            assert all(b.registry.get(p.url).consecutive_failures == 0 for p in pair)
+
+    with caplog.at_level("INFO"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelno >= 40], [r.getMessage() for r in caplog.records]
+    assert any("status=499" in r.getMessage() for r in caplog.records if r.name == "kvfleet.balancer.access")
