@@ -193,8 +193,8 @@ def test_decode_excess_charges_only_the_running_sequences_above_the_fleets_mean(
     loads = {"a": 14, "b": 10, "c": 4}
     views = [view(r, num_running=n, running_decode_tokens=n * 9000) for r, n in loads.items()]
     theta = np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])
-    full, excess = (make_policy("predictive", {"decode_excess": False, "recompute_waste": False}),
-                   make_policy("predictive", {"decode_excess": True, "recompute_waste": False}))
+    full, excess = (make_policy("predictive", {"decode_excess": False, "recompute_waste": False, "replicate": False}),
+                   make_policy("predictive", {"decode_excess": True, "recompute_waste": False, "replicate": False}))
     for p in (full, excess):
         p.observe_steps("a", synthetic_steps(theta))
     req = request({"a": 250}, prompt=4096, out=400)
@@ -211,7 +211,8 @@ def test_recompute_waste_charges_the_decodes_stalled_by_tokens_another_replica_h
     # nothing), the cache wins.
     loads = {"a": 14, "b": 10, "c": 4}
     views = [view(r, num_running=n, running_decode_tokens=n * 9000) for r, n in loads.items()]
-    plain, waste = make_policy("predictive", {"recompute_waste": False}), make_policy("predictive", {"recompute_waste": True})
+    plain, waste = (make_policy("predictive", {"recompute_waste": False, "replicate": False}),
+                    make_policy("predictive", {"recompute_waste": True, "replicate": False}))
     for p in (plain, waste):
         p.observe_steps("a", synthetic_steps(np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])))
     req = request({"a": 250}, prompt=4096, out=400)
@@ -420,7 +421,7 @@ def test_replicate_stays_on_the_cache_and_warms_the_replica_it_would_have_moved_
     loads = {"a": 14, "b": 10, "c": 4}
     views = [view(r, num_running=n, running_decode_tokens=n * 9000) for r, n in loads.items()]
     theta = np.array([0.02, 1.8e-4, 3e-4, 8e-9, 4e-6])
-    move = make_policy("predictive", {"recompute_waste": False})
+    move = make_policy("predictive", {"recompute_waste": False, "replicate": False})
     rep = make_policy("predictive", {"recompute_waste": False, "replicate": True})
     for p in (move, rep):
         p.observe_steps("a", synthetic_steps(theta))

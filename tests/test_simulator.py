@@ -350,9 +350,9 @@ def test_replicate_sends_warm_ups_that_no_client_sees():
 
     trace = generate(GenerateConfig(kind="hot", num_requests=300, session_rate=1.0, tenants=8, seed=11))
     base = dict(replicas=8, preset=get_preset("llama3-8b-h100"), load=0.9, seed=11, kv_blocks=7500)
-    off = simulate(trace, SimulateConfig(policies=("predictive",), **base))
-    on = simulate(trace, SimulateConfig(policies=("predictive",), **base,
-                                        policy_options=(("predictive", (("replicate", True),)),)))
+    off = simulate(trace, SimulateConfig(policies=("predictive",), **base,
+                                         policy_options=(("predictive", (("replicate", False),)),)))
+    on = simulate(trace, SimulateConfig(policies=("predictive",), **base))  # the default since 2026-12-08
     p_off, p_on = off["policies"][0], on["policies"][0]
     assert "warmups" not in p_off and p_on["warmups"] > 0
     assert p_on["completed"] == p_off["completed"] == len(on["_results"]["predictive"].records) == 300

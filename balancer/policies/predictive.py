@@ -129,8 +129,10 @@ class PredictiveConfig:
     # TTFT, the request stays among the replicas within that bound and the one it would have
     # moved to gets a warm-up (Decision.warm): the held prefix computed there by a prefill-only
     # request, so the next requests find it cached instead of one of them paying the recompute.
-    # At most one warm-up in flight per replica and per prefix. False: off.
-    replicate: bool = False
+    # At most one warm-up in flight per replica and per prefix. False: off (the default until
+    # 2026-12-08; docs/benchmarks.md, issue #15: over 56 cells of three seeds at 8 and 32
+    # replicas, mean TTFT no worse than the best peer in 49 against 46, p99 in 29 against 23).
+    replicate: bool = True
     replicate_min_tokens: int = 1024
     replicate_slack: float = 1.0
     # The preemption risk counts the prefill queued ahead of the request (admitted first, so it
