@@ -86,7 +86,7 @@ from protocol.events import (
     KVEvent,
     canonical_medium,
 )
-from protocol.hashing import root_hash, token_bytes
+from protocol.hashing import chain_hashes, root_hash, token_bytes
 
 try:
     from balancer._blocktable import BlockTable as _BlockTable
@@ -193,6 +193,10 @@ class _Replica:
 
 
 class PrefixIndex:
+    # Runs of removals, and stores of blocks none of which is held yet, in bulk (same result);
+    # False: block by block (the tests' oracle for the bulk paths).
+    bulk: bool = True
+
     def __init__(
         self,
         block_size: int,
@@ -276,11 +280,16 @@ class PrefixIndex:
 
     def apply(self, replica_id: str, event: KVEvent) -> None:
         r = self._replicas.get(replica_id) or self._replica(replica_id)
+        if type(event) is BlockRemoved:
+            self._remove(r, event)  # type: ignore[arg-type]
+        else:
+            self._apply_other(r, event)
+
+    def _apply_other(self, r: _Replica, event: KVEvent) -> None:
+        """`apply` for anything but a BlockRemoved (TypeError for what is not a KV event)."""
         kind = type(event)
         if kind is BlockStored:
             self._store(r, event)  # type: ignore[arg-type]
-        elif kind is BlockRemoved:
-            self._remove(r, event)  # type: ignore[arg-type]
         elif kind is AllBlocksCleared:
             self._clear(r)
             self.stats.clears += 1
@@ -288,8 +297,29 @@ class PrefixIndex:
             raise TypeError(f"not a KV event: {event!r}")
 
     def apply_many(self, replica_id: str, events: Iterable[KVEvent]) -> None:
+        """`apply` each event in order. A run of BlockRemoved events of one medium (a full
+        cache evicts one block per event) is applied in one pass, with the same result."""
+        if not self.bulk:
+            for event in events:
+                self.apply(replica_id, event)
+            return
+        r = self._replicas.get(replica_id) or self._replica(replica_id)
+        run: list[EngineHash] = []  # hashes of the pending run of removals
+        run_medium: str | None = None
         for event in events:
-            self.apply(replica_id, event)
+            if type(event) is BlockRemoved:
+                if run and event.medium != run_medium:
+                    self._remove_hashes(r, run_medium, run)
+                    run = []
+                run_medium = event.medium  # type: ignore[union-attr]
+                run.extend(event.block_hashes)  # type: ignore[union-attr]
+                continue
+            if run:
+                self._remove_hashes(r, run_medium, run)
+                run = []
+            self._apply_other(r, event)
+        if run:
+            self._remove_hashes(r, run_medium, run)
 
     def load_snapshot(self, replica_id: str, events: Iterable[BlockStored]) -> None:
         """Replace the replica's entries with a snapshot, in whatever order its events come.
@@ -380,11 +410,25 @@ class PrefixIndex:
         slot = r.slot
         room = self.max_blocks_per_replica - r.num_blocks
         stored = 0
-        off = 0
-        for eh in engine_ids:
-            # Our chain, block by block (protocol.hashing's function, inlined over one token buffer).
-            parent = oh = _digest(parent.to_bytes(8, "little") + raw[off : off + step])
-            off += step
+        # Our chain over the event's token buffer, in one call (C where the extension is built).
+        ours = chain_hashes(raw, bs, parent, n)
+        if self.bulk and n <= room and emap.keys().isdisjoint(engine_ids) and len(set(engine_ids)) == n:
+            # None of the ids held yet and room for all (nearly every event): the loop below
+            # would store every block; the same, with the engine map filled in one call.
+            if list(engine_ids) == ours:  # a kvfleet replica: engine ids are our hashes
+                emap.update(zip(ours, ours))  # one int object per block, key and value
+            else:
+                emap.update((oh if eh == oh else eh, oh) for eh, oh in zip(engine_ids, ours))
+            multi = m.multi
+            for oh in ours:
+                if not set_bit(oh, slot):  # the replica already holds oh under another engine id
+                    multi[oh] = multi.get(oh, 1) + 1
+                elif any_set is not None:
+                    any_set(oh, slot)
+            r.num_blocks += n
+            self.stats.blocks_stored += n
+            return True
+        for eh, oh in zip(engine_ids, ours):
             held = emap.get(eh)
             if held is not None:
                 if held == oh:
@@ -452,18 +496,49 @@ class PrefixIndex:
         self._any = union
 
     def _remove(self, r: _Replica, ev: BlockRemoved) -> None:
-        medium = canonical_medium(ev.medium)
+        self._remove_hashes(r, ev.medium, ev.block_hashes)
+
+    def _remove_hashes(self, r: _Replica, medium: str | None, hashes: Sequence[EngineHash]) -> None:
+        """Drop the blocks `hashes` (engine ids) of `medium` from `r`: BlockRemoved events."""
+        medium = canonical_medium(medium)
         m = r.media.get(medium)
         if m is None:
-            self.stats.unknown_removals += len(ev.block_hashes)
+            self.stats.unknown_removals += len(hashes)
             return
         table = self._tables[medium]
+        total = len(hashes)
         removed = 0
-        for eh in ev.block_hashes:
-            if self._drop(r, m, table, eh):
-                removed += 1
+        if m.multi or self._any is not None or not self.bulk:
+            for eh in hashes:
+                if self._drop(r, m, table, eh):
+                    removed += 1
+        else:  # `_drop` of each, in bulk for the common case: no engine id shares a block, no lower tiers
+            ours = list(map(m.emap.pop, hashes, repeat(None)))
+            if None in ours:  # ids not held: unknown removals
+                held = [(eh, oh) for eh, oh in zip(hashes, ours) if oh is not None]
+                hashes, ours = [eh for eh, _ in held], [oh for _, oh in held]
+            removed = len(ours)
+            capacity = self.ghost_capacity
+            if capacity:  # the removed ids join the ghosts (a FIFO of `capacity`), oldest first
+                ghosts, order = r.ghosts, r.ghost_order
+                if ghosts.keys().isdisjoint(hashes):
+                    order.extend(hashes)
+                    ghosts.update(zip(hashes, ours))
+                    for _ in range(len(order) - capacity):
+                        ghosts.pop(order.popleft(), None)
+                else:
+                    for eh, oh in zip(hashes, ours):
+                        if eh not in ghosts:
+                            order.append(eh)
+                            if len(order) > capacity:
+                                ghosts.pop(order.popleft(), None)
+                        ghosts[eh] = oh
+            clear_bit, slot = table.clear_bit, r.slot
+            for oh in ours:
+                clear_bit(oh, slot)
+            r.num_blocks -= removed
         self.stats.blocks_removed += removed
-        self.stats.unknown_removals += len(ev.block_hashes) - removed
+        self.stats.unknown_removals += total - removed
 
     def _clear(self, r: _Replica) -> None:
         slot = r.slot

@@ -109,6 +109,23 @@ def hash_blocks(
     return _hash_chain(data, block_size, parent & _U64_MASK, n)
 
 
+def chain_hashes(data: bytes, block_size: int, parent: int, n_blocks: int) -> list[int]:
+    """`hash_blocks` of tokens already packed by `token_bytes` (`data`, at least
+    4 * block_size * n_blocks bytes): the first n_blocks hashes, chained from `parent`."""
+    if _hash_chain is not None:
+        return _hash_chain(data, block_size, parent & _U64_MASK, n_blocks)
+    step = 4 * block_size
+    if len(data) < n_blocks * step:
+        raise ValueError(f"data holds {len(data)} bytes, fewer than the {n_blocks} blocks x {step} bytes asked for")
+    digest = xxhash.xxh3_64_intdigest
+    out = [0] * max(n_blocks, 0)
+    h = parent & _U64_MASK
+    for i in range(n_blocks):
+        h = digest(h.to_bytes(8, "little") + data[i * step : (i + 1) * step])
+        out[i] = h
+    return out
+
+
 def _hash_blocks_py(
     token_ids: Sequence[int] | np.ndarray,
     block_size: int,

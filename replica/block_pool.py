@@ -94,10 +94,24 @@ class FreeBlockQueue:
         return block
 
     def popleft_n(self, n: int) -> list[KVCacheBlock]:
-        """Remove and return the first `n` blocks, in eviction order."""
+        """Remove and return the first `n` blocks, in eviction order (`popleft` n times, the
+        list relinked once: the block pool's allocation path)."""
         if n > self.num_free:
             raise ValueError(f"asked for {n} free blocks, only {self.num_free} free")
-        return [self.popleft() for _ in range(n)]
+        if n <= 0:
+            return []
+        head = self._head
+        out = [None] * n
+        block = head.next_free
+        for i in range(n):
+            out[i] = block
+            nxt = block.next_free
+            block.prev_free = block.next_free = None
+            block = nxt
+        head.next_free = block  # the tail sentinel when the list is emptied
+        block.prev_free = head
+        self.num_free -= n
+        return out  # type: ignore[return-value]
 
     def remove(self, block: KVCacheBlock) -> None:
         """Take `block` out of the list wherever it is. O(1)."""
@@ -176,6 +190,9 @@ class BlockPool:
 
     __slots__ = ("num_blocks", "block_size", "enable_caching", "blocks", "free_block_queue", "_cached", "cache_version",
                  "_events", "on_evict")
+    # Evictions and registrations of new blocks in bulk (same result); False: block by block
+    # (the tests' oracle for the bulk paths).
+    bulk: bool = True
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
                  on_evict: Callable[[KVCacheBlock], None] | None = None) -> None:
@@ -216,6 +233,29 @@ class BlockPool:
             return None
         return block
 
+    def cached_chain(self, block_hashes: Sequence[int], token_ids: Sequence[int], start: int, stop: int,
+                     parent_hash: int | None, lora: tuple[int, str] | None = None) -> list[KVCacheBlock]:
+        """The cached blocks continuing a chain from block `start` (whose parent is
+        `parent_hash`): for i = start, start + 1, ... < stop, the block `get_cached_block(
+        block_hashes[i], token_ids[i*bs:(i+1)*bs], parent_hash=<hash i-1>)` finds, tagged with
+        adapter `lora`, until the first block it does not. One loop for a whole prompt (the
+        prefix lookup of every waiting request, every step). Changes nothing."""
+        if not self.enable_caching:
+            return []
+        get = self._cached.get
+        bs = self.block_size
+        out: list[KVCacheBlock] = []
+        parent = parent_hash
+        for i in range(start, stop):
+            block_hash = block_hashes[i]
+            block = get(block_hash)
+            if (block is None or block.parent_hash != parent or block.lora != lora
+                    or block.token_ids != tuple(token_ids[i * bs : (i + 1) * bs])):
+                break
+            out.append(block)
+            parent = block_hash
+        return out
+
     def cached_blocks(self) -> Mapping[int, KVCacheBlock]:
         """Read-only view of the hash map (hash -> block)."""
         return MappingProxyType(self._cached)
@@ -232,9 +272,25 @@ class BlockPool:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         blocks = self.free_block_queue.popleft_n(n)
+        if self.on_evict is not None or not self.bulk:
+            for block in blocks:
+                if block.block_hash is not None:
+                    self._evict(block)
+                block.ref_cnt = 1
+            return blocks
+        # `_evict` for each cached block (no spill hook), in bulk: a full cache evicts a block
+        # for nearly every one popped. One BlockRemoved per block, in the order popped.
+        hashes = [b.block_hash for b in blocks]
+        if hashes.count(None) != n:
+            cached = self._cached
+            for block, block_hash in zip(blocks, hashes):
+                if block_hash is not None:
+                    del cached[block_hash]
+                    block.block_hash = block.token_ids = block.parent_hash = block.lora = None
+            evicted = [BlockRemoved((h,)) for h in hashes if h is not None]
+            self.cache_version += len(evicted)
+            self._events.extend(evicted)
         for block in blocks:
-            if block.block_hash is not None:
-                self._evict(block)
             block.ref_cnt = 1
         return blocks
 
@@ -250,12 +306,22 @@ class BlockPool:
 
         Pass a request's blocks tail first, so its tail is evicted before its (shared) head.
         """
+        queue = self.free_block_queue
+        tail = queue._tail
         for block in ordered_blocks:
-            if block.ref_cnt <= 0:
-                raise ValueError(f"block {block.block_id} freed with ref_cnt {block.ref_cnt}")
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                self.free_block_queue.append(block)
+            ref_cnt = block.ref_cnt
+            if ref_cnt <= 0:
+                raise ValueError(f"block {block.block_id} freed with ref_cnt {ref_cnt}")
+            block.ref_cnt = ref_cnt - 1
+            if ref_cnt == 1:  # FreeBlockQueue.append, inlined
+                if block.prev_free is not None or block.next_free is not None:
+                    raise ValueError(f"block {block.block_id} is already on the free list")
+                last = tail.prev_free
+                last.next_free = block  # type: ignore[union-attr]
+                block.prev_free = last
+                block.next_free = tail
+                tail.prev_free = block
+                queue.num_free += 1
 
     # --- caching ----------------------------------------------------------------------------
 
@@ -293,45 +359,59 @@ class BlockPool:
             raise ValueError(f"{len(blocks)} blocks need {len(blocks) * bs} tokens, got {len(token_ids)}")
         if not self.enable_caching:
             return 0
+        flat = tuple(map(int, token_ids))  # plain ints (numpy scalars would not serialize)
+        cached = self._cached
+        n = len(blocks)
+        if (self.bulk and n and min([b.ref_cnt for b in blocks]) > 0 and [b.block_hash for b in blocks].count(None) == n
+                and cached.keys().isdisjoint(block_hashes) and len(set(block_hashes)) == n):
+            # Every block new, under a hash not mapped yet (a prefill's chunk, nearly always): the
+            # loop below would register them all as one run; the same, in bulk. (An unhashed
+            # block has no parent or adapter: check_integrity.)
+            parents = [parent_hash, *block_hashes[:-1]]
+            for block, block_hash, parent, start in zip(blocks, block_hashes, parents, range(0, n * bs, bs)):
+                block.block_hash = block_hash
+                block.token_ids = flat[start : start + bs]
+                block.parent_hash = parent
+            if lora is not None:
+                for block in blocks:
+                    block.lora = lora
+            cached.update(zip(block_hashes, blocks))
+            self.cache_version += n
+            self._emit_stored(block_hashes, parent_hash, flat, lora)
+            return n
         num_cached = 0
         run_hashes: list[int] = []
-        run_tokens: list[int] = []
+        run_start = 0  # the first block of the run of newly registered blocks
         run_parent: int | None = None
         parent = parent_hash
-        flat = list(map(int, token_ids))  # plain ints (numpy scalars would not serialize)
-        for i, (block, block_hash) in enumerate(zip(blocks, block_hashes)):
-            tokens = tuple(flat[i * bs : (i + 1) * bs])
-            if self._insert(block, block_hash, tokens, parent, lora):
+        # Block by block (a long prefill registers hundreds per call): a block already cached
+        # or a hash already mapped is skipped; an uncached one takes the hash, its tokens and parent.
+        for i, block in enumerate(blocks):
+            block_hash = block_hashes[i]
+            if block.ref_cnt <= 0:
+                raise ValueError(f"block {block.block_id} is not in use and cannot be cached")
+            if block.block_hash is None and block_hash not in cached:
+                block.block_hash = block_hash
+                block.token_ids = flat[i * bs : (i + 1) * bs]
+                block.parent_hash = parent
+                block.lora = lora
+                cached[block_hash] = block
+                self.cache_version += 1
                 if not run_hashes:
                     run_parent = parent
+                    run_start = i
                 run_hashes.append(block_hash)
-                run_tokens.extend(tokens)
                 num_cached += 1
-            elif run_hashes:
-                self._emit_stored(run_hashes, run_parent, run_tokens, lora)
-                run_hashes, run_tokens = [], []
+            else:
+                if block.block_hash is not None and block.block_hash != block_hash:
+                    raise ValueError(f"block {block.block_id} is already cached under another hash")
+                if run_hashes:
+                    self._emit_stored(run_hashes, run_parent, flat[run_start * bs : i * bs], lora)
+                    run_hashes = []
             parent = block_hash
         if run_hashes:
-            self._emit_stored(run_hashes, run_parent, run_tokens, lora)
+            self._emit_stored(run_hashes, run_parent, flat[run_start * bs : len(blocks) * bs], lora)
         return num_cached
-
-    def _insert(self, block: KVCacheBlock, block_hash: int, tokens: tuple[int, ...], parent: int | None,
-                lora: tuple[int, str] | None = None) -> bool:
-        if block.ref_cnt <= 0:
-            raise ValueError(f"block {block.block_id} is not in use and cannot be cached")
-        if block.block_hash is not None:
-            if block.block_hash != block_hash:
-                raise ValueError(f"block {block.block_id} is already cached under another hash")
-            return False
-        if block_hash in self._cached:
-            return False
-        block.block_hash = block_hash
-        block.token_ids = tokens
-        block.parent_hash = parent
-        block.lora = lora
-        self._cached[block_hash] = block
-        self.cache_version += 1
-        return True
 
     def _emit_stored(self, hashes: list[int], parent: int | None, tokens: list[int],
                      lora: tuple[int, str] | None = None) -> None:
@@ -462,8 +542,8 @@ class BlockPool:
             if bid not in on_list_ids and (block.prev_free is not None or block.next_free is not None):
                 raise RuntimeError(f"block {bid}: off the free list but has free-list links")
             if block.block_hash is None:
-                if block.token_ids is not None or block.parent_hash is not None:
-                    raise RuntimeError(f"block {bid}: no hash but token_ids/parent_hash set")
+                if block.token_ids is not None or block.parent_hash is not None or block.lora is not None:
+                    raise RuntimeError(f"block {bid}: no hash but token_ids/parent_hash/lora set")
             else:
                 if not self.enable_caching:
                     raise RuntimeError(f"block {bid}: hashed while caching is disabled")

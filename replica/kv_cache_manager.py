@@ -68,6 +68,11 @@ class _RequestState:
     # The request's LoRA adapter: its chain starts at the adapter's root, its blocks are tagged
     # with it; None: the manager's `hash_root` (the base model).
     lora: LoraTag | None = None
+    # The blocks the last lookup found, with the `token_ids` tuple each carried then: a block
+    # whose tuple is still the same object has not been evicted since (eviction clears it, and
+    # each registration makes a new one), so it is still the cached block for its hash with the
+    # same tokens, parent and adapter, and the next lookup need not confirm it again.
+    last_walk: tuple[list[KVCacheBlock], list[tuple[int, ...] | None]] | None = None
 
 
 class KVCacheManager:
@@ -152,14 +157,27 @@ class KVCacheManager:
         hashes = self._extend_hashes(state, token_ids, len(token_ids) // bs)
         tag = None if lora is None else (lora.lora_id, lora.name)
         max_hit = max(len(token_ids) - 1, 0) // bs
+        # Each hit is confirmed by its tokens, its parent and its adapter (another adapter's KV
+        # never matches, even on a hash collision). A request's tokens only grow, so the hits
+        # confirmed by its last lookup and not evicted since hold still (`last_walk`): the walk
+        # goes on from the first one that was evicted.
         blocks: list[KVCacheBlock] = []
-        parent: int | None = None
-        for i in range(max_hit):
-            block = self.pool.get_cached_block(hashes[i], token_ids[i * bs : (i + 1) * bs], parent_hash=parent)
-            if block is None or block.lora != tag:  # another adapter's KV, even on a hash collision
-                break
-            blocks.append(block)
-            parent = hashes[i]
+        tokens: list[tuple[int, ...] | None] = []
+        walk = state.last_walk
+        if walk is not None:
+            prev, prev_tokens = walk
+            n = min(len(prev), max_hit)
+            i = 0
+            while i < n and prev[i].token_ids is prev_tokens[i]:
+                i += 1
+            blocks, tokens = prev[:i], prev_tokens[:i]
+        found = self.pool.cached_chain(hashes, token_ids, len(blocks), max_hit,
+                                       hashes[len(blocks) - 1] if blocks else None, tag)
+        if found:
+            blocks += found
+            tokens += [b.token_ids for b in found]
+        state.last_walk = (blocks.copy(), tokens)  # its own list: the caller gets `blocks`
+        parent = hashes[len(blocks) - 1] if blocks else None
         tier_blocks: tuple[TierBlock, ...] = ()
         if self.offload is not None and len(blocks) < max_hit:
             tier_blocks = tuple(self.offload.lookup(hashes, token_ids, len(blocks), max_hit, parent, tag))
@@ -199,13 +217,18 @@ class KVCacheManager:
         tokens is registered in the prefix cache (BlockStored events).
         `token_ids` must hold at least that many tokens. Raises ValueError on misuse.
         """
-        bs = self.block_size
+        pool = self.pool
+        bs = pool.block_size
         total = num_computed_tokens + num_new_tokens
         if num_computed_tokens < 0 or num_new_tokens < 0:
             raise ValueError(f"negative token count: computed={num_computed_tokens} new={num_new_tokens}")
         if len(token_ids) < total:
             raise ValueError(f"token_ids holds {len(token_ids)} tokens, allocating for {total}")
-        state = self._state(req_id, lora)  # registered below, once the call succeeds
+        state = self._requests.get(req_id)  # `_state`, inlined: this runs for every running request, every step
+        if state is None:
+            state = _RequestState(lora=lora)  # registered below, once the call succeeds
+        elif state.lora != lora:
+            raise ValueError(f"request {req_id!r} changed its LoRA adapter")
 
         hit: list[KVCacheBlock] = []
         loaded: tuple[TierBlock, ...] = ()
@@ -236,7 +259,7 @@ class KVCacheManager:
             free = self.pool.num_free_blocks
             if num_needed > free:
                 return False
-            if num_needed > free - len(hit) and num_needed > free - sum(1 for b in hit if b.ref_cnt == 0):
+            if num_needed > free - len(hit) and num_needed > free - [b.ref_cnt for b in hit].count(0):
                 return False
         self._requests[req_id] = state
         if hit:

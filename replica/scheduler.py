@@ -208,14 +208,18 @@ class Scheduler:
         preempted: list[Request] = []
         prefill = decode = 0
 
+        running = self.running  # `_preempt_newest` pops from this same list
+        allocate_slots = self.kv.allocate_slots
+        new_scheduled = tuple.__new__  # ScheduledRequest(...) without NamedTuple.__new__'s keyword handling
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        while i < len(running) and budget > 0:
+            req = running[i]
+            computed = req.num_computed_tokens
+            num_tokens = len(req.token_ids)
+            num_new = min(num_tokens - computed, budget)
             allocated = False
             while True:
-                if self.kv.allocate_slots(req.request_id, req.token_ids, req.num_computed_tokens, num_new,
-                                          lora=req.lora):
+                if allocate_slots(req.request_id, req.token_ids, computed, num_new, lora=req.lora):
                     allocated = True
                     break
                 victim = self._preempt_newest()
@@ -224,16 +228,15 @@ class Scheduler:
                     break
             if not allocated:
                 break
-            sample = req.num_computed_tokens + num_new == req.num_tokens
-            scheduled.append(ScheduledRequest(req, num_new, sample))
-            if num_new == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
+            scheduled.append(new_scheduled(ScheduledRequest, (req, num_new, computed + num_new == num_tokens)))
+            if num_new == 1 and computed >= req.num_prompt_tokens:
                 decode += 1
             else:
                 prefill += num_new
             budget -= num_new
             i += 1
 
-        if not preempted:
+        if not preempted and self.waiting:
             loras = {r.lora_name for r in self.running if r.lora is not None}
             skipped: list[Request] = []
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -279,6 +282,7 @@ class Scheduler:
         now = self.clock()
         touched: list[Request] = []
         any_finished = False
+        check_stop = self._check_stop
         for req, num_new, sample in output.scheduled:
             req.num_computed_tokens += num_new
             if not sample:
@@ -287,7 +291,7 @@ class Scheduler:
             req.token_ids.append(token)
             if req.first_token_time is None:
                 req.first_token_time = now
-            status = self._check_stop(req, token)
+            status = check_stop(req, token)
             if status is not None:
                 # Released here; dropped from `running` in one pass below (no O(n) remove).
                 del self.requests[req.request_id]
@@ -301,12 +305,13 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         params = req.params
-        n_out = req.num_output_tokens
+        num_tokens = len(req.token_ids)
+        n_out = num_tokens - req.num_prompt_tokens  # req.num_output_tokens
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token == req.eos_token_id:
                 return RequestStatus.FINISHED_STOPPED
             if token in params.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED
-        if n_out >= params.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if n_out >= params.max_tokens or num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

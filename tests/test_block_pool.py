@@ -283,3 +283,70 @@ def test_invalid_config() -> None:
         BlockPool(0, BS)
     with pytest.raises(ValueError):
         BlockPool(4, 0)
+
+
+class _BlockByBlock(BlockPool):
+    bulk = False  # evictions and registrations one block at a time: the oracle of the bulk paths
+
+
+def test_bulk_evictions_and_registrations_equal_block_by_block():
+    """A full pool evicts a block for nearly every one it hands out, and a prefill chunk
+    registers hundreds of new blocks at once: both run in bulk. Driven through the KV cache
+    manager by the same requests (shared prefixes, chunks, decodes, a duplicate computed
+    twice), the bulk pool and the block-by-block one give the same events, blocks, hash map
+    (in its order) and free list after every call."""
+    import random
+
+    from replica.kv_cache_manager import KVCacheManager
+
+    root = root_hash("m")
+    pools = []
+    for cls in (BlockPool, _BlockByBlock):
+        mgr = KVCacheManager(24, 4, root)
+        mgr.pool = cls(24, 4)
+        pools.append(mgr)
+    rng = random.Random(3)
+    prefixes = [[rng.randrange(1, 500) for _ in range(12)] for _ in range(3)]
+
+    def state(mgr):
+        pool = mgr.pool
+        blocks = [(b.block_id, b.ref_cnt, b.block_hash, b.token_ids, b.parent_hash, b.lora) for b in pool.blocks]
+        return (mgr.take_events(), blocks, [(h, b.block_id) for h, b in pool.cached_blocks().items()],
+                [b.block_id for b in pool.free_block_queue], pool.cache_version)
+
+    live: list[tuple[str, list[int], int]] = []  # (request, tokens, computed) of the admitted ones
+    for i in range(150):
+        if i % 3 == 0 or not live:  # a new request: its prefix hit, then its first chunk
+            rid = f"q{i}"
+            tokens = rng.choice(prefixes) + [rng.randrange(1, 500) for _ in range(rng.randrange(1, 30))]
+            admitted = []
+            for mgr in pools:
+                hit = mgr.get_computed_blocks(rid, tokens)
+                chunk = min(len(tokens) - hit.num_tokens, 8)
+                admitted.append(mgr.allocate_slots(rid, tokens, hit.num_tokens, chunk, hit) and hit.num_tokens + chunk)
+            assert admitted[0] == admitted[1]
+            if admitted[0]:
+                live.append((rid, tokens, admitted[0]))
+        else:  # a running request's next chunk (or decode), or its end
+            j = i % len(live)
+            rid, tokens, done = live[j]
+            if done >= len(tokens) or i % 5 == 0:
+                for mgr in pools:
+                    mgr.free(rid)
+                del live[j]
+            else:
+                n = min(len(tokens) - done, 8)
+                ok = [mgr.allocate_slots(rid, tokens, done, n) for mgr in pools]
+                assert ok[0] == ok[1]
+                if ok[0]:
+                    live[j] = (rid, tokens, done + n)
+        for mgr in pools:
+            mgr.check_integrity()
+        assert state(pools[0]) == state(pools[1])
+    # A block computed twice (two requests, same content, neither hit): the second stays unhashed.
+    for mgr in pools:
+        tokens = [7] * 9
+        for rid in ("x", "y"):
+            hit = mgr.get_computed_blocks(rid, tokens)
+            assert mgr.allocate_slots(rid, tokens, hit.num_tokens, len(tokens) - hit.num_tokens, hit)
+    assert state(pools[0]) == state(pools[1])

@@ -549,3 +549,40 @@ def test_a_released_hold_lets_a_later_free_release_at_once() -> None:
     mgr.free("p")
     assert mgr.kept_blocks("p") is None and ref_cnts(mgr) == [0] * 8
     mgr.check_integrity()
+
+
+def test_a_waiting_requests_repeated_lookup_equals_a_fresh_one_after_evictions():
+    """A request waiting for blocks is looked up every step, and a lookup reuses the hits its
+    last one confirmed (`last_walk`) while they stay cached: once they are evicted, or evicted
+    and their hash registered again elsewhere, it must answer what a first lookup answers."""
+    mgr = make(num_blocks=8)
+    a = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # 3 full blocks + 1 token
+    admit(mgr, "a", a)
+    mgr.free("a")
+    waiting = a[:12] + [50, 51, 52, 53, 54]
+
+    def fresh(tokens: list[int]) -> list[int]:
+        hit = mgr.get_computed_blocks("fresh", tokens)
+        mgr.free("fresh")  # forget the probe (it holds nothing)
+        mgr._requests.pop("fresh", None)
+        return [b.block_id for b in hit.blocks]
+
+    first = mgr.get_computed_blocks("w", waiting)
+    assert first.num_tokens == 12 and [b.block_id for b in first.blocks] == fresh(waiting)
+    # Evict everything (another request takes all 8 blocks), then cache a's first block again
+    # in another block, under the same hash: the walk must not keep the evicted second block.
+    admit(mgr, "b", list(range(100, 132)))
+    mgr.free("b")
+    admit(mgr, "c", a[:4] + [7, 7, 7])
+    mgr.free("c")
+    again = mgr.get_computed_blocks("w", waiting)
+    assert again.num_tokens == 4
+    assert [b.block_id for b in again.blocks] == fresh(waiting)
+    assert again.blocks[0].block_hash == chain(a)[0]
+    # The rest cached again: the lookup goes on from the block it kept.
+    admit(mgr, "d", a)
+    mgr.free("d")
+    third = mgr.get_computed_blocks("w", waiting)
+    assert third.num_tokens == 12 and [b.block_id for b in third.blocks] == fresh(waiting)
+    assert third.blocks[0] is again.blocks[0]
+    mgr.check_integrity()

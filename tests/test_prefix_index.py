@@ -514,3 +514,65 @@ def test_bad_construction() -> None:
         PrefixIndex(0, MODEL)
     with pytest.raises(ValueError):
         PrefixIndex(BS, MODEL, max_blocks_per_replica=0)
+
+
+def test_apply_many_equals_applying_each_event() -> None:
+    """`apply_many` takes runs of removals in one pass and stores new blocks in bulk (the
+    simulator feeds it a replica's events after every step): the index it leaves, ghosts and
+    counters included, is the one `apply` leaves block by block (`bulk` off), after every batch
+    of events — over evictions from a churning pool, duplicate stores, unknown and repeated
+    removals, vLLM-style engine ids (two ids for one block), a lower tier, a clear, and ghost
+    FIFOs that overflow or still hold ids removed again."""
+    import dataclasses
+    import random
+
+    from replica.kv_cache_manager import KVCacheManager
+
+    rng = random.Random(7)
+    mgr = KVCacheManager(12, BS, ROOT)
+    batches: list[list] = []
+    prefixes = [[rng.randrange(1, 1000) for _ in range(2 * BS)] for _ in range(3)]
+    for i in range(80):  # shared prefixes (hits, ids removed again while still ghosts), fresh tails
+        tokens = rng.choice(prefixes) + [rng.randrange(1, 1000) for _ in range(rng.randrange(0, 6) * BS + 1)]
+        hit = mgr.get_computed_blocks(f"q{i}", tokens)
+        if mgr.allocate_slots(f"q{i}", tokens, hit.num_tokens, len(tokens) - hit.num_tokens, hit):
+            mgr.free(f"q{i}")
+        else:
+            mgr._requests.pop(f"q{i}", None)
+        events = mgr.take_events()
+        if i % 7 == 3 and events:  # delivered twice, and removals of ids never stored
+            events = events + events[:2] + [BlockRemoved((rng.randrange(1 << 60),)) for _ in range(3)]
+        batches.append(events)
+    salted = tuple(toks(1, 90))  # one block under two engine ids (a vLLM salt), then removed
+    batches.append([BlockStored((111,), None, salted, BS), BlockStored((222,), None, salted, BS),
+                    BlockRemoved((111,))])
+    batches.append([BlockRemoved((222,)), BlockRemoved((222,))])
+    stored = next(e for batch in batches for e in batch if isinstance(e, BlockStored))
+    batches.append([dataclasses.replace(stored, medium="CPU"), BlockRemoved(stored.block_hashes[:1], medium="GPU"),
+                    BlockRemoved(stored.block_hashes[:1], medium="CPU")])
+    batches.append([AllBlocksCleared()])
+    batches.append([stored, BlockRemoved(stored.block_hashes)])
+
+    probes = [hash_blocks(p + [rng.randrange(1, 1000) for _ in range(4 * BS)], BS, ROOT) for p in prefixes]
+    probes.append(hash_blocks(salted, BS, ROOT))
+    for capacity in (5, 4096):  # ghosts overflowing, and ids removed again while still ghosts
+        one, many = PrefixIndex(BS, MODEL, ghost_capacity=capacity), PrefixIndex(BS, MODEL, ghost_capacity=capacity)
+        one.bulk = False  # block by block: the oracle
+        check_apply_many(batches, one, many, probes)
+    assert one.stats.blocks_removed > 50 and one.stats.unknown_removals > 0 and one.stats.duplicate_stores > 0
+
+
+def check_apply_many(batches: list[list], one: PrefixIndex, many: PrefixIndex, probes: list[list[int]]) -> None:
+    import dataclasses
+
+    for batch in batches:
+        for ev in batch:
+            one.apply("r0", ev)
+        many.apply_many("r0", batch)
+        for medium in ("GPU", "CPU"):
+            assert many.replica_block_hashes("r0", medium) == one.replica_block_hashes("r0", medium)
+        assert dataclasses.asdict(many.stats) == dataclasses.asdict(one.stats)
+        a, b = one._replicas["r0"], many._replicas["r0"]
+        assert (b.ghosts, list(b.ghost_order), b.num_blocks) == (a.ghosts, list(a.ghost_order), a.num_blocks)
+        assert [many.match(p) for p in probes] == [one.match(p) for p in probes]
+        many.check_integrity()
