@@ -97,7 +97,6 @@ except ImportError:  # extension not built (no C compiler at install time): Dict
 NATIVE_TABLE: bool = _BlockTable is not None
 
 DEFAULT_MEDIUM = MEDIUM_GPU  # the device; also what a publisher that sends no medium (vLLM < 0.10) meant
-MEDIUM_HOST = MEDIUM_CPU  # the offload tiers' media (protocol.events, as replica/kv_offload.py sends them)
 _U64 = (1 << 64) - 1
 _digest = xxhash.xxh3_64_intdigest
 _MAX_INTERNED_MASKS = 65_536
@@ -603,7 +602,7 @@ class PrefixIndex:
         disk = self._tables.get(MEDIUM_DISK)
         if not disk or not offloaded:
             return {}
-        host = self._tables.get(MEDIUM_HOST)
+        host = self._tables.get(MEDIUM_CPU)
         owners = self._owners
         out: dict[str, int] = {}
         for rid, n in offloaded.items():

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simulator.fleet import FleetSimulation  # noqa: E402
-from simulator.run import fleet_config, make_predictor, offered_load, rescale, sim_requests  # noqa: E402
-from simulator.sweep import Cell, cell_config, load_spec  # noqa: E402
+from bench.common import load_sweep_spec  # noqa: E402
+from simulator.run import fleet_config, make_predictor, replayed  # noqa: E402
+from simulator.sweep import Cell, cell_config  # noqa: E402
 
 
 def fingerprint(res) -> str:
@@ -52,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=1, help="runs per (cell, policy); the fastest is reported")
     args = ap.parse_args(argv)
-    try:
-        spec = load_spec(args.spec)
-    except (FileNotFoundError, ValueError) as e:
-        ap.error(f"{e}; pass --spec with a sweep file such as bench/replicate_variants.toml")
-    workloads = {w.name: w for w in spec.workloads}
+    spec, workloads = load_sweep_spec(ap, args.spec, "bench/replicate_variants.toml")
     names = [w for w in args.workloads.split(",") if w]
     unknown = [w for w in names if w not in workloads]
     if unknown:
@@ -71,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         for policy in (p for p in args.policies.split(",") if p):
             trace, cfg = cell_config(spec, cell, policy)
             if reqs is None:  # the cell's requests, as diagnose_cell / simulate() replay them
-                reqs = sorted(sim_requests(trace, cfg.seed), key=lambda r: r.arrival_s)
-                reqs = rescale(reqs, offered_load(reqs, cfg)[0] / cfg.load)
+                reqs = replayed(trace, cfg)[0]
             best, best_cpu, prints = float("inf"), float("inf"), set()
             for _ in range(args.repeat):
                 fleet = FleetSimulation(fleet_config(cfg, cfg.policies[0]), predictor=make_predictor(cfg))

@@ -62,3 +62,15 @@ def routing_mode(mode: str) -> tuple[bool, bool]:
         raise ValueError(f"mode must be one of {', '.join(ROUTING_MODES)}; got {mode!r}")
     routing, _, arrival = mode.partition("+")
     return routing == "consistent", bool(arrival)
+
+
+def load_sweep_spec(ap, path: str, example: str):
+    """The sweep file at `path` and its workloads by name; a missing or bad file is an argparse
+    error (exit 2) naming `example`, a sweep file to pass instead."""
+    from simulator.sweep import load_spec
+
+    try:
+        spec = load_spec(path)
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(f"{e}; pass --spec with a sweep file such as {example}")
+    return spec, {w.name: w for w in spec.workloads}

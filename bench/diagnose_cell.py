@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simulator.fleet import FleetSimulation  # noqa: E402
-from simulator.run import fleet_config, make_predictor, offered_load, rescale, sim_requests, summarize  # noqa: E402
-from simulator.sweep import BLOCK_TOKENS as BLOCK, Cell, cell_config, load_spec  # noqa: E402
+from bench.common import load_sweep_spec  # noqa: E402
+from simulator.run import fleet_config, make_predictor, replayed, summarize  # noqa: E402
+from simulator.sweep import BLOCK_TOKENS as BLOCK, Cell, cell_config  # noqa: E402
 
 BUCKETS = ((0, 4000), (4000, 16000), (16000, 64000), (64000, 10**9))
 
@@ -66,11 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also print the N slowest requests (by TTFT): prompt and cached tokens, the replica, "
                          "the estimate at routing time and the chosen replica's cost terms")
     args = ap.parse_args(argv)
-    try:
-        spec = load_spec(args.spec)
-    except (FileNotFoundError, ValueError) as e:
-        ap.error(f"{e}; pass --spec with a sweep file such as bench/routing_matrix.toml")
-    workloads = {w.name: w for w in spec.workloads}
+    spec, workloads = load_sweep_spec(ap, args.spec, "bench/routing_matrix.toml")
     if args.workload not in workloads:
         ap.error(f"no workload {args.workload!r} in {args.spec}; choose one of {sorted(workloads)}")
     requests = args.requests or min(spec.requests_per_replica * args.replicas, spec.max_requests)
@@ -78,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     trace, cfg = cell_config(spec, cell, args.policy, tuple(args.option))
     name = cfg.policies[0]
     # As simulate() replays it: prompts materialised once, arrivals scaled to the cell's load.
-    reqs = sorted(sim_requests(trace, cfg.seed), key=lambda r: r.arrival_s)
-    reqs = rescale(reqs, offered_load(reqs, cfg)[0] / cfg.load)
+    reqs = replayed(trace, cfg)[0]
     fleet = FleetSimulation(fleet_config(cfg, name), predictor=make_predictor(cfg))
 
     decisions: dict[str, tuple] = {}  # request id -> (best matched tokens, chosen matched, chosen terms, best terms)

@@ -114,16 +114,10 @@ def chain_hashes(data: bytes, block_size: int, parent: int, n_blocks: int) -> li
     4 * block_size * n_blocks bytes): the first n_blocks hashes, chained from `parent`."""
     if _hash_chain is not None:
         return _hash_chain(data, block_size, parent & _U64_MASK, n_blocks)
-    step = 4 * block_size
-    if len(data) < n_blocks * step:
-        raise ValueError(f"data holds {len(data)} bytes, fewer than the {n_blocks} blocks x {step} bytes asked for")
-    digest = xxhash.xxh3_64_intdigest
-    out = [0] * max(n_blocks, 0)
-    h = parent & _U64_MASK
-    for i in range(n_blocks):
-        h = digest(h.to_bytes(8, "little") + data[i * step : (i + 1) * step])
-        out[i] = h
-    return out
+    if len(data) < n_blocks * 4 * block_size:
+        raise ValueError(f"data holds {len(data)} bytes, fewer than the {n_blocks} blocks x {4 * block_size} "
+                         f"bytes asked for")
+    return _chain_py(data, block_size, parent, n_blocks)
 
 
 def _hash_blocks_py(
@@ -136,10 +130,14 @@ def _hash_blocks_py(
     n = _n_blocks(len(token_ids), block_size, max_blocks)
     if n <= 0:  # also max_blocks <= 0
         return []
-    data = token_bytes(token_ids[: n * block_size])
+    return _chain_py(token_bytes(token_ids[: n * block_size]), block_size, parent, n)
+
+
+def _chain_py(data: bytes, block_size: int, parent: int, n: int) -> list[int]:
+    """The chain over packed tokens with one `xxhash` call per block (what `_hash_chain` does in C)."""
     step = 4 * block_size
     digest = xxhash.xxh3_64_intdigest
-    out = [0] * n
+    out = [0] * max(n, 0)
     h = parent & _U64_MASK
     for i in range(n):
         h = digest(h.to_bytes(8, "little") + data[i * step : (i + 1) * step])

@@ -224,11 +224,7 @@ class KVCacheManager:
             raise ValueError(f"negative token count: computed={num_computed_tokens} new={num_new_tokens}")
         if len(token_ids) < total:
             raise ValueError(f"token_ids holds {len(token_ids)} tokens, allocating for {total}")
-        state = self._requests.get(req_id)  # `_state`, inlined: this runs for every running request, every step
-        if state is None:
-            state = _RequestState(lora=lora)  # registered below, once the call succeeds
-        elif state.lora != lora:
-            raise ValueError(f"request {req_id!r} changed its LoRA adapter")
+        state = self._state(req_id, lora)  # registered below, once the call succeeds
 
         hit: list[KVCacheBlock] = []
         loaded: tuple[TierBlock, ...] = ()

@@ -210,7 +210,6 @@ class Scheduler:
 
         running = self.running  # `_preempt_newest` pops from this same list
         allocate_slots = self.kv.allocate_slots
-        new_scheduled = tuple.__new__  # ScheduledRequest(...) without NamedTuple.__new__'s keyword handling
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -228,7 +227,7 @@ class Scheduler:
                     break
             if not allocated:
                 break
-            scheduled.append(new_scheduled(ScheduledRequest, (req, num_new, computed + num_new == num_tokens)))
+            scheduled.append(ScheduledRequest(req, num_new, computed + num_new == num_tokens))
             if num_new == 1 and computed >= req.num_prompt_tokens:
                 decode += 1
             else:

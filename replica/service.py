@@ -289,14 +289,15 @@ class EngineService:
         sched = self.engine.scheduler
         kv = self.engine.kv
         loras = self.engine.loras
+        # Requests still in the inbox wait, their prompts queued: a balancer that sent them before
+        # this report counts them here, not as its own sends any more.
+        inbox = [arg[1] for op, arg in self._inbox if op == "add"]
         return LoadReport(
             replica_id=self.replica_id,
             ts=time.time(),
             num_running=sched.num_running,
-            num_waiting=sched.num_waiting + sum(1 for op, _ in self._inbox if op == "add"),
-            # the inbox's prompts too: a balancer that sent them before this report counts them here
-            queued_prefill_tokens=sched.queued_prefill_tokens() + sum(len(a[1]) for op, a in self._inbox
-                                                                      if op == "add"),
+            num_waiting=sched.num_waiting + len(inbox),
+            queued_prefill_tokens=sched.queued_prefill_tokens() + sum(map(len, inbox)),
             running_decode_tokens=sched.running_decode_tokens(),
             free_blocks=kv.num_free_blocks,
             total_blocks=kv.num_blocks,

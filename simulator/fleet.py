@@ -21,11 +21,11 @@ and each step's loaded tokens reach the policy in the load reports.
 A request that arrives while its replica is mid-step joins at the next step, as in a real
 engine. A replica reports its load when a step ends (at most every `load_report_interval_s`),
 counting the requests that arrived during the step as waiting, as a live replica counts its
-engine loop's inbox. Load reports and events reach the balancer when made (a live fleet adds ~ms). What a
-live fleet adds per request outside the engines — the HTTP hops through the balancer to the
-engine queue, and each token's way back — is `request_latency_s` / `response_latency_s`
-(measured on a live sim fleet by bench/bench_sim_agreement.py). Prompts a replica would reject
-(longer than `max_model_len`) are rejected at arrival.
+engine loop's inbox. Load reports and events reach the balancer when made (a live fleet adds
+~ms). What a live fleet adds per request outside the engines — the HTTP hops through the
+balancer to the engine queue, and each token's way back — is `request_latency_s` /
+`response_latency_s` (measured on a live sim fleet by bench/bench_sim_agreement.py). Prompts a
+replica would reject (longer than `max_model_len`) are rejected at arrival.
 """
 
 from __future__ import annotations

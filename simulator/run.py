@@ -151,6 +151,20 @@ def rescale(reqs: Sequence[SimRequest], factor: float) -> list[SimRequest]:
     return [dataclasses.replace(r, arrival_s=t0 + (r.arrival_s - t0) * factor) for r in reqs]
 
 
+def replayed(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> tuple[list[SimRequest], float, float, float]:
+    """The requests as `simulate` replays them: prompts materialised once, in arrival order,
+    arrivals stretched so the fleet runs at `cfg.load` (as they come when it is None); with the
+    trace's own utilisation and mean demand (`offered_load`) and the time factor applied."""
+    reqs = sim_requests(trace, cfg.seed)
+    reqs.sort(key=lambda r: r.arrival_s)
+    util, demand = offered_load(reqs, cfg)
+    factor = 1.0
+    if cfg.load is not None:
+        factor = util / cfg.load
+        reqs = rescale(reqs, factor)
+    return reqs, util, demand, factor
+
+
 def summarize(res: SimResult, cfg: SimulateConfig) -> dict:
     recs = [r for r in res.records if r.finish is not None]
     ttft = np.array([r.ttft for r in recs])
@@ -215,11 +229,10 @@ def fleet_config(cfg: SimulateConfig, policy: str) -> FleetConfig:
 
 
 def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
-    reqs = sim_requests(trace, cfg.seed)
-    reqs.sort(key=lambda r: r.arrival_s)
+    reqs, util, demand, factor = replayed(trace, cfg)
     bs = 16
     # Bounds over the requests a replica accepts (the rejected ones are in no policy's figures);
-    # the offered load below is the whole trace's.
+    # the offered load (`replayed`) is the whole trace's.
     served = [r for r in reqs if r.input_length < cfg.max_model_len]
     chains = [r.prompt.hashes if r.prompt is not None else hash_blocks(r.token_ids(), bs, root_hash(MODEL))
               for r in served]
@@ -231,11 +244,6 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimulateConfig) -> dict:
                                     tier_blocks=((MEDIUM_CPU, cfg.replicas * cfg.host_kv_blocks),
                                                  (MEDIUM_DISK, cfg.replicas * cfg.disk_kv_blocks)),
                                     tier_cost=fleet_tier_cost(p, bs, cfg.host_link))
-    util, demand = offered_load(reqs, cfg)
-    factor = 1.0
-    if cfg.load is not None:
-        factor = util / cfg.load
-        reqs = rescale(reqs, factor)
     out = {"config": {"replicas": cfg.replicas, "preset": p.description, "kv_blocks": cfg.kv_blocks or p.kv_blocks,
                       "load": cfg.load, "trace_utilisation": util, "time_factor": factor,
                       "mean_demand_s": demand, "requests": len(reqs), "seed": cfg.seed,

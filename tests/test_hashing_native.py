@@ -207,3 +207,19 @@ def test_token_bytes_accepts_what_it_did():
         hashing.token_bytes([1, 2.5])
     with pytest.raises(ValueError, match="uint32"):
         hashing.token_bytes([1, -1])
+
+
+def test_chain_hashes_over_packed_tokens_equals_hash_blocks_with_and_without_the_extension(monkeypatch):
+    """`chain_hashes` (the index hashes an event's packed tokens with it) is `hash_blocks` of the
+    same tokens, in C and through the pure-Python fallback alike; too few bytes is an error."""
+    import protocol.hashing as hashing
+
+    tokens = list(range(7, 7 + 16 * 5 + 3))
+    data = hashing.token_bytes(tokens)
+    expected = _hash_blocks_py(tokens, 16, 1234)
+    assert hashing.chain_hashes(data, 16, 1234, 5) == expected
+    assert hashing.chain_hashes(data, 16, 1234, 2) == expected[:2]
+    monkeypatch.setattr(hashing, "_hash_chain", None)
+    assert hashing.chain_hashes(data, 16, 1234, 5) == expected
+    with pytest.raises(ValueError, match="fewer than"):
+        hashing.chain_hashes(data[:16 * 4], 16, 1234, 2)
